@@ -1,0 +1,341 @@
+"""Symmetry-compatible update maps ``Phi``, as pure functions on tensors, and a registry of rules.
+
+A block whose parameter symmetry group is ``G`` is updated with a map that commutes with ``G``:
+``Phi(g . M) = g . Phi(M)`` (Lau & Su, "Symmetry-Compatible Principle for Optimizer Design").
+The optimizer (:class:`gaugeopt.optim.symcompat.SymmetryCompatible`) applies ``Phi`` to the EMA
+momentum ``M``; since momentum is linear in the gradients, an equivariant ``Phi`` makes the whole
+trajectory equivariant.
+
+Conventions. A *work matrix* ``X`` has the block's geometric units as its rows (vocabulary rows of
+an embedding, neurons of a SwiGLU gate, experts of a router). ``orientation="col"`` applies the
+same map to the transpose and transposes back, e.g. for a SwiGLU down projection ``(d, d_ff)``
+whose neurons are columns. Every map accepts one matrix ``(r, c)`` or a batch ``(..., r, c)``
+(MoE expert stacks); batch entries never interact. ``P = I - 1 1^T / r`` denotes centring over
+the rows (removing the mean row), the projection that kills a shared row shift ``M + 1 v^T``.
+
+=========================  ========================================================  ==========================
+rule                       Phi(X)                                                    equivariant under
+=========================  ========================================================  ==========================
+muon                       s * NS5(X) per (head) block, s = sqrt(max(1, rows/cols))  O x O (per head block)
+row_norm                   each row / (|row| + eps)                                  row perm. x O(cols)
+centered_row_norm          P row_norm(P X)                                           + shared row shift
+right_spectral             nu^a X (X^T X + eps)^(-1/2)                               O(rows) x O(cols)
+centered_right_spectral    P right_spectral(P X)                                     + shared row shift
+left_spectral              nu^a (X X^T + eps)^(-1/2) X  (the same matrix)            O(rows) x O(cols)
+centered_left_spectral     P left_spectral(P X)                                      row perm. x O(cols) + shift
+hybrid                     nu(Y)^a Y (Y^T Y + eps)^(-1/2),  Y = row_norm(X)          row perm. x O(cols)
+centered_hybrid            P hybrid with Y = P row_norm(P X)                         + shared row shift
+adamw                      elementwise Adam direction (stateful, see adam_direction) coordinate permutations
+=========================  ========================================================  ==========================
+
+``nu(Y) = <Y, U>`` with ``U`` the map's own orthogonal factor is the nuclear norm ``|Y|_*`` (up
+to the ``eps`` damping) and ``a = alpha`` (1 in the paper's runs: spectral steps then scale with
+the momentum, unlike Muon's, so their learning rates are not interchangeable with Muon's).
+
+The right and left spectral maps are the same matrix for every ``eps`` (:func:`damped_polar`);
+both names are kept because the paper assigns them to different blocks, and the implementation
+always inverts the smaller Gram matrix.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from .matrix_functions import MUON_NS_COEFFICIENTS, inverse_sqrt_psd, newton_schulz
+
+__all__ = [
+    "Orientation",
+    "AdjustLR",
+    "UpdateRule",
+    "RULES",
+    "center_rows",
+    "row_normalize",
+    "muon_update",
+    "row_norm_update",
+    "centered_row_norm_update",
+    "damped_polar",
+    "spectral_update",
+    "hybrid_update",
+    "adam_direction",
+    "apply_update_rule",
+]
+
+Orientation = Literal["row", "col"]
+AdjustLR = Literal["original", "match_rms_adamw", "none"]
+ORIENTATIONS: tuple[str, ...] = ("row", "col")
+ADJUST_LR_CHOICES: tuple[str, ...] = ("original", "match_rms_adamw", "none")
+
+
+# ----------------------------------------------------------------------------------------------
+# Building blocks
+# ----------------------------------------------------------------------------------------------
+
+
+def center_rows(X: Tensor) -> Tensor:
+    """``P X = X - 1 mean_row(X)``: subtract the mean row of each matrix (axis -2)."""
+    return X - X.mean(dim=-2, keepdim=True)
+
+
+def row_normalize(X: Tensor, eps: float = 1e-8) -> Tensor:
+    """Each row divided by ``(|row|_2 + eps)``."""
+    return X / (torch.linalg.vector_norm(X, dim=-1, keepdim=True) + eps)
+
+
+def _nuclear_scale(Y: Tensor, U: Tensor, alpha: float) -> Tensor:
+    """``<Y, U>^alpha`` per matrix, shaped to broadcast over the last two axes."""
+    if alpha == 0:
+        return torch.ones((), dtype=Y.dtype, device=Y.device)
+    nu = (Y * U).sum(dim=(-2, -1), keepdim=True).clamp_min(0.0)
+    return nu.pow(alpha)
+
+
+def _muon_scale(rows: int, cols: int, adjust_lr: str) -> float:
+    if adjust_lr == "original":
+        return math.sqrt(max(1.0, rows / cols))
+    if adjust_lr == "match_rms_adamw":
+        return 0.2 * math.sqrt(max(rows, cols))
+    if adjust_lr == "none":
+        return 1.0
+    raise ValueError(f"adjust_lr must be one of {ADJUST_LR_CHOICES}, got {adjust_lr!r}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Update maps
+# ----------------------------------------------------------------------------------------------
+
+
+def muon_update(
+    M: Tensor,
+    *,
+    heads: int | None = None,
+    head_axis: Literal["row", "col"] = "row",
+    ns_steps: int = 5,
+    ns_eps: float = 1e-7,
+    ns_coefficients: tuple[float, float, float] = MUON_NS_COEFFICIENTS,
+    adjust_lr: str = "original",
+) -> Tensor:
+    """Muon: ``s * NS(B)`` for every block ``B`` of ``M`` (shape ``(..., rows, cols)``).
+
+    Without ``heads`` the block is the whole matrix (or each matrix of a batch, e.g. MoE experts
+    stored as one ``(E, rows, cols)`` tensor: batched per-expert Muon). With ``heads = H`` the
+    matrix is cut into ``H`` equal blocks along its rows (``head_axis="row"``: Q/K/V projections,
+    ``(H * head_dim, d)``) or its columns (``head_axis="col"``: the output projection,
+    ``(d, H * head_dim)``), and each head block is orthogonalised on its own, which keeps the map
+    equivariant under independent per-head rotations. ``NS`` is :func:`newton_schulz`. The scale
+    ``s`` uses the block's stored shape ``(rows, cols)``: ``sqrt(max(1, rows/cols))``
+    (``adjust_lr="original"``, Keller Jordan's Muon), ``0.2 sqrt(max(rows, cols))``
+    (``"match_rms_adamw"``, Moonshot) or 1 (``"none"``), as in ``torch.optim.Muon``.
+    """
+    if M.ndim < 2:
+        raise ValueError(f"muon needs a matrix or a batch of matrices, got shape {tuple(M.shape)}")
+    rows, cols = M.shape[-2], M.shape[-1]
+    if heads is None or heads == 1:
+        return _muon_scale(rows, cols, adjust_lr) * newton_schulz(
+            M, steps=ns_steps, eps=ns_eps, coefficients=ns_coefficients
+        )
+    split = rows if head_axis == "row" else cols
+    if heads < 1 or split % heads:
+        raise ValueError(f"heads={heads} does not divide the {head_axis} axis of size {split} (shape {tuple(M.shape)})")
+    lead = M.shape[:-2]
+    if head_axis == "row":
+        blocks = M.reshape(*lead, heads, rows // heads, cols)
+    elif head_axis == "col":
+        blocks = M.reshape(*lead, rows, heads, cols // heads).movedim(-2, -3)
+    else:
+        raise ValueError(f"head_axis must be 'row' or 'col', got {head_axis!r}")
+    scale = _muon_scale(blocks.shape[-2], blocks.shape[-1], adjust_lr)
+    out = scale * newton_schulz(blocks, steps=ns_steps, eps=ns_eps, coefficients=ns_coefficients)
+    if head_axis == "col":
+        out = out.movedim(-3, -2)
+    return out.reshape(M.shape)
+
+
+def row_norm_update(X: Tensor, *, eps: float = 1e-8) -> Tensor:
+    """Row-norm: ``Phi(X)_i = X_i / (|X_i| + eps)``.
+
+    Equivariant under row permutations (``Phi(Pi X) = Pi Phi(X)``) and right orthogonal maps
+    (``|X_i Q| = |X_i|``), i.e. token permutation x O(d) for an embedding.
+    """
+    return row_normalize(X, eps)
+
+
+def centered_row_norm_update(X: Tensor, *, eps: float = 1e-8) -> Tensor:
+    """Centred row-norm: ``P row_norm(P X)``.
+
+    ``P`` removes a shared row shift before the map (invariance: ``Phi(X + 1 v^T) = Phi(X)``) and
+    after it (horizontality: ``1^T Phi = 0``, so the update never moves the shift gauge). ``P``
+    commutes with row permutations, so equivariance of the row map is kept.
+    """
+    return center_rows(row_normalize(center_rows(X), eps))
+
+
+def damped_polar(Y: Tensor, eps: float = 1e-8, *, rows_centered: bool = False) -> Tensor:
+    """``Y (Y^T Y + eps I)^(-1/2) = (Y Y^T + eps I)^(-1/2) Y = U diag(s / sqrt(s^2 + eps)) V^T``.
+
+    The two one-sided forms are the same matrix for every ``eps`` (write ``Y = U S V^T``), so this
+    computes the inverse square root of the *smaller* Gram matrix (``cols x cols`` for a tall
+    vocabulary matrix, ``rows x rows`` for a wide router) with :func:`inverse_sqrt_psd`. For
+    ``eps -> 0`` it is the polar factor ``U V^T``.
+
+    ``rows_centered=True`` promises ``1^T Y = 0``. The left Gram ``Y Y^T`` then has the null
+    vector ``1``; adding ``c 1 1^T / rows`` (``c`` its mean eigenvalue) lifts that eigenvalue from
+    ``eps`` to ``c + eps`` without changing the result (``1`` is orthogonal to the columns of ``Y``),
+    which keeps the inverse square root well conditioned.
+    """
+    rows, cols = Y.shape[-2], Y.shape[-1]
+    if rows >= cols:
+        return Y @ inverse_sqrt_psd(Y.mT @ Y, eps)
+    gram = Y @ Y.mT
+    if rows_centered:
+        mean_eigenvalue = gram.diagonal(dim1=-2, dim2=-1).mean(dim=-1)[..., None, None]
+        ones = torch.full((rows, rows), 1.0 / rows, dtype=Y.dtype, device=Y.device)
+        gram = gram + mean_eigenvalue * ones
+    return inverse_sqrt_psd(gram, eps) @ Y
+
+
+def spectral_update(X: Tensor, *, eps: float = 1e-8, alpha: float = 1.0, centered: bool = False) -> Tensor:
+    """One-sided spectral map ``nu^alpha X (X^T X + eps I)^(-1/2)`` (= ``nu^alpha (X X^T + eps I)^(-1/2) X``).
+
+    The paper's "one-sided right spectral" (embeddings, LM heads) and "left spectral" (routers)
+    maps differ only in which Gram matrix they invert, and the two are equal (see
+    :func:`damped_polar`); both registry names use this function, which picks the smaller Gram.
+    ``nu = <X, U>`` with ``U`` the damped polar factor is the nuclear norm ``|X|_*`` up to ``eps``.
+    With ``centered=True`` the map acts on ``P X`` (for the router: the left Gram ``X_c X_c^T`` is
+    singular along ``1``, which :func:`damped_polar` deflates) and the result is re-centred (exact arithmetic
+    keeps it centred already; the projection removes rounding).
+    """
+    Y = center_rows(X) if centered else X
+    U = damped_polar(Y, eps, rows_centered=centered)
+    out = _nuclear_scale(Y, U, alpha) * U
+    return center_rows(out) if centered else out
+
+
+def hybrid_update(X: Tensor, *, eps: float = 1e-8, alpha: float = 1.0, centered: bool = False) -> Tensor:
+    """Hybrid: row-normalise, then right polar, times the nuclear norm of the row-normalised matrix.
+
+    ``Y = row_norm(X)`` (centred: ``Y = P row_norm(P X)``), ``U = Y (Y^T Y + eps I)^(-1/2)``,
+    ``Phi = nu(Y)^alpha U`` with ``nu(Y) = <Y, U>``. Every row of ``Y`` has norm ~1, so
+    ``nu(Y)`` is of order ``sqrt(rows * rank)``: hybrid steps are much larger than row-norm steps
+    at the same learning rate.
+    """
+    Y = row_normalize(center_rows(X) if centered else X, eps)
+    if centered:
+        Y = center_rows(Y)
+    U = damped_polar(Y, eps, rows_centered=centered)
+    out = _nuclear_scale(Y, U, alpha) * U
+    return center_rows(out) if centered else out
+
+
+def adam_direction(
+    exp_avg: Tensor, exp_avg_sq: Tensor, step: int, *, betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8
+) -> Tensor:
+    """The AdamW step direction ``m_hat / (sqrt(v_hat) + eps)`` from the running moments.
+
+    ``m_hat = m / (1 - beta1^t)``, ``v_hat = v / (1 - beta2^t)``. Elementwise, so it commutes with
+    coordinate permutations but not with rotations of a matrix block (see the tests).
+    """
+    beta1, beta2 = betas
+    bias1 = 1.0 - beta1**step
+    bias2 = 1.0 - beta2**step
+    return (exp_avg / bias1) / ((exp_avg_sq / bias2).sqrt() + eps)
+
+
+# ----------------------------------------------------------------------------------------------
+# Registry
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class UpdateRule:
+    """One entry of the rule registry.
+
+    Attributes:
+        name: registry key, the ``rule`` of a param group.
+        update: the map on a work tensor (rows = units); ``None`` for the stateful ``adamw``.
+        options: keyword options the map accepts (group hyperparameters of the same name).
+        centered: whether the map is horizontal for the shared row shift (``1^T Phi = 0``).
+        symmetry: the group the map is equivariant under, in words.
+        matrix_only: whether parameters must be matrices / matrix batches.
+    """
+
+    name: str
+    update: Callable[..., Tensor] | None
+    options: tuple[str, ...]
+    centered: bool
+    symmetry: str
+    matrix_only: bool = True
+
+
+def _with(fn: Callable[..., Tensor], **fixed: object) -> Callable[..., Tensor]:
+    def bound(X: Tensor, **options: object) -> Tensor:
+        return fn(X, **fixed, **options)
+
+    bound.__name__ = fn.__name__ + "".join(f"[{k}={v}]" for k, v in fixed.items())
+    bound.__doc__ = fn.__doc__
+    return bound
+
+
+_SPECTRAL_OPTIONS = ("eps", "alpha")
+
+RULES: dict[str, UpdateRule] = {
+    rule.name: rule
+    for rule in (
+        UpdateRule("muon", muon_update, ("heads", "ns_steps", "ns_eps", "ns_coefficients", "adjust_lr"),
+                   False, "O(rows) x O(cols), per head block"),
+        UpdateRule("row_norm", row_norm_update, ("eps",), False, "row permutation x O(cols)"),
+        UpdateRule("centered_row_norm", centered_row_norm_update, ("eps",), True,
+                   "row permutation x O(cols) x shared row shift"),
+        UpdateRule("right_spectral", _with(spectral_update, centered=False), _SPECTRAL_OPTIONS, False,
+                   "O(rows) x O(cols)"),
+        UpdateRule("centered_right_spectral", _with(spectral_update, centered=True), _SPECTRAL_OPTIONS, True,
+                   "row permutation x O(cols) x shared row shift"),
+        UpdateRule("left_spectral", _with(spectral_update, centered=False), _SPECTRAL_OPTIONS, False,
+                   "O(rows) x O(cols)"),
+        UpdateRule("centered_left_spectral", _with(spectral_update, centered=True), _SPECTRAL_OPTIONS, True,
+                   "row permutation x O(cols) x shared row shift"),
+        UpdateRule("hybrid", _with(hybrid_update, centered=False), _SPECTRAL_OPTIONS, False,
+                   "row permutation x O(cols)"),
+        UpdateRule("centered_hybrid", _with(hybrid_update, centered=True), _SPECTRAL_OPTIONS, True,
+                   "row permutation x O(cols) x shared row shift"),
+        UpdateRule("adamw", None, ("adam_betas", "adam_eps"), False, "coordinate permutations", matrix_only=False),
+    )
+}
+
+
+def get_rule(name: str) -> UpdateRule:
+    """The registry entry for ``name``; a ``ValueError`` lists the known rules otherwise."""
+    try:
+        return RULES[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown update rule {name!r}; known rules: {', '.join(RULES)}") from None
+
+
+def apply_update_rule(name: str, M: Tensor, orientation: Orientation = "row", **options: object) -> Tensor:
+    """``Phi(M)`` for the registered rule ``name`` on a matrix ``(r, c)`` or batch ``(..., r, c)``.
+
+    ``orientation="col"`` applies the row map to ``M^T`` and transposes back (for ``muon`` it only
+    selects the axis that ``heads`` splits, since Newton-Schulz commutes with transposition).
+    ``options`` must be among the rule's ``options``; ``None`` values are ignored.
+    """
+    rule = get_rule(name)
+    if rule.update is None:
+        raise ValueError(f"rule {name!r} is stateful; use SymmetryCompatible (or adam_direction) for it")
+    if orientation not in ORIENTATIONS:
+        raise ValueError(f"orientation must be one of {ORIENTATIONS}, got {orientation!r}")
+    if M.ndim < 2:
+        raise ValueError(f"rule {name!r} needs a matrix or a batch of matrices, got shape {tuple(M.shape)}")
+    unknown = set(options) - set(rule.options)
+    if unknown:
+        raise ValueError(f"rule {name!r} takes options {rule.options}, got unexpected {sorted(unknown)}")
+    options = {k: v for k, v in options.items() if v is not None}
+    if name == "muon":
+        return muon_update(M, head_axis=orientation, **options)  # type: ignore[arg-type]
+    if orientation == "col":
+        return rule.update(M.mT, **options).mT
+    return rule.update(M, **options)
