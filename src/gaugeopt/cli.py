@@ -1,0 +1,159 @@
+"""The ``gaugeopt`` command line.
+
+    gaugeopt list                                  the experiments and their presets
+    gaugeopt run EXPERIMENT [--preset smoke|full|tiny] [--seeds 0 1 2] [--device auto|cpu|cuda]
+                 [--out DIR] [--set FIELD=VALUE ...] [--no-progress]
+    gaugeopt report DIR                            rebuild plots and report.md from DIR/results.json
+    gaugeopt results DIR... [--output FILE]        the results table (docs/results.md) from run folders
+    gaugeopt demo [--out DIR]                      overtrain-lm smoke: AdamW vs DDCAdam on bundled text
+    gaugeopt gauges MODEL                          the gauges find_gauges discovers on a reference model
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+
+def _parse_override(text: str) -> tuple[str, Any]:
+    """``FIELD=VALUE`` with VALUE a Python literal (numbers, tuples, strings); bare words stay strings."""
+    name, sep, raw = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"--set expects FIELD=VALUE, got {text!r}")
+    try:
+        value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        value = raw
+    if isinstance(value, list):
+        value = tuple(value)
+    return name, value
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    from .experiments import experiment_names, get_experiment
+
+    for name in experiment_names():
+        experiment = get_experiment(name)
+        print(f"{name:14s} {experiment.summary}  [presets: {', '.join(experiment.presets)}]")
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from .experiments import run_experiment
+
+    overrides = dict(args.set or [])
+    try:
+        path = run_experiment(args.experiment, args.preset, seeds=args.seeds, device=args.device,
+                              out=args.out, progress=not args.no_progress, **overrides)
+    except KeyboardInterrupt:
+        print("interrupted: the run folder holds a partial results.json and report.md", file=sys.stderr)
+        return 130
+    print(f"report: {path / 'report.md'}")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from .experiments import write_report
+
+    print(f"report: {write_report(args.run_dir)}")
+    return 0
+
+
+def _cmd_results(args: argparse.Namespace) -> int:
+    from .experiments.results_table import results_markdown
+
+    text = results_markdown([Path(d) for d in args.run_dirs])
+    if args.output:
+        Path(args.output).write_text(text)
+        print(f"wrote {args.output}")
+    else:
+        print(text, end="")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .experiments import run_experiment
+
+    print("gaugeopt demo: overtrain-lm smoke preset, AdamW vs DDCAdam on Hamlet (character level)")
+    path = run_experiment("overtrain-lm", "smoke", device=args.device, out=args.out,
+                          progress=not args.no_progress)
+    print(f"report: {path / 'report.md'}")
+    return 0
+
+
+def _cmd_gauges(args: argparse.Namespace) -> int:
+    import torch
+
+    import gaugeopt
+    from gaugeopt import models
+
+    builders = {
+        "lm": lambda: (models.TransformerLM(models.TransformerLMConfig()), torch.randint(0, 65, (2, 8))),
+        "vit": lambda: (models.ViT(models.ViTConfig()), torch.rand(2, 1, 8, 8)),
+        "modadd": lambda: (models.ModularAdditionTransformer(models.ModularAdditionConfig(modulus=11, d_model=32,
+                                                                                          d_ff=64, n_layers=2)),
+                           torch.randint(0, 11, (2, 2))),
+        "moe": lambda: (models.MoELM(models.MoEConfig()), torch.randint(0, 65, (2, 8))),
+        "mlp": lambda: (models.ReLUMLP(models.ReLUMLPConfig()), torch.rand(2, 8)),
+    }
+    model, example = builders[args.model]()
+    print(gaugeopt.find_gauges(model, example, output="logits").summary())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .experiments.registry import EXPERIMENT_MODULES, PRESETS
+
+    parser = argparse.ArgumentParser(prog="gaugeopt", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("list", help="list the experiments").set_defaults(handler=_cmd_list)
+
+    run = sub.add_parser("run", help="run one experiment into a run folder")
+    run.add_argument("experiment", choices=list(EXPERIMENT_MODULES))
+    run.add_argument("--preset", choices=PRESETS, default="smoke")
+    run.add_argument("--seeds", type=int, nargs="+", help="replace the preset's seeds")
+    run.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
+    run.add_argument("--out", type=Path, help="run folder (default runs/<experiment>-<preset>-<time>)")
+    run.add_argument("--set", type=_parse_override, action="append", metavar="FIELD=VALUE",
+                     help="override one config field, e.g. --set steps=200 (repeatable)")
+    run.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    run.set_defaults(handler=_cmd_run)
+
+    report = sub.add_parser("report", help="rebuild plots and report.md from results.json")
+    report.add_argument("run_dir", type=Path)
+    report.set_defaults(handler=_cmd_report)
+
+    results = sub.add_parser("results", help="the results table of docs/results.md from run folders")
+    results.add_argument("run_dirs", nargs="+")
+    results.add_argument("--output", type=Path, help="write the Markdown here instead of printing it")
+    results.set_defaults(handler=_cmd_results)
+
+    demo = sub.add_parser("demo", help="the overtrain-lm smoke comparison (a few minutes on 2 CPU cores)")
+    demo.add_argument("--device", default="auto")
+    demo.add_argument("--out", type=Path)
+    demo.add_argument("--no-progress", action="store_true")
+    demo.set_defaults(handler=_cmd_demo)
+
+    gauges = sub.add_parser("gauges", help="print the gauges found on a small reference model")
+    gauges.add_argument("model", choices=["lm", "vit", "modadd", "moe", "mlp"])
+    gauges.set_defaults(handler=_cmd_gauges)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args)
+    except (ValueError, FileNotFoundError, ImportError) as error:
+        print(f"gaugeopt {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,101 @@
+"""PNG plots rendered from ``results.json`` alone (matplotlib, Agg backend).
+
+Two sources:
+- ``curves``: every series logged with ``RunFolder.log_point`` against its ``step`` series gives
+  ``curve_<series>.png``, one line per (arm, seed), one colour per arm.
+- ``figures``: declarative specs an experiment adds with ``RunFolder.add_figure``::
+
+      {"file": "gap.png", "kind": "line" | "scatter" | "bar", "title": str,
+       "xlabel": str, "ylabel": str, "xscale": "linear" | "log", "yscale": "linear" | "log",
+       "series": [{"label": str, "x": [...], "y": [...]}]}
+
+  For ``bar`` the x values are category names shared by all series (grouped bars).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+CURVE_PREFIX = "curve_"
+
+
+def _finite_pairs(xs: list, ys: list) -> tuple[list, list]:
+    pairs = [(x, y) for x, y in zip(xs, ys) if x is not None and y is not None]
+    return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
+def curve_figures(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Figure specs for every logged series (against ``step``), one file per series name."""
+    names: list[str] = []
+    for seeds in results.get("curves", {}).values():
+        for series in seeds.values():
+            names += [n for n in series if n != "step" and n not in names]
+    figures = []
+    for name in names:
+        lines = []
+        for arm, seeds in results["curves"].items():
+            for seed, series in seeds.items():
+                if name in series and "step" in series:
+                    lines.append({"label": f"{arm} (seed {seed})", "arm": arm,
+                                  "x": series["step"][: len(series[name])], "y": series[name]})
+        positive = all(y is None or y > 0 for line in lines for y in line["y"])
+        figures.append({"file": f"{CURVE_PREFIX}{name}.png", "kind": "line", "title": name.replace("_", " "),
+                        "xlabel": "step", "ylabel": name, "xscale": "linear",
+                        "yscale": "log" if positive and "loss" in name else "linear", "series": lines})
+    return figures
+
+
+def render_figure(figure: dict[str, Any], path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
+    kind = figure.get("kind", "line")
+    series = figure.get("series", [])
+    if kind == "bar":
+        categories = list(dict.fromkeys(c for s in series for c in s["x"]))
+        width = 0.8 / max(1, len(series))
+        for i, s in enumerate(series):
+            lookup = dict(zip(s["x"], s["y"]))
+            xs = [j + (i - (len(series) - 1) / 2) * width for j in range(len(categories))]
+            ys = [lookup.get(c) if lookup.get(c) is not None else float("nan") for c in categories]
+            ax.bar(xs, ys, width=width, label=s["label"])
+        ax.set_xticks(range(len(categories)), [str(c) for c in categories], rotation=30, ha="right")
+    else:
+        arm_colours: dict[str, Any] = {}
+        cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+        for s in series:
+            arm = s.get("arm", s["label"])
+            colour = arm_colours.setdefault(arm, cycle[len(arm_colours) % len(cycle)])
+            label = arm if s.get("arm") else s["label"]
+            already = s.get("arm") and any(line.get_label() == label for line in ax.get_lines())
+            xs, ys = _finite_pairs(s["x"], s["y"])
+            if kind == "scatter":
+                ax.scatter(xs, ys, label=s["label"], s=18)
+            else:
+                ax.plot(xs, ys, color=colour, label="_nolegend_" if already else label, lw=1.3, alpha=0.85)
+        for axis, scale in (("x", figure.get("xscale")), ("y", figure.get("yscale"))):
+            if scale == "log":
+                (ax.set_xscale if axis == "x" else ax.set_yscale)("log")
+    ax.set_title(figure.get("title", ""))
+    ax.set_xlabel(figure.get("xlabel", ""))
+    ax.set_ylabel(figure.get("ylabel", ""))
+    if series:
+        ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def render_plots(results: dict[str, Any], run_dir: str | Path) -> list[str]:
+    """Write every curve and declared figure as PNG into ``run_dir``; returns the file names."""
+    run_dir = Path(run_dir)
+    written = []
+    for figure in [*curve_figures(results), *results.get("figures", [])]:
+        render_figure(figure, run_dir / figure["file"])
+        written.append(figure["file"])
+    return written

@@ -1,0 +1,69 @@
+"""The experiments of docs/experiments.md by name, each with ``tiny``, ``smoke`` and ``full`` presets.
+
+An experiment module defines a frozen config dataclass (with a ``seeds`` field), a
+``run(config, context)`` function and a module-level ``EXPERIMENT``. Modules are imported only when
+their experiment is asked for, so listing experiments stays cheap.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields, replace
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .runner import RunContext
+
+PRESETS = ("tiny", "smoke", "full")
+
+EXPERIMENT_MODULES = {
+    "overtrain-lm": "gaugeopt.experiments.overtrain_lm",
+    "vit": "gaugeopt.experiments.vit",
+    "grokking": "gaugeopt.experiments.grokking",
+    "moe": "gaugeopt.experiments.moe",
+    "bridge": "gaugeopt.experiments.bridge",
+    "rrr": "gaugeopt.experiments.rrr",
+    "modadd-width": "gaugeopt.experiments.modadd_width",
+}
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """``presets`` maps ``tiny`` (tests), ``smoke`` (minutes on 2 CPU cores) and ``full`` to configs."""
+
+    name: str
+    summary: str
+    presets: Mapping[str, Any]
+    run: Callable[[Any, RunContext], None]
+
+    def __post_init__(self) -> None:
+        missing = [p for p in PRESETS if p not in self.presets]
+        if missing:
+            raise ValueError(f"experiment {self.name!r} lacks preset(s) {missing}")
+
+    def config(self, preset: str, *, seeds: tuple[int, ...] | list[int] | None = None,
+               **overrides: Any) -> Any:
+        """The preset's config, with seeds and named fields replaced; unknown names raise."""
+        if preset not in self.presets:
+            raise ValueError(f"unknown preset {preset!r} for {self.name}; choose from {list(self.presets)}")
+        config = self.presets[preset]
+        known = {f.name for f in fields(config)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise ValueError(f"{self.name} has no config field(s) {unknown}; fields: {sorted(known)}")
+        if seeds is not None:
+            if not seeds:
+                raise ValueError("seeds must not be empty")
+            overrides["seeds"] = tuple(int(s) for s in seeds)
+        return replace(config, **overrides)
+
+
+def experiment_names() -> list[str]:
+    return list(EXPERIMENT_MODULES)
+
+
+def get_experiment(name: str) -> Experiment:
+    if name not in EXPERIMENT_MODULES:
+        raise ValueError(f"unknown experiment {name!r}; choose from {', '.join(EXPERIMENT_MODULES)}")
+    return importlib.import_module(EXPERIMENT_MODULES[name]).EXPERIMENT

@@ -1,0 +1,79 @@
+"""``report.md`` rendered from ``results.json`` alone, so ``gaugeopt report DIR`` can rebuild it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .plots import render_plots
+from .runfolder import read_results
+
+VERDICT = {True: "reproduced", False: "not reproduced", None: "not decided"}
+
+
+def format_value(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, list):
+        return "[" + ", ".join(format_value(v) for v in value[:12]) + (", ..." if len(value) > 12 else "") + "]"
+    return "—" if value is None else str(value)
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(format_value(c).replace("|", "\\|") for c in row) + " |" for row in rows]
+    return lines
+
+
+def render_report(results: dict[str, Any], figure_files: list[str]) -> str:
+    env = results.get("environment", {})
+    source, machine, versions = env.get("source", {}), env.get("machine", {}), env.get("versions", {})
+    commit = source.get("commit") or "unknown"
+    lines = [f"# {results['experiment']} ({results['preset']} preset)", ""]
+    status = results.get("status", "unknown")
+    if status != "complete":
+        lines += [f"> **Status: {status}.** This report shows what had been measured when the run "
+                  f"stopped{': ' + results['error'] if results.get('error') else ''}.", ""]
+    lines += [
+        f"- started {results.get('started')}, finished {results.get('finished') or '—'}",
+        f"- commit `{commit[:12]}`{' (with local changes)' if source.get('dirty') else ''}",
+        f"- machine: {machine.get('processor')}, {machine.get('cpu_count')} CPU cores, device "
+        f"`{machine.get('device')}`{', ' + machine['accelerator'] if machine.get('accelerator') else ''}",
+        "- versions: " + ", ".join(f"{k} {v}" for k, v in versions.items() if v),
+        f"- seeds: {results.get('seeds')}",
+        "",
+        "## Verdict",
+        "",
+    ]
+    claims = results.get("claims", [])
+    if claims:
+        lines += _table(["claim", "paper", "ours", "verdict", "note"],
+                        [[c["claim"], c["anchor"], c["ours"], VERDICT[c["reproduced"]], c.get("note", "")]
+                         for c in claims])
+    else:
+        lines.append("No claim was evaluated: " + ("the run stopped before its end." if status != "complete"
+                     else "the arms or sizes run do not include a paper comparison."))
+    metrics = results.get("metrics", {})
+    if metrics:
+        names = list(dict.fromkeys(n for m in metrics.values() for n in m))
+        lines += ["", "## Metrics", ""]
+        lines += _table(["arm", *names], [[arm, *(m.get(n) for n in names)] for arm, m in metrics.items()])
+    if results.get("timings"):
+        lines += ["", "## Timings (seconds)", ""]
+        lines += _table(["phase", "seconds"], [[k, v] for k, v in results["timings"].items()])
+    lines += ["", "## Configuration", ""]
+    lines += _table(["field", "value"], [[k, v] for k, v in results.get("config", {}).items()])
+    if figure_files:
+        lines += ["", "## Plots", ""]
+        lines += [f"![{name}]({name})" for name in figure_files]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(run_dir: str | Path) -> Path:
+    """Re-render every plot and ``report.md`` in ``run_dir`` from its ``results.json``."""
+    run_dir = Path(run_dir)
+    results = read_results(run_dir)
+    figure_files = render_plots(results, run_dir)
+    path = run_dir / "report.md"
+    path.write_text(render_report(results, figure_files))
+    return path

@@ -1,0 +1,152 @@
+"""A run folder whose ``results.json`` is rewritten atomically as the run goes.
+
+Layout of ``results.json`` (everything the report and the plots are rebuilt from)::
+
+    experiment, preset, status ("running" | "complete" | "interrupted" | "failed"), error,
+    started, finished, config, seeds, environment {versions, machine, source},
+    timings {name: seconds}, metrics {arm: {name: value}}, curves {arm: {seed: {series: [..]}}},
+    figures [figure specs, see gaugeopt.experiments.plots], claims [claim rows, see report]
+
+Every write goes to a temporary file renamed over the old one, so a run stopped at any moment
+leaves a complete, readable JSON of what was measured so far.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, is_dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .environment import machine_description, package_versions, source_commit
+
+RESULTS_FILE = "results.json"
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def to_json(value: Any) -> Any:
+    """Plain JSON data from dataclasses, tensors, numpy scalars, tuples and paths; NaN/inf -> None."""
+    if is_dataclass(value) and not isinstance(value, type):
+        return to_json(asdict(value))
+    if isinstance(value, dict):
+        return {str(k): to_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_json(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        return to_json(value.detach().cpu().tolist())
+    if hasattr(value, "item") and callable(value.item) and getattr(value, "shape", None) == ():
+        value = value.item()
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, (str, int, bool)) or value is None:
+        return value
+    if isinstance(value, Path):
+        return str(value)
+    if hasattr(value, "tolist"):
+        return to_json(value.tolist())
+    return repr(value)
+
+
+def read_results(run_dir: str | Path) -> dict[str, Any]:
+    path = Path(run_dir) / RESULTS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: not a gaugeopt run folder")
+    return json.loads(path.read_text())
+
+
+class RunFolder:
+    """Owns one run folder; experiments record into it and it flushes ``results.json``.
+
+    ``flush_every`` seconds bounds how stale the file may be while curves stream in; metrics,
+    timings, figures and claims are flushed at once.
+    """
+
+    def __init__(self, path: str | Path, *, experiment: str, preset: str, config: Any,
+                 seeds: tuple[int, ...] | list[int], device: torch.device, flush_every: float = 5.0):
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.flush_every = flush_every
+        self._last_flush = 0.0
+        self.results: dict[str, Any] = {
+            "experiment": experiment,
+            "preset": preset,
+            "status": "running",
+            "error": None,
+            "started": utc_now(),
+            "finished": None,
+            "config": to_json(config),
+            "seeds": list(seeds),
+            "environment": {
+                "versions": package_versions(),
+                "machine": machine_description(device),
+                "source": source_commit(),
+            },
+            "timings": {},
+            "metrics": {},
+            "curves": {},
+            "figures": [],
+            "claims": [],
+        }
+        self.flush()
+
+    # -- recording -------------------------------------------------------------------------------
+    def log_point(self, arm: str, seed: int, **values: Any) -> None:
+        """Append one value to each named series of (arm, seed), e.g. ``step=10, val_loss=2.3``."""
+        series = self.results["curves"].setdefault(arm, {}).setdefault(str(seed), {})
+        for name, value in values.items():
+            series.setdefault(name, []).append(to_json(value))
+        if time.monotonic() - self._last_flush >= self.flush_every:
+            self.flush()
+
+    def set_metric(self, arm: str, name: str, value: Any) -> None:
+        self.results["metrics"].setdefault(arm, {})[name] = to_json(value)
+        self.flush()
+
+    def set_timing(self, name: str, seconds: float) -> None:
+        self.results["timings"][name] = round(float(seconds), 3)
+        self.flush()
+
+    def add_figure(self, figure: dict[str, Any]) -> None:
+        """Add (or replace, by file name) a figure spec; see :mod:`gaugeopt.experiments.plots`."""
+        figures = [f for f in self.results["figures"] if f["file"] != figure["file"]]
+        self.results["figures"] = [*figures, to_json(figure)]
+        self.flush()
+
+    def add_claim(self, claim: str, anchor: str, ours: str, reproduced: bool | None, note: str = "") -> None:
+        """One row of the report's verdict table. ``reproduced=None`` means "not decided here"."""
+        self.results["claims"].append(
+            {"claim": claim, "anchor": anchor, "ours": ours, "reproduced": reproduced, "note": note})
+        self.flush()
+
+    @contextmanager
+    def timed(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.set_timing(name, time.perf_counter() - start)
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    def finish(self, status: str = "complete", error: str | None = None) -> None:
+        self.results["status"] = status
+        self.results["error"] = error
+        self.results["finished"] = utc_now()
+        self.flush()
+
+    def flush(self) -> None:
+        target = self.path / RESULTS_FILE
+        temporary = target.with_suffix(".json.tmp")
+        temporary.write_text(json.dumps(self.results, indent=1))
+        os.replace(temporary, target)
+        self._last_flush = time.monotonic()

@@ -1,0 +1,73 @@
+"""Run an experiment into a fresh run folder and finish it with plots and a report, whatever happens."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from .environment import select_device
+from .registry import get_experiment
+from .report import write_report
+from .runfolder import RunFolder
+
+DEFAULT_RUNS_DIR = Path("runs")
+
+
+@dataclass
+class RunContext:
+    """What an experiment's ``run`` receives besides its config."""
+
+    folder: RunFolder
+    device: torch.device
+    progress: bool = True
+
+    def bar(self, iterable: Iterable[Any] | None = None, *, total: int | None = None, desc: str = "") -> tqdm:
+        """A tqdm progress bar (silent when progress is off)."""
+        return tqdm(iterable, total=total, desc=desc, disable=not self.progress, leave=False,
+                    dynamic_ncols=True)
+
+
+def default_run_dir(experiment: str, preset: str, root: Path = DEFAULT_RUNS_DIR) -> Path:
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    path = root / f"{experiment}-{preset}-{stamp}"
+    suffix = 1
+    while path.exists():
+        suffix += 1
+        path = root / f"{experiment}-{preset}-{stamp}-{suffix}"
+    return path
+
+
+def run_experiment(name: str, preset: str = "smoke", *, seeds: list[int] | tuple[int, ...] | None = None,
+                   device: str | None = "auto", out: str | Path | None = None, progress: bool = True,
+                   **overrides: Any) -> Path:
+    """Run ``name`` at ``preset`` and return its folder (``results.json``, PNGs, ``report.md``).
+
+    A failure or Ctrl-C still writes the report of what was measured, marks the status
+    (``failed`` / ``interrupted``) and re-raises.
+    """
+    experiment = get_experiment(name)
+    config = experiment.config(preset, seeds=seeds, **overrides)
+    chosen = select_device(device)
+    path = Path(out) if out is not None else default_run_dir(name, preset)
+    folder = RunFolder(path, experiment=name, preset=preset, config=config, seeds=config.seeds,
+                       device=chosen)
+    try:
+        with folder.timed("total"):
+            experiment.run(config, RunContext(folder, chosen, progress))
+    except KeyboardInterrupt:
+        folder.finish("interrupted", "stopped by the user (KeyboardInterrupt)")
+        write_report(path)
+        raise
+    except Exception as error:
+        folder.finish("failed", f"{type(error).__name__}: {error}")
+        write_report(path)
+        raise
+    folder.finish("complete")
+    write_report(path)
+    return path

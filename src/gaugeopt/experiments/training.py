@@ -1,0 +1,186 @@
+"""Shared training machinery: optimizer arms, one learning-rate schedule, one loop.
+
+Optimizer arms (``build_optimizer``):
+
+- ``adamw``: ``torch.optim.AdamW`` on every parameter.
+- ``ddc-adam``: :class:`gaugeopt.DDCAdam` with the gauges :func:`gaugeopt.find_gauges` finds.
+- ``muon``: the standard Muon baseline, ``torch.optim.Muon`` on the hidden 2-D matrices plus
+  ``torch.optim.AdamW`` on the rest (embeddings, the output head, vectors), stepping together.
+- ``ddc-muon``: :class:`gaugeopt.DDCMuon`, one optimizer for the whole model.
+- ``symcompat``: :class:`gaugeopt.SymmetryCompatible` on :func:`gaugeopt.symmetry_param_groups`.
+
+Every arm gets the same schedule: linear warm-up then cosine decay to ``min_lr_ratio`` of the peak,
+applied as a multiplier to each group's initial learning rate.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+OPTIMIZER_ARMS = ("adamw", "ddc-adam", "muon", "ddc-muon", "symcompat")
+
+
+@dataclass(frozen=True)
+class OptimizerSettings:
+    """Hyperparameters shared by the arms; ``lr`` is Adam's, ``muon_lr`` the orthogonalised step's."""
+
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    muon_lr: float = 0.02
+    momentum: float = 0.95
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.1
+
+
+def warmup_cosine(step: int, total_steps: int, warmup_steps: int, min_ratio: float) -> float:
+    """Multiplier of the peak rate: ``(step+1)/warmup`` during warm-up, then cosine to ``min_ratio``."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+@dataclass
+class OptimizerBundle:
+    """One or more optimizers stepping together under one schedule."""
+
+    optimizers: list[torch.optim.Optimizer]
+    total_steps: int
+    settings: OptimizerSettings
+    _base_lrs: list[list[float]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._base_lrs = [[g["lr"] for g in opt.param_groups] for opt in self.optimizers]
+
+    def zero_grad(self) -> None:
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
+
+    def step(self, step: int) -> None:
+        """Set every group's rate for ``step`` from the schedule, then step every optimizer."""
+        factor = warmup_cosine(step, self.total_steps, self.settings.warmup_steps, self.settings.min_lr_ratio)
+        for opt, base in zip(self.optimizers, self._base_lrs):
+            for group, lr in zip(opt.param_groups, base):
+                group["lr"] = lr * factor
+            opt.step()
+
+
+def output_and_embedding_parameters(model: nn.Module) -> set[int]:
+    """Ids of the parameters Muon leaves to AdamW: embeddings (token, position, patch) and the head.
+
+    The head is the Linear named ``head``; embeddings are ``nn.Embedding`` weights, the Linear named
+    ``patch_embed`` and ``pos_embed`` parameters (the reference models' naming).
+    """
+    ids: set[int] = set()
+    for name, module in model.named_modules():
+        last = name.rsplit(".", 1)[-1]
+        if isinstance(module, nn.Embedding) or last in ("head", "patch_embed"):
+            ids.update(id(p) for p in module.parameters(recurse=False))
+    for name, parameter in model.named_parameters():
+        if name.rsplit(".", 1)[-1] == "pos_embed":
+            ids.add(id(parameter))
+    return ids
+
+
+def muon_split(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """(hidden 2-D matrices for Muon, everything else for AdamW)."""
+    excluded = output_and_embedding_parameters(model)
+    hidden, rest = [], []
+    for parameter in model.parameters():
+        (hidden if parameter.ndim == 2 and id(parameter) not in excluded else rest).append(parameter)
+    return hidden, rest
+
+
+def build_optimizer(arm: str, model: nn.Module, settings: OptimizerSettings, total_steps: int,
+                    example_inputs: Any = None) -> OptimizerBundle:
+    """The optimizer(s) of ``arm`` for ``model``; gauge-aware arms need ``example_inputs``."""
+    s = settings
+    if arm == "adamw":
+        opts: list[torch.optim.Optimizer] = [
+            torch.optim.AdamW(model.parameters(), lr=s.lr, betas=s.betas, weight_decay=s.weight_decay)]
+    elif arm == "muon":
+        hidden, rest = muon_split(model)
+        opts = [torch.optim.Muon(hidden, lr=s.muon_lr, weight_decay=s.weight_decay, momentum=s.momentum,
+                                 nesterov=True, adjust_lr_fn="original"),
+                torch.optim.AdamW(rest, lr=s.lr, betas=s.betas, weight_decay=s.weight_decay)]
+    elif arm in ("ddc-adam", "ddc-muon"):
+        import gaugeopt
+
+        if example_inputs is None:
+            raise ValueError(f"arm {arm!r} needs example_inputs to find the model's gauges")
+        gauges = gaugeopt.find_gauges(model, example_inputs, output="logits")
+        if arm == "ddc-adam":
+            opts = [gaugeopt.DDCAdam(model.parameters(), gauges, lr=s.lr, betas=s.betas,
+                                     weight_decay=s.weight_decay)]
+        else:
+            opts = [gaugeopt.DDCMuon(model.parameters(), gauges, lr=s.muon_lr, momentum=s.momentum,
+                                     nesterov=True, weight_decay=s.weight_decay, adjust_lr="original",
+                                     adam_lr=s.lr, adam_betas=s.betas)]
+    elif arm == "symcompat":
+        import gaugeopt
+
+        groups = gaugeopt.symmetry_param_groups(model)
+        opts = [gaugeopt.SymmetryCompatible(groups, lr=s.muon_lr, weight_decay=s.weight_decay)]
+    else:
+        raise ValueError(f"unknown optimizer arm {arm!r}; choose from {OPTIMIZER_ARMS}")
+    return OptimizerBundle(opts, total_steps, s)
+
+
+def train_loop(
+    *,
+    model: nn.Module,
+    optimizer: OptimizerBundle,
+    steps: int,
+    batch_loss: Callable[[int], torch.Tensor],
+    evaluate: Callable[[], dict[str, float]],
+    eval_every: int,
+    on_eval: Callable[[int, dict[str, float]], None],
+    bar: Any,
+    stop_when: Callable[[dict[str, float]], bool] | None = None,
+    after_step: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
+    """Train for ``steps`` steps; evaluate at step 0, every ``eval_every`` steps and at the end.
+
+    ``batch_loss(step)`` returns the training loss of that step's batch (model in train mode).
+    ``evaluate()`` runs under ``torch.no_grad`` in eval mode. ``stop_when(metrics)`` ends training
+    early (e.g. when a model has grokked). A non-finite training loss stops the run and is
+    reported as ``diverged_at``. Returns ``{"last": metrics, "steps_done": n, "diverged_at": step|None}``.
+    """
+
+    def run_eval(step: int) -> dict[str, float]:
+        model.eval()
+        with torch.no_grad():
+            metrics = evaluate()
+        model.train()
+        on_eval(step, metrics)
+        bar.set_postfix({k: f"{v:.3g}" for k, v in metrics.items() if isinstance(v, float)}, refresh=False)
+        return metrics
+
+    model.train()
+    last = run_eval(0)
+    diverged_at = None
+    done = 0
+    for step in range(steps):
+        optimizer.zero_grad()
+        loss = batch_loss(step)
+        if not torch.isfinite(loss):
+            diverged_at = step
+            break
+        loss.backward()
+        optimizer.step(step)
+        done = step + 1
+        bar.update(1)
+        if after_step is not None:
+            after_step(done)
+        if done % eval_every == 0 or done == steps:
+            last = run_eval(done)
+            if stop_when is not None and stop_when(last):
+                break
+    return {"last": last, "steps_done": done, "diverged_at": diverged_at}
