@@ -1,0 +1,656 @@
+"""Discover gauge families by following a model's computation.
+
+The model is traced with :mod:`torch.fx` (``nn.Linear``, ``nn.Embedding`` and the norms stay leaf
+calls; everything else is traced through), shapes are propagated with the example inputs, and four
+analyses run on the graph. None of them looks at this package's model classes.
+
+1. **Logit / router shift.** A Linear's output carries ``+ c(x) 1`` along its last axis through
+   ops that keep that axis (views, indexing of leading axes, transposes of leading axes) until a
+   softmax/log-softmax over that axis absorbs it (router shift) or it is the model output and the
+   caller declared ``output="logits"`` (logit shift).
+2. **Neuron scaling.** A Linear's output is scaled per channel by a_i > 0; the scaling must pass
+   through positively homogeneous maps (ReLU, leaky ReLU, dropout, multiplication by a tensor that
+   does not depend on it, reductions over leading axes, views keeping the last axis) and end only
+   at inputs of Linear layers, whose columns absorb 1/a_i.
+3. **Norm scaling.** The same propagation, started at the output of an affine LayerNorm/RMSNorm.
+4. **Head rotations.** For every ``scaled_dot_product_attention`` call, the query/key/value
+   projections are found, and the maps from each projection's output to the attention's inputs are
+   *measured* by probing the traced graph with basis vectors (fx Interpreter overrides). They must
+   be linear and per position; they reveal the head layout, grouped-query sharing, and the
+   positional map P_t (RoPE). The rotation algebra is the commutant {X in so(d): [P_m^T K_n, X] = 0
+   for all positions m, n}: all of so(d) without RoPE, one plane per distinct frequency with it.
+   The value path must be a pure head selection and the attention output must reach exactly one
+   Linear through a pure permutation of channels (the output projection).
+
+Anything that cannot be established is left out and recorded in ``GaugeSet.skipped`` with the reason.
+"""
+
+from __future__ import annotations
+
+import inspect
+import operator
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from .families import AxisRef, GaugeFamily, HeadRotation, LogitShift, NeuronScaling, full_rotation_algebra, norm_scaling
+from .gaugeset import GaugeSet, Skipped
+
+OutputKind = Literal["logits", "values"]
+
+_NORMS = (nn.LayerNorm, nn.RMSNorm)
+_METADATA_METHODS = {"size", "dim", "numel", "zeros_like", "ones_like", "new_zeros", "new_ones", "new_empty", "new_full"}
+_METADATA_FUNCTIONS = {torch.zeros_like, torch.ones_like, torch.empty_like, torch.full_like}
+_HOMOGENEOUS_FUNCTIONS = {F.relu, torch.relu, F.leaky_relu, F.dropout, torch.nn.functional.dropout}
+_HOMOGENEOUS_METHODS = {"relu", "contiguous", "clone"}
+_HOMOGENEOUS_MODULES = (nn.ReLU, nn.LeakyReLU, nn.Dropout, nn.Identity)
+_SOFTMAXES = {F.softmax, torch.softmax, F.log_softmax, torch.log_softmax}
+_MUL = {operator.mul, torch.mul}
+_DIV = {operator.truediv, torch.div}
+_VIEWS = {"view", "reshape", "flatten"}
+_REDUCTIONS = {"mean", "sum"}
+
+
+class _StopProbe(Exception):
+    pass
+
+
+# --------------------------------------------------------------------------------------------------
+# Graph helpers
+# --------------------------------------------------------------------------------------------------
+
+
+class _Graph:
+    """A traced model with the lookups the analyses need."""
+
+    def __init__(self, model: nn.Module, example_inputs: tuple | None):
+        self.model = model
+        concrete = {
+            name: p.default
+            for name, p in inspect.signature(model.forward).parameters.items()
+            if p.default is not inspect.Parameter.empty
+        }
+        self.gm = fx.symbolic_trace(model, concrete_args=concrete or None)
+        self.example_inputs = example_inputs
+        if example_inputs is not None:
+            was_training = self.gm.training
+            self.gm.eval()
+            with torch.no_grad():
+                ShapeProp(self.gm).propagate(*example_inputs)
+            self.gm.train(was_training)
+        self.modules = dict(self.gm.named_modules())
+        self.nodes = list(self.gm.graph.nodes)
+        self.output = next(n for n in self.nodes if n.op == "output")
+        calls: dict[str, int] = {}
+        for n in self.nodes:
+            if n.op == "call_module":
+                calls[n.target] = calls.get(n.target, 0) + 1
+        self.calls = calls
+        self.param_names = {id(p): name for name, p in model.named_parameters()}
+        aliases: dict[int, list[str]] = {}
+        for name, p in model.named_parameters(remove_duplicate=False):
+            aliases.setdefault(id(p), []).append(name)
+        self.tied = {name for names in aliases.values() if len(names) > 1 for name in names}
+        self._ancestors: dict[fx.Node, set[fx.Node]] = {}
+
+    # --- node predicates ---------------------------------------------------------------------
+    def module(self, n: fx.Node) -> nn.Module | None:
+        return self.modules.get(n.target) if n.op == "call_module" else None
+
+    def is_linear(self, n: fx.Node) -> bool:
+        return isinstance(self.module(n), nn.Linear)
+
+    @staticmethod
+    def is_metadata(n: fx.Node) -> bool:
+        """Ops whose result depends on a tensor's shape/dtype only, not on its values."""
+        if n.op == "call_method" and n.target in _METADATA_METHODS:
+            return True
+        if n.op == "call_function" and n.target in _METADATA_FUNCTIONS:
+            return True
+        return n.op == "call_function" and n.target is getattr and n.args[1] in ("shape", "dtype", "device", "ndim")
+
+    def value_users(self, n: fx.Node) -> list[fx.Node]:
+        return [u for u in n.users if not self.is_metadata(u)]
+
+    def ancestors(self, n: fx.Node) -> set[fx.Node]:
+        """Nodes whose values ``n`` depends on (metadata edges excluded)."""
+        if n not in self._ancestors:
+            out: set[fx.Node] = set()
+            stack = [n]
+            while stack:
+                cur = stack.pop()
+                if self.is_metadata(cur):
+                    continue
+                for a in cur.all_input_nodes:
+                    if a not in out:
+                        out.add(a)
+                        stack.append(a)
+            self._ancestors[n] = out
+        return self._ancestors[n]
+
+    @staticmethod
+    def shape(n: Any) -> tuple[int, ...] | None:
+        meta = n.meta.get("tensor_meta") if isinstance(n, fx.Node) else None
+        return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+
+    def param(self, module_name: str, attr: str) -> str | None:
+        p = getattr(self.modules[module_name], attr, None)
+        return None if p is None else self.param_names[id(p)]
+
+    # --- probing -----------------------------------------------------------------------------
+    def probe(self, overrides: dict[fx.Node, torch.Tensor], watch: list[fx.Node]) -> list[torch.Tensor]:
+        """Run the graph on the example inputs with some node values replaced; return watched values."""
+        seen: dict[fx.Node, torch.Tensor] = {}
+
+        class Interp(fx.Interpreter):
+            def run_node(self, n):
+                value = overrides[n] if n in overrides else super().run_node(n)
+                if n in watch:
+                    seen[n] = value
+                    if len(seen) == len(watch):
+                        raise _StopProbe
+                return value
+
+        was_training = self.gm.training
+        self.gm.eval()
+        try:
+            with torch.no_grad():
+                Interp(self.gm).run(*self.example_inputs)
+        except _StopProbe:
+            pass
+        finally:
+            self.gm.train(was_training)
+        return [seen[w] for w in watch]
+
+
+def _norm_dim(dim: int, ndim: int) -> int:
+    return dim + ndim if dim < 0 else dim
+
+
+def _arg(n: fx.Node, index: int, name: str, default: Any = None) -> Any:
+    if len(n.args) > index:
+        return n.args[index]
+    return n.kwargs.get(name, default)
+
+
+def _keeps_last_axis(g: _Graph, u: fx.Node, src: fx.Node) -> bool | None:
+    """True if ``u`` (a view, transpose, indexing or reduction of ``src``) keeps src's last axis as
+    its own last axis, element for element; None if ``u`` is not such an op."""
+    in_shape, out_shape = g.shape(src), g.shape(u)
+    if u.op == "call_method" and u.target in _VIEWS or u.op == "call_function" and u.target in (torch.reshape, torch.flatten):
+        return in_shape is not None and out_shape is not None and in_shape[-1:] == out_shape[-1:]
+    if u.op == "call_method" and u.target in ("transpose", "permute") or u.op == "call_function" and u.target is torch.transpose:
+        if in_shape is None:
+            return False
+        nd = len(in_shape)
+        dims = [a for a in u.args[1:] if isinstance(a, int)] if u.op == "call_method" else list(u.args[1:])
+        if u.target == "permute":
+            dims = list(u.args[1]) if len(u.args) == 2 and isinstance(u.args[1], (tuple, list)) else dims
+            return _norm_dim(dims[-1], nd) == nd - 1
+        return all(_norm_dim(d, nd) != nd - 1 for d in dims)
+    if u.op == "call_function" and u.target is operator.getitem and u.args[0] is src:
+        if in_shape is None:
+            return False
+        idx = u.args[1]
+        idx = idx if isinstance(idx, tuple) else (idx,)
+        if Ellipsis in idx:
+            return idx[-1] is Ellipsis
+        used = sum(1 for i in idx if i is not None)
+        return used < len(in_shape)
+    if (u.op == "call_method" and u.target in _REDUCTIONS) or (u.op == "call_function" and u.target in (torch.mean, torch.sum)):
+        if in_shape is None:
+            return False
+        dim = _arg(u, 1, "dim")
+        if dim is None:
+            return False
+        dims = dim if isinstance(dim, (tuple, list)) else (dim,)
+        return all(_norm_dim(d, len(in_shape)) != len(in_shape) - 1 for d in dims)
+    return None
+
+
+# --------------------------------------------------------------------------------------------------
+# Analyses
+# --------------------------------------------------------------------------------------------------
+
+
+def _describe_op(n: fx.Node) -> str:
+    target = getattr(n.target, "__name__", str(n.target))
+    return f"{n.op} {target}"
+
+
+def _follow_channel_scaling(g: _Graph, start: fx.Node) -> tuple[list[fx.Node], str | None]:
+    """Propagate a per-channel positive scaling of ``start``'s last axis; return the Linear nodes
+    that absorb it in their columns, or a reason it cannot be absorbed."""
+    sinks: list[fx.Node] = []
+    scaled = {start}
+    frontier = [start]
+    while frontier:
+        n = frontier.pop()
+        for u in g.value_users(n):
+            if u in scaled:
+                continue
+            mod = g.module(u)
+            if isinstance(mod, nn.Linear):
+                if u.args[0] is not n or len(u.all_input_nodes) != 1:
+                    return [], f"{u.target} uses the scaled tensor other than as its input"
+                sinks.append(u)
+                continue
+            if isinstance(mod, _HOMOGENEOUS_MODULES) or (u.op == "call_function" and u.target in _HOMOGENEOUS_FUNCTIONS) \
+                    or (u.op == "call_method" and u.target in _HOMOGENEOUS_METHODS):
+                if u.args[0] is not n:
+                    return [], f"{_describe_op(u)} takes the scaled tensor as a parameter"
+                scaled.add(u)
+                frontier.append(u)
+                continue
+            keeps = _keeps_last_axis(g, u, n)
+            if keeps is not None:
+                if not keeps:
+                    return [], f"{_describe_op(u)} ({u.name}) mixes or cannot be shown to keep the channel axis"
+                scaled.add(u)
+                frontier.append(u)
+                continue
+            is_mul = (u.op == "call_function" and u.target in _MUL) or (u.op == "call_method" and u.target == "mul")
+            is_div = (u.op == "call_function" and u.target in _DIV) or (u.op == "call_method" and u.target == "div")
+            if is_mul or (is_div and u.args[0] is n):
+                others = [a for a in u.args if a is not n]
+                if len(others) != 1:
+                    return [], f"{u.name} multiplies the scaled tensor by itself"
+                other = others[0]
+                if isinstance(other, fx.Node) and (start in g.ancestors(other) or other is start):
+                    return [], f"{u.name} multiplies the unit by a factor that depends on it"
+                if isinstance(other, fx.Node):
+                    s_in, s_out = g.shape(n), g.shape(u)
+                    if s_in is None or s_out is None or s_in[-1] != s_out[-1]:
+                        return [], f"{u.name}: cannot show the product keeps the channel axis (no shapes)"
+                scaled.add(u)
+                frontier.append(u)
+                continue
+            if u.op == "output":
+                return [], "the scaled tensor is a model output"
+            if u.op == "call_function" and u.target in (operator.add, torch.add, operator.sub):
+                return [], f"{u.name} adds it to a tensor that is not scaled alike (residual stream?)"
+            if isinstance(mod, _NORMS):
+                return [], f"it feeds the norm {u.target}, which is not homogeneous per channel"
+            return [], f"{_describe_op(u)} ({u.name}) is not known to commute with a per-channel positive scaling"
+    return sinks, None
+
+
+def _follow_logit_shift(g: _Graph, start: fx.Node, output: OutputKind) -> tuple[str | None, str | None]:
+    """Propagate ``+ c 1`` along the last axis; return (where it is absorbed, reason it is not)."""
+    site = None
+    frontier = [start]
+    seen = {start}
+    while frontier:
+        n = frontier.pop()
+        for u in g.value_users(n):
+            if u in seen:
+                continue
+            if u.op == "output":
+                if u.args[0] is not n:
+                    return None, "the logits are returned inside a container"
+                if output != "logits":
+                    return None, "it is the model output; pass output='logits' if the output feeds a softmax/cross-entropy"
+                site = site or "model output"
+                continue
+            is_softmax = (u.op == "call_function" and u.target in _SOFTMAXES) or (
+                u.op == "call_method" and u.target in ("softmax", "log_softmax"))
+            if is_softmax:
+                shape = g.shape(n)
+                dim = _arg(u, 1, "dim")
+                if shape is None or dim is None or _norm_dim(dim, len(shape)) != len(shape) - 1:
+                    return None, f"{u.name}: softmax not shown to act on the last axis"
+                site = site if site and site != "model output" else u.name
+                continue
+            keeps = _keeps_last_axis(g, u, n)
+            if keeps:
+                seen.add(u)
+                frontier.append(u)
+                continue
+            return None, f"{_describe_op(u)} ({u.name}) sees the shift"
+    return site, None
+
+
+@dataclass
+class _Projection:
+    node: fx.Node  # the Linear call
+    module: str
+    heads: list[list[int]]  # channel list feeding each attention head (in attention head order)
+    maps: torch.Tensor  # (positions, heads, d, d): per-position map in each head's channel order
+
+
+def _measure_projection(g: _Graph, linear: fx.Node, target: fx.Node) -> tuple[_Projection | None, str | None]:
+    """Measure the map from a projection's output (..., T, C) to an attention input (B, H, T, d)."""
+    in_shape, out_shape = g.shape(linear), g.shape(target)
+    if in_shape is None or out_shape is None or len(out_shape) != 4:
+        return None, "needs example_inputs (shapes) to measure the head layout"
+    channels, (batch, heads, seq, d) = in_shape[-1], out_shape
+    if in_shape[-2] != seq:
+        return None, f"{linear.target}: sequence axis not recognised"
+    dtype = torch.float64
+    base = torch.zeros(in_shape, dtype=dtype)
+    responses = []
+    for c in range(channels):
+        probe = base.clone()
+        probe[..., c] = 1.0
+        (resp,) = g.probe({linear: probe.to(g.example_inputs_dtype)}, [target])
+        responses.append(resp.to(dtype)[0])  # (H, T, d): batch entry 0
+    # resp_c[h, t, i] = (T_t)_{(h,i), c}
+    stack = torch.stack(responses, dim=-1)  # (H, T, d, C)
+    heads_channels: list[list[int]] = []
+    maps = torch.zeros(seq, heads, d, d, dtype=dtype)
+    for h in range(heads):
+        support = (stack[h].abs().amax(dim=(0, 1)) > 1e-12).nonzero().flatten().tolist()
+        if len(support) != d:
+            return None, f"{linear.target}: attention head {h} reads {len(support)} channels, not {d}"
+        heads_channels.append(support)
+        maps[:, h] = stack[h][:, :, support]
+    # Linearity and per-position action, checked on a random probe.
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(in_shape, generator=gen, dtype=dtype)
+    (resp,) = g.probe({linear: x.to(g.example_inputs_dtype)}, [target])
+    predicted = torch.stack([
+        torch.einsum("tij,btj->bti", maps[:, h], x[..., heads_channels[h]]) for h in range(heads)
+    ], dim=1)
+    err = (resp.to(dtype) - predicted).abs().max() / predicted.abs().max().clamp_min(1e-30)
+    if err > 1e-4:
+        return None, f"{linear.target}: the map to the attention input is not linear per position (err {err:.1e})"
+    return _Projection(linear, linear.target, heads_channels, maps), None
+
+
+def _source_linear(g: _Graph, arg: Any) -> fx.Node | None:
+    """The unique Linear whose output reaches ``arg`` without passing another Linear."""
+    if not isinstance(arg, fx.Node):
+        return None
+    found, stack, seen = set(), [arg], {arg}
+    while stack:
+        n = stack.pop()
+        if g.is_linear(n):
+            found.add(n)
+            continue
+        if g.is_metadata(n):
+            continue
+        for a in n.all_input_nodes:
+            if a not in seen:
+                seen.add(a)
+                stack.append(a)
+    return found.pop() if len(found) == 1 else None
+
+
+def _exclusive_flow(g: _Graph, start: fx.Node, sink: fx.Node, slot: int) -> bool:
+    """Every value derived from ``start`` reaches ``sink`` only through its argument ``slot``."""
+    closure, stack = {start}, [start]
+    while stack:
+        n = stack.pop()
+        for u in g.value_users(n):
+            if u is sink:
+                if any(a is n for i, a in enumerate(sink.args[:3]) if i != slot):
+                    return False
+                if sink.args[slot] is not n:
+                    continue
+                continue
+            if u.op == "output":
+                return False
+            if u not in closure:
+                closure.add(u)
+                stack.append(u)
+    target = sink.args[slot]
+    return all(
+        all(u is sink or u in closure for u in g.value_users(n)) for n in closure
+    ) and target in closure
+
+
+def _commutant_algebra(pairs: list[torch.Tensor], d: int) -> torch.Tensor:
+    """Basis of {X in so(d): A X = X A for all A in pairs}, shape (k, d, d)."""
+    basis = full_rotation_algebra(d)
+    if not pairs:
+        return basis
+    rows = []
+    for a in pairs:
+        # [A, B_k] for every basis element, flattened: (d*d, K)
+        rows.append((a @ basis - basis @ a).reshape(len(basis), -1).T)
+    system = torch.cat(rows)
+    scale = system.abs().max().clamp_min(1e-30)
+    _, s, vh = torch.linalg.svd(system / scale, full_matrices=True)
+    rank = int((s > 1e-8).sum())
+    null = vh[rank:]  # (k, K)
+    return torch.einsum("kj,jab->kab", null, basis)
+
+
+def _attention_families(g: _Graph, attn: fx.Node) -> tuple[list[GaugeFamily], list[Skipped]]:
+    site = attn.name
+    if g.example_inputs is None:
+        return [], [Skipped(site, "qk_rotation/vo_rotation", "needs example_inputs to probe the attention maps")]
+    if attn.kwargs.get("enable_gqa"):
+        return [], [Skipped(site, "qk_rotation/vo_rotation", "enable_gqa attention is not analysed")]
+    q_arg, k_arg, v_arg = (_arg(attn, i, name) for i, name in enumerate(("query", "key", "value")))
+    mask = _arg(attn, 3, "attn_mask")
+    linears = [_source_linear(g, a) for a in (q_arg, k_arg, v_arg)]
+    families: list[GaugeFamily] = []
+    skipped: list[Skipped] = []
+    if any(lin is None for lin in linears):
+        return [], [Skipped(site, "qk_rotation/vo_rotation", "query/key/value do not each come from one Linear")]
+    q_lin, k_lin, v_lin = linears
+    if len({q_lin, k_lin, v_lin}) != 3:
+        return [], [Skipped(site, "qk_rotation/vo_rotation", "query, key and value share a projection call (fused qkv is not analysed)")]
+    for lin, slot in ((q_lin, 0), (k_lin, 1), (v_lin, 2)):
+        if not _exclusive_flow(g, lin, attn, slot) or g.calls[lin.target] != 1:
+            return [], [Skipped(site, "qk_rotation/vo_rotation", f"{lin.target} output is used outside its attention slot")]
+    if isinstance(mask, fx.Node) and ({q_lin, k_lin, v_lin} & g.ancestors(mask)):
+        return [], [Skipped(site, "qk_rotation/vo_rotation", "the attention mask depends on the projections")]
+    prefix = _common_prefix([q_lin.target, k_lin.target, v_lin.target])
+    measured = {}
+    for key, lin, arg in (("q", q_lin, q_arg), ("k", k_lin, k_arg), ("v", v_lin, v_arg)):
+        proj, reason = _measure_projection(g, lin, arg)
+        if proj is None:
+            return [], [Skipped(prefix, "qk_rotation/vo_rotation", reason)]
+        measured[key] = proj
+    q, k, v = measured["q"], measured["k"], measured["v"]
+    n_heads, d = q.maps.shape[1], q.maps.shape[2]
+    if len({tuple(c) for c in q.heads}) != n_heads:
+        return [], [Skipped(prefix, "qk_rotation/vo_rotation", "query heads are not distinct channel blocks")]
+
+    def grouping(proj: _Projection) -> tuple[list[list[int]], tuple[int, ...]]:
+        kv_channels: list[list[int]] = []
+        group = []
+        for chans in proj.heads:
+            if chans not in kv_channels:
+                kv_channels.append(chans)
+            group.append(kv_channels.index(chans))
+        return kv_channels, tuple(group)
+
+    def rows(channel_lists: list[list[int]]) -> torch.Tensor:
+        return torch.tensor(channel_lists, dtype=torch.long)
+
+    # ---- query/key rotation -----------------------------------------------------------------
+    k_channels, k_group = grouping(k)
+    blocks_ok = all(len(set(sum(k_channels, []))) == len(sum(k_channels, [])) for _ in [0])
+    if not blocks_ok:
+        skipped.append(Skipped(prefix, "qk_rotation", "key heads overlap"))
+    else:
+        seq = q.maps.shape[0]
+        positions = range(seq) if seq <= 8 else torch.linspace(0, seq - 1, 8).long().tolist()
+        pairs = [q.maps[m, h].T @ k.maps[n, h] for h in range(n_heads) for m in positions for n in positions]
+        algebra = _commutant_algebra(pairs, d)
+        if algebra.shape[0] == 0:
+            skipped.append(Skipped(prefix, "qk_rotation", "no rotation commutes with the positional map"))
+        else:
+            families.append(HeadRotation(
+                name=f"qk_rotation:{prefix}", kind="qk_rotation", algebra=algebra, query_group=k_group,
+                left=((g.param(q_lin.target, "weight"), g.param(q_lin.target, "bias"), rows(q.heads), True),
+                      (g.param(k_lin.target, "weight"), g.param(k_lin.target, "bias"), rows(k_channels), False)),
+            ))
+    # ---- value/output rotation --------------------------------------------------------------
+    v_channels, v_group = grouping(v)
+    eye = torch.eye(d, dtype=v.maps.dtype)
+    if (v.maps - eye).abs().max() > 1e-9:
+        skipped.append(Skipped(prefix, "vo_rotation", "the value path is not a pure head selection"))
+        return families, skipped
+    out_proj, reason = _output_projection(g, attn)
+    if out_proj is None:
+        skipped.append(Skipped(prefix, "vo_rotation", reason))
+        return families, skipped
+    o_lin, col_index = out_proj
+    families.append(HeadRotation(
+        name=f"vo_rotation:{prefix}", kind="vo_rotation", algebra=full_rotation_algebra(d), query_group=v_group,
+        left=((g.param(v_lin.target, "weight"), g.param(v_lin.target, "bias"), rows(v_channels), False),),
+        right=((g.param(o_lin.target, "weight"), col_index),),
+    ))
+    return families, skipped
+
+
+def _output_projection(g: _Graph, attn: fx.Node) -> tuple[tuple[fx.Node, torch.Tensor] | None, str | None]:
+    """The single Linear that reads the attention output through a pure channel permutation."""
+    shape = g.shape(attn)
+    closure, stack, linears = {attn}, [attn], []
+    while stack:
+        n = stack.pop()
+        for u in g.value_users(n):
+            if g.is_linear(u):
+                linears.append(u)
+            elif u.op == "output":
+                return None, "the attention output is a model output"
+            elif u not in closure:
+                closure.add(u)
+                stack.append(u)
+    if len(linears) != 1 or g.calls[linears[0].target] != 1:
+        return None, "the attention output does not reach exactly one Linear"
+    o_lin = linears[0]
+    o_in = o_lin.args[0]
+    in_shape = g.shape(o_in)
+    if shape is None or in_shape is None:
+        return None, "needs shapes to measure the output projection"
+    batch, heads, seq, d = shape
+    code = (torch.arange(heads * d, dtype=torch.float64) + 1).reshape(heads, 1, d).expand(batch, heads, seq, d)
+    (got,) = g.probe({attn: code.to(g.example_inputs_dtype).contiguous()}, [o_in])
+    got = got.to(torch.float64)
+    if tuple(got.shape[-1:]) != (heads * d,) or got.shape[-2] != seq:
+        return None, "the output projection input is not (…, seq, heads*d)"
+    first = got.reshape(-1, heads * d)[0]
+    if not torch.all((got.reshape(-1, heads * d) - first).abs() < 1e-9):
+        return None, "the output projection mixes positions or batch entries"
+    codes = first.round().long() - 1
+    if sorted(codes.tolist()) != list(range(heads * d)):
+        return None, "the attention output reaches the output projection through a non-permutation"
+    col_index = torch.empty(heads * d, dtype=torch.long)
+    col_index[codes] = torch.arange(heads * d)
+    col_index = col_index.reshape(heads, d)
+    # verify with a random probe (positions and batch entries kept apart)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    (got,) = g.probe({attn: x.to(g.example_inputs_dtype)}, [o_in])
+    expect = torch.zeros(batch, seq, heads * d, dtype=torch.float64)
+    for h in range(heads):
+        expect[..., col_index[h]] = x[:, h]
+    if (got.to(torch.float64).reshape(expect.shape) - expect).abs().max() > 1e-6:
+        return None, "the attention output reaches the output projection through a non-permutation"
+    return (o_lin, col_index), None
+
+
+def _common_prefix(names: list[str]) -> str:
+    parts = [n.split(".") for n in names]
+    prefix = []
+    for tokens in zip(*parts):
+        if len(set(tokens)) != 1:
+            break
+        prefix.append(tokens[0])
+    return ".".join(prefix) or names[0]
+
+
+# --------------------------------------------------------------------------------------------------
+# Entry point
+# --------------------------------------------------------------------------------------------------
+
+
+def find_gauges(
+    model: nn.Module,
+    example_inputs: Any = None,
+    *,
+    output: OutputKind = "values",
+) -> GaugeSet:
+    """Discover the gauge families of ``model`` by tracing its computation.
+
+    Args:
+        model: any ``nn.Module`` that :func:`torch.fx.symbolic_trace` can trace (arguments of
+            ``forward`` that have defaults are fixed to those defaults).
+        example_inputs: a tensor or tuple of tensors to run ``forward`` on. Needed for the analyses
+            that read shapes (indexing, reductions, views) and for the attention probes; without it
+            those analyses are skipped with that reason. A small batch is enough (e.g. 1 x 8 tokens).
+        output: ``"logits"`` when the model output is consumed by a softmax / cross-entropy over its
+            last axis (then the output Linear carries a logit shift), ``"values"`` otherwise.
+
+    Returns:
+        A :class:`GaugeSet` bound to ``model``, with ``skipped`` listing every candidate left out and why.
+    """
+    if output not in ("logits", "values"):
+        raise ValueError(f"output must be 'logits' or 'values', got {output!r}")
+    if example_inputs is not None and not isinstance(example_inputs, tuple):
+        example_inputs = (example_inputs,)
+    g = _Graph(model, example_inputs)
+    g.example_inputs_dtype = next((p.dtype for p in model.parameters()), torch.float32)
+    families: list[GaugeFamily] = []
+    skipped: list[Skipped] = []
+
+    def add(family: GaugeFamily, site: str) -> None:
+        tied = [p for p in family.parameters if p in g.tied]
+        if tied:
+            skipped.append(Skipped(site, family.kind, f"parameter {tied[0]} is tied to another module"))
+        else:
+            families.append(family)
+
+    for n in g.nodes:
+        mod = g.module(n)
+        if isinstance(mod, nn.Linear):
+            if g.calls[n.target] != 1:
+                skipped.append(Skipped(n.target, "neuron_scale/logit_shift", f"module is called {g.calls[n.target]} times"))
+                continue
+            weight, bias = g.param(n.target, "weight"), g.param(n.target, "bias")
+            absorbed, shift_reason = _follow_logit_shift(g, n, output)
+            if absorbed is not None:
+                kind = "logit_shift" if absorbed == "model output" else "router_shift"
+                add(LogitShift(f"{kind}:{n.target}", weight, mod.in_features, bias, absorbed, kind), n.target)
+            sinks, reason = _follow_channel_scaling(g, n)
+            if reason is None and sinks:
+                multiplied = (AxisRef(weight, 0),) + ((AxisRef(bias, 0),) if bias else ())
+                divided = tuple(AxisRef(g.param(s.target, "weight"), 1) for s in sinks)
+                if any(g.calls[s.target] != 1 for s in sinks):
+                    skipped.append(Skipped(n.target, "neuron_scale", "a consumer module is called more than once"))
+                else:
+                    add(NeuronScaling(f"neuron_scale:{n.target}", mod.out_features, multiplied, divided,
+                                      producer=n.target), n.target)
+            elif absorbed is None:
+                skipped.append(Skipped(n.target, "neuron_scale", reason or "no consumer"))
+                if shift_reason and "model output" in shift_reason:
+                    skipped.append(Skipped(n.target, "logit_shift", shift_reason))
+        elif isinstance(mod, _NORMS):
+            site = n.target
+            if getattr(mod, "weight", None) is None:
+                skipped.append(Skipped(site, "norm_scale", "the norm has no gain"))
+                continue
+            if g.calls[site] != 1:
+                skipped.append(Skipped(site, "norm_scale", f"module is called {g.calls[site]} times"))
+                continue
+            sinks, reason = _follow_channel_scaling(g, n)
+            if reason is not None or not sinks:
+                skipped.append(Skipped(site, "norm_scale", reason or "no consumer"))
+                continue
+            if any(g.calls[s.target] != 1 for s in sinks):
+                skipped.append(Skipped(site, "norm_scale", "a consumer module is called more than once"))
+                continue
+            consumers = tuple(g.param(s.target, "weight") for s in sinks)
+            add(norm_scaling(f"norm_scale:{site}", g.param(site, "weight"), g.param(site, "bias"), consumers,
+                             mod.weight.shape[0]), site)
+        elif n.op == "call_function" and n.target is F.scaled_dot_product_attention:
+            found, missed = _attention_families(g, n)
+            for fam in found:
+                add(fam, fam.name.split(":", 1)[1])
+            skipped += missed
+    return GaugeSet(families, skipped, model)
+
+
+__all__ = ["find_gauges", "OutputKind"]
+_ = Callable  # typing re-export guard

@@ -1,0 +1,171 @@
+"""GaugeSet: the gauge families found on one model, bound to that model's parameters."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .families import Element, GaugeFamily
+
+GroupElement = dict[str, Element]  # family name -> that family's element
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A candidate that discovery looked at and left out."""
+
+    site: str
+    family: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class SummaryRow:
+    family: str
+    name: str
+    parameters: tuple[str, ...]
+    dimension: int
+    action: str
+
+
+class GaugeSummary(list):
+    """Rows of :class:`SummaryRow`; ``str()`` renders an aligned table."""
+
+    def __str__(self) -> str:
+        header = ("family", "site", "group dim", "parameters")
+        body = [(r.family, r.name.split(":", 1)[-1], str(r.dimension), ", ".join(r.parameters)) for r in self]
+        widths = [max(len(x[i]) for x in [header, *body]) for i in range(3)]
+        lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths)) + "  " + header[3]]
+        lines.append("-" * len(lines[0]))
+        for row in body:
+            lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[3])
+        lines.append(f"{len(self)} families, total group dimension {sum(r.dimension for r in self)}")
+        return "\n".join(lines)
+
+
+class GaugeSet:
+    """The gauge families of a model.
+
+    ``families`` are bound by parameter *name* to the model given at construction; ``bind(other)``
+    re-targets them to a structurally identical model (e.g. a deep copy). ``skipped`` lists what
+    discovery left out, with reasons.
+    """
+
+    def __init__(self, families: Iterable[GaugeFamily], skipped: Iterable[Skipped], model: nn.Module):
+        self.families: tuple[GaugeFamily, ...] = tuple(families)
+        self.skipped: tuple[Skipped, ...] = tuple(skipped)
+        self.model = model
+        names = [f.name for f in self.families]
+        if len(set(names)) != len(names):
+            raise ValueError(f"duplicate gauge family names: {names}")
+        params = self.params()
+        missing = sorted({p for f in self.families for p in f.parameters if p not in params})
+        if missing:
+            raise ValueError(f"gauge families refer to parameters the model does not have: {missing}")
+
+    # ----- access -----------------------------------------------------------------------------
+    def __iter__(self) -> Iterator[GaugeFamily]:
+        return iter(self.families)
+
+    def __len__(self) -> int:
+        return len(self.families)
+
+    def __getitem__(self, name: str) -> GaugeFamily:
+        for f in self.families:
+            if f.name == name:
+                return f
+        raise KeyError(f"no gauge family {name!r}; have {[f.name for f in self.families]}")
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(f.kind for f in self.families))
+
+    def select(self, families: str | Iterable[str] | None) -> tuple[GaugeFamily, ...]:
+        """Families whose kind or name is in ``families`` (all when None)."""
+        if families is None:
+            return self.families
+        wanted = {families} if isinstance(families, str) else set(families)
+        chosen = tuple(f for f in self.families if f.kind in wanted or f.name in wanted)
+        unknown = wanted - {f.kind for f in chosen} - {f.name for f in chosen}
+        if unknown:
+            raise ValueError(f"unknown gauge families {sorted(unknown)}; this model has kinds {list(self.kinds)}")
+        return chosen
+
+    def params(self, model: nn.Module | None = None) -> dict[str, torch.Tensor]:
+        return dict((model or self.model).named_parameters())
+
+    def parameters_touched(self) -> set[str]:
+        return {p for f in self.families for p in f.parameters}
+
+    def bind(self, model: nn.Module) -> GaugeSet:
+        """The same families bound to ``model``, which must have the same parameter names and shapes."""
+        mine = {n: p.shape for n, p in self.model.named_parameters()}
+        theirs = {n: p.shape for n, p in model.named_parameters()}
+        if mine != theirs:
+            diff = sorted(set(mine.items()) ^ set(theirs.items()))[:5]
+            raise ValueError(f"cannot bind gauges to a model with different parameters: {diff}")
+        return GaugeSet(self.families, self.skipped, model)
+
+    # ----- group operations ---------------------------------------------------------------------
+    def sample(self, generator: torch.Generator | None = None, families: str | Iterable[str] | None = None,
+               spread: float = 0.5) -> GroupElement:
+        """A random element of the product of the selected families (all by default)."""
+        params = self.params()
+        return {f.name: f.sample(params, generator, spread) for f in self.select(families)}
+
+    def identity(self) -> GroupElement:
+        params = self.params()
+        return {f.name: f.identity(params) for f in self.families}
+
+    @torch.no_grad()
+    def apply(self, model: nn.Module, element: GroupElement) -> None:
+        """Apply ``element`` to ``model``'s parameters in place, family by family in its order.
+
+        Families can share a matrix (a logit shift and the final norm's column scaling both act on
+        the LM head), and not all such pairs commute: an element is the ordered product.
+        """
+        params = dict(model.named_parameters())
+        for name, e in element.items():
+            self[name].apply(params, e)
+
+    @torch.no_grad()
+    def apply_inverse(self, model: nn.Module, element: GroupElement) -> None:
+        """Undo :meth:`apply`: the inverse of each family's element, in reverse order."""
+        params = dict(model.named_parameters())
+        for name, e in reversed(list(element.items())):
+            family = self[name]
+            family.apply(params, family.inverse(e))
+
+    def orbit_coordinates(self, model: nn.Module | None = None) -> dict[str, torch.Tensor]:
+        """Per family, the coordinates that move along its orbit (detached copies)."""
+        params = self.params(model)
+        with torch.no_grad():
+            return {f.name: f.orbit_coordinates(params).detach().clone() for f in self.families}
+
+    def pairings(self, grads: Mapping[str, torch.Tensor], model: nn.Module | None = None) -> dict[str, torch.Tensor]:
+        """Per family, the inner products of ``grads`` with every vertical direction."""
+        params = self.params(model)
+        with torch.no_grad():
+            return {f.name: f.pairings(params, grads) for f in self.families}
+
+    # ----- reporting ----------------------------------------------------------------------------
+    def summary(self, *, print_table: bool = True, show_skipped: bool = False) -> GaugeSummary:
+        """Table of families: kind, site, group dimension, parameters. Printed unless told not to."""
+        rows = GaugeSummary(
+            SummaryRow(f.kind, f.name, f.parameters, f.dim, f.describe()) for f in self.families
+        )
+        if print_table:
+            print(rows)
+            if show_skipped and self.skipped:
+                print(f"\nleft out ({len(self.skipped)}):")
+                for s in self.skipped:
+                    print(f"  {s.family:<22} {s.site:<32} {s.reason}")
+            elif self.skipped:
+                print(f"({len(self.skipped)} candidates left out; summary(show_skipped=True) lists why)")
+        return rows
+
+    def __repr__(self) -> str:
+        return f"GaugeSet({len(self.families)} families: {', '.join(self.kinds) or 'none'})"
