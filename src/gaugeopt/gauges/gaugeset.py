@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .families import Element, GaugeFamily
+from .families import Element, GaugeFamily, NormScaling
 
 GroupElement = dict[str, Element]  # family name -> that family's element
 
@@ -139,11 +139,34 @@ class GaugeSet:
             family = self[name]
             family.apply(params, family.inverse(e))
 
-    def orbit_coordinates(self, model: nn.Module | None = None) -> dict[str, torch.Tensor]:
-        """Per family, the coordinates that move along its orbit (detached copies)."""
+    def merged_params(self, model: nn.Module | None = None) -> dict[str, torch.Tensor]:
+        """Parameters with every norm gain folded into its consumers' columns (W~ = C diag(g)).
+
+        The merged weights are invariant under the norm-scale gauges (ddc.md section 4), so
+        coordinates read from them do not mix the norm gauge into the other families.
+        """
         params = self.params(model)
+        merged = dict(params)
+        for f in self.families:
+            if isinstance(f, NormScaling):
+                gain = params[f.gain]
+                for consumer in f.consumers:
+                    merged[consumer] = merged[consumer] * gain
+        return merged
+
+    def orbit_coordinates(self, model: nn.Module | None = None) -> dict[str, torch.Tensor]:
+        """Per family, coordinates that move along its own orbit and no other (detached copies).
+
+        Norm scaling: log|g_j|. Neuron scaling: log(|in_i| / |out_i|) and logit shift: the mean row,
+        both read from the norm-merged weights (:meth:`merged_params`). Rotations: none (empty).
+        """
         with torch.no_grad():
-            return {f.name: f.orbit_coordinates(params).detach().clone() for f in self.families}
+            merged = self.merged_params(model)
+            raw = self.params(model)
+            return {
+                f.name: f.orbit_coordinates(raw if isinstance(f, NormScaling) else merged).detach().clone()
+                for f in self.families
+            }
 
     def pairings(self, grads: Mapping[str, torch.Tensor], model: nn.Module | None = None) -> dict[str, torch.Tensor]:
         """Per family, the inner products of ``grads`` with every vertical direction."""
