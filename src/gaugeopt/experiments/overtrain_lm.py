@@ -112,6 +112,7 @@ def summarise(c: OvertrainLMConfig, folder, final: dict[str, dict[str, list[floa
                        "xlabel": "optimizer", "ylabel": "gap (nats)",
                        "series": [{"label": "ours", "x": list(final), "y": [mean(final[a]["gap"]) for a in final]},
                                   {"label": "paper", "x": list(final), "y": [GAP_ANCHOR.get(a) for a in final]}]})
+    add_dds_figures(folder)
     if "adamw" in final and "ddc-adam" in final:
         gap_ddc, gap_adamw = mean(final["ddc-adam"]["gap"]), mean(final["adamw"]["gap"])
         folder.add_claim(
@@ -129,6 +130,27 @@ def summarise(c: OvertrainLMConfig, folder, final: dict[str, dict[str, list[floa
                 f"{ddc_cells:g}/{total} vs {adam_cells:g}/{total}",
                 bool(ddc_cells > adam_cells),
                 "criterion: more readable cells (dds.md §3) for DDCAdam; mean over seeds")
+
+
+def add_dds_figures(folder) -> None:
+    """The head's logdet+(G) against the remaining arc length, and every cell's fitted slope."""
+    dds = folder.results.get("dds", {})
+    if not dds:
+        return
+    first = {arm: by_seed[min(by_seed, key=int)] for arm, by_seed in dds.items()}
+    folder.add_figure({
+        "file": "dds_head_logdet_G.png", "kind": "line", "xscale": "log",
+        "title": "LM head: logdet+(G) along the approach", "xlabel": "remaining arc length t",
+        "ylabel": "logdet+ G", "series": [
+            {"label": ARM_LABELS.get(arm, arm), "x": r["t"][:-1], "y": r["series"]["head:output"]["logdet_G"][:-1]}
+            for arm, r in first.items() if "head:output" in r["series"]]})
+    folder.add_figure({
+        "file": "dds_cell_slopes.png", "kind": "scatter", "title": "fitted slope of every (site, observable) cell",
+        "xlabel": "cell", "ylabel": "slope", "series": [
+            {"label": f"{ARM_LABELS.get(arm, arm)} ({r['readable']}/{r['total']} read)",
+             "x": list(range(len(r["cells"]))),
+             "y": [c["fit"]["slope"] if c["fit"] else None for c in r["cells"]]}
+            for arm, r in first.items()]})
 
 
 PRESETS = {
