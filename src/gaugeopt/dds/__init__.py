@@ -1,0 +1,69 @@
+"""Dead-direction signatures (DDS): cheap spectral readings of singular directions (dds.md).
+
+* :func:`dead_direction_signatures` -- one forward and one backward give, per site, the positive
+  spectra of the activation second moment ``A = X^T X / N`` and of the per-sample gradient second
+  moment ``G = D^T D / N`` (smallest eigenvalue, log pseudo-determinant, rank).
+* :func:`fit_slope`, :func:`read_cell`, :func:`rate_readout`, :class:`TrajectoryRecorder` -- slopes
+  against the distance to the singular set and the "readable cells" rule.
+* :func:`rrr_lambda` -- the closed-form learning coefficient of reduced-rank regression.
+* :func:`estimate_llc` -- the local learning coefficient baseline through ``devinterp``
+  (``pip install gaugeopt[llc]``).
+* :class:`OrbitDriftRecorder` -- how far each gauge family's orbit coordinates move during a run.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from .audit import OrbitDriftRecorder, orbit_drift
+from .capture import CapturedSites, SiteSpec, capture_sites
+from .observables import (
+    DEFAULT_REL_TOL,
+    SLOPE_OBSERVABLES,
+    PositiveSpectrum,
+    SiteObservables,
+    positive_spectrum,
+    second_moment_eigenvalues,
+    site_observables,
+)
+from .reading import DDSReading, dead_direction_signatures
+from .rrr import RRRLearningCoefficient, rrr_grid, rrr_lambda, rrr_learning_coefficient
+from .slopes import (
+    CellReading,
+    RateReadout,
+    SlopeFit,
+    TrajectoryRecorder,
+    fit_slope,
+    flatten_parameters,
+    rate_readout,
+    read_cell,
+    remaining_arc_length,
+    remaining_arc_length_of_checkpoints,
+)
+
+_LAZY = {"estimate_llc": "gaugeopt.dds.llc", "LLCEstimate": "gaugeopt.dds.llc"}
+
+__all__ = [
+    "DEFAULT_REL_TOL", "SLOPE_OBSERVABLES",
+    "CapturedSites", "SiteSpec", "capture_sites",
+    "PositiveSpectrum", "SiteObservables", "positive_spectrum", "second_moment_eigenvalues",
+    "site_observables",
+    "DDSReading", "dead_direction_signatures",
+    "CellReading", "RateReadout", "SlopeFit", "TrajectoryRecorder", "fit_slope",
+    "flatten_parameters", "rate_readout", "read_cell", "remaining_arc_length",
+    "remaining_arc_length_of_checkpoints",
+    "RRRLearningCoefficient", "rrr_grid", "rrr_lambda", "rrr_learning_coefficient",
+    "OrbitDriftRecorder", "orbit_drift",
+    *_LAZY,
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'gaugeopt.dds' has no attribute {name!r}")
+
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .llc import LLCEstimate, estimate_llc

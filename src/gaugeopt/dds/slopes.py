@@ -1,0 +1,327 @@
+"""Slopes of observables against the distance to the singular set, and the rate readout (dds.md §3).
+
+Along an approach theta(t) -> singular set, a dead direction of KL order k makes an observable
+decay as ``O ~ t^p``; the least-squares slope of ``log O`` against ``log t`` estimates ``p`` and
+``k_hat = 1 + p / 2``. Observables that are already logarithms (``logdet+``) are fitted as ``O``
+itself against ``log t``; their slope adds up the rates of all the eigenvalues that decay.
+
+On a training trajectory ``t`` is the *remaining quotient arc length*: the length of the path
+still to be travelled to the last checkpoint, measured in the optimizer's metric after removing the
+vertical (gauge-orbit) part of each step. A metric is any callable ``metric(delta) -> float`` on a
+flattened parameter change (default: the Euclidean norm); ``project_horizontal(delta) -> delta``
+removes the vertical components (default: identity, i.e. no gauge quotient).
+
+A (site, observable) cell *reads* when its fit has R^2 >= 0.9 on at least 8 points, a positive
+slope, and the slopes fitted on the two halves of the window (split at the median log t) differ by
+at most 25 % of the full-window slope.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .capture import PerSampleLoss
+from .observables import DEFAULT_REL_TOL, SLOPE_OBSERVABLES
+from .reading import DDSReading, dead_direction_signatures
+
+Metric = Callable[[torch.Tensor], float]
+Projection = Callable[[torch.Tensor], torch.Tensor]
+
+MIN_POINTS = 8
+MIN_R2 = 0.9
+MAX_HALF_DISAGREEMENT = 0.25
+
+
+@dataclass(frozen=True)
+class SlopeFit:
+    """Least-squares fit ``y = intercept + slope * log t`` over ``points`` points in ``window``."""
+
+    slope: float
+    stderr: float
+    r2: float
+    intercept: float
+    window: tuple[float, float]  # (smallest t, largest t) actually used
+    points: int
+
+    @property
+    def k_hat(self) -> float:
+        """Estimated KL order ``1 + slope / 2`` of the decaying direction."""
+        return 1.0 + self.slope / 2.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "window": list(self.window), "k_hat": self.k_hat}
+
+
+def _fit_points(t: np.ndarray, values: np.ndarray, kind: str,
+                window: tuple[float, float] | None) -> tuple[np.ndarray, np.ndarray]:
+    """``(log t, y)`` for the finite points inside the window."""
+    if kind not in ("log", "linear"):
+        raise ValueError(f"kind must be 'log' or 'linear', got {kind!r}")
+    t = np.asarray(t, dtype=np.float64)
+    values = np.asarray(values, dtype=np.float64)
+    if t.shape != values.shape or t.ndim != 1:
+        raise ValueError(f"t and values must be 1-D of equal length, got {t.shape} and {values.shape}")
+    keep = t > 0
+    if window is not None:
+        low, high = window
+        if not 0 < low < high:
+            raise ValueError(f"window must be (t_low, t_high) with 0 < t_low < t_high, got {window}")
+        keep &= (t >= low) & (t <= high)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        y = np.log(values) if kind == "log" else values
+    keep &= np.isfinite(y)
+    return np.log(t[keep]), y[keep]
+
+
+def _least_squares(log_t: np.ndarray, y: np.ndarray) -> tuple[float, float, float, float]:
+    """slope, stderr, R^2, intercept of y against log t (needs two distinct abscissae)."""
+    n = log_t.size
+    x_mean, y_mean = log_t.mean(), y.mean()
+    sxx = float(((log_t - x_mean) ** 2).sum())
+    if n < 2 or sxx == 0.0:
+        raise ValueError(f"a slope needs at least two distinct values of t, got {n} point(s)")
+    slope = float(((log_t - x_mean) * (y - y_mean)).sum()) / sxx
+    intercept = float(y_mean - slope * x_mean)
+    residual = float(((y - intercept - slope * log_t) ** 2).sum())
+    total = float(((y - y_mean) ** 2).sum())
+    r2 = 1.0 - residual / total if total > 0 else 1.0
+    stderr = math.sqrt(residual / (n - 2) / sxx) if n > 2 else math.nan
+    return slope, stderr, r2, intercept
+
+
+def fit_slope(t: Sequence[float] | np.ndarray, values: Sequence[float] | np.ndarray, *,
+              kind: str = "log", window: tuple[float, float] | None = None) -> SlopeFit:
+    """Fit ``log O`` (``kind="log"``) or ``O`` (``kind="linear"``) against ``log t``.
+
+    Points with ``t <= 0``, outside ``window = (t_low, t_high)`` or with a non-finite ordinate
+    (e.g. ``log`` of a non-positive value) are left out.
+    """
+    log_t, y = _fit_points(np.asarray(t), np.asarray(values), kind, window)
+    slope, stderr, r2, intercept = _least_squares(log_t, y)
+    return SlopeFit(slope=slope, stderr=stderr, r2=r2, intercept=intercept,
+                    window=(float(np.exp(log_t.min())), float(np.exp(log_t.max()))),
+                    points=int(log_t.size))
+
+
+@dataclass(frozen=True)
+class CellReading:
+    """The readability verdict of one (site, observable) cell."""
+
+    site: str
+    observable: str
+    fit: SlopeFit | None
+    half_slopes: tuple[float, float] | None  # (small-t half, large-t half)
+    reads: bool
+    reason: str  # "reads" or why not
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"site": self.site, "observable": self.observable,
+                "fit": None if self.fit is None else self.fit.as_dict(),
+                "half_slopes": None if self.half_slopes is None else list(self.half_slopes),
+                "reads": self.reads, "reason": self.reason}
+
+
+def read_cell(t: Sequence[float] | np.ndarray, values: Sequence[float] | np.ndarray, *,
+              site: str = "", observable: str = "", kind: str = "log",
+              window: tuple[float, float] | None = None, min_points: int = MIN_POINTS,
+              min_r2: float = MIN_R2, max_half_disagreement: float = MAX_HALF_DISAGREEMENT
+              ) -> CellReading:
+    """Apply the readable-cell rule of dds.md §3 to one series."""
+    log_t, y = _fit_points(np.asarray(t), np.asarray(values), kind, window)
+
+    def verdict(fit, halves, reason):
+        return CellReading(site, observable, fit, halves, reason == "reads", reason)
+
+    if log_t.size < max(min_points, 4):
+        return verdict(None, None, f"{log_t.size} usable points < {max(min_points, 4)}")
+    slope, stderr, r2, intercept = _least_squares(log_t, y)
+    fit = SlopeFit(slope, stderr, r2, intercept,
+                   (float(np.exp(log_t.min())), float(np.exp(log_t.max()))), int(log_t.size))
+    order = np.argsort(log_t)
+    half = log_t.size // 2
+    low, high = order[:half], order[log_t.size - half:]
+    try:
+        halves = (_least_squares(log_t[low], y[low])[0], _least_squares(log_t[high], y[high])[0])
+    except ValueError:
+        return verdict(fit, None, "a half of the window has a single distinct t")
+    if r2 < min_r2:
+        return verdict(fit, halves, f"R^2 {r2:.3f} < {min_r2}")
+    if slope <= 0:
+        return verdict(fit, halves, f"slope {slope:.3g} is not positive")
+    if abs(halves[0] - halves[1]) > max_half_disagreement * abs(slope):
+        return verdict(fit, halves, f"half-window slopes {halves[0]:.3g} and {halves[1]:.3g} differ "
+                                    f"by more than {max_half_disagreement:.0%} of {slope:.3g}")
+    return verdict(fit, halves, "reads")
+
+
+def flatten_parameters(model: nn.Module) -> torch.Tensor:
+    """All parameters of ``model`` as one detached float64 vector (in ``parameters()`` order)."""
+    return torch.cat([p.detach().reshape(-1).to(torch.float64) for p in model.parameters()])
+
+
+def euclidean_metric(delta: torch.Tensor) -> float:
+    """The default metric: the Euclidean norm of a flattened parameter change."""
+    return float(torch.linalg.vector_norm(delta))
+
+
+def segment_length(delta: torch.Tensor, metric: Metric | None = None,
+                   project_horizontal: Projection | None = None) -> float:
+    """Length of one step ``delta`` in ``metric`` after removing its vertical part."""
+    horizontal = project_horizontal(delta) if project_horizontal is not None else delta
+    length = float((metric or euclidean_metric)(horizontal))
+    if not math.isfinite(length) or length < 0:
+        raise ValueError(f"metric returned {length}; a length must be finite and non-negative")
+    return length
+
+
+def remaining_arc_length(segment_lengths: Sequence[float]) -> np.ndarray:
+    """``t_i = sum_{j >= i} segment_lengths[j]`` for checkpoints 0..K, with ``t_K = 0``.
+
+    ``segment_lengths[j]`` is the length travelled between checkpoints j and j + 1.
+    """
+    lengths = np.asarray(segment_lengths, dtype=np.float64)
+    if lengths.ndim != 1 or (lengths < 0).any() or not np.isfinite(lengths).all():
+        raise ValueError("segment lengths must be a 1-D sequence of finite non-negative numbers")
+    return np.concatenate([np.cumsum(lengths[::-1])[::-1], [0.0]])
+
+
+def remaining_arc_length_of_checkpoints(checkpoints: Sequence[torch.Tensor], *,
+                                        metric: Metric | None = None,
+                                        project_horizontal: Projection | None = None) -> np.ndarray:
+    """Remaining quotient arc length at each of a list of flattened parameter vectors.
+
+    Consecutive checkpoints are joined by straight chords; record more often for a finer path.
+    """
+    if len(checkpoints) < 2:
+        raise ValueError("need at least two checkpoints to measure an arc length")
+    lengths = [segment_length(b.to(torch.float64) - a.to(torch.float64), metric, project_horizontal)
+               for a, b in zip(checkpoints[:-1], checkpoints[1:])]
+    return remaining_arc_length(lengths)
+
+
+@dataclass(frozen=True)
+class RateReadout:
+    """All (site, observable) cells of a trajectory and how many of them read."""
+
+    t: tuple[float, ...]
+    cells: tuple[CellReading, ...]
+
+    @property
+    def readable_cells(self) -> int:
+        return sum(cell.reads for cell in self.cells)
+
+    @property
+    def total_cells(self) -> int:
+        return len(self.cells)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"t": list(self.t), "readable_cells": self.readable_cells,
+                "total_cells": self.total_cells, "cells": [c.as_dict() for c in self.cells]}
+
+
+def rate_readout(t: Sequence[float] | np.ndarray, readings: Sequence[DDSReading], *,
+                 observables: Sequence[str] = tuple(SLOPE_OBSERVABLES),
+                 window: tuple[float, float] | None = None, **rule: Any) -> RateReadout:
+    """Fit every (site, observable) series of ``readings`` against ``t`` and count readable cells.
+
+    ``t[i]`` is the distance of checkpoint i to the singular set (e.g. :func:`remaining_arc_length`);
+    ``rule`` overrides ``min_points``, ``min_r2`` or ``max_half_disagreement``. A site missing from
+    a reading (skipped there) contributes no point at that checkpoint.
+    """
+    t = np.asarray(t, dtype=np.float64)
+    if len(readings) != t.size:
+        raise ValueError(f"{len(readings)} readings but {t.size} values of t")
+    unknown = set(observables) - set(SLOPE_OBSERVABLES)
+    if unknown:
+        raise ValueError(f"unknown observables {sorted(unknown)}; choose from {list(SLOPE_OBSERVABLES)}")
+    sites = list(dict.fromkeys(row.site for reading in readings for row in reading.rows))
+    cells = []
+    for site in sites:
+        by_checkpoint = [{row.site: row for row in reading.rows}.get(site) for reading in readings]
+        for name in observables:
+            values = [getattr(row, name) if row is not None else math.nan for row in by_checkpoint]
+            cells.append(read_cell(t, values, site=site, observable=name,
+                                   kind=SLOPE_OBSERVABLES[name], window=window, **rule))
+    return RateReadout(t=tuple(float(x) for x in t), cells=tuple(cells))
+
+
+class TrajectoryRecorder:
+    """Records DDS readings along training and turns them into a rate readout.
+
+    Call :meth:`record` every k optimizer steps (the probe batch is fixed at construction), and
+    optionally :meth:`update_path` after every step so the arc length follows the actual path
+    rather than chords between recordings. The optimizer's metric and the horizontal projection
+    are evaluated when each segment is measured, so they may read the optimizer's current state.
+
+    Example::
+
+        recorder = TrajectoryRecorder(model, x_probe, y_probe, loss=per_sample_mse,
+                                      sites=["layers.0", "layers.1"])
+        for step in range(steps):
+            train_step()
+            if step % 50 == 0:
+                recorder.record(step)
+        readout = recorder.readout()
+        print(readout.readable_cells, "of", readout.total_cells)
+    """
+
+    def __init__(self, model: nn.Module, probe_inputs: Any, probe_targets: Any, *,
+                 loss: PerSampleLoss, sites: Sequence[str], metric: Metric | None = None,
+                 project_horizontal: Projection | None = None,
+                 rel_tol: float = DEFAULT_REL_TOL) -> None:
+        self.model = model
+        self.probe_inputs = probe_inputs
+        self.probe_targets = probe_targets
+        self.loss = loss
+        self.sites = list(sites)
+        self.metric = metric
+        self.project_horizontal = project_horizontal
+        self.rel_tol = rel_tol
+        self.steps: list[int] = []
+        self.readings: list[DDSReading] = []
+        self.segment_lengths: list[float] = []  # between consecutive recordings
+        self._pending_length = 0.0
+        self._last_parameters: torch.Tensor | None = None
+
+    def update_path(self) -> float:
+        """Add the length travelled since the last call (or recording) to the current segment."""
+        current = flatten_parameters(self.model)
+        if self._last_parameters is not None:
+            self._pending_length += segment_length(current - self._last_parameters,
+                                                   self.metric, self.project_horizontal)
+        self._last_parameters = current
+        return self._pending_length
+
+    def record(self, step: int) -> DDSReading:
+        """Read DDS on the probe batch now and close the current path segment."""
+        if self.steps and step <= self.steps[-1]:
+            raise ValueError(f"steps must increase: got {step} after {self.steps[-1]}")
+        reading = dead_direction_signatures(self.model, self.probe_inputs, self.probe_targets,
+                                            loss=self.loss, sites=self.sites, rel_tol=self.rel_tol)
+        first = self._last_parameters is None
+        self.update_path()
+        if not first:
+            self.segment_lengths.append(self._pending_length)
+        self._pending_length = 0.0
+        self.steps.append(int(step))
+        self.readings.append(reading)
+        return reading
+
+    def remaining_arc_length(self) -> np.ndarray:
+        """t at each recording: the path length still to travel to the last recording."""
+        if len(self.readings) < 2:
+            raise ValueError("need at least two recordings")
+        return remaining_arc_length(self.segment_lengths)
+
+    def readout(self, *, window: tuple[float, float] | None = None,
+                observables: Sequence[str] = tuple(SLOPE_OBSERVABLES), **rule: Any) -> RateReadout:
+        """Rate readout over the recordings; the last one (t = 0) is the reference point."""
+        return rate_readout(self.remaining_arc_length(), self.readings, observables=observables,
+                            window=window, **rule)
