@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import inspect
 import operator
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -71,6 +70,7 @@ class _Graph:
 
     def __init__(self, model: nn.Module, example_inputs: tuple | None):
         self.model = model
+        self.dtype = next((p.dtype for p in model.parameters()), torch.float32)
         concrete = {
             name: p.default
             for name, p in inspect.signature(model.forward).parameters.items()
@@ -338,7 +338,7 @@ def _measure_projection(g: _Graph, linear: fx.Node, target: fx.Node) -> tuple[_P
     for c in range(channels):
         probe = base.clone()
         probe[..., c] = 1.0
-        (resp,) = g.probe({linear: probe.to(g.example_inputs_dtype)}, [target])
+        (resp,) = g.probe({linear: probe.to(g.dtype)}, [target])
         responses.append(resp.to(dtype)[0])  # (H, T, d): batch entry 0
     # resp_c[h, t, i] = (T_t)_{(h,i), c}
     stack = torch.stack(responses, dim=-1)  # (H, T, d, C)
@@ -353,7 +353,7 @@ def _measure_projection(g: _Graph, linear: fx.Node, target: fx.Node) -> tuple[_P
     # Linearity and per-position action, checked on a random probe.
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(in_shape, generator=gen, dtype=dtype)
-    (resp,) = g.probe({linear: x.to(g.example_inputs_dtype)}, [target])
+    (resp,) = g.probe({linear: x.to(g.dtype)}, [target])
     predicted = torch.stack([
         torch.einsum("tij,btj->bti", maps[:, h], x[..., heads_channels[h]]) for h in range(heads)
     ], dim=1)
@@ -469,8 +469,8 @@ def _attention_families(g: _Graph, attn: fx.Node) -> tuple[list[GaugeFamily], li
 
     # ---- query/key rotation -----------------------------------------------------------------
     k_channels, k_group = grouping(k)
-    blocks_ok = all(len(set(sum(k_channels, []))) == len(sum(k_channels, [])) for _ in [0])
-    if not blocks_ok:
+    flat_k = [c for chans in k_channels for c in chans]
+    if len(set(flat_k)) != len(flat_k):
         skipped.append(Skipped(prefix, "qk_rotation", "key heads overlap"))
     else:
         seq = q.maps.shape[0]
@@ -527,7 +527,7 @@ def _output_projection(g: _Graph, attn: fx.Node) -> tuple[tuple[fx.Node, torch.T
         return None, "needs shapes to measure the output projection"
     batch, heads, seq, d = shape
     code = (torch.arange(heads * d, dtype=torch.float64) + 1).reshape(heads, 1, d).expand(batch, heads, seq, d)
-    (got,) = g.probe({attn: code.to(g.example_inputs_dtype).contiguous()}, [o_in])
+    (got,) = g.probe({attn: code.to(g.dtype).contiguous()}, [o_in])
     got = got.to(torch.float64)
     if tuple(got.shape[-1:]) != (heads * d,) or got.shape[-2] != seq:
         return None, "the output projection input is not (…, seq, heads*d)"
@@ -542,7 +542,7 @@ def _output_projection(g: _Graph, attn: fx.Node) -> tuple[tuple[fx.Node, torch.T
     col_index = col_index.reshape(heads, d)
     # verify with a random probe (positions and batch entries kept apart)
     x = torch.randn(shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    (got,) = g.probe({attn: x.to(g.example_inputs_dtype)}, [o_in])
+    (got,) = g.probe({attn: x.to(g.dtype)}, [o_in])
     expect = torch.zeros(batch, seq, heads * d, dtype=torch.float64)
     for h in range(heads):
         expect[..., col_index[h]] = x[:, h]
@@ -591,7 +591,6 @@ def find_gauges(
     if example_inputs is not None and not isinstance(example_inputs, tuple):
         example_inputs = (example_inputs,)
     g = _Graph(model, example_inputs)
-    g.example_inputs_dtype = next((p.dtype for p in model.parameters()), torch.float32)
     families: list[GaugeFamily] = []
     skipped: list[Skipped] = []
 
@@ -653,4 +652,3 @@ def find_gauges(
 
 
 __all__ = ["find_gauges", "OutputKind"]
-_ = Callable  # typing re-export guard
