@@ -144,9 +144,18 @@ class _Graph:
         return None if p is None else self.param_names[id(p)]
 
     # --- probing -----------------------------------------------------------------------------
-    def probe(self, overrides: dict[fx.Node, torch.Tensor], watch: list[fx.Node]) -> list[torch.Tensor]:
-        """Run the graph on the example inputs with some node values replaced; return watched values."""
+    def probe(self, overrides: dict[fx.Node, torch.Tensor], watch: list[fx.Node],
+              batch: int | None = None) -> list[torch.Tensor]:
+        """Run the graph on the example inputs with some node values replaced; return watched values.
+
+        With ``batch``, the first example entry is repeated ``batch`` times along dim 0 of every input
+        (so that many probes can travel in one pass).
+        """
         seen: dict[fx.Node, torch.Tensor] = {}
+        inputs = self.example_inputs
+        if batch is not None:
+            inputs = tuple(t[:1].repeat(batch, *[1] * (t.dim() - 1)) if isinstance(t, torch.Tensor) and t.dim() else t
+                           for t in inputs)
 
         class Interp(fx.Interpreter):
             def run_node(self, n):
@@ -161,7 +170,7 @@ class _Graph:
         self.gm.eval()
         try:
             with torch.no_grad():
-                Interp(self.gm).run(*self.example_inputs)
+                Interp(self.gm).run(*inputs)
         except _StopProbe:
             pass
         finally:
@@ -333,15 +342,7 @@ def _measure_projection(g: _Graph, linear: fx.Node, target: fx.Node) -> tuple[_P
     if in_shape[-2] != seq:
         return None, f"{linear.target}: sequence axis not recognised"
     dtype = torch.float64
-    base = torch.zeros(in_shape, dtype=dtype)
-    responses = []
-    for c in range(channels):
-        probe = base.clone()
-        probe[..., c] = 1.0
-        (resp,) = g.probe({linear: probe.to(g.dtype)}, [target])
-        responses.append(resp.to(dtype)[0])  # (H, T, d): batch entry 0
-    # resp_c[h, t, i] = (T_t)_{(h,i), c}
-    stack = torch.stack(responses, dim=-1)  # (H, T, d, C)
+    stack = _basis_responses(g, linear, target, in_shape).to(dtype)  # (H, T, d, C)
     heads_channels: list[list[int]] = []
     maps = torch.zeros(seq, heads, d, d, dtype=dtype)
     for h in range(heads):
@@ -361,6 +362,28 @@ def _measure_projection(g: _Graph, linear: fx.Node, target: fx.Node) -> tuple[_P
     if err > 1e-4:
         return None, f"{linear.target}: the map to the attention input is not linear per position (err {err:.1e})"
     return _Projection(linear, linear.target, heads_channels, maps), None
+
+
+def _basis_responses(g: _Graph, linear: fx.Node, target: fx.Node, in_shape: tuple[int, ...]) -> torch.Tensor:
+    """resp[h, t, i, c] = response of the attention input (head h, position t, dim i) to a unit
+    vector on channel c of the projection output at every position."""
+    channels = in_shape[-1]
+    if len(in_shape) == 3:  # one pass: probe c rides in batch entry c
+        probe = torch.zeros(channels, *in_shape[1:], dtype=g.dtype)
+        probe[torch.arange(channels), :, torch.arange(channels)] = 1.0
+        try:
+            (resp,) = g.probe({linear: probe}, [target], batch=channels)
+            if resp.shape[0] == channels:
+                return resp.permute(1, 2, 3, 0)
+        except Exception:  # noqa: BLE001 - a model that is not batch-agnostic: fall back to one pass per channel
+            pass
+    responses = []
+    for c in range(channels):
+        probe = torch.zeros(in_shape, dtype=g.dtype)
+        probe[..., c] = 1.0
+        (resp,) = g.probe({linear: probe}, [target])
+        responses.append(resp[0])
+    return torch.stack(responses, dim=-1)
 
 
 def _source_linear(g: _Graph, arg: Any) -> fx.Node | None:
