@@ -101,7 +101,7 @@ def _cmd_gauges(args: argparse.Namespace) -> int:
         "mlp": lambda: (models.ReLUMLP(models.ReLUMLPConfig()), torch.rand(2, 8)),
     }
     model, example = builders[args.model]()
-    print(gaugeopt.find_gauges(model, example, output="logits").summary())
+    print(gaugeopt.find_gauges(model, example, output="logits").summary(print_table=False))
     return 0
 
 

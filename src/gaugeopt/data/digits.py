@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 
 import torch
 
 from .errors import MissingDataError
 
+SKLEARN_DATASETS = "sklearn.datasets"
 SKLEARN_INSTALL = "pip install scikit-learn"
 
 
@@ -27,10 +29,10 @@ def load_digits_split(val_fraction: float = 0.3, seed: int = 0) -> ImageSplit:
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
     try:
-        from sklearn.datasets import load_digits
+        datasets = importlib.import_module(SKLEARN_DATASETS)
     except ImportError as error:
         raise MissingDataError("digits", SKLEARN_INSTALL, str(error)) from error
-    bunch = load_digits()
+    bunch = datasets.load_digits()
     images = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0
     labels = torch.tensor(bunch.target, dtype=torch.long)
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))

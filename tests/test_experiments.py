@@ -1,0 +1,188 @@
+"""The experiment framework: run folders, reports rebuilt from JSON, interrupts, registry, training."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import FrozenInstanceError, dataclass
+
+import pytest
+import torch
+
+from gaugeopt.experiments import (
+    PRESETS,
+    Experiment,
+    RunFolder,
+    experiment_names,
+    get_experiment,
+    read_results,
+    run_experiment,
+    select_device,
+    write_report,
+)
+from gaugeopt.experiments.results_table import results_markdown
+from gaugeopt.experiments.runfolder import to_json
+from gaugeopt.experiments.training import muon_split, warmup_cosine
+from gaugeopt.models import TransformerLM, TransformerLMConfig
+
+
+@dataclass(frozen=True)
+class CountingConfig:
+    steps: int = 5
+    stop_at: int | None = None  # raise KeyboardInterrupt at this step
+    fail_at: int | None = None  # raise RuntimeError at this step
+    seeds: tuple[int, ...] = (0,)
+
+
+def counting_run(config: CountingConfig, context) -> None:
+    """A real, tiny experiment: fits a scalar by gradient descent and logs as it goes."""
+    folder = context.folder
+    for seed in config.seeds:
+        torch.manual_seed(seed)
+        w = torch.zeros((), requires_grad=True)
+        for step in range(config.steps):
+            if step == config.stop_at:
+                raise KeyboardInterrupt
+            if step == config.fail_at:
+                raise RuntimeError("boom")
+            loss = (w - 3.0) ** 2
+            loss.backward()
+            with torch.no_grad():
+                w -= 0.25 * w.grad
+                w.grad = None
+            folder.log_point("gd", seed, step=step, loss=loss.item())
+            folder.flush()
+        folder.set_metric("gd", "w", w.item())
+    folder.add_figure({"file": "w.png", "kind": "bar", "title": "w", "series": [{"label": "w", "x": ["gd"], "y": [w.item()]}]})
+    folder.add_claim("w reaches 3", "3", f"{w.item():.3f}", abs(w.item() - 3) < 0.1)
+
+
+COUNTING = Experiment("counting", "gradient descent on a scalar",
+                      {p: CountingConfig() for p in PRESETS}, counting_run)
+
+
+def test_run_folder_holds_results_plots_and_report(tmp_path):
+    path = run_experiment(COUNTING, "smoke", out=tmp_path / "run", progress=False, steps=20)
+    results = read_results(path)
+    assert results["status"] == "complete" and results["experiment"] == "counting"
+    assert results["config"]["steps"] == 20 and results["seeds"] == [0]
+    assert results["environment"]["versions"]["torch"] == torch.__version__
+    assert results["environment"]["machine"]["device"] == "cpu"
+    assert "total" in results["timings"] and results["finished"] is not None
+    assert len(results["curves"]["gd"]["0"]["loss"]) == 20
+    assert abs(results["metrics"]["gd"]["w"] - 3) < 0.1
+    assert {p.name for p in path.glob("*.png")} == {"curve_loss.png", "w.png"}
+    report = (path / "report.md").read_text()
+    assert "# counting (smoke preset)" in report and "| w reaches 3 | 3 |" in report and "reproduced" in report
+    assert not list(path.glob("*.tmp"))
+
+
+def test_report_is_rebuilt_from_results_json_alone(tmp_path):
+    path = run_experiment(COUNTING, "smoke", out=tmp_path / "run", progress=False)
+    before = (path / "report.md").read_text()
+    for file in [*path.glob("*.png"), path / "report.md"]:
+        file.unlink()
+    write_report(path)
+    assert (path / "report.md").read_text() == before
+    assert (path / "curve_loss.png").stat().st_size > 1000
+
+
+def test_interrupted_run_leaves_a_readable_partial_folder(tmp_path):
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(COUNTING, "smoke", out=tmp_path / "run", progress=False, steps=10, stop_at=4)
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["status"] == "interrupted"
+    assert results["curves"]["gd"]["0"]["step"] == [0, 1, 2, 3]
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "Status: interrupted" in report and "stopped before its end" in report
+
+
+def test_failed_run_records_the_error_and_reraises(tmp_path):
+    with pytest.raises(RuntimeError, match="boom"):
+        run_experiment(COUNTING, "smoke", out=tmp_path / "run", progress=False, fail_at=2)
+    results = read_results(tmp_path / "run")
+    assert results["status"] == "failed" and results["error"] == "RuntimeError: boom"
+
+
+def test_results_table_lists_each_claim_with_its_verdict(tmp_path):
+    a = run_experiment(COUNTING, "smoke", out=tmp_path / "a", progress=False, steps=20)
+    b = run_experiment(COUNTING, "full", out=tmp_path / "b", progress=False, steps=1)
+    table = results_markdown([a, b])
+    rows = [line for line in table.splitlines() if line.startswith("| counting")]
+    assert len(rows) == 2
+    assert "| reproduced |" in rows[0] and "| not reproduced |" in rows[1]
+    commit = read_results(a)["environment"]["source"]["commit"]
+    if commit:
+        assert commit[:10] in rows[0]
+
+
+def test_read_results_rejects_a_folder_without_results(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a gaugeopt run folder"):
+        read_results(tmp_path)
+
+
+def test_to_json_converts_tensors_dataclasses_and_non_finite_values():
+    data = to_json({"t": torch.tensor([1.0, float("nan")]), "c": CountingConfig(), "x": (1, math.inf),
+                    "s": torch.tensor(2.5)})
+    assert data == {"t": [1.0, None], "c": {"steps": 5, "stop_at": None, "fail_at": None, "seeds": [0]},
+                    "x": [1, None], "s": 2.5}
+    json.dumps(data, allow_nan=False)
+
+
+def test_log_points_are_flushed_when_the_run_finishes(tmp_path):
+    folder = RunFolder(tmp_path, experiment="x", preset="tiny", config={}, seeds=[0],
+                       device=torch.device("cpu"), flush_every=3600)
+    folder.log_point("arm", 0, step=0, loss=1.0)
+    folder.log_point("arm", 0, step=1, loss=0.5)
+    folder.finish()
+    assert read_results(tmp_path)["curves"]["arm"]["0"] == {"step": [0, 1], "loss": [1.0, 0.5]}
+
+
+def test_device_selection():
+    assert select_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert select_device("cpu") == torch.device("cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            select_device("cuda")
+    with pytest.raises(ValueError, match="unknown device"):
+        select_device("abacus")
+
+
+def test_registry_has_every_experiment_with_frozen_presets():
+    assert experiment_names() == ["overtrain-lm", "vit", "grokking", "moe", "bridge", "rrr", "modadd-width"]
+    for name in experiment_names():
+        experiment = get_experiment(name)
+        assert experiment.name == name and set(PRESETS) <= set(experiment.presets)
+        config = experiment.presets["smoke"]
+        with pytest.raises(FrozenInstanceError):
+            config.seeds = (1,)
+        assert experiment.config("full", seeds=[3, 4]).seeds == (3, 4)
+
+
+def test_registry_rejects_unknown_names_presets_and_fields():
+    with pytest.raises(ValueError, match="unknown experiment"):
+        get_experiment("nope")
+    experiment = get_experiment("vit")
+    with pytest.raises(ValueError, match="unknown preset"):
+        experiment.config("huge")
+    with pytest.raises(ValueError, match="no config field"):
+        experiment.config("smoke", learning_rate=1.0)
+    with pytest.raises(ValueError, match="seeds must not be empty"):
+        experiment.config("smoke", seeds=[])
+
+
+def test_warmup_cosine_schedule():
+    assert warmup_cosine(0, 100, 10, 0.1) == pytest.approx(0.1)
+    assert warmup_cosine(9, 100, 10, 0.1) == pytest.approx(1.0)
+    assert warmup_cosine(10, 100, 10, 0.1) == pytest.approx(1.0)
+    assert warmup_cosine(55, 100, 10, 0.1) == pytest.approx(0.55)
+    assert warmup_cosine(100, 100, 10, 0.1) == pytest.approx(0.1)
+
+
+def test_muon_split_leaves_embedding_head_and_vectors_to_adamw():
+    model = TransformerLM(TransformerLMConfig(vocab_size=11, d_model=8, n_layers=1, n_heads=2, d_ff=16))
+    hidden, rest = muon_split(model)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert sorted(names[id(p)] for p in rest) == ["blocks.0.norm1.weight", "blocks.0.norm2.weight",
+                                                  "embed.weight", "head.weight", "norm.weight"]
+    assert all(p.ndim == 2 for p in hidden) and len(hidden) == 7  # q, k, v, o, gate, up, down

@@ -1,0 +1,47 @@
+"""Every experiment end to end at its ``tiny`` size: results.json, PNG plots and report.md.
+
+The ``tiny`` presets are the ``smoke`` protocols shrunk so that each runs in seconds on a CPU;
+the smoke and full presets themselves run from the command line (``gaugeopt run``).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from gaugeopt.experiments import experiment_names, read_results, run_experiment
+
+
+def check_run_folder(path, name):
+    results = read_results(path)
+    assert results["status"] == "complete", results["error"]
+    assert results["experiment"] == name and results["preset"] == "tiny"
+    assert results["metrics"], "no metric was recorded"
+    assert results["claims"], "no paper claim was evaluated"
+    for claim in results["claims"]:
+        assert claim["anchor"] and claim["ours"] and claim["reproduced"] in (True, False)
+    pngs = sorted(p.name for p in path.glob("*.png"))
+    assert pngs and all((path / p).stat().st_size > 1000 for p in pngs)
+    report = (path / "report.md").read_text()
+    assert report.startswith(f"# {name} (tiny preset)") and "## Verdict" in report
+    assert all(f"![{p}]({p})" in report for p in pngs)
+    return results
+
+
+@pytest.mark.parametrize("name", experiment_names())
+def test_tiny_preset_runs_end_to_end(name, tmp_path):
+    results = check_run_folder(run_experiment(name, "tiny", out=tmp_path / name, progress=False), name)
+    if name in ("overtrain-lm", "vit", "moe"):
+        assert len(results["metrics"]) == 2  # both optimizer arms ran
+    if name == "overtrain-lm":
+        assert results["dds"]["adamw"]["0"]["total"] == 35  # 7 sites of one block x 5 observables
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["rrr", "modadd-width"])
+def test_tiny_preset_with_the_devinterp_llc(name, tmp_path):
+    overrides = {"run_llc": True}
+    if name == "rrr":
+        overrides.update(num_chains=1, num_draws=30, calibration_draws=30)
+    path = run_experiment(name, "tiny", out=tmp_path / name, progress=False, **overrides)
+    results = check_run_folder(path, name)
+    assert any("LLC" in c["claim"] for c in results["claims"])
