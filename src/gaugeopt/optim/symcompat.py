@@ -398,9 +398,9 @@ def _output_linear(model: nn.Module, example_inputs: Sequence[Any] | None) -> nn
     ``(num_embeddings, embedding_dim)`` of an ``nn.Embedding`` of the model (an LM head).
     """
     if example_inputs is not None:
-        outputs: dict[int, nn.Linear] = {}
+        produced: list[tuple[Tensor, nn.Linear]] = []  # keeps the outputs alive, so identity is meaningful
         handles = [
-            m.register_forward_hook(lambda mod, args, out: outputs.__setitem__(id(out), mod))
+            m.register_forward_hook(lambda mod, args, out: produced.append((out, mod)))
             for m in model.modules() if isinstance(m, nn.Linear)
         ]
         try:
@@ -413,7 +413,7 @@ def _output_linear(model: nn.Module, example_inputs: Sequence[Any] | None) -> nn
             result = result.get("logits", next(iter(result.values()), None))
         if isinstance(result, (tuple, list)):
             result = result[0] if result else None
-        return outputs.get(id(result))
+        return next((mod for out, mod in produced if out is result), None)
     embedding_shapes = {tuple(m.weight.shape) for m in model.modules() if isinstance(m, nn.Embedding)}
     candidates = [m for m in model.children() if isinstance(m, nn.Linear) and tuple(m.weight.shape) in embedding_shapes]
     return candidates[0] if len(candidates) == 1 else None
