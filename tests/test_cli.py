@@ -59,7 +59,7 @@ def test_module_entry_point_runs_in_a_fresh_process():
 
 def test_gauges_prints_the_summary_of_a_reference_model(capsys):
     assert main(["gauges", "mlp"]) == 0
-    assert capsys.readouterr().out.strip()
+    assert "neuron_scale" in capsys.readouterr().out  # the ReLU units rescale
 
 
 @pytest.mark.slow
