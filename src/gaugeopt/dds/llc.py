@@ -40,7 +40,7 @@ def _require_devinterp() -> Any:
     try:
         from devinterp.slt.llc import llc
         import datasets
-    except ImportError as error:  # pragma: no cover - exercised only without the extra
+    except ImportError as error:
         raise ImportError(f"{INSTALL_HINT} ({error})") from error
     return llc, datasets
 
