@@ -295,24 +295,32 @@ def test_bad_arguments_are_rejected():
 
 
 class PlainAttention(nn.Module):
-    def __init__(self, width, heads):
+    """Attention as fused ``scaled_dot_product_attention`` or as explicit matmuls (nanoGPT style)."""
+
+    def __init__(self, width, heads, explicit=False):
         super().__init__()
-        self.heads = heads
+        self.heads, self.explicit = heads, explicit
         self.query, self.key, self.value = (nn.Linear(width, width) for _ in range(3))
         self.out = nn.Linear(width, width)
 
     def forward(self, x):
         b, t, c = x.shape
         split = lambda y: y.reshape(b, t, self.heads, c // self.heads).permute(0, 2, 1, 3)  # noqa: E731
-        y = F.scaled_dot_product_attention(split(self.query(x)), split(self.key(x)), split(self.value(x)))
+        q, k, v = split(self.query(x)), split(self.key(x)), split(self.value(x))
+        if self.explicit:
+            att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.shape[-1]))
+            att = att.masked_fill(torch.ones_like(att).tril() == 0, float("-inf"))
+            y = F.softmax(att, dim=-1) @ v
+        else:
+            y = F.scaled_dot_product_attention(q, k, v)
         return self.out(y.permute(0, 2, 1, 3).reshape(b, t, c))
 
 
 class PlainBlock(nn.Module):
-    def __init__(self, width, heads, activation):
+    def __init__(self, width, heads, activation, explicit=False):
         super().__init__()
         self.ln_a, self.ln_b = nn.LayerNorm(width), nn.LayerNorm(width)
-        self.mix = PlainAttention(width, heads)
+        self.mix = PlainAttention(width, heads, explicit)
         self.mlp = nn.Sequential(nn.Linear(width, 3 * width), activation, nn.Dropout(0.0), nn.Linear(3 * width, width))
 
     def forward(self, x):
@@ -321,11 +329,11 @@ class PlainBlock(nn.Module):
 
 
 class PlainTransformer(nn.Module):
-    def __init__(self, vocab=13, width=12, heads=3, depth=2, activation=None):
+    def __init__(self, vocab=13, width=12, heads=3, depth=2, activation=None, explicit=False):
         super().__init__()
         self.tok = nn.Embedding(vocab, width)
         self.pos = nn.Parameter(torch.zeros(16, width))
-        self.body = nn.Sequential(*(PlainBlock(width, heads, activation or nn.ReLU()) for _ in range(depth)))
+        self.body = nn.Sequential(*(PlainBlock(width, heads, activation or nn.ReLU(), explicit) for _ in range(depth)))
         self.ln_f = nn.LayerNorm(width)
         self.unembed = nn.Linear(width, vocab)
 
@@ -333,8 +341,9 @@ class PlainTransformer(nn.Module):
         return self.unembed(self.ln_f(self.body(self.tok(idx) + self.pos[: idx.shape[1]])))
 
 
-def test_plain_torch_transformer_is_understood():
-    model = _jitter(PlainTransformer().double())
+@pytest.mark.parametrize("explicit", [False, True], ids=["sdpa", "explicit-matmul-attention"])
+def test_plain_torch_transformer_is_understood(explicit):
+    model = _jitter(PlainTransformer(explicit=explicit).double())
     x = torch.randint(0, 13, (2, 5))
     gauges = find_gauges(model, x, output="logits")
     expected = {"logit_shift:unembed", "norm_scale:ln_f"}

@@ -76,7 +76,14 @@ class _Graph:
             for name, p in inspect.signature(model.forward).parameters.items()
             if p.default is not inspect.Parameter.empty
         }
-        self.gm = fx.symbolic_trace(model, concrete_args=concrete or None)
+        try:
+            self.gm = fx.symbolic_trace(model, concrete_args=concrete or None)
+        except Exception as err:  # noqa: BLE001 - report any tracing failure the same way
+            raise ValueError(
+                f"find_gauges could not trace {type(model).__name__} with torch.fx ({type(err).__name__}: {err}). "
+                "Gauges are discovered from the traced graph; make forward traceable (no data-dependent "
+                "Python control flow, no tensor indexing by sizes of buffers) or build a GaugeSet by hand."
+            ) from err
         self.example_inputs = example_inputs
         if example_inputs is not None:
             was_training = self.gm.training
@@ -405,27 +412,95 @@ def _source_linear(g: _Graph, arg: Any) -> fx.Node | None:
     return found.pop() if len(found) == 1 else None
 
 
-def _exclusive_flow(g: _Graph, start: fx.Node, sink: fx.Node, slot: int) -> bool:
-    """Every value derived from ``start`` reaches ``sink`` only through its argument ``slot``."""
+def _exclusive_flow(g: _Graph, start: fx.Node, target: fx.Node) -> bool:
+    """Every value derived from ``start`` flows into ``target`` and nowhere else."""
     closure, stack = {start}, [start]
     while stack:
         n = stack.pop()
+        if n is target:
+            continue
         for u in g.value_users(n):
-            if u is sink:
-                if any(a is n for i, a in enumerate(sink.args[:3]) if i != slot):
-                    return False
-                if sink.args[slot] is not n:
-                    continue
-                continue
             if u.op == "output":
                 return False
             if u not in closure:
                 closure.add(u)
                 stack.append(u)
-    target = sink.args[slot]
-    return all(
-        all(u is sink or u in closure for u in g.value_users(n)) for n in closure
-    ) and target in closure
+    return target in closure and all(
+        all(u in closure for u in g.value_users(n)) for n in closure if n is not target
+    )
+
+
+@dataclass
+class _AttentionSite:
+    """softmax(q k^T) v found in the graph: its three inputs (B, H, T, d), its output, the nodes
+    allowed to consume each input, and the extra operands (masks, scales) of the score path."""
+
+    name: str
+    q: fx.Node
+    k: fx.Node
+    v: fx.Node
+    output: fx.Node
+    consumers: dict[str, set[fx.Node]]
+    extras: list[Any]
+
+
+def _is_matmul(n: fx.Node) -> bool:
+    return (n.op == "call_function" and n.target in (operator.matmul, torch.matmul)) or (
+        n.op == "call_method" and n.target == "matmul")
+
+
+def _is_last_two_transpose(g: _Graph, n: Any) -> bool:
+    if not isinstance(n, fx.Node) or not (n.op == "call_method" and n.target == "transpose"
+                                          or n.op == "call_function" and n.target is torch.transpose):
+        return False
+    shape = g.shape(n.args[0])
+    if shape is None:
+        return False
+    return {_norm_dim(d, len(shape)) for d in n.args[1:3]} == {len(shape) - 2, len(shape) - 1}
+
+
+def _attention_sites(g: _Graph) -> list[_AttentionSite]:
+    """Every fused attention call and every explicit ``softmax(q @ k.transpose(-2, -1) ...) @ v``."""
+    sites = []
+    for n in g.nodes:
+        if n.op == "call_function" and n.target is F.scaled_dot_product_attention:
+            q, k, v = (_arg(n, i, name) for i, name in enumerate(("query", "key", "value")))
+            extras = [_arg(n, 3, "attn_mask")]
+            sites.append(_AttentionSite(n.name, q, k, v, n, {"q": {n}, "k": {n}, "v": {n}}, extras))
+            continue
+        is_softmax = (n.op == "call_function" and n.target in (F.softmax, torch.softmax)) or (
+            n.op == "call_method" and n.target == "softmax")
+        if not is_softmax:
+            continue
+        shape, dim = g.shape(n), _arg(n, 1, "dim")
+        if shape is None or len(shape) != 4 or dim is None or _norm_dim(dim, 4) != 3:
+            continue
+        # backwards from the softmax through scaling and masking to q @ k^T
+        extras, cur = [], n.args[0]
+        while isinstance(cur, fx.Node) and not _is_matmul(cur):
+            if len(g.value_users(cur)) != 1 or not cur.args:
+                break
+            extras += [a for a in (*cur.args[1:], *cur.kwargs.values())]
+            cur = cur.args[0]
+        if not (isinstance(cur, fx.Node) and _is_matmul(cur) and _is_last_two_transpose(g, cur.args[1])):
+            continue
+        scores, k_t = cur, cur.args[1]
+        if g.value_users(k_t) != [scores]:
+            continue
+        # forwards from the softmax through dropout to attention @ v
+        out = n
+        while len(g.value_users(out)) == 1 and not _is_matmul(next(iter(g.value_users(out)))):
+            nxt = next(iter(g.value_users(out)))
+            if not (isinstance(g.module(nxt), nn.Dropout) or nxt.op == "call_function" and nxt.target is F.dropout):
+                break
+            out = nxt
+        users = g.value_users(out)
+        if len(users) != 1 or not _is_matmul(users[0]) or users[0].args[0] is not out:
+            continue
+        attn_v = users[0]
+        sites.append(_AttentionSite(n.name, scores.args[0], k_t.args[0], attn_v.args[1], attn_v,
+                                    {"q": {scores}, "k": {k_t}, "v": {attn_v}}, extras))
+    return sites
 
 
 def _commutant_algebra(pairs: list[torch.Tensor], d: int) -> torch.Tensor:
@@ -445,14 +520,13 @@ def _commutant_algebra(pairs: list[torch.Tensor], d: int) -> torch.Tensor:
     return torch.einsum("kj,jab->kab", null, basis)
 
 
-def _attention_families(g: _Graph, attn: fx.Node) -> tuple[list[GaugeFamily], list[Skipped]]:
+def _attention_families(g: _Graph, attn: _AttentionSite) -> tuple[list[GaugeFamily], list[Skipped]]:
     site = attn.name
     if g.example_inputs is None:
         return [], [Skipped(site, "qk_rotation/vo_rotation", "needs example_inputs to probe the attention maps")]
-    if attn.kwargs.get("enable_gqa"):
+    if attn.output.kwargs.get("enable_gqa"):
         return [], [Skipped(site, "qk_rotation/vo_rotation", "enable_gqa attention is not analysed")]
-    q_arg, k_arg, v_arg = (_arg(attn, i, name) for i, name in enumerate(("query", "key", "value")))
-    mask = _arg(attn, 3, "attn_mask")
+    q_arg, k_arg, v_arg = attn.q, attn.k, attn.v
     linears = [_source_linear(g, a) for a in (q_arg, k_arg, v_arg)]
     families: list[GaugeFamily] = []
     skipped: list[Skipped] = []
@@ -461,11 +535,15 @@ def _attention_families(g: _Graph, attn: fx.Node) -> tuple[list[GaugeFamily], li
     q_lin, k_lin, v_lin = linears
     if len({q_lin, k_lin, v_lin}) != 3:
         return [], [Skipped(site, "qk_rotation/vo_rotation", "query, key and value share a projection call (fused qkv is not analysed)")]
-    for lin, slot in ((q_lin, 0), (k_lin, 1), (v_lin, 2)):
-        if not _exclusive_flow(g, lin, attn, slot) or g.calls[lin.target] != 1:
+    for lin, arg, key in ((q_lin, q_arg, "q"), (k_lin, k_arg, "k"), (v_lin, v_arg, "v")):
+        slot_ok = set(g.value_users(arg)) == attn.consumers[key] and all(
+            arg not in (other, *g.ancestors(other)) for other_key, other in (("q", q_arg), ("k", k_arg), ("v", v_arg))
+            if other_key != key and isinstance(other, fx.Node))
+        if not slot_ok or not _exclusive_flow(g, lin, arg) or g.calls[lin.target] != 1:
             return [], [Skipped(site, "qk_rotation/vo_rotation", f"{lin.target} output is used outside its attention slot")]
-    if isinstance(mask, fx.Node) and ({q_lin, k_lin, v_lin} & g.ancestors(mask)):
-        return [], [Skipped(site, "qk_rotation/vo_rotation", "the attention mask depends on the projections")]
+    for extra in attn.extras:
+        if isinstance(extra, fx.Node) and ({q_lin, k_lin, v_lin} & (g.ancestors(extra) | {extra})):
+            return [], [Skipped(site, "qk_rotation/vo_rotation", "the attention mask or scale depends on the projections")]
     prefix = _common_prefix([q_lin.target, k_lin.target, v_lin.target])
     measured = {}
     for key, lin, arg in (("q", q_lin, q_arg), ("k", k_lin, k_arg), ("v", v_lin, v_arg)):
@@ -514,7 +592,7 @@ def _attention_families(g: _Graph, attn: fx.Node) -> tuple[list[GaugeFamily], li
     if (v.maps - eye).abs().max() > 1e-9:
         skipped.append(Skipped(prefix, "vo_rotation", "the value path is not a pure head selection"))
         return families, skipped
-    out_proj, reason = _output_projection(g, attn)
+    out_proj, reason = _output_projection(g, attn.output)
     if out_proj is None:
         skipped.append(Skipped(prefix, "vo_rotation", reason))
         return families, skipped
@@ -666,11 +744,11 @@ def find_gauges(
             consumers = tuple(g.param(s.target, "weight") for s in sinks)
             add(norm_scaling(f"norm_scale:{site}", g.param(site, "weight"), g.param(site, "bias"), consumers,
                              mod.weight.shape[0]), site)
-        elif n.op == "call_function" and n.target is F.scaled_dot_product_attention:
-            found, missed = _attention_families(g, n)
-            for fam in found:
-                add(fam, fam.name.split(":", 1)[1])
-            skipped += missed
+    for site in _attention_sites(g):
+        found, missed = _attention_families(g, site)
+        for fam in found:
+            add(fam, fam.name.split(":", 1)[1])
+        skipped += missed
     return GaugeSet(families, skipped, model)
 
 
