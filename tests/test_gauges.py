@@ -408,3 +408,17 @@ def test_property_invariance_over_architectures(config, seq, seed):
         moved = copy.deepcopy(model)
         gauges.apply(moved, gauges.sample(gen, families=families, spread=1.0))
         assert _rel(moved(x).log_softmax(-1), before) <= TOL, families
+
+
+@pytest.mark.parametrize("rope", ["full", "partial"])
+def test_float32_models_give_the_same_families(rope):
+    torch.manual_seed(0)
+    model32 = _jitter(lm(n_kv_heads=2, rope=rope))
+    model64 = copy.deepcopy(model32).double()
+    x = torch.randint(0, 11, (2, 6))
+    g32, g64 = find_gauges(model32, x, output="logits"), find_gauges(model64, x, output="logits")
+    assert [(f.name, f.dim) for f in g32] == [(f.name, f.dim) for f in g64]
+    before = model32(x).log_softmax(-1)
+    gauges_sample = g32.sample(torch.Generator().manual_seed(0))
+    g32.apply(model32, gauges_sample)
+    assert _rel(model32(x).log_softmax(-1), before) <= 1e-5

@@ -70,7 +70,11 @@ class _Graph:
 
     def __init__(self, model: nn.Module, example_inputs: tuple | None):
         self.model = model
-        self.dtype = next((p.dtype for p in model.parameters()), torch.float32)
+        first = next(model.parameters(), None)
+        self.dtype = first.dtype if first is not None else torch.float32
+        self.device = first.device if first is not None else torch.device("cpu")
+        # relative tolerance of the probe measurements at the model's precision
+        self.tol = {torch.float64: 1e-9, torch.float32: 1e-5}.get(self.dtype, 1e-2)
         concrete = {
             name: p.default
             for name, p in inspect.signature(model.forward).parameters.items()
@@ -153,12 +157,14 @@ class _Graph:
     # --- probing -----------------------------------------------------------------------------
     def probe(self, overrides: dict[fx.Node, torch.Tensor], watch: list[fx.Node],
               batch: int | None = None) -> list[torch.Tensor]:
-        """Run the graph on the example inputs with some node values replaced; return watched values.
+        """Run the graph on the example inputs with some node values replaced; return the watched
+        values as float64 CPU tensors. Override values are moved to the model's device and dtype.
 
         With ``batch``, the first example entry is repeated ``batch`` times along dim 0 of every input
         (so that many probes can travel in one pass).
         """
         seen: dict[fx.Node, torch.Tensor] = {}
+        overrides = {n: v.to(device=self.device, dtype=self.dtype) for n, v in overrides.items()}
         inputs = self.example_inputs
         if batch is not None:
             inputs = tuple(t[:1].repeat(batch, *[1] * (t.dim() - 1)) if isinstance(t, torch.Tensor) and t.dim() else t
@@ -182,7 +188,7 @@ class _Graph:
             pass
         finally:
             self.gm.train(was_training)
-        return [seen[w] for w in watch]
+        return [seen[w].detach().to(device="cpu", dtype=torch.float64) for w in watch]
 
 
 def _norm_dim(dim: int, ndim: int) -> int:
@@ -361,12 +367,12 @@ def _measure_projection(g: _Graph, linear: fx.Node, target: fx.Node) -> tuple[_P
     # Linearity and per-position action, checked on a random probe.
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(in_shape, generator=gen, dtype=dtype)
-    (resp,) = g.probe({linear: x.to(g.dtype)}, [target])
+    (resp,) = g.probe({linear: x}, [target])
     predicted = torch.stack([
         torch.einsum("tij,btj->bti", maps[:, h], x[..., heads_channels[h]]) for h in range(heads)
     ], dim=1)
     err = (resp.to(dtype) - predicted).abs().max() / predicted.abs().max().clamp_min(1e-30)
-    if err > 1e-4:
+    if err > 100 * g.tol:
         return None, f"{linear.target}: the map to the attention input is not linear per position (err {err:.1e})"
     return _Projection(linear, linear.target, heads_channels, maps), None
 
@@ -376,7 +382,7 @@ def _basis_responses(g: _Graph, linear: fx.Node, target: fx.Node, in_shape: tupl
     vector on channel c of the projection output at every position."""
     channels = in_shape[-1]
     if len(in_shape) == 3:  # one pass: probe c rides in batch entry c
-        probe = torch.zeros(channels, *in_shape[1:], dtype=g.dtype)
+        probe = torch.zeros(channels, *in_shape[1:], dtype=torch.float64)
         probe[torch.arange(channels), :, torch.arange(channels)] = 1.0
         try:
             (resp,) = g.probe({linear: probe}, [target], batch=channels)
@@ -386,7 +392,7 @@ def _basis_responses(g: _Graph, linear: fx.Node, target: fx.Node, in_shape: tupl
             pass
     responses = []
     for c in range(channels):
-        probe = torch.zeros(in_shape, dtype=g.dtype)
+        probe = torch.zeros(in_shape, dtype=torch.float64)
         probe[..., c] = 1.0
         (resp,) = g.probe({linear: probe}, [target])
         responses.append(resp[0])
@@ -503,7 +509,7 @@ def _attention_sites(g: _Graph) -> list[_AttentionSite]:
     return sites
 
 
-def _commutant_algebra(pairs: list[torch.Tensor], d: int) -> torch.Tensor:
+def _commutant_algebra(pairs: list[torch.Tensor], d: int, tol: float = 1e-9) -> torch.Tensor:
     """Basis of {X in so(d): A X = X A for all A in pairs}, shape (k, d, d)."""
     basis = full_rotation_algebra(d)
     if not pairs:
@@ -515,7 +521,7 @@ def _commutant_algebra(pairs: list[torch.Tensor], d: int) -> torch.Tensor:
     system = torch.cat(rows)
     scale = system.abs().max().clamp_min(1e-30)
     _, s, vh = torch.linalg.svd(system / scale, full_matrices=True)
-    rank = int((s > 1e-8).sum())
+    rank = int((s > 10 * tol).sum())
     null = vh[rank:]  # (k, K)
     return torch.einsum("kj,jab->kab", null, basis)
 
@@ -577,7 +583,7 @@ def _attention_families(g: _Graph, attn: _AttentionSite) -> tuple[list[GaugeFami
         seq = q.maps.shape[0]
         positions = range(seq) if seq <= 8 else torch.linspace(0, seq - 1, 8).long().tolist()
         pairs = [q.maps[m, h].T @ k.maps[n, h] for h in range(n_heads) for m in positions for n in positions]
-        algebra = _commutant_algebra(pairs, d)
+        algebra = _commutant_algebra(pairs, d, g.tol)
         if algebra.shape[0] == 0:
             skipped.append(Skipped(prefix, "qk_rotation", "no rotation commutes with the positional map"))
         else:
@@ -589,7 +595,7 @@ def _attention_families(g: _Graph, attn: _AttentionSite) -> tuple[list[GaugeFami
     # ---- value/output rotation --------------------------------------------------------------
     v_channels, v_group = grouping(v)
     eye = torch.eye(d, dtype=v.maps.dtype)
-    if (v.maps - eye).abs().max() > 1e-9:
+    if (v.maps - eye).abs().max() > 10 * g.tol:
         skipped.append(Skipped(prefix, "vo_rotation", "the value path is not a pure head selection"))
         return families, skipped
     out_proj, reason = _output_projection(g, attn.output)
@@ -628,7 +634,7 @@ def _output_projection(g: _Graph, attn: fx.Node) -> tuple[tuple[fx.Node, torch.T
         return None, "needs shapes to measure the output projection"
     batch, heads, seq, d = shape
     code = (torch.arange(heads * d, dtype=torch.float64) + 1).reshape(heads, 1, d).expand(batch, heads, seq, d)
-    (got,) = g.probe({attn: code.to(g.dtype).contiguous()}, [o_in])
+    (got,) = g.probe({attn: code.contiguous()}, [o_in])
     got = got.to(torch.float64)
     if tuple(got.shape[-1:]) != (heads * d,) or got.shape[-2] != seq:
         return None, "the output projection input is not (…, seq, heads*d)"
@@ -643,11 +649,11 @@ def _output_projection(g: _Graph, attn: fx.Node) -> tuple[tuple[fx.Node, torch.T
     col_index = col_index.reshape(heads, d)
     # verify with a random probe (positions and batch entries kept apart)
     x = torch.randn(shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    (got,) = g.probe({attn: x.to(g.dtype)}, [o_in])
+    (got,) = g.probe({attn: x}, [o_in])
     expect = torch.zeros(batch, seq, heads * d, dtype=torch.float64)
     for h in range(heads):
         expect[..., col_index[h]] = x[:, h]
-    if (got.to(torch.float64).reshape(expect.shape) - expect).abs().max() > 1e-6:
+    if (got.reshape(expect.shape) - expect).abs().max() > 100 * g.tol * expect.abs().max():
         return None, "the attention output reaches the output projection through a non-permutation"
     return (o_lin, col_index), None
 
