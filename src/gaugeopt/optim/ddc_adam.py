@@ -1,0 +1,381 @@
+"""DDCAdam: AdamW made exactly equivariant under a model's gauge groups (ddc.md sections 3-4).
+
+Per step, for a parameter group with learning rate ``lr``, betas ``(b1, b2)``, ``eps`` and weight
+decay ``wd``, with ``t`` the step count, ``c1 = 1 - b1^t`` and ``c2 = 1 - b2^t``, the per-coordinate
+Adam map on an input ``x`` with first/second moments ``m, v`` is::
+
+    m <- b1 m + (1 - b1) x,    v <- b2 v + (1 - b2) S(x * x),    A(x) = (m / c1) / (sqrt(v / c2) + eps)
+
+where ``S`` is the identity except on rotated blocks (below). Every parameter gets the decoupled
+weight decay ``p <- (1 - lr wd) p`` first, then:
+
+* **No gauge** (R4): ``p <- p - lr A(grad)`` -- exactly ``torch.optim.AdamW``.
+* **Norm gain g** (and LayerNorm bias beta): the gain is the frame of its channels and is *not*
+  stepped (nor decayed); consumer weights C are stepped as ``W~ = C diag(g)`` with gradient
+  ``G_C diag(1/g)`` and written back as ``C = W~ diag(1/g)``; the bias as ``beta^ = beta / g`` with
+  gradient ``g * G_beta``, written back as ``beta = g * beta^``. Decay acts on ``W~`` and ``beta^``.
+* **Logit / router shift** ``W -> W + 1 a^T``: the mean row (and mean bias) is held fixed; gradient,
+  decay and the update ``A`` act on the centered part and the update is centered over the rows.
+* **Head rotation** on row (or column) blocks: ``S`` averages ``x * x`` over each rotated block (per
+  column for row blocks, per row for column blocks), so ``v`` is invariant and ``A`` rotates with
+  the gauge.
+* **Neuron scaling** unit i with pair ``P1`` (producer row and bias), ``P2`` (consumer columns), in
+  the merged/centered frames above: ``rho_k = |P_k|``, ``h_k = <G_k, P_k>``,
+  ``x_k = rho_k G_k - (h_k / rho_k) P_k``. A scalar Adam per unit on ``(h_1 + h_2) / sqrt 2`` gives
+  ``r``; the per-coordinate Adam on ``x_k`` gives ``u_k``, projected orthogonal to ``d_k = P_k / rho_k``.
+  With ``s = exp(-lr r / sqrt 2)``: ``P_k <- rho_k s (s d_k - lr u_k) / |s d_k - lr u_k|``, i.e. the
+  step ``s P_k - lr rho_k u_k`` retracted so that the orbit coordinate ``log(rho_1 / rho_2)`` is held
+  exactly. The gauge mode ``(h_1 - h_2) / sqrt 2`` is not stepped.
+
+Every input of a moment update is invariant under the gauges (or rotates with them) and every
+write-back is covariant, so training from ``g . theta_0`` gives ``g . theta_t`` (R2) and the orbit
+coordinates never move (R3). The pure maps live in :mod:`gaugeopt.optim.gauge_frames`.
+
+Dead channels and units: a norm channel with ``|g_j| <= dead_threshold``, or a neuron pair with
+``sqrt(rho_1 rho_2) <= dead_threshold`` (or a side whose square underflows), is *frozen*: its slices
+are left exactly as they are, its inputs to the moments are zero, and it is listed in
+:attr:`DDCAdam.frozen` (a ``RuntimeWarning`` is issued when a new one appears). Nothing is divided by
+a dead scale, so no NaN is produced.
+
+Hyperparameters of coupled tensors: a neuron pair couples its producer weight and bias and its
+consumer weights into one update; they must share ``lr``, ``betas`` and ``eps`` (checked each step,
+so a scheduler may change them together). Weight decay is taken per tensor from its own group; a
+pair whose tensors decay at different rates moves its orbit coordinate through the decay alone (that
+objective is not gauge invariant), while the step is still equivariant.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..gauges.families import NeuronScaling
+from ..gauges.gaugeset import GaugeSet
+from .gauge_frames import (
+    FramePlan,
+    TensorFrame,
+    build_frame_plan,
+    center_rows,
+    from_unit_slices,
+    group_mean,
+    pair_chart,
+    pair_retract,
+    scale_columns,
+    unit_slices,
+)
+
+__all__ = ["DDCAdam", "adam_moments_", "adam_denominator"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Adam's moment maps (shared with the plain AdamW path, in torch.optim.AdamW's operation order)
+# --------------------------------------------------------------------------------------------------
+
+
+def adam_moments_(x: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, beta1: float, beta2: float,
+                  shared_axes: Iterable[tuple[int, Tensor]] = ()) -> None:
+    """``m <- b1 m + (1-b1) x`` and ``v <- b2 v + (1-b2) S(x*x)`` in place; ``S`` averages over the
+    groups of each ``(axis, groups)`` in ``shared_axes`` (the identity when there are none)."""
+    exp_avg.lerp_(x, 1 - beta1)
+    shared_axes = list(shared_axes)
+    if not shared_axes:
+        exp_avg_sq.mul_(beta2).addcmul_(x, x, value=1 - beta2)
+        return
+    square = x * x
+    for axis, groups in shared_axes:
+        square = group_mean(square, groups, axis)
+    exp_avg_sq.mul_(beta2).add_(square, alpha=1 - beta2)
+
+
+def adam_denominator(exp_avg_sq: Tensor, step: float, beta2: float, eps: float) -> Tensor:
+    """``sqrt(v / (1 - b2^t)) + eps``."""
+    return (exp_avg_sq.sqrt() / math.sqrt(1 - beta2**step)).add_(eps)
+
+
+def _adam_direction(exp_avg: Tensor, exp_avg_sq: Tensor, step: float, beta1: float, beta2: float,
+                    eps: float) -> Tensor:
+    """The bias-corrected Adam direction ``(m / c1) / (sqrt(v / c2) + eps)``."""
+    return exp_avg / adam_denominator(exp_avg_sq, step, beta2, eps) / (1 - beta1**step)
+
+
+# --------------------------------------------------------------------------------------------------
+# Working copies in the invariant frames
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Work:
+    """One gauge-carrying parameter in its frame: ``value`` (merged, centered, decayed) and ``grad``
+    (merged, centered) are what the update sees; ``mean_row`` is the held translation coordinate,
+    ``frozen`` the entries written back unchanged, ``gain`` the norm gain the lift divides by
+    (columns) or multiplies with (norm bias)."""
+
+    param: Tensor
+    group: dict
+    frame: TensorFrame
+    value: Tensor
+    grad: Tensor
+    mean_row: Tensor | None
+    frozen: Tensor | None
+    gain: Tensor | None
+
+
+def _live_gain(gain: Tensor, threshold: float) -> tuple[Tensor, Tensor]:
+    """(dead channel mask, gain with dead channels replaced by 1)."""
+    dead = gain.abs() <= threshold
+    return dead, torch.where(dead, torch.ones_like(gain), gain)
+
+
+class DDCAdam(torch.optim.Optimizer):
+    """Adam with decoupled weight decay, exactly equivariant under the gauges of ``gauges``.
+
+    Args:
+        params: parameters or parameter-group dicts, as for any ``torch.optim.Optimizer``; groups may
+            set ``lr``, ``betas``, ``eps``, ``weight_decay``.
+        gauges: the :class:`~gaugeopt.gauges.GaugeSet` of the model these parameters belong to (from
+            :func:`gaugeopt.find_gauges`), or ``None`` for none (then this is exactly AdamW).
+            Parameters are matched to gauge families by their names in ``gauges.model``.
+        lr, betas, eps, weight_decay: as in ``torch.optim.AdamW``.
+        dead_threshold: a norm channel with ``|gain| <=`` this, or a neuron pair with
+            ``sqrt(|P1| |P2|) <=`` this, is frozen and reported in :attr:`frozen`.
+
+    The update math is in the module docstring (and ``docs/ddc.md``). Raises
+    :class:`~gaugeopt.optim.gauge_frames.FrameConflictError` for gauge combinations no frame makes
+    exact (neuron scalings on both axes of one matrix); ``gauge_frames.compatible_gauges`` drops them.
+    """
+
+    def __init__(
+        self,
+        params,
+        gauges: GaugeSet | None,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        *,
+        dead_threshold: float = 1e-12,
+    ):
+        if not lr >= 0.0:
+            raise ValueError(f"invalid learning rate {lr}")
+        if not eps >= 0.0:
+            raise ValueError(f"invalid eps {eps}")
+        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"invalid betas {betas}: each must be in [0, 1)")
+        if not weight_decay >= 0.0:
+            raise ValueError(f"invalid weight_decay {weight_decay}")
+        if not dead_threshold >= 0.0:
+            raise ValueError(f"invalid dead_threshold {dead_threshold}")
+        if gauges is not None and not isinstance(gauges, GaugeSet):
+            raise TypeError(f"gauges must be a GaugeSet (from gaugeopt.find_gauges) or None, got {type(gauges).__name__}")
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+        self.gauges = gauges
+        self.dead_threshold = dead_threshold
+        self.plan: FramePlan = build_frame_plan(gauges) if gauges is not None else FramePlan({}, (), ())
+        model_params = dict(gauges.model.named_parameters()) if gauges is not None else {}
+        self._names = {id(p): n for n, p in model_params.items()}
+        self._params_by_name = model_params
+        optimized = {self._names.get(id(p)) for g in self.param_groups for p in g["params"]}
+        for family in self.plan.pairs:
+            members = {r.name for r in (*family.multiplied, *family.divided)}
+            missing = sorted(members - optimized)
+            if missing and len(missing) < len(members):
+                raise ValueError(
+                    f"gauge family {family.name} couples {sorted(members)} into one update, but "
+                    f"{missing} are not given to the optimizer; optimize all of them or drop the family "
+                    f"from the GaugeSet")
+        for g in self.param_groups:
+            for p in g["params"]:
+                if not p.is_floating_point() or p.is_complex():
+                    raise TypeError(f"DDCAdam needs real floating-point parameters, got {p.dtype}")
+        #: Frozen (dead) norm channels and neuron units of the last step: family name -> indices.
+        self.frozen: dict[str, tuple[int, ...]] = {}
+
+    # ----- helpers -----------------------------------------------------------------------------
+    def _state(self, p: Tensor) -> dict:
+        state = self.state[p]
+        if not state:
+            state["step"] = torch.tensor(0.0, dtype=torch.float32)
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return state
+
+    def _adamw_step(self, p: Tensor, group: dict) -> None:
+        """torch.optim.AdamW's update, operation for operation (parameters no gauge touches)."""
+        if p.grad.is_sparse:
+            raise RuntimeError("DDCAdam does not support sparse gradients")
+        state = self._state(p)
+        beta1, beta2 = group["betas"]
+        lr, wd = group["lr"], group["weight_decay"]
+        state["step"] += 1
+        step = float(state["step"])
+        if wd != 0:
+            p.mul_(1 - lr * wd)
+        adam_moments_(p.grad, state["exp_avg"], state["exp_avg_sq"], beta1, beta2)
+        denom = adam_denominator(state["exp_avg_sq"], step, beta2, group["eps"])
+        p.addcdiv_(state["exp_avg"], denom, value=-lr / (1 - beta1**step))
+
+    def _enter_frame(self, p: Tensor, group: dict, frame: TensorFrame, grad: Tensor) -> _Work:
+        """Merge with the norm gain, center translations, freeze dead channels, apply weight decay."""
+        value, frozen, gain = p.detach().clone(), None, None
+        if frame.role == "norm_bias":
+            dead, gain = _live_gain(self._params_by_name[frame.gain].detach(), self.dead_threshold)
+            value, grad = value / gain, grad * gain
+            frozen = dead
+        elif (merge := frame.merge) is not None:
+            dead, gain = _live_gain(self._params_by_name[merge.gain].detach(), self.dead_threshold)
+            value, grad = scale_columns(value, gain), scale_columns(grad, 1 / gain)
+            frozen = dead.reshape(1, -1).expand_as(value)
+        if frozen is not None:
+            value, grad = value.masked_fill(frozen, 0.0), grad.masked_fill(frozen, 0.0)
+        mean_row = None
+        if frame.centered:
+            mean_row = value.mean(dim=0, keepdim=True)
+            value, grad = value - mean_row, center_rows(grad)
+        if group["weight_decay"] != 0:
+            value.mul_(1 - group["lr"] * group["weight_decay"])
+        return _Work(p, group, frame, value, grad, mean_row, frozen, gain)
+
+    @staticmethod
+    def _leave_frame(w: _Work) -> None:
+        """Write ``w.value`` back through the frame (covariant lift), leaving frozen entries as they were."""
+        value = w.value
+        if w.mean_row is not None:
+            value = value + w.mean_row
+        if w.frame.role == "norm_bias":
+            value = value * w.gain
+        elif w.gain is not None:
+            value = scale_columns(value, 1 / w.gain)
+        if w.frozen is not None:
+            value = torch.where(w.frozen, w.param, value)
+        w.param.copy_(value)
+
+    def _moments_direction(self, w: _Work, x: Tensor) -> Tensor:
+        """Advance the per-coordinate moments of ``w`` on input ``x``; return the Adam direction
+        (centered over rows when the parameter carries a translation)."""
+        state = self._state(w.param)
+        beta1, beta2 = w.group["betas"]
+        state["step"] += 1
+        adam_moments_(x, state["exp_avg"], state["exp_avg_sq"], beta1, beta2, w.frame.shared_axes())
+        direction = _adam_direction(state["exp_avg"], state["exp_avg_sq"], float(state["step"]), beta1, beta2,
+                                    w.group["eps"])
+        return center_rows(direction) if w.frame.centered else direction
+
+    def _pair_step(self, family: NeuronScaling, work: dict[str, _Work]) -> tuple[int, ...]:
+        """One neuron-pair chart step for all units of ``family``; returns the dead units."""
+        sides = (family.multiplied, family.divided)
+        members = [work[r.name] for refs in sides for r in refs]
+        anchor = members[0]
+        for w in members[1:]:
+            for key in ("lr", "betas", "eps"):
+                if w.group[key] != anchor.group[key]:
+                    raise ValueError(
+                        f"gauge family {family.name} couples {family.multiplied[0].name} and "
+                        f"{self._names[id(w.param)]} into one update, but their groups set different "
+                        f"{key} ({anchor.group[key]} vs {w.group[key]}); put them in groups that agree")
+        lr, (beta1, beta2), eps = anchor.group["lr"], anchor.group["betas"], anchor.group["eps"]
+
+        def gather(attr: str, refs) -> tuple[Tensor, list[int]]:
+            parts = [unit_slices(getattr(work[r.name], attr), r.axis) for r in refs]
+            return torch.cat(parts, dim=1), [part.shape[1] for part in parts]
+
+        (P1, widths1), (G1, _) = gather("value", sides[0]), gather("grad", sides[0])
+        (P2, widths2), (G2, _) = gather("value", sides[1]), gather("grad", sides[1])
+        chart = pair_chart(P1, G1, P2, G2, self.dead_threshold)
+
+        # Tangential Adam: per coordinate, in each member tensor's own shape.
+        updates = []
+        for refs, tangent, widths in ((sides[0], chart.tangent1, widths1), (sides[1], chart.tangent2, widths2)):
+            parts = []
+            for ref, x in zip(refs, tangent.split(widths, dim=1)):
+                w = work[ref.name]
+                x_full = from_unit_slices(x, ref.axis, w.value.shape)
+                parts.append(unit_slices(self._moments_direction(w, x_full), ref.axis))
+            updates.append(torch.cat(parts, dim=1))
+
+        # Radial Adam: one scalar per unit, state kept with the producer weight.
+        state = self.state[anchor.param]
+        if "radial_exp_avg" not in state:
+            state["radial_exp_avg"] = torch.zeros_like(chart.radial)
+            state["radial_exp_avg_sq"] = torch.zeros_like(chart.radial)
+        adam_moments_(chart.radial, state["radial_exp_avg"], state["radial_exp_avg_sq"], beta1, beta2)
+        radial = _adam_direction(state["radial_exp_avg"], state["radial_exp_avg_sq"], float(state["step"]),
+                                 beta1, beta2, eps)
+
+        new1, new2 = pair_retract(chart, radial, updates[0], updates[1], lr)
+        for refs, new, widths in ((sides[0], new1, widths1), (sides[1], new2, widths2)):
+            for ref, part in zip(refs, new.split(widths, dim=1)):
+                w = work[ref.name]
+                w.value = from_unit_slices(part, ref.axis, w.value.shape)
+                if chart.dead.any():
+                    dead = from_unit_slices(chart.dead.unsqueeze(1).expand_as(part), ref.axis, w.value.shape)
+                    w.frozen = dead if w.frozen is None else (w.frozen | dead)
+        return tuple(chart.dead.nonzero().flatten().tolist())
+
+    # ----- the step ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None):
+        """One DDCAdam step (see the module docstring for the math). Returns the closure's loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        pair_members = {r.name for f in self.plan.pairs for r in (*f.multiplied, *f.divided)}
+        work: dict[str, _Work] = {}
+        for group in self.param_groups:
+            for p in group["params"]:
+                name = self._names.get(id(p))
+                frame = self.plan.frame(name) if name is not None else None
+                if frame is None:
+                    if p.grad is not None:
+                        self._adamw_step(p, group)
+                    continue
+                if frame.role == "gain":
+                    continue  # the gain is the frame of its channels: never stepped
+                if p.grad is None and name not in pair_members:
+                    continue
+                if p.grad is not None and p.grad.is_sparse:
+                    raise RuntimeError("DDCAdam does not support sparse gradients")
+                grad = p.grad if p.grad is not None else torch.zeros_like(p)
+                work[name] = self._enter_frame(p, group, frame, grad)
+
+        frozen: dict[str, tuple[int, ...]] = {}
+        for family in self.plan.norms:
+            dead = (self._params_by_name[family.gain].detach().abs() <= self.dead_threshold).nonzero().flatten()
+            if len(dead):
+                frozen[family.name] = tuple(dead.tolist())
+        charted = set()
+        for family in self.plan.pairs:
+            names = [r.name for r in (*family.multiplied, *family.divided)]
+            if not all(n in work for n in names):
+                continue
+            if all(work[n].param.grad is None for n in names):
+                for n in names:
+                    del work[n]
+                continue
+            dead_units = self._pair_step(family, work)
+            charted.update(names)
+            if dead_units:
+                frozen[family.name] = dead_units
+        for name, w in work.items():
+            if name in charted:
+                continue
+            direction = self._moments_direction(w, w.grad)
+            w.value = w.value - w.group["lr"] * direction
+        for w in work.values():
+            self._leave_frame(w)
+        self._report_frozen(frozen)
+        return loss
+
+    def _report_frozen(self, frozen: dict[str, tuple[int, ...]]) -> None:
+        new = {f: sorted(set(idx) - set(self.frozen.get(f, ()))) for f, idx in frozen.items()}
+        new = {f: idx for f, idx in new.items() if idx}
+        if new:
+            listing = "; ".join(f"{f}: {idx}" for f, idx in new.items())
+            warnings.warn(f"DDCAdam froze dead norm channels / neuron units (left unchanged): {listing}",
+                          RuntimeWarning, stacklevel=3)
+        self.frozen = frozen

@@ -1,0 +1,335 @@
+"""Gauge frames: the pure-function core shared by the gauge-equivariant optimizers (ddc.md section 4).
+
+An optimizer is *equivariant* under a gauge group G when training from ``g . theta_0`` gives exactly
+``g . theta_t``. The construction here feeds the base optimizer (Adam, Muon) only quantities that
+are *invariant* under G, so its state never needs transport, and maps its output back through a
+*frame* that transforms with G (a covariant lift). Per family:
+
+* **Norm scale (merge).** A norm gain g is its own frame and stays fixed. Consumer weights are
+  worked on as ``W~ = C diag(g)`` with gradient ``G~ = G_C diag(1/g)``, LayerNorm biases as
+  ``beta^ = beta / g`` with gradient ``g * G_beta``; all invariant. The lift is ``C = W~ diag(1/g)``,
+  ``beta = g * beta^``. Channels with ``|g_j| <= threshold`` are dead: frozen.
+* **Translation (center).** ``W -> W + 1 a^T`` (and ``b -> b + c``) leaves the gradient unchanged. The
+  mean row is the orbit coordinate and stays fixed: gradients, weight decay and updates act on the
+  centered (horizontal) part ``W - 1 mean(W)^T`` only.
+* **Rotation (shared second moments).** For an orthogonal R acting on blocks of rows (or columns),
+  ``sum_{i in block} (R G)_ij^2`` is invariant. Second moments are averaged over each rotated block
+  (per column for row blocks, per row for column blocks); first moments rotate with the gauge, so
+  ``m / sqrt(v)`` is covariant.
+* **Neuron scale (pair chart).** Unit i couples ``P1`` (producer row and bias, times a_i) with ``P2``
+  (consumer columns, divided by a_i). With ``rho_k = |P_k|``, ``h_k = <G_k, P_k>`` and the tangential
+  input ``x_k = rho_k G_k - (h_k / rho_k) P_k``, every one of ``h_1, h_2, x_1, x_2`` and the unit
+  directions ``P_k / rho_k`` is invariant. The radial mode ``(h_1 + h_2) / sqrt 2`` drives a scalar
+  Adam per unit; the gauge mode ``(h_1 - h_2) / sqrt 2`` (zero for an exact symmetry) is not stepped.
+  See :func:`pair_chart` and :func:`pair_retract` for the lift, which holds ``log(rho_1 / rho_2)``
+  exactly.
+
+:func:`build_frame_plan` reads a :class:`~gaugeopt.gauges.GaugeSet` into a :class:`FramePlan`: for
+every parameter, what each family does along each of its axes, refusing combinations the frames do
+not make exact (a neuron scaling on both axes of one matrix, ddc.md section 6).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from ..gauges.families import GaugeFamily, HeadRotation, LogitShift, NeuronScaling, NormScaling
+from ..gauges.gaugeset import GaugeSet
+
+__all__ = [
+    "AxisAction",
+    "TensorFrame",
+    "FramePlan",
+    "FrameConflictError",
+    "build_frame_plan",
+    "compatible_gauges",
+    "unit_slices",
+    "from_unit_slices",
+    "scale_columns",
+    "center_rows",
+    "group_mean",
+    "PairChart",
+    "pair_chart",
+    "pair_retract",
+    "dead_units",
+]
+
+ActionKind = Literal["merge", "center", "share", "pair"]
+
+
+class FrameConflictError(ValueError):
+    """Two gauge families act on one axis of a parameter in a way no frame here makes exact."""
+
+
+# --------------------------------------------------------------------------------------------------
+# The plan: what acts on which axis of which parameter
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AxisAction:
+    """One family's action along one axis of one parameter.
+
+    kind "merge": the axis' slices are scaled by a norm gain (``gain``), "center": a translation moves
+    every slice along it by the same vector, "share": orthogonal blocks mix it (``groups[i]`` = block
+    of index i, unrotated indices get their own block), "pair": it is the unit axis of a neuron pair.
+    """
+
+    kind: ActionKind
+    family: str
+    gain: str | None = None
+    groups: Tensor | None = None
+
+
+@dataclass
+class TensorFrame:
+    """The frame of one parameter: its role and the action along each axis (at most one per axis)."""
+
+    name: str
+    role: Literal["tensor", "gain", "norm_bias"] = "tensor"
+    gain: str | None = None  # for role "norm_bias": the gain it is divided by
+    norm_family: str | None = None  # for roles "gain" / "norm_bias"
+    axes: dict[int, AxisAction] = field(default_factory=dict)
+
+    @property
+    def merge(self) -> AxisAction | None:
+        return next((a for a in self.axes.values() if a.kind == "merge"), None)
+
+    @property
+    def centered(self) -> bool:
+        return any(a.kind == "center" for a in self.axes.values())
+
+    @property
+    def pair(self) -> tuple[int, AxisAction] | None:
+        return next(((axis, a) for axis, a in self.axes.items() if a.kind == "pair"), None)
+
+    def shared_axes(self) -> list[tuple[int, Tensor]]:
+        return [(axis, a.groups) for axis, a in sorted(self.axes.items()) if a.kind == "share"]
+
+
+@dataclass(frozen=True)
+class FramePlan:
+    """Frames of every gauge-carrying parameter of a model, and the neuron pairs to chart."""
+
+    tensors: dict[str, TensorFrame]
+    norms: tuple[NormScaling, ...]
+    pairs: tuple[NeuronScaling, ...]
+
+    def frame(self, name: str) -> TensorFrame | None:
+        return self.tensors.get(name)
+
+
+def _block_groups(size: int, blocks: list[Tensor]) -> Tensor:
+    """Group id per index along an axis of length ``size``: one id per block, singletons elsewhere."""
+    groups = torch.full((size,), -1, dtype=torch.long)
+    for gid, index in enumerate(blocks):
+        if (groups[index] >= 0).any():
+            raise ValueError("rotation blocks overlap on one axis")
+        groups[index] = gid
+    rest = (groups < 0).nonzero().flatten()
+    groups[rest] = torch.arange(len(blocks), len(blocks) + len(rest))
+    return groups
+
+
+def _rotation_claims(family: HeadRotation, params: Mapping[str, Tensor]) -> list[tuple[str, int, AxisAction]]:
+    claims = []
+    blocks = family.blocks
+    for weight, bias, rows, _ in family.left:
+        row_blocks = [rows[h][list(b)] for h in range(rows.shape[0]) for b in blocks]
+        for name in (weight, bias):
+            if name is not None:
+                groups = _block_groups(params[name].shape[0], row_blocks)
+                claims.append((name, 0, AxisAction("share", family.name, groups=groups)))
+    for weight, cols in family.right:
+        col_blocks = [cols[h][list(b)] for h in range(cols.shape[0]) for b in blocks]
+        groups = _block_groups(params[weight].shape[1], col_blocks)
+        claims.append((weight, 1, AxisAction("share", family.name, groups=groups)))
+    return claims
+
+
+def _claims(family: GaugeFamily, params: Mapping[str, Tensor]) -> list[tuple[str, int, AxisAction]]:
+    if isinstance(family, NormScaling):
+        return [(c, 1, AxisAction("merge", family.name, gain=family.gain)) for c in family.consumers]
+    if isinstance(family, LogitShift):
+        names = [family.weight] + ([family.bias] if family.bias else [])
+        return [(n, 0, AxisAction("center", family.name)) for n in names]
+    if isinstance(family, NeuronScaling):
+        return [(r.name, r.axis, AxisAction("pair", family.name)) for r in (*family.multiplied, *family.divided)]
+    if isinstance(family, HeadRotation):
+        return _rotation_claims(family, params)
+    raise TypeError(f"no frame for gauge family {family.name!r} of type {type(family).__name__}")
+
+
+def build_frame_plan(gauges: GaugeSet) -> FramePlan:
+    """The frames of ``gauges``' parameters, or :class:`FrameConflictError` naming the parameter.
+
+    Rules: every axis of a parameter carries at most one action; a parameter is in at most one neuron
+    pair (a neuron scaling on both axes, as in a deep plain ReLU MLP, is refused: ddc.md section 6);
+    a norm gain or norm bias is touched by its norm family only.
+    """
+    params = gauges.params()
+    tensors: dict[str, TensorFrame] = {}
+
+    def frame(name: str) -> TensorFrame:
+        return tensors.setdefault(name, TensorFrame(name))
+
+    def conflict(name: str, what: str, first: str, second: str) -> FrameConflictError:
+        return FrameConflictError(
+            f"parameter {name!r}: {what} ({first} and {second}); no gauge frame makes that exact. "
+            f"Drop one of the families, e.g. with gaugeopt.optim.gauge_frames.compatible_gauges(gauges).")
+
+    norms = [f for f in gauges if isinstance(f, NormScaling)]
+    for f in norms:
+        for name, role in ((f.gain, "gain"), (f.bias, "norm_bias")):
+            if name is None:
+                continue
+            if name in tensors:
+                raise conflict(name, "is a norm parameter of two families", tensors[name].norm_family or "?", f.name)
+            tensors[name] = TensorFrame(name, role=role, gain=f.gain if role == "norm_bias" else None,
+                                        norm_family=f.name)
+    for f in gauges:
+        for name, axis, action in _claims(f, params):
+            t = frame(name)
+            if t.role != "tensor":
+                raise conflict(name, f"is a norm {t.role.replace('_', ' ')} and is also acted on",
+                               t.norm_family or "?", f.name)
+            if axis in t.axes:
+                raise conflict(name, f"two families act on axis {axis}", t.axes[axis].family, action.family)
+            if action.kind == "pair" and t.pair is not None:
+                raise conflict(name, "is in two neuron pairs (a neuron scaling on both axes)",
+                               t.pair[1].family, action.family)
+            t.axes[axis] = action
+    pairs = tuple(f for f in gauges if isinstance(f, NeuronScaling))
+    return FramePlan(tensors, tuple(norms), pairs)
+
+
+def compatible_gauges(gauges: GaugeSet, *, verbose: bool = True) -> tuple[GaugeSet, list[str]]:
+    """The largest prefix-greedy subset of ``gauges`` that :func:`build_frame_plan` accepts.
+
+    Families are kept in order; one that conflicts with those kept is dropped (and printed when
+    ``verbose``). Returns the reduced :class:`GaugeSet` (bound to the same model) and the dropped names.
+    An optimizer built on the result is exact for the kept families only.
+    """
+    kept: list[GaugeFamily] = []
+    dropped: list[str] = []
+    for f in gauges:
+        try:
+            build_frame_plan(GaugeSet([*kept, f], (), gauges.model))
+        except FrameConflictError as err:
+            dropped.append(f.name)
+            if verbose:
+                print(f"compatible_gauges: dropping {f.name}: {err}")
+            continue
+        kept.append(f)
+    return GaugeSet(kept, gauges.skipped, gauges.model), dropped
+
+
+# --------------------------------------------------------------------------------------------------
+# Pure tensor maps
+# --------------------------------------------------------------------------------------------------
+
+
+def unit_slices(t: Tensor, axis: int) -> Tensor:
+    """``t`` with ``axis`` moved first and the rest flattened: (units, -1)."""
+    return t.movedim(axis, 0).reshape(t.shape[axis], -1)
+
+
+def from_unit_slices(slices: Tensor, axis: int, shape: torch.Size) -> Tensor:
+    """Inverse of :func:`unit_slices` for a tensor of ``shape``."""
+    moved = [shape[axis]] + [s for i, s in enumerate(shape) if i != axis]
+    return slices.reshape(moved).movedim(0, axis)
+
+
+def scale_columns(t: Tensor, factors: Tensor) -> Tensor:
+    """``t diag(factors)`` for a matrix (columns = axis 1)."""
+    return t * factors.reshape(1, -1)
+
+
+def center_rows(t: Tensor) -> Tensor:
+    """The horizontal part ``t - 1 mean_rows(t)^T`` for a translation gauge along axis 0."""
+    return t - t.mean(dim=0, keepdim=True)
+
+
+def group_mean(values: Tensor, groups: Tensor, axis: int) -> Tensor:
+    """Replace every entry by the mean over its group along ``axis`` (``groups[i]`` = group of i)."""
+    moved = values.movedim(axis, 0)
+    n_groups = int(groups.max()) + 1
+    groups = groups.to(values.device)
+    sums = moved.new_zeros((n_groups, *moved.shape[1:])).index_add_(0, groups, moved)
+    counts = torch.bincount(groups, minlength=n_groups).to(values.dtype)
+    means = sums / counts.reshape(-1, *([1] * (moved.dim() - 1)))
+    return means[groups].movedim(0, axis)
+
+
+@dataclass(frozen=True)
+class PairChart:
+    """Invariant coordinates of a batch of unit pairs (one row per unit).
+
+    ``rho1``, ``rho2``: side norms (covariant: times a, divided by a). ``direction1/2``: ``P_k / rho_k``
+    (invariant). ``radial``: ``(h1 + h2) / sqrt 2``; ``vertical``: ``(h1 - h2) / sqrt 2`` (the gauge
+    mode, zero for an exact symmetry); ``tangent1/2``: ``x_k = rho_k G_k - (h_k / rho_k) P_k``. ``dead``
+    marks units whose pair is numerically degenerate; their entries are zero.
+    """
+
+    rho1: Tensor
+    rho2: Tensor
+    direction1: Tensor
+    direction2: Tensor
+    radial: Tensor
+    vertical: Tensor
+    tangent1: Tensor
+    tangent2: Tensor
+    dead: Tensor
+
+
+def dead_units(rho1: Tensor, rho2: Tensor, threshold: float) -> Tensor:
+    """Units whose pair cannot be charted: ``sqrt(rho1 rho2) <= threshold`` (a gauge-invariant
+    scale), or a side so small that its square is not a normal float."""
+    tiny = math.sqrt(torch.finfo(rho1.dtype).tiny)
+    return (torch.sqrt(rho1) * torch.sqrt(rho2) <= threshold) | (rho1 <= tiny) | (rho2 <= tiny)
+
+
+def pair_chart(P1: Tensor, G1: Tensor, P2: Tensor, G2: Tensor, threshold: float = 0.0) -> PairChart:
+    """Chart of unit pairs ``P1`` (units, n1), ``P2`` (units, n2) with gradients ``G1``, ``G2``."""
+    rho1, rho2 = P1.norm(dim=1), P2.norm(dim=1)
+    dead = dead_units(rho1, rho2, threshold)
+    live = (~dead).to(P1.dtype).unsqueeze(1)
+    safe1 = torch.where(dead, torch.ones_like(rho1), rho1).unsqueeze(1)
+    safe2 = torch.where(dead, torch.ones_like(rho2), rho2).unsqueeze(1)
+    h1, h2 = (G1 * P1).sum(1) * live[:, 0], (G2 * P2).sum(1) * live[:, 0]
+    x1 = (safe1 * G1 - (h1.unsqueeze(1) / safe1) * P1) * live
+    x2 = (safe2 * G2 - (h2.unsqueeze(1) / safe2) * P2) * live
+    return PairChart(rho1, rho2, P1 / safe1 * live, P2 / safe2 * live,
+                     (h1 + h2) / math.sqrt(2), (h1 - h2) / math.sqrt(2), x1, x2, dead)
+
+
+def _tangent_step(direction: Tensor, shrink: Tensor, tangent_update: Tensor, lr: float) -> Tensor:
+    """Unit vector along ``shrink * direction - lr * (tangent_update projected off direction)``."""
+    u = tangent_update - (tangent_update * direction).sum(1, keepdim=True) * direction
+    q = shrink * direction - lr * u
+    norm = q.norm(dim=1, keepdim=True)
+    return q / torch.where(norm > 0, norm, torch.ones_like(norm))
+
+
+def pair_retract(chart: PairChart, radial_update: Tensor, tangent1_update: Tensor, tangent2_update: Tensor,
+                 lr: float) -> tuple[Tensor, Tensor]:
+    """New pairs from base-optimizer outputs in the chart (ddc.md section 4, with a retraction).
+
+    With ``c = lr * radial_update / sqrt 2`` and ``u_k`` the tangential update projected orthogonal to
+    the direction ``d_k = P_k / rho_k``, the step ``P_k - c P_k - lr rho_k u_k`` (to first order) is
+    taken as ``P_k <- rho_k e^{-c} (e^{-c} d_k - lr u_k) / |e^{-c} d_k - lr u_k|``: the radius moves by
+    the radial mode alone, the same ``e^{-c}`` on both sides, so ``log(rho_1 / rho_2)`` is held exactly,
+    and the tangential step only turns each direction. Every factor is invariant except ``rho_k``, so
+    the map is covariant. Dead units are returned unchanged (zero rows: the caller freezes them).
+    """
+    shrink = torch.exp(-lr * radial_update / math.sqrt(2)).unsqueeze(1)
+    live = (~chart.dead).to(shrink.dtype).unsqueeze(1)
+    new1 = chart.rho1.unsqueeze(1) * shrink * _tangent_step(chart.direction1, shrink, tangent1_update, lr)
+    new2 = chart.rho2.unsqueeze(1) * shrink * _tangent_step(chart.direction2, shrink, tangent2_update, lr)
+    return new1 * live, new2 * live
