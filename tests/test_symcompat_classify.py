@@ -43,9 +43,9 @@ def roles_of(rows: dict[str, ParamClassification]) -> dict[str, tuple[str, str, 
 def test_transformer_lm_roles_with_grouped_query_attention():
     model = tiny_lm(n_kv_heads=2)
     expected = {
-        "embed.weight": ("embedding", "row_norm", "row", None),
+        "embed.weight": ("embedding", "hybrid", "row", None),
         "norm.weight": ("vector", "adamw", "row", None),
-        "head.weight": ("lm_head", "centered_row_norm", "row", None),
+        "head.weight": ("lm_head", "centered_hybrid", "row", None),
     }
     for i in range(2):
         expected.update(expected_block_roles(f"blocks.{i}", "ffn"))
@@ -60,14 +60,14 @@ def test_moe_lm_roles_router_and_experts():
     model = MoELM(MoEConfig(vocab_size=13, d_model=16, n_layers=2, n_heads=4, n_kv_heads=2, n_experts=3,
                             top_k=2, d_ff=8, max_seq_len=8, router_bias=True))
     expected = {
-        "embed.weight": ("embedding", "row_norm", "row", None),
+        "embed.weight": ("embedding", "hybrid", "row", None),
         "norm.weight": ("vector", "adamw", "row", None),
-        "head.weight": ("lm_head", "centered_row_norm", "row", None),
+        "head.weight": ("lm_head", "centered_hybrid", "row", None),
     }
     for i in range(2):
         block = expected_block_roles(f"blocks.{i}", "ffn")
         expected.update({k: v for k, v in block.items() if ".ffn." not in k})
-        expected[f"blocks.{i}.moe.router.weight"] = ("moe_router", "centered_row_norm", "row", None)
+        expected[f"blocks.{i}.moe.router.weight"] = ("moe_router", "centered_left_spectral", "row", None)
         expected[f"blocks.{i}.moe.router.bias"] = ("vector", "adamw", "row", None)
         for e in range(3):
             expert = f"blocks.{i}.moe.experts.{e}"
@@ -114,7 +114,7 @@ def test_table_is_printed(capsys):
     assert "blocks.1.attn.o_proj.weight" in printed and "attention_out" in printed and "lm_head" in printed
     rows = classify_parameters(model)
     assert printed.strip() == format_table(rows).strip()
-    assert "embed.weight" in str(rows[0]) and "row_norm" in str(rows[0])
+    assert "embed.weight" in str(rows[0]) and "hybrid" in str(rows[0])
 
 
 def test_groups_feed_the_optimizer_and_carry_names():
@@ -143,7 +143,9 @@ def test_overrides_by_pattern():
     down = rows["blocks.1.ffn.down.weight"]
     assert (down.rule, down.orientation, down.heads) == ("row_norm", "col", None)  # the role keeps its orientation
     assert rows["head.weight"].options == {"alpha": 0.5}
-    assert (rows["embed.weight"].rule, rows["embed.weight"].options) == ("row_norm", {"weight_decay": 0.1})
+    embed = rows["embed.weight"]
+    assert (embed.rule, embed.lr, embed.options) == ("hybrid", 0.01, {"weight_decay": 0.1})  # role defaults kept
+    assert gate.lr == 1e-4 and down.lr == 0.05  # explicit lr, else the new rule's default lr
     groups = symmetry_param_groups(model, {"head.weight": {"rule": "centered_hybrid", "alpha": 0.5}}, verbose=False)
     head_group = next(g for g in groups if g["role"] == "lm_head")
     assert head_group["alpha"] == 0.5 and head_group["param_names"] == ["head.weight"]

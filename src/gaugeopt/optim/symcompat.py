@@ -215,16 +215,18 @@ def _validate_group(group: dict[str, Any], index: int) -> None:
 # ==============================================================================================
 
 #: Default settings per role. ``orientation`` is the role's geometry (which axis holds its units)
-#: and is kept when an override changes only the rule.
+#: and is kept when an override changes only the rule; a role ``lr`` belongs to the role's default
+#: rule and is replaced by ``RULE_DEFAULT_LR`` when an override picks another rule. The embedding,
+#: LM head and router choices and learning rates come from the smoke MoE runs in docs/symcompat.md.
 ROLE_DEFAULTS: dict[str, dict[str, Any]] = {
-    "embedding": dict(rule="row_norm", orientation="row"),
-    "lm_head": dict(rule="centered_row_norm", orientation="row"),
+    "embedding": dict(rule="hybrid", orientation="row", lr=0.01),
+    "lm_head": dict(rule="centered_hybrid", orientation="row", lr=1e-3),
     "tied_embedding_head": dict(rule="row_norm", orientation="row"),
     "attention_qkv": dict(rule="muon", orientation="row"),
     "attention_out": dict(rule="muon", orientation="col"),
     "swiglu_gate_up": dict(rule="muon", orientation="row"),
     "swiglu_down": dict(rule="muon", orientation="col"),
-    "moe_router": dict(rule="centered_row_norm", orientation="row"),
+    "moe_router": dict(rule="centered_left_spectral", orientation="row", lr=0.05),
     "moe_expert_gate_up": dict(rule="muon", orientation="row"),
     "moe_expert_down": dict(rule="muon", orientation="col"),
     "moe_expert_tensor": dict(rule="muon", orientation="row"),
@@ -232,8 +234,8 @@ ROLE_DEFAULTS: dict[str, dict[str, Any]] = {
     "vector": dict(rule="adamw", orientation="row"),
 }
 
-#: Learning rate used for a rule when neither the role nor an override sets one (chosen on the
-#: smoke MoE language model, see docs/symcompat.md). Spectral/hybrid rules scale with the
+#: Learning rate used for a rule when neither the role nor an override sets one (lightly tuned
+#: on the smoke MoE language model, see docs/symcompat.md). Spectral/hybrid rules scale with the
 #: nuclear norm of the momentum (alpha = 1), hence their very different values.
 RULE_DEFAULT_LR: dict[str, float] = {
     "muon": 0.02,
@@ -526,6 +528,8 @@ def classify_parameters(
             continue
         role = found.role or "override"
         settings = dict(ROLE_DEFAULTS.get(role, {}))
+        if "rule" in override and override["rule"] != settings.get("rule"):
+            settings.pop("lr", None)  # the role's lr was chosen for its default rule
         settings.update(override)
         rule = settings.pop("rule")
         orientation = settings.pop("orientation", "row")
