@@ -141,7 +141,9 @@ def muon_update(
         )
     split = rows if head_axis == "row" else cols
     if heads < 1 or split % heads:
-        raise ValueError(f"heads={heads} does not divide the {head_axis} axis of size {split} (shape {tuple(M.shape)})")
+        raise ValueError(
+            f"heads={heads} does not divide the {head_axis} axis of size {split} (shape {tuple(M.shape)})"
+        )
     lead = M.shape[:-2]
     if head_axis == "row":
         blocks = M.reshape(*lead, heads, rows // heads, cols)
@@ -233,7 +235,12 @@ def hybrid_update(X: Tensor, *, eps: float = 1e-8, alpha: float = 1.0, centered:
 
 
 def adam_direction(
-    exp_avg: Tensor, exp_avg_sq: Tensor, step: int, *, betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    step: int,
+    *,
+    betas: tuple[float, float] = (0.9, 0.95),
+    eps: float = 1e-8,
 ) -> Tensor:
     """The AdamW step direction ``m_hat / (sqrt(v_hat) + eps)`` from the running moments.
 

@@ -128,7 +128,7 @@ def polar(
     X = G.mT if transposed else G  # wide: (..., k, n) with k <= n
     k = X.shape[-2]
     tol = 100.0 * _default_tolerance(X.dtype, k) if tol is None else tol
-    X = newton_schulz(X, steps=warmup_steps, eps=0.0) if warmup_steps else X / torch.linalg.matrix_norm(X, keepdim=True)
+    X = newton_schulz(X, steps=warmup_steps, eps=0.0)  # with 0 steps: just X / |X|_F
     X = torch.nan_to_num(X)  # an all-zero matrix stays zero
     previous_change = float("inf")
     for _ in range(max_iter):

@@ -108,7 +108,9 @@ class SymmetryCompatible(torch.optim.Optimizer):
             unknown = set(param_group) - set(self.defaults) - _METADATA_KEYS
             if unknown:
                 hints = {k: difflib.get_close_matches(k, list(self.defaults), n=1) for k in sorted(unknown)}
-                detail = ", ".join(f"{k!r}" + (f" (did you mean {h[0]!r}?)" if h else "") for k, h in hints.items())
+                detail = ", ".join(
+                    f"{k!r}" + (f" (did you mean {h[0]!r}?)" if h else "") for k, h in hints.items()
+                )
                 raise ValueError(f"param group {len(self.param_groups)} has unknown option(s) {detail}")
         super().add_param_group(param_group)
         _validate_group(self.param_groups[-1], len(self.param_groups) - 1)
@@ -142,8 +144,9 @@ class SymmetryCompatible(torch.optim.Optimizer):
                 momentum = state["momentum"]
                 momentum.lerp_(grad, 1.0 - group["beta"])
                 source = grad.lerp(momentum, group["beta"]) if group["nesterov"] else momentum
-                compute_dtype = torch.float32 if source.dtype in (torch.float16, torch.bfloat16) else source.dtype
-                update = apply_update_rule(rule.name, source.to(compute_dtype), group["orientation"], **options)
+                if source.dtype in (torch.float16, torch.bfloat16):
+                    source = source.float()  # the matrix iterations need more than 8 mantissa bits
+                update = apply_update_rule(rule.name, source, group["orientation"], **options)
                 param.add_(update.to(param.dtype), alpha=-lr)
         return loss
 
@@ -196,8 +199,10 @@ def _validate_group(group: dict[str, Any], index: int) -> None:
     beta1, beta2 = group["adam_betas"]
     require(0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0, f"adam_betas must be in [0, 1), got {group['adam_betas']}")
     heads = group["heads"]
-    require(heads is None or rule.name == "muon", f"heads={heads} is only meaningful for rule 'muon', not {rule.name!r}")
-    require(heads is None or (isinstance(heads, int) and heads >= 1), f"heads must be a positive int, got {heads!r}")
+    require(heads is None or rule.name == "muon",
+            f"heads={heads} is only meaningful for rule 'muon', not {rule.name!r}")
+    require(heads is None or (isinstance(heads, int) and heads >= 1),
+            f"heads must be a positive int, got {heads!r}")
     for name, param in zip(names, group["params"]):
         if rule.matrix_only:
             ok_ndim = param.ndim >= 2 if rule.name == "muon" else param.ndim in (2, 3)
@@ -254,7 +259,11 @@ _OVERRIDE_KEYS = frozenset({
     "rule", "orientation", "heads", "lr", "weight_decay", "beta", "nesterov", "eps", "alpha", "ns_steps",
     "ns_eps", "ns_coefficients", "adjust_lr", "adam_betas", "adam_eps",
 })
-_SWIGLU_NAMES = {"gate": ("gate", "gate_proj", "w1"), "up": ("up", "up_proj", "w3"), "down": ("down", "down_proj", "w2")}
+_SWIGLU_NAMES = {
+    "gate": ("gate", "gate_proj", "w1"),
+    "up": ("up", "up_proj", "w3"),
+    "down": ("down", "down_proj", "w2"),
+}
 _HEAD_ATTRS = ("n_heads", "num_heads", "num_attention_heads")
 _KV_HEAD_ATTRS = ("n_kv_heads", "num_key_value_heads", "num_kv_heads")
 _EXPERT_COUNT_ATTRS = ("n_experts", "num_experts", "num_local_experts")
@@ -350,13 +359,17 @@ def _attention_layout(module: nn.Module) -> dict[str, Any] | None:
         return {"q": None, "k": None, "v": None, "o": None}
     q_out = linears["q_proj"].out_features
     if q_out % heads:
-        raise ValueError(f"attention module {type(module).__name__}: q_proj has {q_out} outputs, not a multiple of {heads} heads")
+        raise ValueError(
+            f"attention module {type(module).__name__}: q_proj has {q_out} outputs, not a multiple of {heads} heads"
+        )
     head_dim = _int_attr(module, ("head_dim",)) or q_out // heads
     expected = {"q_proj": (heads * head_dim, None), "k_proj": (kv_heads * head_dim, None),
                 "v_proj": (kv_heads * head_dim, None), "o_proj": (None, heads * head_dim)}
     for name, (out_dim, in_dim) in expected.items():
         lin = linears[name]
-        if (out_dim is not None and lin.out_features != out_dim) or (in_dim is not None and lin.in_features != in_dim):
+        wrong_out = out_dim is not None and lin.out_features != out_dim
+        wrong_in = in_dim is not None and lin.in_features != in_dim
+        if wrong_out or wrong_in:
             raise ValueError(
                 f"attention module {type(module).__name__}: {name} shape {tuple(lin.weight.shape)} is inconsistent "
                 f"with {heads} heads, {kv_heads} kv heads and head_dim {head_dim}"
@@ -417,7 +430,9 @@ def _output_linear(model: nn.Module, example_inputs: Sequence[Any] | None) -> nn
             result = result[0] if result else None
         return next((mod for out, mod in produced if out is result), None)
     embedding_shapes = {tuple(m.weight.shape) for m in model.modules() if isinstance(m, nn.Embedding)}
-    candidates = [m for m in model.children() if isinstance(m, nn.Linear) and tuple(m.weight.shape) in embedding_shapes]
+    candidates = [
+        m for m in model.children() if isinstance(m, nn.Linear) and tuple(m.weight.shape) in embedding_shapes
+    ]
     return candidates[0] if len(candidates) == 1 else None
 
 
@@ -428,8 +443,9 @@ def _classify_structurally(model: nn.Module, example_inputs: Sequence[Any] | Non
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     if head is not None:
         if id(head.weight) in embeddings:
-            roles[id(head.weight)] = _Auto("tied_embedding_head",
-                                           note="tied: the shared-shift gauge of the head is not a symmetry of the embedding")
+            roles[id(head.weight)] = _Auto(
+                "tied_embedding_head", note="tied: the shared-shift gauge of the head is not a symmetry of the embedding"
+            )
         else:
             roles[id(head.weight)] = _Auto("lm_head", note="output Linear")
     for module in model.modules():
@@ -441,7 +457,8 @@ def _classify_structurally(model: nn.Module, example_inputs: Sequence[Any] | Non
                 weight = getattr(module, f"{short}_proj").weight
                 role = "attention_out" if short == "o" else "attention_qkv"
                 if heads is None:
-                    roles.setdefault(id(weight), _Auto(role, note="no head-count attribute: whole-matrix Muon", fallback=True))
+                    fallback = _Auto(role, note="no head-count attribute: whole-matrix Muon", fallback=True)
+                    roles.setdefault(id(weight), fallback)
                 else:
                     roles.setdefault(id(weight), _Auto(role, heads=heads))
         moe = _moe_layout(module)
@@ -452,7 +469,8 @@ def _classify_structurally(model: nn.Module, example_inputs: Sequence[Any] | Non
                 parts = _swiglu_parts(sub)
                 if parts is not None:
                     for part, lin in parts.items():
-                        roles.setdefault(id(lin.weight), _Auto("moe_expert_down" if part == "down" else "moe_expert_gate_up"))
+                        role = "moe_expert_down" if part == "down" else "moe_expert_gate_up"
+                        roles.setdefault(id(lin.weight), _Auto(role))
             for p in experts.parameters():
                 if p.ndim == 3:
                     roles.setdefault(id(p), _Auto("moe_expert_tensor", note="per-expert (batched) matrices"))
@@ -474,7 +492,9 @@ def _normalise_override(pattern: str, value: Any) -> dict[str, Any]:
     settings = {"rule": value} if isinstance(value, str) else dict(value)
     unknown = set(settings) - _OVERRIDE_KEYS
     if unknown:
-        raise ValueError(f"override {pattern!r} has unknown key(s) {sorted(unknown)}; allowed: {sorted(_OVERRIDE_KEYS)}")
+        raise ValueError(
+            f"override {pattern!r} has unknown key(s) {sorted(unknown)}; allowed: {sorted(_OVERRIDE_KEYS)}"
+        )
     if "rule" in settings:
         try:
             get_rule(settings["rule"])
