@@ -186,3 +186,33 @@ def test_muon_split_leaves_embedding_head_and_vectors_to_adamw():
     assert sorted(names[id(p)] for p in rest) == ["blocks.0.norm1.weight", "blocks.0.norm2.weight",
                                                   "embed.weight", "head.weight", "norm.weight"]
     assert all(p.ndim == 2 for p in hidden) and len(hidden) == 7  # q, k, v, o, gate, up, down
+
+
+def test_sigterm_finishes_the_run_as_interrupted(tmp_path):
+    script = f"""
+import os, signal, sys
+sys.path.insert(0, {str(tmp_path)!r})
+from dataclasses import replace
+from gaugeopt.experiments import Experiment, PRESETS, run_experiment
+import tests_counting
+def run(config, context):
+    context.folder.log_point("gd", 0, step=0, loss=1.0)
+    os.kill(os.getpid(), signal.SIGTERM)
+    raise AssertionError("SIGTERM did not stop the run")
+exp = Experiment("counting", "x", {{p: tests_counting.CountingConfig() for p in PRESETS}}, run)
+try:
+    run_experiment(exp, "smoke", out={str(tmp_path / 'run')!r}, progress=False)
+except KeyboardInterrupt:
+    sys.exit(130)
+"""
+    (tmp_path / "tests_counting.py").write_text(
+        "from dataclasses import dataclass\n@dataclass(frozen=True)\nclass CountingConfig:\n"
+        "    seeds: tuple = (0,)\n")
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 130, done.stderr
+    results = read_results(tmp_path / "run")
+    assert results["status"] == "interrupted" and "signal" in results["error"]
+    assert (tmp_path / "run" / "report.md").read_text().count("Status: interrupted") == 1

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import signal
+import threading
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -33,6 +36,24 @@ class RunContext:
                     dynamic_ncols=True)
 
 
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """While active (main thread only), SIGTERM raises KeyboardInterrupt so a killed run is
+    finished as ``interrupted`` with its report, like Ctrl-C."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"terminated by signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def default_run_dir(experiment: str, preset: str, root: Path = DEFAULT_RUNS_DIR) -> Path:
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
     path = root / f"{experiment}-{preset}-{stamp}"
@@ -52,7 +73,7 @@ def run_experiment(name: str | Experiment, preset: str = "smoke", *, seeds: list
     ``overrides`` (config field names) replace the preset's values; ``device`` is ``"auto"``
     (CUDA when available) or forced; ``out`` defaults to ``runs/<name>-<preset>-<UTC time>``.
 
-    A failure or Ctrl-C still writes the report of what was measured, marks the status
+    A failure, Ctrl-C or SIGTERM still writes the report of what was measured, marks the status
     (``failed`` / ``interrupted``) and re-raises.
     """
     experiment = name if isinstance(name, Experiment) else get_experiment(name)
@@ -62,10 +83,10 @@ def run_experiment(name: str | Experiment, preset: str = "smoke", *, seeds: list
     folder = RunFolder(path, experiment=experiment.name, preset=preset, config=config, seeds=config.seeds,
                        device=chosen)
     try:
-        with folder.timed("total"):
+        with sigterm_as_interrupt(), folder.timed("total"):
             experiment.run(config, RunContext(folder, chosen, progress))
-    except KeyboardInterrupt:
-        folder.finish("interrupted", "stopped by the user (KeyboardInterrupt)")
+    except KeyboardInterrupt as stop:
+        folder.finish("interrupted", str(stop) or "stopped by the user (Ctrl-C)")
         write_report(path)
         raise
     except Exception as error:
