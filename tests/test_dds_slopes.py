@@ -125,3 +125,20 @@ def test_rate_readout_validates():
         rate_readout([1.0, 2.0], [reading])
     with pytest.raises(ValueError, match="unknown observables"):
         rate_readout([1.0], [reading], observables=["rank_G"])
+
+
+def test_update_path_follows_the_path_not_the_chord():
+    model = DeepLinear(DeepLinearConfig(width=2, depth=1)).double()
+    x = torch.randn(10, 2, dtype=torch.float64)
+    recorder = TrajectoryRecorder(model, x, x, loss=_per_sample_mse, sites=["layers.0"])
+    recorder.update_path()  # calls before the first recording do not start the path
+    recorder.record(0)
+    for shift in (1.0, -1.0):  # out and back: chord 0, path 2
+        with torch.no_grad():
+            model.layers[0].weight[0, 0] += shift
+        recorder.update_path()
+    recorder.record(1)
+    with torch.no_grad():
+        model.layers[0].weight[0, 0] += 0.5
+    recorder.record(2)  # no update_path: the chord, 0.5
+    np.testing.assert_allclose(recorder.remaining_arc_length(), [2.5, 0.5, 0.0])

@@ -33,7 +33,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..models import DeepLinear, DeepLinearConfig, ReducedRankRegression, ReducedRankRegressionConfig
+from ..models import (
+    DeepLinear,
+    DeepLinearConfig,
+    ReducedRankRegression,
+    ReducedRankRegressionConfig,
+)
 from .observables import SLOPE_OBSERVABLES
 from .reading import DDSReading, dead_direction_signatures
 from .rrr import rrr_grid, rrr_learning_coefficient
@@ -100,7 +105,8 @@ def _fit_layers(t: np.ndarray, readings: list[DDSReading], depth: int, dead: int
         layers.append({
             "layer": layer, "site": site,
             "fits": {name: fit.as_dict() for name, fit in fits.items()},
-            "predicted": {"lambda_min_G": 2 * (depth - layer), "logdet_G": 2 * dead * (depth - layer),
+            "predicted": {"lambda_min_G": 2 * (depth - layer),
+                          "logdet_G": 2 * dead * (depth - layer),
                           "lambda_min_A": 2 * layer, "logdet_A": 2 * dead * layer},
             "rank_G": sorted({row.rank_G for row in rows}),
             "rank_A": sorted({row.rank_A for row in rows}),
@@ -133,7 +139,9 @@ def constructed_bridge(*, depth: int = 4, width: int = 6, dead_counts: Sequence[
     output of every layer for each t; the same data set (``samples`` points, label noise ``noise``)
     is used throughout. Returns per-layer fits, predictions and slope ratios to r = 1.
     """
-    t = np.asarray(t_values if t_values is not None else np.logspace(-0.4, -1.3, 12), dtype=np.float64)
+    if t_values is None:
+        t_values = np.logspace(-0.4, -1.3, 12)
+    t = np.asarray(t_values, dtype=np.float64)
     if (t <= 0).any() or t.size < 3:
         raise ValueError("t_values must hold at least three positive values")
     runs = []
@@ -171,18 +179,17 @@ def _dead_weight(model: DeepLinear, dead: int) -> float:
 def noisy_bridge_sgd(*, depth: int = 3, width: int = 6, dead_counts: Sequence[int] = (1, 2, 3, 4),
                      steps: int = 20000, lr: float = 0.1, batch_size: int = 32, noise: float = 0.3,
                      initial_dead_weight: float = 1.0, checkpoints: int = 40,
-                     probe_samples: int = 512, window: tuple[float, float] | None = (0.0, 0.6),
-                     seed: int = 0, progress: bool = False) -> dict[str, Any]:
+                     probe_samples: int = 512, fit_t_max: float = 0.6, seed: int = 0,
+                     progress: bool = False) -> dict[str, Any]:
     """The SGD-trained noisy bridge of dds.md §4.
 
     ``DeepLinear`` starts canonical-aligned: every layer is ``diag(1, ..., 1, w0, ..., w0)`` with
     r dead entries ``w0 = initial_dead_weight``; minibatch SGD on fresh noisy samples of the
     teacher ``diag(1, ..., 1, 0, ..., 0)`` shrinks the dead entries. DDS is read on a fixed probe
     set at ``checkpoints`` log-spaced steps, with t the measured dead-weight value (geometric mean
-    of the dead diagonal entries). Slopes are fitted over checkpoints with t inside ``window``.
+    of the dead diagonal entries). Slopes are fitted over the checkpoints with ``t <= fit_t_max``
+    (early on, t near 1, the dead eigenvalues are not yet separated from the live ones).
     """
-    if window is not None and window[0] <= 0:
-        window = (1e-300, window[1])
     record_at = sorted(set(np.unique(np.geomspace(10, steps, checkpoints).astype(int)).tolist()))
     runs = []
     for dead in dead_counts:
@@ -211,6 +218,7 @@ def noisy_bridge_sgd(*, depth: int = 3, width: int = 6, dead_counts: Sequence[in
                                                           sites=_layer_sites(depth)))
                 losses.append(float(loss.detach()))
         t = np.asarray(t_values)
+        window = (float(t.min()), fit_t_max)
         runs.append({"dead": dead, "steps_recorded": record_at, "t": t.tolist(),
                      "train_loss": losses, "wall_time_s": time.perf_counter() - start,
                      "layers": _fit_layers(t, readings, depth, dead, window=window)})
@@ -219,8 +227,7 @@ def noisy_bridge_sgd(*, depth: int = 3, width: int = 6, dead_counts: Sequence[in
         "config": {"depth": depth, "width": width, "dead_counts": list(dead_counts), "steps": steps,
                    "lr": lr, "batch_size": batch_size, "noise": noise,
                    "initial_dead_weight": initial_dead_weight, "checkpoints": checkpoints,
-                   "probe_samples": probe_samples, "window": list(window) if window else None,
-                   "seed": seed},
+                   "probe_samples": probe_samples, "fit_t_max": fit_t_max, "seed": seed},
         "runs": runs,
         "ratios": _ratios(runs),
         "paper_ratios": {"2": 2.0, "3": 3.1, "4": 4.0},
@@ -246,7 +253,8 @@ def rrr_checkpoint(M: int, N: int, H: int, r: int, *, samples: int, noise: float
     top = output_directions[:H]
     fitted = top.T @ top @ ols
     u, s, vt = torch.linalg.svd(fitted, full_matrices=False)
-    model = ReducedRankRegression(ReducedRankRegressionConfig(inputs=M, outputs=N, width=H)).to(DTYPE)
+    config = ReducedRankRegressionConfig(inputs=M, outputs=N, width=H)
+    model = ReducedRankRegression(config).to(DTYPE)
     with torch.no_grad():
         model.B.weight.copy_(u[:, :H] * s[:H].sqrt())
         model.A.weight.copy_(s[:H].sqrt()[:, None] * vt[:H])
@@ -268,9 +276,9 @@ def _timed_dds(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss, sites: 
     return reading, (time.perf_counter() - start) / repeats
 
 
-def calibrate_sgld(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, loss, lrs: Sequence[float],
-                   localization: float, num_chains: int, num_draws: int, batch_size: int,
-                   seed: int, progress: bool = False) -> dict[str, Any]:
+def calibrate_sgld(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, loss,
+                   lrs: Sequence[float], localization: float, num_chains: int, num_draws: int,
+                   batch_size: int, seed: int, progress: bool = False) -> dict[str, Any]:
     """Step-size sweep in the manner of devinterp's calibration guidance, automated.
 
     For each step size the estimate is kept only if every chain stays finite, the estimate is
@@ -307,7 +315,8 @@ def calibrate_sgld(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, loss, 
 
     chosen = min(candidates, key=local_change)
     return {"sweep": sweep, "chosen_lr": sweep[chosen]["lr"], "localization": localization,
-            "rule": "stable and equilibrated; smallest relative LLC change to neighbouring step sizes"}
+            "rule": "stable and equilibrated; smallest relative LLC change to neighbouring "
+                    "step sizes"}
 
 
 def rrr_benchmark(*, M: int = 10, N: int = 5, widths: Sequence[int] = (2, 3, 4, 5),
@@ -337,7 +346,7 @@ def rrr_benchmark(*, M: int = 10, N: int = 5, widths: Sequence[int] = (2, 3, 4, 
         H0, r0 = calibration_cell
         model, x, y = rrr_checkpoint(M, N, H0, r0, samples=samples, noise=noise, seed=seed + 1000)
         estimate_llc(model, x, y, loss=nll, lr=calibration_lrs[0], localization=localization,
-                     num_chains=1, num_draws=5, batch_size=batch_size)  # import / allocation warm-up
+                     num_chains=1, num_draws=5, batch_size=batch_size)  # warm-up, not timed
         calibration = calibrate_sgld(model, x, y, loss=nll, lrs=calibration_lrs,
                                      localization=localization, num_chains=2,
                                      num_draws=calibration_draws, batch_size=batch_size,
@@ -358,7 +367,8 @@ def rrr_benchmark(*, M: int = 10, N: int = 5, widths: Sequence[int] = (2, 3, 4, 
             estimate = estimate_llc(model, x, y, loss=nll, lr=calibration["chosen_lr"],
                                     localization=localization, num_chains=num_chains,
                                     num_draws=num_draws, batch_size=batch_size, seed=seed + index)
-            row.update({"llc": estimate.as_dict(), "llc_over_lambda": estimate.llc_mean / coefficient.lambda_})
+            row.update({"llc": estimate.as_dict(),
+                        "llc_over_lambda": estimate.llc_mean / coefficient.lambda_})
         rows.append(row)
 
     lambdas = [row["lambda"] for row in rows]

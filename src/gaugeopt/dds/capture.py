@@ -1,4 +1,4 @@
-"""Capture site activations and per-sample pre-activation gradients with one forward and one backward.
+"""Capture site activations and per-sample gradients with one forward and one backward pass.
 
 A site names a tensor inside the model by a module and a side:
 

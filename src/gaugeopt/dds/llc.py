@@ -99,7 +99,7 @@ def estimate_llc(
     device: str = "cpu",
     output_dir: str | Path | None = None,
 ) -> LLCEstimate:
-    """Estimate the LLC of ``model`` at its current parameters on ``(inputs, targets)`` with devinterp.
+    """Estimate the LLC of ``model`` at its current parameters on ``(inputs, targets)``.
 
     Args:
         model: the checkpoint; it is copied by devinterp and left unchanged.
@@ -119,7 +119,8 @@ def estimate_llc(
     if not 1 <= batch_size <= samples:
         raise ValueError(f"batch_size must lie in [1, {samples}], got {batch_size}")
     if lr <= 0 or localization < 0:
-        raise ValueError(f"need lr > 0 and localization >= 0, got lr={lr}, localization={localization}")
+        raise ValueError(f"need lr > 0 and localization >= 0, got lr={lr}, "
+                         f"localization={localization}")
     n_beta = default_n_beta(samples) if n_beta is None else float(n_beta)
 
     index_dataset = datasets.Dataset.from_dict(
@@ -130,7 +131,8 @@ def estimate_llc(
         index = input_ids[:, 0].to(inputs.device)
         values = loss(sampled_model(inputs[index]), targets[index])
         if values.shape != (index.numel(),):
-            raise ValueError(f"loss must return one value per sample, got shape {tuple(values.shape)}")
+            raise ValueError("loss must return one value per sample, got shape "
+                             f"{tuple(values.shape)}")
         return values.unsqueeze(1)
 
     with tempfile.TemporaryDirectory(dir=output_dir) as scratch, warnings.catch_warnings():

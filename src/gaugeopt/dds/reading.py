@@ -1,4 +1,4 @@
-"""One DDS reading of a model: a row of observables per site, plus the sites that could not be read."""
+"""A DDS reading: a row of observables per site, and the sites that could not be read."""
 
 from __future__ import annotations
 

@@ -57,6 +57,7 @@ def rrr_lambda(*, M: int, N: int, H: int, r: int) -> float:
     return rrr_learning_coefficient(M=M, N=N, H=H, r=r).lambda_
 
 
-def rrr_grid(M: int = 10, N: int = 5, widths: tuple[int, ...] = (2, 3, 4, 5)) -> list[dict[str, int]]:
+def rrr_grid(M: int = 10, N: int = 5,
+             widths: tuple[int, ...] = (2, 3, 4, 5)) -> list[dict[str, int]]:
     """The cells (M, N, H, r) with H in ``widths`` and 1 <= r <= H: the paper's 14-cell grid."""
     return [{"M": M, "N": N, "H": H, "r": r} for H in widths for r in range(1, H + 1)]

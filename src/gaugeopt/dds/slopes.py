@@ -1,4 +1,4 @@
-"""Slopes of observables against the distance to the singular set, and the rate readout (dds.md §3).
+"""Slopes of observables against the distance to the singular set; the rate readout (dds.md §3).
 
 Along an approach theta(t) -> singular set, a dead direction of KL order k makes an observable
 decay as ``O ~ t^p``; the least-squares slope of ``log O`` against ``log t`` estimates ``p`` and
@@ -67,12 +67,14 @@ def _fit_points(t: np.ndarray, values: np.ndarray, kind: str,
     t = np.asarray(t, dtype=np.float64)
     values = np.asarray(values, dtype=np.float64)
     if t.shape != values.shape or t.ndim != 1:
-        raise ValueError(f"t and values must be 1-D of equal length, got {t.shape} and {values.shape}")
+        raise ValueError("t and values must be 1-D of equal length, got "
+                         f"{t.shape} and {values.shape}")
     keep = t > 0
     if window is not None:
         low, high = window
         if not 0 < low < high:
-            raise ValueError(f"window must be (t_low, t_high) with 0 < t_low < t_high, got {window}")
+            raise ValueError(f"window must be (t_low, t_high) with 0 < t_low < t_high, "
+                             f"got {window}")
         keep &= (t >= low) & (t <= high)
     with np.errstate(divide="ignore", invalid="ignore"):
         y = np.log(values) if kind == "log" else values
@@ -156,8 +158,9 @@ def read_cell(t: Sequence[float] | np.ndarray, values: Sequence[float] | np.ndar
     if slope <= 0:
         return verdict(fit, halves, f"slope {slope:.3g} is not positive")
     if abs(halves[0] - halves[1]) > max_half_disagreement * abs(slope):
-        return verdict(fit, halves, f"half-window slopes {halves[0]:.3g} and {halves[1]:.3g} differ "
-                                    f"by more than {max_half_disagreement:.0%} of {slope:.3g}")
+        return verdict(fit, halves, f"half-window slopes {halves[0]:.3g} and {halves[1]:.3g} "
+                                    f"differ by more than {max_half_disagreement:.0%} of "
+                                    f"{slope:.3g}")
     return verdict(fit, halves, "reads")
 
 
@@ -231,7 +234,8 @@ def rate_readout(t: Sequence[float] | np.ndarray, readings: Sequence[DDSReading]
                  window: tuple[float, float] | None = None, **rule: Any) -> RateReadout:
     """Fit every (site, observable) series of ``readings`` against ``t`` and count readable cells.
 
-    ``t[i]`` is the distance of checkpoint i to the singular set (e.g. :func:`remaining_arc_length`);
+    ``t[i]`` is the distance of checkpoint i to the singular set (e.g. from
+    :func:`remaining_arc_length`);
     ``rule`` overrides ``min_points``, ``min_r2`` or ``max_half_disagreement``. A site missing from
     a reading (skipped there) contributes no point at that checkpoint.
     """
@@ -240,11 +244,13 @@ def rate_readout(t: Sequence[float] | np.ndarray, readings: Sequence[DDSReading]
         raise ValueError(f"{len(readings)} readings but {t.size} values of t")
     unknown = set(observables) - set(SLOPE_OBSERVABLES)
     if unknown:
-        raise ValueError(f"unknown observables {sorted(unknown)}; choose from {list(SLOPE_OBSERVABLES)}")
-    sites = list(dict.fromkeys(row.site for reading in readings for row in reading.rows))
+        raise ValueError(f"unknown observables {sorted(unknown)}; "
+                         f"choose from {list(SLOPE_OBSERVABLES)}")
+    rows_by_site = [{row.site: row for row in reading.rows} for reading in readings]
+    sites = list(dict.fromkeys(site for table in rows_by_site for site in table))
     cells = []
     for site in sites:
-        by_checkpoint = [{row.site: row for row in reading.rows}.get(site) for reading in readings]
+        by_checkpoint = [table.get(site) for table in rows_by_site]
         for name in observables:
             values = [getattr(row, name) if row is not None else math.nan for row in by_checkpoint]
             cells.append(read_cell(t, values, site=site, observable=name,
@@ -305,11 +311,10 @@ class TrajectoryRecorder:
             raise ValueError(f"steps must increase: got {step} after {self.steps[-1]}")
         reading = dead_direction_signatures(self.model, self.probe_inputs, self.probe_targets,
                                             loss=self.loss, sites=self.sites, rel_tol=self.rel_tol)
-        first = self._last_parameters is None
         self.update_path()
-        if not first:
+        if self.readings:
             self.segment_lengths.append(self._pending_length)
-        self._pending_length = 0.0
+        self._pending_length = 0.0  # the path starts at the first recording
         self.steps.append(int(step))
         self.readings.append(reading)
         return reading
