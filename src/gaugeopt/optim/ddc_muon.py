@@ -14,8 +14,8 @@ where ``NS`` is the quintic Newton-Schulz iteration (``X <- a X + (b A + c A^2) 
 ``(a, b, c) = (3.4445, -4.7750, 2.0315)``, from ``X = U / max(|U|_F, eps)``, five steps), which maps
 ``U = P S Q^T`` to about ``P Q^T``, and ``s`` is the shape factor ``sqrt(max(1, rows / cols))``
 (``adjust_lr="original"``) or ``0.2 sqrt(max(rows, cols))`` (``"match_rms_adamw"``).
-:func:`muon_newton_schulz` reproduces torch's iteration operation for operation in ``ns_dtype``
-(bfloat16, torch's choice) and runs it in any other dtype (float64 for exact tests).
+:func:`muon_newton_schulz` is torch's iteration operation for operation, run in ``ns_dtype``
+(torch always uses bfloat16; here the default is the parameters' own dtype).
 
 **The gauge-equivariant orthogonaliser.** Every tensor is first put in its gauge frame, as in DDCAdam
 (``gauge_frames``): decay shrinks the frame value, the base map sees invariant inputs only, and the
@@ -35,21 +35,34 @@ result is lifted back covariantly. Per family:
   ``i`` with pair ``P_1`` (producer row and bias), ``P_2`` (consumer columns), in the merged frame,
   the chart of ``gauge_frames.pair_chart`` gives radii ``rho_k = |P_k|``, directions
   ``d_k = P_k / rho_k``, the radial mode ``h = (<G_1, P_1> + <G_2, P_2>) / sqrt 2`` and the tangential
-  inputs ``x_k = rho_k (G_k - <G_k, d_k> d_k)``, all invariant. The rows ``x_k`` form a stack
-  ``X_k`` (units x n_k) that takes Muon's momentum and ``NS`` (oriented as the weight: units are the
-  rows of the producer and the columns of the consumer), giving ``O_k``. A scalar Adam per unit on
-  ``h`` gives ``r``. With ``sigma = exp(-lr r / sqrt 2)`` the lift (``gauge_frames.pair_retract``) is
+  inputs ``x_k = rho_k (G_k - <G_k, d_k> d_k)``, all invariant. With an invariant per-unit scale
+  ``c`` (the *pair frame*, below) the rows ``x_k / c`` form a stack ``X_k`` (units x n_k) that takes
+  Muon's momentum and ``NS`` (oriented as the weight: units are the rows of the producer and the
+  columns of the consumer), giving ``O_k``; ``u_k = O_k / c`` projected off ``d_k``. A scalar Adam per
+  unit on ``h`` gives ``r``. With ``sigma = exp(-lr r / sqrt 2)`` the lift
+  (``gauge_frames.pair_retract``) is
 
-      P_k <- rho_k sigma (sigma d_k - lr s_k u_k) / |sigma d_k - lr s_k u_k|,   u_k = O_k projected off d_k,
+      P_k <- rho_k sigma (sigma d_k - lr s_k u_k) / |sigma d_k - lr s_k u_k|,
 
   the step ``sigma P_k - lr s_k rho_k u_k`` retracted so that ``|P_1| / |P_2|`` (the orbit coordinate)
-  is held exactly. Every factor but ``rho_k`` is invariant, so the lift is covariant. The learning
-  rate is therefore *relative* on these matrices: each unit's direction turns by about
-  ``lr s_k |u_k|`` radians and its radius changes by the factor ``sigma`` per step.
+  is held exactly. Every factor but ``rho_k`` is invariant, so the lift is covariant. Pair frames:
 
-Training from ``g . theta_0`` thus gives ``g . theta_t`` for every gauge element ``g`` (exactly when
-``ns_dtype`` is the parameters' dtype; to bfloat16 rounding otherwise), and on parameters no gauge
-touches the step is ``torch.optim.Muon``'s (hidden matrices) or ``torch.optim.AdamW``'s (the rest).
+  - ``"balanced"`` (default): ``c = sqrt(rho_1 rho_2)``. The stack rows are ``sqrt(rho_k / rho_l)
+    G_k``, projected: the gradient at the *balanced* point of the unit's orbit (``rho_1 = rho_2``),
+    and the step ``-lr s_k sqrt(rho_k / rho_l) u_k`` is Muon's step taken there and carried back. On a
+    balanced pair the step is Muon's (on the projected gradient), so Muon's learning rates carry over.
+  - ``"radius"``: ``c = 1`` (ddc.md section 5 literally): the stack is the gradient with respect to
+    the unit directions, the lift is ``rho_k * row``, and ``lr`` is a relative step (each direction
+    turns by about ``lr s_k |u_k|`` radians per step).
+
+  In both, the radius changes by the factor ``sigma`` per step (a relative step of about ``lr``).
+
+Training from ``g . theta_0`` thus gives ``g . theta_t`` for every gauge element ``g``, to rounding,
+with the default ``ns_dtype=None`` (Newton-Schulz in the parameters' dtype). With
+``ns_dtype=torch.bfloat16`` the iteration's rounding is not equivariant and the two runs drift apart
+(relative error ~0.4 after 50 steps on the tests' small float64 models). On parameters no gauge
+touches the step is ``torch.optim.Muon``'s (hidden matrices; bit for bit with
+``ns_dtype=torch.bfloat16``) or ``torch.optim.AdamW``'s (the rest).
 
 **Which parameters take Muon.** Each group has a flag ``use_muon``. When a group does not set it,
 :func:`muon_parameter_names` decides: every 2-D parameter except embedding tables and the weight of
@@ -81,6 +94,7 @@ __all__ = [
     "head_blocks_newton_schulz",
     "muon_parameter_names",
     "ADJUST_LR_CHOICES",
+    "PAIR_FRAMES",
 ]
 
 #: Shape factors of the Muon step, as in ``torch.optim.Muon``'s ``adjust_lr_fn``.
@@ -88,11 +102,14 @@ ADJUST_LR_CHOICES = ("original", "match_rms_adamw")
 
 #: Group settings that the members of one neuron pair share (they form one update).
 _PAIR_SHARED_KEYS = ("use_muon", "lr", "momentum", "nesterov", "adjust_lr", "ns_steps", "ns_coefficients",
-                     "ns_eps", "ns_dtype", "betas", "eps")
+                     "ns_eps", "ns_dtype", "pair_frame", "betas", "eps")
+
+#: Per-unit scales of the neuron-pair stack (module docstring).
+PAIR_FRAMES = ("balanced", "radius")
 
 #: Keys a user group may set: the Muon settings, the Adam part's settings, and torch's metadata.
 _MUON_KEYS = ("lr", "momentum", "nesterov", "weight_decay", "adjust_lr", "ns_steps", "ns_coefficients", "ns_eps",
-              "ns_dtype", "head_wise")
+              "ns_dtype", "head_wise", "pair_frame")
 _ADAM_KEYS = {"adam_lr": "lr", "adam_betas": "betas", "adam_eps": "eps", "adam_weight_decay": "weight_decay"}
 
 
@@ -203,10 +220,12 @@ class DDCMuon(DDCAdam):
             ``W <- (1 - lr wd) W``). On neuron pairs ``lr`` is a relative step (module docstring).
         adjust_lr: the shape factor, ``"original"`` or ``"match_rms_adamw"`` (torch's ``adjust_lr_fn``).
         ns_steps, ns_coefficients, ns_eps: the Newton-Schulz iteration.
-        ns_dtype: its arithmetic dtype: ``torch.bfloat16`` reproduces ``torch.optim.Muon``; ``None``
-            uses the parameters' dtype (exact equivariance; float64 in the tests).
+        ns_dtype: its arithmetic dtype: ``None`` (default) uses the parameters' dtype, which keeps the
+            equivariance exact; ``torch.bfloat16`` reproduces ``torch.optim.Muon`` bit for bit.
         head_wise: orthogonalise each attention head's block of the query/key/value rows and output
             columns separately (heads read from the model's rotation families).
+        pair_frame: ``"balanced"`` or ``"radius"``: the per-unit scale of the neuron-pair stack
+            (module docstring); ``"balanced"`` keeps Muon's learning-rate scale.
         adam_lr, adam_betas, adam_eps: DDCAdam's settings for embeddings, the head and vectors; the
             betas and eps also drive the scalar Adam of the neuron pairs' radial mode.
         adam_weight_decay: decay of the Adam part (default: ``weight_decay``).
@@ -227,8 +246,9 @@ class DDCMuon(DDCAdam):
         *,
         ns_coefficients: tuple[float, float, float] = MUON_NS_COEFFICIENTS,
         ns_eps: float = 1e-7,
-        ns_dtype: torch.dtype | None = torch.bfloat16,
+        ns_dtype: torch.dtype | None = None,
         head_wise: bool = False,
+        pair_frame: str = "balanced",
         adam_lr: float = 1e-3,
         adam_betas: tuple[float, float] = (0.9, 0.999),
         adam_eps: float = 1e-8,
@@ -238,7 +258,8 @@ class DDCMuon(DDCAdam):
         adam_weight_decay = weight_decay if adam_weight_decay is None else adam_weight_decay
         muon_defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
                              adjust_lr=adjust_lr, ns_steps=ns_steps, ns_coefficients=tuple(ns_coefficients),
-                             ns_eps=ns_eps, ns_dtype=ns_dtype, head_wise=head_wise)
+                             ns_eps=ns_eps, ns_dtype=ns_dtype, head_wise=head_wise,
+                             pair_frame=pair_frame)
         adam_defaults = dict(lr=adam_lr, betas=tuple(adam_betas), eps=adam_eps, weight_decay=adam_weight_decay)
         _check_muon_settings(muon_defaults)
         if gauges is not None and not isinstance(gauges, GaugeSet):
@@ -349,12 +370,16 @@ class DDCMuon(DDCAdam):
         (P1, widths1), (G1, _) = gather("value", sides[0]), gather("grad", sides[0])
         (P2, widths2), (G2, _) = gather("value", sides[1]), gather("grad", sides[1])
         chart = pair_chart(P1, G1, P2, G2, self.dead_threshold)
+        unit_scale = torch.ones_like(chart.rho1)
+        if group["pair_frame"] == "balanced":
+            unit_scale = torch.where(chart.dead, unit_scale, torch.sqrt(chart.rho1) * torch.sqrt(chart.rho2))
+        unit_scale = unit_scale.unsqueeze(1)
 
         tangent_updates = []
         for side, (refs, tangent, widths) in enumerate(((sides[0], chart.tangent1, widths1),
                                                          (sides[1], chart.tangent2, widths2))):
             stack = []
-            for ref, x in zip(refs, tangent.split(widths, dim=1)):
+            for ref, x in zip(refs, (tangent / unit_scale).split(widths, dim=1)):
                 w = work[ref.name]
                 moment = self._momentum_input(w.param, from_unit_slices(x, ref.axis, w.value.shape), group)
                 stack.append(unit_slices(moment, ref.axis))
@@ -362,7 +387,7 @@ class DDCMuon(DDCAdam):
             oriented = stack if side == 0 else stack.T  # the weights' layout: units are producer rows, consumer columns
             ortho = muon_newton_schulz(oriented, **self._ns_options(group)).to(stack.dtype)
             scale = muon_lr_scale(oriented.shape, group["adjust_lr"])
-            tangent_updates.append(scale * (ortho if side == 0 else ortho.T))
+            tangent_updates.append(scale * (ortho if side == 0 else ortho.T) / unit_scale)
 
         radial = self._radial_adam(work[family.multiplied[0].name].param, chart.radial, group)
         new1, new2 = pair_retract(chart, radial, tangent_updates[0], tangent_updates[1], group["lr"])
@@ -452,6 +477,8 @@ def _check_muon_settings(group: dict) -> None:
         raise ValueError(f"ns_steps must be an int in [0, 100), got {group['ns_steps']!r}")
     if len(group["ns_coefficients"]) != 3:
         raise ValueError(f"ns_coefficients must be three floats (a, b, c), got {group['ns_coefficients']!r}")
+    if group["pair_frame"] not in PAIR_FRAMES:
+        raise ValueError(f"pair_frame must be one of {PAIR_FRAMES}, got {group['pair_frame']!r}")
     if group["ns_dtype"] is not None and not group["ns_dtype"].is_floating_point:
         raise ValueError(f"ns_dtype must be a floating-point dtype or None, got {group['ns_dtype']}")
 

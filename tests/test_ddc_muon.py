@@ -1,0 +1,352 @@
+"""DDCMuon: equivariance under every gauge family (R2), reduction to torch.optim.Muon + AdamW (R4),
+fixed orbit coordinates (R3), head-wise Newton-Schulz, state_dict resume, errors; training (slow)."""
+
+from __future__ import annotations
+
+import copy
+import functools
+import io
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gaugeopt import DDCMuon, find_gauges
+from gaugeopt.gauges import GaugeSet
+from gaugeopt.models import (
+    ModularAdditionConfig,
+    ModularAdditionTransformer,
+    ReLUMLP,
+    ReLUMLPConfig,
+    TransformerLM,
+    TransformerLMConfig,
+    modular_addition_data,
+)
+from gaugeopt.optim.baselines import MuonWithAdamW
+from gaugeopt.optim.ddc_muon import (
+    head_blocks_newton_schulz,
+    muon_lr_scale,
+    muon_newton_schulz,
+    muon_parameter_names,
+)
+from gaugeopt.testing import check_equivariance, relative_error
+
+FAMILIES = ["logit_shift", "neuron_scale", "norm_scale", "qk_rotation", "vo_rotation", None]  # None: product
+MUON_LR, ADAM_LR, DECAY = 0.05, 1e-2, 0.1
+VOCAB = 17
+
+
+def ddc_muon(model, gauges, **options):
+    settings = dict(lr=MUON_LR, weight_decay=DECAY, adam_lr=ADAM_LR, ns_dtype=None)
+    return DDCMuon(model.parameters(), gauges, **{**settings, **options})
+
+
+def torch_muon_adamw(model, gauges):
+    return MuonWithAdamW(model, gauges, lr=MUON_LR, weight_decay=DECAY, adam_lr=ADAM_LR)
+
+
+def lm_loss(model, tokens):
+    logits = model(tokens[:, :-1])
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
+
+
+def classification_loss(model, batch):
+    inputs, labels = batch
+    return F.cross_entropy(model(inputs), labels)
+
+
+@functools.cache
+def _lm(overrides: tuple = ()):
+    torch.manual_seed(0)
+    config = dict(vocab_size=VOCAB, d_model=16, n_layers=1, n_heads=2, d_ff=32, max_seq_len=8)
+    model = TransformerLM(TransformerLMConfig(**{**config, **dict(overrides)})).double()
+    tokens = torch.randint(0, VOCAB, (3, 4, 8), generator=torch.Generator().manual_seed(1))
+    return model, find_gauges(model, (tokens[0],), output="logits"), list(tokens), lm_loss
+
+
+def make_lm(**overrides):
+    """A tiny float64 language model, its gauges, three batches and the loss (cached: copy before training)."""
+    return _lm(tuple(sorted(overrides.items())))
+
+
+def make_modadd():
+    torch.manual_seed(0)
+    model = ModularAdditionTransformer(ModularAdditionConfig(modulus=13, d_model=16, n_layers=1, n_heads=2,
+                                                             d_ff=32)).double()
+    inputs, labels = modular_addition_data(13)
+    batches = [(inputs[i::3], labels[i::3]) for i in range(3)]
+    return model, find_gauges(model, (inputs[:4],), output="logits"), batches, classification_loss
+
+
+MODELS = {"lm": make_lm, "modadd": make_modadd}
+
+
+@pytest.fixture(scope="module", params=list(MODELS))
+def setup(request):
+    return MODELS[request.param]()
+
+
+# --------------------------------------------------------------------------------------------------
+# R2: equivariance (float64 Newton-Schulz), and the baselines that are not equivariant
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f or "product")
+def test_equivariant_under_each_family_and_their_product(setup, family):
+    model, gauges, batches, loss_fn = setup
+    assert family is None or family in gauges.kinds
+    result = check_equivariance(ddc_muon, model, gauges, batches, loss_fn, steps=50, families=family)
+    assert result.displacement > 1e-2  # the element really moves the parameters
+    assert result.error <= 1e-8, (result.error, result.worst_parameter, result.worst_step)
+
+
+@pytest.mark.parametrize("family", ["neuron_scale", "norm_scale"])
+def test_torch_muon_with_adamw_is_not_equivariant(setup, family):
+    model, gauges, batches, loss_fn = setup
+    result = check_equivariance(torch_muon_adamw, model, gauges, batches, loss_fn, steps=20, families=family)
+    assert result.error >= 1e-3, result.error
+
+
+def test_plain_muon_commutes_with_rotations_but_not_with_rescalings():
+    """The structure behind the construction, measured without bfloat16 rounding: Muon alone (float64
+    Newton-Schulz, no gauge frames) is equivariant under head rotations and not under rescalings."""
+    model, gauges, batches, loss_fn = make_lm()
+    hidden = muon_parameter_names(model, gauges)
+
+    def plain(m, g):
+        groups = [{"params": [p for n, p in m.named_parameters() if (n in hidden) == flag], "use_muon": flag}
+                  for flag in (True, False)]
+        return DDCMuon(groups, GaugeSet([], [], m), lr=MUON_LR, weight_decay=DECAY, adam_lr=ADAM_LR, ns_dtype=None)
+
+    rotation = check_equivariance(plain, model, gauges, batches, loss_fn, steps=50, families="qk_rotation")
+    rescaling = check_equivariance(plain, model, gauges, batches, loss_fn, steps=20, families="neuron_scale")
+    assert rotation.error <= 1e-8, rotation.error
+    assert rescaling.error >= 1e-3, rescaling.error
+
+
+def test_head_wise_and_radius_frame_equivariant_with_grouped_query_partial_rope():
+    model, gauges, batches, loss_fn = make_lm(n_heads=4, n_kv_heads=2, rope="partial")
+    result = check_equivariance(lambda m, g: ddc_muon(m, g, head_wise=True, pair_frame="radius"), model, gauges,
+                                batches, loss_fn, steps=50)
+    assert result.displacement > 1e-2 and result.error <= 1e-8, (result.error, result.worst_parameter)
+
+
+def test_neuron_pair_with_bias_in_the_stack():
+    """A ReLU unit's producer bias joins its row in the invariant stack (a vector taking Muon)."""
+    torch.manual_seed(0)
+    model = ReLUMLP(ReLUMLPConfig(sizes=(6, 12, 3))).double()
+    gauges = find_gauges(model, (torch.randn(2, 6, dtype=torch.float64),), output="values")
+    assert gauges.kinds == ("neuron_scale",)
+    assert muon_parameter_names(model, gauges) == {"layers.0.weight", "layers.0.bias", "layers.1.weight"}
+    generator = torch.Generator().manual_seed(2)
+    batches = [(torch.randn(8, 6, generator=generator, dtype=torch.float64),
+                torch.randn(8, 3, generator=generator, dtype=torch.float64)) for _ in range(3)]
+    result = check_equivariance(ddc_muon, model, gauges, batches, lambda m, b: F.mse_loss(m(b[0]), b[1]), steps=50)
+    assert result.displacement > 1e-2 and result.error <= 1e-8, result.error
+
+
+# --------------------------------------------------------------------------------------------------
+# R3: the orbit coordinates do not move
+# --------------------------------------------------------------------------------------------------
+
+
+def test_orbit_coordinates_held_fixed_while_torch_muon_moves_them():
+    model, gauges, batches, loss_fn = make_lm()
+    moved = {}
+    for label, make in (("ddc", ddc_muon), ("torch", torch_muon_adamw)):
+        trained = copy.deepcopy(model)
+        bound = gauges.bind(trained)
+        before = bound.orbit_coordinates()
+        optimizer = make(trained, bound)
+        for t in range(20):
+            optimizer.zero_grad()
+            loss_fn(trained, batches[t % len(batches)]).backward()
+            optimizer.step()
+        after = bound.orbit_coordinates()
+        moved[label] = {f: ((after[f] - before[f]).norm() / before[f].norm().clamp_min(1e-12)).item()
+                        for f in before if before[f].numel()}
+    assert max(moved["ddc"].values()) <= 1e-10, moved["ddc"]
+    assert min(moved["torch"].values()) >= 1e-3, moved["torch"]
+
+
+# --------------------------------------------------------------------------------------------------
+# R4: reduction to torch.optim.Muon (hidden matrices) + torch.optim.AdamW (the rest)
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("nesterov,adjust_lr", [(True, "original"), (False, "match_rms_adamw")])
+def test_no_gauges_reduces_to_torch_muon_and_adamw(nesterov, adjust_lr):
+    model, _, batches, loss_fn = make_lm()
+    ours, theirs = copy.deepcopy(model), copy.deepcopy(model)
+    settings = dict(lr=MUON_LR, weight_decay=DECAY, nesterov=nesterov, adjust_lr=adjust_lr, adam_lr=ADAM_LR)
+    optimizers = (DDCMuon(ours.parameters(), GaugeSet([], [], ours), ns_dtype=torch.bfloat16, **settings),
+                  MuonWithAdamW(theirs, None, **settings))
+    assert set(optimizers[1].muon_names) == {n for n, p in model.named_parameters()
+                                            if p.ndim == 2 and n != "embed.weight"}
+    for t in range(10):
+        for m, optimizer in zip((ours, theirs), optimizers):
+            optimizer.zero_grad()
+            loss_fn(m, batches[t % len(batches)]).backward()
+            optimizer.step()
+    error, where = relative_error(ours, theirs)
+    assert error <= 1e-10, (error, where)
+    assert relative_error(ours, model)[0] > 1e-2  # both moved
+
+
+@pytest.mark.parametrize("shape", [(8, 8), (5, 12), (12, 5)])
+def test_newton_schulz_is_torch_bit_for_bit_in_bfloat16(shape):
+    from torch.optim._muon import _zeropower_via_newtonschulz  # torch's own (private) iteration
+
+    update = torch.randn(shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    ours = muon_newton_schulz(update, dtype=torch.bfloat16)
+    theirs = _zeropower_via_newtonschulz(update, (3.4445, -4.7750, 2.0315), 5, 1e-7)
+    assert ours.dtype == torch.bfloat16 and torch.equal(ours, theirs)
+
+
+def test_muon_lr_scale_matches_torch():
+    from torch.optim._muon import _adjust_lr
+
+    for shape in [(4, 16), (16, 4), (7, 7)]:
+        for adjust in ("original", "match_rms_adamw"):
+            assert muon_lr_scale(shape, adjust) * 0.3 == pytest.approx(_adjust_lr(0.3, adjust, torch.Size(shape)))
+
+
+# --------------------------------------------------------------------------------------------------
+# Head-wise Newton-Schulz
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("axis", [0, 1])
+def test_head_blocks_commute_with_per_head_rotations(axis):
+    heads, head_dim, other = 3, 4, 10
+    generator = torch.Generator().manual_seed(0)
+    index = torch.randperm(heads * head_dim, generator=generator).reshape(heads, head_dim)  # any partition
+    shape = (heads * head_dim, other) if axis == 0 else (other, heads * head_dim)
+    update = torch.randn(shape, generator=generator, dtype=torch.float64)
+    rotation = torch.eye(heads * head_dim, dtype=torch.float64)
+    for h in range(heads):
+        q, _ = torch.linalg.qr(torch.randn(head_dim, head_dim, generator=generator, dtype=torch.float64))
+        rotation[index[h].unsqueeze(1), index[h]] = q
+
+    def rotate(x):
+        return rotation @ x if axis == 0 else x @ rotation.T
+
+    blocks = head_blocks_newton_schulz(rotate(update), axis, index, dtype=None)
+    assert torch.allclose(blocks, rotate(head_blocks_newton_schulz(update, axis, index, dtype=None)), atol=1e-12)
+    whole = muon_newton_schulz(update, dtype=None)
+    assert (head_blocks_newton_schulz(update, axis, index, dtype=None) - whole).norm() > 0.1 * whole.norm()
+    with pytest.raises(ValueError, match="partition"):
+        head_blocks_newton_schulz(update, axis, index[:, :2], dtype=None)
+
+
+def test_head_wise_option_changes_the_attention_update_only():
+    model, gauges, batches, loss_fn = make_lm()
+    runs = {}
+    for head_wise in (False, True):
+        m = copy.deepcopy(model)
+        optimizer = ddc_muon(m, gauges.bind(m), head_wise=head_wise)
+        loss_fn(m, batches[0]).backward()
+        optimizer.step()
+        runs[head_wise] = dict(m.named_parameters())
+    for name, p in runs[False].items():
+        same = torch.equal(p, runs[True][name])
+        assert same == (".attn." not in name), name
+
+
+# --------------------------------------------------------------------------------------------------
+# state_dict round trip
+# --------------------------------------------------------------------------------------------------
+
+
+def test_state_dict_round_trip_resumes_identically():
+    model, gauges, batches, loss_fn = make_lm()
+
+    def train(m, optimizer, steps):
+        for t in steps:
+            optimizer.zero_grad()
+            loss_fn(m, batches[t % len(batches)]).backward()
+            optimizer.step()
+
+    first = copy.deepcopy(model)
+    optimizer = ddc_muon(first, gauges.bind(first), head_wise=True)
+    train(first, optimizer, range(5))
+    buffer = io.BytesIO()
+    torch.save(optimizer.state_dict(), buffer)
+    buffer.seek(0)
+
+    resumed = copy.deepcopy(first)
+    restored = ddc_muon(resumed, gauges.bind(resumed), head_wise=True)
+    restored.load_state_dict(torch.load(buffer, weights_only=False))
+    up = dict(resumed.named_parameters())["blocks.0.ffn.up.weight"]
+    assert {"momentum_buffer", "radial_exp_avg", "radial_exp_avg_sq", "radial_step"} <= set(restored.state[up])
+    train(first, optimizer, range(5, 10))
+    train(resumed, restored, range(5, 10))
+    for (name, a), b in zip(first.named_parameters(), resumed.parameters()):
+        assert torch.equal(a, b), name
+
+
+# --------------------------------------------------------------------------------------------------
+# Parameter split and errors
+# --------------------------------------------------------------------------------------------------
+
+
+def test_default_split_gives_embedding_head_and_gains_to_adam():
+    model, gauges, _, _ = make_lm()
+    optimizer = ddc_muon(model, gauges)
+    names = {id(p): n for n, p in model.named_parameters()}
+    by_rule = {flag: {names[id(p)] for g in optimizer.param_groups if g["use_muon"] == flag for p in g["params"]}
+               for flag in (True, False)}
+    assert by_rule[False] == {"embed.weight", "head.weight", "blocks.0.norm1.weight", "blocks.0.norm2.weight",
+                              "norm.weight"}
+    assert all(len(dict(model.named_parameters())[n].shape) == 2 for n in by_rule[True])
+    assert {g["lr"] for g in optimizer.param_groups if not g["use_muon"]} == {ADAM_LR}
+
+
+def test_errors_name_the_problem():
+    model, gauges, _, _ = make_lm()
+    with pytest.raises(ValueError, match="adjust_lr"):
+        ddc_muon(model, gauges, adjust_lr="spectral")
+    with pytest.raises(ValueError, match="pair_frame"):
+        ddc_muon(model, gauges, pair_frame="sinkhorn")
+    with pytest.raises(ValueError, match="unknown option"):
+        DDCMuon([{"params": model.parameters(), "betas": (0.9, 0.9)}], gauges)
+    with pytest.raises(ValueError, match="2-D"):
+        DDCMuon([{"params": [model.norm.weight], "use_muon": True}], None)
+    up, down = model.blocks[0].ffn.up.weight, model.blocks[0].ffn.down.weight
+    rest = [p for p in model.parameters() if p is not up and p is not down]
+    with pytest.raises(ValueError, match="couples"):
+        DDCMuon([{"params": [up], "use_muon": True}, {"params": [down], "use_muon": False},
+                 {"params": rest}], gauges)
+    with pytest.raises(ValueError, match="Newton-Schulz takes"):
+        muon_newton_schulz(torch.ones(3))
+
+
+# --------------------------------------------------------------------------------------------------
+# Training (slow): both optimizers fit the grokking task's training split
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_muon_and_ddc_muon_reach_full_train_accuracy_on_modular_addition():
+    from gaugeopt.data.modular import modular_addition_split
+
+    data = modular_addition_split(23, 0.5, seed=0)
+    first_perfect = {}
+    for label in ("torch-muon", "ddc-muon"):
+        torch.manual_seed(0)
+        model = ModularAdditionTransformer(ModularAdditionConfig(modulus=23, d_model=32, n_layers=2, n_heads=4,
+                                                                 d_ff=64))
+        gauges = find_gauges(model, (data.train_inputs[:2],), output="logits")
+        settings = dict(lr=0.02, weight_decay=0.1, adam_lr=3e-3)
+        optimizer = (MuonWithAdamW(model, gauges, **settings) if label == "torch-muon"
+                     else DDCMuon(model.parameters(), gauges, **settings))
+        for step in range(300):
+            optimizer.zero_grad()
+            logits = model(data.train_inputs)
+            F.cross_entropy(logits, data.train_labels).backward()
+            optimizer.step()
+            if (logits.argmax(-1) == data.train_labels).all():
+                first_perfect[label] = step
+                break
+    print("first step at 100% train accuracy:", first_perfect)
+    assert set(first_perfect) == {"torch-muon", "ddc-muon"}, first_perfect
