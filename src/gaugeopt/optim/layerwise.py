@@ -18,15 +18,18 @@ rule                       Phi(X)                                               
 =========================  ========================================================  ==========================
 muon                       s * NS5(X) per (head) block, s = sqrt(max(1, rows/cols))  O x O (per head block)
 row_norm                   each row / (|row| + eps)                                  row perm. x O(cols)
-centered_row_norm          P row_norm(P X)                                           + shared row shift
+centered_row_norm          P row_norm(P X)                                           row perm. x O(cols) + shift
 right_spectral             nu^a X (X^T X + eps)^(-1/2)                               O(rows) x O(cols)
-centered_right_spectral    P right_spectral(P X)                                     + shared row shift
+centered_right_spectral    P right_spectral(P X)                                     row perm. x O(cols) + shift
 left_spectral              nu^a (X X^T + eps)^(-1/2) X  (the same matrix)            O(rows) x O(cols)
 centered_left_spectral     P left_spectral(P X)                                      row perm. x O(cols) + shift
 hybrid                     nu(Y)^a Y (Y^T Y + eps)^(-1/2),  Y = row_norm(X)          row perm. x O(cols)
-centered_hybrid            P hybrid with Y = P row_norm(P X)                         + shared row shift
+centered_hybrid            P hybrid with Y = P row_norm(P X)                         row perm. x O(cols) + shift
 adamw                      elementwise Adam direction (stateful, see adam_direction) coordinate permutations
 =========================  ========================================================  ==========================
+
+"+ shift": also invariant under a shared row shift ``X + 1 v^T`` and horizontal (``1^T Phi = 0``).
+(Centred maps commute with the orthogonal maps of the rows that fix ``1``, permutations included.)
 
 ``nu(Y) = <Y, U>`` with ``U`` the map's own orthogonal factor is the nuclear norm ``|Y|_*`` (up
 to the ``eps`` damping) and ``a = alpha`` (1 in the paper's runs: spectral steps then scale with
