@@ -17,7 +17,7 @@ from torch import nn
 
 from .gauges.gaugeset import GaugeSet, GroupElement
 
-__all__ = ["EquivarianceResult", "check_equivariance", "relative_error"]
+__all__ = ["EquivarianceResult", "check_equivariance", "check_equivariance_per_family", "relative_error"]
 
 MakeOptimizer = Callable[[nn.Module, GaugeSet], torch.optim.Optimizer]
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
@@ -56,17 +56,17 @@ def relative_error(a: nn.Module | dict[str, torch.Tensor], b: nn.Module | dict[s
     """
     pa = dict(a.named_parameters()) if isinstance(a, nn.Module) else a
     pb = dict(b.named_parameters()) if isinstance(b, nn.Module) else b
-    diff_sq, ref_sq, worst, where = 0.0, 0.0, -1.0, ""
+    names = list(pa)
+    if not names:
+        return 0.0, ""
     with torch.no_grad():
-        for name, x in pa.items():
-            d = (x - pb[name]).norm().item() ** 2
-            diff_sq += d
-            ref_sq += pb[name].norm().item() ** 2
-            if not d <= worst:  # also catches NaN
-                worst, where = d, name
-    if ref_sq == 0.0:
-        return (0.0 if diff_sq == 0.0 else float("inf")), where
-    return (diff_sq / ref_sq) ** 0.5, where
+        diffs = torch.stack([torch.linalg.vector_norm(pa[n] - pb[n]).double() for n in names])
+        refs = torch.stack([torch.linalg.vector_norm(pb[n]).double() for n in names])
+        diff, ref = diffs.norm().item(), refs.norm().item()
+        where = names[int(torch.nan_to_num(diffs, nan=float("inf")).argmax())]
+    if ref == 0.0:
+        return (0.0 if diff == 0.0 else float("inf")), where
+    return diff / ref, where
 
 
 def _batch_source(batches: Sequence | Iterable, steps: int) -> Callable[[int], Any]:
@@ -86,7 +86,7 @@ def _batch_source(batches: Sequence | Iterable, steps: int) -> Callable[[int], A
 
 
 def _train_step(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: LossFn, batch: Any, seed: int) -> float:
-    optimizer.zero_grad(set_to_none=True)
+    model.zero_grad(set_to_none=True)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # identical randomness (dropout masks) in both runs
         loss = loss_fn(model, batch)
@@ -135,36 +135,82 @@ def check_equivariance(
     Returns:
         :class:`EquivarianceResult`; ``result.error`` (or ``float(result)``) is the relative error.
     """
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
-    gauges = gauges.bind(model) if gauges.model is not model else gauges
     if element is None:
         element = gauges.sample(torch.Generator().manual_seed(seed), families=families, spread=spread)
     elif families is not None:
         raise ValueError("pass either element or families, not both")
-    unknown = set(element) - {f.name for f in gauges}
-    if unknown:
-        raise ValueError(f"element names families the GaugeSet does not have: {sorted(unknown)}")
+    return _run_lockstep(make_optimizer, model, gauges, batches, loss_fn, steps, {"element": element}, seed)["element"]
 
-    reference, transformed, mapped = (copy.deepcopy(model) for _ in range(3))
-    gauges.apply(transformed, element)
-    displacement, _ = relative_error(reference, transformed)
-    optimizers = [make_optimizer(m, gauges.bind(m)) for m in (reference, transformed)]
+
+def check_equivariance_per_family(
+    make_optimizer: MakeOptimizer,
+    model: nn.Module,
+    gauges: GaugeSet,
+    batches: Sequence | Iterable,
+    loss_fn: LossFn,
+    steps: int = 50,
+    *,
+    kinds: Iterable[str] | None = None,
+    product: bool = True,
+    seed: int = 0,
+    spread: float = 0.5,
+) -> dict[str, EquivarianceResult]:
+    """:func:`check_equivariance` for a random element of every gauge kind of ``gauges`` (all families
+    of that kind at once) and, with ``product``, of the product of all families (key ``"product"``).
+
+    The reference run is shared: one reference and one transformed run per element, trained in
+    lockstep. Arguments as in :func:`check_equivariance`; returns ``{kind or "product": result}``.
+    """
+    chosen = list(gauges.kinds if kinds is None else kinds)
+    generator = torch.Generator().manual_seed(seed)
+    elements = {kind: gauges.sample(generator, families=kind, spread=spread) for kind in chosen}
+    if product:
+        elements["product"] = gauges.sample(generator, spread=spread)
+    if not elements:
+        raise ValueError("no gauge kinds to check: the GaugeSet is empty and product=False")
+    return _run_lockstep(make_optimizer, model, gauges, batches, loss_fn, steps, elements, seed)
+
+
+def _run_lockstep(make_optimizer: MakeOptimizer, model: nn.Module, gauges: GaugeSet, batches, loss_fn: LossFn,
+                  steps: int, elements: dict[str, GroupElement], seed: int) -> dict[str, EquivarianceResult]:
+    """Train a reference copy and one transformed copy per element on the same batches; compare."""
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    gauges = gauges.bind(model) if gauges.model is not model else gauges
+    for element in elements.values():
+        unknown = set(element) - {f.name for f in gauges}
+        if unknown:
+            raise ValueError(f"element names families the GaugeSet does not have: {sorted(unknown)}")
+
+    reference, mapped = copy.deepcopy(model), copy.deepcopy(model)
+    runs = {}
+    for label, element in elements.items():
+        transformed = copy.deepcopy(model)
+        gauges.apply(transformed, element)
+        runs[label] = (transformed, make_optimizer(transformed, gauges.bind(transformed)))
+    reference_optimizer = make_optimizer(reference, gauges.bind(reference))
+    displacement = {label: relative_error(reference, m)[0] for label, (m, _) in runs.items()}
     next_batch = _batch_source(batches, steps)
     mapped_params = dict(mapped.named_parameters())
 
-    per_step: list[float] = []
-    worst, worst_name, worst_step = -1.0, "", 0
+    per_step: dict[str, list[float]] = {label: [] for label in runs}
+    worst = {label: (-1.0, "", 0) for label in runs}
     for t in range(steps):
         batch = next_batch(t)
-        for m, opt in zip((reference, transformed), optimizers):
-            _train_step(m, opt, loss_fn, batch, seed=seed * 1_000_003 + t)
-        with torch.no_grad():
-            for name, p in reference.named_parameters():
-                mapped_params[name].copy_(p)
-            gauges.apply(mapped, element)
-        err, name = relative_error(mapped, transformed)
-        per_step.append(err)
-        if not err <= worst:
-            worst, worst_name, worst_step = err, name, t + 1
-    return EquivarianceResult(worst, tuple(per_step), worst_name, worst_step, displacement, element)
+        step_seed = seed * 1_000_003 + t
+        _train_step(reference, reference_optimizer, loss_fn, batch, step_seed)
+        for label, (transformed, optimizer) in runs.items():
+            _train_step(transformed, optimizer, loss_fn, batch, step_seed)
+            with torch.no_grad():
+                for name, p in reference.named_parameters():
+                    mapped_params[name].copy_(p)
+                gauges.apply(mapped, elements[label])
+            err, name = relative_error(mapped, transformed)
+            per_step[label].append(err)
+            if not err <= worst[label][0]:
+                worst[label] = (err, name, t + 1)
+    return {
+        label: EquivarianceResult(worst[label][0], tuple(per_step[label]), worst[label][1], worst[label][2],
+                                  displacement[label], elements[label])
+        for label in runs
+    }

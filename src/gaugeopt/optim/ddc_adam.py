@@ -192,6 +192,7 @@ class DDCAdam(torch.optim.Optimizer):
             for p in g["params"]:
                 if not p.is_floating_point() or p.is_complex():
                     raise TypeError(f"DDCAdam needs real floating-point parameters, got {p.dtype}")
+        self._pair_members = {r.name for f in self.plan.pairs for r in (*f.multiplied, *f.divided)}
         #: Frozen (dead) norm channels and neuron units of the last step: family name -> indices.
         self.frozen: dict[str, tuple[int, ...]] = {}
 
@@ -324,7 +325,6 @@ class DDCAdam(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        pair_members = {r.name for f in self.plan.pairs for r in (*f.multiplied, *f.divided)}
         work: dict[str, _Work] = {}
         for group in self.param_groups:
             for p in group["params"]:
@@ -336,7 +336,7 @@ class DDCAdam(torch.optim.Optimizer):
                     continue
                 if frame.role == "gain":
                     continue  # the gain is the frame of its channels: never stepped
-                if p.grad is None and name not in pair_members:
+                if p.grad is None and name not in self._pair_members:
                     continue
                 if p.grad is not None and p.grad.is_sparse:
                     raise RuntimeError("DDCAdam does not support sparse gradients")
