@@ -19,7 +19,7 @@ from ..models import MoEConfig, MoELM
 from .common import ARM_LABELS, mean
 from .registry import Experiment
 from .runner import RunContext
-from .training import OptimizerSettings, build_optimizer, train_loop
+from .training import GAUGE_PROBE_POSITIONS, OptimizerSettings, build_optimizer, train_loop
 
 ROUTER_FIELDS = ("load_cv", "max_load", "dead_fraction", "logit_rms", "z_loss")
 
@@ -72,7 +72,8 @@ def run(config: MoEExperimentConfig, context: RunContext) -> None:
             model = MoELM(model_config).to(device)
             settings = OptimizerSettings(lr=c.adam_lr, muon_lr=c.stack_lr, weight_decay=c.weight_decay,
                                          warmup_steps=c.warmup_steps, min_lr_ratio=c.min_lr_ratio)
-            optimizer = build_optimizer(arm, model, settings, c.steps, example_inputs=train_eval[0][:2])
+            example = train_eval[0][:2, :GAUGE_PROBE_POSITIONS]
+            optimizer = build_optimizer(arm, model, settings, c.steps, example_inputs=example)
             batches = torch.Generator().manual_seed(10_000 + seed)
 
             def batch_loss(step: int) -> torch.Tensor:

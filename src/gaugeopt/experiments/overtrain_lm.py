@@ -20,7 +20,7 @@ from ..models import TransformerLM, TransformerLMConfig
 from .common import ARM_LABELS, mean, readable_cells_along_run
 from .registry import Experiment
 from .runner import RunContext
-from .training import OptimizerSettings, build_optimizer, train_loop
+from .training import GAUGE_PROBE_POSITIONS, OptimizerSettings, build_optimizer, train_loop
 
 GAP_ANCHOR = {"ddc-adam": 0.67, "adamw": 5.88}
 
@@ -67,7 +67,7 @@ def run(config: OvertrainLMConfig, context: RunContext) -> None:
         for seed in c.seeds:
             torch.manual_seed(seed)
             model = TransformerLM(model_config).to(device)
-            example = train_eval[0][:2]
+            example = train_eval[0][:2, :GAUGE_PROBE_POSITIONS]
             optimizer = build_optimizer(arm, model, settings, c.steps, example_inputs=example)
             batches = torch.Generator().manual_seed(10_000 + seed)  # identical batches for every arm
 

@@ -25,6 +25,11 @@ from torch import nn
 
 OPTIMIZER_ARMS = ("adamw", "ddc-adam", "muon", "ddc-muon", "symcompat")
 
+# Token positions in the example that ``find_gauges`` traces for a sequence model. Its cost grows
+# quickly with the sequence length, and three positions already pin down RoPE's commutant (position
+# 1 rotates every plane by a distinct angle, leaving one 2x2 rotation per plane).
+GAUGE_PROBE_POSITIONS = 3
+
 
 @dataclass(frozen=True)
 class OptimizerSettings:
