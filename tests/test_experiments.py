@@ -169,6 +169,16 @@ def test_registry_rejects_unknown_names_presets_and_fields():
         experiment.config("smoke", learning_rate=1.0)
     with pytest.raises(ValueError, match="seeds must not be empty"):
         experiment.config("smoke", seeds=[])
+    with pytest.raises(ValueError, match="expects int"):
+        experiment.config("smoke", steps=1.5)
+    with pytest.raises(ValueError, match="holds str values"):
+        experiment.config("smoke", arms=(1, 2))
+
+
+def test_config_overrides_take_the_preset_types():
+    experiment = get_experiment("vit")
+    config = experiment.config("smoke", arms="adamw", lr=1, steps=7)
+    assert config.arms == ("adamw",) and config.lr == 1.0 and isinstance(config.lr, float) and config.steps == 7
 
 
 def test_warmup_cosine_schedule():

@@ -52,11 +52,34 @@ class Experiment:
         unknown = sorted(set(overrides) - known)
         if unknown:
             raise ValueError(f"{self.name} has no config field(s) {unknown}; fields: {sorted(known)}")
+        overrides = {name: coerce_field(name, getattr(config, name), value) for name, value in overrides.items()}
         if seeds is not None:
             if not seeds:
                 raise ValueError("seeds must not be empty")
             overrides["seeds"] = tuple(int(s) for s in seeds)
         return replace(config, **overrides)
+
+
+def coerce_field(name: str, default: Any, value: Any) -> Any:
+    """``value`` in the type of the preset's ``default``: a scalar given for a tuple field becomes a
+    1-tuple, an int for a float field a float; anything else of another type is an error."""
+    if value is None:  # optional fields (e.g. train_chars=None: the whole split)
+        return None
+    if isinstance(default, tuple):
+        value = tuple(value) if isinstance(value, (list, tuple)) else (value,)
+        if default and value and not all(isinstance(v, type(default[0])) or
+                                         (isinstance(default[0], float) and isinstance(v, int)) for v in value):
+            raise ValueError(f"field {name} holds {type(default[0]).__name__} values, got {value!r}")
+        return value
+    if isinstance(default, bool) or isinstance(value, bool):
+        if not (isinstance(default, bool) and isinstance(value, bool)):
+            raise ValueError(f"field {name} expects {type(default).__name__}, got {value!r}")
+        return value
+    if isinstance(default, float) and isinstance(value, int):
+        return float(value)
+    if default is not None and not isinstance(value, type(default)):
+        raise ValueError(f"field {name} expects {type(default).__name__}, got {value!r}")
+    return value
 
 
 def experiment_names() -> list[str]:
