@@ -16,6 +16,8 @@ from gaugeopt.gauges import GaugeSet
 from gaugeopt.models import (
     ModularAdditionConfig,
     ModularAdditionTransformer,
+    MoEConfig,
+    MoELM,
     ReLUMLP,
     ReLUMLPConfig,
     TransformerLM,
@@ -143,6 +145,25 @@ def test_neuron_pair_with_bias_in_the_stack():
                 torch.randn(8, 3, generator=generator, dtype=torch.float64)) for _ in range(3)]
     result = check_equivariance(ddc_muon, model, gauges, batches, lambda m, b: F.mse_loss(m(b[0]), b[1]), steps=50)
     assert result.displacement > 1e-2 and result.error <= 1e-8, result.error
+
+
+def test_moe_router_takes_centered_muon_and_stays_equivariant():
+    """The router is a hidden matrix with a router shift: Muon on its centered part (every family of
+    a tiny MoE language model at once, experts' neuron pairs included)."""
+    torch.manual_seed(0)
+    model = MoELM(MoEConfig(vocab_size=VOCAB, d_model=16, n_layers=1, n_heads=2, d_ff=16, n_experts=3, top_k=2,
+                            max_seq_len=8)).double()
+    tokens = list(torch.randint(0, VOCAB, (3, 4, 8), generator=torch.Generator().manual_seed(1)))
+    gauges = find_gauges(model, (tokens[0],), output="logits")
+    assert {"router_shift", "neuron_scale"} <= set(gauges.kinds)
+    assert "blocks.0.moe.router.weight" in muon_parameter_names(model, gauges)
+
+    def loss_fn(m, batch):
+        logits, aux = m(batch[:, :-1], return_aux=True)
+        return F.cross_entropy(logits.reshape(-1, VOCAB), batch[:, 1:].reshape(-1)) + 0.01 * aux
+
+    result = check_equivariance(ddc_muon, model, gauges, tokens, loss_fn, steps=50)
+    assert result.displacement > 1e-2 and result.error <= 1e-8, (result.error, result.worst_parameter)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -350,3 +371,4 @@ def test_muon_and_ddc_muon_reach_full_train_accuracy_on_modular_addition():
                 break
     print("first step at 100% train accuracy:", first_perfect)
     assert set(first_perfect) == {"torch-muon", "ddc-muon"}, first_perfect
+

@@ -75,7 +75,7 @@ are unknown and every 2-D parameter takes Muon: give the embedding and head a gr
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -83,7 +83,7 @@ from torch import Tensor, nn
 
 from ..gauges.families import HeadRotation, LogitShift, NeuronScaling
 from ..gauges.gaugeset import GaugeSet
-from .ddc_adam import DDCAdam, adam_denominator, adam_moments_
+from .ddc_adam import DDCAdam, _Work, adam_denominator, adam_moments_
 from .gauge_frames import center_rows, from_unit_slices, pair_chart, pair_retract, unit_slices
 from .matrix_functions import MUON_NS_COEFFICIENTS
 
@@ -107,7 +107,8 @@ _PAIR_SHARED_KEYS = ("use_muon", "lr", "momentum", "nesterov", "adjust_lr", "ns_
 #: Per-unit scales of the neuron-pair stack (module docstring).
 PAIR_FRAMES = ("balanced", "radius")
 
-#: Keys a user group may set: the Muon settings, the Adam part's settings, and torch's metadata.
+#: Keys a user group may set besides ``params`` and ``use_muon``: the Muon settings, and the Adam
+#: part's settings under ``adam_*`` names (stored in the Adam groups under Adam's own names).
 _MUON_KEYS = ("lr", "momentum", "nesterov", "weight_decay", "adjust_lr", "ns_steps", "ns_coefficients", "ns_eps",
               "ns_dtype", "head_wise", "pair_frame")
 _ADAM_KEYS = {"adam_lr": "lr", "adam_betas": "betas", "adam_eps": "eps", "adam_weight_decay": "weight_decay"}
@@ -215,9 +216,9 @@ class DDCMuon(DDCAdam):
             below (the ``adam_*`` ones configure its Adam part) and ``use_muon`` to choose the rule
             for all its parameters; otherwise :func:`muon_parameter_names` splits it.
         gauges: the model's :class:`~gaugeopt.gauges.GaugeSet` (``gaugeopt.find_gauges``), or ``None``
-            (then this is exactly ``torch.optim.Muon`` plus ``torch.optim.AdamW``).
+            for none (then every 2-D parameter takes Muon unless its group sets ``use_muon=False``).
         lr, momentum, nesterov, weight_decay: Muon's, as in ``torch.optim.Muon`` (decay is
-            ``W <- (1 - lr wd) W``). On neuron pairs ``lr`` is a relative step (module docstring).
+            ``W <- (1 - lr wd) W``). On neuron pairs the scale of ``lr`` depends on ``pair_frame``.
         adjust_lr: the shape factor, ``"original"`` or ``"match_rms_adamw"`` (torch's ``adjust_lr_fn``).
         ns_steps, ns_coefficients, ns_eps: the Newton-Schulz iteration.
         ns_dtype: its arithmetic dtype: ``None`` (default) uses the parameters' dtype, which keeps the
@@ -284,12 +285,16 @@ class DDCMuon(DDCAdam):
                 if group["use_muon"] and p.ndim != 2 and name not in pair_members:
                     raise ValueError(f"Muon needs 2-D parameters; {name or 'a parameter'} has shape {tuple(p.shape)}: "
                                      f"put it in a group with use_muon=False")
+        optimized = self._group_of
         for family in self.plan.pairs:
-            self._pair_group(family, [r.name for r in (*family.multiplied, *family.divided)])
+            names = [r.name for r in (*family.multiplied, *family.divided)]
+            if all(n in optimized for n in names):
+                self._pair_group(family, names)
 
     def _pair_group(self, family: NeuronScaling, names: list[str]) -> dict:
         """The group of a neuron pair's producer, after checking its members agree on the shared keys."""
-        groups = {n: self._group_of[n] for n in names if n in self._group_of}
+        group_of = self._group_of
+        groups = {n: group_of[n] for n in names if n in group_of}
         anchor = groups[family.multiplied[0].name]
         keys = _PAIR_SHARED_KEYS if anchor["use_muon"] else ("use_muon", "lr", "betas", "eps")
         for name, group in groups.items():
@@ -331,12 +336,12 @@ class DDCMuon(DDCAdam):
         """torch.optim.Muon's update, operation for operation (a matrix no gauge touches)."""
         if p.grad.is_sparse:
             raise RuntimeError("DDCMuon does not support sparse gradients")
-        update = self._orthogonalise(self._names.get(id(p)), self._momentum_input(p, p.grad, group), group)
+        update = muon_newton_schulz(self._momentum_input(p, p.grad, group), **self._ns_options(group))
         adjusted_lr = group["lr"] * muon_lr_scale(p.shape, group["adjust_lr"])
         p.mul_(1 - group["lr"] * group["weight_decay"])
         p.add_(update, alpha=-adjusted_lr)
 
-    def _muon_frame_step(self, name: str, w) -> None:
+    def _muon_frame_step(self, name: str, w: _Work) -> None:
         """Muon on a gauge-carrying matrix in its frame (merged, centered, decayed)."""
         update = self._orthogonalise(name, self._momentum_input(w.param, w.grad, w.group), w.group)
         update = update.to(w.value.dtype)
@@ -358,7 +363,7 @@ class DDCMuon(DDCAdam):
         denominator = adam_denominator(state["radial_exp_avg_sq"], step, beta2, group["eps"])
         return state["radial_exp_avg"] / denominator / (1 - beta1**step)
 
-    def _muon_pair_step(self, family: NeuronScaling, work: dict) -> tuple[int, ...]:
+    def _muon_pair_step(self, family: NeuronScaling, work: dict[str, _Work]) -> tuple[int, ...]:
         """The invariant-stack Muon step for all units of ``family``; returns the dead units."""
         sides = (family.multiplied, family.divided)
         group = self._pair_group(family, [r.name for refs in sides for r in refs])
@@ -409,7 +414,7 @@ class DDCMuon(DDCAdam):
             with torch.enable_grad():
                 loss = closure()
         pair_members = {r.name for f in self.plan.pairs for r in (*f.multiplied, *f.divided)}
-        work: dict[str, Any] = {}
+        work: dict[str, _Work] = {}
         for group in self.param_groups:
             for p in group["params"]:
                 name = self._names.get(id(p))
@@ -486,6 +491,8 @@ def _check_muon_settings(group: dict) -> None:
 def _split_groups(params, muon_defaults: dict, adam_defaults: dict, names: dict[int, str],
                   hidden: set[str] | None) -> list[dict]:
     """Turn the user's params into Muon groups and Adam groups (every key filled in)."""
+    if isinstance(params, Tensor):
+        raise TypeError("params must be an iterable of tensors or of group dicts, got a single Tensor")
     params = list(params)
     if not params:
         raise ValueError("DDCMuon got an empty parameter list")
