@@ -168,6 +168,23 @@ def test_moe_router_takes_centered_muon_and_stays_equivariant():
     assert result.displacement > 1e-2 and result.error <= 1e-8, (result.error, result.worst_parameter)
 
 
+def test_dead_unit_is_frozen_and_reported_without_nan():
+    model, gauges, batches, loss_fn = make_lm()
+    model = copy.deepcopy(model)
+    with torch.no_grad():
+        model.blocks[0].ffn.up.weight[3].zero_()
+        model.blocks[0].ffn.down.weight[:, 3].zero_()
+    optimizer = ddc_muon(model, gauges.bind(model))
+    with pytest.warns(RuntimeWarning, match="froze"):
+        for t in range(3):
+            optimizer.zero_grad()
+            loss_fn(model, batches[t]).backward()
+            optimizer.step()
+    assert optimizer.frozen == {"neuron_scale:blocks.0.ffn.up": (3,)}
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert model.blocks[0].ffn.up.weight[3].abs().max() == 0 and model.blocks[0].ffn.down.weight[:, 3].abs().max() == 0
+
+
 # --------------------------------------------------------------------------------------------------
 # R3: the orbit coordinates do not move
 # --------------------------------------------------------------------------------------------------
