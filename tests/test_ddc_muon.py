@@ -316,7 +316,7 @@ def test_state_dict_round_trip_resumes_identically():
 
     resumed = copy.deepcopy(first)
     restored = ddc_muon(resumed, gauges.bind(resumed), head_wise=True)
-    restored.load_state_dict(torch.load(buffer, weights_only=False))
+    restored.load_state_dict(torch.load(buffer))  # weights_only: plain tensors, numbers and dtypes
     up = dict(resumed.named_parameters())["blocks.0.ffn.up.weight"]
     assert {"momentum_buffer", "radial_exp_avg", "radial_exp_avg_sq", "radial_step"} <= set(restored.state[up])
     train(first, optimizer, range(5, 10))
