@@ -160,6 +160,15 @@ def test_relu_classifier_shift_and_neuron_on_one_matrix():
     assert min(r.displacement for r in results.values()) > 0.01
 
 
+def test_radius_pair_frame_is_exact_too():
+    """pair_frame="radius" (ddc.md section 4 as written: lr is a relative rate for neuron pairs)."""
+    model, gauges, batches, loss = _case("lm_variant")
+    result = check_equivariance(lambda m, g: ddc(m, g, pair_frame="radius"), model, gauges, batches, loss, steps=50)
+    assert result.error <= 1e-8 and result.displacement > 0.1
+    per_step, _ = _orbit_drift(lambda m, g: ddc(m, g, pair_frame="radius"), "lm_variant", steps=30)
+    assert max(per_step.values()) <= 1e-10
+
+
 # --------------------------------------------------------------------------------------------------
 # R3 quotient flow
 # --------------------------------------------------------------------------------------------------
@@ -384,6 +393,7 @@ def test_deep_relu_mlp_is_refused_naming_the_parameter_and_compatible_gauges_dro
     ({"betas": (0.9, 1.0)}, "betas"),
     ({"eps": -1e-8}, "eps"),
     ({"weight_decay": -0.1}, "weight_decay"),
+    ({"pair_frame": "sideways"}, "pair_frame"),
 ])
 def test_bad_hyperparameters_are_refused(kwargs, match):
     model, gauges = _gauge_free_model()

@@ -58,6 +58,7 @@ from ..gauges.families import NeuronScaling
 from ..gauges.gaugeset import GaugeSet
 from .gauge_frames import (
     FramePlan,
+    PairFrame,
     TensorFrame,
     build_frame_plan,
     center_rows,
@@ -158,6 +159,7 @@ class DDCAdam(torch.optim.Optimizer):
         eps: float = 1e-8,
         weight_decay: float = 0.0,
         *,
+        pair_frame: PairFrame = "balanced",
         dead_threshold: float = 1e-12,
     ):
         if not lr >= 0.0:
@@ -168,11 +170,14 @@ class DDCAdam(torch.optim.Optimizer):
             raise ValueError(f"invalid betas {betas}: each must be in [0, 1)")
         if not weight_decay >= 0.0:
             raise ValueError(f"invalid weight_decay {weight_decay}")
+        if pair_frame not in ("radius", "balanced"):
+            raise ValueError(f"pair_frame must be 'radius' or 'balanced', got {pair_frame!r}")
         if not dead_threshold >= 0.0:
             raise ValueError(f"invalid dead_threshold {dead_threshold}")
         if gauges is not None and not isinstance(gauges, GaugeSet):
             raise TypeError(f"gauges must be a GaugeSet (from gaugeopt.find_gauges) or None, got {type(gauges).__name__}")
-        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                                      pair_frame=pair_frame))
         self.gauges = gauges
         self.dead_threshold = dead_threshold
         self.plan: FramePlan = build_frame_plan(gauges) if gauges is not None else FramePlan({}, (), ())
@@ -272,7 +277,7 @@ class DDCAdam(torch.optim.Optimizer):
         members = [work[r.name] for refs in sides for r in refs]
         anchor = members[0]
         for w in members[1:]:
-            for key in ("lr", "betas", "eps"):
+            for key in ("lr", "betas", "eps", "pair_frame"):
                 if w.group[key] != anchor.group[key]:
                     raise ValueError(
                         f"gauge family {family.name} couples {family.multiplied[0].name} and "
@@ -286,7 +291,7 @@ class DDCAdam(torch.optim.Optimizer):
 
         (P1, widths1), (G1, _) = gather("value", sides[0]), gather("grad", sides[0])
         (P2, widths2), (G2, _) = gather("value", sides[1]), gather("grad", sides[1])
-        chart = pair_chart(P1, G1, P2, G2, self.dead_threshold)
+        chart = pair_chart(P1, G1, P2, G2, self.dead_threshold, frame=anchor.group["pair_frame"])
 
         # Tangential Adam: per coordinate, in each member tensor's own shape.
         updates = []

@@ -55,6 +55,7 @@ __all__ = [
     "center_rows",
     "group_mean",
     "PairChart",
+    "PairFrame",
     "pair_chart",
     "pair_retract",
     "dead_units",
@@ -267,14 +268,18 @@ def group_mean(values: Tensor, groups: Tensor, axis: int) -> Tensor:
     return means[groups].movedim(0, axis)
 
 
+PairFrame = Literal["radius", "balanced"]
+
+
 @dataclass(frozen=True)
 class PairChart:
-    """Invariant coordinates of a batch of unit pairs (one row per unit).
+    """Invariant coordinates of a batch of unit pairs (one row per unit), measured in units of an
+    invariant length ``l`` per unit (``length``; None means 1).
 
     ``rho1``, ``rho2``: side norms (covariant: times a, divided by a). ``direction1/2``: ``P_k / rho_k``
-    (invariant). ``radial``: ``(h1 + h2) / sqrt 2``; ``vertical``: ``(h1 - h2) / sqrt 2`` (the gauge
-    mode, zero for an exact symmetry); ``tangent1/2``: ``x_k = rho_k G_k - (h_k / rho_k) P_k``. ``dead``
-    marks units whose pair is numerically degenerate; their entries are zero.
+    (invariant). ``radial``: ``(h1 + h2) / (sqrt 2 l)``; ``vertical``: ``(h1 - h2) / (sqrt 2 l)`` (the
+    gauge mode, zero for an exact symmetry); ``tangent1/2``: ``x_k = (rho_k G_k - (h_k / rho_k) P_k) / l``.
+    ``dead`` marks units whose pair is numerically degenerate; their entries are zero.
     """
 
     rho1: Tensor
@@ -286,6 +291,7 @@ class PairChart:
     tangent1: Tensor
     tangent2: Tensor
     dead: Tensor
+    length: Tensor | None = None
 
 
 def dead_units(rho1: Tensor, rho2: Tensor, threshold: float) -> Tensor:
@@ -295,24 +301,40 @@ def dead_units(rho1: Tensor, rho2: Tensor, threshold: float) -> Tensor:
     return (torch.sqrt(rho1) * torch.sqrt(rho2) <= threshold) | (rho1 <= tiny) | (rho2 <= tiny)
 
 
-def pair_chart(P1: Tensor, G1: Tensor, P2: Tensor, G2: Tensor, threshold: float = 0.0) -> PairChart:
-    """Chart of unit pairs ``P1`` (units, n1), ``P2`` (units, n2) with gradients ``G1``, ``G2``."""
+def pair_chart(P1: Tensor, G1: Tensor, P2: Tensor, G2: Tensor, threshold: float = 0.0, *,
+               frame: PairFrame = "radius") -> PairChart:
+    """Chart of unit pairs ``P1`` (units, n1), ``P2`` (units, n2) with gradients ``G1``, ``G2``.
+
+    ``frame`` picks the invariant length ``l`` of each unit: ``"radius"`` (``l = 1``, ddc.md section 4
+    as written: the lift ``rho_k u_k`` makes ``lr`` a relative rate) or ``"balanced"``
+    (``l = sqrt(rho1 rho2)``, the common radius of the balanced point of the orbit, where
+    ``rho1 = rho2``: there the chart's inputs are the gradient's own radial and tangential parts and the
+    lift ``(rho_k / l) u_k`` is Adam's absolute step, so ``lr`` means what it means for AdamW).
+    """
+    if frame not in ("radius", "balanced"):
+        raise ValueError(f"frame must be 'radius' or 'balanced', got {frame!r}")
     rho1, rho2 = P1.norm(dim=1), P2.norm(dim=1)
     dead = dead_units(rho1, rho2, threshold)
     live = (~dead).to(P1.dtype).unsqueeze(1)
     safe1 = torch.where(dead, torch.ones_like(rho1), rho1).unsqueeze(1)
     safe2 = torch.where(dead, torch.ones_like(rho2), rho2).unsqueeze(1)
+    length = None
+    if frame == "balanced":
+        length = (torch.sqrt(safe1) * torch.sqrt(safe2))[:, 0]
+    scale = 1.0 if length is None else length.unsqueeze(1)
     h1, h2 = (G1 * P1).sum(1) * live[:, 0], (G2 * P2).sum(1) * live[:, 0]
-    x1 = (safe1 * G1 - (h1.unsqueeze(1) / safe1) * P1) * live
-    x2 = (safe2 * G2 - (h2.unsqueeze(1) / safe2) * P2) * live
-    return PairChart(rho1, rho2, P1 / safe1 * live, P2 / safe2 * live,
-                     (h1 + h2) / math.sqrt(2), (h1 - h2) / math.sqrt(2), x1, x2, dead)
+    x1 = (safe1 * G1 - (h1.unsqueeze(1) / safe1) * P1) * live / scale
+    x2 = (safe2 * G2 - (h2.unsqueeze(1) / safe2) * P2) * live / scale
+    radial, vertical = (h1 + h2) / math.sqrt(2), (h1 - h2) / math.sqrt(2)
+    if length is not None:
+        radial, vertical = radial / length, vertical / length
+    return PairChart(rho1, rho2, P1 / safe1 * live, P2 / safe2 * live, radial, vertical, x1, x2, dead, length)
 
 
-def _tangent_step(direction: Tensor, shrink: Tensor, tangent_update: Tensor, lr: float) -> Tensor:
-    """Unit vector along ``shrink * direction - lr * (tangent_update projected off direction)``."""
+def _tangent_step(direction: Tensor, shrink: Tensor, tangent_update: Tensor, rate: Tensor | float) -> Tensor:
+    """Unit vector along ``shrink * direction - rate * (tangent_update projected off direction)``."""
     u = tangent_update - (tangent_update * direction).sum(1, keepdim=True) * direction
-    q = shrink * direction - lr * u
+    q = shrink * direction - rate * u
     norm = q.norm(dim=1, keepdim=True)
     return q / torch.where(norm > 0, norm, torch.ones_like(norm))
 
@@ -321,15 +343,19 @@ def pair_retract(chart: PairChart, radial_update: Tensor, tangent1_update: Tenso
                  lr: float) -> tuple[Tensor, Tensor]:
     """New pairs from base-optimizer outputs in the chart (ddc.md section 4, with a retraction).
 
-    With ``c = lr * radial_update / sqrt 2`` and ``u_k`` the tangential update projected orthogonal to
-    the direction ``d_k = P_k / rho_k``, the step ``P_k - c P_k - lr rho_k u_k`` (to first order) is
-    taken as ``P_k <- rho_k e^{-c} (e^{-c} d_k - lr u_k) / |e^{-c} d_k - lr u_k|``: the radius moves by
-    the radial mode alone, the same ``e^{-c}`` on both sides, so ``log(rho_1 / rho_2)`` is held exactly,
-    and the tangential step only turns each direction. Every factor is invariant except ``rho_k``, so
-    the map is covariant. Dead units are returned unchanged (zero rows: the caller freezes them).
+    With the unit length ``l`` of the chart, ``c = lr * radial_update / (sqrt 2 l)`` and ``u_k`` the
+    tangential update projected orthogonal to the direction ``d_k = P_k / rho_k``, the step
+    ``e^{-c} P_k - lr (rho_k / l) u_k`` is retracted to
+    ``P_k <- rho_k e^{-c} (e^{-c} d_k - (lr / l) u_k) / |e^{-c} d_k - (lr / l) u_k|`` (equal to first
+    order in lr): the radius moves by the radial mode alone, the same ``e^{-c}`` on both sides, so
+    ``log(rho_1 / rho_2)`` is held exactly, and the tangential step only turns each direction. Every
+    factor is invariant except ``rho_k``, so the map is covariant. Dead units come back as zero rows
+    (the caller freezes them).
     """
-    shrink = torch.exp(-lr * radial_update / math.sqrt(2)).unsqueeze(1)
+    rate = lr if chart.length is None else lr / chart.length.unsqueeze(1)
+    radial = radial_update if chart.length is None else radial_update / chart.length
+    shrink = torch.exp(-lr * radial / math.sqrt(2)).unsqueeze(1)
     live = (~chart.dead).to(shrink.dtype).unsqueeze(1)
-    new1 = chart.rho1.unsqueeze(1) * shrink * _tangent_step(chart.direction1, shrink, tangent1_update, lr)
-    new2 = chart.rho2.unsqueeze(1) * shrink * _tangent_step(chart.direction2, shrink, tangent2_update, lr)
+    new1 = chart.rho1.unsqueeze(1) * shrink * _tangent_step(chart.direction1, shrink, tangent1_update, rate)
+    new2 = chart.rho2.unsqueeze(1) * shrink * _tangent_step(chart.direction2, shrink, tangent2_update, rate)
     return new1 * live, new2 * live
