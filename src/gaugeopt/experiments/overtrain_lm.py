@@ -36,7 +36,7 @@ class OvertrainLMConfig:
     d_ff: int = 176
     seq_len: int = 64
     batch_size: int = 32
-    steps: int = 1000
+    steps: int = 800
     eval_every: int = 50
     eval_windows: int = 64  # fixed windows for the train and validation losses
     lr: float = 3e-3
@@ -158,9 +158,9 @@ PRESETS = {
                               batch_size=8, steps=12, eval_every=6, eval_windows=4, warmup_steps=2,
                               dds_checkpoints=4, dds_samples=2),
     "smoke": OvertrainLMConfig(),
-    "full": OvertrainLMConfig(train_chars=32_768, d_model=128, n_layers=4, n_heads=4, d_ff=352,
-                              seq_len=128, batch_size=32, steps=3000, eval_every=100, eval_windows=64,
-                              warmup_steps=100, dds_checkpoints=24, seeds=(0,)),
+    "full": OvertrainLMConfig(train_chars=32_768, d_model=96, n_layers=2, n_heads=4, d_ff=256,
+                              seq_len=64, batch_size=32, steps=2000, eval_every=100, eval_windows=64,
+                              warmup_steps=60, dds_checkpoints=16, seeds=(0,)),
 }
 
 EXPERIMENT = Experiment(

@@ -57,7 +57,11 @@ def render_report(results: dict[str, Any], figure_files: list[str]) -> str:
     if metrics:
         names = list(dict.fromkeys(n for m in metrics.values() for n in m))
         lines += ["", "## Metrics", ""]
-        lines += _table(["arm", *names], [[arm, *(m.get(n) for n in names)] for arm, m in metrics.items()])
+        if len(names) <= 8:
+            lines += _table(["arm", *names], [[arm, *(m.get(n) for n in names)] for arm, m in metrics.items()])
+        else:  # many heterogeneous metrics: one row per (arm, metric)
+            lines += _table(["arm", "metric", "value"],
+                            [[arm, name, value] for arm, m in metrics.items() for name, value in m.items()])
     if results.get("timings"):
         lines += ["", "## Timings (seconds)", ""]
         lines += _table(["phase", "seconds"], [[k, v] for k, v in results["timings"].items()])

@@ -126,8 +126,8 @@ PRESETS = {
     "tiny": ViTExperimentConfig(d_model=16, n_layers=1, n_heads=2, d_ff=32, batch_size=16, steps=8,
                                 eval_every=4, warmup_steps=2),
     "smoke": ViTExperimentConfig(),
-    "full": ViTExperimentConfig(d_model=96, n_layers=4, n_heads=4, d_ff=384, batch_size=128, steps=3000,
-                                eval_every=100, warmup_steps=100, seeds=(0, 1)),
+    "full": ViTExperimentConfig(d_model=64, n_layers=3, n_heads=4, d_ff=256, batch_size=128, steps=1500,
+                                eval_every=100, warmup_steps=60, seeds=(0,)),
 }
 
 EXPERIMENT = Experiment(
