@@ -55,7 +55,8 @@ def run(config: GrokkingConfig, context: RunContext) -> None:
         for arm in c.arms:
             torch.manual_seed(seed)
             model = ModularAdditionTransformer(model_config).to(device)
-            optimizer = build_optimizer(arm, model, settings, c.steps, example_inputs=train_x[:2])
+            with folder.timed(f"setup {arm} seed {seed}"):  # gauge discovery for gauge-aware arms
+                optimizer = build_optimizer(arm, model, settings, c.steps, example_inputs=train_x[:2])
             batches = torch.Generator().manual_seed(10_000 + seed)
             batch = min(c.batch_size, len(train_y))
 

@@ -73,7 +73,8 @@ def run(config: MoEExperimentConfig, context: RunContext) -> None:
             settings = OptimizerSettings(lr=c.adam_lr, muon_lr=c.stack_lr, weight_decay=c.weight_decay,
                                          warmup_steps=c.warmup_steps, min_lr_ratio=c.min_lr_ratio)
             example = train_eval[0][:2, :GAUGE_PROBE_POSITIONS]
-            optimizer = build_optimizer(arm, model, settings, c.steps, example_inputs=example)
+            with folder.timed(f"setup {arm} seed {seed}"):  # gauge discovery for gauge-aware arms
+                optimizer = build_optimizer(arm, model, settings, c.steps, example_inputs=example)
             batches = torch.Generator().manual_seed(10_000 + seed)
 
             def batch_loss(step: int) -> torch.Tensor:

@@ -68,7 +68,8 @@ def run(config: OvertrainLMConfig, context: RunContext) -> None:
             torch.manual_seed(seed)
             model = TransformerLM(model_config).to(device)
             example = train_eval[0][:2, :GAUGE_PROBE_POSITIONS]
-            optimizer = build_optimizer(arm, model, settings, c.steps, example_inputs=example)
+            with folder.timed(f"setup {arm} seed {seed}"):  # gauge discovery for gauge-aware arms
+                optimizer = build_optimizer(arm, model, settings, c.steps, example_inputs=example)
             batches = torch.Generator().manual_seed(10_000 + seed)  # identical batches for every arm
 
             def batch_loss(step: int) -> torch.Tensor:

@@ -75,7 +75,8 @@ def run(config: ViTExperimentConfig, context: RunContext) -> None:
             model = ViT(model_config).to(device)
             settings = OptimizerSettings(lr=c.lr, weight_decay=c.weight_decay, warmup_steps=c.warmup_steps,
                                          min_lr_ratio=c.min_lr_ratio)
-            optimizer = build_optimizer(arm, model, settings, c.steps, example_inputs=train_x[:2])
+            with folder.timed(f"setup {arm} seed {seed}"):  # gauge discovery for gauge-aware arms
+                optimizer = build_optimizer(arm, model, settings, c.steps, example_inputs=train_x[:2])
             batches = torch.Generator().manual_seed(10_000 + seed)
 
             def batch_loss(step: int) -> torch.Tensor:
