@@ -226,3 +226,12 @@ except KeyboardInterrupt:
     results = read_results(tmp_path / "run")
     assert results["status"] == "interrupted" and "signal" in results["error"]
     assert (tmp_path / "run" / "report.md").read_text().count("Status: interrupted") == 1
+
+
+def test_run_sets_torch_threads_and_restores_them(tmp_path):
+    before = torch.get_num_threads()
+    path = run_experiment(COUNTING, "smoke", out=tmp_path / "run", progress=False, threads=1)
+    assert read_results(path)["environment"]["machine"]["torch_threads"] == 1
+    assert torch.get_num_threads() == before
+    with pytest.raises(ValueError, match="threads"):
+        run_experiment(COUNTING, "smoke", out=tmp_path / "bad", progress=False, threads=0)

@@ -66,12 +66,15 @@ def default_run_dir(experiment: str, preset: str, root: Path = DEFAULT_RUNS_DIR)
 
 def run_experiment(name: str | Experiment, preset: str = "smoke", *, seeds: list[int] | tuple[int, ...] | None = None,
                    device: str | None = "auto", out: str | Path | None = None, progress: bool = True,
-                   **overrides: Any) -> Path:
+                   threads: int | None = 1, **overrides: Any) -> Path:
     """Run ``name`` at ``preset`` and return its folder (``results.json``, PNGs, ``report.md``).
 
     ``name`` is a registered experiment name or an :class:`Experiment`; ``seeds`` and
     ``overrides`` (config field names) replace the preset's values; ``device`` is ``"auto"``
     (CUDA when available) or forced; ``out`` defaults to ``runs/<name>-<preset>-<UTC time>``.
+    ``threads`` sets torch's CPU threads for the run (restored afterwards; None leaves it): the
+    reference models are small, and one thread avoids the large slowdowns of oversubscribed
+    OpenMP pools on shared CPUs.
 
     A failure, Ctrl-C or SIGTERM still writes the report of what was measured, marks the status
     (``failed`` / ``interrupted``) and re-raises.
@@ -79,6 +82,19 @@ def run_experiment(name: str | Experiment, preset: str = "smoke", *, seeds: list
     experiment = name if isinstance(name, Experiment) else get_experiment(name)
     config = experiment.config(preset, seeds=seeds, **overrides)
     chosen = select_device(device)
+    if threads is not None and threads < 1:
+        raise ValueError(f"threads must be a positive integer or None, got {threads}")
+    previous_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        return _run_into_folder(experiment, preset, config, chosen, out, progress)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _run_into_folder(experiment: Experiment, preset: str, config: Any, chosen: torch.device,
+                     out: str | Path | None, progress: bool) -> Path:
     path = Path(out) if out is not None else default_run_dir(experiment.name, preset)
     folder = RunFolder(path, experiment=experiment.name, preset=preset, config=config, seeds=config.seeds,
                        device=chosen)
