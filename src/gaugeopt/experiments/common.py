@@ -39,23 +39,29 @@ def lm_dds_sites(model: nn.Module) -> list[str]:
 
 
 class DDSCellTracker:
-    """Records DDS readings at ``checkpoints`` evenly spaced steps of a run and reads its cells.
+    """Records DDS readings at ``checkpoints`` evenly spaced steps from ``start_step`` to the end of
+    a run and reads its cells.
 
-    The arc length follows the actual path (measured after every step, Euclidean metric on the
-    flattened parameters, the same for every arm) and ``t`` at a recording is the length still to
-    travel to the last recording (dds.md §3).
+    The arc length follows the actual path (measured after every step from the first recording,
+    Euclidean metric on the flattened parameters, the same for every arm) and ``t`` at a recording
+    is the length still to travel to the last recording (dds.md §3).
     """
 
     def __init__(self, model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, sites: Sequence[str],
-                 total_steps: int, checkpoints: int):
+                 total_steps: int, checkpoints: int, start_step: int = 0):
         from ..dds import TrajectoryRecorder
 
+        if not 0 <= start_step < total_steps:
+            raise ValueError(f"start_step must lie in [0, {total_steps}), got {start_step}")
         self.recorder = TrajectoryRecorder(model, inputs, targets, loss=per_token_cross_entropy, sites=sites)
-        self.record_at = {round(i * total_steps / (checkpoints - 1)) for i in range(1, checkpoints)}
-        self.recorder.record(0)
+        span = total_steps - start_step
+        self.record_at = {start_step + round(i * span / (checkpoints - 1)) for i in range(checkpoints)}
+        if start_step == 0:
+            self.recorder.record(0)
 
     def after_step(self, step: int) -> None:
-        self.recorder.update_path()
+        if self.recorder.steps:  # the path is measured from the first recording on
+            self.recorder.update_path()
         if step in self.record_at:
             self.recorder.record(step)
 
@@ -71,10 +77,15 @@ class DDSCellTracker:
 
 
 def readable_cells_along_run(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
-                             total_steps: int, checkpoints: int) -> DDSCellTracker | None:
-    """A :class:`DDSCellTracker` on the decoder sites, or None when ``checkpoints`` is 0."""
+                             total_steps: int, checkpoints: int, start_fraction: float = 0.0
+                             ) -> DDSCellTracker | None:
+    """A :class:`DDSCellTracker` on the decoder sites from ``start_fraction`` of the run, or None
+    when ``checkpoints`` is 0."""
     if checkpoints <= 0:
         return None
     if checkpoints < 2:
         raise ValueError(f"a DDS readout needs at least 2 checkpoints, got {checkpoints}")
-    return DDSCellTracker(model, inputs, targets, lm_dds_sites(model), total_steps, checkpoints)
+    if not 0.0 <= start_fraction < 1.0:
+        raise ValueError(f"start_fraction must lie in [0, 1), got {start_fraction}")
+    return DDSCellTracker(model, inputs, targets, lm_dds_sites(model), total_steps, checkpoints,
+                          start_step=int(start_fraction * total_steps))

@@ -5,6 +5,8 @@ training split of a Shakespeare text, so the model memorises it; both arms share
 batches, learning-rate schedule and budget. Measured: the final validation-minus-training loss gap
 (losses on fixed windows, eval mode) and its curve over training (the collapse curve), and, when the
 dead-direction module is present, the readable dead-direction cells of dds.md §3 along each run.
+DDS is recorded at ``dds_checkpoints`` evenly spaced steps over the second half of each run (the
+over-training phase), with t the remaining arc length of the parameter path to the last one.
 Paper anchor: gap 0.67 (DDCAdam) vs 5.88 (AdamW); readable cells 32/65 vs 7/65.
 """
 
@@ -45,6 +47,7 @@ class OvertrainLMConfig:
     min_lr_ratio: float = 0.1
     dds_checkpoints: int = 12  # DDS snapshots along each run (0 turns the cell readout off)
     dds_samples: int = 8  # sequences per DDS snapshot
+    dds_start_fraction: float = 0.5  # DDS reads the over-training phase: the second half of the run
     arms: tuple[str, ...] = ("adamw", "ddc-adam")
     seeds: tuple[int, ...] = (0,)
 
@@ -86,7 +89,8 @@ def run(config: OvertrainLMConfig, context: RunContext) -> None:
                 return losses
 
             dds_inputs, dds_targets = train_eval[0][: c.dds_samples], train_eval[1][: c.dds_samples]
-            cells = readable_cells_along_run(model, dds_inputs, dds_targets, c.steps, c.dds_checkpoints)
+            cells = readable_cells_along_run(model, dds_inputs, dds_targets, c.steps, c.dds_checkpoints,
+                                             c.dds_start_fraction)
             with folder.timed(f"train {arm} seed {seed}"), context.bar(total=c.steps, desc=f"{arm} s{seed}") as bar:
                 outcome = train_loop(
                     model=model, optimizer=optimizer, steps=c.steps, batch_loss=batch_loss, evaluate=evaluate,
