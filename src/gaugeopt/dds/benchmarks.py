@@ -277,21 +277,24 @@ def _timed_dds(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss, sites: 
 
 
 def calibrate_sgld(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, loss,
-                   lrs: Sequence[float], localization: float, num_chains: int, num_draws: int,
-                   batch_size: int, seed: int, progress: bool = False) -> dict[str, Any]:
-    """Step-size sweep in the manner of devinterp's calibration guidance, automated.
+                   lrs: Sequence[float], localizations: Sequence[float], num_chains: int,
+                   num_draws: int, batch_size: int, seed: int,
+                   progress: bool = False) -> dict[str, Any]:
+    """Sweep of SGLD step size and localization in the manner of devinterp's guidance, automated.
 
-    For each step size the estimate is kept only if every chain stays finite, the estimate is
-    positive and the loss trace has equilibrated (the mean loss of the last quarter of draws is
-    within 10 % of the LLC, in n_beta units, of the third quarter's). Among those, the chosen step
-    size is the one where the LLC changes least between neighbouring step sizes (the plateau of the
-    LLC-vs-step-size curve). No true lambda is used.
+    Every (step size, localization) pair is run. A pair is *stable* when every chain stays finite,
+    the estimate is positive and the loss trace has equilibrated: the mean loss of the last quarter
+    of the draws differs from the third quarter's by at most 10 % of the LLC (in n_beta units).
+    Among stable pairs the chosen one is where the LLC changes least between neighbouring step
+    sizes at the same localization (the plateau of the LLC-vs-step-size curve). No true lambda
+    is used.
     """
     from .llc import estimate_llc
 
     sweep = []
-    for lr in tqdm(lrs, desc="calibrate SGLD", disable=not progress):
-        estimate = estimate_llc(model, x, y, loss=loss, lr=lr, localization=localization,
+    grid = [(gamma, lr) for gamma in localizations for lr in lrs]
+    for gamma, lr in tqdm(grid, desc="calibrate SGLD", disable=not progress):
+        estimate = estimate_llc(model, x, y, loss=loss, lr=lr, localization=gamma,
                                 num_chains=num_chains, num_draws=num_draws,
                                 batch_size=batch_size, seed=seed)
         trace = np.asarray(estimate.loss_trace)
@@ -300,23 +303,30 @@ def calibrate_sgld(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, loss,
         drift = estimate.n_beta * abs(last - third)
         stable = bool(np.isfinite(trace).all() and len(estimate.llc_per_chain) == num_chains
                       and estimate.llc_mean > 0 and drift <= 0.1 * estimate.llc_mean)
-        sweep.append({"lr": lr, "llc_mean": estimate.llc_mean, "llc_std": estimate.llc_std,
-                      "equilibration_drift": drift, "stable": stable,
-                      "wall_time_s": estimate.wall_time_s,
+        sweep.append({"lr": lr, "localization": gamma, "llc_mean": estimate.llc_mean,
+                      "llc_std": estimate.llc_std, "equilibration_drift": drift,
+                      "stable": stable, "wall_time_s": estimate.wall_time_s,
                       "forward_backward_passes": estimate.forward_backward_passes})
-    candidates = [i for i, entry in enumerate(sweep) if entry["stable"]]
-    if not candidates:
-        raise RuntimeError(f"no stable SGLD step size among {list(lrs)}; widen the sweep")
 
     def local_change(i: int) -> float:
-        neighbours = [j for j in (i - 1, i + 1) if 0 <= j < len(sweep)]
-        return max(abs(math.log(sweep[j]["llc_mean"] / sweep[i]["llc_mean"]))
-                   if sweep[j]["llc_mean"] > 0 else math.inf for j in neighbours)
+        """Largest |log LLC ratio| to the neighbouring step sizes at the same localization."""
+        neighbours = [j for j in (i - 1, i + 1) if 0 <= j < len(sweep)
+                      and sweep[j]["localization"] == sweep[i]["localization"]]
+        return max((abs(math.log(sweep[j]["llc_mean"] / sweep[i]["llc_mean"]))
+                    if sweep[j]["llc_mean"] > 0 else math.inf for j in neighbours),
+                   default=math.inf)
 
+    candidates = [i for i, entry in enumerate(sweep) if entry["stable"]]
+    if not candidates:
+        raise RuntimeError(f"no stable SGLD setting among step sizes {list(lrs)} and "
+                           f"localizations {list(localizations)}; widen the sweep")
+    for i, entry in enumerate(sweep):
+        entry["local_change"] = local_change(i)
     chosen = min(candidates, key=local_change)
-    return {"sweep": sweep, "chosen_lr": sweep[chosen]["lr"], "localization": localization,
+    return {"sweep": sweep, "chosen_lr": sweep[chosen]["lr"],
+            "chosen_localization": sweep[chosen]["localization"],
             "rule": "stable and equilibrated; smallest relative LLC change to neighbouring "
-                    "step sizes"}
+                    "step sizes at the same localization"}
 
 
 def rrr_benchmark(*, M: int = 10, N: int = 5, widths: Sequence[int] = (2, 3, 4, 5),
@@ -324,15 +334,17 @@ def rrr_benchmark(*, M: int = 10, N: int = 5, widths: Sequence[int] = (2, 3, 4, 
                   sites: Sequence[str] = ("A:output", "B:output"), dds_repeats: int = 20,
                   run_llc: bool = True, calibration_cell: tuple[int, int] = (4, 2),
                   calibration_lrs: Sequence[float] = (5e-5, 1e-4, 2e-4, 4e-4, 8e-4),
-                  localization: float = 1.0, num_chains: int = 4, num_draws: int = 500,
-                  batch_size: int = 100, calibration_draws: int = 300,
+                  calibration_localizations: Sequence[float] = (1.0, 10.0, 100.0),
+                  localization: float | None = None, num_chains: int = 4, num_draws: int = 1000,
+                  batch_size: int = 100, calibration_draws: int = 1000,
                   progress: bool = False) -> dict[str, Any]:
     """The reduced-rank regression grid: DDS and the devinterp LLC against the closed-form lambda.
 
     Every cell (H, r) gets its own teacher, data set and exact least-squares checkpoint (see
     :func:`rrr_checkpoint`); DDS reads ``sites`` there with one forward and one backward of the
     Gaussian negative log-likelihood, and the LLC (n_beta = n / log n) runs on the same checkpoint
-    with the SGLD step size calibrated once on ``calibration_cell``. Reports Spearman rho of each
+    with the SGLD step size and localization calibrated once on ``calibration_cell`` (pass
+    ``localization`` to fix it and sweep the step size only). Reports Spearman rho of each
     (site, observable) with lambda across cells, LLC / lambda per cell, and the wall time and
     forward-backward passes per checkpoint of both methods.
     """
@@ -345,10 +357,11 @@ def rrr_benchmark(*, M: int = 10, N: int = 5, widths: Sequence[int] = (2, 3, 4, 
     if run_llc:
         H0, r0 = calibration_cell
         model, x, y = rrr_checkpoint(M, N, H0, r0, samples=samples, noise=noise, seed=seed + 1000)
-        estimate_llc(model, x, y, loss=nll, lr=calibration_lrs[0], localization=localization,
+        localizations = calibration_localizations if localization is None else (localization,)
+        estimate_llc(model, x, y, loss=nll, lr=calibration_lrs[0], localization=localizations[0],
                      num_chains=1, num_draws=5, batch_size=batch_size)  # warm-up, not timed
         calibration = calibrate_sgld(model, x, y, loss=nll, lrs=calibration_lrs,
-                                     localization=localization, num_chains=2,
+                                     localizations=localizations, num_chains=2,
                                      num_draws=calibration_draws, batch_size=batch_size,
                                      seed=seed, progress=progress)
     rows = []
@@ -365,7 +378,8 @@ def rrr_benchmark(*, M: int = 10, N: int = 5, widths: Sequence[int] = (2, 3, 4, 
                                "dds_samples_processed": samples}
         if run_llc:
             estimate = estimate_llc(model, x, y, loss=nll, lr=calibration["chosen_lr"],
-                                    localization=localization, num_chains=num_chains,
+                                    localization=calibration["chosen_localization"],
+                                    num_chains=num_chains,
                                     num_draws=num_draws, batch_size=batch_size, seed=seed + index)
             row.update({"llc": estimate.as_dict(),
                         "llc_over_lambda": estimate.llc_mean / coefficient.lambda_})
@@ -404,6 +418,7 @@ def rrr_benchmark(*, M: int = 10, N: int = 5, widths: Sequence[int] = (2, 3, 4, 
                    "seed": seed, "sites": site_list, "dds_repeats": dds_repeats, "run_llc": run_llc,
                    "llc": None if not run_llc else {
                        "n_beta": "n / log n", "localization": localization,
+                       "calibration_localizations": list(calibration_localizations),
                        "num_chains": num_chains, "num_draws": num_draws, "num_burnin_steps": 0,
                        "batch_size": batch_size, "calibration_cell": list(calibration_cell),
                        "calibration_lrs": list(calibration_lrs),
@@ -430,15 +445,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", required=True, type=Path, help="results JSON file to write")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-llc", action="store_true", help="rrr: skip the devinterp LLC")
-    parser.add_argument("--num-draws", type=int, default=500, help="rrr: SGLD draws per chain")
+    parser.add_argument("--num-draws", type=int, default=1000, help="rrr: SGLD draws per chain")
+    parser.add_argument("--calibration-draws", type=int, default=1000,
+                        help="rrr: SGLD draws per chain in the step-size sweep")
     parser.add_argument("--steps", type=int, default=20000, help="bridge: SGD steps per run")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (the models are tiny: one thread is fastest)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
     progress = not args.quiet
     start = time.perf_counter()
     if args.benchmark == "rrr":
         results = rrr_benchmark(seed=args.seed, run_llc=not args.no_llc, num_draws=args.num_draws,
-                                progress=progress)
+                                calibration_draws=args.calibration_draws, progress=progress)
     else:
         results = {"constructed": constructed_bridge(seed=args.seed, progress=progress),
                    "sgd": noisy_bridge_sgd(seed=args.seed, steps=args.steps, progress=progress)}
