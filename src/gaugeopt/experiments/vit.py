@@ -30,7 +30,7 @@ class ViTExperimentConfig:
     patch_size: int = 2
     d_model: int = 64
     n_layers: int = 2
-    n_heads: int = 4
+    n_heads: int = 8  # head_dim 8: find_gauges' rotation search currently exhausts memory at 16
     d_ff: int = 256  # deliberately wide: spare units the optimizer may compress
     batch_size: int = 64
     steps: int = 600
@@ -127,7 +127,7 @@ PRESETS = {
     "tiny": ViTExperimentConfig(d_model=16, n_layers=1, n_heads=2, d_ff=32, batch_size=16, steps=8,
                                 eval_every=4, warmup_steps=2),
     "smoke": ViTExperimentConfig(),
-    "full": ViTExperimentConfig(d_model=64, n_layers=3, n_heads=4, d_ff=256, batch_size=128, steps=1500,
+    "full": ViTExperimentConfig(d_model=64, n_layers=3, n_heads=8, d_ff=256, batch_size=128, steps=1500,
                                 eval_every=100, warmup_steps=60, seeds=(0,)),
 }
 
