@@ -164,7 +164,7 @@ PRESETS = {
                               dds_checkpoints=4, dds_samples=2),
     "smoke": OvertrainLMConfig(),
     "full": OvertrainLMConfig(train_chars=32_768, d_model=96, n_layers=2, n_heads=4, d_ff=256,
-                              seq_len=64, batch_size=32, steps=2000, eval_every=100, eval_windows=64,
+                              seq_len=64, batch_size=32, steps=1500, eval_every=100, eval_windows=64,
                               warmup_steps=60, dds_checkpoints=16, seeds=(0,)),
 }
 
