@@ -160,12 +160,17 @@ def test_relu_classifier_shift_and_neuron_on_one_matrix():
     assert min(r.displacement for r in results.values()) > 0.01
 
 
-def test_radius_pair_frame_is_exact_too():
-    """pair_frame="radius" (ddc.md section 4 as written: lr is a relative rate for neuron pairs)."""
+def test_literal_construction_is_exact_too():
+    """pair_frame="radius" without norm-scale steps: ddc.md section 4 as written (lr is a relative
+    rate for neuron pairs, channel scales move only through the per-coordinate steps)."""
     model, gauges, batches, loss = _case("lm_variant")
-    result = check_equivariance(lambda m, g: ddc(m, g, pair_frame="radius"), model, gauges, batches, loss, steps=50)
+
+    def literal(m, g):
+        return ddc(m, g, pair_frame="radius", norm_scale_step=False)
+
+    result = check_equivariance(literal, model, gauges, batches, loss, steps=50)
     assert result.error <= 1e-8 and result.displacement > 0.1
-    per_step, _ = _orbit_drift(lambda m, g: ddc(m, g, pair_frame="radius"), "lm_variant", steps=30)
+    per_step, _ = _orbit_drift(literal, "lm_variant", steps=30)
     assert max(per_step.values()) <= 1e-10
 
 
@@ -405,6 +410,29 @@ def test_gauges_must_be_a_gauge_set():
     model, _ = _gauge_free_model()
     with pytest.raises(TypeError, match="GaugeSet"):
         DDCAdam(model.parameters(), [object()])
+
+
+def test_gauges_of_another_model_are_refused():
+    model, gauges, _, _ = _case("lm")
+    copy_of_model = copy.deepcopy(model)
+    with pytest.raises(ValueError, match="bind"):
+        DDCAdam(copy_of_model.parameters(), gauges)
+    DDCAdam(copy_of_model.parameters(), gauges.bind(copy_of_model))
+
+
+def test_float32_model_trains_without_nan():
+    model, gauges, batches, loss = _case("moe")
+    model = model.float()
+    opt = ddc(model, gauges.bind(model))
+    losses = []
+    for t in range(10):
+        opt.zero_grad()
+        value = loss(model, batches[t % len(batches)])
+        value.backward()
+        opt.step()
+        losses.append(value.item())
+    assert all(math.isfinite(v) for v in losses) and all(torch.isfinite(p).all() for p in model.parameters())
+    assert losses[-1] < losses[0]
 
 
 def test_none_gauges_is_plain_adamw_and_public_export():

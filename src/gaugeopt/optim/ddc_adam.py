@@ -14,18 +14,28 @@ weight decay ``p <- (1 - lr wd) p`` first, then:
   stepped (nor decayed); consumer weights C are stepped as ``W~ = C diag(g)`` with gradient
   ``G_C diag(1/g)`` and written back as ``C = W~ diag(1/g)``; the bias as ``beta^ = beta / g`` with
   gradient ``g * G_beta``, written back as ``beta = g * beta^``. Decay acts on ``W~`` and ``beta^``.
+  With ``norm_scale_step``, each channel's scale takes AdamW's gain step instead of the gain: a
+  scalar Adam (gain's group) on the invariant ``h_j = sum <G~[:, j], W~[:, j]> = g_j dL/dg_j`` gives
+  ``r_j`` and every merged consumer column j is multiplied by ``exp(-lr r_j)``.
 * **Logit / router shift** ``W -> W + 1 a^T``: the mean row (and mean bias) is held fixed; gradient,
   decay and the update ``A`` act on the centered part and the update is centered over the rows.
 * **Head rotation** on row (or column) blocks: ``S`` averages ``x * x`` over each rotated block (per
   column for row blocks, per row for column blocks), so ``v`` is invariant and ``A`` rotates with
   the gauge.
 * **Neuron scaling** unit i with pair ``P1`` (producer row and bias), ``P2`` (consumer columns), in
-  the merged/centered frames above: ``rho_k = |P_k|``, ``h_k = <G_k, P_k>``,
-  ``x_k = rho_k G_k - (h_k / rho_k) P_k``. A scalar Adam per unit on ``(h_1 + h_2) / sqrt 2`` gives
-  ``r``; the per-coordinate Adam on ``x_k`` gives ``u_k``, projected orthogonal to ``d_k = P_k / rho_k``.
-  With ``s = exp(-lr r / sqrt 2)``: ``P_k <- rho_k s (s d_k - lr u_k) / |s d_k - lr u_k|``, i.e. the
-  step ``s P_k - lr rho_k u_k`` retracted so that the orbit coordinate ``log(rho_1 / rho_2)`` is held
-  exactly. The gauge mode ``(h_1 - h_2) / sqrt 2`` is not stepped.
+  the merged/centered frames above: ``rho_k = |P_k|``, ``h_k = <G_k, P_k>``, and an invariant unit
+  length ``l`` (``pair_frame="balanced"``: ``l = sqrt(rho_1 rho_2)``; ``"radius"``: ``l = 1``). A
+  scalar Adam per unit on ``(h_1 + h_2) / (sqrt 2 l)`` gives ``r``; the per-coordinate Adam on
+  ``x_k = (rho_k G_k - (h_k / rho_k) P_k) / l`` gives ``u_k``, projected orthogonal to
+  ``d_k = P_k / rho_k``. With ``q_k = exp(-lr r / (sqrt 2 l)) d_k - (lr / l) u_k``:
+  ``P_k <- rho_k sqrt(|q_1| |q_2|) q_k / |q_k|``, i.e. the step ``rho_k q_k`` of ddc.md section 4
+  with its second-order drift along the orbit removed, so ``log(rho_1 / rho_2)`` is held exactly.
+  The gauge mode ``(h_1 - h_2) / sqrt 2`` is not stepped. In the balanced frame this is AdamW's step
+  taken at the orbit's balanced point (``rho_1 = rho_2``) and carried back by the gauge,
+  so ``lr`` has the same meaning as for every other parameter; the radius frame (ddc.md section 4 as
+  written) makes ``lr`` a relative rate for the pairs. If a norm-scale step changed ``|P1|``, the
+  neuron gauge element restoring ``log(rho_1 / rho_2)`` is applied at the end of the step (it is
+  computed from invariants and does not change the function).
 
 Every input of a moment update is invariant under the gauges (or rotates with them) and every
 write-back is covariant, so training from ``g . theta_0`` gives ``g . theta_t`` (R2) and the orbit
@@ -38,10 +48,10 @@ are left exactly as they are, its inputs to the moments are zero, and it is list
 a dead scale, so no NaN is produced.
 
 Hyperparameters of coupled tensors: a neuron pair couples its producer weight and bias and its
-consumer weights into one update; they must share ``lr``, ``betas`` and ``eps`` (checked each step,
-so a scheduler may change them together). Weight decay is taken per tensor from its own group; a
-pair whose tensors decay at different rates moves its orbit coordinate through the decay alone (that
-objective is not gauge invariant), while the step is still equivariant.
+consumer weights into one update; they must share ``lr``, ``betas``, ``eps`` and ``pair_frame``
+(checked each step, so a scheduler may change them together). Weight decay is taken per tensor from
+its own group; a pair whose tensors decay at different rates moves its orbit coordinate through the
+decay alone (that objective is not gauge invariant), while the step is still equivariant.
 """
 
 from __future__ import annotations
@@ -142,6 +152,11 @@ class DDCAdam(torch.optim.Optimizer):
             :func:`gaugeopt.find_gauges`), or ``None`` for none (then this is exactly AdamW).
             Parameters are matched to gauge families by their names in ``gauges.model``.
         lr, betas, eps, weight_decay: as in ``torch.optim.AdamW``.
+        pair_frame: ``"balanced"`` (default) or ``"radius"``: the unit length of the neuron-pair
+            chart (module docstring); both are exactly equivariant.
+        norm_scale_step: take a scalar Adam step on each norm channel's invariant log-scale (the
+            common scale of its merged consumer columns), driven by the gain's group; ``False``
+            leaves channel scales to the per-coordinate steps alone.
         dead_threshold: a norm channel with ``|gain| <=`` this, or a neuron pair with
             ``sqrt(|P1| |P2|) <=`` this, is frozen and reported in :attr:`frozen`.
 
@@ -160,6 +175,7 @@ class DDCAdam(torch.optim.Optimizer):
         weight_decay: float = 0.0,
         *,
         pair_frame: PairFrame = "balanced",
+        norm_scale_step: bool = True,
         dead_threshold: float = 1e-12,
     ):
         if not lr >= 0.0:
@@ -180,11 +196,15 @@ class DDCAdam(torch.optim.Optimizer):
                                       pair_frame=pair_frame))
         self.gauges = gauges
         self.dead_threshold = dead_threshold
+        self.norm_scale_step = bool(norm_scale_step)
         self.plan: FramePlan = build_frame_plan(gauges) if gauges is not None else FramePlan({}, (), ())
         model_params = dict(gauges.model.named_parameters()) if gauges is not None else {}
         self._names = {id(p): n for n, p in model_params.items()}
         self._params_by_name = model_params
         optimized = {self._names.get(id(p)) for g in self.param_groups for p in g["params"]}
+        if gauges is not None and len(gauges) and optimized == {None}:
+            raise ValueError("none of the parameters belongs to gauges.model: pass the GaugeSet of the model "
+                             "being optimized (gauges.bind(model) re-targets one to a copy)")
         for family in self.plan.pairs:
             members = {r.name for r in (*family.multiplied, *family.divided)}
             missing = sorted(members - optimized)
@@ -322,6 +342,62 @@ class DDCAdam(torch.optim.Optimizer):
                     w.frozen = dead if w.frozen is None else (w.frozen | dead)
         return tuple(chart.dead.nonzero().flatten().tolist())
 
+    def _norm_scale_steps(self, work: dict[str, _Work], gain_groups: dict[str, dict]) -> dict[str, tuple[list[str], Tensor]]:
+        """Per norm family: its consumers and the factors ``exp(-lr r_j)`` for their merged columns.
+
+        ``h_j = sum over consumers <G~[:, j], W~[:, j]>`` (equal to ``g_j dL/dg_j``) is invariant under
+        every gauge; a scalar Adam on it, with the gain's group settings, gives ``r_j``. At ``g = 1``
+        this is AdamW's step on the gain, taken as the common log-scale of the channel's merged columns
+        (the gain itself stays the frame). Dead channels get factor 1.
+        """
+        steps = {}
+        for family in self.plan.norms:
+            consumers = [c for c in family.consumers if c in work]
+            group = gain_groups.get(family.gain)
+            if group is None or not consumers:
+                continue
+            gain = self._params_by_name[family.gain]
+            h = sum((work[c].grad * work[c].value).sum(0) for c in consumers)
+            state = self.state[gain]
+            if not state:
+                state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                state["scale_exp_avg"] = torch.zeros_like(h)
+                state["scale_exp_avg_sq"] = torch.zeros_like(h)
+            beta1, beta2 = group["betas"]
+            state["step"] += 1
+            adam_moments_(h, state["scale_exp_avg"], state["scale_exp_avg_sq"], beta1, beta2)
+            r = _adam_direction(state["scale_exp_avg"], state["scale_exp_avg_sq"], float(state["step"]), beta1,
+                                beta2, group["eps"])
+            live = gain.detach().abs() > self.dead_threshold
+            steps[family.name] = (consumers, torch.where(live, torch.exp(-group["lr"] * r), torch.ones_like(r)))
+        return steps
+
+    @staticmethod
+    def _pair_sides(family: NeuronScaling, work: dict[str, _Work]) -> tuple[Tensor, Tensor]:
+        """Squared side norms ``|P1|^2``, ``|P2|^2`` per unit, read from the working values."""
+        return tuple(sum(unit_slices(work[r.name].value, r.axis).pow(2).sum(1) for r in refs)
+                     for refs in (family.multiplied, family.divided))
+
+    def _pair_log_ratio(self, family: NeuronScaling, work: dict[str, _Work]) -> Tensor:
+        sq1, sq2 = self._pair_sides(family, work)
+        return 0.5 * (torch.log(sq1) - torch.log(sq2))
+
+    def _hold_pair_ratio(self, family: NeuronScaling, work: dict[str, _Work], held: Tensor) -> None:
+        """Apply the neuron gauge element that puts ``log(|P1| / |P2|)`` back to ``held``.
+
+        Other steps (the norm channel scales) may change ``|P1|``; the correction ``a`` is a group
+        element computed from the invariant difference of two orbit coordinates, so it is
+        equivariant, it does not change the function, and the orbit coordinate is held exactly."""
+        now = self._pair_log_ratio(family, work)
+        correction = torch.exp(0.5 * (held - now))
+        correction = torch.where(torch.isfinite(correction), correction, torch.ones_like(correction))
+        for refs, factors in ((family.multiplied, correction), (family.divided, 1 / correction)):
+            for ref in refs:
+                w = work[ref.name]
+                shape = [1] * w.value.dim()
+                shape[ref.axis] = -1
+                w.value = w.value * factors.reshape(shape)
+
     # ----- the step ------------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None):
@@ -331,6 +407,7 @@ class DDCAdam(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         work: dict[str, _Work] = {}
+        gain_groups: dict[str, dict] = {}
         for group in self.param_groups:
             for p in group["params"]:
                 name = self._names.get(id(p))
@@ -340,7 +417,8 @@ class DDCAdam(torch.optim.Optimizer):
                         self._adamw_step(p, group)
                     continue
                 if frame.role == "gain":
-                    continue  # the gain is the frame of its channels: never stepped
+                    gain_groups[name] = group  # the gain is the frame of its channels: never stepped
+                    continue
                 if p.grad is None and name not in self._pair_members:
                     continue
                 if p.grad is not None and p.grad.is_sparse:
@@ -353,6 +431,9 @@ class DDCAdam(torch.optim.Optimizer):
             dead = (self._params_by_name[family.gain].detach().abs() <= self.dead_threshold).nonzero().flatten()
             if len(dead):
                 frozen[family.name] = tuple(dead.tolist())
+        channel_steps = self._norm_scale_steps(work, gain_groups) if self.norm_scale_step else {}
+        held_ratios = {f.name: self._pair_log_ratio(f, work) for f in self.plan.pairs
+                       if all(r.name in work for r in (*f.multiplied, *f.divided))}
         charted = set()
         for family in self.plan.pairs:
             names = [r.name for r in (*family.multiplied, *family.divided)]
@@ -371,6 +452,12 @@ class DDCAdam(torch.optim.Optimizer):
                 continue
             direction = self._moments_direction(w, w.grad)
             w.value = w.value - w.group["lr"] * direction
+        for consumers, factors in channel_steps.values():
+            for name in consumers:
+                work[name].value = scale_columns(work[name].value, factors)
+        for family in self.plan.pairs:
+            if family.name in held_ratios and all(r.name in work for r in family.multiplied):
+                self._hold_pair_ratio(family, work, held_ratios[family.name])
         for w in work.values():
             self._leave_frame(w)
         self._report_frozen(frozen)

@@ -331,31 +331,39 @@ def pair_chart(P1: Tensor, G1: Tensor, P2: Tensor, G2: Tensor, threshold: float 
     return PairChart(rho1, rho2, P1 / safe1 * live, P2 / safe2 * live, radial, vertical, x1, x2, dead, length)
 
 
-def _tangent_step(direction: Tensor, shrink: Tensor, tangent_update: Tensor, rate: Tensor | float) -> Tensor:
-    """Unit vector along ``shrink * direction - rate * (tangent_update projected off direction)``."""
+def _turned(direction: Tensor, shrink: Tensor, tangent_update: Tensor, rate: Tensor | float) -> Tensor:
+    """``shrink * direction - rate * u`` with ``u`` the update projected orthogonal to ``direction``."""
     u = tangent_update - (tangent_update * direction).sum(1, keepdim=True) * direction
-    q = shrink * direction - rate * u
+    return shrink * direction - rate * u
+
+
+def _unit(q: Tensor) -> tuple[Tensor, Tensor]:
     norm = q.norm(dim=1, keepdim=True)
-    return q / torch.where(norm > 0, norm, torch.ones_like(norm))
+    safe = torch.where(norm > 0, norm, torch.ones_like(norm))
+    return q / safe, safe
 
 
 def pair_retract(chart: PairChart, radial_update: Tensor, tangent1_update: Tensor, tangent2_update: Tensor,
                  lr: float) -> tuple[Tensor, Tensor]:
-    """New pairs from base-optimizer outputs in the chart (ddc.md section 4, with a retraction).
+    """New pairs from base-optimizer outputs in the chart (ddc.md section 4), orbit coordinate held.
 
-    With the unit length ``l`` of the chart, ``c = lr * radial_update / (sqrt 2 l)`` and ``u_k`` the
-    tangential update projected orthogonal to the direction ``d_k = P_k / rho_k``, the step
-    ``e^{-c} P_k - lr (rho_k / l) u_k`` is retracted to
-    ``P_k <- rho_k e^{-c} (e^{-c} d_k - (lr / l) u_k) / |e^{-c} d_k - (lr / l) u_k|`` (equal to first
-    order in lr): the radius moves by the radial mode alone, the same ``e^{-c}`` on both sides, so
-    ``log(rho_1 / rho_2)`` is held exactly, and the tangential step only turns each direction. Every
-    factor is invariant except ``rho_k``, so the map is covariant. Dead units come back as zero rows
-    (the caller freezes them).
+    With the unit length ``l`` of the chart, ``c = lr * radial_update / (sqrt 2 l)``, ``u_k`` the
+    tangential update projected orthogonal to the direction ``d_k = P_k / rho_k`` and
+    ``q_k = e^{-c} d_k - (lr / l) u_k``, the step of ddc.md section 4 is ``P_k <- rho_k q_k``. Its
+    second-order norm change differs between the sides (``|q_1| != |q_2|``), which would move the
+    orbit coordinate ``log(rho_1 / rho_2)`` by ``log(|q_1| / |q_2|)``. That vertical part is removed:
+
+        P_k <- rho_k sqrt(|q_1| |q_2|) q_k / |q_k|
+
+    so ``log(rho_1 / rho_2)`` is held exactly while the invariant scale ``rho_1 rho_2`` changes by
+    ``|q_1| |q_2|``, as under the unprojected step. Every factor is invariant except ``rho_k``, so the
+    map is covariant. Dead units come back as zero rows (the caller freezes them).
     """
     rate = lr if chart.length is None else lr / chart.length.unsqueeze(1)
     radial = radial_update if chart.length is None else radial_update / chart.length
     shrink = torch.exp(-lr * radial / math.sqrt(2)).unsqueeze(1)
     live = (~chart.dead).to(shrink.dtype).unsqueeze(1)
-    new1 = chart.rho1.unsqueeze(1) * shrink * _tangent_step(chart.direction1, shrink, tangent1_update, rate)
-    new2 = chart.rho2.unsqueeze(1) * shrink * _tangent_step(chart.direction2, shrink, tangent2_update, rate)
-    return new1 * live, new2 * live
+    d1, n1 = _unit(_turned(chart.direction1, shrink, tangent1_update, rate))
+    d2, n2 = _unit(_turned(chart.direction2, shrink, tangent2_update, rate))
+    common = torch.sqrt(n1) * torch.sqrt(n2)
+    return chart.rho1.unsqueeze(1) * common * d1 * live, chart.rho2.unsqueeze(1) * common * d2 * live
