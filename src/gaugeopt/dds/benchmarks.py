@@ -287,7 +287,7 @@ def calibrate_sgld(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, loss,
     of the draws differs from the third quarter's by at most 10 % of the LLC (in n_beta units).
     Among stable pairs the chosen one is where the LLC changes least between neighbouring step
     sizes at the same localization (the plateau of the LLC-vs-step-size curve). No true lambda
-    is used.
+    is used. If no pair is stable, the least drifting one is returned with ``calibrated: False``.
     """
     from .llc import estimate_llc
 
@@ -316,17 +316,23 @@ def calibrate_sgld(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, loss,
                     if sweep[j]["llc_mean"] > 0 else math.inf for j in neighbours),
                    default=math.inf)
 
-    candidates = [i for i, entry in enumerate(sweep) if entry["stable"]]
-    if not candidates:
-        raise RuntimeError(f"no stable SGLD setting among step sizes {list(lrs)} and "
-                           f"localizations {list(localizations)}; widen the sweep")
     for i, entry in enumerate(sweep):
         entry["local_change"] = local_change(i)
-    chosen = min(candidates, key=local_change)
+    candidates = [i for i, entry in enumerate(sweep) if entry["stable"]]
+    if candidates:
+        chosen = min(candidates, key=local_change)
+        rule = ("stable and equilibrated; smallest relative LLC change to neighbouring step sizes "
+                "at the same localization")
+    else:  # nothing equilibrated: take the least drifting positive estimate, and say so
+        positive = ([i for i, entry in enumerate(sweep) if entry["llc_mean"] > 0]
+                    or list(range(len(sweep))))
+        chosen = min(positive, key=lambda i: sweep[i]["equilibration_drift"]
+                     / max(sweep[i]["llc_mean"], 1e-300))
+        rule = ("NOT CALIBRATED: no setting equilibrated; chose the smallest drift relative to "
+                "its LLC. Lengthen the chains or widen the sweep")
     return {"sweep": sweep, "chosen_lr": sweep[chosen]["lr"],
             "chosen_localization": sweep[chosen]["localization"],
-            "rule": "stable and equilibrated; smallest relative LLC change to neighbouring "
-                    "step sizes at the same localization"}
+            "calibrated": bool(candidates), "rule": rule}
 
 
 def rrr_benchmark(*, M: int = 10, N: int = 5, widths: Sequence[int] = (2, 3, 4, 5),
