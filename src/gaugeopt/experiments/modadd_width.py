@@ -146,15 +146,18 @@ def run(config: ModAddWidthConfig, context: RunContext) -> None:
                        "series": [{"label": row["reading"], "x": widths,
                                    "y": [_decades(v, row["values"][0], row["reading"]) for v in row["values"]]}
                                   for row in folder.results["separation"]]})
-    ordered = [r for r in readings if r["rho"] is not None and abs(r["rho"]) >= ORDERING_RHO and r["orders"]]
+    # The headline uses single-eigenvalue readings: a logdet+ sums more eigenvalues as the width
+    # grows, so its span partly counts dimensions (its rows stay in the metrics table).
+    ordered = [r for r in readings if r["rho"] is not None and abs(r["rho"]) >= ORDERING_RHO and r["orders"]
+               and "logdet" not in r["reading"]]
     if ordered:
         best = max(ordered, key=lambda r: r["orders"])
         ours = f"{best['reading']}: rho {best['rho']:+.2f}, {best['orders']:.1f} orders"
     else:
         ours = "no DDS reading orders the widths (|rho| < 0.8)"
     folder.add_claim("DDS separates d_model", "across 18 orders of magnitude", ours, bool(ordered),
-                     f"criterion: some DDS reading has |Spearman rho| >= {ORDERING_RHO} with d_model; "
-                     f"widths {list(c.widths)}")
+                     f"criterion: some smallest-eigenvalue DDS reading has |Spearman rho| >= {ORDERING_RHO} "
+                     f"with d_model (logdet+ excluded: its term count grows with width); widths {list(c.widths)}")
     if not llc_rows:
         return
     llc_row = llc_rows[0]
