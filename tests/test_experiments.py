@@ -53,7 +53,8 @@ def counting_run(config: CountingConfig, context) -> None:
             folder.log_point("gd", seed, step=step, loss=loss.item())
             folder.flush()
         folder.set_metric("gd", "w", w.item())
-    folder.add_figure({"file": "w.png", "kind": "bar", "title": "w", "series": [{"label": "w", "x": ["gd"], "y": [w.item()]}]})
+    folder.add_figure({"file": "w.png", "kind": "bar", "title": "w",
+                       "series": [{"label": "w", "x": ["gd"], "y": [w.item()]}]})
     folder.add_claim("w reaches 3", "3", f"{w.item():.3f}", abs(w.item() - 3) < 0.1)
 
 

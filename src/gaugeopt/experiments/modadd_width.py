@@ -99,7 +99,8 @@ def run(config: ModAddWidthConfig, context: RunContext) -> None:
             outcome = train_loop(model=model, optimizer=optimizer, steps=c.steps,
                                  batch_loss=lambda step: F.cross_entropy(model(train_x), train_y),
                                  evaluate=evaluate, eval_every=c.eval_every, bar=bar,
-                                 on_eval=lambda step, m, w=width: folder.log_point(f"d_model {w}", seed, step=step, **m))
+                                 on_eval=lambda step, m, w=width: folder.log_point(
+                                     f"d_model {w}", seed, step=step, **m))
         model.eval()
         sites = ["decoder.head", f"decoder.blocks.{c.n_layers - 1}.ffn.down"]
         start = time.perf_counter()

@@ -67,7 +67,8 @@ def run(config: RRRConfig, context: RunContext) -> None:
     if c.run_llc:
         ratio = summary["llc_over_lambda_mean"]
         folder.add_claim("calibrated LLC recovers lambda", "LLC 99 % of lambda (mean over 14 cells)",
-                         f"{ratio:.1%} (min {summary['llc_over_lambda_min']:.1%}, max {summary['llc_over_lambda_max']:.1%})",
+                         f"{ratio:.1%} (min {summary['llc_over_lambda_min']:.1%}, "
+                         f"max {summary['llc_over_lambda_max']:.1%})",
                          bool(abs(ratio - 1) <= 0.10), "criterion: mean LLC/lambda within 10 % of 1")
         folder.add_claim("DDS is far cheaper per checkpoint", "1 forward-backward (DDS) vs 10^4-10^6 (LLC)",
                          f"{summary['wall_time_ratio_llc_over_dds']:.0f}x wall time, "
