@@ -9,6 +9,7 @@
 * :func:`estimate_llc` -- the local learning coefficient baseline through ``devinterp``
   (``pip install gaugeopt[llc]``).
 * :class:`OrbitDriftRecorder` -- how far each gauge family's orbit coordinates move during a run.
+* :func:`router_diagnostics` -- load balance and logit statistics of every MoE router, one row per layer.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from .observables import (
     site_observables,
 )
 from .reading import DDSReading, dead_direction_signatures
+from .router import router_diagnostics, router_statistics
 from .rrr import RRRLearningCoefficient, rrr_grid, rrr_lambda, rrr_learning_coefficient
 from .slopes import (
     CellReading,
@@ -55,6 +57,7 @@ __all__ = [
     "remaining_arc_length_of_checkpoints",
     "RRRLearningCoefficient", "rrr_grid", "rrr_lambda", "rrr_learning_coefficient",
     "OrbitDriftRecorder", "orbit_drift",
+    "router_diagnostics", "router_statistics",
     *_LAZY,
 ]
 

@@ -510,20 +510,37 @@ def _attention_sites(g: _Graph) -> list[_AttentionSite]:
 
 
 def _commutant_algebra(pairs: list[torch.Tensor], d: int, tol: float = 1e-9) -> torch.Tensor:
-    """Basis of {X in so(d): A X = X A for all A in pairs}, shape (k, d, d)."""
-    basis = full_rotation_algebra(d)
+    """Orthonormal basis of {X in so(d): A X = X A for all A in pairs}, shape (k, d, d).
+
+    The condition is linear in A, so an orthonormal basis A_1..A_r of span(pairs) suffices (r is 1
+    without RoPE, about d with it). The candidate space starts at so(d) and is cut down by one
+    matrix at a time, a generic combination of the A_j first so that the later cuts are cheap; each
+    cut keeps the combinations of the current basis whose commutator with A vanishes (the left
+    singular vectors of the stacked commutators [A, X_i] with negligible singular values).
+    """
+    basis = full_rotation_algebra(d) / 2**0.5  # orthonormal in the Frobenius inner product
     if not pairs:
         return basis
-    rows = []
-    for a in pairs:
-        # [A, B_k] for every basis element, flattened: (d*d, K)
-        rows.append((a @ basis - basis @ a).reshape(len(basis), -1).T)
-    system = torch.cat(rows)
-    scale = system.abs().max().clamp_min(1e-30)
-    _, s, vh = torch.linalg.svd(system / scale, full_matrices=True)
-    rank = int((s > 10 * tol).sum())
-    null = vh[rank:]  # (k, K)
-    return torch.einsum("kj,jab->kab", null, basis)
+    flat = torch.stack([a.reshape(-1) for a in pairs])
+    _, s, vh = torch.linalg.svd(flat / flat.abs().max().clamp_min(1e-30), full_matrices=False)
+    span = vh[: int((s > 10 * tol * s[0]).sum())].reshape(-1, d, d)
+    generic = torch.einsum("j,jab->ab", torch.randn(len(span), generator=torch.Generator().manual_seed(0),
+                                                    dtype=span.dtype), span)
+    for a in (generic, *span):
+        commutators = (a @ basis - basis @ a).reshape(len(basis), -1)  # row i: vec([A, X_i])
+        if commutators.abs().max() <= tol * a.abs().max():  # every candidate commutes with A already
+            continue
+        if len(basis) > 64:  # cheap, loose pre-cut through the Gram matrix (it squares the precision)
+            eigenvalues, eigenvectors = torch.linalg.eigh(commutators @ commutators.T)
+            loose = eigenvalues <= 1e-8 * max(eigenvalues[-1].item(), (a * a).sum().item())
+            basis = torch.einsum("ik,iab->kab", eigenvectors[:, loose], basis)
+            commutators = eigenvectors[:, loose].T @ commutators
+        u, singular, _ = torch.linalg.svd(commutators, full_matrices=False)
+        keep = singular <= 10 * tol * max(singular[0].item(), a.norm().item())
+        basis = torch.einsum("ik,iab->kab", u[:, keep], basis)
+        if len(basis) == 0:
+            break
+    return basis
 
 
 def _attention_families(g: _Graph, attn: _AttentionSite) -> tuple[list[GaugeFamily], list[Skipped]]:
