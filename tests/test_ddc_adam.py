@@ -134,13 +134,18 @@ def test_equivariant_for_each_family_and_their_product(key):
     for label, r in results.items():
         assert r.displacement > 0.01, f"{label}: the sampled element barely moves the model"
         assert len(r.per_step) == 50
-        assert r.error <= 1e-8, f"{key}/{label}: relative error {r.error:.2e} at step {r.worst_step} ({r.worst_parameter})"
+        assert r.error <= 1e-8, \
+            f"{key}/{label}: relative error {r.error:.2e} at step {r.worst_step} ({r.worst_parameter})"
 
 
 @pytest.mark.parametrize("key", list(CASES))
 def test_adamw_fails_the_same_check(key):
+    """AdamW on the product element of every model, and on every kind separately on the LM (the
+    kinds recur on the other models; docs/ddc.md lists the per-kind numbers for all four)."""
     model, gauges, batches, loss = _case(key)
-    results = check_equivariance_per_family(adamw, model, gauges, batches, loss, steps=50, spread=1.0)
+    kinds = None if key == "lm" else []
+    results = check_equivariance_per_family(adamw, model, gauges, batches, loss, steps=50, spread=1.0, kinds=kinds)
+    assert len(results) == (len(EXPECTED_KINDS[key]) + 1 if key == "lm" else 1)
     for label, r in results.items():
         assert r.error >= 1e-3, f"{key}/{label}: AdamW looked equivariant ({r.error:.2e})"
 
@@ -387,8 +392,8 @@ def test_deep_relu_mlp_is_refused_naming_the_parameter_and_compatible_gauges_dro
     assert len(dropped) == 1 and len(reduced) == len(gauges) - 1
     build_frame_plan(reduced)
     g = torch.Generator().manual_seed(11)
-    batches = [(torch.randn(5, 4, generator=g, dtype=torch.float64), torch.randn(5, 3, generator=g, dtype=torch.float64))
-               for _ in range(3)]
+    batches = [(torch.randn(5, 4, generator=g, dtype=torch.float64),
+                torch.randn(5, 3, generator=g, dtype=torch.float64)) for _ in range(3)]
     result = check_equivariance(ddc, model, reduced, batches, lambda m, b: F.mse_loss(m(b[0]), b[1]), steps=20)
     assert result.error <= 1e-8
 

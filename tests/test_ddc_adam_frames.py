@@ -49,7 +49,8 @@ def test_gauge_mode_vanishes_for_a_gradient_of_an_invariant_function():
     h1 = h2 per unit, so the chart's vertical (gauge) mode is zero."""
     P1, _, P2, _, _ = _pairs(2)
     g = torch.Generator().manual_seed(3)
-    w, z = torch.randn(UNITS, N1, generator=g, dtype=torch.float64), torch.randn(UNITS, N2, generator=g, dtype=torch.float64)
+    w = torch.randn(UNITS, N1, generator=g, dtype=torch.float64)
+    z = torch.randn(UNITS, N2, generator=g, dtype=torch.float64)
     P1, P2 = P1.requires_grad_(), P2.requires_grad_()
     ((P1 * w).sum(1) * (P2 * z).sum(1)).sum().backward()
     chart = pair_chart(P1.detach(), P1.grad, P2.detach(), P2.grad)

@@ -70,8 +70,8 @@ def test_dropout_randomness_is_shared_between_the_runs():
     gauges = gaugeopt.find_gauges(model, torch.randn(2, 4, dtype=torch.float64), output="values")
     assert gauges.kinds == ("neuron_scale",)
     g = torch.Generator().manual_seed(3)
-    batches = [(torch.randn(6, 4, generator=g, dtype=torch.float64), torch.randn(6, 3, generator=g, dtype=torch.float64))
-               for _ in range(3)]
+    batches = [(torch.randn(6, 4, generator=g, dtype=torch.float64),
+                torch.randn(6, 3, generator=g, dtype=torch.float64)) for _ in range(3)]
     result = check_equivariance(lambda m, gs: gaugeopt.DDCAdam(m.parameters(), gs, lr=1e-2, weight_decay=0.1),
                                 model, gauges, batches, lambda m, b: F.mse_loss(m(b[0]), b[1]), steps=20)
     assert result.error <= 1e-10 and result.displacement > 0.05

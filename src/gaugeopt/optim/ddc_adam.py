@@ -191,7 +191,8 @@ class DDCAdam(torch.optim.Optimizer):
         if not dead_threshold >= 0.0:
             raise ValueError(f"invalid dead_threshold {dead_threshold}")
         if gauges is not None and not isinstance(gauges, GaugeSet):
-            raise TypeError(f"gauges must be a GaugeSet (from gaugeopt.find_gauges) or None, got {type(gauges).__name__}")
+            raise TypeError("gauges must be a GaugeSet (from gaugeopt.find_gauges) or None, "
+                            f"got {type(gauges).__name__}")
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                                       pair_frame=pair_frame))
         self.gauges = gauges
@@ -342,7 +343,8 @@ class DDCAdam(torch.optim.Optimizer):
                     w.frozen = dead if w.frozen is None else (w.frozen | dead)
         return tuple(chart.dead.nonzero().flatten().tolist())
 
-    def _norm_scale_steps(self, work: dict[str, _Work], gain_groups: dict[str, dict]) -> dict[str, tuple[list[str], Tensor]]:
+    def _norm_scale_steps(self, work: dict[str, _Work],
+                          gain_groups: dict[str, dict]) -> dict[str, tuple[list[str], Tensor]]:
         """Per norm family: its consumers and the factors ``exp(-lr r_j)`` for their merged columns.
 
         ``h_j = sum over consumers <G~[:, j], W~[:, j]>`` (equal to ``g_j dL/dg_j``) is invariant under
