@@ -28,6 +28,7 @@ class RRRConfig:
     num_draws: int = 200
     calibration_draws: int = 150
     calibration_lrs: tuple[float, ...] = (5e-5, 1e-4, 2e-4, 4e-4, 8e-4)
+    calibration_cell: tuple[int, int] = (4, 2)  # (H, r) of the cell the SGLD step size is tuned on
     localization: float = 1.0
     dds_repeats: int = 10
     seeds: tuple[int, ...] = (0,)
@@ -43,6 +44,7 @@ def run(config: RRRConfig, context: RunContext) -> None:
     with folder.timed("rrr grid"):
         result = rrr_benchmark(M=c.M, N=c.N, widths=c.widths, samples=c.samples, noise=c.noise, seed=seed,
                                run_llc=c.run_llc, calibration_lrs=c.calibration_lrs,
+                               calibration_cell=c.calibration_cell,
                                localization=c.localization, num_chains=c.num_chains, num_draws=c.num_draws,
                                calibration_draws=c.calibration_draws, dds_repeats=c.dds_repeats,
                                progress=context.progress)
@@ -88,7 +90,8 @@ def run(config: RRRConfig, context: RunContext) -> None:
 
 
 PRESETS = {
-    "tiny": RRRConfig(M=4, N=3, widths=(1, 2), samples=200, run_llc=False, dds_repeats=2),
+    "tiny": RRRConfig(M=4, N=3, widths=(1, 2), samples=200, run_llc=False, dds_repeats=2,
+                      calibration_cell=(2, 1)),
     "smoke": RRRConfig(widths=(2, 3), num_draws=100, calibration_draws=100),
     "full": RRRConfig(num_chains=2, num_draws=200, calibration_draws=150, dds_repeats=20),
 }
