@@ -2,7 +2,7 @@
 learning rate chosen by a small sweep, its train loss after the same step budget is within 5 % of
 AdamW's (or better).
 
-The sweep is slow (about 15 minutes on 2 shared CPU cores), so the test is marked ``slow``; run it with
+The sweep is slow (4 minutes on 2 idle CPU cores, 15 when they are shared), so the test is marked ``slow``; run it with
 ``pytest -m slow tests/test_ddc_adam_training.py`` or print the whole table with
 ``python tests/test_ddc_adam_training.py [steps]``. The numbers are reported in docs/ddc.md.
 
