@@ -305,13 +305,8 @@ class DDCAdam(torch.optim.Optimizer):
                         f"{self._names[id(w.param)]} into one update, but their groups set different "
                         f"{key} ({anchor.group[key]} vs {w.group[key]}); put them in groups that agree")
         lr, (beta1, beta2), eps = anchor.group["lr"], anchor.group["betas"], anchor.group["eps"]
-
-        def gather(attr: str, refs) -> tuple[Tensor, list[int]]:
-            parts = [unit_slices(getattr(work[r.name], attr), r.axis) for r in refs]
-            return torch.cat(parts, dim=1), [part.shape[1] for part in parts]
-
-        (P1, widths1), (G1, _) = gather("value", sides[0]), gather("grad", sides[0])
-        (P2, widths2), (G2, _) = gather("value", sides[1]), gather("grad", sides[1])
+        (P1, widths1), (G1, _) = self._gather_side(work, sides[0], "value"), self._gather_side(work, sides[0], "grad")
+        (P2, widths2), (G2, _) = self._gather_side(work, sides[1], "value"), self._gather_side(work, sides[1], "grad")
         chart = pair_chart(P1, G1, P2, G2, self.dead_threshold, frame=anchor.group["pair_frame"])
 
         # Tangential Adam: per coordinate, in each member tensor's own shape.
@@ -334,7 +329,20 @@ class DDCAdam(torch.optim.Optimizer):
                                  beta1, beta2, eps)
 
         new1, new2 = pair_retract(chart, radial, updates[0], updates[1], lr)
-        for refs, new, widths in ((sides[0], new1, widths1), (sides[1], new2, widths2)):
+        return self._write_pair(family, work, chart, (new1, widths1), (new2, widths2))
+
+    @staticmethod
+    def _gather_side(work: dict[str, _Work], refs, attr: str) -> tuple[Tensor, list[int]]:
+        """One side of a neuron pair as a (units, n) stack of ``attr`` ("value" or "grad") slices,
+        with the width each member tensor contributes."""
+        parts = [unit_slices(getattr(work[r.name], attr), r.axis) for r in refs]
+        return torch.cat(parts, dim=1), [part.shape[1] for part in parts]
+
+    @staticmethod
+    def _write_pair(family: NeuronScaling, work: dict[str, _Work], chart,
+                    side1: tuple[Tensor, list[int]], side2: tuple[Tensor, list[int]]) -> tuple[int, ...]:
+        """Scatter the new pair stacks back into the member tensors; freeze dead units; return them."""
+        for refs, (new, widths) in ((family.multiplied, side1), (family.divided, side2)):
             for ref, part in zip(refs, new.split(widths, dim=1)):
                 w = work[ref.name]
                 w.value = from_unit_slices(part, ref.axis, w.value.shape)
@@ -401,6 +409,17 @@ class DDCAdam(torch.optim.Optimizer):
                 w.value = w.value * factors.reshape(shape)
 
     # ----- the step ------------------------------------------------------------------------------
+    # Three hooks a subclass with another base rule overrides (DDCMuon): a parameter no gauge touches,
+    # a neuron pair, and any other gauge-carrying tensor in its frame.
+    def _plain_step(self, p: Tensor, group: dict) -> None:
+        self._adamw_step(p, group)
+
+    def _pair_update(self, family: NeuronScaling, work: dict[str, _Work]) -> tuple[int, ...]:
+        return self._pair_step(family, work)
+
+    def _framed_update(self, name: str, w: _Work) -> None:
+        w.value = w.value - w.group["lr"] * self._moments_direction(w, w.grad)
+
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None):
         """One DDCAdam step (see the module docstring for the math). Returns the closure's loss."""
@@ -416,7 +435,7 @@ class DDCAdam(torch.optim.Optimizer):
                 frame = self.plan.frame(name) if name is not None else None
                 if frame is None:
                     if p.grad is not None:
-                        self._adamw_step(p, group)
+                        self._plain_step(p, group)
                     continue
                 if frame.role == "gain":
                     gain_groups[name] = group  # the gain is the frame of its channels: never stepped
@@ -435,7 +454,7 @@ class DDCAdam(torch.optim.Optimizer):
                 frozen[family.name] = tuple(dead.tolist())
         channel_steps = self._norm_scale_steps(work, gain_groups) if self.norm_scale_step else {}
         held_ratios = {f.name: self._pair_log_ratio(f, work) for f in self.plan.pairs
-                       if all(r.name in work for r in (*f.multiplied, *f.divided))}
+                       if channel_steps and all(r.name in work for r in (*f.multiplied, *f.divided))}
         charted = set()
         for family in self.plan.pairs:
             names = [r.name for r in (*family.multiplied, *family.divided)]
@@ -445,15 +464,13 @@ class DDCAdam(torch.optim.Optimizer):
                 for n in names:
                     del work[n]
                 continue
-            dead_units = self._pair_step(family, work)
+            dead_units = self._pair_update(family, work)
             charted.update(names)
             if dead_units:
                 frozen[family.name] = dead_units
         for name, w in work.items():
-            if name in charted:
-                continue
-            direction = self._moments_direction(w, w.grad)
-            w.value = w.value - w.group["lr"] * direction
+            if name not in charted:
+                self._framed_update(name, w)
         for consumers, factors in channel_steps.values():
             for name in consumers:
                 work[name].value = scale_columns(work[name].value, factors)

@@ -75,7 +75,6 @@ are unknown and every 2-D parameter takes Muon: give the embedding and head a gr
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -269,7 +268,7 @@ class DDCMuon(DDCAdam):
         hidden = muon_parameter_names(gauges.model, gauges) if gauges is not None else None
         groups = _split_groups(params, muon_defaults, adam_defaults, names, hidden)
         super().__init__(groups, gauges, lr=adam_lr, betas=adam_betas, eps=adam_eps,
-                         weight_decay=adam_weight_decay, dead_threshold=dead_threshold)
+                         weight_decay=adam_weight_decay, norm_scale_step=False, dead_threshold=dead_threshold)
         self.defaults = {**muon_defaults, "betas": tuple(adam_betas), "eps": adam_eps, "use_muon": True}
         self._heads = _head_blocks(gauges) if gauges is not None else {}
         self._check_groups()
@@ -368,12 +367,8 @@ class DDCMuon(DDCAdam):
         sides = (family.multiplied, family.divided)
         group = self._pair_group(family, [r.name for refs in sides for r in refs])
 
-        def gather(attr: str, refs) -> tuple[Tensor, list[int]]:
-            parts = [unit_slices(getattr(work[r.name], attr), r.axis) for r in refs]
-            return torch.cat(parts, dim=1), [part.shape[1] for part in parts]
-
-        (P1, widths1), (G1, _) = gather("value", sides[0]), gather("grad", sides[0])
-        (P2, widths2), (G2, _) = gather("value", sides[1]), gather("grad", sides[1])
+        (P1, widths1), (G1, _) = self._gather_side(work, sides[0], "value"), self._gather_side(work, sides[0], "grad")
+        (P2, widths2), (G2, _) = self._gather_side(work, sides[1], "value"), self._gather_side(work, sides[1], "grad")
         chart = pair_chart(P1, G1, P2, G2, self.dead_threshold)
         unit_scale = torch.ones_like(chart.rho1)
         if group["pair_frame"] == "balanced":
@@ -396,72 +391,21 @@ class DDCMuon(DDCAdam):
 
         radial = self._radial_adam(work[family.multiplied[0].name].param, chart.radial, group)
         new1, new2 = pair_retract(chart, radial, tangent_updates[0], tangent_updates[1], group["lr"])
-        for refs, new, widths in ((sides[0], new1, widths1), (sides[1], new2, widths2)):
-            for ref, part in zip(refs, new.split(widths, dim=1)):
-                w = work[ref.name]
-                w.value = from_unit_slices(part, ref.axis, w.value.shape)
-                if chart.dead.any():
-                    dead = from_unit_slices(chart.dead.unsqueeze(1).expand_as(part), ref.axis, w.value.shape)
-                    w.frozen = dead if w.frozen is None else (w.frozen | dead)
-        return tuple(chart.dead.nonzero().flatten().tolist())
+        return self._write_pair(family, work, chart, (new1, widths1), (new2, widths2))
 
-    # ----- the step -------------------------------------------------------------------------------
-    @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None):
-        """One DDCMuon step (module docstring). Returns the closure's loss."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        pair_members = {r.name for f in self.plan.pairs for r in (*f.multiplied, *f.divided)}
-        work: dict[str, _Work] = {}
-        for group in self.param_groups:
-            for p in group["params"]:
-                name = self._names.get(id(p))
-                frame = self.plan.frame(name) if name is not None else None
-                if frame is None:
-                    if p.grad is not None:
-                        (self._plain_muon_step if group["use_muon"] else self._adamw_step)(p, group)
-                    continue
-                if frame.role == "gain":
-                    continue  # the gain is the frame of its channels: never stepped
-                if p.grad is None and name not in pair_members:
-                    continue
-                if p.grad is not None and p.grad.is_sparse:
-                    raise RuntimeError("DDCMuon does not support sparse gradients")
-                grad = p.grad if p.grad is not None else torch.zeros_like(p)
-                work[name] = self._enter_frame(p, group, frame, grad)
+    # ----- DDCAdam's step hooks: Muon where the group asks for it -----------------------------------
+    def _plain_step(self, p: Tensor, group: dict) -> None:
+        (self._plain_muon_step if group["use_muon"] else self._adamw_step)(p, group)
 
-        frozen: dict[str, tuple[int, ...]] = {}
-        for family in self.plan.norms:
-            dead = (self._params_by_name[family.gain].detach().abs() <= self.dead_threshold).nonzero().flatten()
-            if len(dead):
-                frozen[family.name] = tuple(dead.tolist())
-        charted: set[str] = set()
-        for family in self.plan.pairs:
-            names = [r.name for r in (*family.multiplied, *family.divided)]
-            if not all(n in work for n in names):
-                continue
-            if all(work[n].param.grad is None for n in names):
-                for n in names:
-                    del work[n]
-                continue
-            muon = work[family.multiplied[0].name].group["use_muon"]
-            dead_units = self._muon_pair_step(family, work) if muon else self._pair_step(family, work)
-            charted.update(names)
-            if dead_units:
-                frozen[family.name] = dead_units
-        for name, w in work.items():
-            if name in charted:
-                continue
-            if w.group["use_muon"]:
-                self._muon_frame_step(name, w)
-            else:
-                w.value = w.value - w.group["lr"] * self._moments_direction(w, w.grad)
-        for w in work.values():
-            self._leave_frame(w)
-        self._report_frozen(frozen)
-        return loss
+    def _pair_update(self, family: NeuronScaling, work: dict[str, _Work]) -> tuple[int, ...]:
+        muon = work[family.multiplied[0].name].group["use_muon"]
+        return self._muon_pair_step(family, work) if muon else self._pair_step(family, work)
+
+    def _framed_update(self, name: str, w: _Work) -> None:
+        if w.group["use_muon"]:
+            self._muon_frame_step(name, w)
+        else:
+            super()._framed_update(name, w)
 
 
 # --------------------------------------------------------------------------------------------------
