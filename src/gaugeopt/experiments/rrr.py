@@ -93,7 +93,7 @@ PRESETS = {
     "tiny": RRRConfig(M=4, N=3, widths=(1, 2), samples=200, run_llc=False, dds_repeats=2,
                       calibration_cell=(2, 1)),
     "smoke": RRRConfig(widths=(2, 3), num_draws=100, calibration_draws=100),
-    "full": RRRConfig(num_chains=2, num_draws=200, calibration_draws=150, dds_repeats=20),
+    "full": RRRConfig(num_chains=4, num_draws=500, calibration_draws=300, dds_repeats=20),
 }
 
 EXPERIMENT = Experiment(
