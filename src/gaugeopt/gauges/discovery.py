@@ -28,6 +28,7 @@ Anything that cannot be established is left out and recorded in ``GaugeSet.skipp
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 import operator
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -129,20 +130,25 @@ class _Graph:
     def value_users(self, n: fx.Node) -> list[fx.Node]:
         return [u for u in n.users if not self.is_metadata(u)]
 
+    def upstream(self, n: fx.Node, stop: Callable[[fx.Node], bool] | None = None) -> set[fx.Node]:
+        """Nodes whose values ``n`` depends on, walking inputs backwards; metadata edges are cut, and
+        nodes for which ``stop`` holds are included but not walked past."""
+        out: set[fx.Node] = set()
+        stack = [n]
+        while stack:
+            cur = stack.pop()
+            if self.is_metadata(cur) or (cur is not n and stop is not None and stop(cur)):
+                continue
+            for a in cur.all_input_nodes:
+                if a not in out:
+                    out.add(a)
+                    stack.append(a)
+        return out
+
     def ancestors(self, n: fx.Node) -> set[fx.Node]:
-        """Nodes whose values ``n`` depends on (metadata edges excluded)."""
+        """All nodes ``n``'s value depends on (cached)."""
         if n not in self._ancestors:
-            out: set[fx.Node] = set()
-            stack = [n]
-            while stack:
-                cur = stack.pop()
-                if self.is_metadata(cur):
-                    continue
-                for a in cur.all_input_nodes:
-                    if a not in out:
-                        out.add(a)
-                        stack.append(a)
-            self._ancestors[n] = out
+            self._ancestors[n] = self.upstream(n)
         return self._ancestors[n]
 
     @staticmethod
@@ -403,18 +409,9 @@ def _source_linear(g: _Graph, arg: Any) -> fx.Node | None:
     """The unique Linear whose output reaches ``arg`` without passing another Linear."""
     if not isinstance(arg, fx.Node):
         return None
-    found, stack, seen = set(), [arg], {arg}
-    while stack:
-        n = stack.pop()
-        if g.is_linear(n):
-            found.add(n)
-            continue
-        if g.is_metadata(n):
-            continue
-        for a in n.all_input_nodes:
-            if a not in seen:
-                seen.add(a)
-                stack.append(a)
+    if g.is_linear(arg):
+        return arg
+    found = {n for n in g.upstream(arg, stop=g.is_linear) if g.is_linear(n)}
     return found.pop() if len(found) == 1 else None
 
 
