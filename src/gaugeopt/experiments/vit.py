@@ -30,7 +30,7 @@ class ViTExperimentConfig:
     patch_size: int = 2
     d_model: int = 64
     n_layers: int = 2
-    n_heads: int = 8  # head_dim 8: find_gauges' rotation search currently exhausts memory at 16
+    n_heads: int = 8  # head_dim 8 (earlier gauge discovery ran out of memory at head_dim 16)
     d_ff: int = 256  # deliberately wide: spare units the optimizer may compress
     batch_size: int = 64
     steps: int = 600
