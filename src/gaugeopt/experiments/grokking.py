@@ -17,7 +17,7 @@ from ..models import ModularAdditionConfig, ModularAdditionTransformer
 from .common import ARM_LABELS, mean
 from .registry import Experiment
 from .runner import RunContext
-from .training import OptimizerSettings, build_optimizer, train_loop
+from .training import OptimizerSettings, build_optimizer, train_arm
 
 
 @dataclass(frozen=True)
@@ -71,12 +71,9 @@ def run(config: GrokkingConfig, context: RunContext) -> None:
                         "train_acc": (train_logits.argmax(-1) == train_y).float().mean().item(),
                         "val_acc": (val_logits.argmax(-1) == val_y).float().mean().item()}
 
-            with folder.timed(f"train {arm} seed {seed}"), context.bar(total=c.steps, desc=f"{arm} s{seed}") as bar:
-                outcome = train_loop(
-                    model=model, optimizer=optimizer, steps=c.steps, batch_loss=batch_loss, evaluate=evaluate,
-                    eval_every=c.eval_every, bar=bar,
-                    on_eval=lambda step, m, arm=arm, seed=seed: folder.log_point(arm, seed, step=step, **m),
-                    stop_when=lambda m: m["val_acc"] >= c.grok_accuracy)
+            outcome = train_arm(folder, context, arm, seed, model=model, optimizer=optimizer, steps=c.steps,
+                                batch_loss=batch_loss, evaluate=evaluate, eval_every=c.eval_every,
+                                stop_when=lambda m: m["val_acc"] >= c.grok_accuracy)
             grokked = outcome["last"]["val_acc"] >= c.grok_accuracy
             grok_steps[arm][seed] = outcome["steps_done"] if grokked else None
             folder.results["grok_steps"] = {a: {str(s): v for s, v in d.items()} for a, d in grok_steps.items()}

@@ -19,7 +19,7 @@ from ..models import MoEConfig, MoELM
 from .common import ARM_LABELS, mean
 from .registry import Experiment
 from .runner import RunContext
-from .training import GAUGE_PROBE_POSITIONS, OptimizerSettings, build_optimizer, train_loop
+from .training import GAUGE_PROBE_POSITIONS, OptimizerSettings, build_optimizer, train_arm
 
 ROUTER_FIELDS = ("load_cv", "max_load", "dead_fraction", "logit_rms", "z_loss")
 
@@ -89,14 +89,8 @@ def run(config: MoEExperimentConfig, context: RunContext) -> None:
                 metrics.update(router_summary(model, val_eval[0]))
                 return metrics
 
-            with folder.timed(f"train {arm} seed {seed}"), context.bar(total=c.steps, desc=f"{arm} s{seed}") as bar:
-                outcome = train_loop(
-                    model=model, optimizer=optimizer, steps=c.steps, batch_loss=batch_loss, evaluate=evaluate,
-                    eval_every=c.eval_every, bar=bar,
-                    on_eval=lambda step, m, arm=arm, seed=seed: folder.log_point(arm, seed, step=step, **m))
-            row = final.setdefault(arm, {})
-            for name, value in outcome["last"].items():
-                row.setdefault(name, []).append(value)
+            train_arm(folder, context, arm, seed, model=model, optimizer=optimizer, steps=c.steps,
+                      batch_loss=batch_loss, evaluate=evaluate, eval_every=c.eval_every, final=final)
     for arm, row in final.items():
         for name, values in row.items():
             folder.set_metric(arm, name, mean(values))

@@ -22,7 +22,7 @@ from ..models import TransformerLM, TransformerLMConfig
 from .common import ARM_LABELS, mean, readable_cells_along_run
 from .registry import Experiment
 from .runner import RunContext
-from .training import GAUGE_PROBE_POSITIONS, OptimizerSettings, build_optimizer, train_loop
+from .training import GAUGE_PROBE_POSITIONS, OptimizerSettings, build_optimizer, train_arm
 
 GAP_ANCHOR = {"ddc-adam": 0.67, "adamw": 5.88}
 
@@ -91,15 +91,10 @@ def run(config: OvertrainLMConfig, context: RunContext) -> None:
             dds_inputs, dds_targets = train_eval[0][: c.dds_samples], train_eval[1][: c.dds_samples]
             cells = readable_cells_along_run(model, dds_inputs, dds_targets, c.steps, c.dds_checkpoints,
                                              c.dds_start_fraction)
-            with folder.timed(f"train {arm} seed {seed}"), context.bar(total=c.steps, desc=f"{arm} s{seed}") as bar:
-                outcome = train_loop(
-                    model=model, optimizer=optimizer, steps=c.steps, batch_loss=batch_loss, evaluate=evaluate,
-                    eval_every=c.eval_every, bar=bar,
-                    on_eval=lambda step, m, arm=arm, seed=seed: folder.log_point(arm, seed, step=step, **m),
-                    after_step=cells.after_step if cells else None)
-            row = final.setdefault(arm, {})
-            for name, value in outcome["last"].items():
-                row.setdefault(name, []).append(value)
+            outcome = train_arm(folder, context, arm, seed, model=model, optimizer=optimizer, steps=c.steps,
+                                batch_loss=batch_loss, evaluate=evaluate, eval_every=c.eval_every, final=final,
+                                after_step=cells.after_step if cells else None)
+            row = final[arm]
             row.setdefault("diverged", []).append(outcome["diverged_at"] is not None)
             if cells:
                 readout = cells.readout()

@@ -189,3 +189,19 @@ def train_loop(
             if stop_when is not None and stop_when(last):
                 break
     return {"last": last, "steps_done": done, "diverged_at": diverged_at}
+
+
+def train_arm(folder: Any, context: Any, arm: str, seed: int, *, steps: int,
+              final: dict[str, dict[str, list]] | None = None, **loop_options: Any) -> dict[str, Any]:
+    """One (arm, seed) training run of an experiment: :func:`train_loop` under the run folder's timer
+    and a progress bar, every evaluation logged as a curve point of ``arm``/``seed``. When ``final``
+    is given, the last evaluation's metrics are appended to ``final[arm][metric]``."""
+    with folder.timed(f"train {arm} seed {seed}"), context.bar(total=steps, desc=f"{arm} s{seed}") as bar:
+        outcome = train_loop(steps=steps, bar=bar,
+                             on_eval=lambda step, m: folder.log_point(arm, seed, step=step, **m), **loop_options)
+    if final is not None:
+        row = final.setdefault(arm, {})
+        for name, value in outcome["last"].items():
+            row.setdefault(name, []).append(value)
+    return outcome
+

@@ -19,7 +19,7 @@ from ..models import ViT, ViTConfig
 from .common import ARM_LABELS, mean
 from .registry import Experiment
 from .runner import RunContext
-from .training import OptimizerSettings, build_optimizer, train_loop
+from .training import OptimizerSettings, build_optimizer, train_arm
 
 COMPRESSION_THRESHOLD = 1e-3
 
@@ -90,14 +90,8 @@ def run(config: ViTExperimentConfig, context: RunContext) -> None:
                         "val_acc": (logits.argmax(-1) == val_y).float().mean().item(),
                         "compressed_units": compressed_fraction(model)}
 
-            with folder.timed(f"train {arm} seed {seed}"), context.bar(total=c.steps, desc=f"{arm} s{seed}") as bar:
-                outcome = train_loop(
-                    model=model, optimizer=optimizer, steps=c.steps, batch_loss=batch_loss, evaluate=evaluate,
-                    eval_every=c.eval_every, bar=bar,
-                    on_eval=lambda step, m, arm=arm, seed=seed: folder.log_point(arm, seed, step=step, **m))
-            row = final.setdefault(arm, {})
-            for name, value in outcome["last"].items():
-                row.setdefault(name, []).append(value)
+            train_arm(folder, context, arm, seed, model=model, optimizer=optimizer, steps=c.steps,
+                      batch_loss=batch_loss, evaluate=evaluate, eval_every=c.eval_every, final=final)
             if seed == c.seeds[0]:
                 with torch.no_grad():
                     sizes = torch.cat(ffn_unit_sizes(model)).sort().values
