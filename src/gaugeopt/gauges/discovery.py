@@ -360,10 +360,9 @@ def _measure_projection(g: _Graph, linear: fx.Node, target: fx.Node) -> tuple[_P
     channels, (batch, heads, seq, d) = in_shape[-1], out_shape
     if in_shape[-2] != seq:
         return None, f"{linear.target}: sequence axis not recognised"
-    dtype = torch.float64
-    stack = _basis_responses(g, linear, target, in_shape).to(dtype)  # (H, T, d, C)
+    stack = _basis_responses(g, linear, target, in_shape)  # (H, T, d, C), float64 like every probe
     heads_channels: list[list[int]] = []
-    maps = torch.zeros(seq, heads, d, d, dtype=dtype)
+    maps = torch.zeros(seq, heads, d, d, dtype=torch.float64)
     for h in range(heads):
         support = (stack[h].abs().amax(dim=(0, 1)) > 1e-12).nonzero().flatten().tolist()
         if len(support) != d:
@@ -372,12 +371,12 @@ def _measure_projection(g: _Graph, linear: fx.Node, target: fx.Node) -> tuple[_P
         maps[:, h] = stack[h][:, :, support]
     # Linearity and per-position action, checked on a random probe.
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(in_shape, generator=gen, dtype=dtype)
+    x = torch.randn(in_shape, generator=gen, dtype=torch.float64)
     (resp,) = g.probe({linear: x}, [target])
     predicted = torch.stack([
         torch.einsum("tij,btj->bti", maps[:, h], x[..., heads_channels[h]]) for h in range(heads)
     ], dim=1)
-    err = (resp.to(dtype) - predicted).abs().max() / predicted.abs().max().clamp_min(1e-30)
+    err = (resp - predicted).abs().max() / predicted.abs().max().clamp_min(1e-30)
     if err > 100 * g.tol:
         return None, f"{linear.target}: the map to the attention input is not linear per position (err {err:.1e})"
     return _Projection(linear, linear.target, heads_channels, maps), None
@@ -649,7 +648,6 @@ def _output_projection(g: _Graph, attn: fx.Node) -> tuple[tuple[fx.Node, torch.T
     batch, heads, seq, d = shape
     code = (torch.arange(heads * d, dtype=torch.float64) + 1).reshape(heads, 1, d).expand(batch, heads, seq, d)
     (got,) = g.probe({attn: code.contiguous()}, [o_in])
-    got = got.to(torch.float64)
     if tuple(got.shape[-1:]) != (heads * d,) or got.shape[-2] != seq:
         return None, "the output projection input is not (…, seq, heads*d)"
     first = got.reshape(-1, heads * d)[0]
