@@ -44,6 +44,12 @@ def _check_matrix_batch(x: Tensor, what: str) -> None:
 _STAGNATION_FACTOR = 1e3
 
 
+def _settled(error: float, previous: float, tol: float) -> bool:
+    """Stopping rule of the fixed-point iterations: converged (``error <= tol``), or stalled at
+    rounding level (no longer decreasing while within ``_STAGNATION_FACTOR * tol``)."""
+    return error <= tol or (error >= previous and error < _STAGNATION_FACTOR * tol)
+
+
 def _default_tolerance(dtype: torch.dtype, n: int) -> float:
     return 10.0 * n * torch.finfo(dtype).eps
 
@@ -135,8 +141,8 @@ def polar(
         X_next = 1.5 * X - 0.5 * (X @ X.mT) @ X
         change = torch.linalg.matrix_norm(X_next - X).max().item()
         X = X_next
-        if change <= tol or (change >= previous_change and change < _STAGNATION_FACTOR * tol):
-            break  # converged, or stalled at rounding level
+        if _settled(change, previous_change, tol):
+            break
         previous_change = change
     else:
         raise RuntimeError(
@@ -194,8 +200,8 @@ def inverse_sqrt_psd(
                 "inverse_sqrt_psd() diverged: the input is not positive definite (singular or "
                 "indefinite); pass eps > 0 to regularise a singular PSD matrix"
             )
-        if residual <= tol or (residual >= previous_residual and residual < _STAGNATION_FACTOR * tol):
-            break  # converged, or stalled at rounding level
+        if _settled(residual, previous_residual, tol):
+            break
         previous_residual = residual
     else:
         raise RuntimeError(
