@@ -65,13 +65,13 @@ def run(config: MoEExperimentConfig, context: RunContext) -> None:
     model_config = MoEConfig(vocab_size=split.vocab.size, d_model=c.d_model, n_layers=c.n_layers,
                              n_heads=c.n_heads, n_experts=c.n_experts, top_k=c.top_k, d_ff=c.d_ff,
                              max_seq_len=c.seq_len)
+    settings = OptimizerSettings(lr=c.adam_lr, muon_lr=c.stack_lr, weight_decay=c.weight_decay,
+                                 warmup_steps=c.warmup_steps, min_lr_ratio=c.min_lr_ratio)
     final: dict[str, dict[str, list[float]]] = {}
     for arm in c.arms:
         for seed in c.seeds:
             torch.manual_seed(seed)
             model = MoELM(model_config).to(device)
-            settings = OptimizerSettings(lr=c.adam_lr, muon_lr=c.stack_lr, weight_decay=c.weight_decay,
-                                         warmup_steps=c.warmup_steps, min_lr_ratio=c.min_lr_ratio)
             example = train_eval[0][:2, :GAUGE_PROBE_POSITIONS]
             with folder.timed(f"setup {arm} seed {seed}"):  # gauge discovery for gauge-aware arms
                 optimizer = build_optimizer(arm, model, settings, c.steps, example_inputs=example)
