@@ -22,7 +22,7 @@ from gaugeopt.experiments import (
 )
 from gaugeopt.experiments.results_table import results_markdown
 from gaugeopt.experiments.runfolder import to_json
-from gaugeopt.experiments.training import muon_split, warmup_cosine
+from gaugeopt.experiments.training import OptimizerSettings, build_optimizer, warmup_cosine
 from gaugeopt.models import TransformerLM, TransformerLMConfig
 
 
@@ -190,12 +190,17 @@ def test_warmup_cosine_schedule():
     assert warmup_cosine(100, 100, 10, 0.1) == pytest.approx(0.1)
 
 
-def test_muon_split_leaves_embedding_head_and_vectors_to_adamw():
+def test_muon_arm_leaves_embedding_head_and_vectors_to_adamw():
+    torch.manual_seed(0)
     model = TransformerLM(TransformerLMConfig(vocab_size=11, d_model=8, n_layers=1, n_heads=2, d_ff=16))
-    hidden, rest = muon_split(model)
+    bundle = build_optimizer("muon", model, OptimizerSettings(), total_steps=10,
+                             example_inputs=torch.randint(0, 11, (2, 3)))
+    muon, adamw = bundle.optimizers
+    assert isinstance(muon, torch.optim.Muon) and isinstance(adamw, torch.optim.AdamW)
     names = {id(p): n for n, p in model.named_parameters()}
-    assert sorted(names[id(p)] for p in rest) == ["blocks.0.norm1.weight", "blocks.0.norm2.weight",
-                                                  "embed.weight", "head.weight", "norm.weight"]
+    assert sorted(names[id(p)] for g in adamw.param_groups for p in g["params"]) == [
+        "blocks.0.norm1.weight", "blocks.0.norm2.weight", "embed.weight", "head.weight", "norm.weight"]
+    hidden = [p for g in muon.param_groups for p in g["params"]]
     assert all(p.ndim == 2 for p in hidden) and len(hidden) == 7  # q, k, v, o, gate, up, down
 
 

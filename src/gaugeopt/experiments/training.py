@@ -4,8 +4,9 @@ Optimizer arms (``build_optimizer``):
 
 - ``adamw``: ``torch.optim.AdamW`` on every parameter.
 - ``ddc-adam``: :class:`gaugeopt.DDCAdam` with the gauges :func:`gaugeopt.find_gauges` finds.
-- ``muon``: the standard Muon baseline, ``torch.optim.Muon`` on the hidden 2-D matrices plus
-  ``torch.optim.AdamW`` on the rest (embeddings, the output head, vectors), stepping together.
+- ``muon``: the standard Muon baseline, :class:`gaugeopt.MuonWithAdamW` (``torch.optim.Muon`` on the
+  hidden 2-D matrices, ``torch.optim.AdamW`` on embeddings, the LM head and vectors): the same
+  matrices DDCMuon orthogonalises, so the two arms differ only in the gauge frames.
 - ``ddc-muon``: :class:`gaugeopt.DDCMuon`, one optimizer for the whole model.
 - ``symcompat``: :class:`gaugeopt.SymmetryCompatible` on :func:`gaugeopt.symmetry_param_groups`.
 
@@ -22,6 +23,10 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from ..gauges import find_gauges
+from ..optim import DDCAdam, DDCMuon, SymmetryCompatible, symmetry_param_groups
+from ..optim.baselines import MuonWithAdamW
 
 OPTIMIZER_ARMS = ("adamw", "ddc-adam", "muon", "ddc-muon", "symcompat")
 
@@ -77,32 +82,6 @@ class OptimizerBundle:
             opt.step()
 
 
-def output_and_embedding_parameters(model: nn.Module) -> set[int]:
-    """Ids of the parameters Muon leaves to AdamW: embeddings (token, position, patch) and the head.
-
-    The head is the Linear named ``head``; embeddings are ``nn.Embedding`` weights, the Linear named
-    ``patch_embed`` and ``pos_embed`` parameters (the reference models' naming).
-    """
-    ids: set[int] = set()
-    for name, module in model.named_modules():
-        last = name.rsplit(".", 1)[-1]
-        if isinstance(module, nn.Embedding) or last in ("head", "patch_embed"):
-            ids.update(id(p) for p in module.parameters(recurse=False))
-    for name, parameter in model.named_parameters():
-        if name.rsplit(".", 1)[-1] == "pos_embed":
-            ids.add(id(parameter))
-    return ids
-
-
-def muon_split(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-    """(hidden 2-D matrices for Muon, everything else for AdamW)."""
-    excluded = output_and_embedding_parameters(model)
-    hidden, rest = [], []
-    for parameter in model.parameters():
-        (hidden if parameter.ndim == 2 and id(parameter) not in excluded else rest).append(parameter)
-    return hidden, rest
-
-
 def build_optimizer(arm: str, model: nn.Module, settings: OptimizerSettings, total_steps: int,
                     example_inputs: Any = None) -> OptimizerBundle:
     """The optimizer(s) of ``arm`` for ``model``; gauge-aware arms need ``example_inputs``."""
@@ -110,29 +89,22 @@ def build_optimizer(arm: str, model: nn.Module, settings: OptimizerSettings, tot
     if arm == "adamw":
         opts: list[torch.optim.Optimizer] = [
             torch.optim.AdamW(model.parameters(), lr=s.lr, betas=s.betas, weight_decay=s.weight_decay)]
-    elif arm == "muon":
-        hidden, rest = muon_split(model)
-        opts = [torch.optim.Muon(hidden, lr=s.muon_lr, weight_decay=s.weight_decay, momentum=s.momentum,
-                                 nesterov=True, adjust_lr_fn="original"),
-                torch.optim.AdamW(rest, lr=s.lr, betas=s.betas, weight_decay=s.weight_decay)]
-    elif arm in ("ddc-adam", "ddc-muon"):
-        import gaugeopt
-
+    elif arm in ("muon", "ddc-adam", "ddc-muon"):
         if example_inputs is None:
             raise ValueError(f"arm {arm!r} needs example_inputs to find the model's gauges")
-        gauges = gaugeopt.find_gauges(model, example_inputs, output="logits")
-        if arm == "ddc-adam":
-            opts = [gaugeopt.DDCAdam(model.parameters(), gauges, lr=s.lr, betas=s.betas,
-                                     weight_decay=s.weight_decay)]
+        gauges = find_gauges(model, example_inputs, output="logits")
+        if arm == "muon":  # the gauges only name the LM head, so Muon gets DDCMuon's matrices
+            opts = list(MuonWithAdamW(model, gauges, lr=s.muon_lr, momentum=s.momentum, nesterov=True,
+                                      weight_decay=s.weight_decay, adjust_lr="original", adam_lr=s.lr,
+                                      adam_betas=s.betas).optimizers)
+        elif arm == "ddc-adam":
+            opts = [DDCAdam(model.parameters(), gauges, lr=s.lr, betas=s.betas,
+                            weight_decay=s.weight_decay)]
         else:
-            opts = [gaugeopt.DDCMuon(model.parameters(), gauges, lr=s.muon_lr, momentum=s.momentum,
-                                     nesterov=True, weight_decay=s.weight_decay, adjust_lr="original",
-                                     adam_lr=s.lr, adam_betas=s.betas)]
+            opts = [DDCMuon(model.parameters(), gauges, lr=s.muon_lr, momentum=s.momentum, nesterov=True,
+                            weight_decay=s.weight_decay, adjust_lr="original", adam_lr=s.lr, adam_betas=s.betas)]
     elif arm == "symcompat":
-        import gaugeopt
-
-        groups = gaugeopt.symmetry_param_groups(model)
-        opts = [gaugeopt.SymmetryCompatible(groups, lr=s.muon_lr, weight_decay=s.weight_decay)]
+        opts = [SymmetryCompatible(symmetry_param_groups(model), lr=s.muon_lr, weight_decay=s.weight_decay)]
     else:
         raise ValueError(f"unknown optimizer arm {arm!r}; choose from {OPTIMIZER_ARMS}")
     return OptimizerBundle(opts, total_steps, s)
