@@ -12,8 +12,8 @@ from .blocks import MLP, Attention, Block, MLPKind, NormKind, RopeKind, init_wei
 
 @dataclass(frozen=True)
 class ViTConfig:
-    image_size: int = 8
-    patch_size: int = 2
+    image_size: int | tuple[int, int] = 8  # side of a square image, or (height, width)
+    patch_size: int | tuple[int, int] = 2  # side of a square patch, or (height, width)
     channels: int = 1
     num_classes: int = 10
     d_model: int = 64
@@ -32,12 +32,25 @@ class ViTConfig:
     init_std: float = 0.02
 
     @property
+    def image_shape(self) -> tuple[int, int]:
+        return _pair(self.image_size)
+
+    @property
+    def patch_shape(self) -> tuple[int, int]:
+        return _pair(self.patch_size)
+
+    @property
     def num_patches(self) -> int:
-        return (self.image_size // self.patch_size) ** 2
+        (h, w), (ph, pw) = self.image_shape, self.patch_shape
+        return (h // ph) * (w // pw)
+
+
+def _pair(size: int | tuple[int, int]) -> tuple[int, int]:
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
 
 class ViT(nn.Module):
-    """images (batch, channels, H, W) -> class logits (batch, classes).
+    """images (batch, channels, H, W) -> class logits (batch, classes); 1-D signals are (batch, channels, 1, L).
 
     Tokens are non-overlapping patches flattened channel-major; blocks are pre-norm and non-causal;
     the final norm is applied to the mean-pooled token.
@@ -46,9 +59,10 @@ class ViT(nn.Module):
     def __init__(self, config: ViTConfig):
         super().__init__()
         c = self.config = config
-        if c.image_size % c.patch_size:
+        (h, w), (ph, pw) = c.image_shape, c.patch_shape
+        if h % ph or w % pw:
             raise ValueError(f"image_size={c.image_size} is not divisible by patch_size={c.patch_size}")
-        self.patch_embed = nn.Linear(c.channels * c.patch_size**2, c.d_model)
+        self.patch_embed = nn.Linear(c.channels * ph * pw, c.d_model)
         self.pos_embed = nn.Parameter(torch.zeros(1, c.num_patches, c.d_model))
         self.blocks = nn.ModuleList(
             Block(
@@ -67,9 +81,9 @@ class ViT(nn.Module):
 
     def patchify(self, images: torch.Tensor) -> torch.Tensor:
         b, ch, h, w = images.shape
-        p = self.config.patch_size
-        x = images.reshape(b, ch, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5)
-        return x.reshape(b, (h // p) * (w // p), ch * p * p)
+        ph, pw = self.config.patch_shape
+        x = images.reshape(b, ch, h // ph, ph, w // pw, pw).permute(0, 2, 4, 1, 3, 5)
+        return x.reshape(b, (h // ph) * (w // pw), ch * ph * pw)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(self.patchify(images)) + self.pos_embed
