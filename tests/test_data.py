@@ -1,4 +1,4 @@
-"""Data loaders: bundled Shakespeare text, sklearn digits, generated modular addition."""
+"""Data loaders: bundled Shakespeare text, sklearn digits, generated MNIST-1D and modular addition."""
 
 from __future__ import annotations
 
@@ -11,12 +11,14 @@ from gaugeopt.data import (
     char_lm_split,
     lm_eval_windows,
     load_digits_split,
+    load_mnist1d_split,
     load_text,
     modular_addition_split,
     sample_lm_batch,
     shakespeare_works,
 )
 from gaugeopt.data import digits as digits_module
+from gaugeopt.data import mnist1d as mnist1d_module
 from gaugeopt.data import text as text_module
 
 
@@ -55,6 +57,12 @@ def test_missing_sklearn_names_the_install_command(monkeypatch):
     monkeypatch.setattr(digits_module, "SKLEARN_DATASETS", "gaugeopt_no_such_sklearn.datasets")
     with pytest.raises(MissingDataError, match="pip install scikit-learn"):
         load_digits_split()
+
+
+def test_missing_mnist1d_names_the_install_command(monkeypatch):
+    monkeypatch.setattr(mnist1d_module, "MNIST1D_GENERATOR", "gaugeopt_no_such_mnist1d.data")
+    with pytest.raises(MissingDataError, match="pip install mnist1d"):
+        load_mnist1d_split()
 
 
 def test_vocabulary_round_trip_and_unknown_characters():
@@ -113,6 +121,29 @@ def test_digits_split_is_seeded_disjoint_and_scaled():
     for got, want in zip(torch.unique(together, dim=0, return_counts=True),
                          torch.unique(every, dim=0, return_counts=True)):
         assert torch.equal(got, want)
+
+
+def test_mnist1d_split_is_generated_seeded_balanced_and_leaves_global_rng_alone():
+    import random
+
+    import numpy as np
+
+    random.seed(5)
+    np.random.seed(5)
+    a = load_mnist1d_split(400, 0.25, seed=0)
+    after = (random.random(), np.random.rand())
+    random.seed(5)
+    np.random.seed(5)
+    assert after == (random.random(), np.random.rand())  # the generator's global seeding is undone
+    b, c = load_mnist1d_split(400, 0.25, seed=0), load_mnist1d_split(400, 0.25, seed=1)
+    assert a.train_images.shape == (300, 1, 1, 40) and a.val_images.shape == (100, 1, 1, 40)
+    assert torch.equal(a.train_images, b.train_images) and not torch.equal(a.train_images, c.train_images)
+    labels = torch.cat((a.train_labels, a.val_labels))
+    assert labels.bincount().tolist() == [40] * 10 and a.num_classes == 10
+    every = torch.cat((a.train_images, a.val_images))
+    assert abs(every.mean().item()) < 1e-5 and every.std(unbiased=False).item() == pytest.approx(1.0, abs=1e-4)
+    with pytest.raises(ValueError, match="val_fraction"):
+        load_mnist1d_split(400, 1.0)
 
 
 def test_modular_split_partitions_every_pair_with_correct_labels():
