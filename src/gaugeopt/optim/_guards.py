@@ -286,14 +286,13 @@ class GuardedOptimizer(torch.optim.Optimizer):
 
     def _check_state_dict(self, state_dict: Any) -> None:
         mine = type(self).__name__
-        if not isinstance(state_dict, Mapping) or not {"state", "param_groups"} <= set(state_dict):
-            raise ValueError(f"{mine}.load_state_dict needs an optimizer state dict (with 'state' and "
-                             f"'param_groups'), got {type(state_dict).__name__}")
+        if not isinstance(state_dict, Mapping):
+            raise ValueError(f"{mine}.load_state_dict needs a state dict, got {type(state_dict).__name__}")
         meta = state_dict.get(_META_KEY)
         if not isinstance(meta, Mapping) or "optimizer" not in meta:
             raise ValueError(f"this state dict was not written by a gaugeopt optimizer (no {_META_KEY!r} "
                              f"entry); {mine} loads only its own checkpoints")
-        if meta["optimizer"] != mine:
+        if meta["optimizer"] != mine or not {"state", "param_groups"} <= set(state_dict):
             raise ValueError(f"this state dict was written by {meta['optimizer']}, not {mine}")
         saved_groups = state_dict["param_groups"]
         if len(saved_groups) != len(self.param_groups):

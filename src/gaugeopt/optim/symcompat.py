@@ -114,6 +114,7 @@ class SymmetryCompatible(GuardedOptimizer):
             ns_coefficients=tuple(ns_coefficients), adjust_lr=adjust_lr, adam_betas=tuple(adam_betas),
             adam_eps=adam_eps,
         )
+        _validate_settings(defaults, type(self).__name__)
         super().__init__(params, defaults)
 
     def _validate_group(self, group: dict[str, Any], where: str) -> None:
@@ -170,6 +171,32 @@ class SymmetryCompatible(GuardedOptimizer):
         param.add_(direction, alpha=-lr)
 
 
+def _validate_settings(settings: dict[str, Any], where: str) -> None:
+    """Check the hyperparameters of a group (or of the defaults); ``ValueError`` naming the field."""
+
+    def require(ok: bool, message: str) -> None:
+        if not ok:
+            raise ValueError(f"{where}: {message}")
+
+    require_rate(where, settings["lr"])
+    require_unit_interval(where, "beta", settings["beta"])
+    for field in ("weight_decay", "eps", "alpha", "ns_eps", "adam_eps"):
+        require_nonnegative(where, field, settings[field])
+    steps = settings["ns_steps"]
+    require(isinstance(steps, int) and not isinstance(steps, bool) and steps >= 0,
+            f"ns_steps must be an int >= 0, got {steps!r}")
+    require(len(settings["ns_coefficients"]) == 3,
+            f"ns_coefficients must be 3 floats, got {settings['ns_coefficients']!r}")
+    require(settings["adjust_lr"] in ADJUST_LR_CHOICES,
+            f"adjust_lr must be one of {ADJUST_LR_CHOICES}, got {settings['adjust_lr']!r}")
+    require(settings["orientation"] in ORIENTATIONS,
+            f"orientation must be one of {ORIENTATIONS}, got {settings['orientation']!r}")
+    require_betas(where, "adam_betas", settings["adam_betas"])
+    heads = settings["heads"]
+    require(heads is None or (isinstance(heads, int) and not isinstance(heads, bool) and heads >= 1),
+            f"heads must be a positive int, got {heads!r}")
+
+
 def _validate_group(group: dict[str, Any], where: str) -> None:
     """Check one param group's settings against its parameters; raise a ``ValueError`` naming them."""
     names = group.get("param_names") or [f"params[{i}]" for i in range(len(group["params"]))]
@@ -188,23 +215,10 @@ def _validate_group(group: dict[str, Any], where: str) -> None:
         if not ok:
             raise ValueError(f"{where}: {message}")
 
-    require_rate(where, group["lr"])
-    require_unit_interval(where, "beta", group["beta"])
-    for field in ("weight_decay", "eps", "alpha", "ns_eps", "adam_eps"):
-        require_nonnegative(where, field, group[field])
-    require(isinstance(group["ns_steps"], int) and not isinstance(group["ns_steps"], bool)
-            and group["ns_steps"] >= 0, f"ns_steps must be an int >= 0, got {group['ns_steps']!r}")
-    require(len(group["ns_coefficients"]) == 3, f"ns_coefficients must be 3 floats, got {group['ns_coefficients']!r}")
-    require(group["adjust_lr"] in ADJUST_LR_CHOICES,
-            f"adjust_lr must be one of {ADJUST_LR_CHOICES}, got {group['adjust_lr']!r}")
-    require(group["orientation"] in ORIENTATIONS,
-            f"orientation must be one of {ORIENTATIONS}, got {group['orientation']!r}")
-    require_betas(where, "adam_betas", group["adam_betas"])
+    _validate_settings(group, where)
     heads = group["heads"]
     require(heads is None or rule.name == "muon",
             f"heads={heads} is only meaningful for rule 'muon', not {rule.name!r}")
-    require(heads is None or (isinstance(heads, int) and heads >= 1),
-            f"heads must be a positive int, got {heads!r}")
     for name, param in zip(names, group["params"]):
         if rule.matrix_only:
             ok_ndim = param.ndim >= 2 if rule.name == "muon" else param.ndim in (2, 3)
