@@ -85,6 +85,7 @@ from ..gauges.gaugeset import GaugeSet
 from ._guards import (
     compute_dtype,
     require,
+    require_betas,
     require_choice,
     require_nonnegative,
     require_rate,
@@ -264,6 +265,9 @@ class DDCMuon(DDCAdam):
         dead_threshold: float = 1e-12,
         nonfinite: str = "raise",
     ):
+        require_betas(type(self).__name__, "adam_betas", adam_betas)  # before tuple() below
+        require(isinstance(ns_coefficients, (tuple, list)), type(self).__name__,
+                f"ns_coefficients must be three finite numbers (a, b, c), got {ns_coefficients!r}")
         adam_weight_decay = weight_decay if adam_weight_decay is None else adam_weight_decay
         muon_defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
                              adjust_lr=adjust_lr, ns_steps=ns_steps, ns_coefficients=tuple(ns_coefficients),
