@@ -182,7 +182,8 @@ OPTIMIZERS = (
                "state_dtype": "torch.optim.Muon and AdamW keep state in the parameter's dtype",
                "float16": "torch.optim.AdamW keeps float16 state: eps=1e-8 and small squared gradients round to 0 "
                           "in float16 and its steps divide by zero (why the gaugeopt optimizers keep float32 state)",
-               "state_keys": "its state is torch's, loaded by torch's optimizers"},
+               "state_keys": "its state is torch's, loaded by torch's optimizers",
+               "sync": "not a GuardedOptimizer; its step calls the same all_finite before torch's steps"},
     ),
 )
 
@@ -291,6 +292,24 @@ def test_fused_finiteness_check_known_answers():
     assert all_finite([])
     for bad in (math.nan, math.inf, -math.inf):
         assert not all_finite([torch.ones(3, dtype=torch.float64), torch.tensor([0.0, bad], dtype=torch.float16)])
+
+
+@each("sync")
+def test_gradient_check_reads_one_flag_per_step_not_one_per_parameter(info, monkeypatch):
+    """Host reads of tensor values (``bool``, ``item``, ``tolist``) are device synchronisations on an
+    accelerator; the guard makes exactly one for the ten gradients (one device)."""
+    model, gauges = tiny()
+    opt = info.build(model, gauges)
+    backward(model, 0)
+    reads = []
+    for method in ("__bool__", "item", "tolist"):
+        original = getattr(torch.Tensor, method)
+        monkeypatch.setattr(torch.Tensor, method,
+                            lambda self, *a, _original=original, _name=method: (reads.append(_name),
+                                                                                _original(self, *a))[1])
+    ready = opt._gradients_ready()
+    monkeypatch.undo()
+    assert ready and reads == ["__bool__"]
 
 
 @each("nonfinite")

@@ -294,6 +294,9 @@ class GuardedOptimizer(torch.optim.Optimizer):
                              f"entry); {mine} loads only its own checkpoints")
         if meta["optimizer"] != mine or not {"state", "param_groups"} <= set(state_dict):
             raise ValueError(f"this state dict was written by {meta['optimizer']}, not {mine}")
+        lacking = sorted({"names", "shapes", "skipped_steps"} - set(meta))
+        if lacking:
+            raise ValueError(f"this state dict's {_META_KEY!r} entry lacks {lacking}")
         saved_groups = state_dict["param_groups"]
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(f"the state dict has {len(saved_groups)} param groups, this {mine} has "

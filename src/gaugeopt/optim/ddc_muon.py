@@ -296,7 +296,7 @@ class DDCMuon(DDCAdam):
         """Muon settings where the group takes Muon; always the Adam part's (lr, betas, eps, decay)."""
         if group.get("use_muon", False):
             _check_muon_settings(group, where)
-        super()._validate_group({"pair_frame": "balanced", **group}, where)
+        super()._validate_group(group, where)
 
     def _check_groups(self) -> None:
         pair_members = {r.name for f in self.plan.pairs for r in (*f.multiplied, *f.divided)}
