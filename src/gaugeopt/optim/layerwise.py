@@ -73,8 +73,17 @@ Orientation = Literal["row", "col"]
 AdjustLR = Literal["original", "match_rms_adamw", "none"]
 ORIENTATIONS: tuple[str, ...] = ("row", "col")
 
-#: Least damping of :func:`damped_polar`, in units of the dtype's roundoff times the Gram's norm.
-_DAMPING_FLOOR = 100.0
+
+def _damping_floor(dtype: torch.dtype) -> float:
+    """Least damping of :func:`damped_polar`, relative to the Frobenius norm of the Gram matrix.
+
+    ``100 u`` (``u`` the unit roundoff): rounding the Gram matrix of a rank-deficient momentum must
+    not make it indefinite (``10 u`` still failed in float32 trials). ``1e-12``: the coupled
+    Newton-Schulz iteration of :func:`inverse_sqrt_psd` reaches a residual of about
+    ``u / sqrt(damping)``, which must stay within its stall threshold (``1e6 n u``); in float64,
+    ``100 u`` alone stalled above it on rank-deficient 2 x 2 to 64 x 64 momenta.
+    """
+    return max(100.0 * torch.finfo(dtype).eps, 1e-12)
 ADJUST_LR_CHOICES: tuple[str, ...] = ("original", "match_rms_adamw", "none")
 
 
@@ -204,11 +213,11 @@ def damped_polar(Y: Tensor, eps: float = 1e-8, *, rows_centered: bool = False) -
     largest entry into ``[1, 2)`` (exact in floating point, and ``Y (Y^T Y + eps I)^(-1/2)`` is
     unchanged when ``Y`` becomes ``Y / p`` and ``eps`` becomes ``eps / p^2``, capped at ``1 / u^2``
     where it swamps the Gram matrix anyway), so the Gram matrix cannot overflow or underflow; and the
-    damping is at least ``100 u |G|_F`` (``u`` the dtype's unit roundoff, ``G`` the
-    scaled Gram matrix), so that a rank-deficient ``Y`` (a momentum that touched few rows) does not
-    look indefinite after rounding. The floor is gauge invariant (``|G|_F`` is) and is far below
-    ``eps`` in float64 at ordinary scales; in float32 it damps singular values below about
-    ``0.4%`` of ``sqrt(|G|_F)``.
+    damping is at least ``max(100 u, 1e-12) |G|_F`` (``u`` the dtype's unit roundoff, ``G`` the
+    scaled Gram matrix; :func:`_damping_floor` says why), so that the inverse square root of a
+    rank-deficient ``Y`` (a momentum that touched few rows) converges. The floor is gauge invariant
+    (``|G|_F`` is) and below ``eps`` in float64 at ordinary scales; in float32 it damps singular
+    values below about ``0.4%`` of ``sqrt(|G|_F)``.
     """
     rows, cols = Y.shape[-2], Y.shape[-1]
     largest = Y.abs().amax(dim=(-2, -1), keepdim=True)
@@ -220,7 +229,7 @@ def damped_polar(Y: Tensor, eps: float = 1e-8, *, rows_centered: bool = False) -
         ones = torch.full((rows, rows), 1.0 / rows, dtype=Y.dtype, device=Y.device)
         gram = gram + mean_eigenvalue * ones
     unit_roundoff = torch.finfo(Y.dtype).eps
-    floor = _DAMPING_FLOOR * unit_roundoff * torch.linalg.matrix_norm(gram, keepdim=True)
+    floor = _damping_floor(Y.dtype) * torch.linalg.matrix_norm(gram, keepdim=True)
     # eps / power^2 overflows for a tiny Y; past 1 / u^2 the damping swamps |G| <= 4 rows cols anyway
     damping = torch.maximum((eps / power.double().square()).clamp(max=unit_roundoff**-2).to(Y.dtype), floor)
     damping = torch.where(damping > 0, damping, torch.ones_like(damping))  # Y = 0 and eps = 0: any value
