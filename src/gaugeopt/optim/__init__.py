@@ -1,7 +1,8 @@
 """Optimizers: update math as pure functions on tensors, thin ``torch.optim.Optimizer`` shells.
 
 Modules: ``matrix_functions`` (Newton-Schulz polar, inverse square roots), ``ddc_adam``,
-``ddc_muon``, ``symcompat`` (the symmetry-compatible layerwise stack and its parameter classifier).
+``ddc_muon``, ``symcompat`` (the symmetry-compatible layerwise stack and its parameter classifier),
+``_guards`` (the checks every optimizer shares: settings, gradients, low precision, checkpoints).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ _EXPORTS = {
     "DDCMuon": "gaugeopt.optim.ddc_muon",
     "SymmetryCompatible": "gaugeopt.optim.symcompat",
     "symmetry_param_groups": "gaugeopt.optim.symcompat",
+    "NonFiniteGradientError": "gaugeopt.optim._guards",
 }
 
 __all__ = list(_EXPORTS)

@@ -15,7 +15,18 @@ import torch
 from torch import nn
 
 from ..gauges.gaugeset import GaugeSet
-from .ddc_muon import muon_parameter_names
+from ._guards import (
+    NONFINITE_MODES,
+    NonFiniteGradientError,
+    all_finite,
+    require,
+    require_betas,
+    require_choice,
+    require_nonnegative,
+    require_rate,
+    require_unit_interval,
+)
+from .ddc_muon import ADJUST_LR_CHOICES, muon_parameter_names
 
 __all__ = ["MuonWithAdamW"]
 
@@ -33,8 +44,13 @@ class MuonWithAdamW:
         adam_lr, adam_betas, adam_eps, adam_weight_decay: ``torch.optim.AdamW``'s (decay defaults
             to ``weight_decay``), the same defaults as DDCMuon's Adam part.
 
+        nonfinite: ``"raise"`` or ``"skip"``, as for the gaugeopt optimizers (one fused finiteness
+            check of all gradients before either optimizer steps).
+
     Offers what training loops and :func:`gaugeopt.testing.check_equivariance` use: ``step``,
-    ``zero_grad``, ``param_groups``, ``state_dict`` and ``load_state_dict``.
+    ``zero_grad``, ``param_groups``, ``state_dict`` and ``load_state_dict``. The guards of
+    ``docs/robustness.md`` apply except two: settings are checked at construction only (torch's
+    optimizers check nothing later), and float16/bfloat16 parameters keep torch's state dtype.
     """
 
     def __init__(
@@ -53,7 +69,28 @@ class MuonWithAdamW:
         adam_betas: tuple[float, float] = (0.9, 0.999),
         adam_eps: float = 1e-8,
         adam_weight_decay: float | None = None,
+        nonfinite: str = "raise",
     ):
+        where = type(self).__name__
+        require_choice(where, "nonfinite", nonfinite, NONFINITE_MODES)
+        require_rate(where, lr)
+        require_unit_interval(where, "momentum", momentum)
+        require_nonnegative(where, "weight_decay", weight_decay)
+        require_choice(where, "adjust_lr", adjust_lr, ADJUST_LR_CHOICES)
+        require(isinstance(ns_steps, int) and 0 <= ns_steps < 100, where,
+                f"ns_steps must be an int in [0, 100), got {ns_steps!r}")
+        require_rate(where, adam_lr)
+        require_betas(where, "adam_betas", adam_betas)
+        require_nonnegative(where, "adam_eps", adam_eps)
+        if adam_weight_decay is not None:
+            require_nonnegative(where, "adam_weight_decay", adam_weight_decay)
+        if gauges is not None and gauges.model is not model:
+            raise ValueError("gauges were found on another model: pass the GaugeSet of this model "
+                             "(gauges.bind(model) re-targets one to a copy)")
+        self.nonfinite = nonfinite
+        #: Steps skipped because a gradient was not finite (``nonfinite="skip"``).
+        self.skipped_steps = 0
+        self.last_step_skipped = False
         params = {n: p for n, p in model.named_parameters() if p.requires_grad}
         if muon_names is None:
             hidden = muon_parameter_names(model, gauges)
@@ -89,13 +126,51 @@ class MuonWithAdamW:
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self.last_step_skipped = False
+        named = [(n, p) for opt, names in ((self.muon, self.muon_names), (self.adamw, self.adamw_names))
+                 for n, p in zip(names, opt.param_groups[0]["params"]) if p.grad is not None]
+        sparse = [n for n, p in named if p.grad.is_sparse]
+        if sparse:
+            raise ValueError(f"MuonWithAdamW does not support sparse gradients, got them for {sparse}")
+        if not all_finite(p.grad for _, p in named):
+            if self.nonfinite == "skip":
+                self.skipped_steps += 1
+                self.last_step_skipped = True
+                return loss
+            bad = [n for n, p in named if not torch.isfinite(p.grad).all()]
+            raise NonFiniteGradientError(f"non-finite gradient (NaN or Inf) for {bad}; nothing was changed")
         for opt in self.optimizers:
             opt.step()
         return loss
 
     def state_dict(self) -> dict[str, Any]:
-        return {"muon": self.muon.state_dict(), "adamw": self.adamw.state_dict()}
+        shapes = {n: list(p.shape) for opt, names in ((self.muon, self.muon_names), (self.adamw, self.adamw_names))
+                  for n, p in zip(names, opt.param_groups[0]["params"])}
+        return {"muon": self.muon.state_dict(), "adamw": self.adamw.state_dict(),
+                "gaugeopt": {"optimizer": type(self).__name__, "muon_names": list(self.muon_names),
+                             "adamw_names": list(self.adamw_names), "shapes": shapes,
+                             "skipped_steps": self.skipped_steps}}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a checkpoint of this class for the same parameters; ``ValueError`` before anything
+        changes otherwise."""
+        meta = state_dict.get("gaugeopt") if isinstance(state_dict, dict) else None
+        if not isinstance(meta, dict) or meta.get("optimizer") != type(self).__name__:
+            written = meta.get("optimizer") if isinstance(meta, dict) else "another optimizer"
+            raise ValueError(f"this state dict was written by {written}, not {type(self).__name__}")
+        for key, names in (("muon_names", self.muon_names), ("adamw_names", self.adamw_names)):
+            if list(meta[key]) != list(names):
+                raise ValueError(f"the state dict's {key} {meta[key]} differ from this optimizer's {list(names)}: "
+                                 f"it was saved for another model")
+        for opt, names, key in ((self.muon, self.muon_names, "muon"), (self.adamw, self.adamw_names, "adamw")):
+            saved = state_dict[key]
+            for n, p, saved_id in zip(names, opt.param_groups[0]["params"], saved["param_groups"][0]["params"]):
+                if list(meta["shapes"][n]) != list(p.shape):
+                    raise ValueError(f"the state dict was saved for {n} of shape {tuple(meta['shapes'][n])}, "
+                                     f"here it has shape {tuple(p.shape)}: it belongs to another model")
+                for name, value in saved["state"].get(saved_id, {}).items():
+                    if name != "step" and isinstance(value, torch.Tensor) and value.shape != p.shape:
+                        raise ValueError(f"state {name!r} of {n} has shape {tuple(value.shape)}")
         self.muon.load_state_dict(state_dict["muon"])
         self.adamw.load_state_dict(state_dict["adamw"])
+        self.skipped_steps = int(meta["skipped_steps"])

@@ -66,6 +66,16 @@ from torch import Tensor
 
 from ..gauges.families import NeuronScaling
 from ..gauges.gaugeset import GaugeSet
+from ._guards import (
+    GuardedOptimizer,
+    check_gauges_cover,
+    compute_dtype,
+    require_betas,
+    require_choice,
+    require_nonnegative,
+    require_rate,
+    state_zeros,
+)
 from .gauge_frames import (
     FramePlan,
     PairFrame,
@@ -142,7 +152,7 @@ def _live_gain(gain: Tensor, threshold: float) -> tuple[Tensor, Tensor]:
     return dead, torch.where(dead, torch.ones_like(gain), gain)
 
 
-class DDCAdam(torch.optim.Optimizer):
+class DDCAdam(GuardedOptimizer):
     """Adam with decoupled weight decay, exactly equivariant under the gauges of ``gauges``.
 
     Args:
@@ -159,6 +169,14 @@ class DDCAdam(torch.optim.Optimizer):
             leaves channel scales to the per-coordinate steps alone.
         dead_threshold: a norm channel with ``|gain| <=`` this, or a neuron pair with
             ``sqrt(|P1| |P2|) <=`` this, is frozen and reported in :attr:`frozen`.
+        nonfinite: ``"raise"`` (default): a NaN or Inf gradient raises
+            :class:`~gaugeopt.optim.NonFiniteGradientError` naming the parameter; ``"skip"``: the
+            step is skipped and counted in :attr:`skipped_steps`. Nothing changes in either case.
+
+    Robustness (``docs/robustness.md``): settings are checked at construction, on every step and on
+    ``load_state_dict`` (``ValueError`` naming the field); float16/bfloat16 parameters keep float32
+    state and are updated in float32; ``load_state_dict`` refuses checkpoints of another optimizer
+    or model before changing anything.
 
     The update math is in the module docstring (and ``docs/ddc.md``). Raises
     :class:`~gaugeopt.optim.gauge_frames.FrameConflictError` for gauge combinations no frame makes
@@ -177,84 +195,84 @@ class DDCAdam(torch.optim.Optimizer):
         pair_frame: PairFrame = "balanced",
         norm_scale_step: bool = True,
         dead_threshold: float = 1e-12,
+        nonfinite: str = "raise",
     ):
-        if not lr >= 0.0:
-            raise ValueError(f"invalid learning rate {lr}")
-        if not eps >= 0.0:
-            raise ValueError(f"invalid eps {eps}")
-        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
-            raise ValueError(f"invalid betas {betas}: each must be in [0, 1)")
-        if not weight_decay >= 0.0:
-            raise ValueError(f"invalid weight_decay {weight_decay}")
-        if pair_frame not in ("radius", "balanced"):
-            raise ValueError(f"pair_frame must be 'radius' or 'balanced', got {pair_frame!r}")
-        if not dead_threshold >= 0.0:
-            raise ValueError(f"invalid dead_threshold {dead_threshold}")
+        self._init_guards(nonfinite)
+        self._validate_group(dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, pair_frame=pair_frame),
+                             type(self).__name__)
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, pair_frame=pair_frame)
+        require_nonnegative(type(self).__name__, "dead_threshold", dead_threshold)
         if gauges is not None and not isinstance(gauges, GaugeSet):
             raise TypeError("gauges must be a GaugeSet (from gaugeopt.find_gauges) or None, "
                             f"got {type(gauges).__name__}")
-        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
-                                      pair_frame=pair_frame))
+        super().__init__(params, defaults)
         self.gauges = gauges
         self.dead_threshold = dead_threshold
         self.norm_scale_step = bool(norm_scale_step)
-        self.plan: FramePlan = build_frame_plan(gauges) if gauges is not None else FramePlan({}, (), ())
-        model_params = dict(gauges.model.named_parameters()) if gauges is not None else {}
-        self._names = {id(p): n for n, p in model_params.items()}
-        self._params_by_name = model_params
-        optimized = {self._names.get(id(p)) for g in self.param_groups for p in g["params"]}
-        if gauges is not None and len(gauges) and optimized == {None}:
-            raise ValueError("none of the parameters belongs to gauges.model: pass the GaugeSet of the model "
-                             "being optimized (gauges.bind(model) re-targets one to a copy)")
-        for family in self.plan.pairs:
-            members = {r.name for r in (*family.multiplied, *family.divided)}
-            missing = sorted(members - optimized)
-            if missing and len(missing) < len(members):
-                raise ValueError(
-                    f"gauge family {family.name} couples {sorted(members)} into one update, but "
-                    f"{missing} are not given to the optimizer; optimize all of them or drop the family "
-                    f"from the GaugeSet")
         for g in self.param_groups:
             for p in g["params"]:
                 if not p.is_floating_point() or p.is_complex():
                     raise TypeError(f"DDCAdam needs real floating-point parameters, got {p.dtype}")
+        model_params = check_gauges_cover(gauges, self.param_groups)
+        self.plan: FramePlan = build_frame_plan(gauges) if gauges is not None else FramePlan({}, (), ())
+        self._names = {id(p): n for n, p in model_params.items()}
+        self._params_by_name = model_params
         self._pair_members = {r.name for f in self.plan.pairs for r in (*f.multiplied, *f.divided)}
         #: Frozen (dead) norm channels and neuron units of the last step: family name -> indices.
         self.frozen: dict[str, tuple[int, ...]] = {}
+
+    _STATE_KEYS = frozenset({"step", "exp_avg", "exp_avg_sq", "radial_exp_avg", "radial_exp_avg_sq",
+                             "scale_exp_avg", "scale_exp_avg_sq"})
+    _PARAM_SHAPED_STATE = frozenset({"exp_avg", "exp_avg_sq"})
+
+    # ----- guards (gaugeopt.optim._guards) -------------------------------------------------------
+    def _validate_group(self, group: dict, where: str) -> None:
+        require_rate(where, group["lr"])
+        require_betas(where, "betas", group["betas"])
+        require_nonnegative(where, "eps", group["eps"])
+        require_nonnegative(where, "weight_decay", group["weight_decay"])
+        require_choice(where, "pair_frame", group["pair_frame"], ("balanced", "radius"))
+
+    def _known_names(self) -> dict[int, str]:
+        return getattr(self, "_names", {})
 
     # ----- helpers -----------------------------------------------------------------------------
     def _state(self, p: Tensor) -> dict:
         state = self.state[p]
         if not state:
             state["step"] = torch.tensor(0.0, dtype=torch.float32)
-            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg"] = state_zeros(p)
+            state["exp_avg_sq"] = state_zeros(p)
         return state
 
     def _adamw_step(self, p: Tensor, group: dict) -> None:
-        """torch.optim.AdamW's update, operation for operation (parameters no gauge touches)."""
-        if p.grad.is_sparse:
-            raise RuntimeError("DDCAdam does not support sparse gradients")
+        """torch.optim.AdamW's update, operation for operation (parameters no gauge touches); float16
+        and bfloat16 parameters are updated on a float32 copy, written back at the end."""
         state = self._state(p)
         beta1, beta2 = group["betas"]
         lr, wd = group["lr"], group["weight_decay"]
         state["step"] += 1
         step = float(state["step"])
+        work = p if compute_dtype(p) == p.dtype else p.to(compute_dtype(p))
         if wd != 0:
-            p.mul_(1 - lr * wd)
-        adam_moments_(p.grad, state["exp_avg"], state["exp_avg_sq"], beta1, beta2)
+            work.mul_(1 - lr * wd)
+        adam_moments_(p.grad.to(work.dtype), state["exp_avg"], state["exp_avg_sq"], beta1, beta2)
         denom = adam_denominator(state["exp_avg_sq"], step, beta2, group["eps"])
-        p.addcdiv_(state["exp_avg"], denom, value=-lr / (1 - beta1**step))
+        work.addcdiv_(state["exp_avg"], denom, value=-lr / (1 - beta1**step))
+        if work is not p:
+            p.copy_(work)
 
     def _enter_frame(self, p: Tensor, group: dict, frame: TensorFrame, grad: Tensor) -> _Work:
-        """Merge with the norm gain, center translations, freeze dead channels, apply weight decay."""
-        value, frozen, gain = p.detach().clone(), None, None
+        """Merge with the norm gain, center translations, freeze dead channels, apply weight decay
+        (in :func:`~gaugeopt.optim._guards.compute_dtype`: float32 for float16/bfloat16 tensors)."""
+        dtype = compute_dtype(p)
+        value, grad, frozen, gain = p.detach().to(dtype, copy=True), grad.to(dtype), None, None
         if frame.role == "norm_bias":
-            dead, gain = _live_gain(self._params_by_name[frame.gain].detach(), self.dead_threshold)
+            dead, gain = _live_gain(self._params_by_name[frame.gain].detach().to(dtype), self.dead_threshold)
             value, grad = value / gain, grad * gain
             frozen = dead
         elif (merge := frame.merge) is not None:
-            dead, gain = _live_gain(self._params_by_name[merge.gain].detach(), self.dead_threshold)
+            dead, gain = _live_gain(self._params_by_name[merge.gain].detach().to(dtype), self.dead_threshold)
             value, grad = scale_columns(value, gain), scale_columns(grad, 1 / gain)
             frozen = dead.reshape(1, -1).expand_as(value)
         if frozen is not None:
@@ -427,6 +445,8 @@ class DDCAdam(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if not self._gradients_ready():  # settings, sparse and non-finite gradients (nothing changed)
+            return loss
         work: dict[str, _Work] = {}
         gain_groups: dict[str, dict] = {}
         for group in self.param_groups:
@@ -442,8 +462,6 @@ class DDCAdam(torch.optim.Optimizer):
                     continue
                 if p.grad is None and name not in self._pair_members:
                     continue
-                if p.grad is not None and p.grad.is_sparse:
-                    raise RuntimeError("DDCAdam does not support sparse gradients")
                 grad = p.grad if p.grad is not None else torch.zeros_like(p)
                 work[name] = self._enter_frame(p, group, frame, grad)
 

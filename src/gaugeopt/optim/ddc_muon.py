@@ -82,6 +82,15 @@ from torch import Tensor, nn
 
 from ..gauges.families import HeadRotation, LogitShift, NeuronScaling
 from ..gauges.gaugeset import GaugeSet
+from ._guards import (
+    compute_dtype,
+    require,
+    require_betas,
+    require_choice,
+    require_nonnegative,
+    require_rate,
+    require_unit_interval,
+)
 from .ddc_adam import DDCAdam, _Work, adam_denominator, adam_moments_
 from .gauge_frames import center_rows, from_unit_slices, pair_chart, pair_retract, unit_slices
 from .matrix_functions import MUON_NS_COEFFICIENTS
@@ -254,31 +263,44 @@ class DDCMuon(DDCAdam):
         adam_eps: float = 1e-8,
         adam_weight_decay: float | None = None,
         dead_threshold: float = 1e-12,
+        nonfinite: str = "raise",
     ):
+        require_betas(type(self).__name__, "adam_betas", adam_betas)  # before tuple() below
+        require(isinstance(ns_coefficients, (tuple, list)), type(self).__name__,
+                f"ns_coefficients must be three finite numbers (a, b, c), got {ns_coefficients!r}")
         adam_weight_decay = weight_decay if adam_weight_decay is None else adam_weight_decay
         muon_defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
                              adjust_lr=adjust_lr, ns_steps=ns_steps, ns_coefficients=tuple(ns_coefficients),
                              ns_eps=ns_eps, ns_dtype=ns_dtype, head_wise=head_wise,
                              pair_frame=pair_frame)
         adam_defaults = dict(lr=adam_lr, betas=tuple(adam_betas), eps=adam_eps, weight_decay=adam_weight_decay)
-        _check_muon_settings(muon_defaults)
+        _check_muon_settings(muon_defaults, type(self).__name__)
         if gauges is not None and not isinstance(gauges, GaugeSet):
             raise TypeError(f"gauges must be a GaugeSet (from gaugeopt.find_gauges) or None, got {type(gauges).__name__}")
         names = {id(p): n for n, p in gauges.model.named_parameters()} if gauges is not None else {}
         hidden = muon_parameter_names(gauges.model, gauges) if gauges is not None else None
         groups = _split_groups(params, muon_defaults, adam_defaults, names, hidden)
         super().__init__(groups, gauges, lr=adam_lr, betas=adam_betas, eps=adam_eps,
-                         weight_decay=adam_weight_decay, norm_scale_step=False, dead_threshold=dead_threshold)
+                         weight_decay=adam_weight_decay, norm_scale_step=False, dead_threshold=dead_threshold,
+                         nonfinite=nonfinite)
         self.defaults = {**muon_defaults, "betas": tuple(adam_betas), "eps": adam_eps, "use_muon": True}
         self._heads = _head_blocks(gauges) if gauges is not None else {}
         self._check_groups()
 
     # ----- construction checks ------------------------------------------------------------------
+    _EXTRA_GROUP_KEYS = frozenset({*_MUON_KEYS, "use_muon"})
+    _STATE_KEYS = DDCAdam._STATE_KEYS | {"momentum_buffer", "radial_step"}
+    _PARAM_SHAPED_STATE = DDCAdam._PARAM_SHAPED_STATE | {"momentum_buffer"}
+
+    def _validate_group(self, group: dict, where: str) -> None:
+        """Muon settings where the group takes Muon; always the Adam part's (lr, betas, eps, decay)."""
+        if group.get("use_muon", False):
+            _check_muon_settings(group, where)
+        super()._validate_group(group, where)
+
     def _check_groups(self) -> None:
         pair_members = {r.name for f in self.plan.pairs for r in (*f.multiplied, *f.divided)}
         for group in self.param_groups:
-            if group["use_muon"]:
-                _check_muon_settings(group)
             for p in group["params"]:
                 name = self._names.get(id(p))
                 if group["use_muon"] and p.ndim != 2 and name not in pair_members:
@@ -332,13 +354,15 @@ class DDCMuon(DDCAdam):
         return muon_newton_schulz(update, **self._ns_options(group))
 
     def _plain_muon_step(self, p: Tensor, group: dict) -> None:
-        """torch.optim.Muon's update, operation for operation (a matrix no gauge touches)."""
-        if p.grad.is_sparse:
-            raise RuntimeError("DDCMuon does not support sparse gradients")
-        update = muon_newton_schulz(self._momentum_input(p, p.grad, group), **self._ns_options(group))
+        """torch.optim.Muon's update, operation for operation (a matrix no gauge touches); float16 and
+        bfloat16 parameters keep a float32 momentum and are updated on a float32 copy."""
+        work = p if compute_dtype(p) == p.dtype else p.to(compute_dtype(p))
+        update = muon_newton_schulz(self._momentum_input(p, p.grad.to(work.dtype), group), **self._ns_options(group))
         adjusted_lr = group["lr"] * muon_lr_scale(p.shape, group["adjust_lr"])
-        p.mul_(1 - group["lr"] * group["weight_decay"])
-        p.add_(update, alpha=-adjusted_lr)
+        work.mul_(1 - group["lr"] * group["weight_decay"])
+        work.add_(update, alpha=-adjusted_lr)
+        if work is not p:
+            p.copy_(work)
 
     def _muon_frame_step(self, name: str, w: _Work) -> None:
         """Muon on a gauge-carrying matrix in its frame (merged, centered, decayed)."""
@@ -413,23 +437,24 @@ class DDCMuon(DDCAdam):
 # --------------------------------------------------------------------------------------------------
 
 
-def _check_muon_settings(group: dict) -> None:
-    if not group["lr"] >= 0.0:
-        raise ValueError(f"invalid learning rate {group['lr']}")
-    if not 0.0 <= group["momentum"] < 1.0:
-        raise ValueError(f"momentum must be in [0, 1), got {group['momentum']}")
-    if not group["weight_decay"] >= 0.0:
-        raise ValueError(f"invalid weight_decay {group['weight_decay']}")
-    if group["adjust_lr"] not in ADJUST_LR_CHOICES:
-        raise ValueError(f"adjust_lr must be one of {ADJUST_LR_CHOICES}, got {group['adjust_lr']!r}")
-    if not (isinstance(group["ns_steps"], int) and 0 <= group["ns_steps"] < 100):
-        raise ValueError(f"ns_steps must be an int in [0, 100), got {group['ns_steps']!r}")
-    if len(group["ns_coefficients"]) != 3:
-        raise ValueError(f"ns_coefficients must be three floats (a, b, c), got {group['ns_coefficients']!r}")
-    if group["pair_frame"] not in PAIR_FRAMES:
-        raise ValueError(f"pair_frame must be one of {PAIR_FRAMES}, got {group['pair_frame']!r}")
-    if group["ns_dtype"] is not None and not group["ns_dtype"].is_floating_point:
-        raise ValueError(f"ns_dtype must be a floating-point dtype or None, got {group['ns_dtype']}")
+def _check_muon_settings(group: dict, where: str) -> None:
+    """``ValueError(f"{where}: <field> ...")`` for a bad Muon setting."""
+    require_rate(where, group["lr"])
+    require_unit_interval(where, "momentum", group["momentum"])
+    require_nonnegative(where, "weight_decay", group["weight_decay"])
+    require_choice(where, "adjust_lr", group["adjust_lr"], ADJUST_LR_CHOICES)
+    steps = group["ns_steps"]
+    require(isinstance(steps, int) and not isinstance(steps, bool) and 0 <= steps < 100, where,
+            f"ns_steps must be an int in [0, 100), got {steps!r}")
+    coefficients = group["ns_coefficients"]
+    require(isinstance(coefficients, (tuple, list)) and len(coefficients) == 3
+            and all(isinstance(c, (int, float)) and math.isfinite(c) for c in coefficients), where,
+            f"ns_coefficients must be three finite numbers (a, b, c), got {coefficients!r}")
+    require_nonnegative(where, "ns_eps", group["ns_eps"])
+    require_choice(where, "pair_frame", group["pair_frame"], PAIR_FRAMES)
+    dtype = group["ns_dtype"]
+    require(dtype is None or (isinstance(dtype, torch.dtype) and dtype.is_floating_point), where,
+            f"ns_dtype must be a floating-point dtype or None, got {dtype!r}")
 
 
 def _split_groups(params, muon_defaults: dict, adam_defaults: dict, names: dict[int, str],

@@ -72,6 +72,18 @@ __all__ = [
 Orientation = Literal["row", "col"]
 AdjustLR = Literal["original", "match_rms_adamw", "none"]
 ORIENTATIONS: tuple[str, ...] = ("row", "col")
+
+
+def _damping_floor(dtype: torch.dtype) -> float:
+    """Least damping of :func:`damped_polar`, relative to the Frobenius norm of the Gram matrix.
+
+    ``100 u`` (``u`` the unit roundoff): rounding the Gram matrix of a rank-deficient momentum must
+    not make it indefinite (``10 u`` still failed in float32 trials). ``1e-12``: the coupled
+    Newton-Schulz iteration of :func:`inverse_sqrt_psd` reaches a residual of about
+    ``u / sqrt(damping)``, which must stay within its stall threshold (``1e6 n u``); in float64,
+    ``100 u`` alone stalled above it on rank-deficient 2 x 2 to 64 x 64 momenta.
+    """
+    return max(100.0 * torch.finfo(dtype).eps, 1e-12)
 ADJUST_LR_CHOICES: tuple[str, ...] = ("original", "match_rms_adamw", "none")
 
 
@@ -86,8 +98,12 @@ def center_rows(X: Tensor) -> Tensor:
 
 
 def row_normalize(X: Tensor, eps: float = 1e-8) -> Tensor:
-    """Each row divided by ``(|row|_2 + eps)``."""
-    return X / (torch.linalg.vector_norm(X, dim=-1, keepdim=True) + eps)
+    """Each row divided by ``(|row|_2 + eps)``; with ``eps = 0`` a row whose norm is 0 (or underflows
+    to 0) maps to zero instead of NaN."""
+    denominator = torch.linalg.vector_norm(X, dim=-1, keepdim=True) + eps
+    if eps > 0:
+        return X / denominator
+    return torch.where(denominator > 0, X / denominator.clamp_min(torch.finfo(X.dtype).tiny), 0.0)
 
 
 def _nuclear_scale(Y: Tensor, U: Tensor, alpha: float) -> Tensor:
@@ -192,16 +208,34 @@ def damped_polar(Y: Tensor, eps: float = 1e-8, *, rows_centered: bool = False) -
     vector ``1``; adding ``c 1 1^T / rows`` (``c`` its mean eigenvalue) lifts that eigenvalue from
     ``eps`` to ``c + eps`` without changing the result (``1`` is orthogonal to the columns of ``Y``),
     which keeps the inverse square root well conditioned.
+
+    Finite for every finite ``Y``: each matrix is first divided by a power of two ``p`` that brings its
+    largest entry into ``[1, 2)`` (exact in floating point, and ``Y (Y^T Y + eps I)^(-1/2)`` is
+    unchanged when ``Y`` becomes ``Y / p`` and ``eps`` becomes ``eps / p^2``, capped at ``1 / u^2``
+    where it swamps the Gram matrix anyway), so the Gram matrix cannot overflow or underflow; and the
+    damping is at least ``max(100 u, 1e-12) |G|_F`` (``u`` the dtype's unit roundoff, ``G`` the
+    scaled Gram matrix; :func:`_damping_floor` says why), so that the inverse square root of a
+    rank-deficient ``Y`` (a momentum that touched few rows) converges. The floor is gauge invariant
+    (``|G|_F`` is) and below ``eps`` in float64 at ordinary scales; in float32 it damps singular
+    values below about ``0.4%`` of ``sqrt(|G|_F)``.
     """
     rows, cols = Y.shape[-2], Y.shape[-1]
-    if rows >= cols:
-        return Y @ inverse_sqrt_psd(Y.mT @ Y, eps)
-    gram = Y @ Y.mT
-    if rows_centered:
+    largest = Y.abs().amax(dim=(-2, -1), keepdim=True)
+    power = torch.ldexp(torch.ones_like(largest), torch.frexp(largest).exponent - 1)  # |Y / power| in [1, 2)
+    Y = Y / power
+    gram = Y.mT @ Y if rows >= cols else Y @ Y.mT
+    if rows < cols and rows_centered:
         mean_eigenvalue = gram.diagonal(dim1=-2, dim2=-1).mean(dim=-1)[..., None, None]
         ones = torch.full((rows, rows), 1.0 / rows, dtype=Y.dtype, device=Y.device)
         gram = gram + mean_eigenvalue * ones
-    return inverse_sqrt_psd(gram, eps) @ Y
+    unit_roundoff = torch.finfo(Y.dtype).eps
+    floor = _damping_floor(Y.dtype) * torch.linalg.matrix_norm(gram, keepdim=True)
+    # eps / power^2 overflows for a tiny Y; past 1 / u^2 the damping swamps |G| <= 4 rows cols anyway
+    damping = torch.maximum((eps / power.double().square()).clamp(max=unit_roundoff**-2).to(Y.dtype), floor)
+    damping = torch.where(damping > 0, damping, torch.ones_like(damping))  # Y = 0 and eps = 0: any value
+    identity = torch.eye(gram.shape[-1], dtype=Y.dtype, device=Y.device)
+    inverse_sqrt = inverse_sqrt_psd(gram + damping * identity)
+    return Y @ inverse_sqrt if rows >= cols else inverse_sqrt @ Y
 
 
 def spectral_update(X: Tensor, *, eps: float = 1e-8, alpha: float = 1.0, centered: bool = False) -> Tensor:

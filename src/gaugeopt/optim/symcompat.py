@@ -15,9 +15,7 @@ to rules, applies the user's overrides and prints the classification table.
 
 from __future__ import annotations
 
-import difflib
 import fnmatch
-import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,6 +23,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ._guards import (
+    GuardedOptimizer,
+    compute_dtype,
+    require_betas,
+    require_nonnegative,
+    require_rate,
+    require_unit_interval,
+    state_zeros,
+)
 from .layerwise import ADJUST_LR_CHOICES, ORIENTATIONS, RULES, adam_direction, apply_update_rule, get_rule
 from .matrix_functions import MUON_NS_COEFFICIENTS
 
@@ -38,17 +45,13 @@ __all__ = [
     "RULE_DEFAULT_LR",
 ]
 
-#: Keys a param group may carry besides the hyperparameters: torch's own ``param_names`` and the
-#: classifier's ``role`` (a label, not used by the step).
-_METADATA_KEYS = frozenset({"params", "param_names", "role"})
-
 
 # ==============================================================================================
 # Optimizer
 # ==============================================================================================
 
 
-class SymmetryCompatible(torch.optim.Optimizer):
+class SymmetryCompatible(GuardedOptimizer):
     """Symmetry-compatible layerwise optimizer: a per-group update rule applied to EMA momentum.
 
     Args:
@@ -69,11 +72,19 @@ class SymmetryCompatible(torch.optim.Optimizer):
         adjust_lr: Muon scale, ``"original"`` (sqrt(max(1, rows/cols))), ``"match_rms_adamw"``
             (0.2 sqrt(max(rows, cols))) or ``"none"``.
         adam_betas, adam_eps: the AdamW rule's moment coefficients and denominator guard.
+        nonfinite: ``"raise"`` (default): a NaN or Inf gradient raises
+            :class:`~gaugeopt.optim.NonFiniteGradientError` naming the parameter; ``"skip"``: the
+            step is skipped and counted in :attr:`skipped_steps`. Nothing changes in either case.
 
     Matrix rules accept 2-D parameters and 3-D stacks ``(E, rows, cols)`` (one matrix per expert;
     ``muon`` also any ``(..., rows, cols)``). Invalid settings raise ``ValueError`` at
-    construction, naming the group and parameter.
+    construction (and when a step or ``load_state_dict`` meets them), naming the group and parameter.
+    Float16/bfloat16 parameters keep float32 state and are updated in float32 (``docs/robustness.md``).
     """
+
+    _EXTRA_GROUP_KEYS = frozenset({"role"})
+    _STATE_KEYS = frozenset({"momentum", "step", "exp_avg", "exp_avg_sq"})
+    _PARAM_SHAPED_STATE = frozenset({"momentum", "exp_avg", "exp_avg_sq"})
 
     def __init__(
         self,
@@ -94,26 +105,20 @@ class SymmetryCompatible(torch.optim.Optimizer):
         adjust_lr: str = "original",
         adam_betas: tuple[float, float] = (0.9, 0.95),
         adam_eps: float = 1e-8,
+        nonfinite: str = "raise",
     ) -> None:
+        self._init_guards(nonfinite)
         defaults = dict(
             lr=lr, rule=rule, orientation=orientation, heads=heads, beta=beta, nesterov=nesterov,
             weight_decay=weight_decay, eps=eps, alpha=alpha, ns_steps=ns_steps, ns_eps=ns_eps,
             ns_coefficients=tuple(ns_coefficients), adjust_lr=adjust_lr, adam_betas=tuple(adam_betas),
             adam_eps=adam_eps,
         )
+        _validate_settings(defaults, type(self).__name__)
         super().__init__(params, defaults)
 
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        if isinstance(param_group, dict):
-            unknown = set(param_group) - set(self.defaults) - _METADATA_KEYS
-            if unknown:
-                hints = {k: difflib.get_close_matches(k, list(self.defaults), n=1) for k in sorted(unknown)}
-                detail = ", ".join(
-                    f"{k!r}" + (f" (did you mean {h[0]!r}?)" if h else "") for k, h in hints.items()
-                )
-                raise ValueError(f"param group {len(self.param_groups)} has unknown option(s) {detail}")
-        super().add_param_group(param_group)
-        _validate_group(self.param_groups[-1], len(self.param_groups) - 1)
+    def _validate_group(self, group: dict[str, Any], where: str) -> None:
+        _validate_group(group, where)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -122,6 +127,8 @@ class SymmetryCompatible(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if not self._gradients_ready():  # settings, sparse and non-finite gradients (nothing changed)
+            return loss
         for group in self.param_groups:
             rule = get_rule(group["rule"])
             lr = float(group["lr"])
@@ -130,24 +137,23 @@ class SymmetryCompatible(torch.optim.Optimizer):
             for param in group["params"]:
                 if param.grad is None:
                     continue
-                grad = param.grad
-                if grad.is_sparse:
-                    raise RuntimeError("SymmetryCompatible does not support sparse gradients")
+                # float16/bfloat16: state, gradient and update in float32, written back at the end
+                work = param if compute_dtype(param) == param.dtype else param.to(compute_dtype(param))
+                grad = param.grad.to(work.dtype)
                 state = self.state[param]
                 if decay != 1.0:
-                    param.mul_(decay)
+                    work.mul_(decay)
                 if rule.name == "adamw":
-                    self._adamw_step(param, grad, state, lr, options)
-                    continue
-                if "momentum" not in state:
-                    state["momentum"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-                momentum = state["momentum"]
-                momentum.lerp_(grad, 1.0 - group["beta"])
-                source = grad.lerp(momentum, group["beta"]) if group["nesterov"] else momentum
-                if source.dtype in (torch.float16, torch.bfloat16):
-                    source = source.float()  # the matrix iterations need more than 8 mantissa bits
-                update = apply_update_rule(rule.name, source, group["orientation"], **options)
-                param.add_(update.to(param.dtype), alpha=-lr)
+                    self._adamw_step(work, grad, state, lr, options)
+                else:
+                    if "momentum" not in state:
+                        state["momentum"] = state_zeros(param)
+                    momentum = state["momentum"]
+                    momentum.lerp_(grad, 1.0 - group["beta"])
+                    source = grad.lerp(momentum, group["beta"]) if group["nesterov"] else momentum
+                    work.add_(apply_update_rule(rule.name, source, group["orientation"], **options), alpha=-lr)
+                if work is not param:
+                    param.copy_(work)
         return loss
 
     @staticmethod
@@ -165,10 +171,36 @@ class SymmetryCompatible(torch.optim.Optimizer):
         param.add_(direction, alpha=-lr)
 
 
-def _validate_group(group: dict[str, Any], index: int) -> None:
+def _validate_settings(settings: dict[str, Any], where: str) -> None:
+    """Check the hyperparameters of a group (or of the defaults); ``ValueError`` naming the field."""
+
+    def require(ok: bool, message: str) -> None:
+        if not ok:
+            raise ValueError(f"{where}: {message}")
+
+    require_rate(where, settings["lr"])
+    require_unit_interval(where, "beta", settings["beta"])
+    for field in ("weight_decay", "eps", "alpha", "ns_eps", "adam_eps"):
+        require_nonnegative(where, field, settings[field])
+    steps = settings["ns_steps"]
+    require(isinstance(steps, int) and not isinstance(steps, bool) and steps >= 0,
+            f"ns_steps must be an int >= 0, got {steps!r}")
+    require(len(settings["ns_coefficients"]) == 3,
+            f"ns_coefficients must be 3 floats, got {settings['ns_coefficients']!r}")
+    require(settings["adjust_lr"] in ADJUST_LR_CHOICES,
+            f"adjust_lr must be one of {ADJUST_LR_CHOICES}, got {settings['adjust_lr']!r}")
+    require(settings["orientation"] in ORIENTATIONS,
+            f"orientation must be one of {ORIENTATIONS}, got {settings['orientation']!r}")
+    require_betas(where, "adam_betas", settings["adam_betas"])
+    heads = settings["heads"]
+    require(heads is None or (isinstance(heads, int) and not isinstance(heads, bool) and heads >= 1),
+            f"heads must be a positive int, got {heads!r}")
+
+
+def _validate_group(group: dict[str, Any], where: str) -> None:
     """Check one param group's settings against its parameters; raise a ``ValueError`` naming them."""
     names = group.get("param_names") or [f"params[{i}]" for i in range(len(group["params"]))]
-    where = f"param group {index}" + (f" ({group['role']})" if "role" in group else "")
+    where = where + (f" ({group['role']})" if "role" in group else "")
     if group["rule"] is None:
         raise ValueError(
             f"{where} has no 'rule'; build the groups with symmetry_param_groups(model) or pass rule=... "
@@ -183,26 +215,10 @@ def _validate_group(group: dict[str, Any], index: int) -> None:
         if not ok:
             raise ValueError(f"{where}: {message}")
 
-    lr = group["lr"]
-    require(float(lr) >= 0 and math.isfinite(float(lr)), f"lr must be a finite number >= 0, got {lr}")
-    require(0.0 <= group["beta"] < 1.0, f"beta must be in [0, 1), got {group['beta']}")
-    require(group["weight_decay"] >= 0, f"weight_decay must be >= 0, got {group['weight_decay']}")
-    require(group["eps"] >= 0, f"eps must be >= 0, got {group['eps']}")
-    require(group["alpha"] >= 0, f"alpha must be >= 0, got {group['alpha']}")
-    require(isinstance(group["ns_steps"], int) and group["ns_steps"] >= 0,
-            f"ns_steps must be an int >= 0, got {group['ns_steps']!r}")
-    require(len(group["ns_coefficients"]) == 3, f"ns_coefficients must be 3 floats, got {group['ns_coefficients']!r}")
-    require(group["adjust_lr"] in ADJUST_LR_CHOICES,
-            f"adjust_lr must be one of {ADJUST_LR_CHOICES}, got {group['adjust_lr']!r}")
-    require(group["orientation"] in ORIENTATIONS,
-            f"orientation must be one of {ORIENTATIONS}, got {group['orientation']!r}")
-    beta1, beta2 = group["adam_betas"]
-    require(0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0, f"adam_betas must be in [0, 1), got {group['adam_betas']}")
+    _validate_settings(group, where)
     heads = group["heads"]
     require(heads is None or rule.name == "muon",
             f"heads={heads} is only meaningful for rule 'muon', not {rule.name!r}")
-    require(heads is None or (isinstance(heads, int) and heads >= 1),
-            f"heads must be a positive int, got {heads!r}")
     for name, param in zip(names, group["params"]):
         if rule.matrix_only:
             ok_ndim = param.ndim >= 2 if rule.name == "muon" else param.ndim in (2, 3)

@@ -1,0 +1,384 @@
+"""Guards shared by every gaugeopt optimizer: bad input, non-finite gradients, low precision, checkpoints.
+
+:class:`GuardedOptimizer` is the ``torch.optim.Optimizer`` base of ``DDCAdam``, ``DDCMuon`` and
+``SymmetryCompatible``. It adds, without touching the update math:
+
+* **Hyperparameter checks.** Each subclass states its group rules in :meth:`_validate_group`; they
+  run when a group is added (construction and ``add_param_group``, which also refuses unknown
+  keys), at the start of every step (values a scheduler or the user wrote into a group later) and
+  on every group a checkpoint loads. A bad value raises ``ValueError`` naming the group and the field.
+* **Gradient checks** (:meth:`_gradients_ready`, the first thing a step does): a sparse gradient
+  raises ``ValueError`` naming the parameter; then one fused reduction over all gradients
+  (:func:`all_finite`: one device synchronisation per step however many parameters) decides
+  finiteness. ``nonfinite="raise"`` raises :class:`NonFiniteGradientError` naming the
+  parameters; ``nonfinite="skip"`` skips the whole step and counts it in ``skipped_steps``. Either
+  way nothing (parameters or state) has changed.
+* **Low precision.** :func:`compute_dtype` is float32 for float16/bfloat16 parameters (and the
+  parameter's own dtype otherwise): optimizer state is kept in it, the update is computed in it,
+  and only the result is cast back to the parameter.
+* **Checkpoints.** ``state_dict`` records the optimizer class and every parameter's name and shape
+  under the key ``"gaugeopt"``; ``load_state_dict`` checks the class, group count and sizes,
+  names, shapes, state keys and state shapes, and the loaded hyperparameters, and raises
+  ``ValueError`` before changing anything. State tensors are restored in :func:`compute_dtype`
+  (torch would cast them to the parameter's dtype, losing float32 state of bfloat16 parameters).
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "GuardedOptimizer",
+    "NonFiniteGradientError",
+    "NONFINITE_MODES",
+    "all_finite",
+    "check_gauges_cover",
+    "compute_dtype",
+    "state_zeros",
+    "require",
+    "require_rate",
+    "require_nonnegative",
+    "require_unit_interval",
+    "require_betas",
+    "require_choice",
+    "require_known_keys",
+]
+
+#: What a step does when some gradient holds NaN or Inf.
+NONFINITE_MODES = ("raise", "skip")
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+#: Key of the checkpoint metadata in a gaugeopt optimizer's state dict.
+_META_KEY = "gaugeopt"
+
+
+class NonFiniteGradientError(FloatingPointError):
+    """A gradient holds NaN or Inf (raised before any parameter or state changes)."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Dtypes
+# --------------------------------------------------------------------------------------------------
+
+
+def compute_dtype(t: Tensor) -> torch.dtype:
+    """The dtype the update of ``t`` is computed and its state kept in: float32 for float16 and
+    bfloat16 tensors, ``t.dtype`` otherwise."""
+    return torch.float32 if t.dtype in _LOW_PRECISION else t.dtype
+
+
+def state_zeros(p: Tensor) -> Tensor:
+    """A zero state tensor shaped like ``p``, in :func:`compute_dtype` of ``p``."""
+    return torch.zeros_like(p, dtype=compute_dtype(p), memory_format=torch.preserve_format)
+
+
+def all_finite(tensors: Iterable[Tensor]) -> bool:
+    """Whether every entry of every tensor is finite, with one device synchronisation per device.
+
+    The infinity norm of each tensor (``torch._foreach_norm``: NaN propagates through it, Inf is its
+    own norm, and unlike the 2-norm it cannot overflow for finite input) is stacked and reduced to one
+    flag per device.
+    """
+    by_device: dict[torch.device, list[Tensor]] = {}
+    for t in tensors:
+        if t.numel():
+            by_device.setdefault(t.device, []).append(t)
+    flags = [torch.stack([n.float() for n in torch._foreach_norm(ts, math.inf)]).isfinite().all()
+             for ts in by_device.values()]
+    return all(bool(flag) for flag in flags)
+
+
+# --------------------------------------------------------------------------------------------------
+# Hyperparameter checks: each raises ValueError("<where>: <field> ...")
+# --------------------------------------------------------------------------------------------------
+
+
+def require(ok: bool, where: str, message: str) -> None:
+    if not ok:
+        raise ValueError(f"{where}: {message}")
+
+
+def _real(value: Any) -> float | None:
+    """``value`` as a float when it is a real number (a Python number or a one-element tensor)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, Tensor):
+        return float(value) if value.numel() == 1 and not value.is_complex() else None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def require_nonnegative(where: str, field: str, value: Any) -> None:
+    """``value`` is a finite real number ``>= 0``."""
+    x = _real(value)
+    require(x is not None and math.isfinite(x) and x >= 0, where,
+            f"{field} must be a finite number >= 0, got {value!r}")
+
+
+def require_rate(where: str, value: Any) -> None:
+    """The learning rate ``lr`` is a finite real number ``>= 0``."""
+    x = _real(value)
+    require(x is not None and math.isfinite(x) and x >= 0, where,
+            f"invalid learning rate lr={value!r}: must be a finite number >= 0")
+
+
+def require_unit_interval(where: str, field: str, value: Any) -> None:
+    """``value`` is a real number in ``[0, 1)``."""
+    x = _real(value)
+    require(x is not None and 0.0 <= x < 1.0, where, f"{field} must be in [0, 1), got {value!r}")
+
+
+def require_betas(where: str, field: str, value: Any) -> None:
+    """``value`` is a pair of real numbers in ``[0, 1)``."""
+    ok = isinstance(value, (tuple, list)) and len(value) == 2
+    ok = ok and all((x := _real(b)) is not None and 0.0 <= x < 1.0 for b in value)
+    require(ok, where, f"{field} must be two numbers in [0, 1), got {value!r}")
+
+
+def require_choice(where: str, field: str, value: Any, choices: Iterable[Any]) -> None:
+    choices = tuple(choices)
+    require(value in choices, where, f"{field} must be one of {choices}, got {value!r}")
+
+
+def require_known_keys(where: str, group: Mapping[str, Any], known: Iterable[str]) -> None:
+    """Refuse keys outside ``known`` (a misspelt option would otherwise be ignored silently)."""
+    known = set(known) | {"params", "param_names"}
+    unknown = sorted(set(group) - known)
+    if unknown:
+        hints = {k: difflib.get_close_matches(k, sorted(known), n=1) for k in unknown}
+        detail = ", ".join(f"{k!r}" + (f" (did you mean {h[0]!r}?)" if h else "") for k, h in hints.items())
+        raise ValueError(f"{where} has unknown option(s) {detail}")
+
+
+# --------------------------------------------------------------------------------------------------
+# The base class
+# --------------------------------------------------------------------------------------------------
+
+
+class GuardedOptimizer(torch.optim.Optimizer):
+    """``torch.optim.Optimizer`` with the checks of the module docstring.
+
+    Subclasses call :meth:`_init_guards` before ``super().__init__``, implement
+    :meth:`_validate_group`, set :attr:`_EXTRA_GROUP_KEYS` (group keys outside ``defaults``), :attr:`_STATE_KEYS` (state keys their step writes) and
+    :attr:`_PARAM_SHAPED_STATE` (those shaped like the parameter), and begin ``step`` with
+    ``if not self._gradients_ready(): return loss`` after running the closure.
+    """
+
+    _STATE_KEYS: frozenset[str] = frozenset()
+    _PARAM_SHAPED_STATE: frozenset[str] = frozenset()
+    #: Keys a param group may set besides ``params``, ``param_names`` and those of ``defaults``.
+    _EXTRA_GROUP_KEYS: frozenset[str] = frozenset()
+
+    def _init_guards(self, nonfinite: str) -> None:
+        require_choice(type(self).__name__, "nonfinite", nonfinite, NONFINITE_MODES)
+        self.nonfinite = nonfinite
+        #: Steps skipped because a gradient was not finite (``nonfinite="skip"``); kept in checkpoints.
+        self.skipped_steps = 0
+        #: Whether the last call of ``step`` was skipped.
+        self.last_step_skipped = False
+
+    # ----- names --------------------------------------------------------------------------------
+    def _known_names(self) -> Mapping[int, str]:
+        """``id(parameter) -> name`` known to the subclass (e.g. from the model of a GaugeSet)."""
+        return {}
+
+    def _parameter_names(self) -> list[list[str | None]]:
+        """Per group, each parameter's name: the subclass's, else the group's ``param_names``."""
+        known = self._known_names()
+        out = []
+        for group in self.param_groups:
+            given = group.get("param_names") or [None] * len(group["params"])
+            out.append([known.get(id(p), given_name) for p, given_name in zip(group["params"], given)])
+        return out
+
+    def _describe(self, group_index: int, param_index: int, names: list[list[str | None]] | None = None) -> str:
+        names = names or self._parameter_names()
+        p = self.param_groups[group_index]["params"][param_index]
+        name = names[group_index][param_index]
+        where = f"param group {group_index} entry {param_index}, shape {tuple(p.shape)}"
+        return f"{name} ({where})" if name else where
+
+    # ----- hyperparameters ----------------------------------------------------------------------
+    def _validate_group(self, group: dict[str, Any], where: str) -> None:
+        """Raise ``ValueError(f"{where}: <field> ...")`` for a bad setting of ``group``."""
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if isinstance(param_group, Mapping):
+            require_known_keys(f"param group {len(self.param_groups)}", param_group,
+                               set(self.defaults) | self._EXTRA_GROUP_KEYS)
+        super().add_param_group(param_group)
+        try:
+            self._validate_group(self.param_groups[-1], f"param group {len(self.param_groups) - 1}")
+        except ValueError:
+            self.param_groups.pop()
+            raise
+
+    def _validate_groups(self) -> None:
+        for index, group in enumerate(self.param_groups):
+            self._validate_group(group, f"param group {index}")
+
+    # ----- gradients ------------------------------------------------------------------------------
+    def _gradients_ready(self) -> bool:
+        """Check the group settings and the gradients; ``False`` when the step is to be skipped.
+
+        Sparse gradients raise ``ValueError``. Finiteness is :func:`all_finite`: one fused reduction,
+        so a step costs one synchronisation however many parameters it has.
+        """
+        self._validate_groups()
+        self.last_step_skipped = False
+        located = []
+        for gi, group in enumerate(self.param_groups):
+            for pi, p in enumerate(group["params"]):
+                if p.grad is not None and p.grad.is_sparse:
+                    raise ValueError(f"{type(self).__name__} does not support sparse gradients, got one for "
+                                     f"{self._describe(gi, pi)}")
+                if p.grad is not None:
+                    located.append((gi, pi))
+        if all_finite([self.param_groups[gi]["params"][pi].grad for gi, pi in located]):
+            return True
+        if self.nonfinite == "skip":
+            self.skipped_steps += 1
+            self.last_step_skipped = True
+            return False
+        names = self._parameter_names()
+        bad = [self._describe(gi, pi, names) for gi, pi in located
+               if not torch.isfinite(self.param_groups[gi]["params"][pi].grad).all()]
+        raise NonFiniteGradientError(
+            f"non-finite gradient (NaN or Inf) for {'; '.join(bad)}; nothing was changed. Pass "
+            f"nonfinite='skip' to skip such steps (counted in optimizer.skipped_steps)")
+
+    # ----- checkpoints ------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        names = self._parameter_names()
+        state[_META_KEY] = {
+            "optimizer": type(self).__name__,
+            "names": names,
+            "shapes": [[list(p.shape) for p in group["params"]] for group in self.param_groups],
+            "skipped_steps": self.skipped_steps,
+        }
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a checkpoint written by ``state_dict`` of this optimizer class for these parameters;
+        ``ValueError`` (before anything changes) when it was written by another optimizer or for
+        another model."""
+        self._check_state_dict(state_dict)
+        super().load_state_dict(state_dict)
+        # torch cast floating state to the parameter's dtype; restore it in the compute dtype
+        saved = state_dict["state"]
+        ids = (i for group in state_dict["param_groups"] for i in group["params"])
+        params = (p for group in self.param_groups for p in group["params"])
+        for saved_id, p in zip(ids, params):
+            for key, value in saved.get(saved_id, {}).items():
+                if isinstance(value, Tensor) and value.is_floating_point() and key != "step":
+                    self.state[p][key] = value.to(device=p.device, dtype=compute_dtype(p), copy=True)
+        self.skipped_steps = int(state_dict[_META_KEY]["skipped_steps"])
+
+    def _check_state_dict(self, state_dict: Any) -> None:
+        mine = type(self).__name__
+        if not isinstance(state_dict, Mapping):
+            raise ValueError(f"{mine}.load_state_dict needs a state dict, got {type(state_dict).__name__}")
+        meta = state_dict.get(_META_KEY)
+        if not isinstance(meta, Mapping) or "optimizer" not in meta:
+            raise ValueError(f"this state dict was not written by a gaugeopt optimizer (no {_META_KEY!r} "
+                             f"entry); {mine} loads only its own checkpoints")
+        if meta["optimizer"] != mine or not {"state", "param_groups"} <= set(state_dict):
+            raise ValueError(f"this state dict was written by {meta['optimizer']}, not {mine}")
+        lacking = sorted({"names", "shapes", "skipped_steps"} - set(meta))
+        if lacking:
+            raise ValueError(f"this state dict's {_META_KEY!r} entry lacks {lacking}")
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(f"the state dict has {len(saved_groups)} param groups, this {mine} has "
+                             f"{len(self.param_groups)}: it was saved for another model or grouping")
+        names = self._parameter_names()
+        for gi, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError(f"param group {gi} of the state dict has {len(saved['params'])} parameters, "
+                                 f"this {mine} has {len(group['params'])}: it was saved for another model")
+            for pi, p in enumerate(group["params"]):
+                saved_name, saved_shape = meta["names"][gi][pi], meta["shapes"][gi][pi]
+                here = self._describe(gi, pi, names)
+                if saved_name is not None and names[gi][pi] is not None and saved_name != names[gi][pi]:
+                    raise ValueError(f"the state dict was saved for parameter {saved_name!r} where this {mine} "
+                                     f"has {here}: it belongs to another model")
+                if list(saved_shape) != list(p.shape):
+                    raise ValueError(f"the state dict was saved for a parameter of shape {tuple(saved_shape)} "
+                                     f"where this {mine} has {here}: it belongs to another model")
+                state = state_dict["state"].get(saved["params"][pi], {})
+                unknown = sorted(set(state) - self._STATE_KEYS)
+                if unknown:
+                    raise ValueError(f"the state of {here} has keys {unknown} that {mine} does not write")
+                for key in sorted(set(state) & self._PARAM_SHAPED_STATE):
+                    if tuple(state[key].shape) != tuple(p.shape):
+                        raise ValueError(f"state {key!r} of {here} has shape {tuple(state[key].shape)}")
+            settings = {k: v for k, v in saved.items() if k not in ("params", "param_names")}
+            self._validate_group({**settings, "params": group["params"]}, f"param group {gi} of the state dict")
+
+
+# --------------------------------------------------------------------------------------------------
+# GaugeSet coverage
+# --------------------------------------------------------------------------------------------------
+
+
+def check_gauges_cover(gauges, param_groups: list[dict[str, Any]]) -> dict[str, Tensor]:
+    """Check that ``gauges`` describes the parameters being optimized; return ``gauges.model``'s
+    parameters by name (empty for ``gauges=None``).
+
+    ``ValueError`` when a parameter is not one of ``gauges.model``'s (a GaugeSet found on another
+    model or a copy: ``gauges.bind(model)`` re-targets it), when the model's shapes no longer match
+    the families (the model was changed after ``find_gauges``), or when a neuron pair's tensors are
+    only partly given to the optimizer or only partly trainable (the pair is one update).
+    """
+    if gauges is None:
+        return {}
+    from ..gauges.families import NeuronScaling, _DiagonalScaling
+
+    model_params = dict(gauges.model.named_parameters())
+    for family in gauges:
+        if isinstance(family, _DiagonalScaling):
+            for ref in (*family.multiplied, *family.divided):
+                shape = tuple(model_params[ref.name].shape)
+                if ref.axis >= len(shape) or shape[ref.axis] != family.units:
+                    raise ValueError(
+                        f"gauge family {family.name} acts on {family.units} slices along axis {ref.axis} of "
+                        f"{ref.name}, which now has shape {shape}: the model changed after find_gauges; "
+                        f"find the gauges again")
+    names = {id(p): n for n, p in model_params.items()}
+    given = [p for group in param_groups for p in group["params"]]
+    foreign = [p for p in given if id(p) not in names]
+    if foreign and len(foreign) == len(given) and len(gauges):
+        raise ValueError("none of the parameters belongs to gauges.model: pass the GaugeSet of the model "
+                         "being optimized (gauges.bind(model) re-targets one to a copy)")
+    if foreign:
+        shapes = ", ".join(str(tuple(p.shape)) for p in foreign[:5])
+        raise ValueError(f"{len(foreign)} parameter(s) given to the optimizer are not parameters of gauges.model "
+                         f"(shapes {shapes}{', ...' if len(foreign) > 5 else ''}): the GaugeSet does not cover "
+                         f"them; optimize them with another optimizer, or find the gauges on the model that "
+                         f"owns them")
+    optimized = {names[id(p)] for p in given}
+    for family in gauges:
+        if not isinstance(family, NeuronScaling):
+            continue
+        members = sorted({r.name for r in (*family.multiplied, *family.divided)})
+        missing = [n for n in members if n not in optimized]
+        if missing and len(missing) < len(members):
+            raise ValueError(
+                f"gauge family {family.name} couples {members} into one update, but {missing} are not given to "
+                f"the optimizer; optimize all of them or drop the family from the GaugeSet")
+        frozen = [n for n in members if n in optimized and not model_params[n].requires_grad]
+        if frozen and len(frozen) < len(members) and not missing:
+            raise ValueError(
+                f"gauge family {family.name} couples {members} into one update, but {frozen} have "
+                f"requires_grad=False; freeze all of them or none (or leave the frozen ones out together)")
+    return model_params
