@@ -289,6 +289,7 @@ def test_misspelt_group_option_is_refused(info):
 def test_fused_finiteness_check_known_answers():
     big = torch.full((5,), 3e38)  # finite, but its 2-norm overflows float32: the check uses the max norm
     assert all_finite([big, torch.zeros(0), torch.ones(2, dtype=torch.bfloat16), torch.tensor(1e-45)])
+    assert all_finite([torch.tensor([1e300, -1e308], dtype=torch.float64), big])  # beyond float32's range
     assert all_finite([])
     for bad in (math.nan, math.inf, -math.inf):
         assert not all_finite([torch.ones(3, dtype=torch.float64), torch.tensor([0.0, bad], dtype=torch.float16)])

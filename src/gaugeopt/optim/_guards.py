@@ -90,7 +90,7 @@ def all_finite(tensors: Iterable[Tensor]) -> bool:
     for t in tensors:
         if t.numel():
             by_device.setdefault(t.device, []).append(t)
-    flags = [torch.stack([n.float() for n in torch._foreach_norm(ts, math.inf)]).isfinite().all()
+    flags = [torch.stack([n.isfinite() for n in torch._foreach_norm(ts, math.inf)]).all()
              for ts in by_device.values()]
     return all(bool(flag) for flag in flags)
 
