@@ -58,7 +58,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -66,6 +66,7 @@ from torch import Tensor
 
 from ..gauges.families import NeuronScaling
 from ..gauges.gaugeset import GaugeSet
+from .distributed import sharded_step
 from .gauge_frames import (
     FramePlan,
     PairFrame,
@@ -420,6 +421,17 @@ class DDCAdam(torch.optim.Optimizer):
     def _framed_update(self, name: str, w: _Work) -> None:
         w.value = w.value - w.group["lr"] * self._moments_direction(w, w.grad)
 
+    # Two hooks for sharded (FSDP2) parameters, used by gaugeopt.optim.distributed: the step reads
+    # parameters by name, including norm gains it does not optimize.
+    def _tensors_read(self) -> list[Tensor]:
+        return list(self._params_by_name.values())
+
+    def _swap_parameters(self, stand_in: Mapping[int, Tensor]) -> None:
+        """Read parameter ``p`` as ``stand_in[id(p)]`` where given (its gathered full tensor)."""
+        self._params_by_name = {n: stand_in.get(id(p), p) for n, p in self._params_by_name.items()}
+        self._names = {id(p): n for n, p in self._params_by_name.items()}
+
+    @sharded_step
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None):
         """One DDCAdam step (see the module docstring for the math). Returns the closure's loss."""
@@ -439,6 +451,7 @@ class DDCAdam(torch.optim.Optimizer):
                     continue
                 if frame.role == "gain":
                     gain_groups[name] = group  # the gain is the frame of its channels: never stepped
+                    self.state.setdefault(p, {})  # an entry, as checkpoint loaders expect for trained parameters
                     continue
                 if p.grad is None and name not in self._pair_members:
                     continue

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .distributed import sharded_step
 from .layerwise import ADJUST_LR_CHOICES, ORIENTATIONS, RULES, adam_direction, apply_update_rule, get_rule
 from .matrix_functions import MUON_NS_COEFFICIENTS
 
@@ -115,6 +116,7 @@ class SymmetryCompatible(torch.optim.Optimizer):
         super().add_param_group(param_group)
         _validate_group(self.param_groups[-1], len(self.param_groups) - 1)
 
+    @sharded_step
     @torch.no_grad()
     def step(self, closure=None):
         """One optimisation step; ``closure`` re-evaluates the model and returns the loss."""

@@ -1,0 +1,159 @@
+"""Distributed training: what gaugeopt's optimizers do under DDP and FSDP2.
+
+**DDP** (``torch.nn.parallel.DistributedDataParallel``) keeps a full replica of every parameter on
+every rank and averages the gradients before the step. Every rank then takes the same single-process
+step on the same tensors, so the optimizers need nothing: they run unchanged.
+
+**FSDP2** (``torch.distributed.fsdp.fully_shard``) turns every parameter into a ``DTensor`` sharded on
+dim 0 (``torch.chunk`` sizes, so uneven when dim 0 is not divisible by the world size), and so are
+its gradients. Most of a gauge-frame step is not local to a row shard: a translation gauge centers
+over the rows, a row-block rotation averages second moments over rows of one head, a neuron pair
+couples a producer's rows with a consumer's columns (norms over the sharded rows), a norm family ties
+a gain to the columns of its consumers, and Newton-Schulz, polar factors and inverse square roots
+need whole matrices or head blocks.
+
+Design of this version: :func:`sharded_step` wraps an optimizer's ``step``. When a parameter is a
+``DTensor``, the step
+
+1. gathers every sharded parameter, its gradient and its state tensors into full tensors
+   (``DTensor.full_tensor``: an all-gather over the parameter's device mesh), and every other
+   sharded tensor the step reads (norm gains that are not optimized, see ``_tensors_read``);
+2. runs the optimizer's ordinary single-process step on those full tensors; the gathered inputs
+   are identical on every rank, so every rank computes the same result;
+3. keeps each rank's own shard of the new parameters and state: a state tensor shaped like its
+   parameter is stored as a ``DTensor`` with the parameter's mesh and placements (created on the
+   first step, identically on every rank, so ``torch.distributed.checkpoint`` saves it sharded and
+   loads it on any number of ranks); other state (step counts, per-unit or per-channel scalars of
+   another shape) is replicated.
+
+So every reduction of a sharded axis is exact (it runs on the gathered tensor) and the result
+equals the single-process step up to the rounding of the averaged gradient. The price: during the
+step each rank holds one full copy of the parameters, gradients and state it steps, and the step's
+arithmetic is not split: every rank does all of it. Assigning whole coupling components
+(a norm family, a neuron pair, one matrix) to ranks round-robin and exchanging the results would
+spread the orthogonalisation work; this version does not do that.
+
+An optimizer opts in by decorating ``step`` with :func:`sharded_step`. Optimizers that look up
+parameters outside their param groups (DDCAdam's name maps) provide two hooks:
+``_tensors_read()`` (every parameter the step reads) and ``_swap_parameters(stand_in)`` (read
+parameter ``p`` as ``stand_in[id(p)]``).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor, nn
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+__all__ = ["sharded_step", "gathered_parameters", "is_sharded", "has_sharded_parameters", "full_tensor"]
+
+
+def is_sharded(t: Tensor) -> bool:
+    """Whether ``t`` is a distributed tensor (an FSDP2 parameter, gradient or state tensor)."""
+    return isinstance(t, DTensor)
+
+
+def has_sharded_parameters(optimizer: torch.optim.Optimizer) -> bool:
+    return any(is_sharded(p) for group in optimizer.param_groups for p in group["params"])
+
+
+def full_tensor(t: Tensor) -> Tensor:
+    """The whole tensor: gathered over its mesh when it is a ``DTensor`` (a collective: every rank
+    of the mesh must call it), else ``t`` itself."""
+    return t.detach().full_tensor() if is_sharded(t) else t
+
+
+def _shard_like(full: Tensor, like: DTensor) -> DTensor:
+    """This rank's part of ``full`` as a ``DTensor`` placed like ``like`` (no communication)."""
+    return distribute_tensor(full.detach(), like.device_mesh, like.placements, src_data_rank=None)
+
+
+def sharded_step(step: Callable) -> Callable:
+    """Decorator for ``Optimizer.step``: run it on gathered full tensors when parameters are sharded.
+
+    Without ``DTensor`` parameters (single process, DDP) the decorated ``step`` is called as it is.
+    Otherwise the closure (if any) runs first, then ``step`` runs inside :func:`gathered_parameters`.
+    """
+
+    @functools.wraps(step)
+    def wrapper(self: torch.optim.Optimizer, closure: Callable[[], float] | None = None):
+        if not has_sharded_parameters(self):
+            return step(self, closure)
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        with torch.no_grad(), gathered_parameters(self):
+            step(self)
+        return loss
+
+    return wrapper
+
+
+@contextmanager
+def gathered_parameters(optimizer: torch.optim.Optimizer) -> Iterator[None]:
+    """Inside: the optimizer's sharded parameters, gradients and state are full tensors.
+
+    On exit the new values are written back: each parameter keeps its own shard, and each state
+    tensor shaped like its parameter becomes (or updates in place) a ``DTensor`` placed like it.
+    """
+    in_groups = list({id(p): p for group in optimizer.param_groups for p in group["params"]}.values())
+    read = getattr(optimizer, "_tensors_read", lambda: [])()
+    sharded = [p for p in in_groups if is_sharded(p)]
+    read_only = [t for t in {id(t): t for t in read}.values() if is_sharded(t) and id(t) not in
+                 {id(p) for p in in_groups}]
+
+    stand_in: dict[int, Tensor] = {}
+    for p in sharded:
+        full = nn.Parameter(full_tensor(p), requires_grad=p.requires_grad)
+        if p.grad is not None:
+            full.grad = full_tensor(p.grad)
+        stand_in[id(p)] = full
+    for t in read_only:
+        stand_in[id(t)] = full_tensor(t)
+    originals = {id(stand_in[id(t)]): t for t in (*sharded, *read_only)}
+    sharded_state = {id(p): optimizer.state.pop(p) for p in sharded if p in optimizer.state}
+    for p in sharded:
+        if id(p) in sharded_state:
+            optimizer.state[stand_in[id(p)]] = {k: full_tensor(v) if torch.is_tensor(v) else v
+                                                for k, v in sharded_state[id(p)].items()}
+    _swap(optimizer, stand_in)
+    try:
+        yield
+    finally:
+        _swap(optimizer, originals)
+        for p in sharded:
+            full = stand_in[id(p)]
+            p.copy_(_shard_like(full, p))
+            state = optimizer.state.pop(full, None)
+            if state is not None:
+                optimizer.state[p] = _shard_state(state, p, sharded_state.get(id(p), {}))
+
+
+def _swap(optimizer: torch.optim.Optimizer, replace: Mapping[int, Tensor]) -> None:
+    """Put ``replace[id(p)]`` in place of every parameter ``p`` it names, in the groups and the hook."""
+    for group in optimizer.param_groups:
+        group["params"] = [replace.get(id(p), p) for p in group["params"]]
+    hook = getattr(optimizer, "_swap_parameters", None)
+    if hook is not None:
+        hook(replace)
+
+
+def _shard_state(state: dict, param: DTensor, before: dict) -> dict:
+    """A parameter's state after a gathered step: its own shard of every tensor shaped like it."""
+    out = {}
+    for key, value in state.items():
+        if torch.is_tensor(value) and value.dim() > 0 and value.shape == param.shape:
+            shard = _shard_like(value, param)
+            old = before.get(key)
+            if is_sharded(old) and old.placements == shard.placements and old.shape == shard.shape:
+                old.copy_(shard)  # keep the object (a checkpoint loader may hold it)
+                shard = old
+            out[key] = shard
+        else:
+            out[key] = value
+    return out
