@@ -33,7 +33,7 @@ import gaugeopt
 from gaugeopt.gauges import GaugeSet
 from gaugeopt.models import TransformerLM, TransformerLMConfig
 from gaugeopt.optim import DDCAdam, DDCMuon, SymmetryCompatible, symmetry_param_groups
-from gaugeopt.optim.distributed import full_tensor
+from gaugeopt.optim.distributed import full_tensor, step_owners
 from gaugeopt.testing import check_equivariance
 
 VOCAB = 11  # the embedding and LM head have 11 rows: uneven shards over 2 ranks
@@ -111,7 +111,7 @@ def main(out: Path) -> None:
     mesh = init_device_mesh("cpu", (world,))
     gauges = find_gauges(make_model())
     data = batches()
-    results: dict = {"world": world, "placements": {}, "uneven": []}
+    results: dict = {"world": world, "placements": {}, "uneven": [], "owners": {}}
 
     for label, make_optimizer in OPTIMIZERS.items():
         model = make_model()
@@ -128,6 +128,8 @@ def main(out: Path) -> None:
         model_state, optimizer_state = get_state_dict(model, optimizer)
         dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=out / f"checkpoint_{label}")
         results["placements"][label] = state_placements(model, optimizer)
+        owners = step_owners(optimizer, world)
+        results["owners"][label] = {n: owners[id(p)] for n, p in model.named_parameters() if id(p) in owners}
         train(model, optimizer, data[CHECKPOINT_STEP:], rank, world)
         parameters = full_parameters(model)
         if rank == 0:

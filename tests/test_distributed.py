@@ -104,6 +104,17 @@ def test_fsdp2_state_is_sharded_like_its_parameter(launched, label):
     assert all(is_dtensor and same for _key, is_dtensor, same in entries), placements
 
 
+@pytest.mark.parametrize("label", list(worker.OPTIMIZERS))
+def test_fsdp2_step_is_split_over_the_ranks(launched, gauges, label):
+    """Every rank steps a share of the parameters; a norm family or a neuron pair stays on one rank."""
+    owners = launched[1]["owners"][label]
+    assert set(owners.values()) == set(range(WORLD))
+    if label != "symmetry_compatible":
+        for family in gauges:
+            if family.kind in ("norm_scale", "neuron_scale"):
+                assert len({owners[n] for n in family.parameters if n in owners}) == 1, family.name
+
+
 def test_ddc_adam_is_equivariant_under_fsdp2_and_adamw_is_not(launched):
     results = launched[1]
     assert results["equivariance_ddc_adam"]["displacement"] > 0.1

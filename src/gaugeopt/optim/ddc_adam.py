@@ -421,10 +421,18 @@ class DDCAdam(torch.optim.Optimizer):
     def _framed_update(self, name: str, w: _Work) -> None:
         w.value = w.value - w.group["lr"] * self._moments_direction(w, w.grad)
 
-    # Two hooks for sharded (FSDP2) parameters, used by gaugeopt.optim.distributed: the step reads
-    # parameters by name, including norm gains it does not optimize.
+    # Hooks for sharded (FSDP2) parameters, used by gaugeopt.optim.distributed: the step reads
+    # parameters by name (norm gains it does not optimize included), couples the tensors of a norm
+    # family or a neuron pair into one update, and reports frozen units of the tensors it stepped.
+    _rank_reports = ("frozen",)
+
     def _tensors_read(self) -> list[Tensor]:
         return list(self._params_by_name.values())
+
+    def _coupled_parameters(self) -> list[list[Tensor]]:
+        families = [[f.gain, f.bias, *f.consumers] for f in self.plan.norms]
+        families += [[r.name for r in (*f.multiplied, *f.divided)] for f in self.plan.pairs]
+        return [[self._params_by_name[n] for n in names if n in self._params_by_name] for names in families]
 
     def _swap_parameters(self, stand_in: Mapping[int, Tensor]) -> None:
         """Read parameter ``p`` as ``stand_in[id(p)]`` where given (its gathered full tensor)."""

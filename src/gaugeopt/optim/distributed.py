@@ -46,6 +46,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
@@ -96,16 +97,18 @@ def sharded_step(step: Callable) -> Callable:
 
 @contextmanager
 def gathered_parameters(optimizer: torch.optim.Optimizer) -> Iterator[None]:
-    """Inside: the optimizer's sharded parameters, gradients and state are full tensors.
+    """Inside: the optimizer's sharded parameters, gradients and state are full tensors, and its
+    param groups hold only the parameters this rank steps (:func:`step_owners`).
 
-    On exit the new values are written back: each parameter keeps its own shard, and each state
-    tensor shaped like its parameter becomes (or updates in place) a ``DTensor`` placed like it.
+    After the step every rank receives the new values of the parameters other ranks stepped, then
+    each parameter keeps its own shard, and each state tensor shaped like its parameter becomes (or
+    updates in place) a ``DTensor`` placed like it.
     """
-    in_groups = list({id(p): p for group in optimizer.param_groups for p in group["params"]}.values())
+    params = _group_parameters(optimizer)
+    in_groups = {id(p) for p in params}
+    sharded = [p for p in params if is_sharded(p)]
     read = getattr(optimizer, "_tensors_read", lambda: [])()
-    sharded = [p for p in in_groups if is_sharded(p)]
-    read_only = [t for t in {id(t): t for t in read}.values() if is_sharded(t) and id(t) not in
-                 {id(p) for p in in_groups}]
+    read_only = [t for t in {id(t): t for t in read}.values() if is_sharded(t) and id(t) not in in_groups]
 
     stand_in: dict[int, Tensor] = {}
     for p in sharded:
@@ -121,10 +124,22 @@ def gathered_parameters(optimizer: torch.optim.Optimizer) -> Iterator[None]:
         if id(p) in sharded_state:
             optimizer.state[stand_in[id(p)]] = {k: full_tensor(v) if torch.is_tensor(v) else v
                                                 for k, v in sharded_state[id(p)].items()}
+    group = _step_group(sharded)
+    owner = step_owners(optimizer, group.size()) if group is not None else None
+    rank = group.rank() if group is not None else 0
+    whole_groups = [g["params"] for g in optimizer.param_groups]
     _swap(optimizer, stand_in)
+    stepped = [stand_in.get(id(p), p) for p in params]
+    if owner is not None:
+        for g in optimizer.param_groups:
+            g["params"] = [p for p in g["params"] if owner[id(originals.get(id(p), p))] == rank]
     try:
         yield
+        if owner is not None:
+            _share_results(optimizer, stepped, [owner[id(p)] for p in params], group)
     finally:
+        for g, whole in zip(optimizer.param_groups, whole_groups):
+            g["params"] = whole
         _swap(optimizer, originals)
         for p in sharded:
             full = stand_in[id(p)]
@@ -132,6 +147,109 @@ def gathered_parameters(optimizer: torch.optim.Optimizer) -> Iterator[None]:
             state = optimizer.state.pop(full, None)
             if state is not None:
                 optimizer.state[p] = _shard_state(state, p, sharded_state.get(id(p), {}))
+
+
+def _group_parameters(optimizer: torch.optim.Optimizer) -> list[Tensor]:
+    """The parameters of all param groups, each once, in group order."""
+    return list({id(p): p for group in optimizer.param_groups for p in group["params"]}.values())
+
+
+def _step_group(sharded: list[DTensor]) -> dist.ProcessGroup | None:
+    """The process group that splits the step: that of the one 1-D mesh every sharded parameter
+    lives on, or ``None`` (every rank then steps everything, e.g. on a 2-D HSDP mesh)."""
+    meshes = {(p.device_mesh.device_type, tuple(p.device_mesh.mesh.flatten().tolist()), p.device_mesh.ndim)
+              for p in sharded}
+    if len(meshes) != 1 or sharded[0].device_mesh.ndim != 1 or sharded[0].device_mesh.size() == 1:
+        return None
+    return sharded[0].device_mesh.get_group()
+
+
+def step_owners(optimizer: torch.optim.Optimizer, world: int) -> dict[int, int]:
+    """Which rank steps each parameter: ``{id(parameter): rank}``, the same on every rank.
+
+    Parameters one update couples (``optimizer._coupled_parameters()``: a norm family's gain, bias and
+    consumers, a neuron pair) form one component; components go, largest first, to the rank with
+    the least work so far. Work is estimated as ``numel * min(rows, cols)`` for a matrix (the cost of
+    a Newton-Schulz or Gram-matrix iteration) and ``numel`` for a vector.
+    """
+    params = _group_parameters(optimizer)
+    index = {id(p): i for i, p in enumerate(params)}
+    root = list(range(len(params)))
+
+    def find(i: int) -> int:
+        while root[i] != i:
+            root[i] = root[root[i]]
+            i = root[i]
+        return i
+
+    for coupled in getattr(optimizer, "_coupled_parameters", lambda: [])():
+        members = [index[id(t)] for t in coupled if id(t) in index]
+        for i in members[1:]:
+            root[find(i)] = find(members[0])
+    components: dict[int, list[int]] = {}
+    for i in range(len(params)):
+        components.setdefault(find(i), []).append(i)
+
+    def cost(p: Tensor) -> int:
+        return p.numel() * (min(p.shape[-2:]) if p.ndim >= 2 else 1)
+
+    load = [0] * world
+    owner: dict[int, int] = {}
+    ordered = sorted(components.values(), key=lambda c: (-sum(cost(params[i]) for i in c), c[0]))
+    for component in ordered:
+        rank = min(range(world), key=lambda r: (load[r], r))
+        load[rank] += sum(cost(params[i]) for i in component)
+        owner.update({id(params[i]): rank for i in component})
+    return owner
+
+
+def _share_results(optimizer: torch.optim.Optimizer, stepped: list[Tensor], owners: list[int],
+                   group: dist.ProcessGroup) -> None:
+    """Send every stepped parameter's new value and state from its owner to every rank.
+
+    The owners first publish the layout of their parameters' state (keys, shapes, dtypes, and the
+    values that are not tensors) with one ``all_gather_object``; then each tensor is broadcast from
+    its owner, in parameter order. Dict attributes named in ``optimizer._rank_reports`` (DDCAdam's
+    ``frozen``), which each rank fills for the parameters it stepped, are merged.
+    """
+    rank, world = group.rank(), group.size()
+    report_names = getattr(optimizer, "_rank_reports", ())
+    mine = {"state": {i: _layout(optimizer.state.get(p, {})) for i, p in enumerate(stepped) if owners[i] == rank},
+            "reports": {name: getattr(optimizer, name) for name in report_names}}
+    published: list = [None] * world
+    dist.all_gather_object(published, mine, group=group)
+    for name in report_names:
+        setattr(optimizer, name, {k: v for part in published for k, v in part["reports"][name].items()})
+    for i, p in enumerate(stepped):
+        source = dist.get_global_rank(group, owners[i])
+        _broadcast(p.detach(), source, group)
+        layout = published[owners[i]]["state"][i]
+        if not layout:
+            continue
+        state = optimizer.state[p]
+        for key, (is_tensor, shape, dtype, value) in layout.items():
+            if not is_tensor:
+                state[key] = value
+                continue
+            here = state.get(key)
+            if not (torch.is_tensor(here) and here.shape == shape and here.dtype == dtype):
+                here = state[key] = torch.empty(shape, dtype=dtype, device=p.device)
+            _broadcast(here, source, group)
+
+
+def _broadcast(t: Tensor, source: int, group: dist.ProcessGroup) -> None:
+    """``dist.broadcast`` into ``t`` in place; collectives send memory as laid out, so a strided
+    tensor (a momentum buffer made ``zeros_like`` a transposed view) goes through a contiguous copy."""
+    buffer = t.contiguous()
+    dist.broadcast(buffer, src=source, group=group)
+    if buffer is not t:
+        t.copy_(buffer)
+
+
+def _layout(state: dict) -> dict:
+    """``{key: (is_tensor, shape, dtype, value)}`` of a state dict (value only for non-tensors)."""
+    return {key: (True, tuple(v.shape), v.dtype, None) if torch.is_tensor(v) else (False, None, None, v)
+            for key, v in state.items()}
 
 
 def _swap(optimizer: torch.optim.Optimizer, replace: Mapping[int, Tensor]) -> None:
