@@ -4,7 +4,8 @@ Usage: ``torchrun --nproc-per-node 2 tests/distributed_worker.py OUT_DIR``. For 
 DDCMuon, SymmetryCompatible) it trains the tiny language model below for ``STEPS`` steps under DDP and
 under FSDP2 (``fully_shard``), each rank on its half of every batch, and writes the final parameters
 to ``OUT_DIR`` (rank 0). The FSDP2 run also saves a ``torch.distributed.checkpoint`` after
-``CHECKPOINT_STEP`` steps and records the placement of every optimizer state tensor. Finally it runs
+``CHECKPOINT_STEP`` steps, records the placement of every optimizer state tensor, and resumes a fresh
+2-rank run from that checkpoint. Finally it runs
 :func:`gaugeopt.testing.check_equivariance` under FSDP2 for DDCAdam and AdamW. Rank 0 writes
 ``OUT_DIR/results.json``; the test compares everything with single-process training.
 
@@ -23,7 +24,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
 from torch import nn
-from torch.distributed.checkpoint.state_dict import get_state_dict
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
@@ -90,6 +91,14 @@ def full_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: full_tensor(p).clone() for name, p in model.named_parameters()}
 
 
+def load_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, path: Path) -> None:
+    """Load a ``torch.distributed.checkpoint`` of model and optimizer (any number of ranks, or none)."""
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optimizer": optimizer_state}
+    dcp.load(state, checkpoint_id=path)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+
+
 def state_placements(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, list]:
     """For every parameter: (state key, is DTensor, same placements as the parameter) of its param-shaped state."""
     names = {id(p): n for n, p in model.named_parameters()}
@@ -135,6 +144,16 @@ def main(out: Path) -> None:
         if rank == 0:
             torch.save(parameters, out / f"fsdp_{label}.pt")
         results["uneven"] = sorted(n for n, p in model.named_parameters() if p.shape[0] % world)
+
+        model = make_model()  # a fresh run on 2 ranks resumed from the checkpoint
+        bound = gauges.bind(model)
+        fully_shard(model, mesh=mesh)
+        optimizer = make_optimizer(model, bound)
+        load_checkpoint(model, optimizer, out / f"checkpoint_{label}")
+        train(model, optimizer, data[CHECKPOINT_STEP:], rank, world)
+        parameters = full_parameters(model)
+        if rank == 0:
+            torch.save(parameters, out / f"fsdp_resumed_{label}.pt")
 
     def shard(m: nn.Module) -> None:
         fully_shard(m, mesh=mesh)

@@ -214,7 +214,8 @@ def _share_results(optimizer: torch.optim.Optimizer, stepped: list[Tensor], owne
     """
     rank, world = group.rank(), group.size()
     report_names = getattr(optimizer, "_rank_reports", ())
-    mine = {"state": {i: _layout(optimizer.state.get(p, {})) for i, p in enumerate(stepped) if owners[i] == rank},
+    mine = {"state": {i: _layout(optimizer.state[p]) if p in optimizer.state else None
+                      for i, p in enumerate(stepped) if owners[i] == rank},
             "reports": {name: getattr(optimizer, name) for name in report_names}}
     published: list = [None] * world
     dist.all_gather_object(published, mine, group=group)
@@ -224,9 +225,9 @@ def _share_results(optimizer: torch.optim.Optimizer, stepped: list[Tensor], owne
         source = dist.get_global_rank(group, owners[i])
         _broadcast(p.detach(), source, group)
         layout = published[owners[i]]["state"][i]
-        if not layout:
+        if layout is None:
             continue
-        state = optimizer.state[p]
+        state = optimizer.state[p]  # an entry even when empty, as the owner has
         for key, (is_tensor, shape, dtype, value) in layout.items():
             if not is_tensor:
                 state[key] = value
