@@ -421,13 +421,13 @@ class DDCAdam(torch.optim.Optimizer):
     def _framed_update(self, name: str, w: _Work) -> None:
         w.value = w.value - w.group["lr"] * self._moments_direction(w, w.grad)
 
-    # Hooks for sharded (FSDP2) parameters, used by gaugeopt.optim.distributed: the step reads
-    # parameters by name (norm gains it does not optimize included), couples the tensors of a norm
-    # family or a neuron pair into one update, and reports frozen units of the tensors it stepped.
+    # Hooks for sharded (FSDP2) parameters, used by gaugeopt.optim.distributed: the step reads every
+    # norm gain by name (to merge, to find dead channels), couples the tensors of a norm family or a
+    # neuron pair into one update, and reports the frozen units of the tensors it stepped.
     _rank_reports = ("frozen",)
 
     def _tensors_read(self) -> list[Tensor]:
-        return list(self._params_by_name.values())
+        return [self._params_by_name[family.gain] for family in self.plan.norms]
 
     def _coupled_parameters(self) -> list[list[Tensor]]:
         families = [[f.gain, f.bias, *f.consumers] for f in self.plan.norms]

@@ -15,34 +15,35 @@ need whole matrices or head blocks.
 Design of this version: :func:`sharded_step` wraps an optimizer's ``step``. When a parameter is a
 ``DTensor``, the step
 
-1. gathers every sharded parameter, its gradient and its state tensors into full tensors
-   (``DTensor.full_tensor``: an all-gather over the parameter's device mesh), and every other
-   sharded tensor the step reads (norm gains that are not optimized, see ``_tensors_read``);
-2. splits the work: parameters that one update couples (a norm family's gain, bias and consumers; a
+1. splits the work: parameters that one update couples (a norm family's gain, bias and consumers; a
    neuron pair; otherwise a single tensor) form a component, and components go, largest first, to
    the least loaded rank (:func:`step_owners`, work estimated as ``numel * min(rows, cols)`` per
-   matrix: the cost of a Newton-Schulz or Gram iteration). Each rank runs the optimizer's ordinary
-   single-process step on the full tensors of its own components, so every reduction over a sharded
-   axis (row centering, column and pair norms, head-block means) and every matrix function sees the
-   whole matrix or head block;
-3. shares the results: each owner broadcasts the new parameters and state of its components
-   (:func:`_share_results`), and every rank keeps its own shard. A state tensor shaped like its
-   parameter is stored as a ``DTensor`` with the parameter's mesh and placements (created on the
-   first step, identically on every rank, so ``torch.distributed.checkpoint`` saves it sharded and
-   loads it on any number of ranks); other state (step counts, per-unit or per-channel scalars of
-   another shape) is replicated.
+   matrix: the cost of a Newton-Schulz or Gram iteration);
+2. gathers every sharded parameter, its gradient and its state tensors (``DTensor.full_tensor``, an
+   all-gather over the parameter's device mesh); the owner keeps the full tensors, the other ranks
+   drop them at once. Tensors the step reads outside its components (``_tensors_read``: DDCAdam's
+   norm gains) are kept whole by every rank;
+3. runs the optimizer's ordinary single-process step, on each rank over its own components' full
+   tensors, so every reduction over a sharded axis (row centering, column and pair norms,
+   head-block means) and every matrix function sees the whole matrix or head block;
+4. shares the results (:func:`_write_back`): each owner broadcasts the new parameters and state of
+   its components, and every rank keeps its own shard. A state tensor shaped like its parameter is
+   stored as a ``DTensor`` with the parameter's mesh and placements (created on the first step,
+   identically on every rank, so ``torch.distributed.checkpoint`` saves it sharded and loads it on
+   any number of ranks); other state (step counts, per-unit scalars of another shape) is
+   replicated.
 
 The result equals the single-process step up to the rounding of the averaged gradient (the tests
-measure 3e-16 relative after 10 steps). The costs of this first version: every rank gathers every
-sharded parameter, gradient and state tensor (one all-gather each, although only the owner needs
-them), then each tensor is broadcast once from its owner; during the step each rank holds a full
-copy of all of them. Gathering only to the owner (and scattering shards instead of broadcasting
-whole tensors) would cut the traffic and memory; this version does not do that. Parameters on a
-mesh other than one 1-D mesh (HSDP, tensor parallel) are still gathered whole, but then every rank
-steps every component (no split); only FSDP2 on a 1-D mesh is tested.
+require 1e-8 relative after 10 steps and measure about 3e-16). Costs of this first version: the
+arithmetic and the full copies held through the step are split over the ranks, but the traffic is
+not: per parameter and step, the parameter, its gradient and each state tensor are all-gathered to
+every rank (although only the owner keeps them), then the parameter and each state tensor are
+broadcast whole from the owner. Gathering to the owner only and scattering shards back would cut
+that; this version does not. Parameters on a mesh other than one 1-D mesh (HSDP, tensor parallel) are gathered whole and every
+rank steps every component (no split); only FSDP2 on a 1-D mesh is tested.
 
 An optimizer opts in by decorating ``step`` with :func:`sharded_step`. Optional hooks (DDCAdam
-has them): ``_tensors_read()`` (every parameter the step reads, groups or not),
+has them): ``_tensors_read()`` (parameters every rank's step reads whole, e.g. norm gains),
 ``_swap_parameters(stand_in)`` (read parameter ``p`` as ``stand_in[id(p)]``),
 ``_coupled_parameters()`` (lists of parameters one update couples) and ``_rank_reports`` (names of
 dict attributes each rank fills for the components it stepped, merged after the step).
@@ -106,56 +107,50 @@ def sharded_step(step: Callable) -> Callable:
 
 @contextmanager
 def gathered_parameters(optimizer: torch.optim.Optimizer) -> Iterator[None]:
-    """Inside: the optimizer's sharded parameters, gradients and state are full tensors, and its
-    param groups hold only the parameters this rank steps (:func:`step_owners`).
+    """Inside: the optimizer's param groups hold only the parameters this rank steps
+    (:func:`step_owners`), as full tensors with full gradients and state.
 
-    After the step every rank receives the new values of the parameters other ranks stepped, then
-    each parameter keeps its own shard, and each state tensor shaped like its parameter becomes (or
-    updates in place) a ``DTensor`` placed like it.
+    After the step each owner broadcasts the new values and state of its parameters, and every rank
+    writes its own shard of each: a parameter's shard in place, a state tensor shaped like its
+    parameter as a ``DTensor`` placed like it (updated in place when it exists), other state whole.
     """
     params = _group_parameters(optimizer)
-    in_groups = {id(p) for p in params}
     sharded = [p for p in params if is_sharded(p)]
-    read = getattr(optimizer, "_tensors_read", lambda: [])()
-    read_only = [t for t in {id(t): t for t in read}.values() if is_sharded(t) and id(t) not in in_groups]
+    group = _step_group(sharded)
+    rank = group.rank() if group is not None else 0
+    owners = step_owners(optimizer, group.size()) if group is not None else {id(p): 0 for p in params}
 
     stand_in: dict[int, Tensor] = {}
-    for p in sharded:
-        full = nn.Parameter(full_tensor(p), requires_grad=p.requires_grad)
-        if p.grad is not None:
-            full.grad = full_tensor(p.grad)
-        stand_in[id(p)] = full
-    for t in read_only:
-        stand_in[id(t)] = full_tensor(t)
-    originals = {id(stand_in[id(t)]): t for t in (*sharded, *read_only)}
-    sharded_state = {id(p): optimizer.state.pop(p) for p in sharded if p in optimizer.state}
-    for p in sharded:
-        if id(p) in sharded_state:
-            optimizer.state[stand_in[id(p)]] = {k: full_tensor(v) if torch.is_tensor(v) else v
-                                                for k, v in sharded_state[id(p)].items()}
-    group = _step_group(sharded)
-    owner = step_owners(optimizer, group.size()) if group is not None else None
-    rank = group.rank() if group is not None else 0
+    for p in sharded:  # gathering is collective: every rank takes part, the owner keeps the result
+        full = full_tensor(p)
+        grad = full_tensor(p.grad) if p.grad is not None else None
+        state = {k: full_tensor(v) if torch.is_tensor(v) else v for k, v in optimizer.state.get(p, {}).items()}
+        if owners[id(p)] == rank:
+            stand_in[id(p)] = whole = nn.Parameter(full, requires_grad=p.requires_grad)
+            whole.grad = grad
+            if p in optimizer.state:
+                optimizer.state[whole] = state
+    read = [t for t in {id(t): t for t in getattr(optimizer, "_tensors_read", lambda: [])()}.values()
+            if is_sharded(t)]
+    for t in read:  # read whole by every rank (norm gains), written only by their owner if optimized
+        full = full_tensor(t)
+        stand_in.setdefault(id(t), full)
+    originals = {id(stand_in[id(t)]): t for t in (*params, *read) if id(t) in stand_in}
+
     whole_groups = [g["params"] for g in optimizer.param_groups]
-    _swap(optimizer, stand_in)
-    stepped = [stand_in.get(id(p), p) for p in params]
-    if owner is not None:
-        for g in optimizer.param_groups:
-            g["params"] = [p for p in g["params"] if owner[id(originals.get(id(p), p))] == rank]
+    for g in optimizer.param_groups:
+        g["params"] = [stand_in.get(id(p), p) for p in g["params"] if owners[id(p)] == rank]
+    _swap_hook(optimizer, stand_in)
     try:
         yield
-        if owner is not None:
-            _share_results(optimizer, stepped, [owner[id(p)] for p in params], group)
+        _write_back(optimizer, params, owners, stand_in, group)
     finally:
         for g, whole in zip(optimizer.param_groups, whole_groups):
             g["params"] = whole
-        _swap(optimizer, originals)
+        _swap_hook(optimizer, originals)
         for p in sharded:
-            full = stand_in[id(p)]
-            p.copy_(_shard_like(full, p))
-            state = optimizer.state.pop(full, None)
-            if state is not None:
-                optimizer.state[p] = _shard_state(state, p, sharded_state.get(id(p), {}))
+            if id(p) in stand_in:
+                optimizer.state.pop(stand_in[id(p)], None)
 
 
 def _group_parameters(optimizer: torch.optim.Optimizer) -> list[Tensor]:
@@ -212,39 +207,64 @@ def step_owners(optimizer: torch.optim.Optimizer, world: int) -> dict[int, int]:
     return owner
 
 
-def _share_results(optimizer: torch.optim.Optimizer, stepped: list[Tensor], owners: list[int],
-                   group: dist.ProcessGroup) -> None:
-    """Send every stepped parameter's new value and state from its owner to every rank.
+def _write_back(optimizer: torch.optim.Optimizer, params: list[Tensor], owners: dict[int, int],
+                stand_in: dict[int, Tensor], group: dist.ProcessGroup | None) -> None:
+    """Give every rank the stepped values and state of every parameter, each rank its shards.
 
-    The owners first publish the layout of their parameters' state (keys, shapes, dtypes, and the
-    values that are not tensors) with one ``all_gather_object``; then each tensor is broadcast from
-    its owner, in parameter order. Dict attributes named in ``optimizer._rank_reports`` (DDCAdam's
-    ``frozen``), which each rank fills for the parameters it stepped, are merged.
+    With a split step (``group``), the owners first publish the layout of their parameters' state
+    (keys, shapes, dtypes, and the values that are not tensors) with one ``all_gather_object``; then
+    each tensor is broadcast from its owner, in parameter order. Dict attributes named in
+    ``optimizer._rank_reports`` (DDCAdam's ``frozen``), which each rank fills for the parameters it
+    stepped, are merged.
     """
-    rank, world = group.rank(), group.size()
-    report_names = getattr(optimizer, "_rank_reports", ())
-    mine = {"state": {i: _layout(optimizer.state[p]) if p in optimizer.state else None
-                      for i, p in enumerate(stepped) if owners[i] == rank},
-            "reports": {name: getattr(optimizer, name) for name in report_names}}
-    published: list = [None] * world
-    dist.all_gather_object(published, mine, group=group)
-    for name in report_names:
-        setattr(optimizer, name, {k: v for part in published for k, v in part["reports"][name].items()})
-    for i, p in enumerate(stepped):
-        source = dist.get_global_rank(group, owners[i])
-        _broadcast(p.detach(), source, group)
-        layout = published[owners[i]]["state"][i]
-        if layout is None:
-            continue
-        state = optimizer.state[p]  # an entry even when empty, as the owner has
-        for key, (is_tensor, shape, dtype, value) in layout.items():
-            if not is_tensor:
-                state[key] = value
-                continue
-            here = state.get(key)
-            if not (torch.is_tensor(here) and here.shape == shape and here.dtype == dtype):
-                here = state[key] = torch.empty(shape, dtype=dtype, device=p.device)
-            _broadcast(here, source, group)
+    rank = group.rank() if group is not None else 0
+    if group is not None:
+        report_names = getattr(optimizer, "_rank_reports", ())
+        layouts = {}
+        for i, p in enumerate(params):
+            stepped = stand_in.get(id(p), p)
+            if owners[id(p)] == rank:
+                layouts[i] = _layout(optimizer.state[stepped]) if stepped in optimizer.state else None
+        mine = {"state": layouts, "reports": {name: getattr(optimizer, name) for name in report_names}}
+        published: list = [None] * group.size()
+        dist.all_gather_object(published, mine, group=group)
+        for name in report_names:
+            setattr(optimizer, name, {k: v for part in published for k, v in part["reports"][name].items()})
+    for i, p in enumerate(params):
+        owned = owners[id(p)] == rank
+        value = stand_in.get(id(p), p) if owned or not is_sharded(p) else \
+            torch.empty(p.shape, dtype=p.dtype, device=p.device)
+        state = optimizer.state.get(value) if owned else None
+        if group is not None:
+            source = dist.get_global_rank(group, owners[id(p)])
+            _broadcast(value.detach(), source, group)
+            layout = published[owners[id(p)]]["state"][i]
+            if layout is not None and not owned:
+                state = _receive_state(layout, optimizer.state.get(p, {}), p.device)
+            for key, (is_tensor, _shape, _dtype, _value) in (layout or {}).items():
+                if is_tensor:
+                    _broadcast(state[key], source, group)
+        if is_sharded(p):
+            p.copy_(_shard_like(value, p))
+            if state is not None:
+                optimizer.state[p] = _shard_state(state, p, optimizer.state.get(p, {}))
+        elif state is not None:
+            optimizer.state[p] = state
+
+
+def _receive_state(layout: dict, held: dict, device: torch.device) -> dict:
+    """Buffers for a state broadcast with ``layout``: a held whole tensor of the same shape and dtype
+    is received in place, anything else is allocated; non-tensor values are taken from the layout."""
+    state = {}
+    for key, (is_tensor, shape, dtype, value) in layout.items():
+        here = held.get(key)
+        if not is_tensor:
+            state[key] = value
+        elif torch.is_tensor(here) and not is_sharded(here) and tuple(here.shape) == shape and here.dtype == dtype:
+            state[key] = here
+        else:
+            state[key] = torch.empty(shape, dtype=dtype, device=device)
+    return state
 
 
 def _broadcast(t: Tensor, source: int, group: dist.ProcessGroup) -> None:
@@ -262,10 +282,8 @@ def _layout(state: dict) -> dict:
             for key, v in state.items()}
 
 
-def _swap(optimizer: torch.optim.Optimizer, replace: Mapping[int, Tensor]) -> None:
-    """Put ``replace[id(p)]`` in place of every parameter ``p`` it names, in the groups and the hook."""
-    for group in optimizer.param_groups:
-        group["params"] = [replace.get(id(p), p) for p in group["params"]]
+def _swap_hook(optimizer: torch.optim.Optimizer, replace: Mapping[int, Tensor]) -> None:
+    """Let the optimizer read ``replace[id(p)]`` for parameter ``p`` outside its param groups."""
     hook = getattr(optimizer, "_swap_parameters", None)
     if hook is not None:
         hook(replace)
