@@ -91,6 +91,13 @@ def full_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: full_tensor(p).clone() for name, p in model.named_parameters()}
 
 
+def kill_unit(model: nn.Module, unit: int = 3) -> None:
+    """Zero hidden unit ``unit`` of the MLP on both sides of its neuron pair (a dead unit)."""
+    ffn = model.blocks[0].ffn
+    ffn.up.weight[unit] = 0.0
+    ffn.down.weight[:, unit] = 0.0
+
+
 def load_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, path: Path) -> None:
     """Load a ``torch.distributed.checkpoint`` of model and optimizer (any number of ranks, or none)."""
     model_state, optimizer_state = get_state_dict(model, optimizer)
@@ -154,6 +161,17 @@ def main(out: Path) -> None:
         parameters = full_parameters(model)
         if rank == 0:
             torch.save(parameters, out / f"fsdp_resumed_{label}.pt")
+
+    model = make_model()  # a dead neuron unit: DDCAdam freezes it, and every rank must report it
+    with torch.no_grad():
+        kill_unit(model)
+    bound = gauges.bind(model)
+    fully_shard(model, mesh=mesh)
+    optimizer = OPTIMIZERS["ddc_adam"](model, bound)
+    train(model, optimizer, data[:2], rank, world)
+    reports: list = [None] * world
+    dist.all_gather_object(reports, {k: list(v) for k, v in optimizer.frozen.items()})
+    results["frozen"] = reports
 
     def shard(m: nn.Module) -> None:
         fully_shard(m, mesh=mesh)

@@ -113,6 +113,20 @@ def test_fsdp2_step_is_split_over_the_ranks(launched, gauges, label):
                 assert len({owners[n] for n in family.parameters if n in owners}) == 1, family.name
 
 
+@pytest.mark.filterwarnings("ignore:DDCAdam froze:RuntimeWarning")
+def test_every_rank_reports_the_frozen_units(launched, gauges):
+    """DDCAdam's ``frozen`` lists what the single-process step freezes, on every rank, although only
+    the rank that steps the neuron pair sees the dead unit."""
+    model = worker.make_model()
+    with torch.no_grad():
+        worker.kill_unit(model)
+    optimizer = worker.OPTIMIZERS["ddc_adam"](model, gauges.bind(model))
+    worker.train(model, optimizer, worker.batches()[:2])
+    expected = {k: list(v) for k, v in optimizer.frozen.items()}
+    assert expected  # the dead unit is found
+    assert launched[1]["frozen"] == [expected] * WORLD
+
+
 def test_ddc_adam_is_equivariant_under_fsdp2_and_adamw_is_not(launched):
     results = launched[1]
     assert results["equivariance_ddc_adam"]["displacement"] > 0.1
