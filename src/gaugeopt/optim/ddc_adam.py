@@ -459,7 +459,7 @@ class DDCAdam(torch.optim.Optimizer):
                     continue
                 if frame.role == "gain":
                     gain_groups[name] = group  # the gain is the frame of its channels: never stepped
-                    self.state.setdefault(p, {})  # an entry, as checkpoint loaders expect for trained parameters
+                    self.state.setdefault(p, {})  # set_state_dict (distributed checkpoints) wants an entry
                     continue
                 if p.grad is None and name not in self._pair_members:
                     continue

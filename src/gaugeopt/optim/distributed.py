@@ -232,8 +232,10 @@ def _write_back(optimizer: torch.optim.Optimizer, params: list[Tensor], owners: 
             setattr(optimizer, name, {k: v for part in published for k, v in part["reports"][name].items()})
     for i, p in enumerate(params):
         owned = owners[id(p)] == rank
-        value = stand_in.get(id(p), p) if owned or not is_sharded(p) else \
-            torch.empty(p.shape, dtype=p.dtype, device=p.device)
+        if owned or not is_sharded(p):
+            value = stand_in.get(id(p), p)  # the stepped full tensor (a replicated parameter: itself)
+        else:
+            value = torch.empty(p.shape, dtype=p.dtype, device=p.device)  # receives the owner's
         state = optimizer.state.get(value) if owned else None
         if group is not None:
             source = dist.get_global_rank(group, owners[id(p)])
