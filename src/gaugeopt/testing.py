@@ -16,11 +16,13 @@ import torch
 from torch import nn
 
 from .gauges.gaugeset import GaugeSet, GroupElement
+from .optim.distributed import full_tensor
 
 __all__ = ["EquivarianceResult", "check_equivariance", "check_equivariance_per_family", "relative_error"]
 
 MakeOptimizer = Callable[[nn.Module, GaugeSet], torch.optim.Optimizer]
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
+Prepare = Callable[[nn.Module], Any]
 
 
 @dataclass(frozen=True)
@@ -53,9 +55,11 @@ def relative_error(a: nn.Module | dict[str, torch.Tensor], b: nn.Module | dict[s
     One vector rather than a maximum over tensors: a tensor the loss does not see (a key bias under a
     softmax, a pure gauge direction) has an exactly zero gradient, so Adam-type optimizers move it by
     rounding noise; its own relative error is meaningless while its share of the whole is not.
+    Sharded (FSDP2 ``DTensor``) parameters are gathered first (a collective: call it on every rank).
     """
     pa = dict(a.named_parameters()) if isinstance(a, nn.Module) else a
     pb = dict(b.named_parameters()) if isinstance(b, nn.Module) else b
+    pa, pb = ({n: full_tensor(p) for n, p in params.items()} for params in (pa, pb))
     names = list(pa)
     if not names:
         return 0.0, ""
@@ -109,6 +113,7 @@ def check_equivariance(
     families: str | Iterable[str] | None = None,
     seed: int = 0,
     spread: float = 0.5,
+    prepare: Prepare | None = None,
 ) -> EquivarianceResult:
     """How far ``make_optimizer``'s optimizer is from equivariance under ``gauges`` (ddc.md R2).
 
@@ -131,6 +136,9 @@ def check_equivariance(
         element: the group element ``{family name: element}``; by default a random one from
             ``gauges.sample`` over ``families`` (default: all, i.e. their product) with ``seed`` and
             ``spread``.
+        prepare: called on each trained copy (after the element is applied, before its optimizer
+            is made), e.g. ``lambda m: fully_shard(m, mesh=mesh)`` to run the check under FSDP2 on
+            every rank (``loss_fn`` then sees the rank's own part of each batch).
 
     Returns:
         :class:`EquivarianceResult`; ``result.error`` (or ``float(result)``) is the relative error.
@@ -139,7 +147,8 @@ def check_equivariance(
         element = gauges.sample(torch.Generator().manual_seed(seed), families=families, spread=spread)
     elif families is not None:
         raise ValueError("pass either element or families, not both")
-    return _run_lockstep(make_optimizer, model, gauges, batches, loss_fn, steps, {"element": element}, seed)["element"]
+    return _run_lockstep(make_optimizer, model, gauges, batches, loss_fn, steps, {"element": element}, seed,
+                         prepare)["element"]
 
 
 def check_equivariance_per_family(
@@ -154,6 +163,7 @@ def check_equivariance_per_family(
     product: bool = True,
     seed: int = 0,
     spread: float = 0.5,
+    prepare: Prepare | None = None,
 ) -> dict[str, EquivarianceResult]:
     """:func:`check_equivariance` for a random element of every gauge kind of ``gauges`` (all families
     of that kind at once) and, with ``product``, of the product of all families (key ``"product"``).
@@ -168,11 +178,12 @@ def check_equivariance_per_family(
         elements["product"] = gauges.sample(generator, spread=spread)
     if not elements:
         raise ValueError("no gauge kinds to check: the GaugeSet is empty and product=False")
-    return _run_lockstep(make_optimizer, model, gauges, batches, loss_fn, steps, elements, seed)
+    return _run_lockstep(make_optimizer, model, gauges, batches, loss_fn, steps, elements, seed, prepare)
 
 
 def _run_lockstep(make_optimizer: MakeOptimizer, model: nn.Module, gauges: GaugeSet, batches, loss_fn: LossFn,
-                  steps: int, elements: dict[str, GroupElement], seed: int) -> dict[str, EquivarianceResult]:
+                  steps: int, elements: dict[str, GroupElement], seed: int,
+                  prepare: Prepare | None = None) -> dict[str, EquivarianceResult]:
     """Train a reference copy and one transformed copy per element on the same batches; compare."""
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
@@ -182,12 +193,15 @@ def _run_lockstep(make_optimizer: MakeOptimizer, model: nn.Module, gauges: Gauge
         if unknown:
             raise ValueError(f"element names families the GaugeSet does not have: {sorted(unknown)}")
 
+    prepare = prepare or (lambda m: None)
     reference, mapped = copy.deepcopy(model), copy.deepcopy(model)
     runs = {}
     for label, element in elements.items():
         transformed = copy.deepcopy(model)
         gauges.apply(transformed, element)
+        prepare(transformed)
         runs[label] = (transformed, make_optimizer(transformed, gauges.bind(transformed)))
+    prepare(reference)
     reference_optimizer = make_optimizer(reference, gauges.bind(reference))
     displacement = {label: relative_error(reference, m)[0] for label, (m, _) in runs.items()}
     next_batch = _batch_source(batches, steps)
@@ -203,7 +217,7 @@ def _run_lockstep(make_optimizer: MakeOptimizer, model: nn.Module, gauges: Gauge
             _train_step(transformed, optimizer, loss_fn, batch, step_seed)
             with torch.no_grad():
                 for name, p in reference.named_parameters():
-                    mapped_params[name].copy_(p)
+                    mapped_params[name].copy_(full_tensor(p))
                 gauges.apply(mapped, elements[label])
             err, name = relative_error(mapped, transformed)
             per_step[label].append(err)

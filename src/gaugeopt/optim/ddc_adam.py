@@ -58,7 +58,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -76,6 +76,7 @@ from ._guards import (
     require_rate,
     state_zeros,
 )
+from .distributed import sharded_step
 from .gauge_frames import (
     FramePlan,
     PairFrame,
@@ -438,6 +439,25 @@ class DDCAdam(GuardedOptimizer):
     def _framed_update(self, name: str, w: _Work) -> None:
         w.value = w.value - w.group["lr"] * self._moments_direction(w, w.grad)
 
+    # Hooks for sharded (FSDP2) parameters, used by gaugeopt.optim.distributed: the step reads every
+    # norm gain by name (to merge, to find dead channels), couples the tensors of a norm family or a
+    # neuron pair into one update, and reports the frozen units of the tensors it stepped.
+    _rank_reports = ("frozen",)
+
+    def _tensors_read(self) -> list[Tensor]:
+        return [self._params_by_name[family.gain] for family in self.plan.norms]
+
+    def _coupled_parameters(self) -> list[list[Tensor]]:
+        families = [[f.gain, f.bias, *f.consumers] for f in self.plan.norms]
+        families += [[r.name for r in (*f.multiplied, *f.divided)] for f in self.plan.pairs]
+        return [[self._params_by_name[n] for n in names if n in self._params_by_name] for names in families]
+
+    def _swap_parameters(self, stand_in: Mapping[int, Tensor]) -> None:
+        """Read parameter ``p`` as ``stand_in[id(p)]`` where given (its gathered full tensor)."""
+        self._params_by_name = {n: stand_in.get(id(p), p) for n, p in self._params_by_name.items()}
+        self._names = {id(p): n for n, p in self._params_by_name.items()}
+
+    @sharded_step
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None):
         """One DDCAdam step (see the module docstring for the math). Returns the closure's loss."""
@@ -459,6 +479,7 @@ class DDCAdam(GuardedOptimizer):
                     continue
                 if frame.role == "gain":
                     gain_groups[name] = group  # the gain is the frame of its channels: never stepped
+                    self.state.setdefault(p, {})  # set_state_dict (distributed checkpoints) wants an entry
                     continue
                 if p.grad is None and name not in self._pair_members:
                     continue

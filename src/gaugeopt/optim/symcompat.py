@@ -32,6 +32,7 @@ from ._guards import (
     require_unit_interval,
     state_zeros,
 )
+from .distributed import sharded_step
 from .layerwise import ADJUST_LR_CHOICES, ORIENTATIONS, RULES, adam_direction, apply_update_rule, get_rule
 from .matrix_functions import MUON_NS_COEFFICIENTS
 
@@ -120,6 +121,7 @@ class SymmetryCompatible(GuardedOptimizer):
     def _validate_group(self, group: dict[str, Any], where: str) -> None:
         _validate_group(group, where)
 
+    @sharded_step
     @torch.no_grad()
     def step(self, closure=None):
         """One optimisation step; ``closure`` re-evaluates the model and returns the loss."""

@@ -1,0 +1,153 @@
+"""DDP and FSDP2 (CPU, gloo, 2 ranks, float64) against single-process training, for every optimizer.
+
+One ``torchrun`` launch (tests/distributed_worker.py) trains under DDP and FSDP2, saves a distributed
+checkpoint mid-run and runs the equivariance check under FSDP2; this module trains the same model
+on whole batches in one process and compares. It also loads the 2-rank checkpoint here, in one
+process without a process group, and resumes training from it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from gaugeopt.testing import relative_error
+
+sys.path.insert(0, str(Path(__file__).parent))
+import distributed_worker as worker  # noqa: E402
+
+WORLD = 2
+LAUNCH_TIMEOUT_S = 300  # a hung collective fails the test instead of blocking the run
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory) -> tuple[Path, dict]:
+    """Run the worker once under torchrun; return its output folder and results."""
+    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    out = tmp_path_factory.mktemp("distributed")
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={WORLD}",
+               "--master-addr=127.0.0.1", f"--master-port={_free_port()}",
+               str(Path(worker.__file__)), str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S, env=env)
+    except subprocess.TimeoutExpired as err:
+        pytest.fail(f"torchrun did not finish in {LAUNCH_TIMEOUT_S} s: {(err.stderr or b'')[-3000:]!r}")
+    assert done.returncode == 0, f"torchrun failed ({done.returncode}):\n{done.stderr[-6000:]}"
+    return out, json.loads((out / "results.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def gauges():
+    return worker.find_gauges(worker.make_model())
+
+
+def _single_process(label: str, gauges, batches) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    model = worker.make_model()
+    optimizer = worker.OPTIMIZERS[label](model, gauges.bind(model))
+    worker.train(model, optimizer, batches)
+    return model, optimizer
+
+
+@pytest.fixture(scope="module")
+def reference(gauges) -> dict[str, dict[str, torch.Tensor]]:
+    """Single-process parameters after all steps, per optimizer."""
+    return {label: dict(_single_process(label, gauges, worker.batches())[0].named_parameters())
+            for label in worker.OPTIMIZERS}
+
+
+def _error(found: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> float:
+    assert found.keys() == expected.keys()
+    return relative_error(found, expected)[0]
+
+
+@pytest.mark.parametrize("label", list(worker.OPTIMIZERS))
+def test_ddp_equals_single_process(launched, reference, label):
+    out, _ = launched
+    moved = relative_error(reference[label], dict(worker.make_model().named_parameters()))[0]
+    assert moved > 1e-2  # the runs went somewhere: a parity that cannot fail proves nothing
+    assert _error(torch.load(out / f"ddp_{label}.pt"), reference[label]) < 1e-10
+
+
+@pytest.mark.parametrize("label", list(worker.OPTIMIZERS))
+def test_fsdp2_equals_single_process(launched, reference, label):
+    out, results = launched
+    assert results["uneven"] == ["embed.weight", "head.weight"]  # dim 0 = 11 rows over 2 ranks
+    found = torch.load(out / f"fsdp_{label}.pt")
+    assert _error(found, reference[label]) < 1e-8
+    for name in results["uneven"]:
+        assert relative_error({name: found[name]}, {name: reference[label][name]})[0] < 1e-8
+
+
+@pytest.mark.parametrize("label", list(worker.OPTIMIZERS))
+def test_fsdp2_state_is_sharded_like_its_parameter(launched, label):
+    placements = launched[1]["placements"][label]
+    matrices = [n for n, p in worker.make_model().named_parameters() if p.ndim == 2]
+    assert all(placements[n] for n in matrices)  # every matrix has parameter-shaped state (moments, momentum)
+    entries = [entry for per_param in placements.values() for entry in per_param]
+    assert all(is_dtensor and same for _key, is_dtensor, same in entries), placements
+
+
+@pytest.mark.parametrize("label", list(worker.OPTIMIZERS))
+def test_fsdp2_step_is_split_over_the_ranks(launched, gauges, label):
+    """Every rank steps a share of the parameters; a norm family or a neuron pair stays on one rank."""
+    owners = launched[1]["owners"][label]
+    assert set(owners.values()) == set(range(WORLD))
+    if label != "symmetry_compatible":
+        for family in gauges:
+            if family.kind in ("norm_scale", "neuron_scale"):
+                assert len({owners[n] for n in family.parameters if n in owners}) == 1, family.name
+
+
+@pytest.mark.filterwarnings("ignore:DDCAdam froze:RuntimeWarning")
+def test_every_rank_reports_the_frozen_units(launched, gauges):
+    """DDCAdam's ``frozen`` lists what the single-process step freezes, on every rank, although only
+    the rank that steps the neuron pair sees the dead unit."""
+    model = worker.make_model()
+    with torch.no_grad():
+        worker.kill_unit(model)
+    optimizer = worker.OPTIMIZERS["ddc_adam"](model, gauges.bind(model))
+    worker.train(model, optimizer, worker.batches()[:2])
+    expected = {k: list(v) for k, v in optimizer.frozen.items()}
+    assert expected  # the dead unit is found
+    assert launched[1]["frozen"] == [expected] * WORLD
+
+
+def test_ddc_adam_is_equivariant_under_fsdp2_and_adamw_is_not(launched):
+    results = launched[1]
+    assert results["equivariance_ddc_adam"]["displacement"] > 0.1
+    assert results["equivariance_ddc_adam"]["error"] < 1e-10
+    assert results["equivariance_adamw"]["error"] > 1e-3
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
+@pytest.mark.parametrize("label", list(worker.OPTIMIZERS))
+def test_checkpoint_from_two_ranks_resumes_in_one_process(launched, reference, gauges, label):
+    """Load the 2-rank FSDP2 checkpoint (taken after CHECKPOINT_STEP steps) into a plain model and
+    optimizer in this process, train the remaining steps, and land on the uninterrupted run."""
+    out, _ = launched
+    model = worker.make_model()
+    optimizer = worker.OPTIMIZERS[label](model, gauges.bind(model))
+    worker.load_checkpoint(model, optimizer, out / f"checkpoint_{label}")
+    worker.train(model, optimizer, worker.batches()[worker.CHECKPOINT_STEP:])
+    assert _error(dict(model.named_parameters()), reference[label]) < 1e-8
+
+
+@pytest.mark.parametrize("label", list(worker.OPTIMIZERS))
+def test_checkpoint_from_two_ranks_resumes_on_two_ranks(launched, reference, label):
+    out, _ = launched
+    assert _error(torch.load(out / f"fsdp_resumed_{label}.pt"), reference[label]) < 1e-8
