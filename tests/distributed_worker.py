@@ -5,7 +5,8 @@ DDCMuon, SymmetryCompatible) it trains the tiny language model below for ``STEPS
 under FSDP2 (``fully_shard``), each rank on its half of every batch, and writes the final parameters
 to ``OUT_DIR`` (rank 0). The FSDP2 run also saves a ``torch.distributed.checkpoint`` after
 ``CHECKPOINT_STEP`` steps, records the placement of every optimizer state tensor, and resumes a fresh
-2-rank run from that checkpoint. Finally it runs
+2-rank run from that checkpoint. It puts a NaN into one rank's shard of a gradient that the other rank
+steps, under ``nonfinite="skip"`` and ``"raise"``. Finally it runs
 :func:`gaugeopt.testing.check_equivariance` under FSDP2 for DDCAdam and AdamW. Rank 0 writes
 ``OUT_DIR/results.json``; the test compares everything with single-process training.
 
@@ -33,7 +34,7 @@ from torch.nn.parallel import DistributedDataParallel
 import gaugeopt
 from gaugeopt.gauges import GaugeSet
 from gaugeopt.models import TransformerLM, TransformerLMConfig
-from gaugeopt.optim import DDCAdam, DDCMuon, SymmetryCompatible, symmetry_param_groups
+from gaugeopt.optim import DDCAdam, DDCMuon, NonFiniteGradientError, SymmetryCompatible, symmetry_param_groups
 from gaugeopt.optim.distributed import full_tensor, step_owners
 from gaugeopt.testing import check_equivariance
 
@@ -172,6 +173,32 @@ def main(out: Path) -> None:
     reports: list = [None] * world
     dist.all_gather_object(reports, {k: list(v) for k, v in optimizer.frozen.items()})
     results["frozen"] = reports
+
+    # A NaN in rank 0's shard of a gradient that rank 1 steps: both ranks must apply the policy.
+    results["nonfinite"] = {}
+    for policy in ("skip", "raise"):
+        model = make_model()
+        bound = gauges.bind(model)
+        fully_shard(model, mesh=mesh)
+        optimizer = DDCAdam(model.parameters(), bound, lr=1e-2, nonfinite=policy)
+        lm_loss(model, rank_part(data[0], rank, world)).backward()
+        owners = step_owners(optimizer, world)
+        target = next(n for n, p in model.named_parameters() if owners[id(p)] == 1 and p.ndim == 2)
+        if rank == 0:
+            with torch.no_grad():
+                model.get_parameter(target).grad.to_local()[0, 0] = float("nan")
+        before = full_parameters(model)
+        try:
+            optimizer.step()
+            outcome = "stepped"
+        except NonFiniteGradientError as error:
+            outcome = f"raised: {error}"
+        after = full_parameters(model)
+        outcomes: list = [None] * world
+        dist.all_gather_object(outcomes, {"outcome": outcome, "skipped_steps": optimizer.skipped_steps,
+                                          "unchanged": all(torch.equal(before[n], after[n]) for n in before),
+                                          "state": len(optimizer.state), "target": target})
+        results["nonfinite"][policy] = outcomes
 
     def shard(m: nn.Module) -> None:
         fully_shard(m, mesh=mesh)

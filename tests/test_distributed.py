@@ -127,6 +127,18 @@ def test_every_rank_reports_the_frozen_units(launched, gauges):
     assert launched[1]["frozen"] == [expected] * WORLD
 
 
+def test_a_nonfinite_gradient_shard_gets_the_same_policy_on_every_rank(launched):
+    """The NaN sits in rank 0's shard of a gradient rank 1 steps: with ``skip`` every rank skips and
+    nothing changes; with ``raise`` every rank raises naming that parameter (none waits in a collective)."""
+    skip, raise_ = launched[1]["nonfinite"]["skip"], launched[1]["nonfinite"]["raise"]
+    for rank in skip:
+        assert rank["outcome"] == "stepped" and rank["skipped_steps"] == 1 and rank["unchanged"]
+        assert rank["state"] == 0  # no moment was created either
+    for rank in raise_:
+        assert rank["outcome"].startswith("raised: non-finite gradient") and rank["target"] in rank["outcome"]
+        assert rank["unchanged"] and rank["skipped_steps"] == 0
+
+
 def test_ddc_adam_is_equivariant_under_fsdp2_and_adamw_is_not(launched):
     results = launched[1]
     assert results["equivariance_ddc_adam"]["displacement"] > 0.1

@@ -424,6 +424,26 @@ def test_state_dict_of_another_optimizer_or_model_is_refused_before_anything_cha
         assert_untouched(before, model, opt)
 
 
+@each("load")
+def test_state_dict_without_its_gaugeopt_entry_is_recognised_by_its_groups(info):
+    """torch.distributed.checkpoint's get/set_state_dict keep only "state" and "param_groups": the
+    optimizer's own such dict loads, every other one (another optimizer, another width) is refused."""
+    model, gauges, opt = started(info)
+    if not isinstance(opt, torch.optim.Optimizer):
+        pytest.skip("not a torch.optim.Optimizer: torch.distributed.checkpoint does not handle its state dict")
+    before = snapshot(model, opt)
+
+    def stripped(state_dict: dict) -> dict:
+        return {k: v for k, v in state_dict.items() if k != "gaugeopt"}
+
+    for source, state_dict in _other_state_dicts(info, *tiny(5)).items():
+        with pytest.raises(ValueError, match="written by|state .* has shape|has keys"):
+            opt.load_state_dict(stripped(state_dict))
+        assert_untouched(before, model, opt)
+    opt.load_state_dict(stripped(before[1]))
+    assert_untouched(before, model, opt)  # loading its own state changes nothing
+
+
 @each("state_keys")
 def test_state_dict_with_foreign_state_or_bad_settings_is_refused(info):
     model, gauges, opt = started(info)

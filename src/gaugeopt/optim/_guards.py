@@ -245,13 +245,17 @@ class GuardedOptimizer(torch.optim.Optimizer):
                     located.append((gi, pi))
         if all_finite([self.param_groups[gi]["params"][pi].grad for gi, pi in located]):
             return True
+        names = self._parameter_names()
+        return self._nonfinite_step([self._describe(gi, pi, names) for gi, pi in located
+                                     if not torch.isfinite(self.param_groups[gi]["params"][pi].grad).all()])
+
+    def _nonfinite_step(self, bad: list[str]) -> bool:
+        """Apply the ``nonfinite`` policy to a step whose gradients of ``bad`` are not finite: count a
+        skip and return ``False``, or raise :class:`NonFiniteGradientError` naming them."""
         if self.nonfinite == "skip":
             self.skipped_steps += 1
             self.last_step_skipped = True
             return False
-        names = self._parameter_names()
-        bad = [self._describe(gi, pi, names) for gi, pi in located
-               if not torch.isfinite(self.param_groups[gi]["params"][pi].grad).all()]
         raise NonFiniteGradientError(
             f"non-finite gradient (NaN or Inf) for {'; '.join(bad)}; nothing was changed. Pass "
             f"nonfinite='skip' to skip such steps (counted in optimizer.skipped_steps)")
@@ -282,13 +286,34 @@ class GuardedOptimizer(torch.optim.Optimizer):
             for key, value in saved.get(saved_id, {}).items():
                 if isinstance(value, Tensor) and value.is_floating_point() and key != "step":
                     self.state[p][key] = value.to(device=p.device, dtype=compute_dtype(p), copy=True)
-        self.skipped_steps = int(state_dict[_META_KEY]["skipped_steps"])
+        if _META_KEY in state_dict:
+            self.skipped_steps = int(state_dict[_META_KEY]["skipped_steps"])
+
+    def _metadata_from_groups(self, saved_groups: Any) -> dict[str, Any] | None:
+        """Metadata for a state dict without the ``"gaugeopt"`` entry, or ``None`` if its groups are
+        not this optimizer's.
+
+        ``torch.distributed.checkpoint`` (``get_state_dict`` / ``set_state_dict``) re-keys a state dict
+        by parameter name and keeps only ``"state"`` and ``"param_groups"``. The optimizer is then
+        recognised by its group settings (every key of ``defaults``, nothing unknown); parameter names
+        and shapes are not recorded, so only the state shapes are checked against the parameters, and
+        ``skipped_steps`` is left as it is.
+        """
+        known = set(self.defaults) | self._EXTRA_GROUP_KEYS | {"params", "param_names", "initial_lr"}
+        if not isinstance(saved_groups, list) or not all(
+                isinstance(g, Mapping) and set(self.defaults) <= set(g) <= known for g in saved_groups):
+            return None
+        return {"optimizer": type(self).__name__, "skipped_steps": None,
+                "names": [[None] * len(g["params"]) for g in saved_groups],
+                "shapes": [[None] * len(g["params"]) for g in saved_groups]}
 
     def _check_state_dict(self, state_dict: Any) -> None:
         mine = type(self).__name__
         if not isinstance(state_dict, Mapping):
             raise ValueError(f"{mine}.load_state_dict needs a state dict, got {type(state_dict).__name__}")
         meta = state_dict.get(_META_KEY)
+        if meta is None and {"state", "param_groups"} <= set(state_dict):
+            meta = self._metadata_from_groups(state_dict["param_groups"])
         if not isinstance(meta, Mapping) or "optimizer" not in meta:
             raise ValueError(f"this state dict was not written by a gaugeopt optimizer (no {_META_KEY!r} "
                              f"entry); {mine} loads only its own checkpoints")
@@ -312,7 +337,7 @@ class GuardedOptimizer(torch.optim.Optimizer):
                 if saved_name is not None and names[gi][pi] is not None and saved_name != names[gi][pi]:
                     raise ValueError(f"the state dict was saved for parameter {saved_name!r} where this {mine} "
                                      f"has {here}: it belongs to another model")
-                if list(saved_shape) != list(p.shape):
+                if saved_shape is not None and list(saved_shape) != list(p.shape):
                     raise ValueError(f"the state dict was saved for a parameter of shape {tuple(saved_shape)} "
                                      f"where this {mine} has {here}: it belongs to another model")
                 state = state_dict["state"].get(saved["params"][pi], {})

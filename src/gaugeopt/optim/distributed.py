@@ -60,6 +60,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from ._guards import GuardedOptimizer, all_finite
+
 __all__ = ["sharded_step", "gathered_parameters", "is_sharded", "has_sharded_parameters", "full_tensor"]
 
 
@@ -98,11 +100,48 @@ def sharded_step(step: Callable) -> Callable:
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        with torch.no_grad(), gathered_parameters(self):
-            step(self)
+        with torch.no_grad():
+            if not _gradients_finite_on_every_rank(self):
+                return loss
+            with gathered_parameters(self):
+                step(self)
         return loss
 
     return wrapper
+
+
+def _local(t: Tensor) -> Tensor:
+    return t.to_local() if is_sharded(t) else t
+
+
+def _gradients_finite_on_every_rank(optimizer: torch.optim.Optimizer) -> bool:
+    """Decide the non-finite gradient policy once for all ranks of a split step.
+
+    Each rank steps only its own components, so a rank's own check would see only their gradients:
+    one rank would skip (or raise) while the others stepped, and a raising rank would leave the
+    others waiting in the next collective. Here every rank tests its local gradient shards
+    (:func:`all_finite`), one all-reduced flag combines them, and only when it is down are the bad
+    parameters' names gathered and the optimizer's ``nonfinite`` policy applied, identically on
+    every rank. Optimizers without that policy, and steps not split over ranks (every rank then
+    checks every whole gradient itself), pass.
+    """
+    params = _group_parameters(optimizer)
+    group = _step_group([p for p in params if is_sharded(p)])
+    if group is None or not isinstance(optimizer, GuardedOptimizer):
+        return True
+    located = [(gi, pi, p) for gi, g in enumerate(optimizer.param_groups) for pi, p in enumerate(g["params"])
+               if p.grad is not None]
+    grads = [_local(p.grad) for _, _, p in located]
+    device = grads[0].device if grads else _local(params[0]).device
+    flag = torch.tensor([1.0 if all_finite(grads) else 0.0], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
+    if flag.item() == 1.0:
+        return True
+    names = optimizer._parameter_names()
+    here = [optimizer._describe(gi, pi, names) for gi, pi, p in located if not torch.isfinite(_local(p.grad)).all()]
+    everywhere: list = [None] * group.size()
+    dist.all_gather_object(everywhere, here, group=group)
+    return optimizer._nonfinite_step(sorted({name for part in everywhere for name in part}))
 
 
 @contextmanager
