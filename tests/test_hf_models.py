@@ -1,0 +1,161 @@
+"""Gauges and DDCAdam on Hugging Face ``transformers`` models built from tiny configs (random weights).
+
+Per model: the discovered families (kinds, sites, group dimensions, parameters touched), the
+invariance of the log-probabilities under each kind and their product (float64, 1e-10), and DDCAdam's
+equivariance over 20 steps (``gaugeopt.testing.check_equivariance``, 1e-8). Skipped without the
+``hf`` extra.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+transformers = pytest.importorskip("transformers")
+
+from gaugeopt import DDCAdam, find_gauges  # noqa: E402
+from gaugeopt.testing import check_equivariance  # noqa: E402
+
+VOCAB, SEQ = 64, 8
+COMMON = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, head_dim=8, max_position_embeddings=32)
+
+
+def _layers(*names: str) -> set[str]:
+    return {name.format(i=i) for name in names for i in range(2)}
+
+
+DECODER_NORMS = ("norm_scale:model.layers.{i}.input_layernorm", "norm_scale:model.layers.{i}.post_attention_layernorm")
+SWIGLU = ("neuron_scale:model.layers.{i}.mlp.up_proj",)
+HEAD = {"norm_scale:model.norm", "logit_shift:lm_head"}
+
+# name -> (model factory, expected family names, number of parameters touched, total group dimension)
+MODELS = {
+    # RMSNorm, SwiGLU, grouped-query attention with RoPE (one plane generator per frequency: 4 for head_dim 8)
+    "llama": (lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(**COMMON, tie_word_embeddings=False)),
+              HEAD | _layers(*DECODER_NORMS, *SWIGLU, "qk_rotation:model.layers.{i}.self_attn",
+                             "vo_rotation:model.layers.{i}.self_attn"),
+              2 * 9 + 2, 32 + 32 + 2 * (32 + 32 + 48 + 2 * 4 + 2 * 28)),
+    # as Llama, but q_norm/k_norm (per-dim RMSNorm gains inside each head) leave no query/key rotation
+    "qwen3": (lambda: transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**COMMON, tie_word_embeddings=False)),
+              HEAD | _layers(*DECODER_NORMS, *SWIGLU, "vo_rotation:model.layers.{i}.self_attn"),
+              2 * 9 + 2, 32 + 32 + 2 * (32 + 32 + 48 + 2 * 28)),
+    # (1 + w) norm gains and q/k norms: only the gated-GELU neurons and the value/output rotations;
+    # embedding and head tied (the default), so no logit shift
+    "gemma3": (lambda: transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(**COMMON, sliding_window=4)),
+               _layers(*SWIGLU, "vo_rotation:model.layers.{i}.self_attn"),
+               2 * 4, 2 * (48 + 2 * 28)),
+    # LayerNorm into Conv1D (weights stored (in, out)), GELU MLP, fused qkv, tied embedding and head:
+    # nothing is claimed, and every candidate is listed with its reason
+    "gpt2": (lambda: transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=32, bos_token_id=0, eos_token_id=0)),
+        set(), 0, 0),
+}
+
+
+def _jitter(model: torch.nn.Module) -> torch.nn.Module:
+    """Random weights moved off their init (gains off 1, biases off 0) so no symmetry is trivial."""
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.2 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    return model
+
+
+def _tokens(batch: int, seed: int) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (batch, SEQ), generator=torch.Generator().manual_seed(seed))
+
+
+def _log_probs(model, ids):
+    return model(input_ids=ids).logits.log_softmax(-1)
+
+
+def _next_token_loss(model, ids):
+    logits = model(input_ids=ids).logits
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+
+
+@pytest.fixture(scope="module", params=list(MODELS))
+def hf_model(request):
+    make, expected, touched, dimension = MODELS[request.param]
+    torch.manual_seed(0)
+    model = _jitter(make().double().eval())
+    gauges = find_gauges(model, {"input_ids": _tokens(1, 0), "use_cache": False}, output="logits")
+    return request.param, model, gauges, expected, touched, dimension
+
+
+def test_gauge_summary(hf_model):
+    key, _, gauges, expected, touched, dimension = hf_model
+    rows = gauges.summary(print_table=False)
+    assert {r.family + ":" + r.name.split(":", 1)[1] for r in rows} == expected, (key, str(rows))
+    assert len(gauges.parameters_touched()) == touched, key
+    assert sum(r.dimension for r in rows) == dimension, key
+
+
+def test_log_probabilities_invariant_under_each_kind_and_product(hf_model):
+    key, model, gauges, *_ = hf_model
+    if not len(gauges):
+        pytest.skip(f"{key}: no gauge claimed")
+    ids = _tokens(2, 1)
+    before = _log_probs(model, ids)
+    gen = torch.Generator().manual_seed(3)
+    for kinds in [*gauges.kinds, None]:
+        moved = copy.deepcopy(model)
+        gauges.apply(moved, gauges.sample(gen, families=kinds, spread=1.0))
+        change = max((a - b).abs().max().item() for a, b in zip(moved.parameters(), model.parameters()))
+        assert change > 1e-3, (key, kinds)  # the element really moved the weights
+        error = ((_log_probs(moved, ids) - before).norm() / before.norm()).item()
+        assert error <= 1e-10, (key, kinds, error)
+
+
+def test_ddc_adam_is_equivariant_over_20_steps(hf_model):
+    key, model, gauges, *_ = hf_model
+    if not len(gauges):
+        pytest.skip(f"{key}: no gauge claimed")
+    batches = [_tokens(2, seed) for seed in range(4)]
+    result = check_equivariance(lambda m, g: DDCAdam(m.parameters(), g, lr=1e-2, weight_decay=0.1),
+                                model, gauges, batches, _next_token_loss, steps=20)
+    assert result.displacement > 1e-2, key
+    assert result.error <= 1e-8, (key, result.error, result.worst_parameter)
+
+
+def test_gpt2_tied_head_carries_no_logit_shift_and_the_summary_says_so(capsys):
+    model = _jitter(MODELS["gpt2"][0]().double().eval())
+    gauges = find_gauges(model, {"input_ids": _tokens(1, 0), "use_cache": False}, output="logits")
+    assert model.lm_head.weight is model.transformer.wte.weight
+    assert "logit_shift" not in gauges.kinds
+    reasons = {(s.family, s.site): s.reason for s in gauges.skipped}
+    assert "tied" in reasons[("logit_shift", "lm_head")]
+    assert "tied" in reasons[("norm_scale", "transformer.ln_f")]  # its consumer is the tied head
+    assert "Conv1D" in reasons[("norm_scale", "transformer.h.0.ln_1")]
+    gauges.summary(show_skipped=True)
+    printed = capsys.readouterr().out
+    assert "logit_shift" in printed and "transformer.wte.weight is tied" in printed
+
+
+def test_untied_gpt2_head_gets_its_logit_shift_and_final_norm_scale():
+    model = _jitter(MODELS["gpt2"][0]().double().eval())
+    model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())  # untie
+    gauges = find_gauges(model, {"input_ids": _tokens(1, 0), "use_cache": False}, output="logits")
+    assert {f.name for f in gauges} == {"logit_shift:lm_head", "norm_scale:transformer.ln_f"}
+    ids = _tokens(2, 1)
+    before = _log_probs(model, ids)
+    gauges.apply(model, gauges.sample(torch.Generator().manual_seed(0), spread=1.0))
+    assert ((_log_probs(model, ids) - before).norm() / before.norm()).item() <= 1e-10
+
+
+def test_data_dependent_control_flow_is_refused_with_a_reason():
+    class Branchy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Linear(4, 4)
+
+        def forward(self, x):
+            y = self.layer(x)
+            return y if y.sum() > 0 else -y
+
+    with pytest.raises(ValueError, match="tensor values"):
+        find_gauges(Branchy(), torch.randn(2, 4))
