@@ -159,3 +159,10 @@ def test_data_dependent_control_flow_is_refused_with_a_reason():
 
     with pytest.raises(ValueError, match="tensor values"):
         find_gauges(Branchy(), torch.randn(2, 4))
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_discovery_leaves_every_module_in_its_mode(training):
+    model = MODELS["gpt2"][0]().double().train(training)  # GPT-2 has dropout: a mode change would show
+    find_gauges(model, {"input_ids": _tokens(1, 0), "use_cache": False}, output="logits")
+    assert all(m.training == training for m in model.modules())

@@ -222,7 +222,9 @@ def trace_with_examples(model: nn.Module, args: Sequence[Any], keywords: Mapping
             node.target = target[len(prefix):] if target.startswith(prefix) else target
             owned[node.target] = (wrapper.get_submodule(target) if node.op == "call_module"
                                   else operator.attrgetter(target)(wrapper))
-    return fx.GraphModule(owned, graph, class_name=type(model).__name__), inputs
+    graph_module = fx.GraphModule(owned, graph, class_name=type(model).__name__)
+    graph_module.training = model.training  # it shares the model's modules: train()/eval() on it reach them
+    return graph_module, inputs
 
 
 __all__ = ["ShadowTracer", "KeywordCall", "is_norm_like", "is_linear_like", "trace_with_examples"]
