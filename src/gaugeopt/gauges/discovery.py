@@ -77,6 +77,10 @@ class _Graph:
         self.device = first.device if first is not None else torch.device("cpu")
         # relative tolerance of the probe measurements at the model's precision
         self.tol = {torch.float64: 1e-9, torch.float32: 1e-5}.get(self.dtype, 1e-2)
+        # commutation with the positional maps is decided far below the probe tolerance: slow RoPE
+        # frequencies (theta 1e6) over a short example leave generators that commute only to ~1e-9
+        self.commutant_tol = {torch.float64: 1e-12}.get(self.dtype, self.tol)
+        self.opaque: dict[str, str] = {}
         try:
             if example_inputs is None:
                 concrete = {
@@ -86,7 +90,7 @@ class _Graph:
                 }
                 self.gm = fx.symbolic_trace(model, concrete_args=concrete or None)
             else:
-                self.gm, example_inputs = trace_with_examples(model, example_inputs, keyword_inputs)
+                self.gm, example_inputs, self.opaque = trace_with_examples(model, example_inputs, keyword_inputs)
         except Exception as err:  # noqa: BLE001 - report any tracing failure the same way
             raise ValueError(
                 f"find_gauges could not trace {type(model).__name__} with torch.fx ({type(err).__name__}: {err}). "
@@ -246,7 +250,7 @@ def _measure_out_axis(mod: nn.Module) -> int | None:
                 got = mod(x)
         except Exception:  # noqa: BLE001 - the probe does not fit this layout
             continue
-        if got.shape == expected.shape and torch.allclose(got, expected, rtol=1e-5, atol=1e-6 * expected.abs().max().item()):
+        if isinstance(got, torch.Tensor) and got.shape == expected.shape and torch.allclose(got, expected, rtol=1e-5, atol=1e-6 * expected.abs().max().item()):
             return axis
     return None
 
@@ -590,26 +594,32 @@ def _attention_sites(g: _Graph) -> list[_AttentionSite]:
     return sites
 
 
-def _commutant_algebra(pairs: list[torch.Tensor], d: int, tol: float = 1e-9) -> torch.Tensor:
+def _commutant_algebra(pairs: list[torch.Tensor], d: int, tol: float = 1e-12) -> torch.Tensor:
     """Orthonormal basis of {X in so(d): A X = X A for all A in pairs}, shape (k, d, d).
 
-    The condition is linear in A, so an orthonormal basis A_1..A_r of span(pairs) suffices (r is 1
-    without RoPE, about d with it). The candidate space starts at so(d) and is cut down by one
-    matrix at a time, a generic combination of the A_j first so that the later cuts are cheap; each
-    cut keeps the combinations of the current basis whose commutator with A vanishes (the left
-    singular vectors of the stacked commutators [A, X_i] with negligible singular values).
+    The pairs are scaled so that their largest entry is 1, and X is kept when every commutator
+    [A, X] is below ``tol`` in that scale: a generator that commutes only approximately (slow RoPE
+    frequencies over a short example come within ~1e-9) changes the outputs by about that much,
+    so it is left out. The condition is linear in A, so the principal directions of span(pairs),
+    each weighted by its singular value, stand in for the pairs (r of them: 1 without RoPE, about d
+    with it). The candidate space starts at so(d) and is cut down by one matrix at a time, a generic
+    combination first so that the later cuts are cheap; each cut keeps the combinations of the
+    current basis whose commutator with A is negligible (left singular vectors of the stacked
+    commutators [A, X_i] with small singular values).
     """
     basis = full_rotation_algebra(d) / 2**0.5  # orthonormal in the Frobenius inner product
     if not pairs:
         return basis
     flat = torch.stack([a.reshape(-1) for a in pairs])
-    _, s, vh = torch.linalg.svd(flat / flat.abs().max().clamp_min(1e-30), full_matrices=False)
-    span = vh[: int((s > 10 * tol * s[0]).sum())].reshape(-1, d, d)
+    flat = flat / flat.abs().max().clamp_min(1e-30)
+    _, s, vh = torch.linalg.svd(flat, full_matrices=False)
+    rank = int((s > 10 * tol * s[0]).sum())
+    span = (s[:rank, None] / s[0] * vh[:rank]).reshape(-1, d, d)  # weighted: small directions matter less
     generic = torch.einsum("j,jab->ab", torch.randn(len(span), generator=torch.Generator().manual_seed(0),
                                                     dtype=span.dtype), span)
     for a in (generic, *span):
         commutators = (a @ basis - basis @ a).reshape(len(basis), -1)  # row i: vec([A, X_i])
-        if commutators.abs().max() <= tol * a.abs().max():  # every candidate commutes with A already
+        if commutators.abs().max() <= tol:  # every candidate commutes with A already
             continue
         if len(basis) > 64:  # cheap, loose pre-cut through the Gram matrix (it squares the precision)
             eigenvalues, eigenvectors = torch.linalg.eigh(commutators @ commutators.T)
@@ -617,7 +627,7 @@ def _commutant_algebra(pairs: list[torch.Tensor], d: int, tol: float = 1e-9) -> 
             basis = torch.einsum("ik,iab->kab", eigenvectors[:, loose], basis)
             commutators = eigenvectors[:, loose].T @ commutators
         u, singular, _ = torch.linalg.svd(commutators, full_matrices=False)
-        keep = singular <= 10 * tol * max(singular[0].item(), a.norm().item())
+        keep = singular <= 10 * tol
         basis = torch.einsum("ik,iab->kab", u[:, keep], basis)
         if len(basis) == 0:
             break
@@ -689,7 +699,7 @@ def _attention_families(g: _Graph, attn: _AttentionSite) -> tuple[list[GaugeFami
         seq = q.maps.shape[0]
         positions = range(seq) if seq <= 8 else torch.linspace(0, seq - 1, 8).long().tolist()
         pairs = [q.maps[m, h].T @ k.maps[n, h] for h in range(n_heads) for m in positions for n in positions]
-        algebra = _commutant_algebra(pairs, d, g.tol)
+        algebra = _commutant_algebra(pairs, d, g.commutant_tol)
         if algebra.shape[0] == 0:
             skipped.append(Skipped(prefix, "qk_rotation", "no rotation commutes with the positional map"))
         else:
@@ -817,7 +827,8 @@ def find_gauges(
         example_inputs = (example_inputs,)
     g = _Graph(model, example_inputs, keyword_inputs)
     families: list[GaugeFamily] = []
-    skipped: list[Skipped] = []
+    skipped = [Skipped(site or type(model).__name__, "all", f"kept whole, not analysed inside: its code branches on "
+                       f"tensor values ({why})") for site, why in g.opaque.items()]
 
     def add(family: GaugeFamily, site: str) -> None:
         tied = [p for p in family.parameters if p in g.tied]

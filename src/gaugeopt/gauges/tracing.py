@@ -95,6 +95,14 @@ def _unpatched_modules() -> Iterator[None]:
         nn.Module.__call__, nn.Module.__getattr__ = patched
 
 
+class DataDependentError(TraceError):
+    """Python control flow on tensor values met while tracing."""
+
+
+class _TensorIterationError(DataDependentError, TypeError):
+    """Iterating over a tensor (a TypeError too: ``ModelOutput`` probes iterability with it)."""
+
+
 class _ShadowProxy(fx.Proxy):
     """A proxy that knows its concrete value (see :class:`ShadowTracer`). Its dtype, device and number
     of dimensions are constants of the graph and are returned as such."""
@@ -132,10 +140,36 @@ class ShadowTracer(fx.Tracer):
         self._placeholders = 0
         self.values: dict[fx.Node, Any] = {}
         self.shape_only: set[fx.Node] = set()  # nodes whose value depends on shapes/dtypes alone
+        self.opaque: dict[str, str] = {}  # modules kept whole because they branch on tensor values
 
     # --- leaves ---------------------------------------------------------------------------------
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return is_norm_like(m) or is_linear_like(m) or super().is_leaf_module(m, module_qualified_name)
+
+    def call_module(self, m: nn.Module, forward, args, kwargs) -> Any:
+        """Trace through ``m``; if its code branches on tensor values (an MoE dispatch loop), drop what
+        was recorded inside it and keep the call whole instead (listed in ``opaque`` with why)."""
+        path = self.path_of_module(m)
+        if self.is_leaf_module(m, path):
+            return super().call_module(m, forward, args, kwargs)
+        mark, depth = next(reversed(self.graph.nodes), None), len(self.module_stack)
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except DataDependentError as err:
+            while len(self.module_stack) > depth:  # fx pops its scope only on success
+                self.module_stack.popitem(last=True)
+            recorded = []
+            for node in reversed(self.graph.nodes):
+                if node is mark:
+                    break
+                recorded.append(node)
+            for node in recorded:  # newest first, so every node's users are gone before it
+                if node.op != "get_attr":  # fx caches parameter proxies: leave them (unused)
+                    self.graph.erase_node(node)
+                    self.values.pop(node, None)
+                    self.shape_only.discard(node)
+            self.opaque[path] = str(err)
+            return self.create_proxy("call_module", path, args, kwargs)
 
     # --- shadow evaluation ------------------------------------------------------------------------
     def proxy(self, node: fx.Node) -> fx.Proxy:
@@ -180,7 +214,7 @@ class ShadowTracer(fx.Tracer):
     def concrete(self, node: fx.Node, use: str) -> Any:
         """The value of ``node`` for Python to use; only values that depend on shapes alone."""
         if node not in self.shape_only:
-            raise TraceError(f"{use} of {node.name} depends on tensor values (data-dependent control flow)")
+            raise DataDependentError(f"{use} of {node.name} depends on tensor values (data-dependent control flow)")
         return self.values[node]
 
     def to_bool(self, obj: fx.Proxy) -> bool:
@@ -189,16 +223,18 @@ class ShadowTracer(fx.Tracer):
     def iter(self, obj: fx.Proxy) -> Iterator:
         value = self.values[obj.node]
         if isinstance(value, torch.Tensor):
-            raise TypeError("iterating over a traced tensor is not supported")  # TypeError: callers probe with it
+            raise _TensorIterationError(f"iterating over {obj.node.name} depends on tensor values")
         return iter([obj[i] for i in range(len(value))])
 
     def keys(self, obj: fx.Proxy) -> Any:
         return self.values[obj.node].keys()
 
 
-def trace_with_examples(model: nn.Module, args: Sequence[Any], keywords: Mapping[str, Any]) -> tuple[fx.GraphModule, tuple]:
-    """Trace ``model(*args, **keywords)`` and return the graph module (its module and attribute names
-    relative to ``model``) and the tensors to run it on (its placeholders, in order).
+def trace_with_examples(model: nn.Module, args: Sequence[Any], keywords: Mapping[str, Any]
+                        ) -> tuple[fx.GraphModule, tuple, dict[str, str]]:
+    """Trace ``model(*args, **keywords)``. Returns the graph module (its module and attribute names
+    relative to ``model``), the tensors to run it on (its placeholders, in order), and the modules
+    kept whole because their code branches on tensor values (name -> why; ``""`` is the model).
 
     Tensor entries of ``keywords`` become inputs of the graph; other entries are fixed constants.
     """
@@ -224,7 +260,8 @@ def trace_with_examples(model: nn.Module, args: Sequence[Any], keywords: Mapping
                                   else operator.attrgetter(target)(wrapper))
     graph_module = fx.GraphModule(owned, graph, class_name=type(model).__name__)
     graph_module.training = model.training  # it shares the model's modules: train()/eval() on it reach them
-    return graph_module, inputs
+    opaque = {path[len(prefix):] if path.startswith(prefix) else "": why for path, why in tracer.opaque.items()}
+    return graph_module, inputs, opaque
 
 
 __all__ = ["ShadowTracer", "KeywordCall", "is_norm_like", "is_linear_like", "trace_with_examples"]
