@@ -257,3 +257,10 @@ def test_trainer_example_runs_with_ddc_adam_and_its_schedule(tmp_path):
     assert losses and all(math.isfinite(x) for x in losses)
     moved = max((p.detach() - start[n]).abs().max().item() for n, p in trainer.model.named_parameters())
     assert moved > 1e-4  # the Trainer stepped our optimizer
+
+
+def test_eager_attention_gives_the_same_families_as_sdpa():
+    config = transformers.LlamaConfig(**COMMON, tie_word_embeddings=False, attn_implementation="eager")
+    model = _jitter(transformers.LlamaForCausalLM(config).double().eval())
+    gauges = find_gauges(model, {"input_ids": _tokens(1, 0), "use_cache": False}, output="logits")
+    assert {f.name for f in gauges} == MODELS["llama"][1]

@@ -55,6 +55,7 @@ _SOFTMAXES = {F.softmax, torch.softmax, F.log_softmax, torch.log_softmax}
 _MUL = {operator.mul, torch.mul}
 _DIV = {operator.truediv, torch.div}
 _VIEWS = {"view", "reshape", "flatten"}
+_CASTS = {"to", "float", "double", "half", "bfloat16", "type"}
 _REDUCTIONS = {"mean", "sum"}
 
 
@@ -578,11 +579,13 @@ def _attention_sites(g: _Graph) -> list[_AttentionSite]:
         scores, k_t = cur, cur.args[1]
         if g.value_users(k_t) != [scores]:
             continue
-        # forwards from the softmax through dropout to attention @ v
+        # forwards from the softmax through dropout and dtype casts to attention @ v
         out = n
         while len(g.value_users(out)) == 1 and not _is_matmul(next(iter(g.value_users(out)))):
             nxt = next(iter(g.value_users(out)))
-            if not (isinstance(g.module(nxt), nn.Dropout) or nxt.op == "call_function" and nxt.target is F.dropout):
+            is_dropout = isinstance(g.module(nxt), nn.Dropout) or nxt.op == "call_function" and nxt.target is F.dropout
+            is_cast = nxt.op == "call_method" and nxt.target in _CASTS and nxt.args[0] is out
+            if not (is_dropout or is_cast):
                 break
             out = nxt
         users = g.value_users(out)
