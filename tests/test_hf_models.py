@@ -157,6 +157,14 @@ def test_ddc_adam_is_equivariant_over_20_steps(hf_model_with_gauges):
     assert result.error <= 1e-8, (key, result.error, result.worst_parameter)
 
 
+def test_adamw_fails_the_same_equivariance_check():
+    _, model, gauges, *_ = _found("llama")
+    batches = [_tokens(2, seed) for seed in range(4)]
+    result = check_equivariance(lambda m, g: torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.1),
+                                model, gauges, batches, _next_token_loss, steps=20)
+    assert result.error > 1e-3
+
+
 @pytest.mark.parametrize("key", ["llama", "mixtral"])
 def test_ddc_muon_is_equivariant_over_20_steps(key):
     _, model, gauges, *_ = _found(key)

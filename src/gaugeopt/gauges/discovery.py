@@ -1,8 +1,10 @@
 """Discover gauge families by following a model's computation.
 
-The model is traced with :mod:`torch.fx` (``nn.Linear``, ``nn.Embedding`` and the norms stay leaf
-calls; everything else is traced through), shapes are propagated with the example inputs, and four
-analyses run on the graph. None of them looks at this package's model classes.
+The model is traced with :mod:`torch.fx` (``nn.Linear``, ``nn.Embedding``, the norms and modules
+shaped like them stay leaf calls; everything else is traced through; with example inputs by the
+shadow-value tracer of :mod:`.tracing`, which follows library models), shapes are propagated with
+the example inputs, and four analyses run on the graph. None of them looks at model classes: a
+leaf counts as a norm or a linear layer only when measured to act as one.
 
 1. **Logit / router shift.** A Linear's output carries ``+ c(x) 1`` along its last axis through
    ops that keep that axis (views, indexing of leading axes, transposes of leading axes) until a
@@ -693,13 +695,10 @@ def _attention_families(g: _Graph, attn: _AttentionSite) -> tuple[list[GaugeFami
     # ---- query/key rotation -----------------------------------------------------------------
     k_channels, k_group = grouping(k) if k is not None else ([], ())
     flat_k = [c for chans in k_channels for c in chans]
-    if q is None or k is None:
-        pass  # recorded above
-    elif len(set(flat_k)) != len(flat_k):
+    if q is not None and k is not None and len(set(flat_k)) != len(flat_k):
         skipped.append(Skipped(prefix, "qk_rotation", "key heads overlap"))
-    else:
-        n_heads, d = q.maps.shape[1], q.maps.shape[2]
-        seq = q.maps.shape[0]
+    elif q is not None and k is not None:
+        seq, n_heads, d = q.maps.shape[:3]
         positions = range(seq) if seq <= 8 else torch.linspace(0, seq - 1, 8).long().tolist()
         pairs = [q.maps[m, h].T @ k.maps[n, h] for h in range(n_heads) for m in positions for n in positions]
         algebra = _commutant_algebra(pairs, d, g.commutant_tol)
@@ -806,8 +805,9 @@ def find_gauges(
     """Discover the gauge families of ``model`` by tracing its computation.
 
     Args:
-        model: any ``nn.Module`` that :func:`torch.fx.symbolic_trace` can trace (arguments of
-            ``forward`` that have defaults are fixed to those defaults).
+        model: any ``nn.Module`` whose ``forward`` has no Python control flow on tensor values
+            (with ``example_inputs``, a module that has some is kept whole and listed in
+            ``skipped``); arguments not given keep their defaults.
         example_inputs: a tensor or tuple of tensors to run ``forward`` on, or a dict of keyword
             arguments (tensors become inputs, other values are passed as they are, e.g.
             ``{"input_ids": ids, "use_cache": False}`` for a ``transformers`` model). Needed for the
