@@ -46,12 +46,12 @@ def test_gauge_summary(vit):
     expected = {"logit_shift:head", "norm_scale:norm"} | {
         f"norm_scale:blocks.{i}.{norm}" for i in range(2) for norm in ("norm1", "norm2")}
     assert {f.name for f in gauges} == expected
-    assert sum(f.dim for f in gauges) == 5 * 192 + 192
-    # norms: 5 gains + 5 biases; consumers: 2 qkv, 2 fc1, the head
-    assert len(gauges.parameters_touched()) == 15
+    assert sum(f.dim for f in gauges) == 5 * 192 + 192 + 1  # the head has a bias
+    # norms: 5 gains + 5 biases; consumers: 2 qkv, 2 fc1, the head (weight and, for its shift, bias)
+    assert len(gauges.parameters_touched()) == 16
     reasons = {(s.family, s.site): s.reason for s in gauges.skipped}
     assert any("fused qkv" in r for r in reasons.values())  # one qkv Linear: no head rotations claimed
-    assert "gelu" in reasons[("neuron_scale", "blocks.0.mlp.fc1")]
+    assert "mlp.act" in reasons[("neuron_scale", "blocks.0.mlp.fc1")]  # nn.GELU stops the neuron scaling
 
 
 def test_logits_invariant_under_each_kind_and_product(vit):
