@@ -1,8 +1,10 @@
 """Discover gauge families by following a model's computation.
 
-The model is traced with :mod:`torch.fx` (``nn.Linear``, ``nn.Embedding`` and the norms stay leaf
-calls; everything else is traced through), shapes are propagated with the example inputs, and four
-analyses run on the graph. None of them looks at this package's model classes.
+The model is traced with :mod:`torch.fx` (``nn.Linear``, ``nn.Embedding``, the norms and modules
+shaped like them stay leaf calls; everything else is traced through; with example inputs by the
+shadow-value tracer of :mod:`.tracing`, which follows library models), shapes are propagated with
+the example inputs, and four analyses run on the graph. None of them looks at model classes: a
+leaf counts as a norm or a linear layer only when measured to act as one.
 
 1. **Logit / router shift.** A Linear's output carries ``+ c(x) 1`` along its last axis through
    ops that keep that axis (views, indexing of leading axes, transposes of leading axes) until a
@@ -28,7 +30,7 @@ Anything that cannot be established is left out and recorded in ``GaugeSet.skipp
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 import operator
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -41,6 +43,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from .families import AxisRef, GaugeFamily, HeadRotation, LogitShift, NeuronScaling, full_rotation_algebra, norm_scaling
 from .gaugeset import GaugeSet, Skipped
+from .tracing import is_linear_like, is_norm_like, trace_with_examples
 
 OutputKind = Literal["logits", "values"]
 
@@ -54,6 +57,7 @@ _SOFTMAXES = {F.softmax, torch.softmax, F.log_softmax, torch.log_softmax}
 _MUL = {operator.mul, torch.mul}
 _DIV = {operator.truediv, torch.div}
 _VIEWS = {"view", "reshape", "flatten"}
+_CASTS = {"to", "float", "double", "half", "bfloat16", "type"}
 _REDUCTIONS = {"mean", "sum"}
 
 
@@ -69,25 +73,32 @@ class _StopProbe(Exception):
 class _Graph:
     """A traced model with the lookups the analyses need."""
 
-    def __init__(self, model: nn.Module, example_inputs: tuple | None):
+    def __init__(self, model: nn.Module, example_inputs: tuple | None, keyword_inputs: dict[str, Any]):
         self.model = model
         first = next(model.parameters(), None)
         self.dtype = first.dtype if first is not None else torch.float32
         self.device = first.device if first is not None else torch.device("cpu")
         # relative tolerance of the probe measurements at the model's precision
         self.tol = {torch.float64: 1e-9, torch.float32: 1e-5}.get(self.dtype, 1e-2)
-        concrete = {
-            name: p.default
-            for name, p in inspect.signature(model.forward).parameters.items()
-            if p.default is not inspect.Parameter.empty
-        }
+        # commutation with the positional maps is decided far below the probe tolerance: slow RoPE
+        # frequencies (theta 1e6) over a short example leave generators that commute only to ~1e-9
+        self.commutant_tol = {torch.float64: 1e-12}.get(self.dtype, self.tol)
+        self.opaque: dict[str, str] = {}
         try:
-            self.gm = fx.symbolic_trace(model, concrete_args=concrete or None)
+            if example_inputs is None:
+                concrete = {
+                    name: p.default
+                    for name, p in inspect.signature(model.forward).parameters.items()
+                    if p.default is not inspect.Parameter.empty
+                }
+                self.gm = fx.symbolic_trace(model, concrete_args=concrete or None)
+            else:
+                self.gm, example_inputs, self.opaque = trace_with_examples(model, example_inputs, keyword_inputs)
         except Exception as err:  # noqa: BLE001 - report any tracing failure the same way
             raise ValueError(
                 f"find_gauges could not trace {type(model).__name__} with torch.fx ({type(err).__name__}: {err}). "
-                "Gauges are discovered from the traced graph; make forward traceable (no data-dependent "
-                "Python control flow, no tensor indexing by sizes of buffers) or build a GaugeSet by hand."
+                "Gauges are discovered from the traced graph; make forward traceable (no Python control flow "
+                "on tensor values) or build a GaugeSet by hand."
             ) from err
         self.example_inputs = example_inputs
         if example_inputs is not None:
@@ -110,13 +121,42 @@ class _Graph:
             aliases.setdefault(id(p), []).append(name)
         self.tied = {name for names in aliases.values() if len(names) > 1 for name in names}
         self._ancestors: dict[fx.Node, set[fx.Node]] = {}
+        self._out_axis: dict[str, int | None] = {}
+        self._gain_reason: dict[str, str | None] = {}
 
     # --- node predicates ---------------------------------------------------------------------
     def module(self, n: fx.Node) -> nn.Module | None:
         return self.modules.get(n.target) if n.op == "call_module" else None
 
+    def out_axis(self, n: fx.Node) -> int | None:
+        """For a call of a linear layer, the weight axis its outputs run along: 0 for ``nn.Linear``'s
+        ``(out, in)``, 1 for a weight stored ``(in, out)`` (GPT-2's ``Conv1D``); None otherwise.
+        Modules other than ``nn.Linear`` are accepted only if measured to compute ``x W^T + b`` or
+        ``x W + b``."""
+        mod = self.module(n)
+        if mod is None:
+            return None
+        if n.target not in self._out_axis:
+            self._out_axis[n.target] = 0 if isinstance(mod, nn.Linear) else _measure_out_axis(mod)
+        return self._out_axis[n.target]
+
     def is_linear(self, n: fx.Node) -> bool:
-        return isinstance(self.module(n), nn.Linear)
+        return self.out_axis(n) is not None
+
+    def is_norm(self, n: fx.Node) -> bool:
+        """A call of ``nn.LayerNorm``/``nn.RMSNorm`` or of a module shaped like one (``is_norm_like``)."""
+        mod = self.module(n)
+        return isinstance(mod, _NORMS) or (mod is not None and is_norm_like(mod))
+
+    def in_axis(self, n: fx.Node) -> int:
+        return 1 - self.out_axis(n)
+
+    def gain_reason(self, n: fx.Node) -> str | None:
+        """For a call of a norm-like module (``is_norm_like``): None if scaling its gain (and bias) by
+        s > 0 per channel is measured to scale its output by s, else why not."""
+        if n.target not in self._gain_reason:
+            self._gain_reason[n.target] = _measure_gain_action(self.module(n), self.shape(n.args[0]), self.dtype)
+        return self._gain_reason[n.target]
 
     @staticmethod
     def is_metadata(n: fx.Node) -> bool:
@@ -197,6 +237,44 @@ class _Graph:
         return [seen[w].detach().to(device="cpu", dtype=torch.float64) for w in watch]
 
 
+def _measure_out_axis(mod: nn.Module) -> int | None:
+    """0 if ``mod(x) == x W^T + b``, 1 if ``mod(x) == x W + b`` on a random probe, else None."""
+    if not is_linear_like(mod):
+        return None
+    weight, bias = mod.weight, getattr(mod, "bias", None)
+    gen = torch.Generator().manual_seed(0)
+    for axis in (0, 1):
+        if bias is not None and bias.shape[0] != weight.shape[axis]:
+            continue
+        x = torch.randn(3, weight.shape[1 - axis], generator=gen, dtype=torch.float64).to(weight)
+        expected = x @ (weight.T if axis == 0 else weight) + (0 if bias is None else bias)
+        try:
+            with torch.no_grad():
+                got = mod(x)
+        except Exception:  # noqa: BLE001 - the probe does not fit this layout
+            continue
+        if isinstance(got, torch.Tensor) and got.shape == expected.shape and torch.allclose(got, expected, rtol=1e-5, atol=1e-6 * expected.abs().max().item()):
+            return axis
+    return None
+
+
+def _measure_gain_action(mod: nn.Module, in_shape: tuple[int, ...] | None, dtype: torch.dtype) -> str | None:
+    """None if multiplying the module's ``weight`` (and ``bias``) by s > 0 per channel multiplies its
+    output by s along the last axis (measured on a random input), else the reason it does not."""
+    if in_shape is None:
+        return "needs example_inputs (shapes) to measure how the gain acts"
+    params = dict(mod.named_parameters(recurse=False))
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(in_shape, generator=gen, dtype=torch.float64).to(dtype)
+    s = torch.exp(torch.randn(params["weight"].shape, generator=gen, dtype=torch.float64)).to(dtype)
+    with torch.no_grad():
+        y = mod(x)
+        y_scaled = torch.func.functional_call(mod, {k: v * s for k, v in params.items()}, (x,))
+    if y.shape[-1:] != s.shape or not torch.allclose(y_scaled, y * s, rtol=1e-4, atol=0):
+        return "scaling its gain does not scale its output per channel (e.g. a (1 + w) gain)"
+    return None
+
+
 def _norm_dim(dim: int, ndim: int) -> int:
     return dim + ndim if dim < 0 else dim
 
@@ -205,6 +283,10 @@ def _arg(n: fx.Node, index: int, name: str, default: Any = None) -> Any:
     if len(n.args) > index:
         return n.args[index]
     return n.kwargs.get(name, default)
+
+
+def _is_full_slice(index: Any) -> bool:
+    return isinstance(index, slice) and index.start in (None, 0) and index.stop is None and index.step in (None, 1)
 
 
 def _keeps_last_axis(g: _Graph, u: fx.Node, src: fx.Node) -> bool | None:
@@ -228,9 +310,9 @@ def _keeps_last_axis(g: _Graph, u: fx.Node, src: fx.Node) -> bool | None:
         idx = u.args[1]
         idx = idx if isinstance(idx, tuple) else (idx,)
         if Ellipsis in idx:
-            return idx[-1] is Ellipsis
+            return idx[-1] is Ellipsis or _is_full_slice(idx[-1])
         used = sum(1 for i in idx if i is not None)
-        return used < len(in_shape)
+        return used < len(in_shape) or (used == len(in_shape) and _is_full_slice(idx[-1]))
     if (u.op == "call_method" and u.target in _REDUCTIONS) or (u.op == "call_function" and u.target in (torch.mean, torch.sum)):
         if in_shape is None:
             return False
@@ -264,7 +346,7 @@ def _follow_channel_scaling(g: _Graph, start: fx.Node) -> tuple[list[fx.Node], s
             if u in scaled:
                 continue
             mod = g.module(u)
-            if isinstance(mod, nn.Linear):
+            if g.is_linear(u):
                 if u.args[0] is not n or len(u.all_input_nodes) != 1:
                     return [], f"{u.target} uses the scaled tensor other than as its input"
                 sinks.append(u)
@@ -303,7 +385,7 @@ def _follow_channel_scaling(g: _Graph, start: fx.Node) -> tuple[list[fx.Node], s
                 return [], "the scaled tensor is a model output"
             if u.op == "call_function" and u.target in (operator.add, torch.add, operator.sub):
                 return [], f"{u.name} adds it to a tensor that is not scaled alike (residual stream?)"
-            if isinstance(mod, _NORMS):
+            if g.is_norm(u):
                 return [], f"it feeds the norm {u.target}, which is not homogeneous per channel"
             return [], f"{_describe_op(u)} ({u.name}) is not known to commute with a per-channel positive scaling"
     return sinks, None
@@ -380,6 +462,16 @@ def _measure_projection(g: _Graph, linear: fx.Node, target: fx.Node) -> tuple[_P
     if err > 100 * g.tol:
         return None, f"{linear.target}: the map to the attention input is not linear per position (err {err:.1e})"
     return _Projection(linear, linear.target, heads_channels, maps), None
+
+
+def _repeat_heads(proj: _Projection, n_query: int) -> _Projection:
+    """A key/value projection measured per kv head, seen per query head as grouped-query SDPA reads it."""
+    n_kv = proj.maps.shape[1]
+    if n_query % n_kv:
+        raise ValueError(f"{n_query} query heads cannot share {n_kv} key/value heads evenly")
+    rep = n_query // n_kv
+    return _Projection(proj.node, proj.module, [proj.heads[h // rep] for h in range(n_query)],
+                       proj.maps.repeat_interleave(rep, dim=1))
 
 
 def _basis_responses(g: _Graph, linear: fx.Node, target: fx.Node, in_shape: tuple[int, ...]) -> torch.Tensor:
@@ -489,11 +581,13 @@ def _attention_sites(g: _Graph) -> list[_AttentionSite]:
         scores, k_t = cur, cur.args[1]
         if g.value_users(k_t) != [scores]:
             continue
-        # forwards from the softmax through dropout to attention @ v
+        # forwards from the softmax through dropout and dtype casts to attention @ v
         out = n
         while len(g.value_users(out)) == 1 and not _is_matmul(next(iter(g.value_users(out)))):
             nxt = next(iter(g.value_users(out)))
-            if not (isinstance(g.module(nxt), nn.Dropout) or nxt.op == "call_function" and nxt.target is F.dropout):
+            is_dropout = isinstance(g.module(nxt), nn.Dropout) or nxt.op == "call_function" and nxt.target is F.dropout
+            is_cast = nxt.op == "call_method" and nxt.target in _CASTS and nxt.args[0] is out
+            if not (is_dropout or is_cast):
                 break
             out = nxt
         users = g.value_users(out)
@@ -505,26 +599,32 @@ def _attention_sites(g: _Graph) -> list[_AttentionSite]:
     return sites
 
 
-def _commutant_algebra(pairs: list[torch.Tensor], d: int, tol: float = 1e-9) -> torch.Tensor:
+def _commutant_algebra(pairs: list[torch.Tensor], d: int, tol: float = 1e-12) -> torch.Tensor:
     """Orthonormal basis of {X in so(d): A X = X A for all A in pairs}, shape (k, d, d).
 
-    The condition is linear in A, so an orthonormal basis A_1..A_r of span(pairs) suffices (r is 1
-    without RoPE, about d with it). The candidate space starts at so(d) and is cut down by one
-    matrix at a time, a generic combination of the A_j first so that the later cuts are cheap; each
-    cut keeps the combinations of the current basis whose commutator with A vanishes (the left
-    singular vectors of the stacked commutators [A, X_i] with negligible singular values).
+    The pairs are scaled so that their largest entry is 1, and X is kept when every commutator
+    [A, X] is below ``tol`` in that scale: a generator that commutes only approximately (slow RoPE
+    frequencies over a short example come within ~1e-9) changes the outputs by about that much,
+    so it is left out. The condition is linear in A, so the principal directions of span(pairs),
+    each weighted by its singular value, stand in for the pairs (r of them: 1 without RoPE, about d
+    with it). The candidate space starts at so(d) and is cut down by one matrix at a time, a generic
+    combination first so that the later cuts are cheap; each cut keeps the combinations of the
+    current basis whose commutator with A is negligible (left singular vectors of the stacked
+    commutators [A, X_i] with small singular values).
     """
     basis = full_rotation_algebra(d) / 2**0.5  # orthonormal in the Frobenius inner product
     if not pairs:
         return basis
     flat = torch.stack([a.reshape(-1) for a in pairs])
-    _, s, vh = torch.linalg.svd(flat / flat.abs().max().clamp_min(1e-30), full_matrices=False)
-    span = vh[: int((s > 10 * tol * s[0]).sum())].reshape(-1, d, d)
+    flat = flat / flat.abs().max().clamp_min(1e-30)
+    _, s, vh = torch.linalg.svd(flat, full_matrices=False)
+    rank = int((s > 10 * tol * s[0]).sum())
+    span = (s[:rank, None] / s[0] * vh[:rank]).reshape(-1, d, d)  # weighted: small directions matter less
     generic = torch.einsum("j,jab->ab", torch.randn(len(span), generator=torch.Generator().manual_seed(0),
                                                     dtype=span.dtype), span)
     for a in (generic, *span):
         commutators = (a @ basis - basis @ a).reshape(len(basis), -1)  # row i: vec([A, X_i])
-        if commutators.abs().max() <= tol * a.abs().max():  # every candidate commutes with A already
+        if commutators.abs().max() <= tol:  # every candidate commutes with A already
             continue
         if len(basis) > 64:  # cheap, loose pre-cut through the Gram matrix (it squares the precision)
             eigenvalues, eigenvectors = torch.linalg.eigh(commutators @ commutators.T)
@@ -532,7 +632,7 @@ def _commutant_algebra(pairs: list[torch.Tensor], d: int, tol: float = 1e-9) -> 
             basis = torch.einsum("ik,iab->kab", eigenvectors[:, loose], basis)
             commutators = eigenvectors[:, loose].T @ commutators
         u, singular, _ = torch.linalg.svd(commutators, full_matrices=False)
-        keep = singular <= 10 * tol * max(singular[0].item(), a.norm().item())
+        keep = singular <= 10 * tol
         basis = torch.einsum("ik,iab->kab", u[:, keep], basis)
         if len(basis) == 0:
             break
@@ -543,8 +643,6 @@ def _attention_families(g: _Graph, attn: _AttentionSite) -> tuple[list[GaugeFami
     site = attn.name
     if g.example_inputs is None:
         return [], [Skipped(site, "qk_rotation/vo_rotation", "needs example_inputs to probe the attention maps")]
-    if attn.output.kwargs.get("enable_gqa"):
-        return [], [Skipped(site, "qk_rotation/vo_rotation", "enable_gqa attention is not analysed")]
     q_arg, k_arg, v_arg = attn.q, attn.k, attn.v
     linears = [_source_linear(g, a) for a in (q_arg, k_arg, v_arg)]
     families: list[GaugeFamily] = []
@@ -554,6 +652,8 @@ def _attention_families(g: _Graph, attn: _AttentionSite) -> tuple[list[GaugeFami
     q_lin, k_lin, v_lin = linears
     if len({q_lin, k_lin, v_lin}) != 3:
         return [], [Skipped(site, "qk_rotation/vo_rotation", "query, key and value share a projection call (fused qkv is not analysed)")]
+    if any(g.out_axis(lin) != 0 for lin in linears):
+        return [], [Skipped(site, "qk_rotation/vo_rotation", "head rotations are implemented for (out, in) weights only")]
     for lin, arg, key in ((q_lin, q_arg, "q"), (k_lin, k_arg, "k"), (v_lin, v_arg, "v")):
         slot_ok = set(g.value_users(arg)) == attn.consumers[key] and all(
             arg not in (other, *g.ancestors(other)) for other_key, other in (("q", q_arg), ("k", k_arg), ("v", v_arg))
@@ -564,16 +664,21 @@ def _attention_families(g: _Graph, attn: _AttentionSite) -> tuple[list[GaugeFami
         if isinstance(extra, fx.Node) and ({q_lin, k_lin, v_lin} & (g.ancestors(extra) | {extra})):
             return [], [Skipped(site, "qk_rotation/vo_rotation", "the attention mask or scale depends on the projections")]
     prefix = _common_prefix([q_lin.target, k_lin.target, v_lin.target])
-    measured = {}
+    measured, reasons = {}, {}
     for key, lin, arg in (("q", q_lin, q_arg), ("k", k_lin, k_arg), ("v", v_lin, v_arg)):
-        proj, reason = _measure_projection(g, lin, arg)
-        if proj is None:
-            return [], [Skipped(prefix, "qk_rotation/vo_rotation", reason)]
-        measured[key] = proj
+        measured[key], reasons[key] = _measure_projection(g, lin, arg)
+    if measured["v"] is None:
+        skipped.append(Skipped(prefix, "vo_rotation", reasons["v"]))
+    if measured["q"] is None or measured["k"] is None:
+        skipped.append(Skipped(prefix, "qk_rotation", reasons["q"] or reasons["k"]))
     q, k, v = measured["q"], measured["k"], measured["v"]
-    n_heads, d = q.maps.shape[1], q.maps.shape[2]
-    if len({tuple(c) for c in q.heads}) != n_heads:
-        return [], [Skipped(prefix, "qk_rotation/vo_rotation", "query heads are not distinct channel blocks")]
+    if attn.output.kwargs.get("enable_gqa"):
+        # grouped-query SDPA: query head h reads key/value head h // (query heads / kv heads)
+        n_query = g.shape(q_arg)[1]
+        k, v = (None if p is None else _repeat_heads(p, n_query) for p in (k, v))
+    if q is not None and len({tuple(c) for c in q.heads}) != q.maps.shape[1]:
+        skipped.append(Skipped(prefix, "qk_rotation", "query heads are not distinct channel blocks"))
+        q = None
 
     def grouping(proj: _Projection) -> tuple[list[list[int]], tuple[int, ...]]:
         kv_channels: list[list[int]] = []
@@ -588,15 +693,15 @@ def _attention_families(g: _Graph, attn: _AttentionSite) -> tuple[list[GaugeFami
         return torch.tensor(channel_lists, dtype=torch.long)
 
     # ---- query/key rotation -----------------------------------------------------------------
-    k_channels, k_group = grouping(k)
+    k_channels, k_group = grouping(k) if k is not None else ([], ())
     flat_k = [c for chans in k_channels for c in chans]
-    if len(set(flat_k)) != len(flat_k):
+    if q is not None and k is not None and len(set(flat_k)) != len(flat_k):
         skipped.append(Skipped(prefix, "qk_rotation", "key heads overlap"))
-    else:
-        seq = q.maps.shape[0]
+    elif q is not None and k is not None:
+        seq, n_heads, d = q.maps.shape[:3]
         positions = range(seq) if seq <= 8 else torch.linspace(0, seq - 1, 8).long().tolist()
         pairs = [q.maps[m, h].T @ k.maps[n, h] for h in range(n_heads) for m in positions for n in positions]
-        algebra = _commutant_algebra(pairs, d, g.tol)
+        algebra = _commutant_algebra(pairs, d, g.commutant_tol)
         if algebra.shape[0] == 0:
             skipped.append(Skipped(prefix, "qk_rotation", "no rotation commutes with the positional map"))
         else:
@@ -606,7 +711,10 @@ def _attention_families(g: _Graph, attn: _AttentionSite) -> tuple[list[GaugeFami
                       (g.param(k_lin.target, "weight"), g.param(k_lin.target, "bias"), rows(k_channels), False)),
             ))
     # ---- value/output rotation --------------------------------------------------------------
+    if v is None:
+        return families, skipped
     v_channels, v_group = grouping(v)
+    d = v.maps.shape[2]
     eye = torch.eye(d, dtype=v.maps.dtype)
     if (v.maps - eye).abs().max() > 10 * g.tol:
         skipped.append(Skipped(prefix, "vo_rotation", "the value path is not a pure head selection"))
@@ -616,6 +724,9 @@ def _attention_families(g: _Graph, attn: _AttentionSite) -> tuple[list[GaugeFami
         skipped.append(Skipped(prefix, "vo_rotation", reason))
         return families, skipped
     o_lin, col_index = out_proj
+    if g.out_axis(o_lin) != 0:
+        skipped.append(Skipped(prefix, "vo_rotation", "head rotations are implemented for (out, in) weights only"))
+        return families, skipped
     families.append(HeadRotation(
         name=f"vo_rotation:{prefix}", kind="vo_rotation", algebra=full_rotation_algebra(d), query_group=v_group,
         left=((g.param(v_lin.target, "weight"), g.param(v_lin.target, "bias"), rows(v_channels), False),),
@@ -694,11 +805,16 @@ def find_gauges(
     """Discover the gauge families of ``model`` by tracing its computation.
 
     Args:
-        model: any ``nn.Module`` that :func:`torch.fx.symbolic_trace` can trace (arguments of
-            ``forward`` that have defaults are fixed to those defaults).
-        example_inputs: a tensor or tuple of tensors to run ``forward`` on. Needed for the analyses
-            that read shapes (indexing, reductions, views) and for the attention probes; without it
-            those analyses are skipped with that reason. A small batch is enough (e.g. 1 x 8 tokens).
+        model: any ``nn.Module`` whose ``forward`` has no Python control flow on tensor values
+            (with ``example_inputs``, a module that has some is kept whole and listed in
+            ``skipped``); arguments not given keep their defaults.
+        example_inputs: a tensor or tuple of tensors to run ``forward`` on, or a dict of keyword
+            arguments (tensors become inputs, other values are passed as they are, e.g.
+            ``{"input_ids": ids, "use_cache": False}`` for a ``transformers`` model). Needed for the
+            analyses that read shapes (indexing, reductions, views) and for the attention probes;
+            without it those analyses are skipped with that reason. A small batch is enough (e.g.
+            1 x 8 tokens); the graph is traced for the example's shapes (:mod:`.tracing`). When
+            ``forward`` returns a mapping (a ``ModelOutput``), its ``"logits"`` entry is the output.
         output: ``"logits"`` when the model output is consumed by a softmax / cross-entropy over its
             last axis (then the output Linear carries a logit shift), ``"values"`` otherwise.
 
@@ -707,11 +823,15 @@ def find_gauges(
     """
     if output not in ("logits", "values"):
         raise ValueError(f"output must be 'logits' or 'values', got {output!r}")
-    if example_inputs is not None and not isinstance(example_inputs, tuple):
+    keyword_inputs: dict[str, Any] = {}
+    if isinstance(example_inputs, Mapping):
+        keyword_inputs, example_inputs = dict(example_inputs), ()
+    elif example_inputs is not None and not isinstance(example_inputs, tuple):
         example_inputs = (example_inputs,)
-    g = _Graph(model, example_inputs)
+    g = _Graph(model, example_inputs, keyword_inputs)
     families: list[GaugeFamily] = []
-    skipped: list[Skipped] = []
+    skipped = [Skipped(site or type(model).__name__, "all", f"kept whole, not analysed inside: its code branches on "
+                       f"tensor values ({why})") for site, why in g.opaque.items()]
 
     def add(family: GaugeFamily, site: str) -> None:
         tied = [p for p in family.parameters if p in g.tied]
@@ -722,29 +842,33 @@ def find_gauges(
 
     for n in g.nodes:
         mod = g.module(n)
-        if isinstance(mod, nn.Linear):
+        if g.is_linear(n):
             if g.calls[n.target] != 1:
                 skipped.append(Skipped(n.target, "neuron_scale/logit_shift", f"module is called {g.calls[n.target]} times"))
                 continue
             weight, bias = g.param(n.target, "weight"), g.param(n.target, "bias")
+            out_axis = g.out_axis(n)
             absorbed, shift_reason = _follow_logit_shift(g, n, output)
             if absorbed is not None:
                 kind = "logit_shift" if absorbed == "model output" else "router_shift"
-                add(LogitShift(f"{kind}:{n.target}", weight, mod.in_features, bias, absorbed, kind), n.target)
+                if out_axis == 0:
+                    add(LogitShift(f"{kind}:{n.target}", weight, mod.weight.shape[1], bias, absorbed, kind), n.target)
+                else:
+                    skipped.append(Skipped(n.target, kind, "the shift is implemented for (out, in) weights only"))
             sinks, reason = _follow_channel_scaling(g, n)
             if reason is None and sinks:
-                multiplied = (AxisRef(weight, 0),) + ((AxisRef(bias, 0),) if bias else ())
-                divided = tuple(AxisRef(g.param(s.target, "weight"), 1) for s in sinks)
+                multiplied = (AxisRef(weight, out_axis),) + ((AxisRef(bias, 0),) if bias else ())
+                divided = tuple(AxisRef(g.param(s.target, "weight"), g.in_axis(s)) for s in sinks)
                 if any(g.calls[s.target] != 1 for s in sinks):
                     skipped.append(Skipped(n.target, "neuron_scale", "a consumer module is called more than once"))
                 else:
-                    add(NeuronScaling(f"neuron_scale:{n.target}", mod.out_features, multiplied, divided,
+                    add(NeuronScaling(f"neuron_scale:{n.target}", mod.weight.shape[out_axis], multiplied, divided,
                                       producer=n.target), n.target)
             elif absorbed is None:
                 skipped.append(Skipped(n.target, "neuron_scale", reason or "no consumer"))
                 if shift_reason and "model output" in shift_reason:
                     skipped.append(Skipped(n.target, "logit_shift", shift_reason))
-        elif isinstance(mod, _NORMS):
+        elif g.is_norm(n):
             site = n.target
             if getattr(mod, "weight", None) is None:
                 skipped.append(Skipped(site, "norm_scale", "the norm has no gain"))
@@ -752,12 +876,21 @@ def find_gauges(
             if g.calls[site] != 1:
                 skipped.append(Skipped(site, "norm_scale", f"module is called {g.calls[site]} times"))
                 continue
+            gain_reason = g.gain_reason(n)
+            if gain_reason is not None:
+                skipped.append(Skipped(site, "norm_scale", gain_reason))
+                continue
             sinks, reason = _follow_channel_scaling(g, n)
             if reason is not None or not sinks:
                 skipped.append(Skipped(site, "norm_scale", reason or "no consumer"))
                 continue
             if any(g.calls[s.target] != 1 for s in sinks):
                 skipped.append(Skipped(site, "norm_scale", "a consumer module is called more than once"))
+                continue
+            if any(g.in_axis(s) != 1 for s in sinks):
+                # the norm family and the optimizers' merged-column frames read consumer columns on axis 1
+                skipped.append(Skipped(site, "norm_scale", "a consumer stores its weight (in, out) (e.g. Conv1D); "
+                                                           "norm scaling is offered for (out, in) consumers only"))
                 continue
             consumers = tuple(g.param(s.target, "weight") for s in sinks)
             add(norm_scaling(f"norm_scale:{site}", g.param(site, "weight"), g.param(site, "bias"), consumers,
