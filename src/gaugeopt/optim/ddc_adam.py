@@ -9,7 +9,8 @@ Adam map on an input ``x`` with first/second moments ``m, v`` is::
 where ``S`` is the identity except on rotated blocks (below). Every parameter gets the decoupled
 weight decay ``p <- (1 - lr wd) p`` first, then:
 
-* **No gauge** (R4): ``p <- p - lr A(grad)`` -- exactly ``torch.optim.AdamW``.
+* **No gauge** (R4): ``p <- p - lr A(grad)`` -- exactly ``torch.optim.AdamW``: these parameters are
+  stepped together by torch's multi-tensor kernel, bit for bit ``AdamW(foreach=True)``.
 * **Norm gain g** (and LayerNorm bias beta): the gain is the frame of its channels and is *not*
   stepped (nor decayed); consumer weights C are stepped as ``W~ = C diag(g)`` with gradient
   ``G_C diag(1/g)`` and written back as ``C = W~ diag(1/g)``; the bias as ``beta^ = beta / g`` with
@@ -63,6 +64,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from torch.optim.adamw import adamw as _adamw_functional
 
 from ..gauges.families import NeuronScaling
 from ..gauges.gaugeset import GaugeSet
@@ -89,29 +91,30 @@ __all__ = ["DDCAdam", "adam_moments_", "adam_denominator"]
 
 
 def adam_moments_(x: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, beta1: float, beta2: float,
-                  shared_axes: Iterable[tuple[int, Tensor]] = ()) -> None:
+                  shared_axes: Iterable[tuple[int, Tensor, tuple[int, int, int] | None]] = ()) -> None:
     """``m <- b1 m + (1-b1) x`` and ``v <- b2 v + (1-b2) S(x*x)`` in place; ``S`` averages over the
-    groups of each ``(axis, groups)`` in ``shared_axes`` (the identity when there are none)."""
+    groups of each ``(axis, groups, layout)`` in ``shared_axes`` (the identity when there are none;
+    ``layout`` as in :func:`~gaugeopt.optim.gauge_frames.group_mean`)."""
     exp_avg.lerp_(x, 1 - beta1)
     shared_axes = list(shared_axes)
     if not shared_axes:
         exp_avg_sq.mul_(beta2).addcmul_(x, x, value=1 - beta2)
         return
     square = x * x
-    for axis, groups in shared_axes:
-        square = group_mean(square, groups, axis)
+    for axis, groups, layout in shared_axes:
+        square = group_mean(square, groups, axis, layout)
     exp_avg_sq.mul_(beta2).add_(square, alpha=1 - beta2)
 
 
 def adam_denominator(exp_avg_sq: Tensor, step: float, beta2: float, eps: float) -> Tensor:
     """``sqrt(v / (1 - b2^t)) + eps``."""
-    return (exp_avg_sq.sqrt() / math.sqrt(1 - beta2**step)).add_(eps)
+    return exp_avg_sq.sqrt().div_(math.sqrt(1 - beta2**step)).add_(eps)
 
 
 def _adam_direction(exp_avg: Tensor, exp_avg_sq: Tensor, step: float, beta1: float, beta2: float,
                     eps: float) -> Tensor:
     """The bias-corrected Adam direction ``(m / c1) / (sqrt(v / c2) + eps)``."""
-    return exp_avg / adam_denominator(exp_avg_sq, step, beta2, eps) / (1 - beta1**step)
+    return torch.div(exp_avg, adam_denominator(exp_avg_sq, step, beta2, eps)).div_(1 - beta1**step)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -231,65 +234,80 @@ class DDCAdam(torch.optim.Optimizer):
             state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         return state
 
-    def _adamw_step(self, p: Tensor, group: dict) -> None:
-        """torch.optim.AdamW's update, operation for operation (parameters no gauge touches)."""
-        if p.grad.is_sparse:
+    def _adamw_steps(self, params: list[Tensor], group: dict) -> None:
+        """torch.optim.AdamW's update of ``params`` (parameters no gauge touches, with gradients), all
+        at once through torch's functional AdamW with ``foreach=True``: bit for bit
+        ``torch.optim.AdamW(foreach=True)``."""
+        if not params:
+            return
+        if any(p.grad.is_sparse for p in params):
             raise RuntimeError("DDCAdam does not support sparse gradients")
-        state = self._state(p)
+        states = [self._state(p) for p in params]
         beta1, beta2 = group["betas"]
-        lr, wd = group["lr"], group["weight_decay"]
-        state["step"] += 1
-        step = float(state["step"])
-        if wd != 0:
-            p.mul_(1 - lr * wd)
-        adam_moments_(p.grad, state["exp_avg"], state["exp_avg_sq"], beta1, beta2)
-        denom = adam_denominator(state["exp_avg_sq"], step, beta2, group["eps"])
-        p.addcdiv_(state["exp_avg"], denom, value=-lr / (1 - beta1**step))
+        _adamw_functional(params, [p.grad for p in params], [s["exp_avg"] for s in states],
+                          [s["exp_avg_sq"] for s in states], [], [s["step"] for s in states], foreach=True,
+                          amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"],
+                          weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
 
     def _enter_frame(self, p: Tensor, group: dict, frame: TensorFrame, grad: Tensor) -> _Work:
-        """Merge with the norm gain, center translations, freeze dead channels, apply weight decay."""
-        value, frozen, gain = p.detach().clone(), None, None
+        """Merge with the norm gain, center translations, freeze dead channels, apply weight decay.
+
+        ``value`` and ``grad`` are new tensors where a frame map applies and the parameter's own
+        storage (read only) where none does; weight decay makes ``value`` a new tensor in any case,
+        and every later update replaces it rather than writing into it."""
+        value, frozen, gain = p.detach(), None, None
+        mapped = frame.role == "norm_bias" or frame.merge is not None or frame.centered  # value is new
         if frame.role == "norm_bias":
             dead, gain = _live_gain(self._params_by_name[frame.gain].detach(), self.dead_threshold)
             value, grad = value / gain, grad * gain
-            frozen = dead
+            if dead.any():
+                frozen = dead
         elif (merge := frame.merge) is not None:
             dead, gain = _live_gain(self._params_by_name[merge.gain].detach(), self.dead_threshold)
             value, grad = scale_columns(value, gain), scale_columns(grad, 1 / gain)
-            frozen = dead.reshape(1, -1).expand_as(value)
+            if dead.any():
+                frozen = dead.reshape(1, -1).expand_as(value)
         if frozen is not None:
-            value, grad = value.masked_fill(frozen, 0.0), grad.masked_fill(frozen, 0.0)
+            value, grad = value.masked_fill_(frozen, 0.0), grad.masked_fill_(frozen, 0.0)
         mean_row = None
         if frame.centered:
             mean_row = value.mean(dim=0, keepdim=True)
             value, grad = value - mean_row, center_rows(grad)
         if group["weight_decay"] != 0:
-            value.mul_(1 - group["lr"] * group["weight_decay"])
+            decay = 1 - group["lr"] * group["weight_decay"]
+            value = value.mul_(decay) if mapped else value * decay
         return _Work(p, group, frame, value, grad, mean_row, frozen, gain)
 
     @staticmethod
     def _leave_frame(w: _Work) -> None:
-        """Write ``w.value`` back through the frame (covariant lift), leaving frozen entries as they were."""
+        """Write ``w.value`` back through the frame (covariant lift), leaving frozen entries as they were.
+        ``w.value`` is the optimizer's own tensor by now, so the lift works in place."""
         value = w.value
         if w.mean_row is not None:
-            value = value + w.mean_row
+            value = value.add_(w.mean_row)
         if w.frame.role == "norm_bias":
-            value = value * w.gain
+            value = value.mul_(w.gain)
         elif w.gain is not None:
-            value = scale_columns(value, 1 / w.gain)
+            value = scale_columns(value, 1 / w.gain) if w.frozen is not None else value.div_(w.gain.reshape(1, -1))
         if w.frozen is not None:
             value = torch.where(w.frozen, w.param, value)
         w.param.copy_(value)
 
-    def _moments_direction(self, w: _Work, x: Tensor) -> Tensor:
-        """Advance the per-coordinate moments of ``w`` on input ``x``; return the Adam direction
-        (centered over rows when the parameter carries a translation)."""
+    def _advance_moments(self, w: _Work, x: Tensor) -> tuple[Tensor, Tensor, float]:
+        """Advance the per-coordinate moments of ``w`` on input ``x``; return the first moment, the
+        denominator ``sqrt(v / c2) + eps`` and ``c1``: the Adam direction is ``m / denominator / c1``."""
         state = self._state(w.param)
         beta1, beta2 = w.group["betas"]
         state["step"] += 1
+        step = float(state["step"])
         adam_moments_(x, state["exp_avg"], state["exp_avg_sq"], beta1, beta2, w.frame.shared_axes())
-        direction = _adam_direction(state["exp_avg"], state["exp_avg_sq"], float(state["step"]), beta1, beta2,
-                                    w.group["eps"])
+        return state["exp_avg"], adam_denominator(state["exp_avg_sq"], step, beta2, w.group["eps"]), 1 - beta1**step
+
+    def _moments_direction(self, w: _Work, x: Tensor) -> Tensor:
+        """Advance the per-coordinate moments of ``w`` on input ``x``; return the Adam direction
+        (centered over rows when the parameter carries a translation)."""
+        exp_avg, denominator, c1 = self._advance_moments(w, x)
+        direction = torch.div(exp_avg, denominator).div_(c1)
         return center_rows(direction) if w.frame.centered else direction
 
     def _pair_step(self, family: NeuronScaling, work: dict[str, _Work]) -> tuple[int, ...]:
@@ -317,7 +335,7 @@ class DDCAdam(torch.optim.Optimizer):
                 w = work[ref.name]
                 x_full = from_unit_slices(x, ref.axis, w.value.shape)
                 parts.append(unit_slices(self._moments_direction(w, x_full), ref.axis))
-            updates.append(torch.cat(parts, dim=1))
+            updates.append(parts[0] if len(parts) == 1 else torch.cat(parts, dim=1))
 
         # Radial Adam: one scalar per unit, state kept with the producer weight.
         state = self.state[anchor.param]
@@ -334,22 +352,24 @@ class DDCAdam(torch.optim.Optimizer):
     @staticmethod
     def _gather_side(work: dict[str, _Work], refs, attr: str) -> tuple[Tensor, list[int]]:
         """One side of a neuron pair as a (units, n) stack of ``attr`` ("value" or "grad") slices,
-        with the width each member tensor contributes."""
+        with the width each member tensor contributes (a view, not a copy, for a single member)."""
         parts = [unit_slices(getattr(work[r.name], attr), r.axis) for r in refs]
-        return torch.cat(parts, dim=1), [part.shape[1] for part in parts]
+        widths = [part.shape[1] for part in parts]
+        return (parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)), widths
 
     @staticmethod
     def _write_pair(family: NeuronScaling, work: dict[str, _Work], chart,
                     side1: tuple[Tensor, list[int]], side2: tuple[Tensor, list[int]]) -> tuple[int, ...]:
         """Scatter the new pair stacks back into the member tensors; freeze dead units; return them."""
+        any_dead = bool(chart.dead.any())
         for refs, (new, widths) in ((family.multiplied, side1), (family.divided, side2)):
             for ref, part in zip(refs, new.split(widths, dim=1)):
                 w = work[ref.name]
                 w.value = from_unit_slices(part, ref.axis, w.value.shape)
-                if chart.dead.any():
+                if any_dead:
                     dead = from_unit_slices(chart.dead.unsqueeze(1).expand_as(part), ref.axis, w.value.shape)
                     w.frozen = dead if w.frozen is None else (w.frozen | dead)
-        return tuple(chart.dead.nonzero().flatten().tolist())
+        return tuple(chart.dead.nonzero().flatten().tolist()) if any_dead else ()
 
     def _norm_scale_steps(self, work: dict[str, _Work],
                           gain_groups: dict[str, dict]) -> dict[str, tuple[list[str], Tensor]]:
@@ -385,7 +405,10 @@ class DDCAdam(torch.optim.Optimizer):
     @staticmethod
     def _pair_sides(family: NeuronScaling, work: dict[str, _Work]) -> tuple[Tensor, Tensor]:
         """Squared side norms ``|P1|^2``, ``|P2|^2`` per unit, read from the working values."""
-        return tuple(sum(unit_slices(work[r.name].value, r.axis).pow(2).sum(1) for r in refs)
+        def squared_rows(t: Tensor) -> Tensor:
+            return torch.linalg.vecdot(t, t, dim=1)
+
+        return tuple(sum(squared_rows(unit_slices(work[r.name].value, r.axis)) for r in refs)
                      for refs in (family.multiplied, family.divided))
 
     def _pair_log_ratio(self, family: NeuronScaling, work: dict[str, _Work]) -> Tensor:
@@ -409,16 +432,20 @@ class DDCAdam(torch.optim.Optimizer):
                 w.value = w.value * factors.reshape(shape)
 
     # ----- the step ------------------------------------------------------------------------------
-    # Three hooks a subclass with another base rule overrides (DDCMuon): a parameter no gauge touches,
-    # a neuron pair, and any other gauge-carrying tensor in its frame.
-    def _plain_step(self, p: Tensor, group: dict) -> None:
-        self._adamw_step(p, group)
+    # Three hooks a subclass with another base rule overrides (DDCMuon): the parameters no gauge touches
+    # (one group at a time), a neuron pair, and any other gauge-carrying tensor in its frame.
+    def _plain_steps(self, params: list[Tensor], group: dict) -> None:
+        self._adamw_steps(params, group)
 
     def _pair_update(self, family: NeuronScaling, work: dict[str, _Work]) -> tuple[int, ...]:
         return self._pair_step(family, work)
 
     def _framed_update(self, name: str, w: _Work) -> None:
-        w.value = w.value - w.group["lr"] * self._moments_direction(w, w.grad)
+        if w.frame.centered:
+            w.value = w.value - w.group["lr"] * self._moments_direction(w, w.grad)
+        else:  # value - lr m / (denominator c1), in one pass
+            exp_avg, denominator, c1 = self._advance_moments(w, w.grad)
+            w.value = torch.addcdiv(w.value, exp_avg, denominator, value=-w.group["lr"] / c1)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None):
@@ -430,12 +457,13 @@ class DDCAdam(torch.optim.Optimizer):
         work: dict[str, _Work] = {}
         gain_groups: dict[str, dict] = {}
         for group in self.param_groups:
+            plain = []
             for p in group["params"]:
                 name = self._names.get(id(p))
                 frame = self.plan.frame(name) if name is not None else None
                 if frame is None:
                     if p.grad is not None:
-                        self._plain_step(p, group)
+                        plain.append(p)
                     continue
                 if frame.role == "gain":
                     gain_groups[name] = group  # the gain is the frame of its channels: never stepped
@@ -446,6 +474,7 @@ class DDCAdam(torch.optim.Optimizer):
                     raise RuntimeError("DDCAdam does not support sparse gradients")
                 grad = p.grad if p.grad is not None else torch.zeros_like(p)
                 work[name] = self._enter_frame(p, group, frame, grad)
+            self._plain_steps(plain, group)
 
         frozen: dict[str, tuple[int, ...]] = {}
         for family in self.plan.norms:
