@@ -101,6 +101,12 @@ def adam_moments_(x: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, beta1: float, 
         exp_avg_sq.mul_(beta2).addcmul_(x, x, value=1 - beta2)
         return
     square = x * x
+    if len(shared_axes) == 1 and shared_axes[0][2] is not None:  # regular blocks: a broadcast, no gather
+        axis, _, layout = shared_axes[0]
+        blocked = (*x.shape[:axis], *layout, *x.shape[axis + 1:])
+        means = square.view(blocked).mean(dim=axis + 1, keepdim=True)
+        exp_avg_sq.view(blocked).mul_(beta2).add_(means, alpha=1 - beta2)
+        return
     for axis, groups, layout in shared_axes:
         square = group_mean(square, groups, axis, layout)
     exp_avg_sq.mul_(beta2).add_(square, alpha=1 - beta2)
@@ -257,41 +263,45 @@ class DDCAdam(torch.optim.Optimizer):
         and every later update replaces it rather than writing into it."""
         value, frozen, gain = p.detach(), None, None
         mapped = frame.role == "norm_bias" or frame.merge is not None or frame.centered  # value is new
+        decay = 1 - group["lr"] * group["weight_decay"]
+        decayed = not frame.centered  # fold the decay into the merge (one pass less) unless centering comes between
         if frame.role == "norm_bias":
             dead, gain = _live_gain(self._params_by_name[frame.gain].detach(), self.dead_threshold)
-            value, grad = value / gain, grad * gain
+            value, grad = value * ((decay if decayed else 1.0) / gain), grad * gain
             if dead.any():
                 frozen = dead
         elif (merge := frame.merge) is not None:
             dead, gain = _live_gain(self._params_by_name[merge.gain].detach(), self.dead_threshold)
-            value, grad = scale_columns(value, gain), scale_columns(grad, 1 / gain)
+            value, grad = scale_columns(value, gain * (decay if decayed else 1.0)), scale_columns(grad, 1 / gain)
             if dead.any():
                 frozen = dead.reshape(1, -1).expand_as(value)
+        else:
+            decayed = False
         if frozen is not None:
             value, grad = value.masked_fill_(frozen, 0.0), grad.masked_fill_(frozen, 0.0)
         mean_row = None
         if frame.centered:
             mean_row = value.mean(dim=0, keepdim=True)
             value, grad = value - mean_row, center_rows(grad)
-        if group["weight_decay"] != 0:
-            decay = 1 - group["lr"] * group["weight_decay"]
+        if group["weight_decay"] != 0 and not decayed:
             value = value.mul_(decay) if mapped else value * decay
         return _Work(p, group, frame, value, grad, mean_row, frozen, gain)
 
     @staticmethod
     def _leave_frame(w: _Work) -> None:
         """Write ``w.value`` back through the frame (covariant lift), leaving frozen entries as they were.
-        ``w.value`` is the optimizer's own tensor by now, so the lift works in place."""
+        ``w.value`` is the optimizer's own tensor by now, so the lift works in place or writes straight
+        into the parameter."""
         value = w.value
         if w.mean_row is not None:
             value = value.add_(w.mean_row)
-        if w.frame.role == "norm_bias":
-            value = value.mul_(w.gain)
-        elif w.gain is not None:
-            value = scale_columns(value, 1 / w.gain) if w.frozen is not None else value.div_(w.gain.reshape(1, -1))
+        gain = None if w.gain is None else (w.gain if w.frame.role == "norm_bias" else 1 / w.gain.reshape(1, -1))
         if w.frozen is not None:
-            value = torch.where(w.frozen, w.param, value)
-        w.param.copy_(value)
+            w.param.copy_(torch.where(w.frozen, w.param, value if gain is None else value * gain))
+        elif gain is not None:
+            torch.mul(value, gain, out=w.param)
+        else:
+            w.param.copy_(value)
 
     def _advance_moments(self, w: _Work, x: Tensor) -> tuple[Tensor, Tensor, float]:
         """Advance the per-coordinate moments of ``w`` on input ``x``; return the first moment, the
@@ -429,7 +439,7 @@ class DDCAdam(torch.optim.Optimizer):
                 w = work[ref.name]
                 shape = [1] * w.value.dim()
                 shape[ref.axis] = -1
-                w.value = w.value * factors.reshape(shape)
+                w.value = w.value.mul_(factors.reshape(shape))  # the optimizer's own tensor by now
 
     # ----- the step ------------------------------------------------------------------------------
     # Three hooks a subclass with another base rule overrides (DDCMuon): the parameters no gauge touches
@@ -502,7 +512,7 @@ class DDCAdam(torch.optim.Optimizer):
                 self._framed_update(name, w)
         for consumers, factors in channel_steps.values():
             for name in consumers:
-                work[name].value = scale_columns(work[name].value, factors)
+                work[name].value = work[name].value.mul_(factors.reshape(1, -1))  # in place: our own tensor
         for family in self.plan.pairs:
             if family.name in held_ratios and all(r.name in work for r in family.multiplied):
                 self._hold_pair_ratio(family, work, held_ratios[family.name])
