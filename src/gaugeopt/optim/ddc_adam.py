@@ -303,21 +303,24 @@ class DDCAdam(torch.optim.Optimizer):
         else:
             w.param.copy_(value)
 
-    def _advance_moments(self, w: _Work, x: Tensor) -> tuple[Tensor, Tensor, float]:
-        """Advance the per-coordinate moments of ``w`` on input ``x``; return the first moment, the
-        denominator ``sqrt(v / c2) + eps`` and ``c1``: the Adam direction is ``m / denominator / c1``."""
+    def _advance_moments(self, w: _Work, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Advance the per-coordinate moments of ``w`` on input ``x``; return ``m`` and the
+        denominator ``D = c1 (sqrt(v / c2) + eps)``, computed as ``sqrt(v) c1 / sqrt(c2) + eps c1`` (one
+        pass less): the Adam direction is ``m / D``."""
         state = self._state(w.param)
         beta1, beta2 = w.group["betas"]
         state["step"] += 1
         step = float(state["step"])
         adam_moments_(x, state["exp_avg"], state["exp_avg_sq"], beta1, beta2, w.frame.shared_axes())
-        return state["exp_avg"], adam_denominator(state["exp_avg_sq"], step, beta2, w.group["eps"]), 1 - beta1**step
+        c1 = 1 - beta1**step
+        denominator = state["exp_avg_sq"].sqrt().mul_(c1 / math.sqrt(1 - beta2**step)).add_(w.group["eps"] * c1)
+        return state["exp_avg"], denominator
 
     def _moments_direction(self, w: _Work, x: Tensor) -> Tensor:
         """Advance the per-coordinate moments of ``w`` on input ``x``; return the Adam direction
         (centered over rows when the parameter carries a translation)."""
-        exp_avg, denominator, c1 = self._advance_moments(w, x)
-        direction = torch.div(exp_avg, denominator).div_(c1)
+        exp_avg, denominator = self._advance_moments(w, x)
+        direction = torch.div(exp_avg, denominator, out=denominator)
         return center_rows(direction) if w.frame.centered else direction
 
     def _pair_step(self, family: NeuronScaling, work: dict[str, _Work]) -> tuple[int, ...]:
@@ -453,9 +456,9 @@ class DDCAdam(torch.optim.Optimizer):
     def _framed_update(self, name: str, w: _Work) -> None:
         if w.frame.centered:
             w.value = w.value - w.group["lr"] * self._moments_direction(w, w.grad)
-        else:  # value - lr m / (denominator c1), in one pass
-            exp_avg, denominator, c1 = self._advance_moments(w, w.grad)
-            w.value = torch.addcdiv(w.value, exp_avg, denominator, value=-w.group["lr"] / c1)
+        else:  # value - lr m / D, in one pass
+            exp_avg, denominator = self._advance_moments(w, w.grad)
+            w.value = torch.addcdiv(w.value, exp_avg, denominator, value=-w.group["lr"])
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None):
