@@ -10,6 +10,8 @@ docs/dds.md). Only the cost is compared here; docs/dds.md compares what the two 
 
 from __future__ import annotations
 
+import contextlib
+import io
 import statistics
 import time
 
@@ -38,7 +40,8 @@ def compare_per_checkpoint(cells: list[tuple[int, int]], *, M: int = 10, N: int 
             start = time.perf_counter()
             dead_direction_signatures(model, x, y, loss=loss, sites=SITES)
             dds_times.append(time.perf_counter() - start)
-        estimate = estimate_llc(model, x, y, loss=loss, seed=index, **sgld)
+        with contextlib.redirect_stderr(io.StringIO()):  # devinterp's per-chain progress bars
+            estimate = estimate_llc(model, x, y, loss=loss, seed=index, **sgld)
         dds_s = statistics.median(dds_times)
         rows.append({"H": H, "r": r, "dds_s": dds_s, "llc_s": estimate.wall_time_s,
                      "llc_over_dds": estimate.wall_time_s / dds_s, "llc": estimate.llc_mean,
