@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
+LARGE = 1_000_000  # parameters: the large-width regime of the scaling fit
+
 TARGETS = {"ddc_adam_ratio": 1.3, "ddc_muon_ratio": 1.15, "state_overhead": 0.02, "llc_over_dds": 100.0}
 
 
@@ -176,9 +178,17 @@ def render(results: dict, plot_name: str) -> str:
         a, d = row["optimizers"]["AdamW (foreach)"]["median_s"], row["optimizers"]["DDCAdam"]["median_s"]
         lines.append(f"| {row['width']} | {row['parameters']:,} | {_ms(a)} | {_ms(d)} | {d / a:.2f} |")
     exps = scaling["exponents"]
-    lines += ["", "Fitted exponent of step time against parameter count (least squares on log-log, all widths): "
-              + ", ".join(f"{name} {value:.2f}" for name, value in exps.items())
-              + ". An exponent of 1 is linear; below 1 at small widths, per-tensor overhead (Python and "
-              "kernel launches) is a visible share of the step.",
+    large = [row for row in scaling["rows"] if row["parameters"] >= LARGE]
+    large_fit = ""
+    if len(large) >= 2:
+        large_exps = {name: fitted_exponent([row["parameters"] for row in large],
+                                            [row["optimizers"][name]["median_s"] for row in large]) for name in exps}
+        large_fit = (f"; widths with at least {LARGE:,} parameters ({len(large)} points) "
+                     + ", ".join(f"{name} {value:.2f}" for name, value in large_exps.items()))
+    lines += ["", "Fitted exponent of step time against parameter count (least squares on log-log): all widths "
+              + ", ".join(f"{name} {value:.2f}" for name, value in exps.items()) + large_fit
+              + ". An exponent of 1 is linear. Below 1, per-tensor overhead (Python and kernel launches) is a "
+              "visible share of the step at small widths; above 1, the optimizer state outgrows the CPU caches "
+              "and every pass over memory gets slower.",
               "", f"{cfg['scaling_rounds']} timed rounds. {_load(scaling)}.", ""]
     return "\n".join(lines)
