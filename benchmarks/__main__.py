@@ -34,11 +34,13 @@ from .optimizer_steps import (
 from .report import fitted_exponent, plot_scaling, render
 
 FULL = dict(quick=False, widths=(128, 256, 512), warmup=2, rounds=15, layerwise_rounds=5,
-            muon_widths=(128, 256, 512), muon_rounds=5, bf16_width=128, bf16_rounds=3, scaling_widths=(64, 96, 128, 192, 256, 384, 512, 768),
-            scaling_rounds=7, llc_cells=((3, 2), (5, 3)), llc_draws=1000, dds_repeats=20)
-QUICK = dict(quick=True, widths=(64, 128), warmup=1, rounds=5, layerwise_rounds=3, muon_widths=(64, 128), muon_rounds=2,
-             bf16_width=64, bf16_rounds=2, scaling_widths=(64, 96, 128), scaling_rounds=3, llc_cells=((3, 2),),
-             llc_draws=100, dds_repeats=5)
+            muon_widths=(128, 256, 512), muon_rounds=5, bf16_width=128, bf16_rounds=3,
+            scaling_widths=(64, 96, 128, 192, 256, 384, 512, 768), scaling_rounds=7,
+            llc_cells=((3, 2), (5, 3)), llc_draws=1000, dds_repeats=20)
+QUICK = dict(quick=True, widths=(64, 128), warmup=1, rounds=5, layerwise_rounds=3,
+             muon_widths=(64, 128), muon_rounds=2, bf16_width=64, bf16_rounds=2,
+             scaling_widths=(64, 96, 128), scaling_rounds=3,
+             llc_cells=((3, 2),), llc_draws=100, dds_repeats=5)
 PLOT = "benchmarks_step_time.png"
 
 
@@ -119,7 +121,10 @@ def main(argv: list[str] | None = None) -> int:
                                                              sgld={"num_draws": cfg["llc_draws"]}))
 
     largest, largest_muon, bf16_row = adam["rows"][-1], muon["rows"][-1], bf16["rows"][0]["optimizers"]
-    ratio = lambda row, ours, base: row["optimizers"][ours]["median_s"] / row["optimizers"][base]["median_s"]  # noqa: E731
+
+    def ratio(row: dict, ours: str, base: str) -> float:
+        return row["optimizers"][ours]["median_s"] / row["optimizers"][base]["median_s"]
+
     summary = {
         "largest_width": largest["width"], "largest_muon_width": largest_muon["width"],
         "bf16_width": cfg["bf16_width"],
