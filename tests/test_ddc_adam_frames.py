@@ -10,7 +10,14 @@ import torch
 
 import gaugeopt
 from gaugeopt.models import TransformerLM, TransformerLMConfig
-from gaugeopt.optim.gauge_frames import build_frame_plan, center_rows, group_mean, pair_chart, pair_retract
+from gaugeopt.optim.gauge_frames import (
+    block_layout,
+    build_frame_plan,
+    center_rows,
+    group_mean,
+    pair_chart,
+    pair_retract,
+)
 
 UNITS, N1, N2 = 6, 5, 4
 
@@ -75,6 +82,22 @@ def test_group_mean_and_centering():
     assert torch.equal(shared[1], x[1]) and torch.equal(shared[3], x[3])
     assert torch.equal(group_mean(x.T, groups, axis=1), shared.T)
     assert center_rows(x).sum(0).abs().max() == 0
+
+
+@pytest.mark.parametrize("groups, layout", [
+    (torch.arange(3).repeat_interleave(4), (3, 4, 1)),  # contiguous head blocks
+    (torch.arange(2 * 3).reshape(2, 1, 3).expand(2, 2, 3).flatten(), (2, 2, 3)),  # RoPE planes (i, i + 3) per head
+    (torch.arange(5), (5, 1, 1)),  # no sharing
+    (torch.tensor([0, 1, 0, 2]), None),  # blocks of different sizes
+    (torch.tensor([0, 1, 1, 0]), None),  # equal sizes, but no reshape gives them
+])
+def test_block_layout_and_the_reshaped_mean_agree_with_the_scatter(groups, layout):
+    assert block_layout(groups) == layout
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(len(groups), 3, generator=g, dtype=torch.float64)
+    for axis, values in ((0, x), (1, x.T.contiguous())):
+        scattered = group_mean(values, groups, axis)
+        assert torch.allclose(group_mean(values, groups, axis, layout), scattered, rtol=1e-15, atol=0)
 
 
 def test_frame_plan_of_a_language_model():

@@ -9,7 +9,8 @@ Adam map on an input ``x`` with first/second moments ``m, v`` is::
 where ``S`` is the identity except on rotated blocks (below). Every parameter gets the decoupled
 weight decay ``p <- (1 - lr wd) p`` first, then:
 
-* **No gauge** (R4): ``p <- p - lr A(grad)`` -- exactly ``torch.optim.AdamW``.
+* **No gauge** (R4): ``p <- p - lr A(grad)`` -- exactly ``torch.optim.AdamW``: these parameters are
+  stepped together by torch's multi-tensor kernel, bit for bit ``AdamW(foreach=True)``.
 * **Norm gain g** (and LayerNorm bias beta): the gain is the frame of its channels and is *not*
   stepped (nor decayed); consumer weights C are stepped as ``W~ = C diag(g)`` with gradient
   ``G_C diag(1/g)`` and written back as ``C = W~ diag(1/g)``; the bias as ``beta^ = beta / g`` with
@@ -63,6 +64,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from torch.optim.adamw import adamw as _adamw_functional
 
 from ..gauges.families import NeuronScaling
 from ..gauges.gaugeset import GaugeSet
@@ -100,29 +102,36 @@ __all__ = ["DDCAdam", "adam_moments_", "adam_denominator"]
 
 
 def adam_moments_(x: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, beta1: float, beta2: float,
-                  shared_axes: Iterable[tuple[int, Tensor]] = ()) -> None:
+                  shared_axes: Iterable[tuple[int, Tensor, tuple[int, int, int] | None]] = ()) -> None:
     """``m <- b1 m + (1-b1) x`` and ``v <- b2 v + (1-b2) S(x*x)`` in place; ``S`` averages over the
-    groups of each ``(axis, groups)`` in ``shared_axes`` (the identity when there are none)."""
+    groups of each ``(axis, groups, layout)`` in ``shared_axes`` (the identity when there are none;
+    ``layout`` as in :func:`~gaugeopt.optim.gauge_frames.group_mean`)."""
     exp_avg.lerp_(x, 1 - beta1)
     shared_axes = list(shared_axes)
     if not shared_axes:
         exp_avg_sq.mul_(beta2).addcmul_(x, x, value=1 - beta2)
         return
     square = x * x
-    for axis, groups in shared_axes:
-        square = group_mean(square, groups, axis)
+    if len(shared_axes) == 1 and shared_axes[0][2] is not None:  # regular blocks: a broadcast, no gather
+        axis, _, layout = shared_axes[0]
+        blocked = (*x.shape[:axis], *layout, *x.shape[axis + 1:])
+        means = square.view(blocked).mean(dim=axis + 1, keepdim=True)
+        exp_avg_sq.view(blocked).mul_(beta2).add_(means, alpha=1 - beta2)
+        return
+    for axis, groups, layout in shared_axes:
+        square = group_mean(square, groups, axis, layout)
     exp_avg_sq.mul_(beta2).add_(square, alpha=1 - beta2)
 
 
 def adam_denominator(exp_avg_sq: Tensor, step: float, beta2: float, eps: float) -> Tensor:
     """``sqrt(v / (1 - b2^t)) + eps``."""
-    return (exp_avg_sq.sqrt() / math.sqrt(1 - beta2**step)).add_(eps)
+    return exp_avg_sq.sqrt().div_(math.sqrt(1 - beta2**step)).add_(eps)
 
 
 def _adam_direction(exp_avg: Tensor, exp_avg_sq: Tensor, step: float, beta1: float, beta2: float,
                     eps: float) -> Tensor:
     """The bias-corrected Adam direction ``(m / c1) / (sqrt(v / c2) + eps)``."""
-    return exp_avg / adam_denominator(exp_avg_sq, step, beta2, eps) / (1 - beta1**step)
+    return torch.div(exp_avg, adam_denominator(exp_avg_sq, step, beta2, eps)).div_(1 - beta1**step)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -246,69 +255,111 @@ class DDCAdam(GuardedOptimizer):
             state["exp_avg_sq"] = state_zeros(p)
         return state
 
-    def _adamw_step(self, p: Tensor, group: dict) -> None:
-        """torch.optim.AdamW's update, operation for operation (parameters no gauge touches); float16
-        and bfloat16 parameters are updated on a float32 copy, written back at the end."""
+    def _adamw_steps(self, params: list[Tensor], group: dict) -> None:
+        """torch.optim.AdamW's update of ``params`` (parameters no gauge touches, with gradients).
+
+        Parameters kept in their own dtype go all at once through torch's functional AdamW with
+        ``foreach=True``: bit for bit ``torch.optim.AdamW(foreach=True)``. Float16 and bfloat16
+        parameters, whose state is float32 (:func:`~gaugeopt.optim._guards.compute_dtype`), take the
+        same operations one by one on a float32 copy that is written back at the end."""
+        native = [p for p in params if compute_dtype(p) == p.dtype]
+        if native:
+            states = [self._state(p) for p in native]
+            beta1, beta2 = group["betas"]
+            _adamw_functional(native, [p.grad for p in native], [s["exp_avg"] for s in states],
+                              [s["exp_avg_sq"] for s in states], [], [s["step"] for s in states], foreach=True,
+                              amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"],
+                              weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
+        for p in params:
+            if compute_dtype(p) != p.dtype:
+                self._adamw_step_in_float32(p, group)
+
+    def _adamw_step_in_float32(self, p: Tensor, group: dict) -> None:
+        """AdamW's update of a float16/bfloat16 parameter computed in float32 against float32 state."""
         state = self._state(p)
         beta1, beta2 = group["betas"]
         lr, wd = group["lr"], group["weight_decay"]
         state["step"] += 1
         step = float(state["step"])
-        work = p if compute_dtype(p) == p.dtype else p.to(compute_dtype(p))
+        work = p.to(torch.float32)
         if wd != 0:
             work.mul_(1 - lr * wd)
-        adam_moments_(p.grad.to(work.dtype), state["exp_avg"], state["exp_avg_sq"], beta1, beta2)
+        adam_moments_(p.grad.to(torch.float32), state["exp_avg"], state["exp_avg_sq"], beta1, beta2)
         denom = adam_denominator(state["exp_avg_sq"], step, beta2, group["eps"])
         work.addcdiv_(state["exp_avg"], denom, value=-lr / (1 - beta1**step))
-        if work is not p:
-            p.copy_(work)
+        p.copy_(work)
 
     def _enter_frame(self, p: Tensor, group: dict, frame: TensorFrame, grad: Tensor) -> _Work:
-        """Merge with the norm gain, center translations, freeze dead channels, apply weight decay
-        (in :func:`~gaugeopt.optim._guards.compute_dtype`: float32 for float16/bfloat16 tensors)."""
+        """Merge with the norm gain, center translations, freeze dead channels, apply weight decay.
+
+        ``value`` and ``grad`` are new tensors where a frame map applies and the parameter's own
+        storage (read only) where none does; weight decay makes ``value`` a new tensor in any case,
+        and every later update replaces it rather than writing into it. Float16 and bfloat16
+        parameters are worked on in float32 (:func:`~gaugeopt.optim._guards.compute_dtype`)."""
         dtype = compute_dtype(p)
-        value, grad, frozen, gain = p.detach().to(dtype, copy=True), grad.to(dtype), None, None
+        value, frozen, gain = p.detach(), None, None
+        converted = dtype != p.dtype
+        if converted:
+            value, grad = value.to(dtype), grad.to(dtype)
+        mapped = converted or frame.role == "norm_bias" or frame.merge is not None or frame.centered  # value is new
+        decay = 1 - group["lr"] * group["weight_decay"]
+        decayed = not frame.centered  # fold the decay into the merge (one pass less) unless centering comes between
         if frame.role == "norm_bias":
             dead, gain = _live_gain(self._params_by_name[frame.gain].detach().to(dtype), self.dead_threshold)
-            value, grad = value / gain, grad * gain
-            frozen = dead
+            value, grad = value * ((decay if decayed else 1.0) / gain), grad * gain
+            if dead.any():
+                frozen = dead
         elif (merge := frame.merge) is not None:
             dead, gain = _live_gain(self._params_by_name[merge.gain].detach().to(dtype), self.dead_threshold)
-            value, grad = scale_columns(value, gain), scale_columns(grad, 1 / gain)
-            frozen = dead.reshape(1, -1).expand_as(value)
+            value, grad = scale_columns(value, gain * (decay if decayed else 1.0)), scale_columns(grad, 1 / gain)
+            if dead.any():
+                frozen = dead.reshape(1, -1).expand_as(value)
+        else:
+            decayed = False
         if frozen is not None:
-            value, grad = value.masked_fill(frozen, 0.0), grad.masked_fill(frozen, 0.0)
+            value, grad = value.masked_fill_(frozen, 0.0), grad.masked_fill_(frozen, 0.0)
         mean_row = None
         if frame.centered:
             mean_row = value.mean(dim=0, keepdim=True)
             value, grad = value - mean_row, center_rows(grad)
-        if group["weight_decay"] != 0:
-            value.mul_(1 - group["lr"] * group["weight_decay"])
+        if group["weight_decay"] != 0 and not decayed:
+            value = value.mul_(decay) if mapped else value * decay
         return _Work(p, group, frame, value, grad, mean_row, frozen, gain)
 
     @staticmethod
     def _leave_frame(w: _Work) -> None:
-        """Write ``w.value`` back through the frame (covariant lift), leaving frozen entries as they were."""
+        """Write ``w.value`` back through the frame (covariant lift), leaving frozen entries as they were.
+        ``w.value`` is the optimizer's own tensor by now, so the lift works in place or writes straight
+        into the parameter."""
         value = w.value
         if w.mean_row is not None:
-            value = value + w.mean_row
-        if w.frame.role == "norm_bias":
-            value = value * w.gain
-        elif w.gain is not None:
-            value = scale_columns(value, 1 / w.gain)
+            value = value.add_(w.mean_row)
+        gain = None if w.gain is None else (w.gain if w.frame.role == "norm_bias" else 1 / w.gain.reshape(1, -1))
         if w.frozen is not None:
-            value = torch.where(w.frozen, w.param, value)
-        w.param.copy_(value)
+            w.param.copy_(torch.where(w.frozen, w.param, value if gain is None else value * gain))
+        elif gain is not None:
+            torch.mul(value, gain, out=w.param)
+        else:
+            w.param.copy_(value)
+
+    def _advance_moments(self, w: _Work, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Advance the per-coordinate moments of ``w`` on input ``x``; return ``m`` and the
+        denominator ``D = c1 (sqrt(v / c2) + eps)``, computed as ``sqrt(v) c1 / sqrt(c2) + eps c1`` (one
+        pass less): the Adam direction is ``m / D``."""
+        state = self._state(w.param)
+        beta1, beta2 = w.group["betas"]
+        state["step"] += 1
+        step = float(state["step"])
+        adam_moments_(x, state["exp_avg"], state["exp_avg_sq"], beta1, beta2, w.frame.shared_axes())
+        c1 = 1 - beta1**step
+        denominator = state["exp_avg_sq"].sqrt().mul_(c1 / math.sqrt(1 - beta2**step)).add_(w.group["eps"] * c1)
+        return state["exp_avg"], denominator
 
     def _moments_direction(self, w: _Work, x: Tensor) -> Tensor:
         """Advance the per-coordinate moments of ``w`` on input ``x``; return the Adam direction
         (centered over rows when the parameter carries a translation)."""
-        state = self._state(w.param)
-        beta1, beta2 = w.group["betas"]
-        state["step"] += 1
-        adam_moments_(x, state["exp_avg"], state["exp_avg_sq"], beta1, beta2, w.frame.shared_axes())
-        direction = _adam_direction(state["exp_avg"], state["exp_avg_sq"], float(state["step"]), beta1, beta2,
-                                    w.group["eps"])
+        exp_avg, denominator = self._advance_moments(w, x)
+        direction = torch.div(exp_avg, denominator, out=denominator)
         return center_rows(direction) if w.frame.centered else direction
 
     def _pair_step(self, family: NeuronScaling, work: dict[str, _Work]) -> tuple[int, ...]:
@@ -336,7 +387,7 @@ class DDCAdam(GuardedOptimizer):
                 w = work[ref.name]
                 x_full = from_unit_slices(x, ref.axis, w.value.shape)
                 parts.append(unit_slices(self._moments_direction(w, x_full), ref.axis))
-            updates.append(torch.cat(parts, dim=1))
+            updates.append(parts[0] if len(parts) == 1 else torch.cat(parts, dim=1))
 
         # Radial Adam: one scalar per unit, state kept with the producer weight.
         state = self.state[anchor.param]
@@ -353,22 +404,24 @@ class DDCAdam(GuardedOptimizer):
     @staticmethod
     def _gather_side(work: dict[str, _Work], refs, attr: str) -> tuple[Tensor, list[int]]:
         """One side of a neuron pair as a (units, n) stack of ``attr`` ("value" or "grad") slices,
-        with the width each member tensor contributes."""
+        with the width each member tensor contributes (a view, not a copy, for a single member)."""
         parts = [unit_slices(getattr(work[r.name], attr), r.axis) for r in refs]
-        return torch.cat(parts, dim=1), [part.shape[1] for part in parts]
+        widths = [part.shape[1] for part in parts]
+        return (parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)), widths
 
     @staticmethod
     def _write_pair(family: NeuronScaling, work: dict[str, _Work], chart,
                     side1: tuple[Tensor, list[int]], side2: tuple[Tensor, list[int]]) -> tuple[int, ...]:
         """Scatter the new pair stacks back into the member tensors; freeze dead units; return them."""
+        any_dead = bool(chart.dead.any())
         for refs, (new, widths) in ((family.multiplied, side1), (family.divided, side2)):
             for ref, part in zip(refs, new.split(widths, dim=1)):
                 w = work[ref.name]
                 w.value = from_unit_slices(part, ref.axis, w.value.shape)
-                if chart.dead.any():
+                if any_dead:
                     dead = from_unit_slices(chart.dead.unsqueeze(1).expand_as(part), ref.axis, w.value.shape)
                     w.frozen = dead if w.frozen is None else (w.frozen | dead)
-        return tuple(chart.dead.nonzero().flatten().tolist())
+        return tuple(chart.dead.nonzero().flatten().tolist()) if any_dead else ()
 
     def _norm_scale_steps(self, work: dict[str, _Work],
                           gain_groups: dict[str, dict]) -> dict[str, tuple[list[str], Tensor]]:
@@ -404,7 +457,10 @@ class DDCAdam(GuardedOptimizer):
     @staticmethod
     def _pair_sides(family: NeuronScaling, work: dict[str, _Work]) -> tuple[Tensor, Tensor]:
         """Squared side norms ``|P1|^2``, ``|P2|^2`` per unit, read from the working values."""
-        return tuple(sum(unit_slices(work[r.name].value, r.axis).pow(2).sum(1) for r in refs)
+        def squared_rows(t: Tensor) -> Tensor:
+            return torch.linalg.vecdot(t, t, dim=1)
+
+        return tuple(sum(squared_rows(unit_slices(work[r.name].value, r.axis)) for r in refs)
                      for refs in (family.multiplied, family.divided))
 
     def _pair_log_ratio(self, family: NeuronScaling, work: dict[str, _Work]) -> Tensor:
@@ -425,19 +481,23 @@ class DDCAdam(GuardedOptimizer):
                 w = work[ref.name]
                 shape = [1] * w.value.dim()
                 shape[ref.axis] = -1
-                w.value = w.value * factors.reshape(shape)
+                w.value = w.value.mul_(factors.reshape(shape))  # the optimizer's own tensor by now
 
     # ----- the step ------------------------------------------------------------------------------
-    # Three hooks a subclass with another base rule overrides (DDCMuon): a parameter no gauge touches,
-    # a neuron pair, and any other gauge-carrying tensor in its frame.
-    def _plain_step(self, p: Tensor, group: dict) -> None:
-        self._adamw_step(p, group)
+    # Three hooks a subclass with another base rule overrides (DDCMuon): the parameters no gauge touches
+    # (one group at a time), a neuron pair, and any other gauge-carrying tensor in its frame.
+    def _plain_steps(self, params: list[Tensor], group: dict) -> None:
+        self._adamw_steps(params, group)
 
     def _pair_update(self, family: NeuronScaling, work: dict[str, _Work]) -> tuple[int, ...]:
         return self._pair_step(family, work)
 
     def _framed_update(self, name: str, w: _Work) -> None:
-        w.value = w.value - w.group["lr"] * self._moments_direction(w, w.grad)
+        if w.frame.centered:
+            w.value = w.value - w.group["lr"] * self._moments_direction(w, w.grad)
+        else:  # value - lr m / D, in one pass
+            exp_avg, denominator = self._advance_moments(w, w.grad)
+            w.value = torch.addcdiv(w.value, exp_avg, denominator, value=-w.group["lr"])
 
     # Hooks for sharded (FSDP2) parameters, used by gaugeopt.optim.distributed: the step reads every
     # norm gain by name (to merge, to find dead channels), couples the tensors of a norm family or a
@@ -470,12 +530,13 @@ class DDCAdam(GuardedOptimizer):
         work: dict[str, _Work] = {}
         gain_groups: dict[str, dict] = {}
         for group in self.param_groups:
+            plain = []
             for p in group["params"]:
                 name = self._names.get(id(p))
                 frame = self.plan.frame(name) if name is not None else None
                 if frame is None:
                     if p.grad is not None:
-                        self._plain_step(p, group)
+                        plain.append(p)
                     continue
                 if frame.role == "gain":
                     gain_groups[name] = group  # the gain is the frame of its channels: never stepped
@@ -485,6 +546,7 @@ class DDCAdam(GuardedOptimizer):
                     continue
                 grad = p.grad if p.grad is not None else torch.zeros_like(p)
                 work[name] = self._enter_frame(p, group, frame, grad)
+            self._plain_steps(plain, group)
 
         frozen: dict[str, tuple[int, ...]] = {}
         for family in self.plan.norms:
@@ -512,7 +574,7 @@ class DDCAdam(GuardedOptimizer):
                 self._framed_update(name, w)
         for consumers, factors in channel_steps.values():
             for name in consumers:
-                work[name].value = scale_columns(work[name].value, factors)
+                work[name].value = work[name].value.mul_(factors.reshape(1, -1))  # in place: our own tensor
         for family in self.plan.pairs:
             if family.name in held_ratios and all(r.name in work for r in family.multiplied):
                 self._hold_pair_ratio(family, work, held_ratios[family.name])

@@ -418,8 +418,11 @@ class DDCMuon(DDCAdam):
         return self._write_pair(family, work, chart, (new1, widths1), (new2, widths2))
 
     # ----- DDCAdam's step hooks: Muon where the group asks for it -----------------------------------
-    def _plain_step(self, p: Tensor, group: dict) -> None:
-        (self._plain_muon_step if group["use_muon"] else self._adamw_step)(p, group)
+    def _plain_steps(self, params: list[Tensor], group: dict) -> None:
+        if not group["use_muon"]:
+            return self._adamw_steps(params, group)
+        for p in params:
+            self._plain_muon_step(p, group)
 
     def _pair_update(self, family: NeuronScaling, work: dict[str, _Work]) -> tuple[int, ...]:
         muon = work[family.multiplied[0].name].group["use_muon"]

@@ -54,6 +54,7 @@ __all__ = [
     "scale_columns",
     "center_rows",
     "group_mean",
+    "block_layout",
     "PairChart",
     "PairFrame",
     "pair_chart",
@@ -79,13 +80,16 @@ class AxisAction:
 
     kind "merge": the axis' slices are scaled by a norm gain (``gain``), "center": a translation moves
     every slice along it by the same vector, "share": orthogonal blocks mix it (``groups[i]`` = block
-    of index i, unrotated indices get their own block), "pair": it is the unit axis of a neuron pair.
+    of index i, unrotated indices get their own block; ``layout`` is its :func:`block_layout`, found
+    once here so that the step averages over blocks with a reshape), "pair": it is the unit axis of a
+    neuron pair.
     """
 
     kind: ActionKind
     family: str
     gain: str | None = None
     groups: Tensor | None = None
+    layout: tuple[int, int, int] | None = None
 
 
 @dataclass
@@ -110,8 +114,9 @@ class TensorFrame:
     def pair(self) -> tuple[int, AxisAction] | None:
         return next(((axis, a) for axis, a in self.axes.items() if a.kind == "pair"), None)
 
-    def shared_axes(self) -> list[tuple[int, Tensor]]:
-        return [(axis, a.groups) for axis, a in sorted(self.axes.items()) if a.kind == "share"]
+    def shared_axes(self) -> list[tuple[int, Tensor, tuple[int, int, int] | None]]:
+        """``(axis, groups, layout)`` of every axis whose second moments are shared over blocks."""
+        return [(axis, a.groups, a.layout) for axis, a in sorted(self.axes.items()) if a.kind == "share"]
 
 
 @dataclass(frozen=True)
@@ -146,11 +151,12 @@ def _rotation_claims(family: HeadRotation, params: Mapping[str, Tensor]) -> list
         for name in (weight, bias):
             if name is not None:
                 groups = _block_groups(params[name].shape[0], row_blocks)
-                claims.append((name, 0, AxisAction("share", family.name, groups=groups)))
+                claims.append((name, 0, AxisAction("share", family.name, groups=groups,
+                                                   layout=block_layout(groups))))
     for weight, cols in family.right:
         col_blocks = [cols[h][list(b)] for h in range(cols.shape[0]) for b in blocks]
         groups = _block_groups(params[weight].shape[1], col_blocks)
-        claims.append((weight, 1, AxisAction("share", family.name, groups=groups)))
+        claims.append((weight, 1, AxisAction("share", family.name, groups=groups, layout=block_layout(groups))))
     return claims
 
 
@@ -257,8 +263,38 @@ def center_rows(t: Tensor) -> Tensor:
     return t - t.mean(dim=0, keepdim=True)
 
 
-def group_mean(values: Tensor, groups: Tensor, axis: int) -> Tensor:
-    """Replace every entry by the mean over its group along ``axis`` (``groups[i]`` = group of i)."""
+def block_layout(groups: Tensor) -> tuple[int, int, int] | None:
+    """``(outer, block, inner)`` when the groups are regular blocks of one axis, else ``None``.
+
+    Regular means: with the axis viewed as ``(outer, block, inner)`` (index
+    ``i = (o * block + b) * inner + c``), the group of ``i`` depends on ``(o, c)`` only and differs for
+    every ``(o, c)``; each group is then the ``block`` indices along the middle axis. Contiguous head
+    blocks are ``(heads, head_dim, 1)``; RoPE planes ``(i, i + half)`` in each head are
+    ``(heads, 2, half)``. Found by trying every factorisation (once, when the frame plan is built).
+    """
+    n = groups.numel()
+    if n == 0:
+        return None
+    n_groups = int(torch.unique(groups).numel())
+    if n % n_groups:
+        return None
+    block = n // n_groups
+    for inner in (d for d in range(1, n // block + 1) if (n // block) % d == 0):
+        view = groups.reshape(n // (block * inner), block, inner)
+        if torch.equal(view, view[:, :1].expand_as(view)) and torch.unique(view[:, 0]).numel() == n_groups:
+            return n // (block * inner), block, inner
+    return None
+
+
+def group_mean(values: Tensor, groups: Tensor, axis: int, layout: tuple[int, int, int] | None = None) -> Tensor:
+    """Replace every entry by the mean over its group along ``axis`` (``groups[i]`` = group of i).
+
+    ``layout``, the groups' :func:`block_layout` when they have one, turns the gather/scatter into a
+    reshape and a mean over the block axis (same result up to summation order)."""
+    if layout is not None:
+        blocked = (*values.shape[:axis], *layout, *values.shape[axis + 1:])
+        means = values.reshape(blocked).mean(dim=axis + 1, keepdim=True)
+        return means.expand(blocked).reshape(values.shape)
     moved = values.movedim(axis, 0)
     n_groups = int(groups.max()) + 1
     groups = groups.to(values.device)
@@ -269,6 +305,12 @@ def group_mean(values: Tensor, groups: Tensor, axis: int) -> Tensor:
 
 
 PairFrame = Literal["radius", "balanced"]
+
+
+def _row_norm(t: Tensor) -> Tensor:
+    """Euclidean norm of each row of a matrix, as ``sqrt(<row, row>)``: one pass at any stride (a
+    consumer's unit slices are columns, read through a transposed view)."""
+    return torch.linalg.vecdot(t, t, dim=1).sqrt()
 
 
 @dataclass(frozen=True)
@@ -313,34 +355,40 @@ def pair_chart(P1: Tensor, G1: Tensor, P2: Tensor, G2: Tensor, threshold: float 
     """
     if frame not in ("radius", "balanced"):
         raise ValueError(f"frame must be 'radius' or 'balanced', got {frame!r}")
-    rho1, rho2 = P1.norm(dim=1), P2.norm(dim=1)
+    # Per-unit scalars first (one reduction per input), then each (units, n) output in two passes:
+    # x_k = G_k (live rho_k / l) - P_k (live h_k / (rho_k l)), d_k = P_k (live / rho_k).
+    rho1, rho2 = _row_norm(P1), _row_norm(P2)
     dead = dead_units(rho1, rho2, threshold)
-    live = (~dead).to(P1.dtype).unsqueeze(1)
-    safe1 = torch.where(dead, torch.ones_like(rho1), rho1).unsqueeze(1)
-    safe2 = torch.where(dead, torch.ones_like(rho2), rho2).unsqueeze(1)
+    live = (~dead).to(P1.dtype)
+    safe1 = torch.where(dead, torch.ones_like(rho1), rho1)
+    safe2 = torch.where(dead, torch.ones_like(rho2), rho2)
     length = None
     if frame == "balanced":
-        length = (torch.sqrt(safe1) * torch.sqrt(safe2))[:, 0]
-    scale = 1.0 if length is None else length.unsqueeze(1)
-    h1, h2 = (G1 * P1).sum(1) * live[:, 0], (G2 * P2).sum(1) * live[:, 0]
-    x1 = (safe1 * G1 - (h1.unsqueeze(1) / safe1) * P1) * live / scale
-    x2 = (safe2 * G2 - (h2.unsqueeze(1) / safe2) * P2) * live / scale
+        length = torch.sqrt(safe1) * torch.sqrt(safe2)
+    scale = torch.ones_like(rho1) if length is None else length
+    h1, h2 = torch.linalg.vecdot(G1, P1, dim=1) * live, torch.linalg.vecdot(G2, P2, dim=1) * live
+    x1 = torch.mul(G1, (safe1 * live / scale).unsqueeze(1)).addcmul_(P1, (-h1 / (safe1 * scale)).unsqueeze(1))
+    x2 = torch.mul(G2, (safe2 * live / scale).unsqueeze(1)).addcmul_(P2, (-h2 / (safe2 * scale)).unsqueeze(1))
     radial, vertical = (h1 + h2) / math.sqrt(2), (h1 - h2) / math.sqrt(2)
     if length is not None:
         radial, vertical = radial / length, vertical / length
-    return PairChart(rho1, rho2, P1 / safe1 * live, P2 / safe2 * live, radial, vertical, x1, x2, dead, length)
+    direction1 = P1 * (live / safe1).unsqueeze(1)
+    direction2 = P2 * (live / safe2).unsqueeze(1)
+    return PairChart(rho1, rho2, direction1, direction2, radial, vertical, x1, x2, dead, length)
 
 
-def _turned(direction: Tensor, shrink: Tensor, tangent_update: Tensor, rate: Tensor | float) -> Tensor:
-    """``shrink * direction - rate * u`` with ``u`` the update projected orthogonal to ``direction``."""
-    u = tangent_update - (tangent_update * direction).sum(1, keepdim=True) * direction
-    return shrink * direction - rate * u
+def _turned(direction: Tensor, live: Tensor, shrink: Tensor, tangent_update: Tensor,
+            rate: Tensor) -> tuple[Tensor, Tensor]:
+    """``q = shrink * direction - rate * u`` with ``u`` the update projected orthogonal to ``direction``
+    (a unit row where ``live`` is 1, zero where it is 0), and ``|q|`` per row (1 where ``q = 0``).
 
-
-def _unit(q: Tensor) -> tuple[Tensor, Tensor]:
-    norm = q.norm(dim=1, keepdim=True)
-    safe = torch.where(norm > 0, norm, torch.ones_like(norm))
-    return q / safe, safe
+    Written as ``q = (shrink + rate <t, d>) d - rate t`` (two passes over the rows) with
+    ``|q|^2 = shrink^2 + rate^2 (|t|^2 - <t, d>^2)`` for unit ``d`` (``u`` is orthogonal to ``d``)."""
+    along = torch.linalg.vecdot(tangent_update, direction, dim=1)
+    q = torch.mul(direction, (shrink + rate * along).unsqueeze(1)).addcmul_(tangent_update, -rate.unsqueeze(1))
+    across = (torch.linalg.vecdot(tangent_update, tangent_update, dim=1) - along.square() * live).clamp_(min=0)
+    norm = torch.sqrt((shrink * shrink) * live + (rate * rate) * across)
+    return q, torch.where(norm > 0, norm, torch.ones_like(norm))
 
 
 def pair_retract(chart: PairChart, radial_update: Tensor, tangent1_update: Tensor, tangent2_update: Tensor,
@@ -359,11 +407,11 @@ def pair_retract(chart: PairChart, radial_update: Tensor, tangent1_update: Tenso
     ``|q_1| |q_2|``, as under the unprojected step. Every factor is invariant except ``rho_k``, so the
     map is covariant. Dead units come back as zero rows (the caller freezes them).
     """
-    rate = lr if chart.length is None else lr / chart.length.unsqueeze(1)
     radial = radial_update if chart.length is None else radial_update / chart.length
-    shrink = torch.exp(-lr * radial / math.sqrt(2)).unsqueeze(1)
-    live = (~chart.dead).to(shrink.dtype).unsqueeze(1)
-    d1, n1 = _unit(_turned(chart.direction1, shrink, tangent1_update, rate))
-    d2, n2 = _unit(_turned(chart.direction2, shrink, tangent2_update, rate))
-    common = torch.sqrt(n1) * torch.sqrt(n2)
-    return chart.rho1.unsqueeze(1) * common * d1 * live, chart.rho2.unsqueeze(1) * common * d2 * live
+    rate = torch.full_like(radial, lr) if chart.length is None else lr / chart.length
+    shrink = torch.exp(-lr * radial / math.sqrt(2))
+    live = (~chart.dead).to(shrink.dtype)
+    q1, n1 = _turned(chart.direction1, live, shrink, tangent1_update, rate)
+    q2, n2 = _turned(chart.direction2, live, shrink, tangent2_update, rate)
+    common = torch.sqrt(n1) * torch.sqrt(n2) * live
+    return q1.mul_((chart.rho1 * common / n1).unsqueeze(1)), q2.mul_((chart.rho2 * common / n2).unsqueeze(1))

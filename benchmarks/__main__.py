@@ -1,0 +1,165 @@
+"""``python -m benchmarks``: measure everything and write ``docs/benchmarks.md`` and its plot.
+
+Options: ``--quick`` (small widths, few rounds: a smoke run for development, marked as such in the
+report), ``--out DIR`` (where the report, plot and raw ``benchmarks.json`` go; default ``docs``),
+``--threads N`` (torch CPU threads, default 1), ``--render-only`` (rewrite the report and plot from
+``DIR/benchmarks.json`` without measuring). The full run needs about 3 minutes of CPU time (2.9 min
+measured); on a shared 2-core machine it took 10 minutes of wall clock. ``--quick`` takes under a minute.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from . import dds_vs_llc, optimizer_steps
+from .optimizer_steps import (
+    adamw,
+    compare,
+    ddc_adam,
+    ddc_muon,
+    muon_with_adamw_reference,
+    muon_with_adamw_torch,
+    symmetry_compatible,
+)
+from .report import fitted_exponent, plot_scaling, render
+
+FULL = dict(quick=False, widths=(128, 256, 512), warmup=2, rounds=15, layerwise_rounds=5,
+            muon_widths=(128, 256, 512), muon_rounds=5, bf16_width=128, bf16_rounds=3,
+            scaling_widths=(64, 96, 128, 192, 256, 384, 512, 768), scaling_rounds=7,
+            llc_cells=((3, 2), (5, 3)), llc_draws=1000, dds_repeats=20)
+QUICK = dict(quick=True, widths=(64, 128), warmup=1, rounds=5, layerwise_rounds=3,
+             muon_widths=(64, 128), muon_rounds=2, bf16_width=64, bf16_rounds=2,
+             scaling_widths=(64, 96, 128), scaling_rounds=3,
+             llc_cells=((3, 2),), llc_draws=100, dds_repeats=5)
+PLOT = "benchmarks_step_time.png"
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _commit() -> str:
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + (" (with uncommitted changes)" if dirty else "")
+
+
+def _section(run) -> dict:
+    """Run one measurement, recording the machine load around it and its wall time."""
+    before, start = os.getloadavg(), time.perf_counter()
+    result = run()
+    return {**result, "load_before": before, "load_after": os.getloadavg(), "wall_s": time.perf_counter() - start}
+
+
+def _log(message: str) -> None:
+    print(f"[{dt.datetime.now().strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small and short: a development smoke run")
+    parser.add_argument("--out", type=Path, default=Path("docs"), help="directory for the report and plot")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--render-only", action="store_true",
+                        help="measure nothing: rewrite the report and plot from DIR/benchmarks.json")
+    args = parser.parse_args(argv)
+    if args.render_only:
+        results = json.loads((args.out / "benchmarks.json").read_text())
+        _write_report(results, args.out)
+        return 0
+    cfg = dict(QUICK if args.quick else FULL)
+    torch.set_num_threads(args.threads)
+    started, load_start, commit = time.perf_counter(), os.getloadavg(), _commit()  # the code measured
+    warmup = cfg["warmup"]
+
+    def rows(widths, factories, rounds):
+        return {"rows": [compare(w, factories, warmup=warmup, rounds=rounds) for w in widths]}
+
+    _log("DDCAdam vs AdamW")
+    adam = _section(lambda: rows(cfg["widths"], {"AdamW (foreach)": adamw, "DDCAdam": ddc_adam}, cfg["rounds"]))
+    _log("DDCMuon vs Muon + AdamW (float32 Newton-Schulz)")
+    muon = _section(lambda: rows(cfg["muon_widths"], {"Muon+AdamW fp32": muon_with_adamw_reference(None),
+                                                     "DDCMuon fp32": ddc_muon(None)}, cfg["muon_rounds"]))
+    _log("DDCMuon vs torch.optim.Muon (bfloat16 Newton-Schulz)")
+    bf16 = _section(lambda: rows((cfg["bf16_width"],), {
+        "torch.optim.Muon + AdamW (bf16)": muon_with_adamw_torch,
+        "DDCMuon bf16": ddc_muon(torch.bfloat16),
+        "DDCMuon fp32": ddc_muon(None)}, cfg["bf16_rounds"]))
+    _log("SymmetryCompatible vs AdamW")
+    layer = _section(lambda: rows(cfg["widths"], {"AdamW (foreach)": adamw, "SymmetryCompatible": symmetry_compatible},
+                                  cfg["layerwise_rounds"]))
+    _log("step time vs parameter count")
+    scaling = _section(lambda: rows(cfg["scaling_widths"], {"AdamW (foreach)": adamw, "DDCAdam": ddc_adam},
+                                    cfg["scaling_rounds"]))
+    scaling["exponents"] = {name: fitted_exponent([r["parameters"] for r in scaling["rows"]],
+                                                  [r["optimizers"][name]["median_s"] for r in scaling["rows"]])
+                            for name in ("AdamW (foreach)", "DDCAdam")}
+    _log("DDS vs LLC")
+    dds = _section(lambda: dds_vs_llc.compare_per_checkpoint(list(cfg["llc_cells"]), dds_repeats=cfg["dds_repeats"],
+                                                             sgld={"num_draws": cfg["llc_draws"]}))
+
+    largest, largest_muon, bf16_row = adam["rows"][-1], muon["rows"][-1], bf16["rows"][0]["optimizers"]
+
+    def ratio(row: dict, ours: str, base: str) -> float:
+        return row["optimizers"][ours]["median_s"] / row["optimizers"][base]["median_s"]
+
+    summary = {
+        "largest_width": largest["width"], "largest_muon_width": largest_muon["width"],
+        "bf16_width": cfg["bf16_width"],
+        "ddc_adam_ratio": ratio(largest, "DDCAdam", "AdamW (foreach)"),
+        "ddc_muon_ratio": ratio(largest_muon, "DDCMuon fp32", "Muon+AdamW fp32"),
+        "ddc_muon_bf16_ratio": bf16_row["DDCMuon bf16"]["median_s"]
+        / bf16_row["torch.optim.Muon + AdamW (bf16)"]["median_s"],
+        "ddc_adam_state_overhead": largest["optimizers"]["DDCAdam"]["state_bytes"]
+        / largest["optimizers"]["AdamW (foreach)"]["state_bytes"] - 1,
+        "llc_over_dds_min": min(cell["llc_over_dds"] for cell in dds["cells"]),
+        "ddc_adam_exponent": scaling["exponents"]["DDCAdam"],
+        "adamw_exponent": scaling["exponents"]["AdamW (foreach)"],
+    }
+    environment = {
+        "command": "python -m benchmarks" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip(),
+        "date_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "commit": commit,
+        "cpu": _cpu_model(), "logical_cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
+        "load_start": load_start, "load_end": os.getloadavg(), "total_wall_s": time.perf_counter() - started,
+        "cpu_s": time.process_time(),
+    }
+    config = {**cfg, "vocab": optimizer_steps.VOCAB, "n_layers": optimizer_steps.reference_config(64).n_layers}
+    results = {"environment": environment, "config": config, "summary": summary, "adam": adam, "muon": muon,
+               "muon_bf16": bf16, "layerwise": layer, "scaling": scaling, "dds_vs_llc": dds}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "benchmarks.json").write_text(json.dumps(results, indent=1))
+    _write_report(results, args.out)
+    return 0
+
+
+def _write_report(results: dict, out: Path) -> None:
+    plot_scaling(results["scaling"], out / PLOT)
+    (out / "benchmarks.md").write_text(render(results, PLOT) + "\n")
+    _log(f"wrote {out / 'benchmarks.md'} and {out / PLOT} from the measurements in {out / 'benchmarks.json'}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,150 @@
+"""Optimizer step time and state memory on the reference language model, against the peers.
+
+Every comparison builds one :class:`~gaugeopt.models.TransformerLM` (float32), computes one set of
+gradients, and gives each optimizer its own copy of the model holding those gradients. Steps are then
+timed *interleaved* (one step of each optimizer per round, ``rounds`` rounds after ``warmup`` untimed
+ones), so a change in machine load hits every optimizer alike; the report gives medians over rounds and
+the ratio of the medians. The gradients stay fixed: the step's cost does not depend on their values.
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import gaugeopt
+from gaugeopt.gauges import GaugeSet
+from gaugeopt.models import TransformerLM, TransformerLMConfig
+from gaugeopt.optim.baselines import MuonWithAdamW
+from gaugeopt.optim.ddc_adam import DDCAdam
+from gaugeopt.optim.ddc_muon import DDCMuon, muon_parameter_names
+from gaugeopt.optim.symcompat import SymmetryCompatible, symmetry_param_groups
+
+VOCAB, SEQ, BATCH = 256, 64, 4
+LR, ADAM_LR, WEIGHT_DECAY = 0.02, 1e-3, 0.1
+
+OptimizerFactory = Callable[[nn.Module, GaugeSet], object]
+
+
+def reference_config(width: int, n_layers: int = 2) -> TransformerLMConfig:
+    """The reference LM at ``d_model = width``: heads of 32 dims, ``d_ff = 4 width``, RoPE, RMSNorm,
+    SwiGLU (the defaults of :class:`TransformerLMConfig`)."""
+    return TransformerLMConfig(vocab_size=VOCAB, d_model=width, n_layers=n_layers, n_heads=max(1, width // 32),
+                               d_ff=4 * width, max_seq_len=SEQ)
+
+
+def model_with_gradients(width: int, seed: int = 0) -> tuple[nn.Module, GaugeSet]:
+    """The reference LM (float32) with the gradients of one next-token loss, and its gauges."""
+    torch.manual_seed(seed)
+    model = TransformerLM(reference_config(width))
+    tokens = torch.randint(0, VOCAB, (BATCH, SEQ + 1), generator=torch.Generator().manual_seed(seed))
+    gauges = gaugeopt.find_gauges(model, tokens[:1, :16], output="logits")
+    logits = model(tokens[:, :-1])
+    F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()).backward()
+    return model, gauges
+
+
+def parameter_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def state_bytes(optimizer) -> int:
+    """Bytes held in tensors of the optimizer's state (every sub-optimizer's, for a wrapper)."""
+    optimizers = getattr(optimizer, "optimizers", (optimizer,))
+    return sum(value.numel() * value.element_size() for opt in optimizers for state in opt.state.values()
+               for value in state.values() if isinstance(value, torch.Tensor))
+
+
+@dataclass
+class StepTiming:
+    name: str
+    step_s: list[float]
+    state_bytes: int
+
+    @property
+    def median_s(self) -> float:
+        return statistics.median(self.step_s)
+
+
+def time_steps(model: nn.Module, gauges: GaugeSet, factories: dict[str, OptimizerFactory], *, warmup: int,
+               rounds: int) -> dict[str, StepTiming]:
+    """Interleaved step timings of each optimizer on its own copy of ``model`` (same gradients)."""
+    runs = {}
+    for name, make in factories.items():
+        twin = copy.deepcopy(model)
+        for p, q in zip(model.parameters(), twin.parameters()):
+            q.grad = p.grad.clone()
+        runs[name] = make(twin, gauges.bind(twin))
+    for _ in range(warmup):
+        for optimizer in runs.values():
+            optimizer.step()
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(rounds):
+        for name, optimizer in runs.items():
+            start = time.perf_counter()
+            optimizer.step()
+            times[name].append(time.perf_counter() - start)
+    return {name: StepTiming(name, times[name], state_bytes(runs[name])) for name in runs}
+
+
+# --------------------------------------------------------------------------------------------------
+# The optimizers compared
+# --------------------------------------------------------------------------------------------------
+
+
+def adamw(model: nn.Module, gauges: GaugeSet):
+    return torch.optim.AdamW(model.parameters(), lr=ADAM_LR, weight_decay=WEIGHT_DECAY, foreach=True)
+
+
+def ddc_adam(model: nn.Module, gauges: GaugeSet):
+    return DDCAdam(model.parameters(), gauges, lr=ADAM_LR, weight_decay=WEIGHT_DECAY)
+
+
+def muon_with_adamw_torch(model: nn.Module, gauges: GaugeSet):
+    """``torch.optim.Muon`` (Newton-Schulz in bfloat16, hard-coded by torch) + ``AdamW``."""
+    return MuonWithAdamW(model, gauges, lr=LR, weight_decay=WEIGHT_DECAY, adam_lr=ADAM_LR)
+
+
+def muon_with_adamw_reference(ns_dtype: torch.dtype | None):
+    """Muon + AdamW with the same parameter split, without gauge frames, Newton-Schulz in ``ns_dtype``
+    (``None``: the parameters' dtype): torch.optim.Muon's iteration operation for operation (bit for
+    bit torch's with ``ns_dtype=torch.bfloat16``, tests/test_ddc_muon.py), in a chosen dtype."""
+    def make(model: nn.Module, gauges: GaugeSet):
+        hidden = muon_parameter_names(model, gauges)
+        named = list(model.named_parameters())
+        groups = [{"params": [p for n, p in named if n in hidden], "use_muon": True},
+                  {"params": [p for n, p in named if n not in hidden], "use_muon": False}]
+        return DDCMuon(groups, None, lr=LR, weight_decay=WEIGHT_DECAY, adam_lr=ADAM_LR, ns_dtype=ns_dtype)
+    return make
+
+
+def ddc_muon(ns_dtype: torch.dtype | None):
+    def make(model: nn.Module, gauges: GaugeSet):
+        return DDCMuon(model.parameters(), gauges, lr=LR, weight_decay=WEIGHT_DECAY, adam_lr=ADAM_LR,
+                       ns_dtype=ns_dtype)
+    return make
+
+
+def symmetry_compatible(model: nn.Module, gauges: GaugeSet):
+    return SymmetryCompatible(symmetry_param_groups(model, verbose=False), weight_decay=WEIGHT_DECAY)
+
+
+# --------------------------------------------------------------------------------------------------
+# The measurements
+# --------------------------------------------------------------------------------------------------
+
+
+def compare(width: int, factories: dict[str, OptimizerFactory], *, warmup: int, rounds: int) -> dict:
+    """One side-by-side comparison at one width, as a JSON-ready dict."""
+    model, gauges = model_with_gradients(width)
+    timings = time_steps(model, gauges, factories, warmup=warmup, rounds=rounds)
+    return {"width": width, "parameters": parameter_count(model),
+            "optimizers": {name: {"median_s": t.median_s, "step_s": t.step_s, "state_bytes": t.state_bytes}
+                           for name, t in timings.items()}}

@@ -1,0 +1,41 @@
+"""The benchmark suite (``python -m benchmarks``): the exponent fit is a known answer, the state count
+is the optimizer's tensors, and a quick run writes a report whose numbers are its measurements."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from benchmarks.__main__ import main
+from benchmarks.optimizer_steps import adamw, ddc_adam, model_with_gradients, state_bytes
+from benchmarks.report import fitted_exponent
+
+
+def test_fitted_exponent_recovers_a_power_law():
+    parameters = [1e5, 3e5, 1e6, 3e6]
+    assert fitted_exponent(parameters, [2e-9 * n**1.25 for n in parameters]) == pytest.approx(1.25, abs=1e-12)
+
+
+def test_state_bytes_counts_adamw_moments_and_ddc_adam_stays_within_two_percent():
+    model, gauges = model_with_gradients(32)
+    reference = adamw(model, gauges)
+    reference.step()
+    params = sum(p.numel() for p in model.parameters())
+    assert state_bytes(reference) == 2 * 4 * params + 4 * len(list(model.parameters()))  # m, v, step
+    ours = ddc_adam(model, gauges.bind(model))
+    ours.step()
+    assert state_bytes(reference) <= state_bytes(ours) <= 1.02 * state_bytes(reference)
+
+
+@pytest.mark.slow
+def test_quick_run_writes_a_report_from_its_measurements(tmp_path):
+    torch.set_num_threads(1)
+    assert main(["--quick", "--out", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "benchmarks.json").read_text())
+    report = (tmp_path / "benchmarks.md").read_text()
+    assert (tmp_path / "benchmarks_step_time.png").stat().st_size > 0
+    assert "Quick development run" in report
+    assert f"{results['summary']['ddc_adam_ratio']:.2f}x" in report
+    assert f"{results['summary']['ddc_adam_exponent']:.2f}" in report
