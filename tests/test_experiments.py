@@ -112,6 +112,8 @@ def test_results_table_lists_each_claim_with_its_verdict(tmp_path):
     rows = [line for line in table.splitlines() if line.startswith("| counting")]
     assert len(rows) == 2
     assert "| reproduced |" in rows[0] and "| not reproduced |" in rows[1]
+    seeds = [len(read_results(run)["seeds"]) for run in (a, b)]
+    assert [row.split(" | ")[2] for row in rows] == [str(n) for n in seeds]
     commit = read_results(a)["environment"]["source"]["commit"]
     if commit:
         assert commit[:10] in rows[0]

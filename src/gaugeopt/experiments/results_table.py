@@ -8,7 +8,7 @@ from pathlib import Path
 from .report import VERDICT
 from .runfolder import read_results
 
-HEADER = ["experiment", "preset", "date (UTC)", "commit", "machine", "claim", "paper", "ours", "verdict", "run"]
+HEADER = ["experiment", "preset", "seeds", "date (UTC)", "commit", "machine", "claim", "paper", "ours", "verdict", "run"]
 
 
 def _machine(results: dict) -> str:
@@ -26,7 +26,8 @@ def results_rows(run_dirs: Sequence[Path]) -> list[list[str]]:
         commit = (source.get("commit") or "unknown")[:10] + ("+" if source.get("dirty") else "")
         date = (results.get("finished") or results.get("started") or "")[:16].replace("T", " ")
         status = results.get("status", "unknown")
-        common = [results["experiment"], results["preset"], date, f"`{commit}`", _machine(results)]
+        seeds = len(results.get("seeds") or [])
+        common = [results["experiment"], results["preset"], seeds, date, f"`{commit}`", _machine(results)]
         claims = results.get("claims") or [{"claim": f"(no claim; run {status})", "anchor": "", "ours": "",
                                             "reproduced": None}]
         for claim in claims:
