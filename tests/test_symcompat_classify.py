@@ -217,3 +217,32 @@ def test_three_d_expert_tensors_get_batched_muon():
     assert rows["experts.down"].role == "moe_expert_tensor"
     groups = symmetry_param_groups(ExpertStack(), verbose=False)
     SymmetryCompatible(groups)
+
+
+class _BareRouter(nn.Module):
+    """A router holding its weight directly (as Hugging Face's Mixtral router does)."""
+
+    def __init__(self, experts: int, d: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(experts, d))
+
+
+class _StackedMoE(nn.Module):
+    def __init__(self, experts: int = 4, d: int = 6, routers: int = 1):
+        super().__init__()
+        self.experts = nn.Module()
+        self.experts.down = nn.Parameter(torch.randn(experts, d, 8))
+        self.gate = _BareRouter(experts, d)
+        if routers == 2:
+            self.other = nn.Linear(d, experts)
+
+
+def test_a_router_module_with_a_bare_weight_is_the_moe_router():
+    model = _StackedMoE()
+    roles = {c.name: c.role for c in classify_parameters(model)}
+    assert roles["gate.weight"] == "moe_router" and roles["experts.down"] == "moe_expert_tensor"
+
+
+def test_two_router_candidates_are_refused_with_the_override_hint():
+    with pytest.raises(ValueError, match="cannot tell which is the router: give the router an override"):
+        classify_parameters(_StackedMoE(routers=2))

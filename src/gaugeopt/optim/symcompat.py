@@ -395,12 +395,13 @@ def _attention_layout(module: nn.Module) -> dict[str, Any] | None:
     return {"q": heads, "k": kv_heads, "v": kv_heads, "o": heads}
 
 
-def _moe_layout(module: nn.Module) -> tuple[nn.Linear, nn.Module] | None:
-    """``(router, experts)`` for a module holding an expert container and a router Linear.
+def _moe_layout(module: nn.Module) -> tuple[Tensor, nn.Module] | None:
+    """``(router weight, experts)`` for a module holding an expert container and a router.
 
     The expert container is a child ``ModuleList`` named ``experts`` (or a child module named
-    ``experts`` holding 3-D parameters); the router is the unique child Linear whose
-    ``out_features`` equals the number of experts.
+    ``experts`` holding 3-D parameters); the router weight is the unique ``(experts, d)`` matrix held
+    directly by a child Linear or by another direct child module (a router module with a bare
+    ``weight``, as in Hugging Face's Mixtral).
     """
     experts = getattr(module, "experts", None)
     if not isinstance(experts, nn.Module):
@@ -413,11 +414,12 @@ def _moe_layout(module: nn.Module) -> tuple[nn.Linear, nn.Module] | None:
     count = _int_attr(module, _EXPERT_COUNT_ATTRS) or count
     if not count:
         return None
-    routers = [lin for lin in _linear_children(module).values() if lin.out_features == count]
+    routers = [p for child in module.children() if child is not experts
+               for p in child.parameters(recurse=False) if p.ndim == 2 and p.shape[0] == count]
     if len(routers) != 1:
         raise ValueError(
-            f"MoE module {type(module).__name__} with {count} experts has {len(routers)} child Linear layers with "
-            f"{count} outputs; cannot tell which is the router: give the router an override"
+            f"MoE module {type(module).__name__} with {count} experts has {len(routers)} child matrices with "
+            f"{count} rows; cannot tell which is the router: give the router an override"
         )
     return routers[0], experts
 
@@ -482,7 +484,7 @@ def _classify_structurally(model: nn.Module, example_inputs: Sequence[Any] | Non
         moe = _moe_layout(module)
         if moe is not None:
             router, experts = moe
-            roles.setdefault(id(router.weight), _Auto("moe_router"))
+            roles.setdefault(id(router), _Auto("moe_router"))
             for sub in experts.modules():
                 parts = _swiglu_parts(sub)
                 if parts is not None:
@@ -607,7 +609,7 @@ def symmetry_param_groups(
       attributes, checked against the shapes.
     * ``swiglu_gate_up`` / ``swiglu_down``: a module with ``gate/up/down`` (or ``gate_proj``...,
       ``w1/w3/w2``) Linears of shapes ``(f, d), (f, d), (d, f)``.
-    * ``moe_router``: in a module holding an ``experts`` container, the one Linear with as many
+    * ``moe_router``: in a module holding an ``experts`` container, the one child matrix with as many
       outputs as experts. ``moe_expert_gate_up`` / ``moe_expert_down``: SwiGLU matrices inside
       the container; ``moe_expert_tensor``: 3-D ``(E, rows, cols)`` expert stacks.
     * ``vector``: every 0-/1-D parameter (gains, biases) -> AdamW.
