@@ -82,15 +82,16 @@ def state_zeros(p: Tensor) -> Tensor:
 def all_finite(tensors: Iterable[Tensor]) -> bool:
     """Whether every entry of every tensor is finite, with one device synchronisation per device.
 
-    The infinity norm of each tensor (``torch._foreach_norm``: NaN propagates through it, Inf is its
-    own norm, and unlike the 2-norm it cannot overflow for finite input) is stacked and reduced to one
-    flag per device.
+    Each tensor's minimum and maximum (``torch.aminmax``, one pass; NaN propagates into both, an
+    infinity is one of them, and unlike a norm it cannot overflow for finite input) are tested on
+    the device and the flags reduced to one per device. On a CPU this costs about a tenth of an
+    AdamW step; the infinity norm (``torch._foreach_norm(ts, inf)``) cost as much as the step itself.
     """
     by_device: dict[torch.device, list[Tensor]] = {}
     for t in tensors:
         if t.numel():
             by_device.setdefault(t.device, []).append(t)
-    flags = [torch.stack([n.isfinite() for n in torch._foreach_norm(ts, math.inf)]).all()
+    flags = [torch.stack([torch.stack(torch.aminmax(t)).isfinite().all() for t in ts]).all()
              for ts in by_device.values()]
     return all(bool(flag) for flag in flags)
 
