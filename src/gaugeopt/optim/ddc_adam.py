@@ -439,7 +439,7 @@ class DDCAdam(GuardedOptimizer):
             if group is None or not consumers:
                 continue
             gain = self._params_by_name[family.gain]
-            h = sum((work[c].grad * work[c].value).sum(0) for c in consumers)
+            h = sum(torch.linalg.vecdot(work[c].grad, work[c].value, dim=0) for c in consumers)  # column sums, fused
             state = self.state[gain]
             if not state:
                 state["step"] = torch.tensor(0.0, dtype=torch.float32)
