@@ -293,19 +293,28 @@ class DDCMuon(DDCAdam):
     _PARAM_SHAPED_STATE = DDCAdam._PARAM_SHAPED_STATE | {"momentum_buffer"}
 
     def _validate_group(self, group: dict, where: str) -> None:
-        """Muon settings where the group takes Muon; always the Adam part's (lr, betas, eps, decay)."""
+        """Muon settings and shapes where the group takes Muon; always the Adam part's (lr, betas, eps,
+        decay). Runs on groups added, on every step and on groups a checkpoint loads."""
         if group.get("use_muon", False):
             _check_muon_settings(group, where)
+            self._check_muon_shapes(group, where)
         super()._validate_group(group, where)
 
+    def _check_muon_shapes(self, group: dict, where: str) -> None:
+        """Muon takes matrices (and the vectors of a neuron pair whose matrices it takes). Which
+        vectors belong to pairs is known once the frame plan is built: construction checks again then."""
+        if not hasattr(self, "plan"):
+            return
+        for p in group["params"]:
+            name = self._names.get(id(p))
+            if p.ndim != 2 and name not in self._pair_members:
+                raise ValueError(f"{where}: Muon needs 2-D parameters; {name or 'a parameter'} has shape "
+                                 f"{tuple(p.shape)}: put it in a group with use_muon=False")
+
     def _check_groups(self) -> None:
-        pair_members = {r.name for f in self.plan.pairs for r in (*f.multiplied, *f.divided)}
-        for group in self.param_groups:
-            for p in group["params"]:
-                name = self._names.get(id(p))
-                if group["use_muon"] and p.ndim != 2 and name not in pair_members:
-                    raise ValueError(f"Muon needs 2-D parameters; {name or 'a parameter'} has shape {tuple(p.shape)}: "
-                                     f"put it in a group with use_muon=False")
+        for index, group in enumerate(self.param_groups):
+            if group["use_muon"]:
+                self._check_muon_shapes(group, f"param group {index}")
         optimized = self._group_of
         for family in self.plan.pairs:
             names = [r.name for r in (*family.multiplied, *family.divided)]
