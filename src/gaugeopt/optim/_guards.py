@@ -35,6 +35,7 @@ from torch import Tensor
 
 __all__ = [
     "GuardedOptimizer",
+    "NonfinitePolicy",
     "NonFiniteGradientError",
     "NONFINITE_MODES",
     "all_finite",
@@ -165,7 +166,31 @@ def require_known_keys(where: str, group: Mapping[str, Any], known: Iterable[str
 # --------------------------------------------------------------------------------------------------
 
 
-class GuardedOptimizer(torch.optim.Optimizer):
+class NonfinitePolicy:
+    """The ``nonfinite`` setting and its bookkeeping, shared by :class:`GuardedOptimizer` and the
+    optimizer bundles (``MuonWithAdamW``)."""
+
+    def _init_guards(self, nonfinite: str) -> None:
+        require_choice(type(self).__name__, "nonfinite", nonfinite, NONFINITE_MODES)
+        self.nonfinite = nonfinite
+        #: Steps skipped because a gradient was not finite (``nonfinite="skip"``); kept in checkpoints.
+        self.skipped_steps = 0
+        #: Whether the last call of ``step`` was skipped.
+        self.last_step_skipped = False
+
+    def _nonfinite_step(self, bad: list[str]) -> bool:
+        """Apply the ``nonfinite`` policy to a step whose gradients of ``bad`` are not finite: count a
+        skip and return ``False``, or raise :class:`NonFiniteGradientError` naming them."""
+        if self.nonfinite == "skip":
+            self.skipped_steps += 1
+            self.last_step_skipped = True
+            return False
+        raise NonFiniteGradientError(
+            f"non-finite gradient (NaN or Inf) for {'; '.join(bad)}; nothing was changed. Pass "
+            f"nonfinite='skip' to skip such steps (counted in optimizer.skipped_steps)")
+
+
+class GuardedOptimizer(NonfinitePolicy, torch.optim.Optimizer):
     """``torch.optim.Optimizer`` with the checks of the module docstring.
 
     Subclasses call :meth:`_init_guards` before ``super().__init__``, implement
@@ -178,14 +203,6 @@ class GuardedOptimizer(torch.optim.Optimizer):
     _PARAM_SHAPED_STATE: frozenset[str] = frozenset()
     #: Keys a param group may set besides ``params``, ``param_names`` and those of ``defaults``.
     _EXTRA_GROUP_KEYS: frozenset[str] = frozenset()
-
-    def _init_guards(self, nonfinite: str) -> None:
-        require_choice(type(self).__name__, "nonfinite", nonfinite, NONFINITE_MODES)
-        self.nonfinite = nonfinite
-        #: Steps skipped because a gradient was not finite (``nonfinite="skip"``); kept in checkpoints.
-        self.skipped_steps = 0
-        #: Whether the last call of ``step`` was skipped.
-        self.last_step_skipped = False
 
     # ----- names --------------------------------------------------------------------------------
     def _known_names(self) -> Mapping[int, str]:
@@ -249,17 +266,6 @@ class GuardedOptimizer(torch.optim.Optimizer):
         names = self._parameter_names()
         return self._nonfinite_step([self._describe(gi, pi, names) for gi, pi in located
                                      if not torch.isfinite(self.param_groups[gi]["params"][pi].grad).all()])
-
-    def _nonfinite_step(self, bad: list[str]) -> bool:
-        """Apply the ``nonfinite`` policy to a step whose gradients of ``bad`` are not finite: count a
-        skip and return ``False``, or raise :class:`NonFiniteGradientError` naming them."""
-        if self.nonfinite == "skip":
-            self.skipped_steps += 1
-            self.last_step_skipped = True
-            return False
-        raise NonFiniteGradientError(
-            f"non-finite gradient (NaN or Inf) for {'; '.join(bad)}; nothing was changed. Pass "
-            f"nonfinite='skip' to skip such steps (counted in optimizer.skipped_steps)")
 
     # ----- checkpoints ------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -16,8 +16,7 @@ from torch import nn
 
 from ..gauges.gaugeset import GaugeSet
 from ._guards import (
-    NONFINITE_MODES,
-    NonFiniteGradientError,
+    NonfinitePolicy,
     all_finite,
     require,
     require_betas,
@@ -31,7 +30,7 @@ from .ddc_muon import ADJUST_LR_CHOICES, muon_parameter_names
 __all__ = ["MuonWithAdamW"]
 
 
-class MuonWithAdamW:
+class MuonWithAdamW(NonfinitePolicy):
     """``torch.optim.Muon`` on hidden matrices plus ``torch.optim.AdamW`` on everything else.
 
     Args:
@@ -72,7 +71,7 @@ class MuonWithAdamW:
         nonfinite: str = "raise",
     ):
         where = type(self).__name__
-        require_choice(where, "nonfinite", nonfinite, NONFINITE_MODES)
+        self._init_guards(nonfinite)
         require_rate(where, lr)
         require_unit_interval(where, "momentum", momentum)
         require_nonnegative(where, "weight_decay", weight_decay)
@@ -87,10 +86,6 @@ class MuonWithAdamW:
         if gauges is not None and gauges.model is not model:
             raise ValueError("gauges were found on another model: pass the GaugeSet of this model "
                              "(gauges.bind(model) re-targets one to a copy)")
-        self.nonfinite = nonfinite
-        #: Steps skipped because a gradient was not finite (``nonfinite="skip"``).
-        self.skipped_steps = 0
-        self.last_step_skipped = False
         params = {n: p for n, p in model.named_parameters() if p.requires_grad}
         if muon_names is None:
             hidden = muon_parameter_names(model, gauges)
@@ -133,12 +128,8 @@ class MuonWithAdamW:
         if sparse:
             raise ValueError(f"MuonWithAdamW does not support sparse gradients, got them for {sparse}")
         if not all_finite(p.grad for _, p in named):
-            if self.nonfinite == "skip":
-                self.skipped_steps += 1
-                self.last_step_skipped = True
-                return loss
-            bad = [n for n, p in named if not torch.isfinite(p.grad).all()]
-            raise NonFiniteGradientError(f"non-finite gradient (NaN or Inf) for {bad}; nothing was changed")
+            self._nonfinite_step([n for n, p in named if not torch.isfinite(p.grad).all()])  # raises or counts a skip
+            return loss
         for opt in self.optimizers:
             opt.step()
         return loss
