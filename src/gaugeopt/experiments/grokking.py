@@ -17,7 +17,7 @@ from ..models import ModularAdditionConfig, ModularAdditionTransformer
 from .common import ARM_LABELS, mean
 from .registry import Experiment
 from .runner import RunContext
-from .training import OptimizerSettings, build_optimizer, train_arm
+from .training import OptimizerSettings, seeded_arm, train_arm
 
 
 @dataclass(frozen=True)
@@ -53,10 +53,8 @@ def run(config: GrokkingConfig, context: RunContext) -> None:
         train_x, train_y = data.train_inputs.to(device), data.train_labels.to(device)
         val_x, val_y = data.val_inputs.to(device), data.val_labels.to(device)
         for arm in c.arms:
-            torch.manual_seed(seed)
-            model = ModularAdditionTransformer(model_config).to(device)
-            with folder.timed(f"setup {arm} seed {seed}"):  # gauge discovery for gauge-aware arms
-                optimizer = build_optimizer(arm, model, settings, c.steps, example_inputs=train_x[:2])
+            model, optimizer = seeded_arm(folder, arm, seed, lambda: ModularAdditionTransformer(model_config).to(device),
+                                          settings, c.steps, example_inputs=train_x[:2])
             batches = torch.Generator().manual_seed(10_000 + seed)
             batch = min(c.batch_size, len(train_y))
 

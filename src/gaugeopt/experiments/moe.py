@@ -19,7 +19,7 @@ from ..models import MoEConfig, MoELM
 from .common import ARM_LABELS, mean
 from .registry import Experiment
 from .runner import RunContext
-from .training import GAUGE_PROBE_POSITIONS, OptimizerSettings, build_optimizer, train_arm
+from .training import GAUGE_PROBE_POSITIONS, OptimizerSettings, seeded_arm, train_arm
 
 ROUTER_FIELDS = ("load_cv", "max_load", "dead_fraction", "logit_rms", "z_loss")
 
@@ -70,11 +70,8 @@ def run(config: MoEExperimentConfig, context: RunContext) -> None:
     final: dict[str, dict[str, list[float]]] = {}
     for arm in c.arms:
         for seed in c.seeds:
-            torch.manual_seed(seed)
-            model = MoELM(model_config).to(device)
-            example = train_eval[0][:2, :GAUGE_PROBE_POSITIONS]
-            with folder.timed(f"setup {arm} seed {seed}"):  # gauge discovery for gauge-aware arms
-                optimizer = build_optimizer(arm, model, settings, c.steps, example_inputs=example)
+            model, optimizer = seeded_arm(folder, arm, seed, lambda: MoELM(model_config).to(device), settings, c.steps,
+                                          example_inputs=train_eval[0][:2, :GAUGE_PROBE_POSITIONS])
             batches = torch.Generator().manual_seed(10_000 + seed)
 
             def batch_loss(step: int) -> torch.Tensor:

@@ -110,6 +110,18 @@ def build_optimizer(arm: str, model: nn.Module, settings: OptimizerSettings, tot
     return OptimizerBundle(opts, total_steps, s)
 
 
+def seeded_arm(folder: Any, arm: str, seed: int, make_model: Callable[[], nn.Module], settings: OptimizerSettings,
+               total_steps: int, example_inputs: Any = None) -> tuple[nn.Module, OptimizerBundle]:
+    """The model and optimizer of one (arm, seed) run. The model is built right after seeding torch
+    with ``seed``, so every arm starts from the same weights; the optimizer is built under the run
+    folder's ``setup`` timer (gauge discovery, for the gauge-aware arms, is part of it)."""
+    torch.manual_seed(seed)
+    model = make_model()
+    with folder.timed(f"setup {arm} seed {seed}"):
+        optimizer = build_optimizer(arm, model, settings, total_steps, example_inputs=example_inputs)
+    return model, optimizer
+
+
 def train_loop(
     *,
     model: nn.Module,

@@ -22,7 +22,7 @@ from ..models import ViT, ViTConfig
 from .common import ARM_LABELS, mean
 from .registry import Experiment
 from .runner import RunContext
-from .training import OptimizerSettings, build_optimizer, train_arm
+from .training import OptimizerSettings, seeded_arm, train_arm
 
 COMPRESSION_THRESHOLD = 1e-3
 
@@ -79,6 +79,8 @@ def load_split(config: ViTExperimentConfig, seed: int) -> ImageSplit:
 
 def run(config: ViTExperimentConfig, context: RunContext) -> None:
     c, folder, device = config, context.folder, context.device
+    settings = OptimizerSettings(lr=c.lr, weight_decay=c.weight_decay, warmup_steps=c.warmup_steps,
+                                 min_lr_ratio=c.min_lr_ratio)
     final: dict[str, dict[str, list[float]]] = {}
     for seed in c.seeds:
         data = load_split(c, seed)
@@ -89,12 +91,8 @@ def run(config: ViTExperimentConfig, context: RunContext) -> None:
                                  num_classes=data.num_classes, d_model=c.d_model, n_layers=c.n_layers,
                                  n_heads=c.n_heads, d_ff=c.d_ff)
         for arm in c.arms:
-            torch.manual_seed(seed)
-            model = ViT(model_config).to(device)
-            settings = OptimizerSettings(lr=c.lr, weight_decay=c.weight_decay, warmup_steps=c.warmup_steps,
-                                         min_lr_ratio=c.min_lr_ratio)
-            with folder.timed(f"setup {arm} seed {seed}"):  # gauge discovery for gauge-aware arms
-                optimizer = build_optimizer(arm, model, settings, c.steps, example_inputs=train_x[:2])
+            model, optimizer = seeded_arm(folder, arm, seed, lambda: ViT(model_config).to(device), settings, c.steps,
+                                          example_inputs=train_x[:2])
             batches = torch.Generator().manual_seed(10_000 + seed)
 
             def batch_loss(step: int) -> torch.Tensor:
