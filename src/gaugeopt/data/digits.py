@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
 
 import torch
 
-from .errors import MissingDataError
+from .errors import import_data_module
 
 SKLEARN_DATASETS = "sklearn.datasets"
 SKLEARN_INSTALL = "pip install scikit-learn"
@@ -28,10 +27,7 @@ def load_digits_split(val_fraction: float = 0.3, seed: int = 0) -> ImageSplit:
     """A seeded random split of ``sklearn.datasets.load_digits``; pixels are divided by 16."""
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
-    try:
-        datasets = importlib.import_module(SKLEARN_DATASETS)
-    except ImportError as error:
-        raise MissingDataError("digits", SKLEARN_INSTALL, str(error)) from error
+    datasets = import_data_module(SKLEARN_DATASETS, "digits", SKLEARN_INSTALL)
     bunch = datasets.load_digits()
     images = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0
     labels = torch.tensor(bunch.target, dtype=torch.long)

@@ -1,6 +1,9 @@
-"""The one error raised when a bundled data set's package is not installed."""
+"""The one error raised when a bundled data set's package is not installed, and the import that raises it."""
 
 from __future__ import annotations
+
+import importlib
+from types import ModuleType
 
 
 class MissingDataError(ImportError):
@@ -10,3 +13,11 @@ class MissingDataError(ImportError):
         self.dataset, self.install = dataset, install
         message = f"the {dataset} data set is not available: install it with `{install}`"
         super().__init__(f"{message} ({detail})" if detail else message)
+
+
+def import_data_module(module: str, dataset: str, install: str) -> ModuleType:
+    """``importlib.import_module(module)``, or :class:`MissingDataError` saying to run ``install``."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as error:
+        raise MissingDataError(dataset, install, str(error)) from error

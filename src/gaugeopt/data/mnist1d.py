@@ -8,14 +8,13 @@ downloaded from GitHub and is never fetched. Signals are returned as single-row 
 
 from __future__ import annotations
 
-import importlib
 import random
 
 import numpy as np
 import torch
 
 from .digits import ImageSplit
-from .errors import MissingDataError
+from .errors import import_data_module
 
 MNIST1D_GENERATOR = "mnist1d.data"
 MNIST1D_INSTALL = "pip install mnist1d"
@@ -32,10 +31,7 @@ def load_mnist1d_split(num_samples: int = 5000, val_fraction: float = 0.2, seed:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
     if num_samples < 20:
         raise ValueError(f"num_samples must be at least 20 (two per class), got {num_samples}")
-    try:
-        generator = importlib.import_module(MNIST1D_GENERATOR)
-    except ImportError as error:
-        raise MissingDataError("MNIST-1D", MNIST1D_INSTALL, str(error)) from error
+    generator = import_data_module(MNIST1D_GENERATOR, "MNIST-1D", MNIST1D_INSTALL)
     args = generator.get_dataset_args()
     args.num_samples, args.train_split, args.seed = num_samples, 1.0 - val_fraction, seed
     python_state, numpy_state = random.getstate(), np.random.get_state()
