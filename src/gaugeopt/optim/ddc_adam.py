@@ -59,7 +59,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -79,17 +79,27 @@ from ._guards import (
     state_zeros,
 )
 from .distributed import sharded_step
+from .fused_updates import (
+    AdamScalars,
+    PairMember,
+    compiled,
+    framed_adam_update_,
+    merged_column_inner,
+    pair_adam_update_,
+)
 from .gauge_frames import (
+    FrameEntry,
+    adam_moments_,
     FramePlan,
     PairFrame,
     TensorFrame,
     build_frame_plan,
     center_rows,
+    enter_frame,
     from_unit_slices,
-    group_mean,
+    leave_frame,
     pair_chart,
     pair_retract,
-    scale_columns,
     unit_slices,
 )
 
@@ -99,28 +109,6 @@ __all__ = ["DDCAdam", "adam_moments_", "adam_denominator"]
 # --------------------------------------------------------------------------------------------------
 # Adam's moment maps (shared with the plain AdamW path, in torch.optim.AdamW's operation order)
 # --------------------------------------------------------------------------------------------------
-
-
-def adam_moments_(x: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, beta1: float, beta2: float,
-                  shared_axes: Iterable[tuple[int, Tensor, tuple[int, int, int] | None]] = ()) -> None:
-    """``m <- b1 m + (1-b1) x`` and ``v <- b2 v + (1-b2) S(x*x)`` in place; ``S`` averages over the
-    groups of each ``(axis, groups, layout)`` in ``shared_axes`` (the identity when there are none;
-    ``layout`` as in :func:`~gaugeopt.optim.gauge_frames.group_mean`)."""
-    exp_avg.lerp_(x, 1 - beta1)
-    shared_axes = list(shared_axes)
-    if not shared_axes:
-        exp_avg_sq.mul_(beta2).addcmul_(x, x, value=1 - beta2)
-        return
-    square = x * x
-    if len(shared_axes) == 1 and shared_axes[0][2] is not None:  # regular blocks: a broadcast, no gather
-        axis, _, layout = shared_axes[0]
-        blocked = (*x.shape[:axis], *layout, *x.shape[axis + 1:])
-        means = square.view(blocked).mean(dim=axis + 1, keepdim=True)
-        exp_avg_sq.view(blocked).mul_(beta2).add_(means, alpha=1 - beta2)
-        return
-    for axis, groups, layout in shared_axes:
-        square = group_mean(square, groups, axis, layout)
-    exp_avg_sq.mul_(beta2).add_(square, alpha=1 - beta2)
 
 
 def adam_denominator(exp_avg_sq: Tensor, step: float, beta2: float, eps: float) -> Tensor:
@@ -141,25 +129,17 @@ def _adam_direction(exp_avg: Tensor, exp_avg_sq: Tensor, step: float, beta1: flo
 
 @dataclass
 class _Work:
-    """One gauge-carrying parameter in its frame: ``value`` (merged, centered, decayed) and ``grad``
-    (merged, centered) are what the update sees; ``mean_row`` is the held translation coordinate,
-    ``frozen`` the entries written back unchanged, ``gain`` the norm gain the lift divides by
-    (columns) or multiplies with (norm bias)."""
+    """One gauge-carrying parameter in its frame while a step runs: ``value`` and ``grad`` start as
+    ``entry``'s (:func:`~gaugeopt.optim.gauge_frames.enter_frame`) and ``value`` is replaced by each
+    update; ``frozen`` adds the entries of dead neuron units to the entry's dead channels."""
 
     param: Tensor
     group: dict
     frame: TensorFrame
+    entry: FrameEntry
     value: Tensor
     grad: Tensor
-    mean_row: Tensor | None
-    frozen: Tensor | None
-    gain: Tensor | None
-
-
-def _live_gain(gain: Tensor, threshold: float) -> tuple[Tensor, Tensor]:
-    """(dead channel mask, gain with dead channels replaced by 1)."""
-    dead = gain.abs() <= threshold
-    return dead, torch.where(dead, torch.ones_like(gain), gain)
+    frozen: Tensor | None = None
 
 
 class DDCAdam(GuardedOptimizer):
@@ -182,6 +162,12 @@ class DDCAdam(GuardedOptimizer):
         nonfinite: ``"raise"`` (default): a NaN or Inf gradient raises
             :class:`~gaugeopt.optim.NonFiniteGradientError` naming the parameter; ``"skip"``: the
             step is skipped and counted in :attr:`skipped_steps`. Nothing changes in either case.
+        fused: step each gauge-carrying tensor, and each neuron pair family, with one function
+            compiled by ``torch.compile`` (:mod:`gaugeopt.optim.fused_updates`): a few fused kernels
+            instead of some thirty eager passes over memory. The same math as the eager step (equal up
+            to rounding); the first steps compile (tens of seconds on a CPU, once per process and
+            tensor structure). Neuron-pair members must carry no frame but the pair and a norm merge
+            (``ValueError`` otherwise); the parameters no gauge touches take torch's AdamW either way.
 
     Robustness (``docs/robustness.md``): settings are checked at construction, on every step and on
     ``load_state_dict`` (``ValueError`` naming the field); float16/bfloat16 parameters keep float32
@@ -206,6 +192,7 @@ class DDCAdam(GuardedOptimizer):
         norm_scale_step: bool = True,
         dead_threshold: float = 1e-12,
         nonfinite: str = "raise",
+        fused: bool = False,
     ):
         self._init_guards(nonfinite)
         self._validate_group(dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, pair_frame=pair_frame),
@@ -228,6 +215,9 @@ class DDCAdam(GuardedOptimizer):
         self._names = {id(p): n for n, p in model_params.items()}
         self._params_by_name = model_params
         self._pair_members = {r.name for f in self.plan.pairs for r in (*f.multiplied, *f.divided)}
+        self.fused = bool(fused)
+        if self.fused:
+            _check_fusable(self.plan)
         #: Frozen (dead) norm channels and neuron units of the last step: family name -> indices.
         self.frozen: dict[str, tuple[int, ...]] = {}
 
@@ -290,57 +280,19 @@ class DDCAdam(GuardedOptimizer):
         p.copy_(work)
 
     def _enter_frame(self, p: Tensor, group: dict, frame: TensorFrame, grad: Tensor) -> _Work:
-        """Merge with the norm gain, center translations, freeze dead channels, apply weight decay.
-
-        ``value`` and ``grad`` are new tensors where a frame map applies and the parameter's own
-        storage (read only) where none does; weight decay makes ``value`` a new tensor in any case,
-        and every later update replaces it rather than writing into it. Float16 and bfloat16
-        parameters are worked on in float32 (:func:`~gaugeopt.optim._guards.compute_dtype`)."""
-        dtype = compute_dtype(p)
-        value, frozen, gain = p.detach(), None, None
-        converted = dtype != p.dtype
-        if converted:
-            value, grad = value.to(dtype), grad.to(dtype)
-        mapped = converted or frame.role == "norm_bias" or frame.merge is not None or frame.centered  # value is new
-        decay = 1 - group["lr"] * group["weight_decay"]
-        decayed = not frame.centered  # fold the decay into the merge (one pass less) unless centering comes between
-        if frame.role == "norm_bias":
-            dead, gain = _live_gain(self._params_by_name[frame.gain].detach().to(dtype), self.dead_threshold)
-            value, grad = value * ((decay if decayed else 1.0) / gain), grad * gain
-            if dead.any():
-                frozen = dead
-        elif (merge := frame.merge) is not None:
-            dead, gain = _live_gain(self._params_by_name[merge.gain].detach().to(dtype), self.dead_threshold)
-            value, grad = scale_columns(value, gain * (decay if decayed else 1.0)), scale_columns(grad, 1 / gain)
-            if dead.any():
-                frozen = dead.reshape(1, -1).expand_as(value)
-        else:
-            decayed = False
-        if frozen is not None:
-            value, grad = value.masked_fill_(frozen, 0.0), grad.masked_fill_(frozen, 0.0)
-        mean_row = None
-        if frame.centered:
-            mean_row = value.mean(dim=0, keepdim=True)
-            value, grad = value - mean_row, center_rows(grad)
-        if group["weight_decay"] != 0 and not decayed:
-            value = value.mul_(decay) if mapped else value * decay
-        return _Work(p, group, frame, value, grad, mean_row, frozen, gain)
+        """``p`` in its frame (:func:`~gaugeopt.optim.gauge_frames.enter_frame`): merged with its norm
+        gain, centered, dead channels frozen, decayed; in float32 for float16/bfloat16 parameters."""
+        gain_name = frame.gain if frame.role == "norm_bias" else (frame.merge.gain if frame.merge else None)
+        entry = enter_frame(p, grad, None if gain_name is None else self._params_by_name[gain_name],
+                            role=frame.role, merged=frame.merge is not None, centered=frame.centered,
+                            decay=1 - group["lr"] * group["weight_decay"], threshold=self.dead_threshold,
+                            dtype=compute_dtype(p))
+        return _Work(p, group, frame, entry, entry.value, entry.grad)
 
     @staticmethod
     def _leave_frame(w: _Work) -> None:
-        """Write ``w.value`` back through the frame (covariant lift), leaving frozen entries as they were.
-        ``w.value`` is the optimizer's own tensor by now, so the lift works in place or writes straight
-        into the parameter."""
-        value = w.value
-        if w.mean_row is not None:
-            value = value.add_(w.mean_row)
-        gain = None if w.gain is None else (w.gain if w.frame.role == "norm_bias" else 1 / w.gain.reshape(1, -1))
-        if w.frozen is not None:
-            w.param.copy_(torch.where(w.frozen, w.param, value if gain is None else value * gain))
-        elif gain is not None:
-            torch.mul(value, gain, out=w.param)
-        else:
-            w.param.copy_(value)
+        """Write ``w.value`` (the optimizer's own tensor by now) back through the frame."""
+        leave_frame(w.param, w.value, w.entry, w.frozen)
 
     def _advance_moments(self, w: _Work, x: Tensor) -> tuple[Tensor, Tensor]:
         """Advance the per-coordinate moments of ``w`` on input ``x``; return ``m`` and the
@@ -365,15 +317,8 @@ class DDCAdam(GuardedOptimizer):
     def _pair_step(self, family: NeuronScaling, work: dict[str, _Work]) -> tuple[int, ...]:
         """One neuron-pair chart step for all units of ``family``; returns the dead units."""
         sides = (family.multiplied, family.divided)
-        members = [work[r.name] for refs in sides for r in refs]
-        anchor = members[0]
-        for w in members[1:]:
-            for key in ("lr", "betas", "eps", "pair_frame"):
-                if w.group[key] != anchor.group[key]:
-                    raise ValueError(
-                        f"gauge family {family.name} couples {family.multiplied[0].name} and "
-                        f"{self._names[id(w.param)]} into one update, but their groups set different "
-                        f"{key} ({anchor.group[key]} vs {w.group[key]}); put them in groups that agree")
+        anchor = work[family.multiplied[0].name]
+        self._check_coupled_settings(family, {name: w.group for name, w in work.items()})
         lr, (beta1, beta2), eps = anchor.group["lr"], anchor.group["betas"], anchor.group["eps"]
         (P1, widths1), (G1, _) = self._gather_side(work, sides[0], "value"), self._gather_side(work, sides[0], "grad")
         (P2, widths2), (G2, _) = self._gather_side(work, sides[1], "value"), self._gather_side(work, sides[1], "grad")
@@ -423,23 +368,46 @@ class DDCAdam(GuardedOptimizer):
                     w.frozen = dead if w.frozen is None else (w.frozen | dead)
         return tuple(chart.dead.nonzero().flatten().tolist()) if any_dead else ()
 
-    def _norm_scale_steps(self, work: dict[str, _Work],
-                          gain_groups: dict[str, dict]) -> dict[str, tuple[list[str], Tensor]]:
+    @staticmethod
+    def _check_coupled_settings(family: NeuronScaling, groups: Mapping[str, dict]) -> None:
+        """The tensors of a neuron pair share one update: their groups must agree on lr, betas, eps
+        and pair_frame (``ValueError`` naming the tensors and the field otherwise)."""
+        anchor = family.multiplied[0].name
+        for ref in (*family.multiplied[1:], *family.divided):
+            for key in ("lr", "betas", "eps", "pair_frame"):
+                if groups[ref.name][key] != groups[anchor][key]:
+                    raise ValueError(
+                        f"gauge family {family.name} couples {anchor} and {ref.name} into one update, but "
+                        f"their groups set different {key} ({groups[anchor][key]} vs {groups[ref.name][key]}); "
+                        f"put them in groups that agree")
+
+    def _dead_channels(self) -> dict[str, tuple[int, ...]]:
+        """Norm families with dead channels (``|gain| <= dead_threshold``): family name -> indices."""
+        frozen = {}
+        for family in self.plan.norms:
+            dead = (self._params_by_name[family.gain].detach().abs() <= self.dead_threshold).nonzero().flatten()
+            if len(dead):
+                frozen[family.name] = tuple(dead.tolist())
+        return frozen
+
+    def _norm_scale_steps(self, stepped: Collection[str], gain_groups: dict[str, dict],
+                          column_inner: Callable[[str], Tensor]) -> dict[str, tuple[list[str], Tensor]]:
         """Per norm family: its consumers and the factors ``exp(-lr r_j)`` for their merged columns.
 
-        ``h_j = sum over consumers <G~[:, j], W~[:, j]>`` (equal to ``g_j dL/dg_j``) is invariant under
-        every gauge; a scalar Adam on it, with the gain's group settings, gives ``r_j``. At ``g = 1``
-        this is AdamW's step on the gain, taken as the common log-scale of the channel's merged columns
-        (the gain itself stays the frame). Dead channels get factor 1.
+        ``h_j = sum over consumers <G~[:, j], W~[:, j]>`` (equal to ``g_j dL/dg_j``; ``column_inner(c)``
+        gives consumer ``c``'s share, for the consumers in ``stepped``) is invariant under every gauge;
+        a scalar Adam on it, with the gain's group settings, gives ``r_j``. At ``g = 1`` this is AdamW's
+        step on the gain, taken as the common log-scale of the channel's merged columns (the gain
+        itself stays the frame). Dead channels get factor 1.
         """
         steps = {}
         for family in self.plan.norms:
-            consumers = [c for c in family.consumers if c in work]
+            consumers = [c for c in family.consumers if c in stepped]
             group = gain_groups.get(family.gain)
             if group is None or not consumers:
                 continue
             gain = self._params_by_name[family.gain]
-            h = sum(torch.linalg.vecdot(work[c].grad, work[c].value, dim=0) for c in consumers)  # column sums, fused
+            h = sum(column_inner(c) for c in consumers)
             state = self.state[gain]
             if not state:
                 state["step"] = torch.tensor(0.0, dtype=torch.float32)
@@ -527,7 +495,7 @@ class DDCAdam(GuardedOptimizer):
                 loss = closure()
         if not self._gradients_ready():  # settings, sparse and non-finite gradients (nothing changed)
             return loss
-        work: dict[str, _Work] = {}
+        stepped: dict[str, tuple[Tensor, dict, TensorFrame, Tensor]] = {}  # name -> (param, group, frame, grad)
         gain_groups: dict[str, dict] = {}
         for group in self.param_groups:
             plain = []
@@ -544,19 +512,27 @@ class DDCAdam(GuardedOptimizer):
                     continue
                 if p.grad is None and name not in self._pair_members:
                     continue
-                grad = p.grad if p.grad is not None else torch.zeros_like(p)
-                work[name] = self._enter_frame(p, group, frame, grad)
+                stepped[name] = (p, group, frame, p.grad if p.grad is not None else torch.zeros_like(p))
             self._plain_steps(plain, group)
+        frozen = self._dead_channels()
+        if self.fused:
+            frozen.update(self._fused_gauge_steps(stepped, gain_groups))
+        else:
+            frozen.update(self._gauge_steps(stepped, gain_groups))
+        self._report_frozen(frozen)
+        return loss
 
-        frozen: dict[str, tuple[int, ...]] = {}
-        for family in self.plan.norms:
-            dead = (self._params_by_name[family.gain].detach().abs() <= self.dead_threshold).nonzero().flatten()
-            if len(dead):
-                frozen[family.name] = tuple(dead.tolist())
-        channel_steps = self._norm_scale_steps(work, gain_groups) if self.norm_scale_step else {}
+    def _gauge_steps(self, stepped: dict[str, tuple[Tensor, dict, TensorFrame, Tensor]],
+                     gain_groups: dict[str, dict]) -> dict[str, tuple[int, ...]]:
+        """The eager step of the gauge-carrying tensors; returns the dead neuron units per family."""
+        work = {name: self._enter_frame(*entry) for name, entry in stepped.items()}
+        channel_steps = {}
+        if self.norm_scale_step:
+            channel_steps = self._norm_scale_steps(
+                work, gain_groups, lambda c: torch.linalg.vecdot(work[c].grad, work[c].value, dim=0))
         held_ratios = {f.name: self._pair_log_ratio(f, work) for f in self.plan.pairs
                        if channel_steps and all(r.name in work for r in (*f.multiplied, *f.divided))}
-        charted = set()
+        charted, frozen = set(), {}
         for family in self.plan.pairs:
             names = [r.name for r in (*family.multiplied, *family.divided)]
             if not all(n in work for n in names):
@@ -580,8 +556,67 @@ class DDCAdam(GuardedOptimizer):
                 self._hold_pair_ratio(family, work, held_ratios[family.name])
         for w in work.values():
             self._leave_frame(w)
-        self._report_frozen(frozen)
-        return loss
+        return frozen
+
+    def _step_scalars(self, p: Tensor, group: dict) -> AdamScalars:
+        """Advance ``p``'s step count; the scalars of its Adam step (:class:`AdamScalars`)."""
+        state = self._state(p)
+        state["step"] += 1
+        return AdamScalars.at(float(state["step"]), group["lr"], group["weight_decay"], *group["betas"], group["eps"],
+                              device=p.device)
+
+    def _fused_gauge_steps(self, stepped: dict[str, tuple[Tensor, dict, TensorFrame, Tensor]],
+                           gain_groups: dict[str, dict]) -> dict[str, tuple[int, ...]]:
+        """The gauge-carrying tensors stepped by the compiled functions of
+        :mod:`gaugeopt.optim.fused_updates` (``fused=True``); returns the dead neuron units per family."""
+        def gain_of(frame: TensorFrame) -> Tensor | None:
+            name = frame.gain if frame.role == "norm_bias" else (frame.merge.gain if frame.merge else None)
+            return None if name is None else self._params_by_name[name]
+
+        def column_inner(name: str) -> Tensor:
+            p, group, frame, grad = stepped[name]
+            return merged_column_inner(p, grad, gain_of(frame), 1 - group["lr"] * group["weight_decay"],
+                                       centered=frame.centered, threshold=self.dead_threshold, dtype=compute_dtype(p))
+
+        channel_steps = self._norm_scale_steps(stepped, gain_groups, column_inner) if self.norm_scale_step else {}
+        factors = {name: f for consumers, f in channel_steps.values() for name in consumers}
+        charted, frozen = set(), {}
+        for family in self.plan.pairs:
+            refs = (*family.multiplied, *family.divided)
+            if not all(r.name in stepped for r in refs):
+                continue
+            charted.update(r.name for r in refs)
+            if all(stepped[r.name][0].grad is None for r in refs):
+                continue
+            self._check_coupled_settings(family, {name: entry[1] for name, entry in stepped.items()})
+            params, groups, frames, grads = zip(*(stepped[r.name] for r in refs))
+            states = [self._state(p) for p in params]
+            scalars = [self._step_scalars(p, group) for p, group in zip(params, groups)]
+            anchor = self.state[params[0]]
+            if "radial_exp_avg" not in anchor:
+                units = params[0].shape[refs[0].axis]
+                anchor["radial_exp_avg"] = states[0]["exp_avg"].new_zeros(units)
+                anchor["radial_exp_avg_sq"] = states[0]["exp_avg"].new_zeros(units)
+            group = groups[0]
+            dead = pair_adam_update_(
+                list(params), list(grads), [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+                [gain_of(f) for f in frames], [factors.get(r.name) for r in refs], scalars,
+                anchor["radial_exp_avg"], anchor["radial_exp_avg_sq"], scalars[0],
+                members=tuple(PairMember(r.axis, f.merge is not None) for r, f in zip(refs, frames)),
+                n_multiplied=len(family.multiplied), betas=tuple(group["betas"]), threshold=self.dead_threshold,
+                frame=group["pair_frame"], hold_ratio=bool(channel_steps))
+            if bool(dead.any()):
+                frozen[family.name] = tuple(dead.nonzero().flatten().tolist())
+        for name, (p, group, frame, grad) in stepped.items():
+            if name in charted:
+                continue
+            state = self._state(p)
+            compiled(framed_adam_update_)(
+                p, grad, state["exp_avg"], state["exp_avg_sq"], gain_of(frame), factors.get(name),
+                self._step_scalars(p, group), role=frame.role, merged=frame.merge is not None,
+                centered=frame.centered, shared_axes=tuple(frame.shared_axes()), betas=tuple(group["betas"]),
+                threshold=self.dead_threshold)
+        return frozen
 
     def _report_frozen(self, frozen: dict[str, tuple[int, ...]]) -> None:
         new = {f: sorted(set(idx) - set(self.frozen.get(f, ()))) for f, idx in frozen.items()}
@@ -591,3 +626,17 @@ class DDCAdam(GuardedOptimizer):
             warnings.warn(f"DDCAdam froze dead norm channels / neuron units (left unchanged): {listing}",
                           RuntimeWarning, stacklevel=3)
         self.frozen = frozen
+
+
+def _check_fusable(plan: FramePlan) -> None:
+    """``fused=True`` steps a neuron pair's members in the pair's frame plus at most a norm merge:
+    ``ValueError`` naming the first member that carries more (a translation or a rotation)."""
+    for family in plan.pairs:
+        for ref in (*family.multiplied, *family.divided):
+            frame = plan.frame(ref.name)
+            extra = sorted(a.kind for a in frame.axes.values() if a.kind not in ("pair", "merge"))
+            if frame.role != "tensor" or extra:
+                raise ValueError(
+                    f"fused=True: {ref.name} is in neuron pair {family.name} and also carries "
+                    f"{', '.join(extra) or frame.role}; the fused path steps pair members with a norm merge at "
+                    f"most. Use fused=False (the eager step handles every frame).")

@@ -32,9 +32,9 @@ not make exact (a neuron scaling on both axes of one matrix, ddc.md section 6).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor
@@ -54,10 +54,17 @@ __all__ = [
     "scale_columns",
     "center_rows",
     "group_mean",
+    "adam_moments_",
+    "FrameEntry",
+    "enter_frame",
+    "leave_frame",
     "block_layout",
     "PairChart",
     "PairFrame",
+    "ChartScalars",
+    "chart_scalars",
     "pair_chart",
+    "retract_coefficients",
     "pair_retract",
     "dead_units",
 ]
@@ -304,13 +311,118 @@ def group_mean(values: Tensor, groups: Tensor, axis: int, layout: tuple[int, int
     return means[groups].movedim(0, axis)
 
 
+def adam_moments_(x: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, beta1: float, beta2: float,
+                  shared_axes: Iterable[tuple[int, Tensor, tuple[int, int, int] | None]] = ()) -> None:
+    """``m <- b1 m + (1-b1) x`` and ``v <- b2 v + (1-b2) S(x*x)`` in place; ``S`` averages over the
+    groups of each ``(axis, groups, layout)`` in ``shared_axes`` (the identity when there are none;
+    ``layout`` as in :func:`~gaugeopt.optim.gauge_frames.group_mean`)."""
+    exp_avg.lerp_(x, 1 - beta1)
+    shared_axes = list(shared_axes)
+    if not shared_axes:
+        exp_avg_sq.mul_(beta2).addcmul_(x, x, value=1 - beta2)
+        return
+    square = x * x
+    if len(shared_axes) == 1 and shared_axes[0][2] is not None:  # regular blocks: a broadcast, no gather
+        axis, _, layout = shared_axes[0]
+        blocked = (*x.shape[:axis], *layout, *x.shape[axis + 1:])
+        means = square.view(blocked).mean(dim=axis + 1, keepdim=True)
+        exp_avg_sq.view(blocked).mul_(beta2).add_(means, alpha=1 - beta2)
+        return
+    for axis, groups, layout in shared_axes:
+        square = group_mean(square, groups, axis, layout)
+    exp_avg_sq.mul_(beta2).add_(square, alpha=1 - beta2)
+
+
+
+def _eager() -> bool:
+    """Whether this runs eagerly (not traced by ``torch.compile``): eager code may skip a pass after
+    a data-dependent test, a compiled kernel fuses that pass at no cost instead of branching."""
+    return not torch.compiler.is_compiling()
+
+
+class FrameEntry(NamedTuple):
+    """A parameter in its frame (:func:`enter_frame`): ``value`` (merged, centered, decayed) and
+    ``grad`` (merged, centered) are what the base update sees; ``mean_row`` is the held translation
+    coordinate, ``frozen`` the entries to write back unchanged, ``lift`` the factor of the covariant
+    lift (``1 / g`` per column of a merged consumer, ``g`` for a norm bias)."""
+
+    value: Tensor
+    grad: Tensor
+    mean_row: Tensor | None
+    frozen: Tensor | None
+    lift: Tensor | None
+
+
+def enter_frame(param: Tensor, grad: Tensor | None, gain: Tensor | None, *, role: str, merged: bool,
+                centered: bool, decay: float | Tensor, threshold: float, dtype: torch.dtype) -> FrameEntry:
+    """Merge with the norm gain, center translations, freeze dead channels, apply weight decay.
+
+    ``role`` is the frame's role ("tensor" or "norm_bias"); ``merged`` says the columns are scaled by
+    ``gain`` (a norm gain, read only); ``decay = 1 - lr wd``. A merged consumer enters as
+    ``W~ = C diag(g) decay`` with gradient ``G_C diag(1/g)``, a norm bias as ``beta / g`` with gradient
+    ``g G_beta``; channels with ``|g| <= threshold`` are dead (zero in the frame, frozen). A centered
+    tensor loses its mean row (held) before decay acts on the rest. Computed in ``dtype``.
+
+    ``value`` and ``grad`` are new tensors where a map applies and ``param``'s own storage (read only)
+    where none does; ``value`` is new whenever weight decay acts. ``grad=None`` enters the value only
+    (the entry's ``grad`` is then ``None``)."""
+    value, frozen, lift = param.detach(), None, None
+    has_grad = grad is not None
+    converted = dtype != param.dtype
+    if converted:
+        value, grad = value.to(dtype), grad.to(dtype) if has_grad else None
+    decays = not (_eager() and decay == 1.0)
+    decayed = not centered  # fold the decay into the merge (one pass less) unless centering comes between
+    if role == "norm_bias" or merged:
+        if gain is None:
+            raise ValueError(f"a {'norm bias' if role == 'norm_bias' else 'merged'} frame needs its gain")
+        gain = gain.detach().to(dtype)
+        dead = gain.abs() <= threshold
+        live = torch.where(dead, torch.ones_like(gain), gain)
+        factor = decay if decayed and decays else 1.0
+        if role == "norm_bias":
+            value, lift = value * (factor / live), live
+            grad = grad * live if has_grad else None
+        else:
+            value, lift = scale_columns(value, live * factor), 1 / live.reshape(1, -1)
+            grad = scale_columns(grad, 1 / live) if has_grad else None
+            dead = dead.reshape(1, -1).expand_as(value)
+        if not _eager() or dead.any():
+            frozen = dead
+            value = value.masked_fill_(frozen, 0.0)  # new here, as is grad
+            grad = grad.masked_fill_(frozen, 0.0) if has_grad else None
+    else:
+        decayed = False
+    mean_row = None
+    if centered:
+        mean_row = value.mean(dim=0, keepdim=True)
+        value = value - mean_row
+        grad = center_rows(grad) if has_grad else None
+    if decays and not decayed:
+        mapped = converted or centered  # value is a new tensor: decay it in place
+        value = value.mul_(decay) if mapped else value * decay
+    return FrameEntry(value, grad, mean_row, frozen, lift)
+
+
+def leave_frame(param: Tensor, value: Tensor, entry: FrameEntry, frozen: Tensor | None = None) -> None:
+    """Write ``value`` (the stepped frame value of ``param``, a tensor the caller owns) back through
+    the frame of ``entry``: add the held mean row, apply the lift, keep frozen entries (``entry``'s and
+    ``frozen``'s) as they were. Writes into ``param`` (cast to its dtype)."""
+    if entry.mean_row is not None:
+        value = value.add_(entry.mean_row)
+    if entry.frozen is not None:
+        frozen = entry.frozen if frozen is None else entry.frozen | frozen
+    if frozen is not None:
+        param.copy_(torch.where(frozen, param, value if entry.lift is None else value * entry.lift))
+    elif entry.lift is None:
+        param.copy_(value)
+    elif _eager():
+        torch.mul(value, entry.lift, out=param)  # one pass
+    else:
+        param.copy_(value * entry.lift)
+
+
 PairFrame = Literal["radius", "balanced"]
-
-
-def _row_norm(t: Tensor) -> Tensor:
-    """Euclidean norm of each row of a matrix, as ``sqrt(<row, row>)``: one pass at any stride (a
-    consumer's unit slices are columns, read through a transposed view)."""
-    return torch.linalg.vecdot(t, t, dim=1).sqrt()
 
 
 @dataclass(frozen=True)
@@ -343,6 +455,50 @@ def dead_units(rho1: Tensor, rho2: Tensor, threshold: float) -> Tensor:
     return (torch.sqrt(rho1) * torch.sqrt(rho2) <= threshold) | (rho1 <= tiny) | (rho2 <= tiny)
 
 
+class ChartScalars(NamedTuple):
+    """Per-unit scalars of the pair chart, from the sums ``|P_k|^2`` and ``<G_k, P_k>``: radii
+    ``rho1, rho2``; ``dead`` units and ``live = 1 - dead``; ``safe1, safe2`` the radii with 1 on dead
+    units; ``length`` the invariant unit length (``None``: 1); ``h1, h2`` the live radial inner products."""
+
+    rho1: Tensor
+    rho2: Tensor
+    dead: Tensor
+    live: Tensor
+    safe1: Tensor
+    safe2: Tensor
+    length: Tensor | None
+    h1: Tensor
+    h2: Tensor
+
+    def tangent_coefficients(self, side: int) -> tuple[Tensor, Tensor]:
+        """``(a, b)`` with the tangential input ``x_k = a G_k + b P_k`` of side ``side`` (1 or 2):
+        ``a = live rho_k / l``, ``b = -h_k / (rho_k l)``."""
+        safe, h = (self.safe1, self.h1) if side == 1 else (self.safe2, self.h2)
+        scale = torch.ones_like(safe) if self.length is None else self.length
+        return safe * self.live / scale, -h / (safe * scale)
+
+    def radial_vertical(self) -> tuple[Tensor, Tensor]:
+        """``((h1 + h2) / (sqrt 2 l), (h1 - h2) / (sqrt 2 l))``."""
+        radial, vertical = (self.h1 + self.h2) / math.sqrt(2), (self.h1 - self.h2) / math.sqrt(2)
+        if self.length is not None:
+            radial, vertical = radial / self.length, vertical / self.length
+        return radial, vertical
+
+
+def chart_scalars(square1: Tensor, square2: Tensor, inner1: Tensor, inner2: Tensor, threshold: float,
+                  frame: PairFrame) -> ChartScalars:
+    """:class:`ChartScalars` from ``square_k = |P_k|^2`` and ``inner_k = <G_k, P_k>`` per unit."""
+    if frame not in ("radius", "balanced"):
+        raise ValueError(f"frame must be 'radius' or 'balanced', got {frame!r}")
+    rho1, rho2 = square1.sqrt(), square2.sqrt()
+    dead = dead_units(rho1, rho2, threshold)
+    live = (~dead).to(rho1.dtype)
+    safe1 = torch.where(dead, torch.ones_like(rho1), rho1)
+    safe2 = torch.where(dead, torch.ones_like(rho2), rho2)
+    length = torch.sqrt(safe1) * torch.sqrt(safe2) if frame == "balanced" else None
+    return ChartScalars(rho1, rho2, dead, live, safe1, safe2, length, inner1 * live, inner2 * live)
+
+
 def pair_chart(P1: Tensor, G1: Tensor, P2: Tensor, G2: Tensor, threshold: float = 0.0, *,
                frame: PairFrame = "radius") -> PairChart:
     """Chart of unit pairs ``P1`` (units, n1), ``P2`` (units, n2) with gradients ``G1``, ``G2``.
@@ -353,46 +509,46 @@ def pair_chart(P1: Tensor, G1: Tensor, P2: Tensor, G2: Tensor, threshold: float 
     ``rho1 = rho2``: there the chart's inputs are the gradient's own radial and tangential parts and the
     lift ``(rho_k / l) u_k`` is Adam's absolute step, so ``lr`` means what it means for AdamW).
     """
-    if frame not in ("radius", "balanced"):
-        raise ValueError(f"frame must be 'radius' or 'balanced', got {frame!r}")
     # Per-unit scalars first (one reduction per input), then each (units, n) output in two passes:
     # x_k = G_k (live rho_k / l) - P_k (live h_k / (rho_k l)), d_k = P_k (live / rho_k).
-    rho1, rho2 = _row_norm(P1), _row_norm(P2)
-    dead = dead_units(rho1, rho2, threshold)
-    live = (~dead).to(P1.dtype)
-    safe1 = torch.where(dead, torch.ones_like(rho1), rho1)
-    safe2 = torch.where(dead, torch.ones_like(rho2), rho2)
-    length = None
-    if frame == "balanced":
-        length = torch.sqrt(safe1) * torch.sqrt(safe2)
-    scale = torch.ones_like(rho1) if length is None else length
-    h1, h2 = torch.linalg.vecdot(G1, P1, dim=1) * live, torch.linalg.vecdot(G2, P2, dim=1) * live
-    x1 = torch.mul(G1, (safe1 * live / scale).unsqueeze(1)).addcmul_(P1, (-h1 / (safe1 * scale)).unsqueeze(1))
-    x2 = torch.mul(G2, (safe2 * live / scale).unsqueeze(1)).addcmul_(P2, (-h2 / (safe2 * scale)).unsqueeze(1))
-    radial, vertical = (h1 + h2) / math.sqrt(2), (h1 - h2) / math.sqrt(2)
-    if length is not None:
-        radial, vertical = radial / length, vertical / length
-    direction1 = P1 * (live / safe1).unsqueeze(1)
-    direction2 = P2 * (live / safe2).unsqueeze(1)
-    return PairChart(rho1, rho2, direction1, direction2, radial, vertical, x1, x2, dead, length)
+    s = chart_scalars(torch.linalg.vecdot(P1, P1, dim=1), torch.linalg.vecdot(P2, P2, dim=1),
+                      torch.linalg.vecdot(G1, P1, dim=1), torch.linalg.vecdot(G2, P2, dim=1), threshold, frame)
+    (a1, b1), (a2, b2) = s.tangent_coefficients(1), s.tangent_coefficients(2)
+    x1 = torch.mul(G1, a1.unsqueeze(1)).addcmul_(P1, b1.unsqueeze(1))
+    x2 = torch.mul(G2, a2.unsqueeze(1)).addcmul_(P2, b2.unsqueeze(1))
+    radial, vertical = s.radial_vertical()
+    direction1 = P1 * (s.live / s.safe1).unsqueeze(1)
+    direction2 = P2 * (s.live / s.safe2).unsqueeze(1)
+    return PairChart(s.rho1, s.rho2, direction1, direction2, radial, vertical, x1, x2, s.dead, s.length)
 
 
-def _turned(direction: Tensor, live: Tensor, shrink: Tensor, tangent_update: Tensor,
-            rate: Tensor) -> tuple[Tensor, Tensor]:
-    """``q = shrink * direction - rate * u`` with ``u`` the update projected orthogonal to ``direction``
-    (a unit row where ``live`` is 1, zero where it is 0), and ``|q|`` per row (1 where ``q = 0``).
+def retract_coefficients(rho1: Tensor, rho2: Tensor, live: Tensor, length: Tensor | None, radial_update: Tensor,
+                         lr: float | Tensor, along1: Tensor, across1: Tensor, along2: Tensor,
+                         across2: Tensor) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
+    """Per-unit ``(c_d, c_t)`` of each side with the retracted side ``P_k <- c_d d_k + c_t t_k``
+    (:func:`pair_retract`), from ``along_k = <t_k, d_k>`` and ``across_k = |t_k|^2`` of the tangential
+    update ``t_k`` and the unit direction ``d_k`` (zero on dead units).
 
-    Written as ``q = (shrink + rate <t, d>) d - rate t`` (two passes over the rows) with
-    ``|q|^2 = shrink^2 + rate^2 (|t|^2 - <t, d>^2)`` for unit ``d`` (``u`` is orthogonal to ``d``)."""
-    along = torch.linalg.vecdot(tangent_update, direction, dim=1)
-    q = torch.mul(direction, (shrink + rate * along).unsqueeze(1)).addcmul_(tangent_update, -rate.unsqueeze(1))
-    across = (torch.linalg.vecdot(tangent_update, tangent_update, dim=1) - along.square() * live).clamp_(min=0)
-    norm = torch.sqrt((shrink * shrink) * live + (rate * rate) * across)
-    return q, torch.where(norm > 0, norm, torch.ones_like(norm))
+    With ``c = lr * radial_update / (sqrt 2 l)``, ``rate = lr / l`` and ``q_k = e^{-c} d_k - rate u_k``
+    (``u_k`` = ``t_k`` projected orthogonal to ``d_k``): ``|q_k|^2 = e^{-2c} + rate^2 (|t_k|^2 -
+    along_k^2)`` and ``P_k <- rho_k sqrt(|q_1| |q_2|) q_k / |q_k|``."""
+    radial = radial_update if length is None else radial_update / length
+    rate = torch.ones_like(radial) * lr if length is None else lr / length
+    shrink = torch.exp(-lr * radial / math.sqrt(2))
+
+    def norm(along: Tensor, across: Tensor) -> Tensor:
+        turned = (across - along.square() * live).clamp_(min=0)
+        n = torch.sqrt((shrink * shrink) * live + (rate * rate) * turned)
+        return torch.where(n > 0, n, torch.ones_like(n))
+
+    n1, n2 = norm(along1, across1), norm(along2, across2)
+    common = torch.sqrt(n1) * torch.sqrt(n2) * live
+    scale1, scale2 = rho1 * common / n1, rho2 * common / n2
+    return ((scale1 * (shrink + rate * along1), -scale1 * rate), (scale2 * (shrink + rate * along2), -scale2 * rate))
 
 
 def pair_retract(chart: PairChart, radial_update: Tensor, tangent1_update: Tensor, tangent2_update: Tensor,
-                 lr: float) -> tuple[Tensor, Tensor]:
+                 lr: float | Tensor) -> tuple[Tensor, Tensor]:
     """New pairs from base-optimizer outputs in the chart (ddc.md section 4), orbit coordinate held.
 
     With the unit length ``l`` of the chart, ``c = lr * radial_update / (sqrt 2 l)``, ``u_k`` the
@@ -405,13 +561,15 @@ def pair_retract(chart: PairChart, radial_update: Tensor, tangent1_update: Tenso
 
     so ``log(rho_1 / rho_2)`` is held exactly while the invariant scale ``rho_1 rho_2`` changes by
     ``|q_1| |q_2|``, as under the unprojected step. Every factor is invariant except ``rho_k``, so the
-    map is covariant. Dead units come back as zero rows (the caller freezes them).
+    map is covariant. Dead units come back as zero rows (the caller freezes them). The per-unit
+    coefficients are :func:`retract_coefficients`; ``q_k`` is formed in two passes over the rows.
     """
-    radial = radial_update if chart.length is None else radial_update / chart.length
-    rate = torch.full_like(radial, lr) if chart.length is None else lr / chart.length
-    shrink = torch.exp(-lr * radial / math.sqrt(2))
-    live = (~chart.dead).to(shrink.dtype)
-    q1, n1 = _turned(chart.direction1, live, shrink, tangent1_update, rate)
-    q2, n2 = _turned(chart.direction2, live, shrink, tangent2_update, rate)
-    common = torch.sqrt(n1) * torch.sqrt(n2) * live
-    return q1.mul_((chart.rho1 * common / n1).unsqueeze(1)), q2.mul_((chart.rho2 * common / n2).unsqueeze(1))
+    def sums(t: Tensor, d: Tensor) -> tuple[Tensor, Tensor]:
+        return torch.linalg.vecdot(t, d, dim=1), torch.linalg.vecdot(t, t, dim=1)
+
+    live = (~chart.dead).to(chart.rho1.dtype)
+    (d1, t1), (d2, t2) = retract_coefficients(chart.rho1, chart.rho2, live, chart.length, radial_update, lr,
+                                              *sums(tangent1_update, chart.direction1),
+                                              *sums(tangent2_update, chart.direction2))
+    return (torch.mul(chart.direction1, d1.unsqueeze(1)).addcmul_(tangent1_update, t1.unsqueeze(1)),
+            torch.mul(chart.direction2, d2.unsqueeze(1)).addcmul_(tangent2_update, t2.unsqueeze(1)))
