@@ -26,6 +26,7 @@ from .optimizer_steps import (
     adamw,
     compare,
     ddc_adam,
+    ddc_adam_fused,
     ddc_muon,
     muon_with_adamw_reference,
     muon_with_adamw_torch,
@@ -98,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
         return {"rows": [compare(w, factories, warmup=warmup, rounds=rounds) for w in widths]}
 
     _log("DDCAdam vs AdamW")
-    adam = _section(lambda: rows(cfg["widths"], {"AdamW (foreach)": adamw, "DDCAdam": ddc_adam}, cfg["rounds"]))
+    adam = _section(lambda: rows(cfg["widths"], {"AdamW (foreach)": adamw, "DDCAdam": ddc_adam,
+                                                 "DDCAdam fused": ddc_adam_fused}, cfg["rounds"]))
     _log("DDCMuon vs Muon + AdamW (float32 Newton-Schulz)")
     muon = _section(lambda: rows(cfg["muon_widths"], {"Muon+AdamW fp32": muon_with_adamw_reference(None),
                                                      "DDCMuon fp32": ddc_muon(None)}, cfg["muon_rounds"]))
@@ -111,11 +113,11 @@ def main(argv: list[str] | None = None) -> int:
     layer = _section(lambda: rows(cfg["widths"], {"AdamW (foreach)": adamw, "SymmetryCompatible": symmetry_compatible},
                                   cfg["layerwise_rounds"]))
     _log("step time vs parameter count")
-    scaling = _section(lambda: rows(cfg["scaling_widths"], {"AdamW (foreach)": adamw, "DDCAdam": ddc_adam},
-                                    cfg["scaling_rounds"]))
+    scaling = _section(lambda: rows(cfg["scaling_widths"], {"AdamW (foreach)": adamw, "DDCAdam": ddc_adam,
+                                                            "DDCAdam fused": ddc_adam_fused}, cfg["scaling_rounds"]))
     scaling["exponents"] = {name: fitted_exponent([r["parameters"] for r in scaling["rows"]],
                                                   [r["optimizers"][name]["median_s"] for r in scaling["rows"]])
-                            for name in ("AdamW (foreach)", "DDCAdam")}
+                            for name in ("AdamW (foreach)", "DDCAdam", "DDCAdam fused")}
     _log("DDS vs LLC")
     dds = _section(lambda: dds_vs_llc.compare_per_checkpoint(list(cfg["llc_cells"]), dds_repeats=cfg["dds_repeats"],
                                                              sgld={"num_draws": cfg["llc_draws"]}))
@@ -129,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         "largest_width": largest["width"], "largest_muon_width": largest_muon["width"],
         "bf16_width": cfg["bf16_width"],
         "ddc_adam_ratio": ratio(largest, "DDCAdam", "AdamW (foreach)"),
+        "ddc_adam_fused_ratio": ratio(largest, "DDCAdam fused", "AdamW (foreach)"),
         "ddc_muon_ratio": ratio(largest_muon, "DDCMuon fp32", "Muon+AdamW fp32"),
         "ddc_muon_bf16_ratio": bf16_row["DDCMuon bf16"]["median_s"]
         / bf16_row["torch.optim.Muon + AdamW (bf16)"]["median_s"],
@@ -136,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         / largest["optimizers"]["AdamW (foreach)"]["state_bytes"] - 1,
         "llc_over_dds_min": min(cell["llc_over_dds"] for cell in dds["cells"]),
         "ddc_adam_exponent": scaling["exponents"]["DDCAdam"],
+        "ddc_adam_fused_exponent": scaling["exponents"]["DDCAdam fused"],
         "adamw_exponent": scaling["exponents"]["AdamW (foreach)"],
     }
     environment = {

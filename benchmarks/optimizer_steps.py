@@ -40,13 +40,14 @@ def reference_config(width: int, n_layers: int = 2) -> TransformerLMConfig:
                                d_ff=4 * width, max_seq_len=SEQ)
 
 
-def model_with_gradients(width: int, seed: int = 0) -> tuple[nn.Module, GaugeSet]:
-    """The reference LM (float32) with the gradients of one next-token loss, and its gauges."""
+def model_with_gradients(width: int, seed: int = 0, device: str | torch.device = "cpu") -> tuple[nn.Module, GaugeSet]:
+    """The reference LM (float32, on ``device``) with the gradients of one next-token loss, and its gauges."""
     torch.manual_seed(seed)
     model = TransformerLM(reference_config(width))
     tokens = torch.randint(0, VOCAB, (BATCH, SEQ + 1), generator=torch.Generator().manual_seed(seed))
     gauges = gaugeopt.find_gauges(model, tokens[:1, :16], output="logits")
-    logits = model(tokens[:, :-1])
+    model.to(device)  # in place: the gauges stay bound to it
+    logits = model(tokens[:, :-1].to(device))
     F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()).backward()
     return model, gauges
 
@@ -67,6 +68,7 @@ class StepTiming:
     name: str
     step_s: list[float]
     state_bytes: int
+    first_step_s: float  # the first (untimed) step: state allocation, and compilation for a compiled step
 
     @property
     def median_s(self) -> float:
@@ -82,16 +84,26 @@ def time_steps(model: nn.Module, gauges: GaugeSet, factories: dict[str, Optimize
         for p, q in zip(model.parameters(), twin.parameters()):
             q.grad = p.grad.clone()
         runs[name] = make(twin, gauges.bind(twin))
+    device = next(model.parameters()).device
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def timed_step(optimizer) -> float:
+        sync()
+        start = time.perf_counter()
+        optimizer.step()
+        sync()
+        return time.perf_counter() - start
+
+    first: dict[str, float] = {}
     for _ in range(warmup):
-        for optimizer in runs.values():
-            optimizer.step()
+        for name, optimizer in runs.items():
+            first.setdefault(name, timed_step(optimizer))
     times: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(rounds):
         for name, optimizer in runs.items():
-            start = time.perf_counter()
-            optimizer.step()
-            times[name].append(time.perf_counter() - start)
-    return {name: StepTiming(name, times[name], state_bytes(runs[name])) for name in runs}
+            times[name].append(timed_step(optimizer))
+    return {name: StepTiming(name, times[name], state_bytes(runs[name]), first.get(name, float("nan")))
+            for name in runs}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -103,8 +115,18 @@ def adamw(model: nn.Module, gauges: GaugeSet):
     return torch.optim.AdamW(model.parameters(), lr=ADAM_LR, weight_decay=WEIGHT_DECAY, foreach=True)
 
 
+def adamw_fused(model: nn.Module, gauges: GaugeSet):
+    """torch's single-kernel AdamW (``fused=True``), the fastest peer where torch has it (CUDA)."""
+    return torch.optim.AdamW(model.parameters(), lr=ADAM_LR, weight_decay=WEIGHT_DECAY, fused=True)
+
+
 def ddc_adam(model: nn.Module, gauges: GaugeSet):
     return DDCAdam(model.parameters(), gauges, lr=ADAM_LR, weight_decay=WEIGHT_DECAY)
+
+
+def ddc_adam_fused(model: nn.Module, gauges: GaugeSet):
+    """DDCAdam with its gauge-carrying updates compiled by ``torch.compile`` (``fused=True``)."""
+    return DDCAdam(model.parameters(), gauges, lr=ADAM_LR, weight_decay=WEIGHT_DECAY, fused=True)
 
 
 def muon_with_adamw_torch(model: nn.Module, gauges: GaugeSet):
@@ -141,10 +163,11 @@ def symmetry_compatible(model: nn.Module, gauges: GaugeSet):
 # --------------------------------------------------------------------------------------------------
 
 
-def compare(width: int, factories: dict[str, OptimizerFactory], *, warmup: int, rounds: int) -> dict:
+def compare(width: int, factories: dict[str, OptimizerFactory], *, warmup: int, rounds: int,
+            device: str = "cpu") -> dict:
     """One side-by-side comparison at one width, as a JSON-ready dict."""
-    model, gauges = model_with_gradients(width)
+    model, gauges = model_with_gradients(width, device=device)
     timings = time_steps(model, gauges, factories, warmup=warmup, rounds=rounds)
     return {"width": width, "parameters": parameter_count(model),
-            "optimizers": {name: {"median_s": t.median_s, "step_s": t.step_s, "state_bytes": t.state_bytes}
-                           for name, t in timings.items()}}
+            "optimizers": {name: {"median_s": t.median_s, "step_s": t.step_s, "state_bytes": t.state_bytes,
+                                  "first_step_s": t.first_step_s} for name, t in timings.items()}}

@@ -166,8 +166,9 @@ class DDCAdam(GuardedOptimizer):
             compiled by ``torch.compile`` (:mod:`gaugeopt.optim.fused_updates`): a few fused kernels
             instead of some thirty eager passes over memory. The same math as the eager step (equal up
             to rounding); the first steps compile (tens of seconds on a CPU, once per process and
-            tensor structure). Neuron-pair members must carry no frame but the pair and a norm merge
-            (``ValueError`` otherwise); the parameters no gauge touches take torch's AdamW either way.
+            tensor structure). Neuron-pair members may carry a norm merge and centered rows besides the
+            pair, not a rotation (``ValueError``); the parameters no gauge touches take torch's AdamW
+            either way.
 
     Robustness (``docs/robustness.md``): settings are checked at construction, on every step and on
     ``load_state_dict`` (``ValueError`` naming the field); float16/bfloat16 parameters keep float32
@@ -602,7 +603,7 @@ class DDCAdam(GuardedOptimizer):
                 list(params), list(grads), [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
                 [gain_of(f) for f in frames], [factors.get(r.name) for r in refs], scalars,
                 anchor["radial_exp_avg"], anchor["radial_exp_avg_sq"], scalars[0],
-                members=tuple(PairMember(r.axis, f.merge is not None) for r, f in zip(refs, frames)),
+                members=tuple(PairMember(r.axis, f.merge is not None, f.centered) for r, f in zip(refs, frames)),
                 n_multiplied=len(family.multiplied), betas=tuple(group["betas"]), threshold=self.dead_threshold,
                 frame=group["pair_frame"], hold_ratio=bool(channel_steps))
             if bool(dead.any()):
@@ -629,14 +630,14 @@ class DDCAdam(GuardedOptimizer):
 
 
 def _check_fusable(plan: FramePlan) -> None:
-    """``fused=True`` steps a neuron pair's members in the pair's frame plus at most a norm merge:
-    ``ValueError`` naming the first member that carries more (a translation or a rotation)."""
+    """``fused=True`` steps a neuron pair's members in the pair's frame plus a norm merge and centered
+    rows: ``ValueError`` naming the first member that carries more (a rotation)."""
     for family in plan.pairs:
         for ref in (*family.multiplied, *family.divided):
             frame = plan.frame(ref.name)
-            extra = sorted(a.kind for a in frame.axes.values() if a.kind not in ("pair", "merge"))
+            extra = sorted(a.kind for a in frame.axes.values() if a.kind not in ("pair", "merge", "center"))
             if frame.role != "tensor" or extra:
                 raise ValueError(
                     f"fused=True: {ref.name} is in neuron pair {family.name} and also carries "
-                    f"{', '.join(extra) or frame.role}; the fused path steps pair members with a norm merge at "
-                    f"most. Use fused=False (the eager step handles every frame).")
+                    f"{', '.join(extra) or frame.role}; the fused path steps pair members with a norm merge and "
+                    f"centered rows at most. Use fused=False (the eager step handles every frame).")

@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Sequence
-from typing import NamedTuple
+import types
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -116,10 +117,12 @@ def framed_adam_update_(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq
 
 
 class PairMember(NamedTuple):
-    """One tensor of a neuron pair: its unit ``axis`` and whether its columns are merged with a norm gain."""
+    """One tensor of a neuron pair: its unit ``axis``, whether its columns are merged with a norm gain
+    and whether its rows are centered (a translation gauge on the other axis)."""
 
     axis: int
     merged: bool
+    centered: bool = False
 
 
 #: Rows summed per block when per-unit sums run down the columns of a matrix (:func:`unit_inner`).
@@ -143,10 +146,11 @@ def unit_inner(a: Tensor, b: Tensor, axis: int) -> Tensor:
 
 
 def _pair_entry_sums(param: Tensor, grad: Tensor, gain: Tensor | None, decay: Tensor, factors: Tensor | None, *,
-                     axis: int, merged: bool, threshold: float, dtype: torch.dtype) -> tuple[Tensor, ...]:
+                     axis: int, merged: bool, centered: bool, threshold: float,
+                     dtype: torch.dtype) -> tuple[Tensor, ...]:
     """Pass 1 over a pair member: per unit ``|P|^2`` and ``<G, P>`` in the frame (and ``|P f|^2`` with
     the merged columns' channel ``factors`` f)."""
-    entry = enter_frame(param, grad, gain, role="tensor", merged=merged, centered=False, decay=decay,
+    entry = enter_frame(param, grad, gain, role="tensor", merged=merged, centered=centered, decay=decay,
                         threshold=threshold, dtype=dtype)
     P, G = entry.value, entry.grad
     sums = (unit_inner(P, P, axis), unit_inner(G, P, axis))
@@ -158,15 +162,18 @@ def _pair_entry_sums(param: Tensor, grad: Tensor, gain: Tensor | None, decay: Te
 
 def _pair_moments_(param: Tensor, grad: Tensor, gain: Tensor | None, exp_avg: Tensor, exp_avg_sq: Tensor,
                    grad_coefficient: Tensor, value_coefficient: Tensor, factors: Tensor | None, scalars: AdamScalars,
-                   *, axis: int, merged: bool, betas: tuple[float, float], threshold: float) -> tuple[Tensor, ...]:
+                   *, axis: int, merged: bool, centered: bool, betas: tuple[float, float],
+                   threshold: float) -> tuple[Tensor, ...]:
     """Pass 2: the member's moments advance on its tangential input ``x = a G + b P`` (per-unit
     coefficients); returns per unit ``<u, P>`` and ``|u|^2`` of its Adam direction ``u`` (and
     ``<u f^2, P>``, ``<u f^2, u>`` with channel ``factors``)."""
-    entry = enter_frame(param, grad, gain, role="tensor", merged=merged, centered=False, decay=scalars.decay,
+    entry = enter_frame(param, grad, gain, role="tensor", merged=merged, centered=centered, decay=scalars.decay,
                         threshold=threshold, dtype=exp_avg.dtype)
     P, G = unit_slices(entry.value, axis), unit_slices(entry.grad, axis)
     x = G * grad_coefficient.unsqueeze(1) + P * value_coefficient.unsqueeze(1)
     direction = _adam_direction_(from_unit_slices(x, axis, entry.value.shape), exp_avg, exp_avg_sq, betas, scalars)
+    if centered:
+        direction = center_rows(direction)
     value = entry.value
     sums = (unit_inner(direction, value, axis), unit_inner(direction, direction, axis))
     if factors is None:
@@ -177,12 +184,14 @@ def _pair_moments_(param: Tensor, grad: Tensor, gain: Tensor | None, exp_avg: Te
 
 def _pair_write_(param: Tensor, gain: Tensor | None, exp_avg: Tensor, exp_avg_sq: Tensor, value_coefficient: Tensor,
                  direction_coefficient: Tensor, factors: Tensor | None, dead: Tensor, scalars: AdamScalars, *,
-                 axis: int, merged: bool, threshold: float) -> None:
+                 axis: int, merged: bool, centered: bool, threshold: float) -> None:
     """Pass 3: ``P <- alpha P + beta u`` per unit (then times the channel ``factors``), lifted back
     into ``param``; dead units and channels are left as they were."""
-    entry = enter_frame(param, None, gain, role="tensor", merged=merged, centered=False, decay=scalars.decay,
+    entry = enter_frame(param, None, gain, role="tensor", merged=merged, centered=centered, decay=scalars.decay,
                         threshold=threshold, dtype=exp_avg.dtype)
     direction = exp_avg / (exp_avg_sq.sqrt() * scalars.denominator_scale + scalars.denominator_shift)
+    if centered:
+        direction = center_rows(direction)
     new = (unit_slices(entry.value, axis) * value_coefficient.unsqueeze(1)
            + unit_slices(direction, axis) * direction_coefficient.unsqueeze(1))
     value = from_unit_slices(new, axis, entry.value.shape)
@@ -201,7 +210,7 @@ def pair_adam_update_(params: list[Tensor], grads: list[Tensor], exp_avgs: list[
     """One DDCAdam step of a neuron pair family (all its units at once), in place; returns the dead units.
 
     The first ``n_multiplied`` members form side 1 (``P1``: producer rows and bias), the rest side 2
-    (``P2``: consumer columns), each in its frame (a norm merge at most). The step is the eager one
+    (``P2``: consumer columns), each in its frame (a norm merge, centered rows). The step is the eager one
     (:func:`~gaugeopt.optim.gauge_frames.pair_chart`, per-coordinate Adam on the tangential inputs, a
     scalar Adam per unit on the radial input with state ``radial_exp_avg[_sq]`` bias-corrected by
     ``radial_scalars``, :func:`~gaugeopt.optim.gauge_frames.pair_retract`, the merged columns times
@@ -222,8 +231,7 @@ def pair_adam_update_(params: list[Tensor], grads: list[Tensor], exp_avgs: list[
     dtype = exp_avgs[0].dtype
     sides = (range(0, n_multiplied), range(n_multiplied, len(members)))
     factors = [f if hold_ratio else None for f in channel_factors]  # weights of the closed-form side norms
-    firsts = [kernel(_pair_entry_sums)(p, g, gain, s.decay, f, axis=m.axis, merged=m.merged, threshold=threshold,
-                                       dtype=dtype)
+    firsts = [kernel(_pair_entry_sums)(p, g, gain, s.decay, f, **m._asdict(), threshold=threshold, dtype=dtype)
               for p, g, gain, s, f, m in zip(params, grads, gains, scalars, factors, members)]
 
     def total(sums: list[tuple[Tensor, ...]], k: int, side: range) -> Tensor:
@@ -237,7 +245,7 @@ def pair_adam_update_(params: list[Tensor], grads: list[Tensor], exp_avgs: list[
                                + radial_scalars.denominator_shift)
     coefficients = (chart.tangent_coefficients(1), chart.tangent_coefficients(2))
     seconds = [kernel(_pair_moments_)(p, g, gain, m, v, *coefficients[0 if i < n_multiplied else 1], f, s,
-                                      axis=member.axis, merged=member.merged, betas=betas, threshold=threshold)
+                                      **member._asdict(), betas=betas, threshold=threshold)
                for i, (p, g, gain, m, v, f, s, member) in enumerate(zip(params, grads, gains, exp_avgs, exp_avg_sqs,
                                                                           factors, scalars, members))]
     to_direction = (chart.live / chart.safe1, chart.live / chart.safe2)  # d_k = P_k * to_direction_k
@@ -263,24 +271,46 @@ def pair_adam_update_(params: list[Tensor], grads: list[Tensor], exp_avgs: list[
     for i, (p, gain, m, v, f, s, member) in enumerate(zip(params, gains, exp_avgs, exp_avg_sqs, channel_factors,
                                                           scalars, members)):
         k = 0 if i < n_multiplied else 1
-        kernel(_pair_write_)(p, gain, m, v, alphas[k], betas_[k], f, chart.dead, s, axis=member.axis,
-                             merged=member.merged, threshold=threshold)
+        kernel(_pair_write_)(p, gain, m, v, alphas[k], betas_[k], f, chart.dead, s, **member._asdict(),
+                             threshold=threshold)
     return chart.dead
 
 
-#: Graphs one compiled update may hold (torch's default of 8 per function is too few for a model
-#: with many frame structures; past the limit torch would run the function eagerly).
-RECOMPILE_LIMIT = 64
+def _structure(value: Any) -> Hashable:
+    """The constant part of an argument: tensors (graph inputs) reduce to a marker, ``None`` stays."""
+    if isinstance(value, Tensor):
+        return Tensor
+    if isinstance(value, (tuple, list)):
+        return tuple(_structure(v) for v in value)
+    return value
+
+
+class _CompiledUpdate:
+    """``torch.compile`` of an update, with one copy of its code per call structure.
+
+    torch keeps at most ``recompile_limit`` (8) graphs per code object and runs the function eagerly
+    past that; a model has more frame structures (roles, merges, rotated layouts, which optional
+    tensors are given). Each structure (the constant keyword arguments and which positional
+    arguments are ``None``) gets its own copy of the code, hence its own graph cache, without
+    touching torch's global configuration."""
+
+    def __init__(self, update: Callable):
+        self.update = update
+        self.kernels: dict[Hashable, Callable] = {}
+        functools.update_wrapper(self, update)
+
+    def __call__(self, *args, **kwargs):
+        key = (tuple(a is None for a in args), tuple((k, _structure(v)) for k, v in sorted(kwargs.items())))
+        kernel = self.kernels.get(key)
+        if kernel is None:
+            f = self.update
+            copy = types.FunctionType(f.__code__.replace(), f.__globals__, f.__name__, f.__defaults__, f.__closure__)
+            copy.__kwdefaults__ = f.__kwdefaults__
+            kernel = self.kernels[key] = torch.compile(copy, dynamic=None)
+        return kernel(*args, **kwargs)
 
 
 @functools.cache
 def compiled(update: Callable) -> Callable:
-    """``update`` compiled by ``torch.compile`` (once per process; a graph per frame structure)."""
-    kernel = torch.compile(update, dynamic=None)
-
-    @functools.wraps(update)
-    def run(*args, **kwargs):
-        with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
-            return kernel(*args, **kwargs)
-
-    return run
+    """``update`` compiled by ``torch.compile`` (once per process, a graph cache per call structure)."""
+    return _CompiledUpdate(update)
