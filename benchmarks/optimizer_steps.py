@@ -47,7 +47,8 @@ def model_with_gradients(width: int, seed: int = 0, device: str | torch.device =
     tokens = torch.randint(0, VOCAB, (BATCH, SEQ + 1), generator=torch.Generator().manual_seed(seed))
     gauges = gaugeopt.find_gauges(model, tokens[:1, :16], output="logits")
     model.to(device)  # in place: the gauges stay bound to it
-    logits = model(tokens[:, :-1].to(device))
+    tokens = tokens.to(device)
+    logits = model(tokens[:, :-1])
     F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()).backward()
     return model, gauges
 

@@ -152,7 +152,8 @@ class ShadowTracer(fx.Tracer):
         path = self.path_of_module(m)
         if self.is_leaf_module(m, path):
             return super().call_module(m, forward, args, kwargs)
-        mark, depth = next(reversed(self.graph.nodes), None), len(self.module_stack)
+        # iter(): before torch 2.13 reversed(graph.nodes) is a reversed node list, not an iterator
+        mark, depth = next(iter(reversed(self.graph.nodes)), None), len(self.module_stack)
         try:
             return super().call_module(m, forward, args, kwargs)
         except DataDependentError as err:
