@@ -19,7 +19,8 @@ from torch import nn
 import gaugeopt
 from gaugeopt.models import ReLUMLP, ReLUMLPConfig, TransformerLM, TransformerLMConfig
 from gaugeopt.optim.ddc_adam import DDCAdam, _check_fusable
-from gaugeopt.optim.fused_updates import COLUMN_BLOCK, merged_column_inner, unit_inner
+from gaugeopt.optim import NonFiniteGradientError
+from gaugeopt.optim.fused_updates import COLUMN_BLOCK, column_inner, unit_inner
 from gaugeopt.optim.gauge_frames import AxisAction, enter_frame, unit_slices
 from gaugeopt.testing import check_equivariance
 from test_ddc_adam import CASES, LR, WD, _case, adamw, lm_loss, vit_loss
@@ -94,9 +95,8 @@ def test_norm_scale_input_in_closed_form_equals_the_sum_in_the_frame(centered):
     entry = enter_frame(param, grad, gain, role="tensor", merged=True, centered=centered, decay=0.97,
                         threshold=1e-12, dtype=torch.float64)
     expected = torch.linalg.vecdot(entry.grad, entry.value, dim=0)
-    got = merged_column_inner(param, grad, gain, 0.97, centered=centered, threshold=1e-12, dtype=torch.float64)
-    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
-    assert got[2] == 0
+    got = column_inner(param, grad, centered=centered, dtype=torch.float64) * 0.97
+    torch.testing.assert_close(torch.where(gain != 0, got, 0.0), expected, rtol=1e-12, atol=1e-12)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -206,6 +206,37 @@ def test_bfloat16_parameters_keep_float32_state_in_the_fused_step():
                      lambda m, b: lm_loss(m, b).float(), fused=True, steps=3)
     assert all(p.dtype == torch.bfloat16 and torch.isfinite(p).all() for p in model.parameters())
     assert all(s["exp_avg"].dtype == torch.float32 for s in opt.state.values() if "exp_avg" in s)
+
+
+@pytest.mark.parametrize("where", ["blocks.0.ffn.gate.weight", "blocks.0.ffn.down.weight", "blocks.0.ffn.up.weight",
+                                   "blocks.0.norm1.weight", "embed.weight"])
+def test_a_nonfinite_gradient_anywhere_is_caught_before_anything_changes(where):
+    """The fused step reads consumer and pair gradients in its own passes, the rest by the guard."""
+    model, gauges, batches, loss = _case("lm")
+    params = dict(model.named_parameters())
+    assert where in params
+    opt = DDCAdam(model.parameters(), gauges, lr=LR, weight_decay=WD, fused=True)
+    loss(model, batches[0]).backward()
+    params[where].grad.view(-1)[1] = float("nan")
+    before = copy.deepcopy(model.state_dict())
+    with _eagerly(), pytest.raises(NonFiniteGradientError, match=where.replace(".", r"\.")):
+        opt.step()
+    assert all(torch.equal(before[n], t) for n, t in model.state_dict().items())
+    assert not opt.state or all(not s for s in opt.state.values())
+
+
+def test_norm_scale_input_from_the_norms_own_gradients_equals_the_consumers_column_sums():
+    """Euler's identity for the scaling symmetry: sum_i G_C,ij C_ij = g dL/dg + beta dL/dbeta."""
+    for key in ("lm", "lm_variant"):  # RMSNorm; LayerNorm with a bias
+        model, gauges, batches, loss = _case(key)
+        opt = DDCAdam(model.parameters(), gauges, lr=LR, weight_decay=WD, fused=True)
+        loss(model, batches[0]).backward()
+        _, stepped, _ = opt._sort_parameters()
+        for family in opt.plan.norms:
+            from_gain = opt._scale_input_from_gain(family, stepped)
+            assert from_gain is not None, family.name
+            from_columns = opt._scale_input_from_columns(stepped, list(family.consumers))
+            torch.testing.assert_close(from_gain, from_columns, rtol=1e-10, atol=1e-12, msg=family.name)
 
 
 # --------------------------------------------------------------------------------------------------

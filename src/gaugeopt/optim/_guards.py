@@ -261,11 +261,16 @@ class GuardedOptimizer(NonfinitePolicy, torch.optim.Optimizer):
                                      f"{self._describe(gi, pi)}")
                 if p.grad is not None:
                     located.append((gi, pi))
-        if all_finite([self.param_groups[gi]["params"][pi].grad for gi, pi in located]):
+        if self._all_finite([self.param_groups[gi]["params"][pi] for gi, pi in located]):
             return True
         names = self._parameter_names()
         return self._nonfinite_step([self._describe(gi, pi, names) for gi, pi in located
                                      if not torch.isfinite(self.param_groups[gi]["params"][pi].grad).all()])
+
+    def _all_finite(self, params: list[Tensor]) -> bool:
+        """Whether every gradient of ``params`` (all of them have one) is finite: :func:`all_finite`.
+        A subclass may decide it from reads of the gradients its step makes anyway, before writing."""
+        return all_finite([p.grad for p in params])
 
     # ----- checkpoints ------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

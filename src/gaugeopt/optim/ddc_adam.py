@@ -66,10 +66,11 @@ import torch
 from torch import Tensor
 from torch.optim.adamw import adamw as _adamw_functional
 
-from ..gauges.families import NeuronScaling
+from ..gauges.families import NeuronScaling, NormScaling
 from ..gauges.gaugeset import GaugeSet
 from ._guards import (
     GuardedOptimizer,
+    all_finite,
     check_gauges_cover,
     compute_dtype,
     require_betas,
@@ -82,10 +83,11 @@ from .distributed import sharded_step
 from .fused_updates import (
     AdamScalars,
     PairMember,
+    column_inner,
     compiled,
     framed_adam_update_,
-    merged_column_inner,
     pair_adam_update_,
+    pair_entry_sums,
 )
 from .gauge_frames import (
     FrameEntry,
@@ -127,6 +129,9 @@ def _adam_direction(exp_avg: Tensor, exp_avg_sq: Tensor, step: float, beta1: flo
 # --------------------------------------------------------------------------------------------------
 
 
+_Stepped = tuple[Tensor, dict, TensorFrame, Tensor]  # a gauge-carrying tensor to step: param, group, frame, grad
+
+
 @dataclass
 class _Work:
     """One gauge-carrying parameter in its frame while a step runs: ``value`` and ``grad`` start as
@@ -140,6 +145,21 @@ class _Work:
     value: Tensor
     grad: Tensor
     frozen: Tensor | None = None
+
+
+@dataclass
+class _FusedReads:
+    """The fused step's read-only passes (``DDCAdam._fused_reads``): the scale input per norm family,
+    pass-1 sums per neuron pair family, the parameters whose gradients they checked, and the verdict."""
+
+    scale_inputs: dict[str, Tensor]
+    firsts: dict[str, list[tuple[Tensor, ...]]]
+    covered: set[int]
+    finite: bool
+
+
+def _pair_member(ref, frame: TensorFrame) -> PairMember:
+    return PairMember(ref.axis, frame.merge is not None, frame.centered)
 
 
 class DDCAdam(GuardedOptimizer):
@@ -217,6 +237,7 @@ class DDCAdam(GuardedOptimizer):
         self._params_by_name = model_params
         self._pair_members = {r.name for f in self.plan.pairs for r in (*f.multiplied, *f.divided)}
         self.fused = bool(fused)
+        self._reads: _FusedReads | None = None  # the fused step's read-only passes, made by its guard
         if self.fused:
             _check_fusable(self.plan)
         #: Frozen (dead) norm channels and neuron units of the last step: family name -> indices.
@@ -392,11 +413,12 @@ class DDCAdam(GuardedOptimizer):
         return frozen
 
     def _norm_scale_steps(self, stepped: Collection[str], gain_groups: dict[str, dict],
-                          column_inner: Callable[[str], Tensor]) -> dict[str, tuple[list[str], Tensor]]:
+                          scale_input: Callable[[NormScaling, list[str]], Tensor]
+                          ) -> dict[str, tuple[list[str], Tensor]]:
         """Per norm family: its consumers and the factors ``exp(-lr r_j)`` for their merged columns.
 
-        ``h_j = sum over consumers <G~[:, j], W~[:, j]>`` (equal to ``g_j dL/dg_j``; ``column_inner(c)``
-        gives consumer ``c``'s share, for the consumers in ``stepped``) is invariant under every gauge;
+        ``h_j = sum over consumers <G~[:, j], W~[:, j]>`` (equal to ``g_j dL/dg_j``;
+        ``scale_input(family, consumers)`` gives it for the consumers in ``stepped``) is invariant under every gauge;
         a scalar Adam on it, with the gain's group settings, gives ``r_j``. At ``g = 1`` this is AdamW's
         step on the gain, taken as the common log-scale of the channel's merged columns (the gain
         itself stays the frame). Dead channels get factor 1.
@@ -408,7 +430,7 @@ class DDCAdam(GuardedOptimizer):
             if group is None or not consumers:
                 continue
             gain = self._params_by_name[family.gain]
-            h = sum(column_inner(c) for c in consumers)
+            h = scale_input(family, consumers)
             state = self.state[gain]
             if not state:
                 state["step"] = torch.tensor(0.0, dtype=torch.float32)
@@ -494,27 +516,14 @@ class DDCAdam(GuardedOptimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._reads = None
         if not self._gradients_ready():  # settings, sparse and non-finite gradients (nothing changed)
             return loss
-        stepped: dict[str, tuple[Tensor, dict, TensorFrame, Tensor]] = {}  # name -> (param, group, frame, grad)
-        gain_groups: dict[str, dict] = {}
-        for group in self.param_groups:
-            plain = []
-            for p in group["params"]:
-                name = self._names.get(id(p))
-                frame = self.plan.frame(name) if name is not None else None
-                if frame is None:
-                    if p.grad is not None:
-                        plain.append(p)
-                    continue
-                if frame.role == "gain":
-                    gain_groups[name] = group  # the gain is the frame of its channels: never stepped
-                    self.state.setdefault(p, {})  # set_state_dict (distributed checkpoints) wants an entry
-                    continue
-                if p.grad is None and name not in self._pair_members:
-                    continue
-                stepped[name] = (p, group, frame, p.grad if p.grad is not None else torch.zeros_like(p))
-            self._plain_steps(plain, group)
+        plain, stepped, gain_groups = self._sort_parameters()
+        for group, params in zip(self.param_groups, plain):
+            self._plain_steps(params, group)
+        for name in gain_groups:  # set_state_dict (distributed checkpoints) wants an entry for each gain
+            self.state.setdefault(self._params_by_name[name], {})
         frozen = self._dead_channels()
         if self.fused:
             frozen.update(self._fused_gauge_steps(stepped, gain_groups))
@@ -523,14 +532,35 @@ class DDCAdam(GuardedOptimizer):
         self._report_frozen(frozen)
         return loss
 
-    def _gauge_steps(self, stepped: dict[str, tuple[Tensor, dict, TensorFrame, Tensor]],
+    def _sort_parameters(self) -> tuple[list[list[Tensor]], dict[str, _Stepped], dict[str, dict]]:
+        """Per group, the parameters no gauge touches that have gradients (AdamW's); the gauge-carrying
+        tensors to step (with a gradient, or in a neuron pair: zeros then), name -> (param, group,
+        frame, grad); the norm gains' groups (a gain is the frame of its channels, never stepped)."""
+        plain: list[list[Tensor]] = []
+        stepped: dict[str, _Stepped] = {}
+        gain_groups: dict[str, dict] = {}
+        for group in self.param_groups:
+            plain.append([])
+            for p in group["params"]:
+                name = self._names.get(id(p))
+                frame = self.plan.frame(name) if name is not None else None
+                if frame is None:
+                    if p.grad is not None:
+                        plain[-1].append(p)
+                elif frame.role == "gain":
+                    gain_groups[name] = group
+                elif p.grad is not None or name in self._pair_members:
+                    stepped[name] = (p, group, frame, p.grad if p.grad is not None else torch.zeros_like(p))
+        return plain, stepped, gain_groups
+
+    def _gauge_steps(self, stepped: dict[str, _Stepped],
                      gain_groups: dict[str, dict]) -> dict[str, tuple[int, ...]]:
         """The eager step of the gauge-carrying tensors; returns the dead neuron units per family."""
         work = {name: self._enter_frame(*entry) for name, entry in stepped.items()}
         channel_steps = {}
         if self.norm_scale_step:
             channel_steps = self._norm_scale_steps(
-                work, gain_groups, lambda c: torch.linalg.vecdot(work[c].grad, work[c].value, dim=0))
+                work, gain_groups, lambda f, cs: sum(torch.linalg.vecdot(work[c].grad, work[c].value, dim=0) for c in cs))
         held_ratios = {f.name: self._pair_log_ratio(f, work) for f in self.plan.pairs
                        if channel_steps and all(r.name in work for r in (*f.multiplied, *f.divided))}
         charted, frozen = set(), {}
@@ -566,20 +596,98 @@ class DDCAdam(GuardedOptimizer):
         return AdamScalars.at(float(state["step"]), group["lr"], group["weight_decay"], *group["betas"], group["eps"],
                               device=p.device)
 
-    def _fused_gauge_steps(self, stepped: dict[str, tuple[Tensor, dict, TensorFrame, Tensor]],
+    def _gain_of(self, frame: TensorFrame) -> Tensor | None:
+        """The norm gain a tensor's frame merges with (or a norm bias is divided by), if any."""
+        name = frame.gain if frame.role == "norm_bias" else (frame.merge.gain if frame.merge else None)
+        return None if name is None else self._params_by_name[name]
+
+    def _all_finite(self, params: list[Tensor]) -> bool:
+        """With ``fused=True``, the gradients of neuron pairs are checked by the read-only pass the step
+        makes over them before writing anything (:meth:`_fused_reads`), the others by
+        :func:`~gaugeopt.optim._guards.all_finite`: each gradient is read once for both."""
+        if not self.fused:
+            return super()._all_finite(params)
+        _, stepped, gain_groups = self._sort_parameters()
+        self._reads = reads = self._fused_reads(stepped, gain_groups)
+        return reads.finite and all_finite([p.grad for p in params if id(p) not in reads.covered])
+
+    def _scale_input_from_columns(self, stepped: dict[str, _Stepped], consumers: list[str]) -> Tensor:
+        """``h`` (before the dead channels' zeros) as the sum of its consumers' column sums."""
+        total = 0
+        for name in consumers:
+            p, group, frame, grad = stepped[name]
+            h = column_inner(p, grad, centered=frame.centered, dtype=compute_dtype(p))
+            total = total + h * (1 - group["lr"] * group["weight_decay"])
+        return total
+
+    def _scale_input_from_gain(self, family: NormScaling, stepped: dict[str, _Stepped]) -> Tensor | None:
+        """``h = decay (g dL/dg + beta dL/dbeta)``, read off the norm's own gradients, or ``None``
+        where that is not the consumers' sum.
+
+        For a norm output ``y = g n + beta`` feeding the consumers ``z = C y`` only (what a norm
+        family is), ``sum_i G_C,ij C_ij = g_j dL/dg_j + beta_j dL/dbeta_j`` summed over consumers
+        (Euler's identity for the scaling symmetry); a centered consumer's mean-row share is
+        ``(sum_i G_ij)(sum_i C_ij) / rows``, zero for a shift-invariant loss. This holds when the
+        gradients are the loss's own, every consumer is stepped here, the gain (and bias) have
+        gradients and all consumers decay alike; otherwise ``None`` (the column sums are used)."""
+        if not all(c in stepped for c in family.consumers):
+            return None
+        decays = {1 - stepped[c][1]["lr"] * stepped[c][1]["weight_decay"] for c in family.consumers}
+        gain = self._params_by_name[family.gain]
+        bias = self._params_by_name.get(family.bias) if family.bias else None
+        if len(decays) != 1 or gain.grad is None or (family.bias and (bias is None or bias.grad is None)):
+            return None
+        dtype = compute_dtype(stepped[family.consumers[0]][0])
+        h = gain.detach().to(dtype) * gain.grad.to(dtype)
+        if bias is not None:
+            h = h + bias.detach().to(dtype) * bias.grad.to(dtype)
+        return h * decays.pop()
+
+    def _fused_reads(self, stepped: dict[str, _Stepped], gain_groups: dict[str, dict]) -> _FusedReads:
+        """The fused step's read-only passes, made before anything is written: each norm family's
+        scale input (from the norm's own gradients, :meth:`_scale_input_from_gain`, else its consumers'
+        column sums) and each neuron pair's pass 1 (:func:`~gaugeopt.optim.fused_updates.pair_entry_sums`),
+        which also tells whether the pair's gradients are finite."""
+        scale_inputs, firsts, covered, flags = {}, {}, set(), []
+        if self.norm_scale_step:
+            for family in self.plan.norms:
+                consumers = [c for c in family.consumers if c in stepped] if family.gain in gain_groups else []
+                if consumers:
+                    h = self._scale_input_from_gain(family, stepped)
+                    scale_inputs[family.name] = self._scale_input_from_columns(stepped, consumers) if h is None else h
+        for family in self.plan.pairs:
+            refs = (*family.multiplied, *family.divided)
+            if not all(r.name in stepped for r in refs) or all(stepped[r.name][0].grad is None for r in refs):
+                continue
+            firsts[family.name] = []
+            for ref in refs:
+                p, group, frame, grad = stepped[ref.name]
+                decay = torch.tensor(1 - group["lr"] * group["weight_decay"], dtype=torch.float64, device=p.device)
+                sums = compiled(pair_entry_sums)(p, grad, self._gain_of(frame), decay,
+                                                 **_pair_member(ref, frame)._asdict(), threshold=self.dead_threshold,
+                                                 dtype=compute_dtype(p))
+                firsts[family.name].append(sums)
+                if p.grad is not None:
+                    covered.add(id(p))
+                    flags.append(sums[2])
+        finite = not flags or bool(torch.stack(flags).all())
+        return _FusedReads(scale_inputs, firsts, covered, finite)
+
+    def _fused_gauge_steps(self, stepped: dict[str, _Stepped],
                            gain_groups: dict[str, dict]) -> dict[str, tuple[int, ...]]:
         """The gauge-carrying tensors stepped by the compiled functions of
         :mod:`gaugeopt.optim.fused_updates` (``fused=True``); returns the dead neuron units per family."""
-        def gain_of(frame: TensorFrame) -> Tensor | None:
-            name = frame.gain if frame.role == "norm_bias" else (frame.merge.gain if frame.merge else None)
-            return None if name is None else self._params_by_name[name]
+        reads, self._reads = self._reads or self._fused_reads(stepped, gain_groups), None
+        gain_of = self._gain_of
 
-        def column_inner(name: str) -> Tensor:
-            p, group, frame, grad = stepped[name]
-            return merged_column_inner(p, grad, gain_of(frame), 1 - group["lr"] * group["weight_decay"],
-                                       centered=frame.centered, threshold=self.dead_threshold, dtype=compute_dtype(p))
+        def scale_input(family: NormScaling, consumers: list[str]) -> Tensor:  # h_j in the frame
+            h = reads.scale_inputs.get(family.name)
+            if h is None:
+                h = self._scale_input_from_columns(stepped, consumers)
+            live = self._params_by_name[family.gain].detach().abs() > self.dead_threshold
+            return torch.where(live, h, torch.zeros_like(h))
 
-        channel_steps = self._norm_scale_steps(stepped, gain_groups, column_inner) if self.norm_scale_step else {}
+        channel_steps = self._norm_scale_steps(stepped, gain_groups, scale_input) if self.norm_scale_step else {}
         factors = {name: f for consumers, f in channel_steps.values() for name in consumers}
         charted, frozen = set(), {}
         for family in self.plan.pairs:
@@ -603,9 +711,9 @@ class DDCAdam(GuardedOptimizer):
                 list(params), list(grads), [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
                 [gain_of(f) for f in frames], [factors.get(r.name) for r in refs], scalars,
                 anchor["radial_exp_avg"], anchor["radial_exp_avg_sq"], scalars[0],
-                members=tuple(PairMember(r.axis, f.merge is not None, f.centered) for r, f in zip(refs, frames)),
+                members=tuple(_pair_member(r, f) for r, f in zip(refs, frames)),
                 n_multiplied=len(family.multiplied), betas=tuple(group["betas"]), threshold=self.dead_threshold,
-                frame=group["pair_frame"], hold_ratio=bool(channel_steps))
+                frame=group["pair_frame"], hold_ratio=bool(channel_steps), firsts=reads.firsts.get(family.name))
             if bool(dead.any()):
                 frozen[family.name] = tuple(dead.nonzero().flatten().tolist())
         for name, (p, group, frame, grad) in stepped.items():

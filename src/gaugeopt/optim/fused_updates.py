@@ -41,8 +41,8 @@ from .gauge_frames import (
     unit_slices,
 )
 
-__all__ = ["AdamScalars", "PairMember", "framed_adam_update_", "pair_adam_update_", "merged_column_inner", "unit_inner",
-           "compiled"]
+__all__ = ["AdamScalars", "PairMember", "framed_adam_update_", "pair_entry_sums", "pair_adam_update_",
+           "column_inner", "unit_inner", "compiled"]
 
 
 class AdamScalars(NamedTuple):
@@ -79,21 +79,19 @@ def _enter(param: Tensor, grad: Tensor, gain: Tensor | None, exp_avg: Tensor, de
                        threshold=threshold, dtype=exp_avg.dtype)
 
 
-def merged_column_inner(param: Tensor, grad: Tensor, gain: Tensor, decay: float, *, centered: bool,
-                        threshold: float, dtype: torch.dtype) -> Tensor:
-    """``h_j = sum_i G~_ij W~_ij`` of one consumer of a norm gain in its frame (merged, centered,
-    decayed): its share of the norm-scale step's input, zero on dead channels.
+def column_inner(param: Tensor, grad: Tensor, *, centered: bool, dtype: torch.dtype) -> Tensor:
+    """Per column, ``sum_i G_ij C_ij`` of a norm gain's consumer ``C`` (less ``(sum_i G_ij)(sum_i C_ij) /
+    rows`` when its rows are centered): the norm-scale step's input ``h_j = sum_i G~_ij W~_ij`` in the
+    frame, up to the factor ``decay`` and zeros on dead channels (the gain cancels: ``G~ W~ = decay G C``
+    entrywise, and the centered gradient sums to zero over rows, so only the mean row's share drops).
 
-    In closed form, since the gain cancels (``G~ W~ = decay G C`` entrywise):
-    ``h = decay sum_i G_ij C_ij``, less ``decay (sum_i G_ij)(sum_i C_ij) / rows`` when centered (the
-    centered gradient sums to zero over rows, so only the mean row's share drops). Eager column sums:
-    one pass over ``G`` and ``C``, where a compiled column reduction walks the matrix at a stride."""
+    Eager column sums: one pass over ``G`` and ``C``, where a compiled column reduction walks the
+    matrix at a stride. A non-finite gradient entry makes its column's sum non-finite."""
     p, g = param.detach().to(dtype), grad.to(dtype)
     h = torch.linalg.vecdot(g, p, dim=0)
     if centered:
         h = h - g.sum(dim=0) * p.sum(dim=0) / p.shape[0]
-    live = gain.detach().abs() > threshold
-    return torch.where(live, h * decay, torch.zeros_like(h))
+    return h
 
 
 def framed_adam_update_(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, gain: Tensor | None,
@@ -145,19 +143,14 @@ def unit_inner(a: Tensor, b: Tensor, axis: int) -> Tensor:
     return torch.linalg.vecdot(unit_slices(a, axis), unit_slices(b, axis), dim=1)
 
 
-def _pair_entry_sums(param: Tensor, grad: Tensor, gain: Tensor | None, decay: Tensor, factors: Tensor | None, *,
-                     axis: int, merged: bool, centered: bool, threshold: float,
-                     dtype: torch.dtype) -> tuple[Tensor, ...]:
-    """Pass 1 over a pair member: per unit ``|P|^2`` and ``<G, P>`` in the frame (and ``|P f|^2`` with
-    the merged columns' channel ``factors`` f)."""
+def pair_entry_sums(param: Tensor, grad: Tensor, gain: Tensor | None, decay: Tensor, *, axis: int, merged: bool,
+                    centered: bool, threshold: float, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """Pass 1 over a pair member (read only): per unit ``|P|^2`` and ``<G, P>`` in the frame, and
+    whether the raw gradient is finite (the step's guard reads it here rather than in a pass of its own)."""
     entry = enter_frame(param, grad, gain, role="tensor", merged=merged, centered=centered, decay=decay,
                         threshold=threshold, dtype=dtype)
     P, G = entry.value, entry.grad
-    sums = (unit_inner(P, P, axis), unit_inner(G, P, axis))
-    if factors is None:
-        return sums
-    Pf = scale_columns(P, factors)
-    return (*sums, unit_inner(Pf, Pf, axis))
+    return unit_inner(P, P, axis), unit_inner(G, P, axis), torch.isfinite(grad).all()
 
 
 def _pair_moments_(param: Tensor, grad: Tensor, gain: Tensor | None, exp_avg: Tensor, exp_avg_sq: Tensor,
@@ -166,7 +159,7 @@ def _pair_moments_(param: Tensor, grad: Tensor, gain: Tensor | None, exp_avg: Te
                    threshold: float) -> tuple[Tensor, ...]:
     """Pass 2: the member's moments advance on its tangential input ``x = a G + b P`` (per-unit
     coefficients); returns per unit ``<u, P>`` and ``|u|^2`` of its Adam direction ``u`` (and
-    ``<u f^2, P>``, ``<u f^2, u>`` with channel ``factors``)."""
+    ``<u f^2, P>``, ``<u f^2, u>``, ``|P f|^2`` with channel ``factors`` f)."""
     entry = enter_frame(param, grad, gain, role="tensor", merged=merged, centered=centered, decay=scalars.decay,
                         threshold=threshold, dtype=exp_avg.dtype)
     P, G = unit_slices(entry.value, axis), unit_slices(entry.grad, axis)
@@ -178,8 +171,10 @@ def _pair_moments_(param: Tensor, grad: Tensor, gain: Tensor | None, exp_avg: Te
     sums = (unit_inner(direction, value, axis), unit_inner(direction, direction, axis))
     if factors is None:
         return sums
-    weighted = scale_columns(direction, factors * factors)
-    return (*sums, unit_inner(weighted, value, axis), unit_inner(weighted, direction, axis))
+    squares = factors * factors
+    weighted = scale_columns(direction, squares)
+    return (*sums, unit_inner(weighted, value, axis), unit_inner(weighted, direction, axis),
+            unit_inner(scale_columns(value, squares), value, axis))
 
 
 def _pair_write_(param: Tensor, gain: Tensor | None, exp_avg: Tensor, exp_avg_sq: Tensor, value_coefficient: Tensor,
@@ -206,6 +201,7 @@ def pair_adam_update_(params: list[Tensor], grads: list[Tensor], exp_avgs: list[
                       radial_exp_avg: Tensor, radial_exp_avg_sq: Tensor, radial_scalars: AdamScalars, *,
                       members: tuple[PairMember, ...], n_multiplied: int, betas: tuple[float, float],
                       threshold: float, frame: PairFrame, hold_ratio: bool,
+                      firsts: list[tuple[Tensor, ...]] | None = None,
                       kernel: Callable[[Callable], Callable] | None = None) -> Tensor:
     """One DDCAdam step of a neuron pair family (all its units at once), in place; returns the dead units.
 
@@ -217,7 +213,8 @@ def pair_adam_update_(params: list[Tensor], grads: list[Tensor], exp_avgs: list[
     their ``channel_factors``, and with ``hold_ratio`` the neuron gauge element that puts
     ``log(|P1| / |P2|)`` back to its value at entry), computed in three passes over each member:
 
-    1. per unit ``|P_k|^2``, ``<G_k, P_k>``: the chart's scalars (:func:`~gaugeopt.optim.gauge_frames.chart_scalars`);
+    1. per unit ``|P_k|^2``, ``<G_k, P_k>`` (:func:`pair_entry_sums`): the chart's scalars
+       (:func:`~gaugeopt.optim.gauge_frames.chart_scalars`);
     2. the moments advance on ``x_k``; per unit ``<u_k, P_k>``, ``|u_k|^2``: the retraction's
        coefficients (:func:`~gaugeopt.optim.gauge_frames.retract_coefficients`), and the new side
        norms in closed form, ``|alpha P + beta u|^2 = alpha^2 |P|^2 + 2 alpha beta <u, P> + beta^2 |u|^2``
@@ -225,14 +222,16 @@ def pair_adam_update_(params: list[Tensor], grads: list[Tensor], exp_avgs: list[
     3. ``P_k <- alpha_k P_k + beta_k u_k`` written back.
 
     Each pass is a function of one member that ``kernel`` (default :func:`compiled`; the identity
-    runs it eagerly) turns into one fused loop; the per-unit algebra between passes is eager.
+    runs it eagerly) turns into one fused loop; the per-unit algebra between passes is eager. ``firsts``
+    are the members' pass-1 results (:func:`pair_entry_sums`) when the caller has them already.
     """
     kernel = compiled if kernel is None else kernel
     dtype = exp_avgs[0].dtype
     sides = (range(0, n_multiplied), range(n_multiplied, len(members)))
     factors = [f if hold_ratio else None for f in channel_factors]  # weights of the closed-form side norms
-    firsts = [kernel(_pair_entry_sums)(p, g, gain, s.decay, f, **m._asdict(), threshold=threshold, dtype=dtype)
-              for p, g, gain, s, f, m in zip(params, grads, gains, scalars, factors, members)]
+    if firsts is None:
+        firsts = [kernel(pair_entry_sums)(p, g, gain, s.decay, **m._asdict(), threshold=threshold, dtype=dtype)
+                  for p, g, gain, s, m in zip(params, grads, gains, scalars, members)]
 
     def total(sums: list[tuple[Tensor, ...]], k: int, side: range) -> Tensor:
         return sum(sums[i][k] for i in side)
@@ -260,7 +259,8 @@ def pair_adam_update_(params: list[Tensor], grads: list[Tensor], exp_avgs: list[
             parts = []
             for i in sides[k]:
                 weighted = factors[i] is not None
-                PP, uP, uu = firsts[i][2 if weighted else 0], seconds[i][2 if weighted else 0], seconds[i][3 if weighted else 1]
+                PP = seconds[i][4] if weighted else firsts[i][0]
+                uP, uu = seconds[i][2 if weighted else 0], seconds[i][3 if weighted else 1]
                 parts.append(alpha * alpha * PP + 2 * alpha * beta * uP + beta * beta * uu)
             return sum(parts)
 

@@ -303,11 +303,12 @@ def group_mean(values: Tensor, groups: Tensor, axis: int, layout: tuple[int, int
         means = values.reshape(blocked).mean(dim=axis + 1, keepdim=True)
         return means.expand(blocked).reshape(values.shape)
     moved = values.movedim(axis, 0)
-    n_groups = int(groups.max()) + 1
     groups = groups.to(values.device)
-    sums = moved.new_zeros((n_groups, *moved.shape[1:])).index_add_(0, groups, moved)
-    counts = torch.bincount(groups, minlength=n_groups).to(values.dtype)
-    means = sums / counts.reshape(-1, *([1] * (moved.dim() - 1)))
+    # One slot per index along the axis (group ids are below its length): no size read from the data,
+    # so a compiled caller needs no graph break. Unused slots stay 0 / 1.
+    sums = moved.new_zeros(moved.shape).index_add_(0, groups, moved)
+    counts = moved.new_zeros(moved.shape[0]).index_add_(0, groups, torch.ones_like(groups, dtype=moved.dtype))
+    means = sums / counts.clamp_min(1).reshape(-1, *([1] * (moved.dim() - 1)))
     return means[groups].movedim(0, axis)
 
 
