@@ -2,13 +2,15 @@
 
 The eager step (:class:`~gaugeopt.optim.DDCAdam`) runs each frame map, moment update and retraction
 as its own pass over memory: a neuron pair costs some thirty passes where AdamW's multi-tensor step
-costs about ten. Here each gauge-carrying tensor, and each neuron pair with all its member tensors,
-is stepped by *one* function from the raw parameter, gradient and state to the written parameter,
-built from the same pure maps (:func:`~gaugeopt.optim.gauge_frames.enter_frame`,
-:func:`~gaugeopt.optim.gauge_frames.pair_chart`, :func:`~gaugeopt.optim.gauge_frames.pair_retract`,
-:func:`~gaugeopt.optim.gauge_frames.leave_frame`, :func:`~gaugeopt.optim.ddc_adam.adam_moments_`).
-``torch.compile`` turns each into a few fused kernels (:func:`compiled`); run eagerly they give the
-same numbers as the eager step up to rounding (tests/test_ddc_adam_fused.py checks both).
+costs about ten. Here each gauge-carrying tensor outside a pair is stepped by *one* function from the
+raw parameter, gradient and state to the written parameter (:func:`framed_adam_update_`), and each
+neuron pair by three passes over each member tensor (:func:`pair_adam_update_`), built from the same
+pure maps as the eager step (:func:`~gaugeopt.optim.gauge_frames.enter_frame`,
+:func:`~gaugeopt.optim.gauge_frames.chart_scalars`,
+:func:`~gaugeopt.optim.gauge_frames.retract_coefficients`,
+:func:`~gaugeopt.optim.gauge_frames.leave_frame`, :func:`~gaugeopt.optim.gauge_frames.adam_moments_`).
+``torch.compile`` turns each into one or a few fused loops (:func:`compiled`); run eagerly they give
+the same numbers as the eager step up to rounding (tests/test_ddc_adam_fused.py checks both).
 
 Scalars that change between steps (learning rate, decay, bias corrections) are 0-d tensors
 (:class:`AdamScalars`), graph inputs of the compiled functions: a scheduler changing them does not
