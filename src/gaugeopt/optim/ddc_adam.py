@@ -304,11 +304,9 @@ class DDCAdam(GuardedOptimizer):
     def _enter_frame(self, p: Tensor, group: dict, frame: TensorFrame, grad: Tensor) -> _Work:
         """``p`` in its frame (:func:`~gaugeopt.optim.gauge_frames.enter_frame`): merged with its norm
         gain, centered, dead channels frozen, decayed; in float32 for float16/bfloat16 parameters."""
-        gain_name = frame.gain if frame.role == "norm_bias" else (frame.merge.gain if frame.merge else None)
-        entry = enter_frame(p, grad, None if gain_name is None else self._params_by_name[gain_name],
-                            role=frame.role, merged=frame.merge is not None, centered=frame.centered,
-                            decay=1 - group["lr"] * group["weight_decay"], threshold=self.dead_threshold,
-                            dtype=compute_dtype(p))
+        entry = enter_frame(p, grad, self._gain_of(frame), role=frame.role, merged=frame.merge is not None,
+                            centered=frame.centered, decay=1 - group["lr"] * group["weight_decay"],
+                            threshold=self.dead_threshold, dtype=compute_dtype(p))
         return _Work(p, group, frame, entry, entry.value, entry.grad)
 
     @staticmethod
@@ -680,16 +678,15 @@ class DDCAdam(GuardedOptimizer):
         reads, self._reads = self._reads or self._fused_reads(stepped, gain_groups), None
         gain_of = self._gain_of
 
-        def scale_input(family: NormScaling, consumers: list[str]) -> Tensor:  # h_j in the frame
-            h = reads.scale_inputs.get(family.name)
-            if h is None:
-                h = self._scale_input_from_columns(stepped, consumers)
+        def scale_input(family: NormScaling, consumers: list[str]) -> Tensor:  # h_j in the frame (read already)
+            h = reads.scale_inputs[family.name]
             live = self._params_by_name[family.gain].detach().abs() > self.dead_threshold
             return torch.where(live, h, torch.zeros_like(h))
 
         channel_steps = self._norm_scale_steps(stepped, gain_groups, scale_input) if self.norm_scale_step else {}
         factors = {name: f for consumers, f in channel_steps.values() for name in consumers}
         charted, frozen = set(), {}
+        groups_by_name = {name: entry[1] for name, entry in stepped.items()}
         for family in self.plan.pairs:
             refs = (*family.multiplied, *family.divided)
             if not all(r.name in stepped for r in refs):
@@ -697,7 +694,7 @@ class DDCAdam(GuardedOptimizer):
             charted.update(r.name for r in refs)
             if all(stepped[r.name][0].grad is None for r in refs):
                 continue
-            self._check_coupled_settings(family, {name: entry[1] for name, entry in stepped.items()})
+            self._check_coupled_settings(family, groups_by_name)
             params, groups, frames, grads = zip(*(stepped[r.name] for r in refs))
             states = [self._state(p) for p in params]
             scalars = [self._step_scalars(p, group) for p, group in zip(params, groups)]

@@ -30,7 +30,6 @@ import torch
 from torch import Tensor
 
 from .gauge_frames import (
-    FrameEntry,
     PairFrame,
     adam_moments_,
     center_rows,
@@ -66,19 +65,17 @@ class AdamScalars(NamedTuple):
         values = (lr, 1 - lr * weight_decay, c1 / math.sqrt(1 - beta2**step), eps * c1)
         return cls(*torch.tensor(values, dtype=torch.float64, device=device).unbind())
 
+    def direction(self, exp_avg: Tensor, exp_avg_sq: Tensor) -> Tensor:
+        """The bias-corrected Adam direction ``m / (sqrt(v) denominator_scale + denominator_shift)``."""
+        return exp_avg / (exp_avg_sq.sqrt() * self.denominator_scale + self.denominator_shift)
+
 
 def _adam_direction_(x: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, betas: tuple[float, float],
                      scalars: AdamScalars, shared_axes: Sequence = ()) -> Tensor:
     """Advance ``m, v`` on ``x`` in place (second moments shared over ``shared_axes``); return
     ``m / (sqrt(v) c1 / sqrt(c2) + eps c1)``."""
     adam_moments_(x, exp_avg, exp_avg_sq, betas[0], betas[1], shared_axes)
-    return exp_avg / (exp_avg_sq.sqrt() * scalars.denominator_scale + scalars.denominator_shift)
-
-
-def _enter(param: Tensor, grad: Tensor, gain: Tensor | None, exp_avg: Tensor, decay: Tensor, *, role: str,
-           merged: bool, centered: bool, threshold: float) -> FrameEntry:
-    return enter_frame(param, grad, gain, role=role, merged=merged, centered=centered, decay=decay,
-                       threshold=threshold, dtype=exp_avg.dtype)
+    return scalars.direction(exp_avg, exp_avg_sq)
 
 
 def column_inner(param: Tensor, grad: Tensor, *, centered: bool, dtype: torch.dtype) -> Tensor:
@@ -105,8 +102,8 @@ def framed_adam_update_(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq
     Adam direction ``A`` centered over rows for a translation gauge and its second moments shared
     over the rotated blocks of ``shared_axes``; then the merged columns are multiplied by the norm
     channels' ``channel_factors`` (``exp(-lr r)``, or ``None``) and the result is lifted back."""
-    entry = _enter(param, grad, gain, exp_avg, scalars.decay, role=role, merged=merged, centered=centered,
-                   threshold=threshold)
+    entry = enter_frame(param, grad, gain, role=role, merged=merged, centered=centered, decay=scalars.decay,
+                        threshold=threshold, dtype=exp_avg.dtype)
     direction = _adam_direction_(entry.grad, exp_avg, exp_avg_sq, betas, scalars, shared_axes)
     if centered:
         direction = center_rows(direction)
@@ -186,7 +183,7 @@ def _pair_write_(param: Tensor, gain: Tensor | None, exp_avg: Tensor, exp_avg_sq
     into ``param``; dead units and channels are left as they were."""
     entry = enter_frame(param, None, gain, role="tensor", merged=merged, centered=centered, decay=scalars.decay,
                         threshold=threshold, dtype=exp_avg.dtype)
-    direction = exp_avg / (exp_avg_sq.sqrt() * scalars.denominator_scale + scalars.denominator_shift)
+    direction = scalars.direction(exp_avg, exp_avg_sq)
     if centered:
         direction = center_rows(direction)
     new = (unit_slices(entry.value, axis) * value_coefficient.unsqueeze(1)
@@ -242,8 +239,7 @@ def pair_adam_update_(params: list[Tensor], grads: list[Tensor], exp_avgs: list[
                           total(firsts, 1, sides[1]), threshold, frame)
     radial_input, _ = chart.radial_vertical()
     adam_moments_(radial_input, radial_exp_avg, radial_exp_avg_sq, betas[0], betas[1])
-    radial = radial_exp_avg / (radial_exp_avg_sq.sqrt() * radial_scalars.denominator_scale
-                               + radial_scalars.denominator_shift)
+    radial = radial_scalars.direction(radial_exp_avg, radial_exp_avg_sq)
     coefficients = (chart.tangent_coefficients(1), chart.tangent_coefficients(2))
     seconds = [kernel(_pair_moments_)(p, g, gain, m, v, *coefficients[0 if i < n_multiplied else 1], f, s,
                                       **member._asdict(), betas=betas, threshold=threshold)
