@@ -334,7 +334,6 @@ def adam_moments_(x: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, beta1: float, 
     exp_avg_sq.mul_(beta2).add_(square, alpha=1 - beta2)
 
 
-
 def _eager() -> bool:
     """Whether this runs eagerly (not traced by ``torch.compile``): eager code may skip a pass after
     a data-dependent test, a compiled kernel fuses that pass at no cost instead of branching."""
