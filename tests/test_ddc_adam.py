@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import gaugeopt
-from gaugeopt.gauges import GaugeSet
+from gaugeopt.gauges import AxisRef, GaugeSet, NeuronScaling
 from gaugeopt.models import (
     MoEConfig,
     MoELM,
@@ -28,8 +28,8 @@ from gaugeopt.models import (
     ViTConfig,
 )
 from gaugeopt.optim.ddc_adam import DDCAdam
-from gaugeopt.optim.gauge_frames import FrameConflictError, build_frame_plan, compatible_gauges
-from gaugeopt.testing import check_equivariance, check_equivariance_per_family
+from gaugeopt.optim.frames import FrameConflictError, build_frame_plan, compatible_gauges
+from gaugeopt.testing import check_equivariance, check_equivariance_per_family, relative_error
 
 VOCAB = 11
 LR, WD = 1e-2, 0.1
@@ -165,17 +165,16 @@ def test_relu_classifier_shift_and_neuron_on_one_matrix():
     assert min(r.displacement for r in results.values()) > 0.01
 
 
-def test_literal_construction_is_exact_too():
-    """pair_frame="radius" without norm-scale steps: ddc.md section 4 as written (lr is a relative
-    rate for neuron pairs, channel scales move only through the per-coordinate steps)."""
+def test_without_the_channel_scale_step_it_is_exact_and_holds_the_orbits_too():
+    """norm_scale_step=False: channel scales move only through the merged consumers' own steps."""
     model, gauges, batches, loss = _case("lm_variant")
 
-    def literal(m, g):
-        return ddc(m, g, pair_frame="radius", norm_scale_step=False)
+    def plain(m, g):
+        return ddc(m, g, norm_scale_step=False)
 
-    result = check_equivariance(literal, model, gauges, batches, loss, steps=50)
+    result = check_equivariance(plain, model, gauges, batches, loss, steps=50)
     assert result.error <= 1e-8 and result.displacement > 0.1
-    per_step, _ = _orbit_drift(literal, "lm_variant", steps=30)
+    per_step, _ = _orbit_drift(plain, "lm_variant", steps=30)
     assert max(per_step.values()) <= 1e-10
 
 
@@ -253,8 +252,9 @@ def test_reduces_to_adamw_without_gauges():
             opt.zero_grad()
             F.mse_loss(m(x), y).backward()
             opt.step()
-    for (name, a), b in zip(model.named_parameters(), twin.parameters()):  # the same multi-tensor kernel
-        assert torch.equal(a, b), name
+    error, where = relative_error(model, twin)  # the same update, computed in another operation order
+    assert error <= 1e-14, (error, where)
+    assert relative_error(model, _gauge_free_model()[0])[0] > 1e-2  # and both moved
 
 
 def test_untouched_parameters_get_exactly_the_adamw_update():
@@ -270,8 +270,8 @@ def test_untouched_parameters_get_exactly_the_adamw_update():
             opt.step()
             break
     a, b = dict(model.named_parameters()), dict(twin.named_parameters())
-    for name in untouched:
-        assert torch.equal(a[name], b[name]), name
+    for name in untouched:  # AdamW's update, computed in another operation order
+        assert relative_error({name: a[name]}, {name: b[name]})[0] <= 1e-14, name
 
 
 def test_resume_from_state_dict_matches_uninterrupted_run():
@@ -324,14 +324,19 @@ def test_closure_loss_is_returned_and_scheduler_lr_is_used():
         assert torch.allclose(a, b, rtol=1e-14, atol=0), name
 
 
-def test_coupled_tensors_with_different_learning_rates_are_refused():
+def test_tensors_of_one_pair_may_take_different_settings_and_stay_equivariant():
+    """Frame -> rule -> lift is covariant tensor by tensor, so a neuron pair's producer and consumer
+    (and a norm's consumers) may sit in groups with their own learning rates and decay."""
     model, gauges, batches, loss = _case("lm")
-    down = [p for n, p in model.named_parameters() if n.endswith("ffn.down.weight")]
-    rest = [p for n, p in model.named_parameters() if not n.endswith("ffn.down.weight")]
-    opt = DDCAdam([{"params": rest}, {"params": down, "lr": 1e-4}], gauges, lr=1e-3)
-    loss(model, batches[0]).backward()
-    with pytest.raises(ValueError, match="ffn.down.weight.*lr|lr.*ffn.down.weight|different lr"):
-        opt.step()
+
+    def split(m, g):
+        down = [p for n, p in m.named_parameters() if n.endswith("ffn.down.weight")]
+        rest = [p for n, p in m.named_parameters() if not n.endswith("ffn.down.weight")]
+        return DDCAdam([{"params": rest}, {"params": down, "lr": 3e-3, "weight_decay": 0.3, "betas": (0.8, 0.99)}],
+                       g, lr=LR, weight_decay=WD)
+
+    result = check_equivariance(split, model, gauges, batches, loss, steps=30)
+    assert result.error <= 1e-10 and result.displacement > 0.01, result.error
 
 
 def test_gains_are_frames_and_stay_fixed():
@@ -382,20 +387,20 @@ def test_dead_norm_channel_and_dead_unit_are_frozen_and_reported():
     assert not torch.equal(params["blocks.0.ffn.up.weight"][:, 2], before["blocks.0.ffn.up.weight"][:, 2])
 
 
-def test_deep_relu_mlp_is_refused_naming_the_parameter_and_compatible_gauges_drops_one():
+def test_parameters_scaled_by_two_neuron_families_on_one_side_are_refused():
+    """A tensor multiplied by two neuron scalings (on two axes) has no frame here: refused, naming it;
+    compatible_gauges drops the second family and the rest is exact."""
     torch.manual_seed(10)
     model = ReLUMLP(ReLUMLPConfig(sizes=(4, 6, 6, 3))).double()
     gauges = gaugeopt.find_gauges(model, torch.randn(2, 4, dtype=torch.float64), output="values")
-    with pytest.raises(FrameConflictError, match=r"layers\.1\.weight"):
-        DDCAdam(model.parameters(), gauges)
-    reduced, dropped = compatible_gauges(gauges, verbose=False)
-    assert len(dropped) == 1 and len(reduced) == len(gauges) - 1
+    first = next(f for f in gauges if f.kind == "neuron_scale")
+    doubled = NeuronScaling("neuron_scale:twice", 4, (AxisRef("layers.0.weight", 1),), (), producer="input")
+    odd = GaugeSet([*gauges, doubled], (), model)
+    with pytest.raises(FrameConflictError, match=r"layers\.0\.weight"):
+        DDCAdam(model.parameters(), odd)
+    reduced, dropped = compatible_gauges(odd, verbose=False)
+    assert dropped == ["neuron_scale:twice"] and first.name in {f.name for f in reduced}
     build_frame_plan(reduced)
-    g = torch.Generator().manual_seed(11)
-    batches = [(torch.randn(5, 4, generator=g, dtype=torch.float64),
-                torch.randn(5, 3, generator=g, dtype=torch.float64)) for _ in range(3)]
-    result = check_equivariance(ddc, model, reduced, batches, lambda m, b: F.mse_loss(m(b[0]), b[1]), steps=20)
-    assert result.error <= 1e-8
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -403,7 +408,7 @@ def test_deep_relu_mlp_is_refused_naming_the_parameter_and_compatible_gauges_dro
     ({"betas": (0.9, 1.0)}, "betas"),
     ({"eps": -1e-8}, "eps"),
     ({"weight_decay": -0.1}, "weight_decay"),
-    ({"pair_frame": "sideways"}, "pair_frame"),
+    ({"dead_threshold": -1.0}, "dead_threshold"),
 ])
 def test_bad_hyperparameters_are_refused(kwargs, match):
     model, gauges = _gauge_free_model()

@@ -25,12 +25,9 @@ from gaugeopt.models import (
     modular_addition_data,
 )
 from gaugeopt.optim.baselines import MuonWithAdamW
-from gaugeopt.optim.ddc_muon import (
-    head_blocks_newton_schulz,
-    muon_lr_scale,
-    muon_newton_schulz,
-    muon_parameter_names,
-)
+from gaugeopt.optim.ddc_muon import muon_lr_scale, muon_parameter_names
+from gaugeopt.optim.layerwise import muon_update
+from gaugeopt.optim.matrix_functions import newton_schulz
 from gaugeopt.testing import check_equivariance, check_equivariance_per_family, relative_error
 
 KINDS = ("logit_shift", "neuron_scale", "norm_scale", "qk_rotation", "vo_rotation")
@@ -128,20 +125,21 @@ def test_plain_muon_commutes_with_rotations_but_not_with_rescalings():
     assert rescaling.error >= 1e-3, rescaling.error
 
 
-def test_head_wise_and_radius_frame_equivariant_with_grouped_query_partial_rope():
+def test_head_wise_equivariant_with_grouped_query_partial_rope():
     model, gauges, batches, loss_fn = make_lm(n_heads=4, n_kv_heads=2, rope="partial")
-    result = check_equivariance(lambda m, g: ddc_muon(m, g, head_wise=True, pair_frame="radius"), model, gauges,
+    result = check_equivariance(lambda m, g: ddc_muon(m, g, head_wise=True), model, gauges,
                                 batches, loss_fn, steps=50)
     assert result.displacement > 1e-2 and result.error <= 1e-8, (result.error, result.worst_parameter)
 
 
-def test_neuron_pair_with_bias_in_the_stack():
-    """A ReLU unit's producer bias joins its row in the invariant stack (a vector taking Muon)."""
+def test_relu_pair_with_bias_takes_muon_on_the_weights_and_adam_on_the_bias():
+    """A ReLU unit's producer bias is a vector: it takes the Adam rule in the unit's frame while the
+    weights take Muon (frame -> rule -> lift is covariant tensor by tensor)."""
     torch.manual_seed(0)
     model = ReLUMLP(ReLUMLPConfig(sizes=(6, 12, 3))).double()
     gauges = find_gauges(model, (torch.randn(2, 6, dtype=torch.float64),), output="values")
     assert gauges.kinds == ("neuron_scale",)
-    assert muon_parameter_names(model, gauges) == {"layers.0.weight", "layers.0.bias", "layers.1.weight"}
+    assert muon_parameter_names(model, gauges) == {"layers.0.weight", "layers.1.weight"}
     generator = torch.Generator().manual_seed(2)
     batches = [(torch.randn(8, 6, generator=generator, dtype=torch.float64),
                 torch.randn(8, 3, generator=generator, dtype=torch.float64)) for _ in range(3)]
@@ -238,7 +236,7 @@ def test_newton_schulz_is_torch_bit_for_bit_in_bfloat16(shape):
     from torch.optim._muon import _zeropower_via_newtonschulz  # torch's own (private) iteration
 
     update = torch.randn(shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    ours = muon_newton_schulz(update, dtype=torch.bfloat16)
+    ours = newton_schulz(update, dtype=torch.bfloat16)
     theirs = _zeropower_via_newtonschulz(update, (3.4445, -4.7750, 2.0315), 5, 1e-7)
     assert ours.dtype == torch.bfloat16 and torch.equal(ours, theirs)
 
@@ -256,12 +254,13 @@ def test_muon_lr_scale_matches_torch():
 # --------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("axis", [0, 1])
+@pytest.mark.parametrize("axis", ["row", "col"])
 def test_head_blocks_commute_with_per_head_rotations(axis):
     heads, head_dim, other = 3, 4, 10
     generator = torch.Generator().manual_seed(0)
     index = torch.randperm(heads * head_dim, generator=generator).reshape(heads, head_dim)  # any partition
-    shape = (heads * head_dim, other) if axis == 0 else (other, heads * head_dim)
+    blocks = tuple(tuple(row) for row in index.tolist())
+    shape = (heads * head_dim, other) if axis == "row" else (other, heads * head_dim)
     update = torch.randn(shape, generator=generator, dtype=torch.float64)
     rotation = torch.eye(heads * head_dim, dtype=torch.float64)
     for h in range(heads):
@@ -269,14 +268,16 @@ def test_head_blocks_commute_with_per_head_rotations(axis):
         rotation[index[h].unsqueeze(1), index[h]] = q
 
     def rotate(x):
-        return rotation @ x if axis == 0 else x @ rotation.T
+        return rotation @ x if axis == "row" else x @ rotation.T
 
-    blocks = head_blocks_newton_schulz(rotate(update), axis, index, dtype=None)
-    assert torch.allclose(blocks, rotate(head_blocks_newton_schulz(update, axis, index, dtype=None)), atol=1e-12)
-    whole = muon_newton_schulz(update, dtype=None)
-    assert (head_blocks_newton_schulz(update, axis, index, dtype=None) - whole).norm() > 0.1 * whole.norm()
+    def head_wise(x):
+        return muon_update(x, head_axis=axis, head_index=blocks, block_scale=False)
+
+    assert torch.allclose(head_wise(rotate(update)), rotate(head_wise(update)), atol=1e-12)
+    whole = muon_update(update)
+    assert (head_wise(update) - whole).norm() > 0.1 * whole.norm()
     with pytest.raises(ValueError, match="partition"):
-        head_blocks_newton_schulz(update, axis, index[:, :2], dtype=None)
+        muon_update(update, head_axis=axis, head_index=tuple(b[:2] for b in blocks))
 
 
 def test_head_wise_option_changes_the_attention_update_only():
@@ -318,7 +319,7 @@ def test_state_dict_round_trip_resumes_identically():
     restored = ddc_muon(resumed, gauges.bind(resumed), head_wise=True)
     restored.load_state_dict(torch.load(buffer))  # weights_only: plain tensors, numbers and dtypes
     up = dict(resumed.named_parameters())["blocks.0.ffn.up.weight"]
-    assert {"momentum_buffer", "radial_exp_avg", "radial_exp_avg_sq", "radial_step"} <= set(restored.state[up])
+    assert set(restored.state[up]) == {"momentum_buffer"}
     train(first, optimizer, range(5, 10))
     train(resumed, restored, range(5, 10))
     for (name, a), b in zip(first.named_parameters(), resumed.parameters()):
@@ -346,8 +347,6 @@ def test_errors_name_the_problem():
     model, gauges, _, _ = make_lm()
     with pytest.raises(ValueError, match="adjust_lr"):
         ddc_muon(model, gauges, adjust_lr="spectral")
-    with pytest.raises(ValueError, match="pair_frame"):
-        ddc_muon(model, gauges, pair_frame="sinkhorn")
     with pytest.raises(ValueError, match="unknown option"):
         DDCMuon([{"params": model.parameters(), "betas": (0.9, 0.9)}], gauges)
     with pytest.raises(ValueError, match="2-D"):
@@ -359,13 +358,8 @@ def test_errors_name_the_problem():
     with pytest.raises(ValueError, match=f"param group {adam_group} of the state dict: Muon needs 2-D"):
         optimizer.load_state_dict(saved)
     assert not optimizer.param_groups[adam_group]["use_muon"]
-    up, down = model.blocks[0].ffn.up.weight, model.blocks[0].ffn.down.weight
-    rest = [p for p in model.parameters() if p is not up and p is not down]
-    with pytest.raises(ValueError, match="couples"):
-        DDCMuon([{"params": [up], "use_muon": True}, {"params": [down], "use_muon": False},
-                 {"params": rest}], gauges)
-    with pytest.raises(ValueError, match="Newton-Schulz takes"):
-        muon_newton_schulz(torch.ones(3))
+    with pytest.raises(ValueError, match=r"\(\.\.\., m, n\)"):
+        newton_schulz(torch.ones(3))
 
 
 # --------------------------------------------------------------------------------------------------

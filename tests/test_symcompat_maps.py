@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from gaugeopt.optim import SymmetryCompatible
-from gaugeopt.optim.layerwise import RULES, adam_direction, apply_update_rule, get_rule, muon_update
+from gaugeopt.optim.layerwise import RULES, apply_update_rule, get_rule, muon_update
+from gaugeopt.optim.rules import adam_bias_terms, adam_direction_
 
 F64 = torch.float64
 TOL = 1e-10
@@ -110,13 +111,13 @@ def test_adamw_fails_the_orthogonal_cases_but_not_permutations():
     grads = [torch.randn(12, 5, generator=gen(s), dtype=F64) for s in (11, 12)]
     Pi, Q = random_permutation(12, 13), random_orthogonal(5, 14)
 
-    def adam_steps(gradients):
-        m = torch.zeros(12, 5, dtype=F64)
-        v = torch.zeros(12, 5, dtype=F64)
+    def adam_steps(gradients):  # the one Adam direction of gaugeopt.optim.rules, on a stack of one
+        m, v = torch.zeros(1, 12, 5, dtype=F64), torch.zeros(1, 12, 5, dtype=F64)
         for t, g in enumerate(gradients, start=1):
-            m = 0.9 * m + 0.1 * g
-            v = 0.95 * v + 0.05 * g * g
-        return adam_direction(m, v, len(gradients))
+            weights = torch.tensor([0.1, 0.05], dtype=F64)
+            bias_terms = torch.tensor(adam_bias_terms(0.9, 0.95, 1e-8, [t]), dtype=F64)
+            direction = adam_direction_(g.unsqueeze(0).clone(), m, v, weights, bias_terms)
+        return direction[0]
 
     base = adam_steps(grads)
     assert max_err(adam_steps([Pi @ g for g in grads]), Pi @ base) <= TOL  # permutations: fine

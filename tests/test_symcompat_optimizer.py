@@ -37,7 +37,7 @@ def test_one_step_is_ema_momentum_decay_then_phi():
     M2 = beta * M1 + (1 - beta) * G2
     W2 = (1 - lr * wd) * W1 - lr * apply_update_rule("hybrid", M2, alpha=1.0)
     assert torch.allclose(W.detach(), W2, atol=1e-13)
-    assert torch.allclose(opt.state[W]["momentum"], M2, atol=1e-15)
+    assert torch.allclose(opt.state[W]["momentum_buffer"], M2, atol=1e-15)
 
 
 def test_adamw_rule_matches_torch_adamw():

@@ -11,6 +11,8 @@ from .simple import (
     ReducedRankRegressionConfig,
     ReLUMLP,
     ReLUMLPConfig,
+    SwiGLUMLP,
+    SwiGLUMLPConfig,
 )
 from .vit import ViT, ViTConfig
 
@@ -20,6 +22,6 @@ __all__ = [
     "ModularAdditionConfig", "ModularAdditionTransformer", "modular_addition_data",
     "MoEConfig", "MoELayer", "MoELM",
     "DeepLinear", "DeepLinearConfig", "ReducedRankRegression", "ReducedRankRegressionConfig",
-    "ReLUMLP", "ReLUMLPConfig",
+    "ReLUMLP", "ReLUMLPConfig", "SwiGLUMLP", "SwiGLUMLPConfig",
     "ViT", "ViTConfig",
 ]

@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .blocks import MLP
+
 
 @dataclass(frozen=True)
 class ReLUMLPConfig:
@@ -31,6 +33,43 @@ class ReLUMLP(nn.Module):
         for layer in self.layers[:-1]:
             x = F.relu(layer(x))
         return self.layers[-1](x)
+
+
+@dataclass(frozen=True)
+class SwiGLUMLPConfig:
+    d_in: int = 8
+    width: int = 16
+    d_ff: int = 32
+    depth: int = 3
+    d_out: int = 4
+    bias: bool = False
+
+
+class SwiGLUMLP(nn.Module):
+    """A stack of SwiGLU blocks without residual connections or norms:
+    ``x -> out(B_depth(... B_1(inp(x))))`` with ``B(h) = down(silu(gate h) * up h)``.
+
+    Its neuron scalings form one chain: the units of every ``up`` (rows of ``up``, columns of
+    ``down``) and the outputs of ``inp`` and of every ``down`` (rows, into the next block's ``gate``
+    and ``up`` columns, or ``out``'s) are all positive rescalings, each acting on both axes of the
+    matrices between them (the composed gauges of docs/ddc.md).
+    """
+
+    def __init__(self, config: SwiGLUMLPConfig):
+        super().__init__()
+        if config.depth < 1:
+            raise ValueError("SwiGLUMLPConfig.depth must be at least 1")
+        self.config = config
+        self.inp = nn.Linear(config.d_in, config.width, bias=config.bias)
+        self.blocks = nn.ModuleList(MLP(config.width, config.d_ff, "swiglu", bias=config.bias)
+                                    for _ in range(config.depth))
+        self.out = nn.Linear(config.width, config.d_out, bias=config.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inp(x)
+        for block in self.blocks:
+            h = block(h)
+        return self.out(h)
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 Modules: ``matrix_functions`` (Newton-Schulz polar, inverse square roots), ``ddc_adam``,
 ``ddc_muon``, ``symcompat`` (the symmetry-compatible layerwise stack and its parameter classifier),
-``_guards`` (the checks every optimizer shares: settings, gradients, low precision, checkpoints).
+``guards`` (the checks every optimizer shares: settings, gradients, low precision, checkpoints).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ _EXPORTS = {
     "DDCMuon": "gaugeopt.optim.ddc_muon",
     "SymmetryCompatible": "gaugeopt.optim.symcompat",
     "symmetry_param_groups": "gaugeopt.optim.symcompat",
-    "NonFiniteGradientError": "gaugeopt.optim._guards",
+    "NonFiniteGradientError": "gaugeopt.optim.guards",
 }
 
 __all__ = list(_EXPORTS)

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..gauges.gaugeset import GaugeSet
-from ._guards import (
+from .guards import (
     NonfinitePolicy,
     all_finite,
     require,
@@ -98,18 +98,25 @@ class MuonWithAdamW(NonfinitePolicy):
         self.adamw_names = tuple(n for n in params if n not in muon_names)
         self.muon = torch.optim.Muon([params[n] for n in self.muon_names], lr=lr, momentum=momentum,
                                      nesterov=nesterov, weight_decay=weight_decay, ns_steps=ns_steps,
-                                     adjust_lr_fn=adjust_lr)
+                                     adjust_lr_fn=adjust_lr) if self.muon_names else None
         self.adamw = torch.optim.AdamW([params[n] for n in self.adamw_names], lr=adam_lr, betas=adam_betas,
                                        eps=adam_eps,
-                                       weight_decay=weight_decay if adam_weight_decay is None else adam_weight_decay)
+                                       weight_decay=weight_decay if adam_weight_decay is None else adam_weight_decay
+                                       ) if self.adamw_names else None
 
     @property
-    def optimizers(self) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer]:
-        return self.muon, self.adamw
+    def optimizers(self) -> tuple[torch.optim.Optimizer, ...]:
+        """The torch optimizers that have parameters (Muon's, AdamW's)."""
+        return tuple(opt for opt in (self.muon, self.adamw) if opt is not None)
 
     @property
     def param_groups(self) -> list[dict[str, Any]]:
         return [g for opt in self.optimizers for g in opt.param_groups]
+
+    def _parts(self) -> list[tuple[str, torch.optim.Optimizer, tuple[str, ...]]]:
+        """``(key, optimizer, parameter names)`` of the parts that have parameters."""
+        return [(key, opt, names) for key, opt, names in (("muon", self.muon, self.muon_names),
+                                                          ("adamw", self.adamw, self.adamw_names)) if opt is not None]
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for opt in self.optimizers:
@@ -122,22 +129,21 @@ class MuonWithAdamW(NonfinitePolicy):
             with torch.enable_grad():
                 loss = closure()
         self.last_step_skipped = False
-        named = [(n, p) for opt, names in ((self.muon, self.muon_names), (self.adamw, self.adamw_names))
-                 for n, p in zip(names, opt.param_groups[0]["params"]) if p.grad is not None]
+        named = [(n, p) for _, opt, names in self._parts() for n, p in zip(names, opt.param_groups[0]["params"])
+                 if p.grad is not None]
         sparse = [n for n, p in named if p.grad.is_sparse]
         if sparse:
             raise ValueError(f"MuonWithAdamW does not support sparse gradients, got them for {sparse}")
         if not all_finite(p.grad for _, p in named):
-            self._nonfinite_step([n for n, p in named if not torch.isfinite(p.grad).all()])  # raises or counts a skip
+            self.apply_nonfinite_policy([n for n, p in named if not torch.isfinite(p.grad).all()])  # raises or counts a skip
             return loss
         for opt in self.optimizers:
             opt.step()
         return loss
 
     def state_dict(self) -> dict[str, Any]:
-        shapes = {n: list(p.shape) for opt, names in ((self.muon, self.muon_names), (self.adamw, self.adamw_names))
-                  for n, p in zip(names, opt.param_groups[0]["params"])}
-        return {"muon": self.muon.state_dict(), "adamw": self.adamw.state_dict(),
+        shapes = {n: list(p.shape) for _, opt, names in self._parts() for n, p in zip(names, opt.param_groups[0]["params"])}
+        return {**{key: opt.state_dict() for key, opt, _ in self._parts()},
                 "gaugeopt": {"optimizer": type(self).__name__, "muon_names": list(self.muon_names),
                              "adamw_names": list(self.adamw_names), "shapes": shapes,
                              "skipped_steps": self.skipped_steps}}
@@ -153,7 +159,7 @@ class MuonWithAdamW(NonfinitePolicy):
             if list(meta[key]) != list(names):
                 raise ValueError(f"the state dict's {key} {meta[key]} differ from this optimizer's {list(names)}: "
                                  f"it was saved for another model")
-        for opt, names, key in ((self.muon, self.muon_names, "muon"), (self.adamw, self.adamw_names, "adamw")):
+        for key, opt, names in self._parts():
             saved = state_dict[key]
             for n, p, saved_id in zip(names, opt.param_groups[0]["params"], saved["param_groups"][0]["params"]):
                 if list(meta["shapes"][n]) != list(p.shape):
@@ -162,6 +168,6 @@ class MuonWithAdamW(NonfinitePolicy):
                 for name, value in saved["state"].get(saved_id, {}).items():
                     if name != "step" and isinstance(value, torch.Tensor) and value.shape != p.shape:
                         raise ValueError(f"state {name!r} of {n} has shape {tuple(value.shape)}")
-        self.muon.load_state_dict(state_dict["muon"])
-        self.adamw.load_state_dict(state_dict["adamw"])
+        for key, opt, _ in self._parts():
+            opt.load_state_dict(state_dict[key])
         self.skipped_steps = int(meta["skipped_steps"])

@@ -21,7 +21,7 @@ Design of this version: :func:`sharded_step` wraps an optimizer's ``step``. When
    matrix: the cost of a Newton-Schulz or Gram iteration);
 2. gathers every sharded parameter, its gradient and its state tensors (``DTensor.full_tensor``, an
    all-gather over the parameter's device mesh); the owner keeps the full tensors, the other ranks
-   drop them at once. Tensors the step reads outside its components (``_tensors_read``: DDCAdam's
+   drop them at once. Tensors the step reads outside its components (``parameters_read()``: the
    norm gains) are kept whole by every rank;
 3. runs the optimizer's ordinary single-process step, on each rank over its own components' full
    tensors, so every reduction over a sharded axis (row centering, column and pair norms,
@@ -42,10 +42,11 @@ broadcast whole from the owner. Gathering to the owner only and scattering shard
 that; this version does not. Parameters on a mesh other than one 1-D mesh (HSDP, tensor parallel) are gathered whole and every
 rank steps every component (no split); only FSDP2 on a 1-D mesh is tested.
 
-An optimizer opts in by decorating ``step`` with :func:`sharded_step`. Optional hooks (DDCAdam
-has them): ``_tensors_read()`` (parameters every rank's step reads whole, e.g. norm gains),
-``_swap_parameters(stand_in)`` (read parameter ``p`` as ``stand_in[id(p)]``),
-``_coupled_parameters()`` (lists of parameters one update couples) and ``_rank_reports`` (names of
+An optimizer opts in by decorating ``step`` with :func:`sharded_step`. Its public component
+interface (:class:`~gaugeopt.optim.base.FramedOptimizer` has it): ``parameters_read()`` (parameters
+every rank's step reads whole, e.g. norm gains), ``substitute_parameters(stand_in)`` (read parameter
+``p`` as ``stand_in[id(p)]``), ``coupled_parameters()`` (lists of parameters whose frames are computed
+together) and ``distributed_reports`` (names of
 dict attributes each rank fills for the components it stepped, merged after the step).
 """
 
@@ -60,7 +61,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from ._guards import GuardedOptimizer, all_finite
+from .guards import GuardedOptimizer, all_finite
 
 __all__ = ["sharded_step", "gathered_parameters", "is_sharded", "has_sharded_parameters", "full_tensor"]
 
@@ -137,11 +138,11 @@ def _gradients_finite_on_every_rank(optimizer: torch.optim.Optimizer) -> bool:
     dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
     if flag.item() == 1.0:
         return True
-    names = optimizer._parameter_names()
-    here = [optimizer._describe(gi, pi, names) for gi, pi, p in located if not torch.isfinite(_local(p.grad)).all()]
+    names = optimizer.parameter_names()
+    here = [optimizer.describe_parameter(gi, pi, names) for gi, pi, p in located if not torch.isfinite(_local(p.grad)).all()]
     everywhere: list = [None] * group.size()
     dist.all_gather_object(everywhere, here, group=group)
-    return optimizer._nonfinite_step(sorted({name for part in everywhere for name in part}))
+    return optimizer.apply_nonfinite_policy(sorted({name for part in everywhere for name in part}))
 
 
 @contextmanager
@@ -169,7 +170,7 @@ def gathered_parameters(optimizer: torch.optim.Optimizer) -> Iterator[None]:
             whole.grad = grad
             if p in optimizer.state:
                 optimizer.state[whole] = state
-    read = [t for t in {id(t): t for t in getattr(optimizer, "_tensors_read", lambda: [])()}.values()
+    read = [t for t in {id(t): t for t in getattr(optimizer, "parameters_read", lambda: [])()}.values()
             if is_sharded(t)]
     for t in read:  # read whole by every rank (norm gains), written only by their owner if optimized
         full = full_tensor(t)
@@ -210,7 +211,7 @@ def _step_group(sharded: list[DTensor]) -> dist.ProcessGroup | None:
 def step_owners(optimizer: torch.optim.Optimizer, world: int) -> dict[int, int]:
     """Which rank steps each parameter: ``{id(parameter): rank}``, the same on every rank.
 
-    Parameters one update couples (``optimizer._coupled_parameters()``: a norm family's gain, bias and
+    Parameters one update couples (``optimizer.coupled_parameters()``: a norm family's gain, bias and
     consumers, a neuron pair) form one component; components go, largest first, to the rank with
     the least work so far. Work is estimated as ``numel * min(rows, cols)`` for a matrix (the cost of
     a Newton-Schulz or Gram-matrix iteration) and ``numel`` for a vector.
@@ -225,7 +226,7 @@ def step_owners(optimizer: torch.optim.Optimizer, world: int) -> dict[int, int]:
             i = root[i]
         return i
 
-    for coupled in getattr(optimizer, "_coupled_parameters", lambda: [])():
+    for coupled in getattr(optimizer, "coupled_parameters", lambda: [])():
         members = [index[id(t)] for t in coupled if id(t) in index]
         for i in members[1:]:
             root[find(i)] = find(members[0])
@@ -253,12 +254,12 @@ def _write_back(optimizer: torch.optim.Optimizer, params: list[Tensor], owners: 
     With a split step (``group``), the owners first publish the layout of their parameters' state
     (keys, shapes, dtypes, and the values that are not tensors) with one ``all_gather_object``; then
     each tensor is broadcast from its owner, in parameter order. Dict attributes named in
-    ``optimizer._rank_reports`` (DDCAdam's ``frozen``), which each rank fills for the parameters it
+    ``optimizer.distributed_reports`` (``frozen``), which each rank fills for the parameters it
     stepped, are merged.
     """
     rank = group.rank() if group is not None else 0
     if group is not None:
-        report_names = getattr(optimizer, "_rank_reports", ())
+        report_names = getattr(optimizer, "distributed_reports", ())
         layouts = {}
         for i, p in enumerate(params):
             stepped = stand_in.get(id(p), p)
@@ -325,7 +326,7 @@ def _layout(state: dict) -> dict:
 
 def _swap_hook(optimizer: torch.optim.Optimizer, replace: Mapping[int, Tensor]) -> None:
     """Let the optimizer read ``replace[id(p)]`` for parameter ``p`` outside its param groups."""
-    hook = getattr(optimizer, "_swap_parameters", None)
+    hook = getattr(optimizer, "substitute_parameters", None)
     if hook is not None:
         hook(replace)
 

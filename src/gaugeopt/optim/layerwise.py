@@ -25,7 +25,7 @@ left_spectral              nu^a (X X^T + eps)^(-1/2) X  (the same matrix)       
 centered_left_spectral     P left_spectral(P X)                                      row perm. x O(cols) + shift
 hybrid                     nu(Y)^a Y (Y^T Y + eps)^(-1/2),  Y = row_norm(X)          row perm. x O(cols)
 centered_hybrid            P hybrid with Y = P row_norm(P X)                         row perm. x O(cols) + shift
-adamw                      elementwise Adam direction (stateful, see adam_direction) coordinate permutations
+adamw                      elementwise Adam direction (stateful: rules.Adam)         coordinate permutations
 =========================  ========================================================  ==========================
 
 "+ shift": also invariant under a shared row shift ``X + 1 v^T`` and horizontal (``1^T Phi = 0``).
@@ -50,6 +50,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from .frames import center_rows
 from .matrix_functions import MUON_NS_COEFFICIENTS, inverse_sqrt_psd, newton_schulz
 
 __all__ = [
@@ -60,12 +61,12 @@ __all__ = [
     "center_rows",
     "row_normalize",
     "muon_update",
+    "muon_lr_scale",
     "row_norm_update",
     "centered_row_norm_update",
     "damped_polar",
     "spectral_update",
     "hybrid_update",
-    "adam_direction",
     "apply_update_rule",
 ]
 
@@ -92,11 +93,6 @@ ADJUST_LR_CHOICES: tuple[str, ...] = ("original", "match_rms_adamw", "none")
 # ----------------------------------------------------------------------------------------------
 
 
-def center_rows(X: Tensor) -> Tensor:
-    """``P X = X - 1 mean_row(X)``: subtract the mean row of each matrix (axis -2)."""
-    return X - X.mean(dim=-2, keepdim=True)
-
-
 def row_normalize(X: Tensor, eps: float = 1e-8) -> Tensor:
     """Each row divided by ``(|row|_2 + eps)``; with ``eps = 0`` a row whose norm is 0 (or underflows
     to 0) maps to zero instead of NaN."""
@@ -114,7 +110,10 @@ def _nuclear_scale(Y: Tensor, U: Tensor, alpha: float) -> Tensor:
     return nu.pow(alpha)
 
 
-def _muon_scale(rows: int, cols: int, adjust_lr: str) -> float:
+def muon_lr_scale(shape: tuple[int, int] | torch.Size, adjust_lr: str) -> float:
+    """Muon's shape factor ``s`` for a ``(rows, cols)`` matrix: the step is ``lr * s * NS(U)``, as
+    ``torch.optim.Muon``'s ``adjust_lr_fn``."""
+    rows, cols = shape
     if adjust_lr == "original":
         return math.sqrt(max(1.0, rows / cols))
     if adjust_lr == "match_rms_adamw":
@@ -134,47 +133,59 @@ def muon_update(
     *,
     heads: int | None = None,
     head_axis: Literal["row", "col"] = "row",
+    head_index: tuple[tuple[int, ...], ...] | None = None,
     ns_steps: int = 5,
     ns_eps: float = 1e-7,
     ns_coefficients: tuple[float, float, float] = MUON_NS_COEFFICIENTS,
     adjust_lr: str = "original",
+    dtype: torch.dtype | None = None,
+    block_scale: bool = True,
 ) -> Tensor:
     """Muon: ``s * NS(B)`` for every block ``B`` of ``M`` (shape ``(..., rows, cols)``).
 
-    Without ``heads`` the block is the whole matrix (or each matrix of a batch, e.g. MoE experts
-    stored as one ``(E, rows, cols)`` tensor: batched per-expert Muon). With ``heads = H`` the
-    matrix is cut into ``H`` equal blocks along its rows (``head_axis="row"``: Q/K/V projections,
-    ``(H * head_dim, d)``) or its columns (``head_axis="col"``: the output projection,
-    ``(d, H * head_dim)``), and each head block is orthogonalised on its own, which keeps the map
-    equivariant under independent per-head rotations. ``NS`` is :func:`newton_schulz`. The scale
-    ``s`` uses the block's stored shape ``(rows, cols)``: ``sqrt(max(1, rows/cols))``
-    (``adjust_lr="original"``, Keller Jordan's Muon), ``0.2 sqrt(max(rows, cols))``
-    (``"match_rms_adamw"``, Moonshot) or 1 (``"none"``), as in ``torch.optim.Muon``.
+    Without ``heads`` or ``head_index`` the block is the whole matrix (or each matrix of a batch,
+    e.g. MoE experts stored as one ``(E, rows, cols)`` tensor: batched per-expert Muon). With
+    ``heads = H`` the matrix is cut into ``H`` equal contiguous blocks along its rows
+    (``head_axis="row"``: Q/K/V projections, ``(H * head_dim, d)``) or its columns
+    (``head_axis="col"``: the output projection, ``(d, H * head_dim)``); ``head_index[h]`` gives the
+    indices of block ``h`` instead (any partition of that axis). Each block is orthogonalised on its
+    own, which keeps the map equivariant under independent per-block rotations. ``NS`` is
+    :func:`~gaugeopt.optim.matrix_functions.newton_schulz`, run in ``dtype`` (``None``: ``M``'s); the
+    result is in ``M``'s dtype. The scale ``s`` is ``sqrt(max(1, rows/cols))`` (``adjust_lr="original"``,
+    Keller Jordan's Muon), ``0.2 sqrt(max(rows, cols))`` (``"match_rms_adamw"``, Moonshot) or 1
+    (``"none"``), as in ``torch.optim.Muon``, for the block's shape (``block_scale=True``) or the
+    whole matrix's.
     """
     if M.ndim < 2:
         raise ValueError(f"muon needs a matrix or a batch of matrices, got shape {tuple(M.shape)}")
-    rows, cols = M.shape[-2], M.shape[-1]
-    if heads is None or heads == 1:
-        return _muon_scale(rows, cols, adjust_lr) * newton_schulz(
-            M, steps=ns_steps, eps=ns_eps, coefficients=ns_coefficients
-        )
-    split = rows if head_axis == "row" else cols
-    if heads < 1 or split % heads:
-        raise ValueError(
-            f"heads={heads} does not divide the {head_axis} axis of size {split} (shape {tuple(M.shape)})"
-        )
-    lead = M.shape[:-2]
-    if head_axis == "row":
-        blocks = M.reshape(*lead, heads, rows // heads, cols)
-    elif head_axis == "col":
-        blocks = M.reshape(*lead, rows, heads, cols // heads).movedim(-2, -3)
-    else:
+    if head_axis not in ORIENTATIONS:
         raise ValueError(f"head_axis must be 'row' or 'col', got {head_axis!r}")
-    scale = _muon_scale(blocks.shape[-2], blocks.shape[-1], adjust_lr)
-    out = scale * newton_schulz(blocks, steps=ns_steps, eps=ns_eps, coefficients=ns_coefficients)
-    if head_axis == "col":
-        out = out.movedim(-3, -2)
-    return out.reshape(M.shape)
+    rows, cols = M.shape[-2], M.shape[-1]
+    ns = dict(steps=ns_steps, eps=ns_eps, coefficients=ns_coefficients, dtype=dtype)
+    split = rows if head_axis == "row" else cols
+    if head_index is None and (heads is None or heads == 1):
+        return newton_schulz(M, **ns).to(M.dtype) * muon_lr_scale((rows, cols), adjust_lr)
+    if head_index is None:
+        if heads < 1 or split % heads:
+            raise ValueError(
+                f"heads={heads} does not divide the {head_axis} axis of size {split} (shape {tuple(M.shape)})")
+        head_index = tuple(tuple(range(h * (split // heads), (h + 1) * (split // heads))) for h in range(heads))
+    index = torch.tensor(head_index, device=M.device)
+    if not torch.equal(index.flatten().sort().values, torch.arange(split, device=M.device)):
+        raise ValueError(f"head blocks {tuple(index.shape)} do not partition the {head_axis} axis of a "
+                         f"{tuple(M.shape)} matrix")
+    if head_axis == "row":
+        blocks = M[..., index, :]  # (..., heads, head_dim, cols)
+    else:
+        blocks = M[..., index].movedim(-2, -3)  # (..., rows, heads, head_dim) -> (..., heads, rows, head_dim)
+    shape = blocks.shape[-2:] if block_scale else (rows, cols)
+    ortho = newton_schulz(blocks, **ns).to(M.dtype) * muon_lr_scale(shape, adjust_lr)
+    out = ortho.new_empty(M.shape)
+    if head_axis == "row":
+        out[..., index, :] = ortho
+    else:
+        out[..., index] = ortho.movedim(-3, -2)
+    return out
 
 
 def row_norm_update(X: Tensor, *, eps: float = 1e-8) -> Tensor:
@@ -271,25 +282,6 @@ def hybrid_update(X: Tensor, *, eps: float = 1e-8, alpha: float = 1.0, centered:
     return center_rows(out) if centered else out
 
 
-def adam_direction(
-    exp_avg: Tensor,
-    exp_avg_sq: Tensor,
-    step: int,
-    *,
-    betas: tuple[float, float] = (0.9, 0.95),
-    eps: float = 1e-8,
-) -> Tensor:
-    """The AdamW step direction ``m_hat / (sqrt(v_hat) + eps)`` from the running moments.
-
-    ``m_hat = m / (1 - beta1^t)``, ``v_hat = v / (1 - beta2^t)``. Elementwise, so it commutes with
-    coordinate permutations but not with rotations of a matrix block (see the tests).
-    """
-    beta1, beta2 = betas
-    bias1 = 1.0 - beta1**step
-    bias2 = 1.0 - beta2**step
-    return (exp_avg / bias1) / ((exp_avg_sq / bias2).sqrt() + eps)
-
-
 # ----------------------------------------------------------------------------------------------
 # Registry
 # ----------------------------------------------------------------------------------------------
@@ -369,7 +361,7 @@ def apply_update_rule(name: str, M: Tensor, orientation: Orientation = "row", **
     """
     rule = get_rule(name)
     if rule.update is None:
-        raise ValueError(f"rule {name!r} is stateful; use SymmetryCompatible (or adam_direction) for it")
+        raise ValueError(f"rule {name!r} is stateful; use SymmetryCompatible (or gaugeopt.optim.rules.Adam) for it")
     if orientation not in ORIENTATIONS:
         raise ValueError(f"orientation must be one of {ORIENTATIONS}, got {orientation!r}")
     if M.ndim < 2:

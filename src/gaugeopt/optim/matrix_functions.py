@@ -59,10 +59,11 @@ def newton_schulz(
     steps: int = 5,
     eps: float = 1e-7,
     coefficients: tuple[float, float, float] = MUON_NS_COEFFICIENTS,
+    dtype: torch.dtype | None = None,
 ) -> Tensor:
     """Muon's quintic Newton-Schulz orthogonalisation of ``G`` (shape ``(..., m, n)``).
 
-    With ``X_0 = G / (|G|_F + eps)`` (Frobenius norm per matrix, so every singular value is <= 1)
+    With ``X_0 = G / max(|G|_F, eps)`` (Frobenius norm per matrix, so every singular value is <= 1)
     and ``A_k = X_k X_k^T``, each step is
 
         X_{k+1} = a X_k + (b A_k + c A_k^2) X_k,
@@ -71,18 +72,19 @@ def newton_schulz(
     stay fixed. With the default coefficients ``p`` pushes all singular values into roughly
     [0.7, 1.2] in five steps, so the result approximates the polar factor ``U V^T`` of
     ``G = U S V^T`` (use :func:`polar` when the exact factor is needed). Tall matrices (``m > n``)
-    are transposed so that the Gram matrix is the smaller ``min(m, n)`` square, like
-    ``torch.optim.Muon``. Leading axes are a batch (attention heads, MoE experts): each matrix is
-    normalised and iterated independently. The computation runs in ``G``'s dtype.
+    are transposed so that the Gram matrix is the smaller ``min(m, n)`` square. Leading axes are a
+    batch (layers, attention heads, MoE experts): each matrix is normalised and iterated on its own.
+
+    This is ``torch.optim.Muon``'s iteration operation for operation (``addmm``/``baddbmm`` with the
+    same operands), so a single matrix with ``dtype=torch.bfloat16`` gives torch's bits. The
+    arithmetic runs in ``dtype`` (``None``: ``G``'s dtype) and the result has that dtype.
 
     Args:
         G: a matrix or a batch of matrices, floating point.
         steps: number of quintic steps (>= 0).
-        eps: added to the Frobenius norm before dividing, so a zero matrix maps to zero.
+        eps: floor of the Frobenius norm before dividing, so a zero matrix maps to zero.
         coefficients: the polynomial coefficients ``(a, b, c)``.
-
-    Returns:
-        A tensor of ``G``'s shape and dtype.
+        dtype: the arithmetic dtype.
     """
     _check_matrix_batch(G, "G")
     if steps < 0:
@@ -90,12 +92,22 @@ def newton_schulz(
     if len(coefficients) != 3:
         raise ValueError(f"coefficients must be three floats (a, b, c), got {coefficients!r}")
     a, b, c = coefficients
-    transposed = G.shape[-2] > G.shape[-1]
-    X = G.mT if transposed else G
-    X = X / (torch.linalg.matrix_norm(X, keepdim=True) + eps)
+    X = G.to(dtype or G.dtype, copy=True)
+    transposed = X.size(-2) > X.size(-1)
+    if transposed:
+        X = X.mT
+    if X.ndim == 2:
+        fused, norm = torch.addmm, X.norm()
+    else:
+        batch = X.shape[:-2]
+        X = X.reshape(-1, *X.shape[-2:])
+        fused, norm = torch.baddbmm, torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True)
+    X = X.div_(norm.clamp(min=eps))
     for _ in range(steps):
-        A = X @ X.mT
-        X = a * X + (b * A + c * (A @ A)) @ X
+        gram = X @ X.mT
+        X = fused(X, fused(gram, gram, gram, beta=b, alpha=c), X, beta=a)
+    if X.ndim == 3 and G.ndim != 3:
+        X = X.reshape(*batch, *X.shape[-2:])
     return X.mT if transposed else X
 
 

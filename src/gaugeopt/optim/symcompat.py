@@ -23,17 +23,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._guards import (
-    GuardedOptimizer,
-    compute_dtype,
-    require_betas,
-    require_nonnegative,
-    require_rate,
-    require_unit_interval,
-    state_zeros,
-)
-from .distributed import sharded_step
-from .layerwise import ADJUST_LR_CHOICES, ORIENTATIONS, RULES, adam_direction, apply_update_rule, get_rule
+from .base import FramedOptimizer
+from .guards import require_betas, require_nonnegative, require_rate, require_unit_interval
+from .layerwise import ADJUST_LR_CHOICES, ORIENTATIONS, RULES, get_rule
+from .rules import Adam, MomentumMap, Muon, Rule
 from .matrix_functions import MUON_NS_COEFFICIENTS
 
 __all__ = [
@@ -52,7 +45,7 @@ __all__ = [
 # ==============================================================================================
 
 
-class SymmetryCompatible(GuardedOptimizer):
+class SymmetryCompatible(FramedOptimizer):
     """Symmetry-compatible layerwise optimizer: a per-group update rule applied to EMA momentum.
 
     Args:
@@ -76,16 +69,21 @@ class SymmetryCompatible(GuardedOptimizer):
         nonfinite: ``"raise"`` (default): a NaN or Inf gradient raises
             :class:`~gaugeopt.optim.NonFiniteGradientError` naming the parameter; ``"skip"``: the
             step is skipped and counted in :attr:`skipped_steps`. Nothing changes in either case.
+        compiled: run the step compiled by ``torch.compile``.
 
-    Matrix rules accept 2-D parameters and 3-D stacks ``(E, rows, cols)`` (one matrix per expert;
-    ``muon`` also any ``(..., rows, cols)``). Invalid settings raise ``ValueError`` at
-    construction (and when a step or ``load_state_dict`` meets them), naming the group and parameter.
-    Float16/bfloat16 parameters keep float32 state and are updated in float32 (``docs/robustness.md``).
+    The step is the batched step of :mod:`gaugeopt.optim.batched_step` without gauge frames: each
+    group's rule is a base rule of :mod:`gaugeopt.optim.rules` (``adamw``: :class:`~gaugeopt.optim.rules.Adam`;
+    ``muon``: :class:`~gaugeopt.optim.rules.Muon`; the other maps:
+    :class:`~gaugeopt.optim.rules.MomentumMap`), and same-shape parameters of a group are stepped as one
+    stack. Matrix rules accept 2-D parameters and 3-D stacks ``(E, rows, cols)`` (one matrix per expert;
+    ``muon`` also any ``(..., rows, cols)``). Invalid settings raise ``ValueError`` at construction (and
+    when a step or ``load_state_dict`` meets them), naming the group and parameter. Float16/bfloat16
+    parameters keep float32 state and are updated in float32 (``docs/robustness.md``).
     """
 
     _EXTRA_GROUP_KEYS = frozenset({"role"})
-    _STATE_KEYS = frozenset({"momentum", "step", "exp_avg", "exp_avg_sq"})
-    _PARAM_SHAPED_STATE = frozenset({"momentum", "exp_avg", "exp_avg_sq"})
+    _STATE_KEYS = frozenset({"momentum_buffer", "step", "exp_avg", "exp_avg_sq"})
+    _PARAM_SHAPED_STATE = frozenset({"momentum_buffer", "exp_avg", "exp_avg_sq"})
 
     def __init__(
         self,
@@ -107,8 +105,8 @@ class SymmetryCompatible(GuardedOptimizer):
         adam_betas: tuple[float, float] = (0.9, 0.95),
         adam_eps: float = 1e-8,
         nonfinite: str = "raise",
+        compiled: bool = False,
     ) -> None:
-        self._init_guards(nonfinite)
         defaults = dict(
             lr=lr, rule=rule, orientation=orientation, heads=heads, beta=beta, nesterov=nesterov,
             weight_decay=weight_decay, eps=eps, alpha=alpha, ns_steps=ns_steps, ns_eps=ns_eps,
@@ -116,61 +114,23 @@ class SymmetryCompatible(GuardedOptimizer):
             adam_eps=adam_eps,
         )
         _validate_settings(defaults, type(self).__name__)
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, None, channel_step=False, dead_threshold=0.0, nonfinite=nonfinite,
+                         compiled=compiled)
 
     def _validate_group(self, group: dict[str, Any], where: str) -> None:
         _validate_group(group, where)
 
-    @sharded_step
-    @torch.no_grad()
-    def step(self, closure=None):
-        """One optimisation step; ``closure`` re-evaluates the model and returns the loss."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        if not self._gradients_ready():  # settings, sparse and non-finite gradients (nothing changed)
-            return loss
-        for group in self.param_groups:
-            rule = get_rule(group["rule"])
-            lr = float(group["lr"])
-            decay = 1.0 - lr * group["weight_decay"]
-            options = {name: group[name] for name in rule.options}
-            for param in group["params"]:
-                if param.grad is None:
-                    continue
-                # float16/bfloat16: state, gradient and update in float32, written back at the end
-                work = param if compute_dtype(param) == param.dtype else param.to(compute_dtype(param))
-                grad = param.grad.to(work.dtype)
-                state = self.state[param]
-                if decay != 1.0:
-                    work.mul_(decay)
-                if rule.name == "adamw":
-                    self._adamw_step(work, grad, state, lr, options)
-                else:
-                    if "momentum" not in state:
-                        state["momentum"] = state_zeros(param)
-                    momentum = state["momentum"]
-                    momentum.lerp_(grad, 1.0 - group["beta"])
-                    source = grad.lerp(momentum, group["beta"]) if group["nesterov"] else momentum
-                    work.add_(apply_update_rule(rule.name, source, group["orientation"], **options), alpha=-lr)
-                if work is not param:
-                    param.copy_(work)
-        return loss
-
-    @staticmethod
-    def _adamw_step(param: Tensor, grad: Tensor, state: dict, lr: float, options: dict) -> None:
-        beta1, beta2 = options["adam_betas"]
-        if "step" not in state:
-            state["step"] = 0
-            state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-        state["step"] += 1
-        state["exp_avg"].lerp_(grad, 1.0 - beta1)
-        state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
-        direction = adam_direction(state["exp_avg"], state["exp_avg_sq"], state["step"],
-                                   betas=(beta1, beta2), eps=options["adam_eps"])
-        param.add_(direction, alpha=-lr)
+    def rule_for(self, group: Mapping[str, Any]) -> Rule:
+        name = group["rule"]
+        if name == "adamw":
+            return Adam(betas_key="adam_betas", eps_key="adam_eps")
+        if name == "muon":
+            return Muon(nesterov=bool(group["nesterov"]), ns_steps=group["ns_steps"],
+                        ns_coefficients=tuple(group["ns_coefficients"]), ns_eps=float(group["ns_eps"]),
+                        adjust_lr=group["adjust_lr"], head_blocks=group["heads"], head_axis=group["orientation"],
+                        block_scale=True, momentum_key="beta")
+        options = tuple((key, group[key]) for key in get_rule(name).options)
+        return MomentumMap(name, group["orientation"], options, bool(group["nesterov"]), momentum_key="beta")
 
 
 def _validate_settings(settings: dict[str, Any], where: str) -> None:

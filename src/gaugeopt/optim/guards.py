@@ -7,12 +7,13 @@
   run when a group is added (construction and ``add_param_group``, which also refuses unknown
   keys), at the start of every step (values a scheduler or the user wrote into a group later) and
   on every group a checkpoint loads. A bad value raises ``ValueError`` naming the group and the field.
-* **Gradient checks** (:meth:`_gradients_ready`, the first thing a step does): a sparse gradient
-  raises ``ValueError`` naming the parameter; then one fused reduction over all gradients
-  (:func:`all_finite`: one device synchronisation per step however many parameters) decides
-  finiteness. ``nonfinite="raise"`` raises :class:`NonFiniteGradientError` naming the
-  parameters; ``nonfinite="skip"`` skips the whole step and counts it in ``skipped_steps``. Either
-  way nothing (parameters or state) has changed.
+* **Gradient checks** (:meth:`_check_step_inputs`, the first thing a step does): a sparse gradient
+  raises ``ValueError`` naming the parameter. Finiteness is decided by one flag the step reads
+  before it writes anything (one device synchronisation per step however many parameters; the
+  batched step reduces every gradient stack to it). ``nonfinite="raise"`` raises
+  :class:`NonFiniteGradientError` naming the parameters; ``nonfinite="skip"`` skips the whole step
+  and counts it in ``skipped_steps`` (:meth:`NonfinitePolicy.apply_nonfinite_policy`). Either way
+  nothing (parameters or state) has changed.
 * **Low precision.** :func:`compute_dtype` is float32 for float16/bfloat16 parameters (and the
   parameter's own dtype otherwise): optimizer state is kept in it, the update is computed in it,
   and only the result is cast back to the parameter.
@@ -178,7 +179,7 @@ class NonfinitePolicy:
         #: Whether the last call of ``step`` was skipped.
         self.last_step_skipped = False
 
-    def _nonfinite_step(self, bad: list[str]) -> bool:
+    def apply_nonfinite_policy(self, bad: list[str]) -> bool:
         """Apply the ``nonfinite`` policy to a step whose gradients of ``bad`` are not finite: count a
         skip and return ``False``, or raise :class:`NonFiniteGradientError` naming them."""
         if self.nonfinite == "skip":
@@ -194,9 +195,9 @@ class GuardedOptimizer(NonfinitePolicy, torch.optim.Optimizer):
     """``torch.optim.Optimizer`` with the checks of the module docstring.
 
     Subclasses call :meth:`_init_guards` before ``super().__init__``, implement
-    :meth:`_validate_group`, set :attr:`_EXTRA_GROUP_KEYS` (group keys outside ``defaults``), :attr:`_STATE_KEYS` (state keys their step writes) and
-    :attr:`_PARAM_SHAPED_STATE` (those shaped like the parameter), and begin ``step`` with
-    ``if not self._gradients_ready(): return loss`` after running the closure.
+    :meth:`_validate_group`, set :attr:`_EXTRA_GROUP_KEYS` (group keys outside ``defaults``),
+    :attr:`_STATE_KEYS` (state keys their step writes) and :attr:`_PARAM_SHAPED_STATE` (those shaped
+    like the parameter), and begin ``step`` with :meth:`_check_step_inputs` after running the closure.
     """
 
     _STATE_KEYS: frozenset[str] = frozenset()
@@ -209,7 +210,7 @@ class GuardedOptimizer(NonfinitePolicy, torch.optim.Optimizer):
         """``id(parameter) -> name`` known to the subclass (e.g. from the model of a GaugeSet)."""
         return {}
 
-    def _parameter_names(self) -> list[list[str | None]]:
+    def parameter_names(self) -> list[list[str | None]]:
         """Per group, each parameter's name: the subclass's, else the group's ``param_names``."""
         known = self._known_names()
         out = []
@@ -218,8 +219,10 @@ class GuardedOptimizer(NonfinitePolicy, torch.optim.Optimizer):
             out.append([known.get(id(p), given_name) for p, given_name in zip(group["params"], given)])
         return out
 
-    def _describe(self, group_index: int, param_index: int, names: list[list[str | None]] | None = None) -> str:
-        names = names or self._parameter_names()
+    def describe_parameter(self, group_index: int, param_index: int,
+                           names: list[list[str | None]] | None = None) -> str:
+        """``"name (param group g entry i, shape s)"`` for error messages."""
+        names = names or self.parameter_names()
         p = self.param_groups[group_index]["params"][param_index]
         name = names[group_index][param_index]
         where = f"param group {group_index} entry {param_index}, shape {tuple(p.shape)}"
@@ -245,37 +248,28 @@ class GuardedOptimizer(NonfinitePolicy, torch.optim.Optimizer):
             self._validate_group(group, f"param group {index}")
 
     # ----- gradients ------------------------------------------------------------------------------
-    def _gradients_ready(self) -> bool:
-        """Check the group settings and the gradients; ``False`` when the step is to be skipped.
-
-        Sparse gradients raise ``ValueError``. Finiteness is :func:`all_finite`: one fused reduction,
-        so a step costs one synchronisation however many parameters it has.
-        """
+    def _check_step_inputs(self) -> None:
+        """Check the group settings (values a scheduler or the user wrote since) and refuse sparse
+        gradients, naming the parameter; nothing has changed when either raises."""
         self._validate_groups()
         self.last_step_skipped = False
-        located = []
         for gi, group in enumerate(self.param_groups):
             for pi, p in enumerate(group["params"]):
                 if p.grad is not None and p.grad.is_sparse:
                     raise ValueError(f"{type(self).__name__} does not support sparse gradients, got one for "
-                                     f"{self._describe(gi, pi)}")
-                if p.grad is not None:
-                    located.append((gi, pi))
-        if self._all_finite([self.param_groups[gi]["params"][pi] for gi, pi in located]):
-            return True
-        names = self._parameter_names()
-        return self._nonfinite_step([self._describe(gi, pi, names) for gi, pi in located
-                                     if not torch.isfinite(self.param_groups[gi]["params"][pi].grad).all()])
+                                     f"{self.describe_parameter(gi, pi)}")
 
-    def _all_finite(self, params: list[Tensor]) -> bool:
-        """Whether every gradient of ``params`` (all of them have one) is finite: :func:`all_finite`.
-        A subclass may decide it from reads of the gradients its step makes anyway, before writing."""
-        return all_finite([p.grad for p in params])
+    def nonfinite_parameters(self) -> list[str]:
+        """The descriptions of the parameters whose gradients hold NaN or Inf (a host read per
+        parameter: called only once a step's check has failed)."""
+        names = self.parameter_names()
+        return [self.describe_parameter(gi, pi, names) for gi, group in enumerate(self.param_groups)
+                for pi, p in enumerate(group["params"]) if p.grad is not None and not torch.isfinite(p.grad).all()]
 
     # ----- checkpoints ------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
-        names = self._parameter_names()
+        names = self.parameter_names()
         state[_META_KEY] = {
             "optimizer": type(self).__name__,
             "names": names,
@@ -338,14 +332,14 @@ class GuardedOptimizer(NonfinitePolicy, torch.optim.Optimizer):
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(f"the state dict has {len(saved_groups)} param groups, this {mine} has "
                              f"{len(self.param_groups)}: it was saved for another model or grouping")
-        names = self._parameter_names()
+        names = self.parameter_names()
         for gi, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
             if len(saved["params"]) != len(group["params"]):
                 raise ValueError(f"param group {gi} of the state dict has {len(saved['params'])} parameters, "
                                  f"this {mine} has {len(group['params'])}: it was saved for another model")
             for pi, p in enumerate(group["params"]):
                 saved_name, saved_shape = meta["names"][gi][pi], meta["shapes"][gi][pi]
-                here = self._describe(gi, pi, names)
+                here = self.describe_parameter(gi, pi, names)
                 if saved_name is not None and names[gi][pi] is not None and saved_name != names[gi][pi]:
                     raise ValueError(f"the state dict was saved for parameter {saved_name!r} where this {mine} "
                                      f"has {here}: it belongs to another model")
@@ -373,17 +367,16 @@ def check_gauges_cover(gauges, param_groups: list[dict[str, Any]]) -> dict[str, 
     parameters by name (empty for ``gauges=None``).
 
     ``ValueError`` when a parameter is not one of ``gauges.model``'s (a GaugeSet found on another
-    model or a copy: ``gauges.bind(model)`` re-targets it), when the model's shapes no longer match
-    the families (the model was changed after ``find_gauges``), or when a neuron pair's tensors are
-    only partly given to the optimizer or only partly trainable (the pair is one update).
+    model or a copy: ``gauges.bind(model)`` re-targets it), or when the model's shapes no longer match
+    the families (the model was changed after ``find_gauges``).
     """
     if gauges is None:
         return {}
-    from ..gauges.families import NeuronScaling, _DiagonalScaling
+    from ..gauges.families import NeuronScaling, NormScaling
 
     model_params = dict(gauges.model.named_parameters())
     for family in gauges:
-        if isinstance(family, _DiagonalScaling):
+        if isinstance(family, (NeuronScaling, NormScaling)):
             for ref in (*family.multiplied, *family.divided):
                 shape = tuple(model_params[ref.name].shape)
                 if ref.axis >= len(shape) or shape[ref.axis] != family.units:
@@ -403,19 +396,4 @@ def check_gauges_cover(gauges, param_groups: list[dict[str, Any]]) -> dict[str, 
                          f"(shapes {shapes}{', ...' if len(foreign) > 5 else ''}): the GaugeSet does not cover "
                          f"them; optimize them with another optimizer, or find the gauges on the model that "
                          f"owns them")
-    optimized = {names[id(p)] for p in given}
-    for family in gauges:
-        if not isinstance(family, NeuronScaling):
-            continue
-        members = sorted({r.name for r in (*family.multiplied, *family.divided)})
-        missing = [n for n in members if n not in optimized]
-        if missing and len(missing) < len(members):
-            raise ValueError(
-                f"gauge family {family.name} couples {members} into one update, but {missing} are not given to "
-                f"the optimizer; optimize all of them or drop the family from the GaugeSet")
-        frozen = [n for n in members if n in optimized and not model_params[n].requires_grad]
-        if frozen and len(frozen) < len(members) and not missing:
-            raise ValueError(
-                f"gauge family {family.name} couples {members} into one update, but {frozen} have "
-                f"requires_grad=False; freeze all of them or none (or leave the frozen ones out together)")
     return model_params

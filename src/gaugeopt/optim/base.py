@@ -1,0 +1,156 @@
+"""The ``torch.optim.Optimizer`` shell shared by DDCAdam, DDCMuon and SymmetryCompatible.
+
+:class:`FramedOptimizer` owns what an optimizer object owns (param groups, state, checks, checkpoints)
+and delegates the step to :mod:`gaugeopt.optim.batched_step`: a subclass only says which base rule
+each param group takes (:meth:`FramedOptimizer.rule_for`) and validates its groups. The layout of
+the step (which tensors are stepped as one batch) is built from the parameters that have gradients
+and cached until that set, a shape or a rule changes.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..gauges.gaugeset import GaugeSet
+from .batched_step import StackedState, StepLayout, build_program, compiled_phase, read_phase, write_phase
+from .distributed import sharded_step
+from .frames import FramePlan, build_frame_plan
+from .guards import GuardedOptimizer, check_gauges_cover, require_nonnegative
+from .rules import Rule
+
+__all__ = ["FramedOptimizer"]
+
+
+class FramedOptimizer(GuardedOptimizer):
+    """Base of the optimizers stepped as frame -> base rule -> lift (module docstring).
+
+    Args (for subclasses):
+        params, defaults: as for ``torch.optim.Optimizer``.
+        gauges: the model's :class:`~gaugeopt.gauges.GaugeSet`, or ``None`` (no frames: every tensor
+            takes its rule as it is).
+        channel_step: take the norm channel-scale step (DDCAdam's ``norm_scale_step``).
+        dead_threshold: a norm channel with ``|gain| <=`` this, or a neuron unit with
+            ``sqrt(u v) <=`` this, is frozen and reported in :attr:`frozen`.
+        nonfinite: ``"raise"`` or ``"skip"`` (:mod:`gaugeopt.optim.guards`).
+        compiled: run the step's two phases compiled by ``torch.compile`` (the same functions as the
+            eager step; equal up to rounding).
+    """
+
+    #: Dict attributes each rank fills for the tensors it stepped under a split (FSDP2) step; merged
+    #: by :mod:`gaugeopt.optim.distributed`.
+    distributed_reports: tuple[str, ...] = ("frozen",)
+
+    def __init__(self, params, defaults: dict[str, Any], gauges: GaugeSet | None, *, channel_step: bool,
+                 dead_threshold: float, nonfinite: str, compiled: bool):
+        self._init_guards(nonfinite)
+        require_nonnegative(type(self).__name__, "dead_threshold", dead_threshold)
+        if gauges is not None and not isinstance(gauges, GaugeSet):
+            raise TypeError("gauges must be a GaugeSet (from gaugeopt.find_gauges) or None, "
+                            f"got {type(gauges).__name__}")
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            for p in group["params"]:
+                if not p.is_floating_point() or p.is_complex():
+                    raise TypeError(f"{type(self).__name__} needs real floating-point parameters, got {p.dtype}")
+        model_params = check_gauges_cover(gauges, self.param_groups)
+        self.gauges = gauges
+        self.plan: FramePlan = build_frame_plan(gauges) if gauges is not None else FramePlan({}, {})
+        self.dead_threshold = float(dead_threshold)
+        self.channel_step = bool(channel_step)
+        self.compiled = bool(compiled)
+        self._lookup: dict[str, Tensor] = dict(model_params)
+        self._names: dict[int, str] = {id(p): n for n, p in model_params.items()}
+        self._layout: StepLayout | None = None
+        self._layout_key: Any = None
+        self._stacked = StackedState()
+        #: Frozen (dead) norm channels and neuron units of the last step: family name -> indices.
+        self.frozen: dict[str, tuple[int, ...]] = {}
+
+    # ----- what subclasses say -----------------------------------------------------------------------
+    def rule_for(self, group: Mapping[str, Any]) -> Rule:
+        """The base rule of a param group."""
+        raise NotImplementedError
+
+    def _known_names(self) -> Mapping[int, str]:
+        return self._names
+
+    # ----- the public component interface (gaugeopt.optim.distributed) ------------------------------
+    def coupled_parameters(self) -> list[list[Tensor]]:
+        """Lists of parameters whose frames are computed together (a norm family with its gain and
+        consumers, the families of a chain of neuron scalings): a split step keeps each on one rank."""
+        return [[self._lookup[n] for n in names if n in self._lookup] for names in self.plan.coupled()]
+
+    def parameters_read(self) -> list[Tensor]:
+        """Tensors a step reads besides those it steps: the norm gains (the frames of their channels)."""
+        return [self._lookup[f.gain] for f in self.plan.norms]
+
+    def substitute_parameters(self, stand_in: Mapping[int, Tensor]) -> None:
+        """Read parameter ``p`` as ``stand_in[id(p)]`` where given (a gathered full tensor)."""
+        self._lookup = {n: stand_in.get(id(p), p) for n, p in self._lookup.items()}
+        self._names = {id(p): n for n, p in self._lookup.items()}
+
+    # ----- the step ----------------------------------------------------------------------------------
+    def _current_layout(self, rules: list[Rule]) -> StepLayout:
+        key = (tuple((id(p), tuple(p.shape), p.dtype, p.device, p.grad is not None and p.requires_grad)
+                     for group in self.param_groups for p in group["params"]),
+               tuple(len(group["params"]) for group in self.param_groups), tuple(rules))
+        if key != self._layout_key:
+            self._stacked.release(self.state)
+            self._layout = build_program(self.param_groups, self._names, self._lookup, self.plan, rules,
+                                         channel_step=self.channel_step, threshold=self.dead_threshold)
+            self._layout_key = key
+        return self._layout
+
+    @sharded_step
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None):
+        """One step (the subclass's docstring gives the math). Returns the closure's loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._check_step_inputs()
+        rules = [self.rule_for(group) for group in self.param_groups]
+        layout = self._current_layout(rules)
+        inputs = layout.inputs(self._lookup)
+        read = (compiled_phase(read_phase) if self.compiled else read_phase)(layout.program, inputs)
+        finite, any_dead = read.flags.tolist()  # the step's one host synchronisation
+        if not finite:
+            self.apply_nonfinite_policy(self.nonfinite_parameters())
+            return loss
+        inputs = layout.for_writing(inputs, self.param_groups, self.state, self._stacked)
+        write = compiled_phase(write_phase) if self.compiled else write_phase
+        write(layout.program, inputs, read, masked=bool(any_dead))
+        self._stacked.settle()
+        for family in self.plan.norms:  # distributed checkpoints want an entry for every parameter
+            gain = self._lookup[family.gain]
+            if any(gain is p for group in self.param_groups for p in group["params"]):
+                self.state.setdefault(gain, {})
+        self._report_frozen(layout, read if any_dead else None)
+        return loss
+
+    def _report_frozen(self, layout: StepLayout, read) -> None:
+        """Record the dead channels and units of this step in :attr:`frozen`; warn when one is new."""
+        frozen: dict[str, tuple[int, ...]] = {}
+        if read is not None:
+            for family in self.plan.norms:
+                dead = (self._lookup[family.gain].detach().abs() <= self.dead_threshold).nonzero().flatten()
+                if len(dead):
+                    frozen[family.name] = tuple(dead.tolist())
+            for families, dead in zip(layout.neuron_families, read.neuron_dead):
+                for name, row in zip(families, dead):
+                    units = row.nonzero().flatten()
+                    if len(units):
+                        frozen[name] = tuple(units.tolist())
+        new = {f: sorted(set(idx) - set(self.frozen.get(f, ()))) for f, idx in frozen.items()}
+        new = {f: idx for f, idx in new.items() if idx}
+        if new:
+            listing = "; ".join(f"{f}: {idx}" for f, idx in new.items())
+            warnings.warn(f"{type(self).__name__} froze dead norm channels / neuron units (left unchanged): "
+                          f"{listing}", RuntimeWarning, stacklevel=3)
+        self.frozen = frozen

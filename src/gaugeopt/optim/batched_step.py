@@ -1,0 +1,820 @@
+"""The one step of the gauge-equivariant optimizers: frame -> base rule -> lift, batched across layers.
+
+Every parameter with a gradient is stepped as part of a *batch*: same-shape tensors of one param
+group whose frames have the same structure (all layers' query projections, all layers' MLP up
+projections, ...), stacked along a new leading axis. Each math step is then one operation on the
+stack, so the operations dispatched per step grow with the number of distinct shapes, not with depth.
+
+A step has two phases, pure functions of a static :class:`StepProgram` and the step's tensors:
+
+1. :func:`read_phase` (reads only): stack the gradients (and the parameters where a frame needs
+   them), compute the frames (:mod:`gaugeopt.optim.frames`: norm gains, neuron scales ``s``, dead
+   channels and units), the canonical gradients ``G~ = G gamma`` (centred for translations), and the
+   two flags the caller reads with one host synchronisation: every gradient finite, any unit dead.
+2. :func:`write_phase` (only after the flags allow it): per norm family the channel-scale step (a
+   scalar Adam on ``h = g dL/dg (+ beta dL/dbeta)``, the gain's AdamW step taken as a factor
+   ``e = exp(-lr r)`` on the consumers' columns); per batch the rule's canonical direction ``D``, the
+   lift and the write
+
+       p <- (1 - lr wd) p e - lr D gamma e     (horizontal part only for a translated tensor)
+
+   and, for isolated neuron pairs, the rebalancing gauge element ``c`` that puts every unit back to
+   its orbit coordinate (canonical sides of equal norm) before the write.
+
+Both run eagerly, or compiled by ``torch.compile`` (:func:`compiled_phase`, one graph per program,
+learning rate, betas and decay as tensor inputs). Dead channels and units (a gain or a unit scale at
+or below the threshold) get ``gamma = 0`` and are written back exactly as they were.
+"""
+
+from __future__ import annotations
+
+import functools
+import types
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from .frames import FramePlan, ScalingFrame, TensorFrame, center_rows, neuron_scales, unit_square_sums
+from .guards import compute_dtype
+from .rules import Adam, Residual, Rule, adam_direction_
+
+__all__ = [
+    "TensorBatch",
+    "NormBatch",
+    "NeuronBatch",
+    "NeuronRole",
+    "StepProgram",
+    "StepTensors",
+    "StepLayout",
+    "build_program",
+    "read_phase",
+    "write_phase",
+    "compiled_phase",
+    "StackedState",
+]
+
+#: Settings of the channel-scale step's scalar Adam (read from the gain's group).
+CHANNEL_ADAM = Adam()
+CHANNEL_STATE = ("step", "scale_exp_avg", "scale_exp_avg_sq")
+
+
+# --------------------------------------------------------------------------------------------------
+# The static program
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TensorBatch:
+    """``members`` same-shape parameters of one group stepped together with one rule.
+
+    ``scaled``: ``(axis, side, kind, source)`` per scaled member axis, ``source`` the index of the
+    neuron batch giving ``s`` (kind "neuron") or -1 (kind "norm": the members' gains are inputs);
+    ``channel``: the member axis a norm family's channel-scale factor multiplies (its consumer
+    columns), or -1; ``stacked``: the new values are computed on a stacked copy of the parameters
+    (translations, rebalanced pairs, low precision) instead of written in place; ``rebalance``:
+    ``(neuron batch, role)`` of an isolated pair member whose write waits for the rebalancing factor;
+    ``params_from``: ``(neuron batch, role)`` whose stacked parameters these are.
+    """
+
+    members: int
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    param_dtype: torch.dtype
+    rule: Rule
+    scaled: tuple[tuple[int, int, str, int], ...]
+    channel: int
+    centered: bool
+    residual: Residual
+    stacked: bool
+    rebalance: tuple[int, int] | None
+    params_from: tuple[int, int] | None
+
+
+@dataclass(frozen=True)
+class NormBatch:
+    """Norm families whose channel scales take a step together (same width, gain group, bias)."""
+
+    members: int
+    units: int
+    dtype: torch.dtype
+    bias: bool
+
+
+@dataclass(frozen=True)
+class NeuronRole:
+    """One role of a neuron batch's families (a multiplied or divided tensor): the unit ``axis``,
+    ``side`` (+1 multiplied, -1 divided), ``factors``: ``(axis, kind, batch)`` per other axis with a
+    frame factor (kind "gain": the merging norm gain, an input; "u"/"v": that neuron batch's
+    input-side or output-side vector), and whether the role is ``centered`` (translated rows)."""
+
+    axis: int
+    side: int
+    factors: tuple[tuple[int, str, int], ...]
+    centered: bool
+
+
+@dataclass(frozen=True)
+class NeuronBatch:
+    """Neuron families with one frame computation: isolated pairs of one signature (all layers' MLP
+    units), or one family of a chain. ``rebalance``: isolated and every member stepped."""
+
+    members: int
+    units: int
+    dtype: torch.dtype
+    roles: tuple[NeuronRole, ...]
+    rebalance: bool
+
+
+@dataclass(frozen=True)
+class StepProgram:
+    """Everything static about one step: the batches, in the order the phases visit them."""
+
+    tensors: tuple[TensorBatch, ...]
+    norms: tuple[NormBatch, ...]
+    neurons: tuple[NeuronBatch, ...]
+    threshold: float
+
+
+class TensorInputs(NamedTuple):
+    params: list[Tensor]
+    grads: list[Tensor]
+    gains: list[list[Tensor]]  # per norm-scaled axis (in ``scaled`` order), the members' gains
+    channel: Tensor | None  # each member's row in the channel-factor table of its width
+    state: dict[str, Tensor]  # stacked buffers
+    scalars: Tensor | None  # lr, 1 - lr wd, then the rule's scalars (compute dtype)
+
+
+class NormInputs(NamedTuple):
+    gains: list[Tensor]
+    gain_grads: list[Tensor]
+    biases: list[Tensor]
+    bias_grads: list[Tensor]
+    state: dict[str, Tensor]
+    scalars: Tensor | None  # lr, then Adam's scalars
+
+
+class NeuronInputs(NamedTuple):
+    params: list[list[Tensor]]  # per role, the members' tensors
+    gains: list[list[list[Tensor]]]  # per role, per "gain" factor, the members' gains
+
+
+class StepTensors(NamedTuple):
+    """The tensors of one step, laid out as the program says (state and scalars are added once the
+    read phase has cleared the step: :meth:`StepLayout.for_writing`)."""
+
+    tensors: list[TensorInputs]
+    norms: list[NormInputs]
+    neurons: list[NeuronInputs]
+    checked: list[list[Tensor]]  # gradients only checked for finiteness (gains without a channel step)
+
+
+class ReadOut(NamedTuple):
+    """What the read phase hands the write phase."""
+
+    grads: list[Tensor]  # canonical gradients per tensor batch
+    params: list[Tensor | None]  # stacked parameters (compute dtype) where a batch needs them
+    gammas: list[list[Tensor]]  # per tensor batch, per scaled axis, the gradient factor (broadcastable)
+    dead: list[list[Tensor]]  # per tensor batch, per scaled axis, its dead slices (broadcastable)
+    scales: list[Tensor]  # per neuron batch, s
+    neuron_dead: list[Tensor]  # per neuron batch, (members, units)
+    neuron_gains: list[list[list[Tensor]]]  # per neuron batch, per role, per gain factor, the stacked gains
+    norm_dead: list[Tensor]  # per norm batch, |g| <= threshold
+    scale_inputs: list[Tensor]  # per norm batch, h
+    flags: Tensor  # (every gradient finite, some channel or unit dead)
+
+
+# --------------------------------------------------------------------------------------------------
+# Small helpers on stacks
+# --------------------------------------------------------------------------------------------------
+
+
+def _stack(tensors: Sequence[Tensor], dtype: torch.dtype) -> Tensor:
+    """The members stacked along a new axis 0, in ``dtype``; a single member is a view."""
+    stacked = tensors[0].unsqueeze(0) if len(tensors) == 1 else torch.stack(list(tensors))
+    return stacked if stacked.dtype == dtype else stacked.to(dtype)
+
+
+def _along(vector: Tensor, axis: int, ndim: int) -> Tensor:
+    """An ``(L, size)`` vector shaped to broadcast along member ``axis`` of an ``(L, ...)`` stack with
+    ``ndim`` member dimensions."""
+    shape = [vector.shape[0]] + [1] * ndim
+    shape[axis + 1] = vector.shape[1]
+    return vector.reshape(shape)
+
+
+def _members(values: Tensor | list[Tensor], count: int) -> list[Tensor]:
+    """A per-member list for a foreach op: the slices of a stacked tensor, or a 0-d tensor repeated."""
+    if isinstance(values, Tensor) and values.dim() == 0:
+        return [values] * count
+    return list(values.expand(count, *values.shape[1:]).unbind(0))
+
+
+# --------------------------------------------------------------------------------------------------
+# The read phase
+# --------------------------------------------------------------------------------------------------
+
+
+def _role_squares(program: StepProgram, index: int, side: int, stacks: list[list[Tensor]],
+                  gains: list[list[list[Tensor]]], vectors: list[Tensor | None]) -> Tensor:
+    """Per unit of neuron batch ``index``, the sum over its roles on ``side`` of the squared slices,
+    each other axis multiplied by its frame factor (gain, or the ``vectors`` of a linked batch)."""
+    batch, total = program.neurons[index], None
+    for r, role in enumerate(batch.roles):
+        if role.side != side:
+            continue
+        p = center_rows(stacks[r], axis=1) if role.centered else stacks[r]
+        factors, gain_count = {}, 0
+        for axis, kind, source in role.factors:
+            if kind == "gain":
+                factors[axis + 1] = gains[r][gain_count]
+                gain_count += 1
+            else:
+                factors[axis + 1] = vectors[source]
+        part = unit_square_sums(p, role.axis + 1, factors)
+        total = part if total is None else total + part
+    return total
+
+
+def read_phase(program: StepProgram, inputs: StepTensors) -> ReadOut:
+    """The read-only half of a step (module docstring): canonical gradients, frames and the flags."""
+    extremes: list[Tensor] = []
+
+    def checked(stack: Tensor) -> Tensor:
+        if stack.numel():
+            extremes.extend(torch.aminmax(stack))
+        return stack
+
+    # Neuron frames: u from the input side (dependency order), v from the output side (reverse).
+    stacks = [[_stack(ts, batch.dtype) for ts in inputs.neurons[k].params] for k, batch in enumerate(program.neurons)]
+    role_gains = [[[_stack(gs, batch.dtype) for gs in role] for role in inputs.neurons[k].gains]
+                  for k, batch in enumerate(program.neurons)]
+    forward: list[Tensor | None] = [None] * len(program.neurons)
+    backward: list[Tensor | None] = [None] * len(program.neurons)
+    for k in range(len(program.neurons)):
+        forward[k] = _role_squares(program, k, 1, stacks[k], role_gains[k], forward).sqrt()
+    for k in reversed(range(len(program.neurons))):
+        backward[k] = _role_squares(program, k, -1, stacks[k], role_gains[k], backward).sqrt()
+    scales, neuron_dead = [], []
+    for u, v in zip(forward, backward):
+        s, dead = neuron_scales(u.square(), v.square(), program.threshold)
+        scales.append(s)
+        neuron_dead.append(dead)
+
+    # Norm families taking the channel-scale step: h = g dL/dg (+ beta dL/dbeta), invariant.
+    norm_dead, scale_inputs = [], []
+    for batch, norm in zip(program.norms, inputs.norms):
+        gains, grads = _stack(norm.gains, batch.dtype), checked(_stack(norm.gain_grads, batch.dtype))
+        h = gains * grads
+        if batch.bias:
+            h = torch.addcmul(h, _stack(norm.biases, batch.dtype), checked(_stack(norm.bias_grads, batch.dtype)))
+        dead = gains.abs() <= program.threshold
+        norm_dead.append(dead)
+        scale_inputs.append(h.masked_fill_(dead, 0.0))
+
+    # Tensors: G~ = G gamma (centred where translated).
+    grads, params, gammas, deads = [], [], [], []
+    for batch, tensors in zip(program.tensors, inputs.tensors):
+        ndim = len(batch.shape)
+        grad = checked(_stack(tensors.grads, batch.dtype))
+        if batch.params_from is not None:
+            params.append(stacks[batch.params_from[0]][batch.params_from[1]])
+        else:
+            params.append(_stack(tensors.params, batch.dtype) if batch.stacked else None)
+        factors, dead, gain_count = [], [], 0
+        for axis, side, kind, source in batch.scaled:
+            if kind == "norm":
+                scale = _stack(tensors.gains[gain_count], batch.dtype)
+                gain_count += 1
+                off = scale.abs() <= program.threshold
+            else:
+                scale, off = scales[source], neuron_dead[source]
+            gamma = torch.where(off, 0.0, scale if side > 0 else scale.reciprocal())
+            factors.append(_along(gamma, axis, ndim))
+            dead.append(_along(off, axis, ndim))
+        owned = batch.members > 1 or batch.dtype != batch.param_dtype  # else a view of the user's gradient
+        canonical = grad
+        for gamma in factors:
+            canonical = canonical.mul_(gamma) if owned else canonical * gamma
+            owned = True
+        if batch.centered:
+            canonical = center_rows(canonical, axis=1)
+        elif not owned:
+            canonical = canonical.clone()  # the rule overwrites its input
+        grads.append(canonical)
+        gammas.append(factors)
+        deads.append(dead)
+    for ts in inputs.checked:
+        checked(_stack(ts, ts[0].dtype))
+    finite = torch.stack(extremes).isfinite().all() if extremes else torch.ones((), dtype=torch.bool)
+    dead_flags = [d.any() for d in (*neuron_dead, *norm_dead, *(d for axes in deads for d in axes))]
+    some_dead = torch.stack(dead_flags).any() if dead_flags else torch.zeros((), dtype=torch.bool)
+    return ReadOut(grads, params, gammas, deads, scales, neuron_dead, role_gains, norm_dead, scale_inputs,
+                   torch.stack([finite, some_dead]))
+
+
+# --------------------------------------------------------------------------------------------------
+# The write phase
+# --------------------------------------------------------------------------------------------------
+
+
+class _Held(NamedTuple):
+    """A rebalanced batch's new values (horizontal part) and mean row, waiting for the factor ``c``."""
+
+    batch: int
+    value: Tensor
+    mean: Tensor | None
+
+
+def _channel_tables(program: StepProgram, inputs: StepTensors, read: ReadOut) -> dict[int, Tensor]:
+    """Per channel width, the channel-scale factors ``e = exp(-lr r)`` of the norm batches of that
+    width stacked in program order, then one row of ones (for consumers whose norm takes no step);
+    ``r`` is Adam's direction for the invariant ``h``, with the gains' group settings."""
+    rows: dict[int, list[Tensor]] = {}
+    for n, (batch, norm) in enumerate(zip(program.norms, inputs.norms)):
+        norm.state["step"].add_(1)
+        r = adam_direction_(read.scale_inputs[n], norm.state["scale_exp_avg"], norm.state["scale_exp_avg_sq"],
+                            norm.scalars[1:3], norm.scalars[3:])
+        e = torch.exp(r.mul_(-norm.scalars[0])).masked_fill_(read.norm_dead[n], 1.0)
+        rows.setdefault(batch.units, []).append(e)
+    return {width: torch.cat([*parts, torch.ones_like(parts[0][:1])]) for width, parts in rows.items()}
+
+
+def _is_view(batch: TensorBatch, stacked: Tensor) -> bool:
+    """Whether a batch's stacked parameters are a view of its single member (writing them writes it)."""
+    return batch.members == 1 and stacked.dtype == batch.param_dtype
+
+
+def _finish(batch: TensorBatch, tensors: TensorInputs, old: Tensor, value: Tensor, mean: Tensor | None,
+            restore: Tensor | None) -> None:
+    """Add the held mean row back, restore ``restore`` (dead) entries from ``old``, and write."""
+    if mean is not None:
+        value = value.add_(mean)
+    if restore is not None:
+        value = torch.where(restore, old, value)
+    if not (value is old and _is_view(batch, old)):
+        torch._foreach_copy_(tensors.params, list(value.unbind(0)))
+
+
+def write_phase(program: StepProgram, inputs: StepTensors, read: ReadOut, masked: bool) -> None:
+    """The writing half of a step (module docstring). ``masked``: some unit or channel is dead (the
+    read phase's flag), so dead entries are kept exactly as they are."""
+    tables = _channel_tables(program, inputs, read)
+    held: list[_Held] = []
+    for b, (batch, tensors) in enumerate(zip(program.tensors, inputs.tensors)):
+        ndim, members = len(batch.shape), batch.members
+        lr, decay = tensors.scalars[0], tensors.scalars[1]
+        if "step" in tensors.state:
+            tensors.state["step"].add_(1)
+        direction = batch.rule.direction(read.grads[b], tensors.state, tensors.scalars[2:], batch.residual)
+        if batch.centered:
+            direction = center_rows(direction, axis=1)
+        factors = list(read.gammas[b])
+        if batch.channel >= 0:
+            e = _along(tables[batch.shape[batch.channel]].index_select(0, tensors.channel), batch.channel, ndim)
+            factors.append(e)
+            decay = decay * e
+        dead = functools.reduce(torch.logical_or, read.dead[b]) if masked and read.dead[b] else None
+        if dead is not None:
+            decay = torch.where(dead, 1.0, decay)  # the lift is 0 there: dead entries stay as they are
+        for factor in factors[:-1]:
+            direction = direction.mul_(factor)
+        lift = factors[-1] * lr if factors else lr
+        if not batch.stacked:
+            torch._foreach_mul_(tensors.params, decay if decay.dim() == 0 else _members(decay, members))
+            torch._foreach_addcmul_(tensors.params, list(direction.unbind(0)), _members(lift, members), value=-1)
+            continue
+        old = read.params[b]
+        keep_old = dead is not None and (batch.centered or batch.rebalance is not None)
+        mean = old.mean(dim=1, keepdim=True) if batch.centered else None
+        if mean is not None:
+            value = (old - mean).mul_(decay)
+        else:
+            value = old * decay if keep_old else old.mul_(decay)
+        value = value.addcmul_(direction, lift, value=-1)
+        if batch.rebalance is not None:
+            held.append(_Held(b, value, mean))
+        else:
+            _finish(batch, tensors, old, value, mean, dead if keep_old else None)
+    if held:
+        _rebalance(program, inputs, read, held, masked)
+
+
+def _rebalance(program: StepProgram, inputs: StepTensors, read: ReadOut, held: list[_Held], masked: bool) -> None:
+    """Apply to every isolated pair the gauge element that gives its new canonical sides equal norms.
+
+    For unit ``i`` with new multiplied slices ``A`` (merged with their norm gains) and divided slices
+    ``B`` (horizontal where translated), the canonical norms are ``|A| / s`` and ``|B| s``. Multiplying
+    ``A`` by ``c`` and dividing ``B`` by ``c`` with ``c = s (|B| / |A|)^(1/2)`` makes them equal, which
+    puts the orbit coordinate ``log(|A| / |B|)`` back to ``2 log s``, its value before the step. ``c``
+    is a function of invariants, so the correction is equivariant; it does not change the function."""
+    by_role = {program.tensors[h.batch].rebalance: h for h in held}
+    for n, batch in enumerate(program.neurons):
+        if not batch.rebalance:
+            continue
+        sums: dict[int, Tensor] = {}
+        for r, role in enumerate(batch.roles):
+            factors, gain_count = {}, 0
+            for axis, kind, _ in role.factors:
+                if kind == "gain":
+                    factors[axis + 1] = read.neuron_gains[n][r][gain_count]
+                    gain_count += 1
+            part = unit_square_sums(by_role[(n, r)].value, role.axis + 1, factors)
+            sums[role.side] = part if role.side not in sums else sums[role.side] + part
+        c = read.scales[n] * (sums[-1] / sums[1]).pow(0.25)
+        c = torch.where(read.neuron_dead[n] | ~torch.isfinite(c) | (c <= 0), 1.0, c)
+        for r, role in enumerate(batch.roles):
+            h = by_role[(n, r)]
+            tensor_batch = program.tensors[h.batch]
+            factor = _along(c if role.side > 0 else c.reciprocal(), role.axis, len(tensor_batch.shape))
+            dead = functools.reduce(torch.logical_or, read.dead[h.batch]) if masked and read.dead[h.batch] else None
+            _finish(tensor_batch, inputs.tensors[h.batch], read.params[h.batch], h.value.mul_(factor), h.mean, dead)
+
+
+# --------------------------------------------------------------------------------------------------
+# Compiling the phases
+# --------------------------------------------------------------------------------------------------
+
+
+class _CompiledPhase:
+    """``torch.compile`` of a phase with one copy of its code per program (and flag), so each gets its
+    own graph cache (torch keeps at most ``recompile_limit`` graphs per code object, past which it
+    runs the function eagerly). Graphs are compiled for static shapes; the numbers a scheduler changes
+    are tensor inputs, so a new learning rate or beta does not recompile."""
+
+    def __init__(self, phase: Callable):
+        self.phase = phase
+        self.kernels: dict[Any, Callable] = {}
+        functools.update_wrapper(self, phase)
+
+    def __call__(self, program: StepProgram, *args: Any, **flags: Any):
+        key = (program, tuple(sorted(flags.items())))
+        kernel = self.kernels.get(key)
+        if kernel is None:
+            f = self.phase
+            copy = types.FunctionType(f.__code__.replace(), f.__globals__, f.__name__, f.__defaults__, f.__closure__)
+            kernel = self.kernels[key] = torch.compile(functools.partial(copy, program), dynamic=False)
+        return kernel(*args, **flags)
+
+
+@functools.cache
+def compiled_phase(phase: Callable) -> Callable:
+    """``phase`` (:func:`read_phase` or :func:`write_phase`) compiled by ``torch.compile``."""
+    return _CompiledPhase(phase)
+
+
+# --------------------------------------------------------------------------------------------------
+# Stacked state
+# --------------------------------------------------------------------------------------------------
+
+
+class StackedState:
+    """A batch's rule state as stacked buffers whose slices are the members' entries in the
+    optimizer's ``state``: the buffers are what the write phase updates, and ``state[p][key]`` stays
+    the parameter's own tensor (a view), so ``state_dict``, checkpoints and schedulers see ordinary
+    state. The members' step counts are mirrored on the host, so the bias corrections of a step are
+    host numbers, not device work; the mirror is read again whenever the count tensors were written
+    by anyone but the step (their version counter moved: ``load_state_dict``,
+    ``torch.distributed.checkpoint`` loading in place).
+
+    :meth:`buffers` checks that every member's entry is still the view it handed out; an entry
+    replaced since (a load, the first step, a batch that changed) is stacked again (a copy). A single
+    member's entry is used as it is (its buffer is a view of it).
+    """
+
+    def __init__(self):
+        self._slots: dict[Any, tuple[Tensor, list[Tensor], list[Tensor]]] = {}  # buffer, views, members
+        self._steps: dict[Any, tuple[list[int], int]] = {}  # counts and the buffer's version when read
+
+    def buffers(self, state: Mapping, slot: Any, members: Sequence[Tensor], keys: Sequence[str]) -> dict[str, Tensor]:
+        out = {}
+        for key in keys:
+            held = self._slots.get((slot, key))
+            current = [state[p].get(key) for p in members]
+            if held is not None and all(a is b for a, b in zip(current, held[1])):
+                out[key] = held[0]
+                continue
+            target = _zeros(members[0], key)
+            like = [_zeros(p, key) if value is None else value for p, value in zip(members, current)]
+            if len(members) == 1:
+                value = like[0]
+                if (value.dtype, value.device) != (target.dtype, target.device):
+                    value = value.to(device=target.device, dtype=target.dtype)
+                buffer, views = value.unsqueeze(0), [value]
+            else:
+                buffer = torch.stack([v.to(dtype=target.dtype, device=target.device) for v in like])
+                views = list(buffer.unbind(0))
+            for p, view in zip(members, views):
+                state[p][key] = view
+            self._slots[(slot, key)] = (buffer, views, list(members))
+            if key == "step":
+                self._steps.pop(slot, None)  # counts read again from the new buffer
+            out[key] = buffer
+        return out
+
+    def advance(self, slot: Any) -> list[int]:
+        """The members' step counts after this step (the write phase adds 1 to the state's counts)."""
+        buffer = self._slots[(slot, "step")][0]
+        counts, version = self._steps.get(slot, (None, None))
+        if counts is None or version != buffer._version:
+            counts = [int(t) for t in buffer.tolist()]
+        counts = [t + 1 for t in counts]
+        self._steps[slot] = (counts, None)
+        return counts
+
+    def settle(self) -> None:
+        """Record the step counts' versions after a step wrote them (an external write moves them)."""
+        for slot, (counts, _) in self._steps.items():
+            self._steps[slot] = (counts, self._slots[(slot, "step")][0]._version)
+
+    def release(self, state: Mapping) -> None:
+        """Give every member a tensor of its own (before the buffers are dropped with their layout)."""
+        for (slot, key), (buffer, views, members) in self._slots.items():
+            if len(members) > 1:
+                for p, view in zip(members, views):
+                    if p in state and state[p].get(key) is view:
+                        state[p][key] = view.clone()
+        self._slots.clear()
+        self._steps.clear()
+
+
+def _zeros(p: Tensor, key: str) -> Tensor:
+    """A state entry's initial value: a 0-d float32 step count, else zeros shaped like ``p`` in its
+    compute dtype."""
+    if key == "step":
+        return torch.zeros((), dtype=torch.float32, device=p.device)
+    return torch.zeros(p.shape, dtype=compute_dtype(p), device=p.device)
+
+
+# --------------------------------------------------------------------------------------------------
+# Building the program from param groups
+# --------------------------------------------------------------------------------------------------
+
+
+def _is_active(p: Tensor) -> bool:
+    return p.grad is not None and p.requires_grad
+
+
+def _roles(f: ScalingFrame) -> list[tuple[Any, int]]:
+    """A neuron family's tensors in role order: multiplied refs (side +1), then divided (side -1)."""
+    return [(r, 1) for r in f.multiplied] + [(r, -1) for r in f.divided]
+
+
+def _chain_components(plan: FramePlan) -> dict[str, str]:
+    """Neuron family -> a representative of its chain (families linked as upstream/downstream)."""
+    root = {f.name: f.name for f in plan.neurons}
+
+    def find(x: str) -> str:
+        while root[x] != x:
+            root[x] = root[root[x]]
+            x = root[x]
+        return x
+
+    for f in plan.neurons:
+        for other in (*f.upstream, *f.downstream):
+            root[find(other)] = find(f.name)
+    return {name: find(name) for name in root}
+
+
+@dataclass
+class StepLayout:
+    """A :class:`StepProgram` with the tensors it steps: :meth:`inputs` lays out a step's
+    :class:`StepTensors`, :meth:`for_writing` adds the state and this step's numbers."""
+
+    program: StepProgram
+    tensor_params: list[list[Tensor]]
+    tensor_groups: list[int]
+    tensor_gains: list[list[list[str]]]  # per batch, per norm-scaled axis, the members' gain names
+    tensor_channels: list[Tensor | None]  # per batch, each member's row in the channel-factor table
+    norm_families: list[list[ScalingFrame]]
+    norm_groups: list[int]
+    neuron_families: list[list[str]]  # per batch, the families' names
+    neuron_roles: list[list[list[str]]]  # per batch, per role, the members' tensor names
+    neuron_gains: list[list[list[list[str]]]]  # per batch, per role, per gain factor, the members' gains
+    checked: list[list[Tensor]]
+
+    def inputs(self, lookup: Mapping[str, Tensor]) -> StepTensors:
+        """This step's parameters, gradients and gains (``lookup``: name -> tensor to read)."""
+        program = self.program
+        tensors = [TensorInputs(params, [p.grad for p in params],
+                                [[lookup[n] for n in names] for names in self.tensor_gains[b]],
+                                self.tensor_channels[b], {}, None)
+                   for b, params in enumerate(self.tensor_params)]
+        norms = []
+        for batch, families in zip(program.norms, self.norm_families):
+            gains = [lookup[f.gain] for f in families]
+            biases = [lookup[f.bias] for f in families] if batch.bias else []
+            norms.append(NormInputs(gains, [g.grad for g in gains], biases, [b.grad for b in biases], {}, None))
+        neurons = [NeuronInputs([[lookup[n] for n in names] for names in self.neuron_roles[k]],
+                                [[[lookup[n] for n in gains] for gains in role] for role in self.neuron_gains[k]])
+                   for k in range(len(program.neurons))]
+        return StepTensors(tensors, norms, neurons, [[p.grad for p in ps] for ps in self.checked])
+
+    def for_writing(self, inputs: StepTensors, groups: Sequence[Mapping[str, Any]], state: Mapping,
+                    stacked: StackedState) -> StepTensors:
+        """``inputs`` with every batch's state buffers (made, or stacked again, where needed) and this
+        step's numbers: ``lr, 1 - lr weight_decay`` and the rule's scalars (norm batches: ``lr`` and
+        the channel Adam's), as tensors in the batch's compute dtype on its device."""
+        tensors = []
+        for b, (batch, t) in enumerate(zip(self.program.tensors, inputs.tensors)):
+            buffers = stacked.buffers(state, ("tensor", b), t.params, batch.rule.state_keys)
+            steps = stacked.advance(("tensor", b)) if "step" in buffers else []
+            group = groups[self.tensor_groups[b]]
+            lr = float(group["lr"])
+            values = [lr, 1 - lr * float(group["weight_decay"]), *batch.rule.scalars(group, steps)]
+            scalars = torch.tensor(values, dtype=batch.dtype, device=t.params[0].device)
+            tensors.append(t._replace(state=buffers, scalars=scalars))
+        norms = []
+        for n, (batch, t) in enumerate(zip(self.program.norms, inputs.norms)):
+            buffers = stacked.buffers(state, ("norm", n), t.gains, CHANNEL_STATE)
+            group = groups[self.norm_groups[n]]
+            values = [float(group["lr"]), *CHANNEL_ADAM.scalars(group, stacked.advance(("norm", n)))]
+            norms.append(t._replace(state=buffers, scalars=torch.tensor(values, dtype=batch.dtype,
+                                                                        device=t.gains[0].device)))
+        return inputs._replace(tensors=tensors, norms=norms)
+
+
+def build_program(groups: Sequence[Mapping[str, Any]], names: Mapping[int, str], lookup: Mapping[str, Tensor],
+                  plan: FramePlan, rules: Sequence[Rule], *, channel_step: bool, threshold: float) -> StepLayout:
+    """Sort the parameters with gradients into batches (module docstring).
+
+    ``names`` maps ``id(parameter)`` to its name in ``plan``'s model (parameters without a name have no
+    frame); ``lookup`` maps names to the tensors frames read (the model's parameters or stand-ins);
+    ``rules[g]`` is group ``g``'s base rule; ``channel_step`` enables the norm channel-scale step.
+    """
+    group_of, active = {}, {}
+    for g, group in enumerate(groups):
+        for p in group["params"]:
+            name = names.get(id(p))
+            if name is not None:
+                group_of[name], active[name] = g, _is_active(p)
+
+    def signature(name: str) -> tuple:
+        p, frame = lookup[name], plan.frame(name)
+        return (frame.signature() if frame is not None else (tuple(p.shape),), p.dtype, p.device,
+                group_of.get(name), active.get(name, False))
+
+    neuron = _sort_neurons(plan, signature, active, lookup)
+    norm = _sort_norms(plan, lookup, group_of, active, channel_step)
+    tensor = _sort_tensors(groups, names, plan, rules, neuron, norm)
+    program = StepProgram(tuple(b for b, _ in tensor.batches), tuple(b for b, _ in norm.batches),
+                          tuple(neuron.batches), threshold)
+    return StepLayout(program, [m for _, m in tensor.batches], tensor.groups, tensor.gains, tensor.channels,
+                      [fs for _, fs in norm.batches], norm.groups, neuron.families, neuron.roles, neuron.gains,
+                      tensor.checked)
+
+
+@dataclass
+class _Neurons:
+    batches: list[NeuronBatch]
+    families: list[list[str]]
+    roles: list[list[list[str]]]
+    gains: list[list[list[list[str]]]]
+    batch_of: dict[str, int]  # family -> batch
+    role_of: dict[str, tuple[int, int]]  # tensor of an isolated family -> (batch, role)
+    chain_members: set[str]
+
+
+def _sort_neurons(plan: FramePlan, signature: Callable[[str], tuple], active: Mapping[str, bool],
+                  lookup: Mapping[str, Tensor]) -> _Neurons:
+    """Neuron families to compute frames for: isolated ones of one signature batch together, a
+    chain's families one by one (whole chains, if any of their tensors is stepped)."""
+    component = _chain_components(plan)
+    live = {component[f.name] for f in plan.neurons if any(active.get(n, False) for n in f.members)}
+    sorted_: dict[Any, list[ScalingFrame]] = {}
+    for f in plan.neurons:
+        if component[f.name] in live:
+            key = ("isolated", f.units, tuple((r.axis, side, signature(r.name)) for r, side in _roles(f))) \
+                if f.isolated else ("chain", f.name)
+            sorted_.setdefault(key, []).append(f)
+    batch_of = {f.name: k for k, families in enumerate(sorted_.values()) for f in families}
+    out = _Neurons([], [], [], [], batch_of, {}, set())
+    for k, families in enumerate(sorted_.values()):
+        first = families[0]
+        roles, role_names, role_gains = [], [], []
+        for r, (ref, side) in enumerate(_roles(first)):
+            names = [_roles(f)[r][0].name for f in families]
+            frame = plan.frame(ref.name)
+            factors, gains = [], []
+            for axis, scaled in frame.scaled:
+                if axis == ref.axis:
+                    continue
+                if scaled.kind == "norm":
+                    factors.append((axis, "gain", -1))
+                    gains.append([plan.scalings[plan.frame(n).scale_on(axis).family].gain for n in names])
+                else:
+                    factors.append((axis, "u" if side > 0 else "v", batch_of[scaled.family]))
+            roles.append(NeuronRole(ref.axis, side, tuple(factors), frame.centered and ref.axis != 0))
+            role_names.append(names)
+            role_gains.append(gains)
+        rebalance = first.isolated and all(active.get(n, False) for names in role_names for n in names)
+        out.batches.append(NeuronBatch(len(families), first.units, compute_dtype(lookup[first.members[0]]),
+                                       tuple(roles), rebalance))
+        out.families.append([f.name for f in families])
+        out.roles.append(role_names)
+        out.gains.append(role_gains)
+        for r, names in enumerate(role_names):
+            for name in names:
+                if first.isolated:
+                    out.role_of[name] = (k, r)
+                else:
+                    out.chain_members.add(name)
+    return out
+
+
+@dataclass
+class _Norms:
+    batches: list[tuple[NormBatch, list[ScalingFrame]]]
+    groups: list[int]
+    row: dict[str, int]  # norm family -> its row in the channel-factor table of its width
+    rows: dict[int, int]  # width -> rows of that table before its row of ones
+
+
+def _sort_norms(plan: FramePlan, lookup: Mapping[str, Tensor], group_of: Mapping[str, int],
+                active: Mapping[str, bool], channel_step: bool) -> _Norms:
+    """Norm families whose gains take the channel-scale step, batched by width, dtype and group."""
+    sorted_: dict[Any, list[ScalingFrame]] = {}
+    for f in plan.norms:
+        if channel_step and active.get(f.gain, False) and any(active.get(c, False) for c in f.consumers):
+            gain = lookup[f.gain]
+            bias = f.bias is not None and active.get(f.bias, False)
+            sorted_.setdefault((f.units, gain.dtype, gain.device, group_of[f.gain], bias), []).append(f)
+    out = _Norms([], [], {}, {})
+    for (units, dtype, _, group, bias), families in sorted_.items():
+        out.batches.append((NormBatch(len(families), units, compute_dtype(lookup[families[0].gain]), bias), families))
+        out.groups.append(group)
+        for f in families:
+            out.row[f.name] = out.rows.get(units, 0)
+            out.rows[units] = out.row[f.name] + 1
+    return out
+
+
+@dataclass
+class _Tensors:
+    batches: list[tuple[TensorBatch, list[Tensor]]]
+    groups: list[int]
+    gains: list[list[list[str]]]
+    channels: list[Tensor | None]
+    checked: list[list[Tensor]]
+
+
+def _sort_tensors(groups: Sequence[Mapping[str, Any]], names: Mapping[int, str], plan: FramePlan,
+                  rules: Sequence[Rule], neuron: _Neurons, norm: _Norms) -> _Tensors:
+    """Parameters with gradients into batches: pair roles by their neuron batch (in its member
+    order), chain members one by one, the rest by group, frame and shape. Gains are frames, never
+    stepped: their gradients are only checked, or read by the channel-scale step."""
+    stepped_gains = {f.gain for _, families in norm.batches for f in families}
+    sorted_: dict[Any, list[tuple[str | None, Tensor, int]]] = {}
+    checked: dict[Any, list[Tensor]] = {}
+    for g, group in enumerate(groups):
+        for p in group["params"]:
+            if not _is_active(p):
+                continue
+            name = names.get(id(p))
+            frame = plan.frame(name) if name is not None else None
+            if frame is not None and frame.gain:
+                if name not in stepped_gains:
+                    checked.setdefault((tuple(p.shape), p.dtype, p.device), []).append(p)
+                continue
+            if name in neuron.role_of:
+                key = ("role", *neuron.role_of[name])
+            elif name in neuron.chain_members:
+                key = ("single", name)
+            else:
+                key = ("batch", g, frame.signature() if frame is not None else (tuple(p.shape),), p.dtype, p.device)
+            sorted_.setdefault(key, []).append((name, p, g))
+    out = _Tensors([], [], [], [], list(checked.values()))
+    for key, members in sorted_.items():
+        if key[0] == "role":
+            order = {n: i for i, n in enumerate(neuron.roles[key[1]][key[2]])}
+            members.sort(key=lambda member: order[member[0]])
+        member_names = [n for n, _, _ in members]
+        params = [p for _, p, _ in members]
+        first, group = params[0], members[0][2]
+        frame = plan.frame(member_names[0]) if member_names[0] is not None else None
+        scaled, gains, channel, channel_index = [], [], -1, None
+        for axis, action in (frame.scaled if frame is not None else ()):
+            if action.kind == "neuron":
+                scaled.append((axis, action.side, "neuron", neuron.batch_of[action.family]))
+                continue
+            scaled.append((axis, action.side, "norm", -1))
+            families = [plan.frame(n).scale_on(axis).family for n in member_names]
+            gains.append([plan.scalings[f].gain for f in families])
+            if action.side < 0 and any(f in norm.row for f in families):
+                rows = [norm.row.get(f, norm.rows[first.shape[axis]]) for f in families]
+                channel, channel_index = axis, torch.tensor(rows, device=first.device)
+        role = (key[1], key[2]) if key[0] == "role" else None
+        rebalance = role if role is not None and neuron.batches[role[0]].rebalance else None
+        centered = frame is not None and frame.centered
+        dtype = compute_dtype(first)
+        stacked = centered or rebalance is not None or dtype != first.dtype
+        residual = Residual(frame.shared, frame.heads) if frame is not None else Residual()
+        batch = TensorBatch(len(params), tuple(first.shape), dtype, first.dtype, rules[group], tuple(scaled),
+                            channel, centered, residual, stacked, rebalance, role if stacked else None)
+        out.batches.append((batch, params))
+        out.groups.append(group)
+        out.gains.append(gains)
+        out.channels.append(channel_index)
+    return out

@@ -1,0 +1,431 @@
+"""Gauge frames: canonical coordinates in which a base optimizer rule cannot see the gauges.
+
+A *frame* maps a parameter and its gradient to canonical coordinates that are invariant under the
+model's gauge groups (or transform by a residual orthogonal group the rule respects), computed from
+the parameters alone; the rule steps the canonical tensor; the *lift* maps the step back with the
+same frame. Training from ``g . theta`` then sees the same canonical numbers as training from
+``theta``, so the lift returns ``g . theta'``: the optimizer is equivariant (docs/ddc.md).
+
+Per family (``W`` a parameter, ``G`` its gradient, rows = outputs):
+
+* **Positive diagonal scalings** (norm scale and neuron scale). A scaling family ``F`` multiplies
+  slices of some tensors by ``a_i > 0`` (its *multiplied* side) and divides slices of others (its
+  *divided* side). Its frame is a covariant vector ``s_F`` (``s_F -> a s_F``). On an axis carried
+  by ``F`` on side ``sigma`` (+1 multiplied, -1 divided) the canonical tensor is ``W s_F^(-sigma)``,
+  the canonical gradient ``G~ = G gamma`` and the lift of a canonical step ``D`` is ``D gamma``,
+  with the *gradient factor* ``gamma = s_F^sigma`` (products over the axes of a tensor).
+
+  - Norm scale: ``s = g``, the gain itself: the gain is the frame of its channels and is never
+    stepped (canonical gain 1), consumers are worked on merged ``W~ = C diag(g)``, a LayerNorm bias
+    as ``beta / g``.
+  - Neuron scale: ``s_F = sqrt(u_F / v_F)`` from two closed-form recursions over the chain of
+    neuron families (a deep ReLU MLP, a SwiGLU stack): from the input side
+    ``u_F[i] = |multiplied slices i, their other axes times u_A (upstream families) or merged with a
+    norm gain|`` and from the output side ``v_F[i] = |divided slices i, their other axes times v_B
+    (downstream families), centred where a translation acts|``. Under the gauges ``u_F -> a u_F``
+    and ``v_F -> v_F / a``, so ``s_F`` is covariant. For an *isolated* pair (no upstream or
+    downstream family: a transformer's MLP units) ``u`` and ``v`` are the two side norms and the
+    canonical point is the orbit's balanced point ``|P1| = |P2| = sqrt(u v)``.
+
+* **Translation** (logit / router shift ``W -> W + 1 a^T``): the gradient, the weight decay and the
+  step act on the horizontal part ``W - 1 mean_row(W)``; the mean row is held.
+
+* **Rotation** (per-head query/key and value/output): no canonical map; the tensor keeps a residual
+  orthogonal symmetry on blocks of one axis (:class:`SharedAxis`), which a rule must respect (Adam
+  shares its second moments over each block; Newton-Schulz commutes with it).
+
+:func:`build_frame_plan` reads a :class:`~gaugeopt.gauges.GaugeSet` into a :class:`FramePlan`: for
+every parameter the action on each axis, for every scaling family its place in the chains. It
+refuses (:class:`FrameConflictError`) only what no frame here makes exact: two families on one axis,
+a tensor on the multiplied (or divided) side of two neuron families, a cycle of neuron families.
+The maps at the bottom are pure functions on stacked tensors (a leading batch axis of same-shape
+tensors), used by :mod:`gaugeopt.optim.batched_step`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from ..gauges.families import AxisRef, GaugeFamily, HeadRotation, LogitShift, NeuronScaling, NormScaling
+from ..gauges.gaugeset import GaugeSet
+
+__all__ = [
+    "FrameConflictError",
+    "ScaledAxis",
+    "SharedAxis",
+    "TensorFrame",
+    "ScalingFrame",
+    "FramePlan",
+    "build_frame_plan",
+    "compatible_gauges",
+    "block_layout",
+    "group_mean",
+    "center_rows",
+    "unit_square_sums",
+    "neuron_scales",
+    "dead_threshold_mask",
+]
+
+
+class FrameConflictError(ValueError):
+    """Gauge families act on a parameter in a way no frame here makes exact."""
+
+
+# --------------------------------------------------------------------------------------------------
+# The plan: what acts on which axis of which parameter
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ScaledAxis:
+    """A positive diagonal scaling family's action on one axis: ``side`` +1 (multiplied by ``a``)
+    or -1 (divided by ``a``); ``kind`` "norm" (the frame is the gain) or "neuron"."""
+
+    family: str
+    side: int
+    kind: Literal["norm", "neuron"]
+
+
+@dataclass(frozen=True)
+class SharedAxis:
+    """A residual orthogonal symmetry: orthogonal maps mix the indices of each block of one axis
+    (``groups[i]`` = block of index i; indices no rotation touches are their own block).
+    ``layout`` is :func:`block_layout` of the groups when they are regular blocks."""
+
+    family: str
+    groups: tuple[int, ...]
+    layout: tuple[int, int, int] | None
+
+
+@dataclass(frozen=True)
+class TensorFrame:
+    """The frame of one parameter: at most one action per axis.
+
+    ``scaled``: ``(axis, ScaledAxis)`` pairs; ``centered``: a translation moves every slice along
+    axis 0 by one vector (logit or router shift); ``shared``: ``(axis, SharedAxis)`` pairs;
+    ``gain``: the parameter is a norm gain (the frame of its channels, never stepped);
+    ``heads``: for query/key/value and output weights of a rotation family, ``(axis, index)`` with
+    ``index[h]`` the indices of head ``h`` along ``axis`` (head-wise orthogonalisation).
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    scaled: tuple[tuple[int, ScaledAxis], ...] = ()
+    centered: bool = False
+    shared: tuple[tuple[int, SharedAxis], ...] = ()
+    gain: bool = False
+    heads: tuple[int, tuple[tuple[int, ...], ...]] | None = None
+
+    def scale_on(self, axis: int) -> ScaledAxis | None:
+        return next((s for a, s in self.scaled if a == axis), None)
+
+    def signature(self) -> tuple:
+        """What the batched step needs to know about the frame, without names: tensors whose
+        frames share a signature (and shape) are stepped as one batch."""
+        return (self.shape, tuple((a, s.side, s.kind) for a, s in self.scaled), self.centered,
+                tuple((a, s.groups, s.layout) for a, s in self.shared), self.gain)
+
+
+@dataclass(frozen=True)
+class ScalingFrame:
+    """One positive diagonal scaling family as a frame source (module docstring).
+
+    ``upstream``: neuron families that divide another axis of one of the multiplied tensors (their
+    ``u`` enters this family's ``u``); ``downstream``: neuron families that multiply another axis of
+    one of the divided tensors (their ``v`` enters this family's ``v``).
+    """
+
+    name: str
+    kind: Literal["norm", "neuron"]
+    units: int
+    multiplied: tuple[AxisRef, ...]
+    divided: tuple[AxisRef, ...]
+    gain: str | None = None
+    bias: str | None = None
+    consumers: tuple[str, ...] = ()
+    upstream: tuple[str, ...] = ()
+    downstream: tuple[str, ...] = ()
+
+    @property
+    def isolated(self) -> bool:
+        """A neuron family linked to no other: its canonical point is the orbit's balanced point and
+        the step holds its orbit coordinates (docs/ddc.md)."""
+        return self.kind == "neuron" and not self.upstream and not self.downstream
+
+    @property
+    def members(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(r.name for r in (*self.multiplied, *self.divided)))
+
+
+@dataclass(frozen=True)
+class FramePlan:
+    """Frames of every gauge-carrying parameter of a model (by name) and the scaling families in
+    dependency order (norm families first, then neuron families upstream before downstream)."""
+
+    tensors: Mapping[str, TensorFrame]
+    scalings: Mapping[str, ScalingFrame]
+
+    def frame(self, name: str) -> TensorFrame | None:
+        return self.tensors.get(name)
+
+    @property
+    def norms(self) -> tuple[ScalingFrame, ...]:
+        return tuple(f for f in self.scalings.values() if f.kind == "norm")
+
+    @property
+    def neurons(self) -> tuple[ScalingFrame, ...]:
+        return tuple(f for f in self.scalings.values() if f.kind == "neuron")
+
+    def coupled(self) -> list[tuple[str, ...]]:
+        """Parameter names one update reads together: a norm family (gain, bias, consumers), a
+        connected chain of neuron families, a translated tensor with its bias, a rotation family."""
+        return [f.members for f in self.scalings.values()]
+
+
+@dataclass
+class _Frame:
+    """A frame under construction."""
+
+    name: str
+    shape: tuple[int, ...]
+    actions: dict[int, tuple[str, object]] = field(default_factory=dict)  # axis -> (family, action)
+    gain: bool = False
+    heads: tuple[int, tuple[tuple[int, ...], ...]] | None = None
+
+    def freeze(self) -> TensorFrame:
+        scaled = tuple((a, x) for a, (_, x) in sorted(self.actions.items()) if isinstance(x, ScaledAxis))
+        shared = tuple((a, x) for a, (_, x) in sorted(self.actions.items()) if isinstance(x, SharedAxis))
+        centered = any(x == "center" for _, x in self.actions.values())
+        return TensorFrame(self.name, self.shape, scaled, centered, shared, self.gain, self.heads)
+
+
+def _block_groups(size: int, blocks: list[list[int]]) -> tuple[int, ...]:
+    """Group id per index along an axis of length ``size``: one id per block, singletons elsewhere."""
+    groups = [-1] * size
+    for gid, index in enumerate(blocks):
+        for i in index:
+            if groups[i] >= 0:
+                raise FrameConflictError("rotation blocks overlap on one axis")
+            groups[i] = gid
+    next_id = len(blocks)
+    for i in range(size):
+        if groups[i] < 0:
+            groups[i], next_id = next_id, next_id + 1
+    return tuple(groups)
+
+
+def _rotation_actions(family: HeadRotation, shapes: Mapping[str, tuple[int, ...]]):
+    blocks = family.blocks
+    for weight, bias, rows, _ in family.left:
+        row_blocks = [rows[h][list(b)].tolist() for h in range(rows.shape[0]) for b in blocks]
+        heads = (0, tuple(tuple(r) for r in rows.tolist()))
+        for name in (weight, bias):
+            if name is not None:
+                groups = _block_groups(shapes[name][0], row_blocks)
+                yield name, 0, SharedAxis(family.name, groups, block_layout(torch.tensor(groups))), \
+                    heads if name == weight else None
+    for weight, cols in family.right:
+        col_blocks = [cols[h][list(b)].tolist() for h in range(cols.shape[0]) for b in blocks]
+        groups = _block_groups(shapes[weight][1], col_blocks)
+        yield weight, 1, SharedAxis(family.name, groups, block_layout(torch.tensor(groups))), \
+            (1, tuple(tuple(c) for c in cols.tolist()))
+
+
+def _actions(family: GaugeFamily, shapes: Mapping[str, tuple[int, ...]]):
+    """``(parameter, axis, action, heads)`` for every axis the family acts on."""
+    if isinstance(family, (NormScaling, NeuronScaling)):
+        kind = "norm" if isinstance(family, NormScaling) else "neuron"
+        for side, refs in ((1, family.multiplied), (-1, family.divided)):
+            for ref in refs:
+                if kind == "norm" and ref.name == family.gain:
+                    continue  # the gain is the frame itself
+                yield ref.name, ref.axis, ScaledAxis(family.name, side, kind), None
+    elif isinstance(family, LogitShift):
+        for name in family.parameters:
+            yield name, 0, "center", None
+    elif isinstance(family, HeadRotation):
+        yield from _rotation_actions(family, shapes)
+    else:
+        raise TypeError(f"no frame for gauge family {family.name!r} of type {type(family).__name__}")
+
+
+def build_frame_plan(gauges: GaugeSet) -> FramePlan:
+    """The frames of ``gauges``' parameters, or :class:`FrameConflictError` naming the parameter."""
+    shapes = {n: tuple(p.shape) for n, p in gauges.params().items()}
+    frames: dict[str, _Frame] = {}
+
+    def conflict(name: str, what: str, first: str, second: str) -> FrameConflictError:
+        return FrameConflictError(
+            f"parameter {name!r}: {what} ({first} and {second}); no gauge frame makes that exact. Drop one "
+            f"of the families, e.g. with gaugeopt.optim.frames.compatible_gauges(gauges).")
+
+    norm_parameters: dict[str, str] = {}
+    for f in gauges:
+        if isinstance(f, NormScaling):
+            for name in (f.gain, f.bias):
+                if name is None:
+                    continue
+                if name in norm_parameters:
+                    raise conflict(name, "is a norm parameter of two families", norm_parameters[name], f.name)
+                norm_parameters[name] = f.name
+            frames[f.gain] = _Frame(f.gain, shapes[f.gain], gain=True)
+    for f in gauges:
+        for name, axis, action, heads in _actions(f, shapes):
+            frame = frames.setdefault(name, _Frame(name, shapes[name]))
+            if frame.gain:
+                raise conflict(name, "is a norm gain (the frame of its channels) and is also acted on",
+                               norm_parameters[name], f.name)
+            if name in norm_parameters and norm_parameters[name] != f.name:
+                raise conflict(name, "is a norm bias and is also acted on", norm_parameters[name], f.name)
+            if axis in frame.actions:
+                raise conflict(name, f"two families act on axis {axis}", frame.actions[axis][0], f.name)
+            if isinstance(action, ScaledAxis) and action.kind == "neuron":
+                for other_axis, (other_family, other) in frame.actions.items():
+                    if isinstance(other, ScaledAxis) and other.kind == "neuron" and other.side == action.side:
+                        side = "multiplied" if action.side > 0 else "divided"
+                        raise conflict(name, f"is on the {side} side of two neuron scalings", other_family, f.name)
+            frame.actions[axis] = (f.name, action)
+            if heads is not None:
+                frame.heads = heads
+    tensors = {name: frame.freeze() for name, frame in frames.items()}
+    return FramePlan(tensors, _scaling_frames(gauges, tensors))
+
+
+def _scaling_frames(gauges: GaugeSet, tensors: Mapping[str, TensorFrame]) -> dict[str, ScalingFrame]:
+    """The scaling families with their chain links, norms first, then neurons in dependency order."""
+    norms = {f.name: ScalingFrame(f.name, "norm", f.units, f.multiplied, f.divided, f.gain, f.bias, f.consumers)
+             for f in gauges if isinstance(f, NormScaling)}
+    neurons = [f for f in gauges if isinstance(f, NeuronScaling)]
+
+    def linked(refs: Iterable[AxisRef], side: int) -> tuple[str, ...]:
+        found = []
+        for ref in refs:
+            for axis, scaled in tensors[ref.name].scaled:
+                if axis != ref.axis and scaled.kind == "neuron" and scaled.side == side:
+                    found.append(scaled.family)
+        return tuple(dict.fromkeys(found))
+
+    frames = {f.name: ScalingFrame(f.name, "neuron", f.units, f.multiplied, f.divided,
+                                   upstream=linked(f.multiplied, -1), downstream=linked(f.divided, 1))
+              for f in neurons}
+    ordered: list[str] = []
+    remaining = {name: set(frame.upstream) for name, frame in frames.items()}
+    while remaining:
+        ready = [name for name, deps in remaining.items() if not deps - set(ordered)]
+        if not ready:
+            raise FrameConflictError(f"neuron scalings {sorted(remaining)} form a cycle; no gauge frame makes "
+                                     f"that exact")
+        for name in ready:
+            ordered.append(name)
+            del remaining[name]
+    return {**norms, **{name: frames[name] for name in ordered}}
+
+
+def compatible_gauges(gauges: GaugeSet, *, verbose: bool = True) -> tuple[GaugeSet, list[str]]:
+    """The largest prefix-greedy subset of ``gauges`` that :func:`build_frame_plan` accepts.
+
+    Families are kept in order; one that conflicts with those kept is dropped (and printed when
+    ``verbose``). Returns a tuple: the reduced :class:`GaugeSet` (bound to the same model) and the
+    names of the dropped families. An optimizer built on it is exact for the kept families only.
+    """
+    kept: list[GaugeFamily] = []
+    dropped: list[str] = []
+    for f in gauges:
+        try:
+            build_frame_plan(GaugeSet([*kept, f], (), gauges.model))
+        except FrameConflictError as err:
+            dropped.append(f.name)
+            if verbose:
+                print(f"compatible_gauges: dropping {f.name}: {err}")
+            continue
+        kept.append(f)
+    return GaugeSet(kept, gauges.skipped, gauges.model), dropped
+
+
+# --------------------------------------------------------------------------------------------------
+# Pure maps on stacked tensors (leading axis: the members of a batch)
+# --------------------------------------------------------------------------------------------------
+
+
+def block_layout(groups: Tensor) -> tuple[int, int, int] | None:
+    """``(outer, block, inner)`` when the groups are regular blocks of one axis, else ``None``.
+
+    Regular means: with the axis viewed as ``(outer, block, inner)`` (index
+    ``i = (o * block + b) * inner + c``), the group of ``i`` depends on ``(o, c)`` only and differs for
+    every ``(o, c)``; each group is then the ``block`` indices along the middle axis. Contiguous head
+    blocks are ``(heads, head_dim, 1)``; RoPE planes ``(i, i + half)`` in each head are
+    ``(heads, 2, half)``. Found by trying every factorisation (once, when the plan is built).
+    """
+    n = groups.numel()
+    if n == 0:
+        return None
+    n_groups = int(torch.unique(groups).numel())
+    if n % n_groups:
+        return None
+    block = n // n_groups
+    for inner in (d for d in range(1, n // block + 1) if (n // block) % d == 0):
+        view = groups.reshape(n // (block * inner), block, inner)
+        if torch.equal(view, view[:, :1].expand_as(view)) and torch.unique(view[:, 0]).numel() == n_groups:
+            return n // (block * inner), block, inner
+    return None
+
+
+def group_mean(values: Tensor, shared: SharedAxis, axis: int) -> Tensor:
+    """Every entry replaced by the mean over its block of ``shared`` along ``axis`` (a reshape and a
+    mean for a regular :func:`block_layout`, a scatter otherwise); the result broadcasts against
+    ``values`` (a regular layout keeps the block axis as size 1 in a blocked view)."""
+    if shared.layout is not None:
+        blocked = (*values.shape[:axis], *shared.layout, *values.shape[axis + 1:])
+        return values.reshape(blocked).mean(dim=axis + 1, keepdim=True).expand(blocked).reshape(values.shape)
+    groups = torch.tensor(shared.groups, device=values.device)
+    moved = values.movedim(axis, 0)
+    sums = moved.new_zeros(moved.shape).index_add_(0, groups, moved)
+    counts = moved.new_zeros(moved.shape[0]).index_add_(0, groups, torch.ones_like(groups, dtype=moved.dtype))
+    means = sums / counts.clamp_min(1).reshape(-1, *([1] * (moved.dim() - 1)))
+    return means[groups].movedim(0, axis)
+
+
+def center_rows(t: Tensor, axis: int = -2) -> Tensor:
+    """The horizontal part ``t - 1 mean(t)^T`` over ``axis`` (the translated axis)."""
+    return t - t.mean(dim=axis, keepdim=True)
+
+
+def unit_square_sums(t: Tensor, unit_axis: int, factors: Mapping[int, Tensor] = {}) -> Tensor:
+    """Per unit, the sum of squares of the slices of stacked tensors ``t`` (batch axis 0) along
+    ``unit_axis``, after multiplying each other axis ``a`` by ``factors[a]`` (shape ``(batch, size)``).
+    Returns shape ``(batch, units)``."""
+    weighted = t
+    for axis, factor in factors.items():
+        shape = [1] * t.dim()
+        shape[0], shape[axis] = factor.shape[0], factor.shape[1]
+        weighted = weighted * factor.reshape(shape)
+    other = [a for a in range(1, t.dim()) if a != unit_axis]
+    if not other:
+        return weighted.square()
+    if other == list(range(unit_axis + 1, t.dim())):  # reduced axes contiguous in memory: one pass
+        return torch.linalg.vector_norm(weighted, dim=other).square()
+    return weighted.square().sum(dim=other)  # a strided vector norm is several times slower on CPUs
+
+
+def dead_threshold_mask(scale: Tensor, threshold: float) -> Tensor:
+    """Units whose frame scale cannot carry a step: ``scale <= threshold``, or too small for its
+    square to be a normal float (``scale`` is a gauge-invariant size per unit)."""
+    tiny = math.sqrt(torch.finfo(scale.dtype).tiny)
+    return (scale <= max(threshold, tiny)) | ~torch.isfinite(scale)
+
+
+def neuron_scales(forward_squares: Tensor, backward_squares: Tensor, threshold: float) -> tuple[Tensor, Tensor]:
+    """The neuron frame ``s = sqrt(u / v)`` from ``u^2`` (input side) and ``v^2`` (output side), and
+    the dead units: ``sqrt(u v) <= threshold`` or a side whose square underflows. Dead units get
+    ``s = 1`` (they are frozen by the caller)."""
+    u, v = forward_squares.sqrt(), backward_squares.sqrt()
+    tiny = math.sqrt(torch.finfo(u.dtype).tiny)
+    dead = (u <= tiny) | (v <= tiny) | (torch.sqrt(u) * torch.sqrt(v) <= threshold)
+    scale = torch.sqrt(torch.where(dead, torch.ones_like(u), u) / torch.where(dead, torch.ones_like(v), v))
+    return scale, dead

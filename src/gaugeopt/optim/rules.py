@@ -1,0 +1,186 @@
+"""Base rules: optimizer maps on canonical tensors, written once and shared by every path.
+
+A rule turns a stack of canonical gradients ``G~`` (shape ``(L, *shape)``: ``L`` same-shape tensors
+stepped together) and its state into a canonical *direction* ``D``; the step around it is the same for
+every rule (:mod:`gaugeopt.optim.batched_step`)::
+
+    p~ <- (1 - lr wd) p~ - lr D          (decoupled weight decay, in the frame)
+
+Rules are small frozen objects whose settings are static structure. The numbers a step needs that a
+scheduler may change (betas, momentum, eps) and those that depend on the step count (Adam's bias
+corrections) are computed on the host by :meth:`Rule.scalars` and reach :meth:`Rule.direction` as
+one tensor, so a compiled step never recompiles for a new value. Every rule is equivariant under
+coordinate permutations; a frame may leave a residual orthogonal symmetry on blocks of an axis
+(:class:`Residual`), which a rule must respect: :class:`Adam` shares its second moments over each
+block, :class:`Muon` commutes with it (Newton-Schulz is equivariant under orthogonal maps).
+
+* :class:`Adam`: ``m <- b1 m + (1 - b1) G~``, ``v <- b2 v + (1 - b2) S(G~ * G~)``,
+  ``D = (m / c1) / (sqrt(v / c2) + eps)`` with ``c_k = 1 - b_k^t``; ``S`` averages over the blocks of
+  the residual symmetry (the identity without one).
+* :class:`Muon`: ``B <- mu B + (1 - mu) G~``, ``U = (1 - mu) G~ + mu B`` (nesterov) or ``B``,
+  ``D = s NS(U)`` (:func:`~gaugeopt.optim.layerwise.muon_update`: Newton-Schulz per matrix or per
+  head block, times the shape factor ``s``).
+* :class:`MomentumMap`: ``B <- beta B + (1 - beta) G~``, ``D = Phi(B)`` (or of the nesterov mix) for a
+  symmetry-compatible map ``Phi`` of :mod:`gaugeopt.optim.layerwise`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple, Protocol
+
+import torch
+from torch import Tensor
+
+from .frames import SharedAxis, group_mean
+from .layerwise import apply_update_rule, muon_update
+from .matrix_functions import MUON_NS_COEFFICIENTS
+
+__all__ = ["Residual", "Rule", "Adam", "Muon", "MomentumMap", "adam_bias_terms", "adam_direction_"]
+
+
+class Residual(NamedTuple):
+    """The orthogonal symmetry a frame leaves on a batch's canonical tensors (member axes, without
+    the stacking axis): ``shared`` blocks per axis; ``heads``: ``(axis, index)`` with ``index[h]`` the
+    indices of attention head ``h`` (for head-wise orthogonalisation)."""
+
+    shared: tuple[tuple[int, SharedAxis], ...] = ()
+    heads: tuple[int, tuple[tuple[int, ...], ...]] | None = None
+
+
+class Rule(Protocol):
+    """What the batched step asks of a base rule."""
+
+    #: Names of the per-parameter state tensors the rule keeps (each shaped like the parameter,
+    #: except ``"step"``: a 0-d count the step increments).
+    state_keys: tuple[str, ...]
+
+    def scalars(self, group: Mapping[str, Any], steps: Sequence[int]) -> list[float]:
+        """The host-side numbers of this step for a batch whose members reach step counts ``steps``."""
+
+    def direction(self, grad: Tensor, state: Mapping[str, Tensor], scalars: Tensor, residual: Residual) -> Tensor:
+        """Advance ``state`` (stacked, in place) on the canonical gradients ``grad`` and return the
+        canonical direction, a new tensor shaped like ``grad``; ``scalars`` is :meth:`scalars` as a
+        tensor. ``grad`` is the step's own stack: the rule may overwrite it."""
+
+
+def _per_member(values: Tensor, ndim: int) -> Tensor:
+    """``(L,)`` values shaped to broadcast over an ``(L, ...)`` stack with ``ndim`` member dims."""
+    return values.reshape(-1, *([1] * ndim))
+
+
+def adam_bias_terms(beta1: float, beta2: float, eps: float, steps: Sequence[int]) -> list[float]:
+    """Per member, Adam's denominator shift ``eps c1`` and scale ``c1 / sqrt(c2)`` at step ``t``
+    (``c_k = 1 - b_k^t``), so the direction is ``m / (sqrt(v) c1 / sqrt(c2) + eps c1)``."""
+    shift = [eps * (1 - beta1**t) for t in steps]
+    scale = [(1 - beta1**t) / math.sqrt(1 - beta2**t) for t in steps]
+    return shift + scale
+
+
+def adam_direction_(grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, weights: Tensor, bias_terms: Tensor,
+                    shared: tuple[tuple[int, SharedAxis], ...] = ()) -> Tensor:
+    """Advance Adam's moments in place and return ``(m / c1) / (sqrt(v / c2) + eps)``.
+
+    All tensors are stacks ``(L, ...)``; ``weights`` holds ``(1 - b1, 1 - b2)`` and ``bias_terms``
+    the ``2 L`` values of :func:`adam_bias_terms`. With ``shared`` the squared gradient is averaged
+    over each block of those (member) axes before it enters ``v``, so ``v`` is invariant under the
+    blocks' rotations and the direction rotates with them. ``grad`` is overwritten (with its square).
+    """
+    members, ndim = grad.shape[0], grad.dim() - 1
+    exp_avg.lerp_(grad, weights[0])
+    square = grad.square_()
+    for axis, blocks in shared:
+        square = group_mean(square, blocks, axis + 1)
+    exp_avg_sq.lerp_(square, weights[1])
+    shift, scale = (_per_member(t, ndim) for t in bias_terms.view(2, members).unbind(0))
+    denominator = exp_avg_sq.sqrt().mul_(scale).add_(shift)
+    return torch.div(exp_avg, denominator, out=denominator)
+
+
+@dataclass(frozen=True)
+class Adam:
+    """Adam's direction (module docstring); ``betas_key`` and ``eps_key`` name the group settings it
+    reads (``"betas"``/``"eps"`` in DDCAdam and DDCMuon's Adam part, ``"adam_betas"``/``"adam_eps"``
+    in SymmetryCompatible)."""
+
+    betas_key: str = "betas"
+    eps_key: str = "eps"
+    state_keys: tuple[str, ...] = ("step", "exp_avg", "exp_avg_sq")
+
+    def scalars(self, group: Mapping[str, Any], steps: Sequence[int]) -> list[float]:
+        beta1, beta2 = (float(b) for b in group[self.betas_key])
+        return [1 - beta1, 1 - beta2, *adam_bias_terms(beta1, beta2, float(group[self.eps_key]), steps)]
+
+    def direction(self, grad: Tensor, state: Mapping[str, Tensor], scalars: Tensor, residual: Residual) -> Tensor:
+        return adam_direction_(grad, state["exp_avg"], state["exp_avg_sq"], scalars[:2], scalars[2:], residual.shared)
+
+
+def _momentum_input(grad: Tensor, buffer: Tensor, scalars: Tensor, nesterov: bool) -> Tensor:
+    """``B <- mu B + (1 - mu) G`` in place; the map's input ``(1 - mu) G + mu B`` (nesterov) or ``B``.
+    ``scalars`` holds ``(1 - mu, mu)``."""
+    buffer.lerp_(grad, scalars[0])
+    return grad.lerp(buffer, scalars[1]) if nesterov else buffer
+
+
+def _momentum_scalars(momentum: float) -> list[float]:
+    return [1 - momentum, momentum]
+
+
+@dataclass(frozen=True)
+class Muon:
+    """Momentum, then Newton-Schulz times Muon's shape factor (``torch.optim.Muon``'s update).
+
+    ``head_blocks``: ``None`` (whole matrices), ``"frame"`` (the attention heads of the rotation
+    families, from the frame's :class:`Residual`) or an int ``H`` (``H`` equal blocks along
+    ``head_axis``, ``"row"`` or ``"col"``). ``block_scale``: the shape factor of a head-wise update
+    uses the block's shape (``True``) or the whole matrix's (``False``, as DDCMuon). ``ns_dtype``:
+    the iteration's dtype (``None``: the gradient's). ``momentum_key`` names the group setting.
+    """
+
+    nesterov: bool = True
+    ns_steps: int = 5
+    ns_coefficients: tuple[float, float, float] = MUON_NS_COEFFICIENTS
+    ns_eps: float = 1e-7
+    ns_dtype: torch.dtype | None = None
+    adjust_lr: str = "original"
+    head_blocks: str | int | None = None
+    head_axis: str = "row"
+    block_scale: bool = False
+    momentum_key: str = "momentum"
+    state_keys: tuple[str, ...] = ("momentum_buffer",)
+
+    def scalars(self, group: Mapping[str, Any], steps: Sequence[int]) -> list[float]:
+        return _momentum_scalars(float(group[self.momentum_key]))
+
+    def direction(self, grad: Tensor, state: Mapping[str, Tensor], scalars: Tensor, residual: Residual) -> Tensor:
+        update = _momentum_input(grad, state["momentum_buffer"], scalars, self.nesterov)
+        options = dict(ns_steps=self.ns_steps, ns_eps=self.ns_eps, ns_coefficients=self.ns_coefficients,
+                       adjust_lr=self.adjust_lr, dtype=self.ns_dtype, block_scale=self.block_scale)
+        if self.head_blocks == "frame" and residual.heads is not None:
+            axis, index = residual.heads
+            return muon_update(update, head_axis="row" if axis == 0 else "col", head_index=index, **options)
+        if isinstance(self.head_blocks, int):
+            return muon_update(update, heads=self.head_blocks, head_axis=self.head_axis, **options)
+        return muon_update(update, **options)
+
+
+@dataclass(frozen=True)
+class MomentumMap:
+    """EMA momentum, then a symmetry-compatible map ``Phi`` of :mod:`gaugeopt.optim.layerwise`
+    (``rule`` names it; ``orientation`` and ``options`` are its settings)."""
+
+    rule: str
+    orientation: str = "row"
+    options: tuple[tuple[str, Any], ...] = ()
+    nesterov: bool = False
+    momentum_key: str = "beta"
+    state_keys: tuple[str, ...] = ("momentum_buffer",)
+
+    def scalars(self, group: Mapping[str, Any], steps: Sequence[int]) -> list[float]:
+        return _momentum_scalars(float(group[self.momentum_key]))
+
+    def direction(self, grad: Tensor, state: Mapping[str, Tensor], scalars: Tensor, residual: Residual) -> Tensor:
+        update = _momentum_input(grad, state["momentum_buffer"], scalars, self.nesterov)
+        return apply_update_rule(self.rule, update, self.orientation, **dict(self.options))

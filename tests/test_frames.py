@@ -1,0 +1,222 @@
+"""Gauge frames (gaugeopt.optim.frames) and the read phase that applies them.
+
+The property everything rests on: the canonical gradients and the frames' dead masks computed from
+``g . theta`` equal those computed from ``theta`` (for the gradients of an invariant loss, which
+transform contragrediently), for every gauge family and their product, including chains of neuron
+scalings of any depth and width (hypothesis). Plus the plan's structure on known models, what it
+refuses, and known answers of the pure maps.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import gaugeopt
+from gaugeopt.gauges import AxisRef, GaugeSet, HeadRotation, NeuronScaling
+from gaugeopt.models import ReLUMLP, ReLUMLPConfig, SwiGLUMLP, SwiGLUMLPConfig, TransformerLM, TransformerLMConfig
+from gaugeopt.optim.batched_step import build_program, read_phase
+from gaugeopt.optim.frames import (
+    FrameConflictError,
+    SharedAxis,
+    block_layout,
+    build_frame_plan,
+    center_rows,
+    group_mean,
+    neuron_scales,
+    unit_square_sums,
+)
+from gaugeopt.optim.rules import Adam
+
+
+def _canonical_gradients(model, gauges, loss_fn, batch) -> dict[str, torch.Tensor]:
+    """Per parameter, the canonical gradient the step would feed its rule (read phase, unstacked)."""
+    model.zero_grad()
+    loss_fn(model, batch).backward()
+    params = [p for p in model.parameters()]
+    names = {id(p): n for n, p in model.named_parameters()}
+    plan = build_frame_plan(gauges)
+    layout = build_program([{"params": params}], names, dict(model.named_parameters()), plan, [Adam()],
+                           channel_step=True, threshold=1e-12)
+    read = read_phase(layout.program, layout.inputs(dict(model.named_parameters())))
+    out = {}
+    for params_, grads in zip(layout.tensor_params, read.grads):
+        for p, g in zip(params_, grads.unbind(0)):
+            out[names[id(p)]] = g
+    for batch, h in zip(layout.norm_families, read.scale_inputs):
+        for family, row in zip(batch, h.unbind(0)):
+            out[family.gain] = row
+    assert read.flags.tolist() == [True, False]
+    return out
+
+
+def _assert_invariant(model, gauges, loss_fn, batch, seed: int = 0) -> None:
+    """Canonical gradients at ``g . theta`` equal those at ``theta``, rotated by ``g``'s rotations
+    (the residual symmetry a rotation leaves; every other family's part of ``g`` drops out)."""
+    before = _canonical_gradients(model, gauges, loss_fn, batch)
+    moved = copy.deepcopy(model)
+    bound = gauges.bind(moved)
+    element = bound.sample(torch.Generator().manual_seed(seed))
+    bound.apply(moved, element)
+    after = _canonical_gradients(moved, bound, loss_fn, batch)
+    assert before.keys() == after.keys()
+    before = {n: g.detach().clone() for n, g in before.items()}
+    for family in gauges:
+        if isinstance(family, HeadRotation):
+            family.apply(before, element[family.name])
+    largest = max(g.abs().max() for g in before.values())  # a gradient of rounding noise (a key bias) is exempt
+    for name in before:
+        assert (before[name] - after[name]).abs().max() <= 1e-9 * before[name].abs().max() + 1e-14 * largest, name
+
+
+def _lm_loss(model, tokens):
+    return F.cross_entropy(model(tokens[:, :-1]).flatten(0, 1), tokens[:, 1:].flatten())
+
+
+def _mse(model, batch):
+    return F.mse_loss(model(batch[0]), batch[1])
+
+
+@pytest.mark.parametrize("overrides", [
+    {},
+    dict(rope="none", norm="layernorm", mlp="relu", mlp_bias=True, attn_bias=True, head_bias=True),
+])
+def test_canonical_gradients_of_a_language_model_are_invariant(overrides):
+    torch.manual_seed(0)
+    model = TransformerLM(TransformerLMConfig(vocab_size=11, d_model=16, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=24,
+                                              max_seq_len=8, init_std=0.3, **overrides)).double()
+    tokens = torch.randint(0, 11, (3, 8), generator=torch.Generator().manual_seed(1))
+    gauges = gaugeopt.find_gauges(model, tokens[:1], output="logits")
+    _assert_invariant(model, gauges, _lm_loss, tokens)
+
+
+@settings(max_examples=25, deadline=None, derandomize=True)
+@given(sizes=st.lists(st.integers(1, 6), min_size=3, max_size=6), bias=st.booleans(), seed=st.integers(0, 100))
+def test_canonical_gradients_of_any_relu_chain_are_invariant(sizes, bias, seed):
+    """Deep ReLU MLPs: every hidden layer is a neuron scaling chained to the next (two-sided frame)."""
+    torch.manual_seed(seed)
+    model = ReLUMLP(ReLUMLPConfig(sizes=tuple(sizes), bias=bias)).double()
+    x = torch.randn(5, sizes[0], dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    gauges = gaugeopt.find_gauges(model, x[:2], output="values")
+    assert len(gauges) == len(sizes) - 2
+    _assert_invariant(model, gauges, _mse, (x, torch.randn(5, sizes[-1], dtype=torch.float64)), seed)
+
+
+def test_canonical_gradients_of_a_swiglu_stack_are_invariant():
+    torch.manual_seed(0)
+    model = SwiGLUMLP(SwiGLUMLPConfig(d_in=5, width=6, d_ff=8, depth=3, d_out=4)).double()
+    x = torch.randn(7, 5, dtype=torch.float64)
+    gauges = gaugeopt.find_gauges(model, x[:2], output="values")
+    plan = build_frame_plan(gauges)
+    assert plan.neurons and not any(f.isolated for f in plan.neurons)  # one chain through every block
+    _assert_invariant(model, gauges, _mse, (x, torch.randn(7, 4, dtype=torch.float64)))
+
+
+def test_frame_plan_of_a_language_model():
+    torch.manual_seed(0)
+    model = TransformerLM(TransformerLMConfig(vocab_size=7, d_model=8, n_layers=1, n_heads=2, d_ff=8,
+                                              max_seq_len=4, rope="none", norm="layernorm")).double()
+    gauges = gaugeopt.find_gauges(model, torch.randint(0, 7, (1, 3)), output="logits")
+    plan = build_frame_plan(gauges)
+    t = plan.tensors
+    assert t["blocks.0.norm1.weight"].gain
+    assert t["blocks.0.norm1.bias"].scaled == ((0, t["blocks.0.norm1.bias"].scale_on(0)),)
+    assert t["blocks.0.norm1.bias"].scale_on(0).side == 1
+    head = t["head.weight"]
+    assert head.centered and head.scale_on(1).family == "norm_scale:norm" and head.scale_on(1).side == -1
+    q = t["blocks.0.attn.q_proj.weight"]
+    assert q.scale_on(1).kind == "norm" and q.shared[0][0] == 0
+    assert q.shared[0][1].groups == (0, 0, 0, 0, 1, 1, 1, 1)  # two heads of 4 dims, no RoPE: whole heads
+    assert t["blocks.0.attn.o_proj.weight"].shared[0][0] == 1
+    up, down = t["blocks.0.ffn.up.weight"], t["blocks.0.ffn.down.weight"]
+    assert up.scale_on(0).kind == "neuron" and up.scale_on(0).side == 1 and up.scale_on(1).kind == "norm"
+    assert down.scale_on(1).kind == "neuron" and down.scale_on(1).side == -1
+    assert "embed.weight" not in t
+    assert [f.name for f in plan.neurons] == ["neuron_scale:blocks.0.ffn.up"] and plan.neurons[0].isolated
+    assert len(plan.norms) == 3
+
+
+def test_frame_plan_of_a_deep_relu_mlp_is_one_chain_in_dependency_order():
+    torch.manual_seed(0)
+    model = ReLUMLP(ReLUMLPConfig(sizes=(4, 6, 6, 6, 3))).double()
+    gauges = gaugeopt.find_gauges(model, torch.randn(2, 4, dtype=torch.float64), output="logits")
+    plan = build_frame_plan(gauges)
+    neurons = plan.neurons
+    assert [f.name for f in neurons] == [f"neuron_scale:layers.{i}" for i in range(3)]
+    assert neurons[0].upstream == () and neurons[0].downstream == ("neuron_scale:layers.1",)
+    assert neurons[1].upstream == ("neuron_scale:layers.0",) and neurons[2].downstream == ()
+    middle = plan.tensors["layers.1.weight"]
+    assert middle.scale_on(0).side == 1 and middle.scale_on(1).side == -1
+    assert plan.tensors["layers.3.weight"].centered  # the logit shift on the last layer's rows
+
+
+def test_cycles_and_double_sided_tensors_are_refused_naming_the_parameter():
+    torch.manual_seed(0)
+    model = ReLUMLP(ReLUMLPConfig(sizes=(4, 4, 3))).double()
+    gauges = gaugeopt.find_gauges(model, torch.randn(2, 4, dtype=torch.float64), output="values")
+    loop = NeuronScaling("neuron_scale:loop", 4, (AxisRef("layers.1.weight", 1),), (AxisRef("layers.0.weight", 1),),
+                         producer="x")
+    with pytest.raises(FrameConflictError, match="layers.1.weight|two families"):
+        build_frame_plan(GaugeSet([*gauges, loop], (), model))
+    twice = NeuronScaling("neuron_scale:twice", 4, (AxisRef("layers.0.weight", 1),), (), producer="x")
+    with pytest.raises(FrameConflictError, match=r"layers\.0\.weight.*multiplied side of two"):
+        build_frame_plan(GaugeSet([*gauges, twice], (), model))
+
+
+# --------------------------------------------------------------------------------------------------
+# Pure maps
+# --------------------------------------------------------------------------------------------------
+
+
+def _shared(groups: torch.Tensor) -> SharedAxis:
+    return SharedAxis("f", tuple(groups.tolist()), block_layout(groups))
+
+
+def test_group_mean_and_centering():
+    x = torch.arange(12, dtype=torch.float64).reshape(4, 3)
+    shared = group_mean(x, _shared(torch.tensor([0, 1, 0, 2])), axis=0)
+    assert torch.equal(shared[0], (x[0] + x[2]) / 2) and torch.equal(shared[2], shared[0])
+    assert torch.equal(shared[1], x[1]) and torch.equal(shared[3], x[3])
+    assert torch.equal(group_mean(x.T, _shared(torch.tensor([0, 1, 0, 2])), axis=1), shared.T)
+    assert center_rows(x, axis=0).sum(0).abs().max() == 0
+
+
+@pytest.mark.parametrize("groups, layout", [
+    (torch.arange(3).repeat_interleave(4), (3, 4, 1)),  # contiguous head blocks
+    (torch.arange(2 * 3).reshape(2, 1, 3).expand(2, 2, 3).flatten(), (2, 2, 3)),  # RoPE planes (i, i + 3) per head
+    (torch.arange(5), (5, 1, 1)),  # no sharing
+    (torch.tensor([0, 1, 0, 2]), None),  # blocks of different sizes
+    (torch.tensor([0, 1, 1, 0]), None),  # equal sizes, but no reshape gives them
+])
+def test_block_layout_and_the_reshaped_mean_agree_with_the_scatter(groups, layout):
+    assert block_layout(groups) == layout
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(len(groups), 3, generator=g, dtype=torch.float64)
+    irregular = SharedAxis("f", tuple(groups.tolist()), None)
+    for axis, values in ((0, x), (1, x.T.contiguous())):
+        scattered = group_mean(values, irregular, axis)
+        assert torch.allclose(group_mean(values, _shared(groups), axis), scattered, rtol=1e-15, atol=0)
+
+
+def test_unit_square_sums_known_answer():
+    t = torch.tensor([[[1.0, 2.0], [3.0, 4.0], [0.0, 1.0]]], dtype=torch.float64)  # one member, 3 x 2
+    assert torch.allclose(unit_square_sums(t, 1), torch.tensor([[5.0, 25.0, 1.0]], dtype=torch.float64))  # rows
+    assert torch.allclose(unit_square_sums(t, 2), torch.tensor([[10.0, 21.0]], dtype=torch.float64))  # columns
+    weights = torch.tensor([[2.0, 0.5]], dtype=torch.float64)
+    assert torch.allclose(unit_square_sums(t, 1, {2: weights}), torch.tensor([[5.0, 40.0, 0.25]], dtype=torch.float64))
+
+
+def test_neuron_scales_are_the_balanced_point_and_dead_units_are_marked():
+    u2 = torch.tensor([[4.0, 1e-320, 9.0]], dtype=torch.float64)
+    v2 = torch.tensor([[1.0, 1.0, 1e-30]], dtype=torch.float64)
+    s, dead = neuron_scales(u2, v2, threshold=1e-12)
+    assert dead.tolist() == [[False, True, False]]
+    assert s[0, 0] == pytest.approx(2.0 ** 0.5)  # sqrt(u / v): both sides then have norm sqrt(u v)
+    assert torch.isfinite(s).all()
+    _, dead = neuron_scales(u2, v2, threshold=1e-6)
+    assert dead.tolist() == [[False, True, True]]  # sqrt(u v) = 3e-15**0.5 is below the threshold
