@@ -18,6 +18,7 @@ _EXPORTS = {
     "DDCMuon": "gaugeopt.optim",
     "SymmetryCompatible": "gaugeopt.optim",
     "symmetry_param_groups": "gaugeopt.optim",
+    "clip_grad_norm_": "gaugeopt.optim",
 }
 
 __all__ = [*_EXPORTS, "__version__"]
@@ -33,4 +34,4 @@ def __getattr__(name: str) -> Any:
 
 if TYPE_CHECKING:  # pragma: no cover
     from .gauges import GaugeSet, find_gauges
-    from .optim import DDCAdam, DDCMuon, SymmetryCompatible, symmetry_param_groups
+    from .optim import DDCAdam, DDCMuon, SymmetryCompatible, clip_grad_norm_, symmetry_param_groups

@@ -1,8 +1,18 @@
-"""Optimizers: update math as pure functions on tensors, thin ``torch.optim.Optimizer`` shells.
+"""Optimizers: frames, base rules and the batched step as pure functions on tensors; thin shells.
 
-Modules: ``matrix_functions`` (Newton-Schulz polar, inverse square roots), ``ddc_adam``,
-``ddc_muon``, ``symcompat`` (the symmetry-compatible layerwise stack and its parameter classifier),
-``guards`` (the checks every optimizer shares: settings, gradients, low precision, checkpoints).
+The step of every optimizer here is frame -> base rule -> lift, batched across layers:
+
+* ``frames``: gauge frames, canonical coordinates in which the rules cannot see the gauges
+  (norm and neuron scalings, chains of them, translations, rotations as a residual symmetry);
+* ``rules``: the base rules, written once (Adam, Muon, the momentum maps of the layerwise stack),
+  with ``matrix_functions`` (Newton-Schulz, polar, inverse square roots) and ``layerwise`` (the
+  symmetry-compatible maps);
+* ``batched_step``: the one step: same-shape tensors stacked, a read phase and a write phase, eager
+  or compiled;
+* the shells: ``base.FramedOptimizer`` and ``ddc_adam`` (DDCAdam), ``ddc_muon`` (DDCMuon),
+  ``symcompat`` (SymmetryCompatible and its parameter classifier), ``baselines`` (Muon + AdamW);
+* around them: ``guards`` (settings, gradients, low precision, checkpoints), ``clipping``
+  (gauge-invariant ``clip_grad_norm_``), ``distributed`` (DDP and FSDP2).
 """
 
 from __future__ import annotations
@@ -16,6 +26,8 @@ _EXPORTS = {
     "SymmetryCompatible": "gaugeopt.optim.symcompat",
     "symmetry_param_groups": "gaugeopt.optim.symcompat",
     "NonFiniteGradientError": "gaugeopt.optim.guards",
+    "clip_grad_norm_": "gaugeopt.optim.clipping",
+    "gauge_invariant_grad_norm": "gaugeopt.optim.clipping",
 }
 
 __all__ = list(_EXPORTS)

@@ -430,7 +430,8 @@ def _rebalance(program: StepProgram, inputs: StepTensors, read: ReadOut, held: l
             tensor_batch = program.tensors[h.batch]
             factor = _along(c if role.side > 0 else c.reciprocal(), role.axis, len(tensor_batch.shape))
             dead = functools.reduce(torch.logical_or, read.dead[h.batch]) if masked and read.dead[h.batch] else None
-            _finish(tensor_batch, inputs.tensors[h.batch], read.params[h.batch], h.value.mul_(factor), h.mean, dead)
+            # out of place: an in-place product here trips inductor's CPU outer-loop fusion (torch 2.13)
+            _finish(tensor_batch, inputs.tensors[h.batch], read.params[h.batch], h.value * factor, h.mean, dead)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,0 +1,93 @@
+"""Gradient clipping by a gauge-invariant norm.
+
+``torch.nn.utils.clip_grad_norm_`` scales every gradient by ``max_norm / |G|`` when the global norm
+``|G|`` exceeds ``max_norm``. That norm is not gauge invariant: rescaling a neuron (``a`` on its input
+weights, ``1 / a`` on its output weights) multiplies the two gradients by ``1 / a`` and ``a``, so two
+models that compute the same function clip by different factors, and an equivariant optimizer fed
+clipped gradients is no longer equivariant.
+
+:func:`clip_grad_norm_` measures the gradients in the frames of the optimizers instead
+(:mod:`gaugeopt.optim.frames`): the canonical gradient ``G~ = P(G gamma)`` of every tensor (``gamma``
+its gradient factor, ``P`` the centring of translated rows), and ``g dL/dg`` for a norm gain. Under
+any gauge these are invariant or rotate (head rotations), so their norm is invariant; one common
+factor ``min(1, max_norm / (norm + 1e-6))`` scales every raw gradient, as torch's does. Training with
+it stays exactly equivariant.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor
+
+from ..gauges.gaugeset import GaugeSet
+from .batched_step import build_program, read_phase
+from .frames import FramePlan, build_frame_plan
+from .rules import Adam
+
+__all__ = ["clip_grad_norm_", "gauge_invariant_grad_norm"]
+
+_PLANS: weakref.WeakKeyDictionary[GaugeSet, FramePlan] = weakref.WeakKeyDictionary()
+
+
+def _plan(gauges: GaugeSet | None) -> FramePlan:
+    if gauges is None:
+        return FramePlan({}, {})
+    plan = _PLANS.get(gauges)
+    if plan is None:
+        plan = _PLANS[gauges] = build_frame_plan(gauges)
+    return plan
+
+
+@torch.no_grad()
+def gauge_invariant_grad_norm(parameters: Tensor | Iterable[Tensor], gauges: GaugeSet | None,
+                              norm_type: float = 2.0) -> Tensor:
+    """The ``norm_type``-norm of the canonical gradients of ``parameters`` (module docstring); those
+    without a gradient are left out. ``gauges=None`` gives the plain norm of the gradients."""
+    params = [parameters] if isinstance(parameters, Tensor) else list(parameters)
+    params = [p for p in params if p.grad is not None]
+    if not params:
+        return torch.zeros(())
+    if gauges is not None and not isinstance(gauges, GaugeSet):
+        raise TypeError(f"gauges must be a GaugeSet (from gaugeopt.find_gauges) or None, got {type(gauges).__name__}")
+    lookup = dict(gauges.model.named_parameters()) if gauges is not None else {}
+    names = {id(p): n for n, p in lookup.items()}
+    layout = build_program([{"params": params}], names, lookup, _plan(gauges), [Adam()], channel_step=True,
+                           threshold=0.0)
+    read = read_phase(layout.program, layout.inputs(lookup))
+    parts = [*read.grads, *read.scale_inputs]
+    parts += [p.detach() * p.grad for ps in layout.checked for p in ps]  # gains of norms whose consumers have none
+    device = params[0].grad.device
+    norms = [torch.linalg.vector_norm(t, norm_type).to(device=device, dtype=torch.float64) for t in parts if t.numel()]
+    return torch.linalg.vector_norm(torch.stack(norms), norm_type) if norms else torch.zeros((), device=device)
+
+
+@torch.no_grad()
+def clip_grad_norm_(parameters: Tensor | Iterable[Tensor], max_norm: float, gauges: GaugeSet | None,
+                    norm_type: float = 2.0, error_if_nonfinite: bool = False) -> Tensor:
+    """``torch.nn.utils.clip_grad_norm_`` with the gauge-invariant norm of the gradients of ``gauges``'
+    model: scale every gradient by ``min(1, max_norm / (norm + 1e-6))``; return that norm.
+
+    Args:
+        parameters: the tensors whose gradients are clipped (a tensor or an iterable).
+        max_norm: the largest norm the canonical gradients may have.
+        gauges: the model's :class:`~gaugeopt.gauges.GaugeSet` (the one the optimizer was given);
+            ``None`` clips by the plain norm, like torch.
+        norm_type: the p of the p-norm (``float("inf")`` for the largest entry).
+        error_if_nonfinite: raise ``RuntimeError`` when the norm is NaN or infinite (else those
+            gradients are scaled by a NaN factor, as torch does).
+    """
+    max_norm = float(max_norm)
+    if not max_norm >= 0:
+        raise ValueError(f"max_norm must be a number >= 0, got {max_norm}")
+    params = [parameters] if isinstance(parameters, Tensor) else list(parameters)
+    total = gauge_invariant_grad_norm(params, gauges, norm_type)
+    if error_if_nonfinite and not torch.isfinite(total):
+        raise RuntimeError(f"the total norm of order {norm_type} of the canonical gradients is non-finite, so they "
+                           f"cannot be clipped; pass error_if_nonfinite=False to scale them anyway")
+    grads = [p.grad for p in params if p.grad is not None]
+    if grads:
+        torch._foreach_mul_(grads, (max_norm / (total + 1e-6)).clamp(max=1.0))
+    return total

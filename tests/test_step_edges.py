@@ -1,0 +1,231 @@
+"""Edges of the batched step: tensors without gradients, frozen tensors, clipping, the compiled step.
+
+* A neuron pair, a norm family or a whole layer without gradients steps without error and is left
+  exactly as it was; a parameter whose ``requires_grad`` is turned off after construction does not
+  move (even with a stale gradient).
+* ``gaugeopt.clip_grad_norm_`` measures the canonical gradients: active on every step it keeps
+  DDCAdam equivariant, where torch's ``clip_grad_norm_`` in the same loop does not.
+* The compiled step (``compiled=True``) equals the eager one to 1e-12 in float64 under
+  ``clip_grad_value_`` and per-tensor clipping, and a OneCycleLR schedule of the learning rate and
+  betas runs without recompiling.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import functools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import gaugeopt
+from gaugeopt import DDCAdam, DDCMuon
+from gaugeopt.models import TransformerLM, TransformerLMConfig
+from gaugeopt.optim import gauge_invariant_grad_norm
+from gaugeopt.testing import check_equivariance, relative_error
+
+VOCAB = 11
+
+
+@functools.cache
+def _lm(layers: int = 2):
+    """LayerNorm with bias, ReLU MLP with bias (every frame kind with every tensor kind), float64."""
+    torch.manual_seed(0)
+    model = TransformerLM(TransformerLMConfig(vocab_size=VOCAB, d_model=16, n_layers=layers, n_heads=2, d_ff=24,
+                                              max_seq_len=8, norm="layernorm", mlp="relu", mlp_bias=True,
+                                              head_bias=True, init_std=0.3)).double()
+    tokens = torch.randint(0, VOCAB, (4, 3, 8), generator=torch.Generator().manual_seed(1))
+    gauges = gaugeopt.find_gauges(model, tokens[0, :1], output="logits")
+    return model, gauges, list(tokens)
+
+
+def lm_loss(model, tokens):
+    return F.cross_entropy(model(tokens[:, :-1]).flatten(0, 1), tokens[:, 1:].flatten())
+
+
+OPTIMIZERS = {
+    "DDCAdam": lambda m, g, **kw: DDCAdam(m.parameters(), g, lr=1e-2, weight_decay=0.1, **kw),
+    "DDCMuon": lambda m, g, **kw: DDCMuon(m.parameters(), g, lr=0.02, weight_decay=0.1, adam_lr=1e-2, **kw),
+}
+
+
+def _train(model, optimizer, batches, steps: int = 4, drop=(), hook=None) -> None:
+    for t in range(steps):
+        optimizer.zero_grad()
+        lm_loss(model, batches[t % len(batches)]).backward()
+        for name, p in model.named_parameters():
+            if any(name.startswith(prefix) for prefix in drop):
+                p.grad = None
+        if hook is not None:
+            hook(model)
+        optimizer.step()
+
+
+# --------------------------------------------------------------------------------------------------
+# Tensors without gradients
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
+@pytest.mark.parametrize("dropped", [
+    ("blocks.0.ffn.up.", "blocks.0.ffn.down."),  # a neuron pair (weights and bias)
+    ("blocks.1.norm2.", "blocks.1.ffn.up.weight"),  # a norm family: gain, bias and its consumer
+    ("blocks.0.",),  # a whole layer
+], ids=["neuron pair", "norm family", "layer"])
+def test_components_without_gradients_are_left_exactly_as_they_were(optimizer, dropped):
+    model, gauges, batches = _lm()
+    model = copy.deepcopy(model)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    _train(model, OPTIMIZERS[optimizer](model, gauges.bind(model)), batches, drop=dropped)
+    for name, p in model.named_parameters():
+        if any(name.startswith(prefix) for prefix in dropped):
+            assert torch.equal(p, before[name]), name
+    assert not torch.equal(model.head.weight, before["head.weight"])
+    assert not torch.equal(model.blocks[1].attn.q_proj.weight, before["blocks.1.attn.q_proj.weight"])
+
+
+@pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
+def test_a_tensor_frozen_after_construction_does_not_move(optimizer):
+    model, gauges, batches = _lm()
+    model = copy.deepcopy(model)
+    opt = OPTIMIZERS[optimizer](model, gauges.bind(model))
+    _train(model, opt, batches, steps=2)
+    down = model.blocks[0].ffn.down.weight
+    stale = torch.ones_like(down)
+    down.requires_grad_(False)  # frozen, and it even keeps a stale gradient below
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    def keep_stale(m):
+        m.blocks[0].ffn.down.weight.grad = stale
+
+    _train(model, opt, batches, steps=3, hook=keep_stale)
+    assert torch.equal(down, before["blocks.0.ffn.down.weight"])
+    assert not torch.equal(model.blocks[0].ffn.up.weight, before["blocks.0.ffn.up.weight"])
+
+
+# --------------------------------------------------------------------------------------------------
+# Gauge-invariant gradient clipping
+# --------------------------------------------------------------------------------------------------
+
+
+class _Clipped:
+    """An optimizer whose ``step`` clips the model's gradients first (what a training loop does)."""
+
+    def __init__(self, optimizer, model, clip):
+        self.optimizer, self.model, self.clip = optimizer, model, clip
+
+    def step(self):
+        self.clip(self.model)
+        self.optimizer.step()
+
+    def zero_grad(self, set_to_none: bool = True):
+        self.optimizer.zero_grad(set_to_none)
+
+
+MAX_NORM = 0.05  # below every gradient norm of the check: clipping acts on every step
+
+
+def _ours(model, gauges):
+    def clip(m):
+        norm = gaugeopt.clip_grad_norm_(m.parameters(), MAX_NORM, gauges)
+        assert norm > MAX_NORM
+    return _Clipped(DDCAdam(model.parameters(), gauges, lr=1e-2, weight_decay=0.1), model, clip)
+
+
+def _torchs(model, gauges):
+    def clip(m):
+        assert torch.nn.utils.clip_grad_norm_(m.parameters(), MAX_NORM) > MAX_NORM
+    return _Clipped(DDCAdam(model.parameters(), gauges, lr=1e-2, weight_decay=0.1), model, clip)
+
+
+def test_gauge_invariant_clipping_keeps_ddc_adam_equivariant_and_torchs_does_not():
+    model, gauges, batches = _lm()
+    ours = check_equivariance(_ours, model, gauges, batches, lm_loss, steps=20, spread=1.0)
+    theirs = check_equivariance(_torchs, model, gauges, batches, lm_loss, steps=20, spread=1.0)
+    assert ours.displacement > 0.1
+    assert ours.error <= 1e-10, ours.error
+    assert theirs.error >= 1e-3, theirs.error
+
+
+def test_the_clipping_norm_is_invariant_and_torchs_is_not():
+    model, gauges, batches = _lm()
+    moved = copy.deepcopy(model)
+    bound = gauges.bind(moved)
+    bound.apply(moved, bound.sample(torch.Generator().manual_seed(3), spread=1.0))
+    norms = {}
+    for label, m, g in (("start", model, gauges), ("moved", moved, bound)):
+        m = copy.deepcopy(m) if label == "start" else m
+        m.zero_grad()
+        lm_loss(m, batches[0]).backward()
+        norms[label] = (gauge_invariant_grad_norm(m.parameters(), g.bind(m) if label == "start" else g).item(),
+                        torch.nn.utils.get_total_norm([p.grad for p in m.parameters()]).item())
+    assert norms["start"][0] == pytest.approx(norms["moved"][0], rel=1e-12)
+    assert abs(norms["start"][1] / norms["moved"][1] - 1) > 1e-2
+
+
+def test_without_gauges_it_is_torchs_clipping():
+    model, _, batches = _lm()
+    twins = [copy.deepcopy(model) for _ in range(2)]
+    for m in twins:
+        lm_loss(m, batches[0]).backward()
+    ours = gaugeopt.clip_grad_norm_(twins[0].parameters(), 0.1, None)
+    theirs = torch.nn.utils.clip_grad_norm_(twins[1].parameters(), 0.1)
+    assert ours.item() == pytest.approx(theirs.item(), rel=1e-12)
+    for a, b in zip(twins[0].parameters(), twins[1].parameters()):
+        assert torch.allclose(a.grad, b.grad, rtol=1e-12, atol=0)
+
+
+def test_clipping_refuses_bad_input():
+    model, gauges, batches = _lm()
+    model = copy.deepcopy(model)
+    lm_loss(model, batches[0]).backward()
+    with pytest.raises(ValueError, match="max_norm"):
+        gaugeopt.clip_grad_norm_(model.parameters(), -1.0, gauges.bind(model))
+    with pytest.raises(TypeError, match="GaugeSet"):
+        gaugeopt.clip_grad_norm_(model.parameters(), 1.0, ["not", "gauges"])
+    model.head.weight.grad[0, 0] = float("nan")
+    with pytest.raises(RuntimeError, match="non-finite"):
+        gaugeopt.clip_grad_norm_(model.parameters(), 1.0, gauges.bind(model), error_if_nonfinite=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# The compiled step
+# --------------------------------------------------------------------------------------------------
+
+
+def _per_tensor_norm_clip(model):
+    for p in model.parameters():
+        torch.nn.utils.clip_grad_norm_([p], 0.05)
+
+
+def _value_clip(model):
+    torch.nn.utils.clip_grad_value_(model.parameters(), 0.02)
+
+
+@pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
+def test_compiled_and_eager_steps_agree_under_clipping_and_a_schedule_compiles_once(optimizer):
+    """Ten steps with both clippings alternating and a OneCycleLR schedule of lr and betas (momentum
+    for Muon): the compiled run equals the eager one to 1e-12, and no graph is compiled after the
+    first step."""
+    model, gauges, batches = _lm(layers=1)
+    runs = {}
+    for compiled in (False, True):
+        m = copy.deepcopy(model)
+        opt = OPTIMIZERS[optimizer](m, gauges.bind(m), compiled=compiled)
+        schedule = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-2, total_steps=10, cycle_momentum=True,
+                                                       base_momentum=0.85, max_momentum=0.95)
+        with contextlib.ExitStack() as later_steps:
+            for t in range(10):
+                if compiled and t == 1:  # the first step compiled; none after it may
+                    later_steps.enter_context(torch._dynamo.config.patch(error_on_recompile=True))
+                opt.zero_grad()
+                lm_loss(m, batches[t % len(batches)]).backward()
+                (_value_clip if t % 2 else _per_tensor_norm_clip)(m)
+                opt.step()
+                schedule.step()
+        runs[compiled] = m
+    error, where = relative_error(runs[True], runs[False])
+    assert error <= 1e-12, (error, where)
+    assert relative_error(runs[False], model)[0] > 1e-2
