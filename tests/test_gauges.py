@@ -278,6 +278,31 @@ def test_without_example_inputs_attention_is_skipped_with_reason():
     assert any("example_inputs" in s.reason for s in gauges.skipped)
 
 
+def test_a_branch_on_a_buffer_is_read_and_a_branch_on_a_parameter_is_data_dependent():
+    """Buffers are constants of the model: tracing reads them (and records ops that mix them with
+    traced sizes, as BERT's ``token_type_ids[:, :seq].expand(batch, seq)``); parameters are not."""
+
+    class Switch(nn.Module):
+        def __init__(self, on_buffer: bool):
+            super().__init__()
+            self.layer, self.out = nn.Linear(4, 4), nn.Linear(4, 3)
+            self.register_buffer("flag", torch.ones(1, 16))
+            self.gate = nn.Parameter(torch.ones(()))
+            self.on_buffer = on_buffer
+
+        def forward(self, x):
+            batch, width = x.shape
+            h = torch.relu(self.layer(x)) * self.flag[:, :width].expand(batch, width)
+            switch = self.flag.sum() if self.on_buffer else self.gate
+            return self.out(h) if switch > 0 else -self.out(h)
+
+    x = torch.randn(2, 4)
+    on_buffer = find_gauges(Switch(on_buffer=True), x)
+    assert [f.name for f in on_buffer] == ["neuron_scale:layer"] and on_buffer.skipped[0].family != "all"
+    on_parameter = find_gauges(Switch(on_buffer=False), x)
+    assert len(on_parameter) == 0 and on_parameter.skipped[0].family == "all"
+
+
 def test_bad_arguments_are_rejected():
     model = lm()
     with pytest.raises(ValueError, match="output"):

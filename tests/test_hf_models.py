@@ -66,6 +66,14 @@ MODELS = {
     "gpt2": (lambda: _gpt2(), set(), 0, 0),
     # the same with its own head: the head's logit shift and the final LayerNorm's scaling come back
     "gpt2-untied": (lambda: _untie(_gpt2()), {"logit_shift:lm_head", "norm_scale:transformer.ln_f"}, 3, 32 + 32),
+    # post-norm encoder with absolute positions, traced from input_ids alone (token_type_ids come from a
+    # buffer): attention rotations of so(8) per head (biases rotate along), and the last LayerNorm, which
+    # feeds the MLM transform alone; the decoder is tied to the word embeddings, so no logit shift
+    "bert-mlm": (lambda: transformers.BertForMaskedLM(transformers.BertConfig(**COMMON)),
+                 {"norm_scale:bert.encoder.layer.1.output.LayerNorm"} | _layers(
+                     "qk_rotation:bert.encoder.layer.{i}.attention.self",
+                     "vo_rotation:bert.encoder.layer.{i}.attention.self"),
+                 3 + 2 * (4 + 3), 32 + 2 * 2 * 4 * 28),
 }
 WITH_GAUGES = [key for key, (_, expected, _, _) in MODELS.items() if expected]
 
@@ -267,3 +275,11 @@ def test_eager_attention_gives_the_same_families_as_sdpa():
     model = _jitter(transformers.LlamaForCausalLM(config).double().eval())
     gauges = find_gauges(model, {"input_ids": _tokens(1, 0), "use_cache": False}, output="logits")
     assert {f.name for f in gauges} == MODELS["llama"][1]
+
+
+def test_bert_traces_from_input_ids_alone_as_with_token_type_ids():
+    _, model, gauges, *_ = _found("bert-mlm")
+    ids = _tokens(1, 0)
+    with_types = find_gauges(model, {"input_ids": ids, "token_type_ids": torch.zeros_like(ids)}, output="logits")
+    assert [f.name for f in with_types] == [f.name for f in gauges]
+    assert find_gauges(model, {"input_ids": ids}, output="logits").skipped == gauges.skipped
