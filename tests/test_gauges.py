@@ -278,6 +278,70 @@ def test_without_example_inputs_attention_is_skipped_with_reason():
     assert any("example_inputs" in s.reason for s in gauges.skipped)
 
 
+class ScaledLogits(nn.Module):
+    """A ReLU layer and a head whose logits ``z`` are returned as ``combine(self, z, x)``."""
+
+    def __init__(self, combine):
+        super().__init__()
+        self.hidden, self.head = nn.Linear(5, 6), nn.Linear(6, 7)
+        self.register_buffer("temperature", torch.tensor(2.5))
+        self.register_buffer("vocab_bias", torch.linspace(-1.0, 1.0, 7))
+        self.combine = combine
+
+    def forward(self, x):
+        return self.combine(self, self.head(torch.relu(self.hidden(x))), x)
+
+
+SHIFT_KEPT = {
+    "times a constant": lambda m, z, x: z * 0.5,
+    "a constant times": lambda m, z, x: -3.0 * z,  # the sign does not matter: a shift stays a shift
+    "divided by a constant": lambda m, z, x: z / 4.0,
+    "divided by a buffer": lambda m, z, x: z / m.temperature,
+    "divided by a per-sample scale": lambda m, z, x: z / (1.0 + x.pow(2).sum(-1, keepdim=True)),
+    "plus a vocabulary bias": lambda m, z, x: (z + m.vocab_bias).mul(2.0),
+}
+SHIFT_SEEN = {
+    "times a vocabulary factor": (lambda m, z, x: z * m.vocab_bias, "entry by entry"),
+    "divided by its own norm": (lambda m, z, x: z / z.norm(dim=-1, keepdim=True), "norm (norm) sees the shift"),
+    "times a function of the head": (lambda m, z, x: z * m.head.weight.sum(), "depends on head"),
+    "squared": (lambda m, z, x: z * z, "sees the shift"),
+    "floor-divided": (lambda m, z, x: torch.div(z, 0.5, rounding_mode="floor"), "sees the shift"),
+}
+
+
+def _shift_the_head(model: nn.Module) -> nn.Module:
+    """A copy with one vector added to every row of the head (every logit of a sample moves alike)."""
+    moved = copy.deepcopy(model)
+    with torch.no_grad():
+        moved.head.weight += torch.randn(6, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    return moved
+
+
+@pytest.mark.parametrize("key", list(SHIFT_KEPT))
+def test_the_logit_shift_survives_scaling_by_constants_and_added_biases(key):
+    model = _jitter(ScaledLogits(SHIFT_KEPT[key]).double())
+    x = torch.randn(4, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    gauges = find_gauges(model, x[:1], output="logits")
+    assert {f.name for f in gauges} == {"logit_shift:head", "neuron_scale:hidden"}
+    before = model(x).log_softmax(-1)
+    assert _rel(_shift_the_head(model)(x).log_softmax(-1), before) <= TOL
+    moved = copy.deepcopy(model)
+    gauges.apply(moved, gauges.sample(torch.Generator().manual_seed(2), spread=1.0))
+    assert _rel(moved(x).log_softmax(-1), before) <= TOL
+
+
+@pytest.mark.parametrize("key", list(SHIFT_SEEN))
+def test_a_logit_shift_the_output_sees_is_left_out_with_its_reason(key):
+    combine, reason = SHIFT_SEEN[key]
+    model = _jitter(ScaledLogits(combine).double())
+    x = torch.randn(4, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    assert _rel(_shift_the_head(model)(x).log_softmax(-1), model(x).log_softmax(-1)) > 1e-3  # not a symmetry
+    gauges = find_gauges(model, x[:1], output="logits")
+    assert "logit_shift" not in gauges.kinds
+    reasons = {(s.family, s.site): s.reason for s in gauges.skipped}
+    assert reason in reasons[("logit_shift", "head")]
+
+
 def test_a_branch_on_a_buffer_is_read_and_a_branch_on_a_parameter_is_data_dependent():
     """Buffers are constants of the model: tracing reads them (and records ops that mix them with
     traced sizes, as BERT's ``token_type_ids[:, :seq].expand(batch, seq)``); parameters are not."""

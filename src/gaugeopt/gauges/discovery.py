@@ -7,7 +7,9 @@ the example inputs, and four analyses run on the graph. None of them looks at mo
 leaf counts as a norm or a linear layer only when measured to act as one.
 
 1. **Logit / router shift.** A Linear's output carries ``+ c(x) 1`` along its last axis through
-   ops that keep that axis (views, indexing of leading axes, transposes of leading axes) until a
+   ops that keep that axis (views, indexing of leading axes, transposes of leading axes), through
+   multiplication or division by a factor constant along it (a number, a temperature) and through
+   addition of a tensor (a bias), as long as factor and tensor do not depend on that Linear, until a
    softmax/log-softmax over that axis absorbs it (router shift) or it is the model output and the
    caller declared ``output="logits"`` (logit shift).
 2. **Neuron scaling.** A Linear's output is scaled per channel by a_i > 0; the scaling must pass
@@ -54,11 +56,14 @@ _HOMOGENEOUS_FUNCTIONS = {F.relu, torch.relu, F.leaky_relu, F.dropout, torch.nn.
 _HOMOGENEOUS_METHODS = {"relu", "contiguous", "clone"}
 _HOMOGENEOUS_MODULES = (nn.ReLU, nn.LeakyReLU, nn.Dropout, nn.Identity)
 _SOFTMAXES = {F.softmax, torch.softmax, F.log_softmax, torch.log_softmax}
-_MUL = {operator.mul, torch.mul}
-_DIV = {operator.truediv, torch.div}
+_ARITHMETIC_FUNCTIONS = {operator.mul: "mul", torch.mul: "mul", operator.truediv: "div", torch.div: "div",
+                         operator.add: "add", torch.add: "add", operator.sub: "sub", torch.sub: "sub"}
+_ARITHMETIC_METHODS = {"mul": "mul", "div": "div", "add": "add", "sub": "sub"}
 _VIEWS = {"view", "reshape", "flatten"}
 _CASTS = {"to", "float", "double", "half", "bfloat16", "type"}
 _REDUCTIONS = {"mean", "sum"}
+# how a skipped reason starts when the candidate could not be analysed for lack of example inputs
+_NEEDS_EXAMPLES = "needs example_inputs"
 
 
 class _StopProbe(Exception):
@@ -324,6 +329,23 @@ def _keeps_last_axis(g: _Graph, u: fx.Node, src: fx.Node) -> bool | None:
     return None
 
 
+def _arithmetic(u: fx.Node, n: fx.Node) -> tuple[str, Any] | None:
+    """For ``u`` = ``n`` times, divided by, plus or minus one other operand: the op (``"mul"``,
+    ``"div"``, ``"add"``, ``"sub"``) and that operand (``n`` itself for ``n * n``). None for any other
+    op, for a quotient whose divisor is ``n``, and for a rounding division."""
+    if u.op == "call_function":
+        kind = _ARITHMETIC_FUNCTIONS.get(u.target)
+    elif u.op == "call_method":
+        kind = _ARITHMETIC_METHODS.get(u.target)
+    else:
+        kind = None
+    if kind is None or len(u.args) != 2 or n not in u.args:
+        return None
+    if kind == "div" and (u.args[0] is not n or u.kwargs.get("rounding_mode") is not None):
+        return None
+    return kind, u.args[1] if u.args[0] is n else u.args[0]
+
+
 # --------------------------------------------------------------------------------------------------
 # Analyses
 # --------------------------------------------------------------------------------------------------
@@ -365,13 +387,11 @@ def _follow_channel_scaling(g: _Graph, start: fx.Node) -> tuple[list[fx.Node], s
                 scaled.add(u)
                 frontier.append(u)
                 continue
-            is_mul = (u.op == "call_function" and u.target in _MUL) or (u.op == "call_method" and u.target == "mul")
-            is_div = (u.op == "call_function" and u.target in _DIV) or (u.op == "call_method" and u.target == "div")
-            if is_mul or (is_div and u.args[0] is n):
-                others = [a for a in u.args if a is not n]
-                if len(others) != 1:
+            arithmetic = _arithmetic(u, n)
+            if arithmetic is not None and arithmetic[0] in ("mul", "div"):
+                other = arithmetic[1]
+                if other is n:
                     return [], f"{u.name} multiplies the scaled tensor by itself"
-                other = others[0]
                 if isinstance(other, fx.Node) and (start in g.ancestors(other) or other is start):
                     return [], f"{u.name} multiplies the unit by a factor that depends on it"
                 if isinstance(other, fx.Node):
@@ -383,12 +403,36 @@ def _follow_channel_scaling(g: _Graph, start: fx.Node) -> tuple[list[fx.Node], s
                 continue
             if u.op == "output":
                 return [], "the scaled tensor is a model output"
-            if u.op == "call_function" and u.target in (operator.add, torch.add, operator.sub):
+            if arithmetic is not None:  # a sum or difference
                 return [], f"{u.name} adds it to a tensor that is not scaled alike (residual stream?)"
             if g.is_norm(u):
                 return [], f"it feeds the norm {u.target}, which is not homogeneous per channel"
             return [], f"{_describe_op(u)} ({u.name}) is not known to commute with a per-channel positive scaling"
     return sinks, None
+
+
+def _shift_passes(g: _Graph, start: fx.Node, u: fx.Node, kind: str, other: Any) -> str | None:
+    """None if ``u`` = (shifted tensor) ``kind`` ``other`` still carries a shift along the last axis,
+    else why not. ``(z + c 1) s = z s + (c s) 1`` when the factor ``s`` is constant along that axis
+    (a number, or a tensor of size 1 there: a temperature, Granite's ``logits_scaling``), and
+    ``z + b + c 1`` is ``z + b`` shifted for any ``b``, provided ``s`` and ``b`` do not depend on the
+    shifted Linear (its output or its parameters, which the shift moves). The sign of ``s`` does not
+    matter: the shift stays a shift."""
+    if isinstance(other, (int, float)) and not isinstance(other, bool):
+        return None
+    if not isinstance(other, fx.Node):
+        return f"{u.name} combines the shifted tensor with {other!r}"
+    moved = {g.param(start.target, "weight"), g.param(start.target, "bias")} - {None}
+    upstream = g.ancestors(other) | {other}
+    if start in upstream or any(a.op == "get_attr" and a.target in moved for a in upstream):
+        return f"{u.name} combines the shifted tensor with a tensor that depends on {start.target}"
+    if kind in ("mul", "div"):
+        shape = g.shape(other)
+        if shape is None:
+            return f"{u.name}: {_NEEDS_EXAMPLES} (shapes) to show the factor is constant along the last axis"
+        if shape and shape[-1] != 1:
+            return f"{u.name} scales the last axis entry by entry (factor of shape {tuple(shape)})"
+    return None
 
 
 def _follow_logit_shift(g: _Graph, start: fx.Node, output: OutputKind) -> tuple[str | None, str | None]:
@@ -417,12 +461,19 @@ def _follow_logit_shift(g: _Graph, start: fx.Node, output: OutputKind) -> tuple[
                     return None, f"{u.name}: softmax not shown to act on the last axis"
                 site = site if site and site != "model output" else u.name
                 continue
-            keeps = _keeps_last_axis(g, u, n)
-            if keeps:
-                seen.add(u)
-                frontier.append(u)
-                continue
-            return None, f"{_describe_op(u)} ({u.name}) sees the shift"
+            arithmetic = _arithmetic(u, n)
+            if arithmetic is not None and arithmetic[1] is not n:
+                reason = _shift_passes(g, start, u, *arithmetic)
+                if reason is not None:
+                    return None, reason
+            else:
+                keeps = _keeps_last_axis(g, u, n)
+                if keeps is False and (g.shape(n) is None or g.shape(u) is None):
+                    return None, f"{_describe_op(u)} ({u.name}): {_NEEDS_EXAMPLES} (shapes) to show it keeps the axis"
+                if not keeps:
+                    return None, f"{_describe_op(u)} ({u.name}) sees the shift"
+            seen.add(u)
+            frontier.append(u)
     return site, None
 
 
@@ -833,6 +884,10 @@ def find_gauges(
     skipped = [Skipped(site or type(model).__name__, "all", f"kept whole, not analysed inside: its code branches on "
                        f"tensor values ({why})") for site, why in g.opaque.items()]
 
+    # the Linears whose output reaches the model output without passing another Linear or a norm
+    output_linears = {x for x in g.upstream(g.output, stop=lambda x: g.is_linear(x) or g.is_norm(x))
+                      if g.is_linear(x)}
+
     def add(family: GaugeFamily, site: str) -> None:
         tied = [p for p in family.parameters if p in g.tied]
         if tied:
@@ -866,8 +921,9 @@ def find_gauges(
                                       producer=n.target), n.target)
             elif absorbed is None:
                 skipped.append(Skipped(n.target, "neuron_scale", reason or "no consumer"))
-                if shift_reason and "model output" in shift_reason:
-                    skipped.append(Skipped(n.target, "logit_shift", shift_reason))
+            if absorbed is None and shift_reason and (
+                    "model output" in shift_reason or (output == "logits" and n in output_linears)):
+                skipped.append(Skipped(n.target, "logit_shift", shift_reason))
         elif g.is_norm(n):
             site = n.target
             if getattr(mod, "weight", None) is None:
