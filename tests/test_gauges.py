@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 
 import pytest
 import torch
@@ -271,11 +272,48 @@ def test_tied_embedding_and_head_carry_no_logit_shift():
     assert any("tied" in s.reason for s in gauges.skipped)
 
 
-def test_without_example_inputs_attention_is_skipped_with_reason():
+def test_without_example_inputs_one_warning_names_what_needs_them(capsys):
     model = _jitter(lm().double())
-    gauges = find_gauges(model, output="logits")
-    assert "qk_rotation" not in gauges.kinds
-    assert any("example_inputs" in s.reason for s in gauges.skipped)
+    with pytest.warns(UserWarning) as record:
+        gauges = find_gauges(model, output="logits")
+    assert len(record) == 1
+    message = str(record[0].message)
+    assert "example_inputs" in message and "blocks.0.attn" in message and "blocks.0.norm1" in message
+    assert "qk_rotation" not in gauges.kinds and "norm_scale" not in gauges.kinds
+    assert len(gauges.notes) == 1 and gauges.notes[0] in message
+    gauges.summary()
+    assert f"note: {gauges.notes[0]}" in capsys.readouterr().out
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with_example = find_gauges(model, torch.randint(0, 11, (1, 6)), output="logits")
+    assert {"qk_rotation", "norm_scale"} <= set(with_example.kinds) and with_example.notes == ()
+
+
+def test_without_example_inputs_a_model_that_needs_no_shapes_does_not_warn():
+    model = ReLUMLP(ReLUMLPConfig(sizes=(5, 7, 6, 3)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        gauges = find_gauges(model)
+    assert [f.name for f in gauges] == [f.name for f in find_gauges(model, torch.randn(2, 5))]
+
+
+def test_a_compiled_model_gives_the_gauges_of_the_plain_one(capsys):
+    model, x, output, _ = _build("lm-rope-rms-swiglu-gqa")
+    compiled_model = torch.compile(model)  # compiles on its first call, which discovery never makes
+    plain, compiled = find_gauges(model, x, output=output), find_gauges(compiled_model, x, output=output)
+    assert compiled.model is model and plain.notes == ()
+    assert [(f.name, f.parameters, f.dim) for f in compiled] == [(f.name, f.parameters, f.dim) for f in plain]
+    assert compiled.skipped == plain.skipped
+    compiled.summary()
+    assert "note: read through torch.compile" in capsys.readouterr().out
+    # the same element moves the plain model and a compiled copy alike, through either GaugeSet
+    element = plain.sample(torch.Generator().manual_seed(0), spread=1.0)
+    moved_plain, moved_compiled = copy.deepcopy(model), torch.compile(copy.deepcopy(model))
+    plain.apply(moved_plain, element)
+    compiled.apply(moved_compiled, element)
+    for a, b in zip(moved_plain.parameters(), moved_compiled.parameters()):
+        assert torch.equal(a, b)
+    assert _rel(moved_plain(x).log_softmax(-1), model(x).log_softmax(-1)) <= TOL
 
 
 class ScaledLogits(nn.Module):

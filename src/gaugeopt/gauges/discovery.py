@@ -32,6 +32,7 @@ Anything that cannot be established is left out and recorded in ``GaugeSet.skipp
 from __future__ import annotations
 
 import inspect
+import warnings
 from collections.abc import Callable, Mapping
 import operator
 from dataclasses import dataclass
@@ -44,7 +45,7 @@ from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from .families import AxisRef, GaugeFamily, HeadRotation, LogitShift, NeuronScaling, full_rotation_algebra, norm_scaling
-from .gaugeset import GaugeSet, Skipped
+from .gaugeset import GaugeSet, Skipped, uncompiled
 from .tracing import is_linear_like, is_norm_like, trace_with_examples
 
 OutputKind = Literal["logits", "values"]
@@ -100,10 +101,12 @@ class _Graph:
             else:
                 self.gm, example_inputs, self.opaque = trace_with_examples(model, example_inputs, keyword_inputs)
         except Exception as err:  # noqa: BLE001 - report any tracing failure the same way
+            remedy = ("pass example_inputs (tracing with them follows code that reads shapes or takes **kwargs), "
+                      if example_inputs is None else "")
             raise ValueError(
                 f"find_gauges could not trace {type(model).__name__} with torch.fx ({type(err).__name__}: {err}). "
-                "Gauges are discovered from the traced graph; make forward traceable (no Python control flow "
-                "on tensor values) or build a GaugeSet by hand."
+                f"Gauges are discovered from the traced graph; {remedy}make forward traceable (no Python control "
+                "flow on tensor values) or build a GaugeSet by hand."
             ) from err
         self.example_inputs = example_inputs
         if example_inputs is not None:
@@ -267,7 +270,7 @@ def _measure_gain_action(mod: nn.Module, in_shape: tuple[int, ...] | None, dtype
     """None if multiplying the module's ``weight`` (and ``bias``) by s > 0 per channel multiplies its
     output by s along the last axis (measured on a random input), else the reason it does not."""
     if in_shape is None:
-        return "needs example_inputs (shapes) to measure how the gain acts"
+        return f"{_NEEDS_EXAMPLES} (shapes) to measure how the gain acts"
     params = dict(mod.named_parameters(recurse=False))
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(in_shape, generator=gen, dtype=torch.float64).to(dtype)
@@ -382,6 +385,8 @@ def _follow_channel_scaling(g: _Graph, start: fx.Node) -> tuple[list[fx.Node], s
                 continue
             keeps = _keeps_last_axis(g, u, n)
             if keeps is not None:
+                if not keeps and (g.shape(n) is None or g.shape(u) is None):
+                    return [], f"{_describe_op(u)} ({u.name}): {_NEEDS_EXAMPLES} (shapes) to show it keeps the axis"
                 if not keeps:
                     return [], f"{_describe_op(u)} ({u.name}) mixes or cannot be shown to keep the channel axis"
                 scaled.add(u)
@@ -397,7 +402,7 @@ def _follow_channel_scaling(g: _Graph, start: fx.Node) -> tuple[list[fx.Node], s
                 if isinstance(other, fx.Node):
                     s_in, s_out = g.shape(n), g.shape(u)
                     if s_in is None or s_out is None or s_in[-1] != s_out[-1]:
-                        return [], f"{u.name}: cannot show the product keeps the channel axis (no shapes)"
+                        return [], f"{u.name}: {_NEEDS_EXAMPLES} (shapes) to show the product keeps the channel axis"
                 scaled.add(u)
                 frontier.append(u)
                 continue
@@ -489,7 +494,7 @@ def _measure_projection(g: _Graph, linear: fx.Node, target: fx.Node) -> tuple[_P
     """Measure the map from a projection's output (..., T, C) to an attention input (B, H, T, d)."""
     in_shape, out_shape = g.shape(linear), g.shape(target)
     if in_shape is None or out_shape is None or len(out_shape) != 4:
-        return None, "needs example_inputs (shapes) to measure the head layout"
+        return None, f"{_NEEDS_EXAMPLES} (shapes) to measure the head layout"
     channels, (batch, heads, seq, d) = in_shape[-1], out_shape
     if in_shape[-2] != seq:
         return None, f"{linear.target}: sequence axis not recognised"
@@ -589,6 +594,12 @@ class _AttentionSite:
     extras: list[Any]
 
 
+def _recorded_in(n: fx.Node) -> str:
+    """The innermost module whose ``forward`` recorded ``n`` (its path in the model), else n's name."""
+    stack = n.meta.get("nn_module_stack")
+    return next(reversed(stack)) if stack else n.name
+
+
 def _is_matmul(n: fx.Node) -> bool:
     return (n.op == "call_function" and n.target in (operator.matmul, torch.matmul)) or (
         n.op == "call_method" and n.target == "matmul")
@@ -611,7 +622,7 @@ def _attention_sites(g: _Graph) -> list[_AttentionSite]:
         if n.op == "call_function" and n.target is F.scaled_dot_product_attention:
             q, k, v = (_arg(n, i, name) for i, name in enumerate(("query", "key", "value")))
             extras = [_arg(n, 3, "attn_mask")]
-            sites.append(_AttentionSite(n.name, q, k, v, n, {"q": {n}, "k": {n}, "v": {n}}, extras))
+            sites.append(_AttentionSite(_recorded_in(n), q, k, v, n, {"q": {n}, "k": {n}, "v": {n}}, extras))
             continue
         is_softmax = (n.op == "call_function" and n.target in (F.softmax, torch.softmax)) or (
             n.op == "call_method" and n.target == "softmax")
@@ -645,7 +656,7 @@ def _attention_sites(g: _Graph) -> list[_AttentionSite]:
         if len(users) != 1 or not _is_matmul(users[0]) or users[0].args[0] is not out:
             continue
         attn_v = users[0]
-        sites.append(_AttentionSite(n.name, scores.args[0], k_t.args[0], attn_v.args[1], attn_v,
+        sites.append(_AttentionSite(_recorded_in(n), scores.args[0], k_t.args[0], attn_v.args[1], attn_v,
                                     {"q": {scores}, "k": {k_t}, "v": {attn_v}}, extras))
     return sites
 
@@ -693,7 +704,7 @@ def _commutant_algebra(pairs: list[torch.Tensor], d: int, tol: float = 1e-12) ->
 def _attention_families(g: _Graph, attn: _AttentionSite) -> tuple[list[GaugeFamily], list[Skipped]]:
     site = attn.name
     if g.example_inputs is None:
-        return [], [Skipped(site, "qk_rotation/vo_rotation", "needs example_inputs to probe the attention maps")]
+        return [], [Skipped(site, "qk_rotation/vo_rotation", f"{_NEEDS_EXAMPLES} to probe the attention maps")]
     q_arg, k_arg, v_arg = attn.q, attn.k, attn.v
     linears = [_source_linear(g, a) for a in (q_arg, k_arg, v_arg)]
     families: list[GaugeFamily] = []
@@ -858,14 +869,16 @@ def find_gauges(
     Args:
         model: any ``nn.Module`` whose ``forward`` has no Python control flow on tensor values
             (with ``example_inputs``, a module that has some is kept whole and listed in
-            ``skipped``); arguments not given keep their defaults.
+            ``skipped``); arguments not given keep their defaults. A ``torch.compile`` wrapper is
+            read through: the module it compiles is traced (a note in ``GaugeSet.notes`` says so).
         example_inputs: a tensor or tuple of tensors to run ``forward`` on, or a dict of keyword
             arguments (tensors become inputs, other values are passed as they are, e.g.
             ``{"input_ids": ids, "use_cache": False}`` for a ``transformers`` model). Needed for the
             analyses that read shapes (indexing, reductions, views) and for the attention probes;
-            without it those analyses are skipped with that reason. A small batch is enough (e.g.
-            1 x 8 tokens); the graph is traced for the example's shapes (:mod:`.tracing`). When
-            ``forward`` returns a mapping (a ``ModelOutput``), its ``"logits"`` entry is the output.
+            without it those analyses are skipped with that reason, and one warning (also kept in
+            ``GaugeSet.notes``) names them. A small batch is enough (e.g. 1 x 8 tokens); the graph
+            is traced for the example's shapes (:mod:`.tracing`). When ``forward`` returns a mapping
+            (a ``ModelOutput``), its ``"logits"`` entry is the output.
         output: ``"logits"`` when the model output is consumed by a softmax / cross-entropy over its
             last axis (then the output Linear carries a logit shift), ``"values"`` otherwise.
 
@@ -879,6 +892,11 @@ def find_gauges(
         keyword_inputs, example_inputs = dict(example_inputs), ()
     elif example_inputs is not None and not isinstance(example_inputs, tuple):
         example_inputs = (example_inputs,)
+    notes = []
+    if uncompiled(model) is not model:
+        model = uncompiled(model)
+        notes.append(f"read through torch.compile: traced the compiled {type(model).__name__} (_orig_mod); "
+                     "the families name its parameters, which the compiled module shares")
     g = _Graph(model, example_inputs, keyword_inputs)
     families: list[GaugeFamily] = []
     skipped = [Skipped(site or type(model).__name__, "all", f"kept whole, not analysed inside: its code branches on "
@@ -956,7 +974,24 @@ def find_gauges(
         for fam in found:
             add(fam, fam.name.split(":", 1)[1])
         skipped += missed
-    return GaugeSet(families, skipped, model)
+    waiting = [s for s in skipped if _NEEDS_EXAMPLES in s.reason] if example_inputs is None else []
+    if waiting:
+        note = _needs_examples_note(waiting)
+        warnings.warn(f"find_gauges({type(model).__name__}): {note}", stacklevel=2)
+        notes.append(note)
+    return GaugeSet(families, skipped, model, notes)
+
+
+def _needs_examples_note(waiting: list[Skipped], shown: int = 3) -> str:
+    """One sentence naming the candidates left out for lack of example inputs, a few sites per family."""
+    sites: dict[str, list[str]] = {}
+    for s in waiting:
+        sites.setdefault(s.family, []).append(s.site)
+    listed = "; ".join(f"{family} at {', '.join(names[:shown])}"
+                       + (f" and {len(names) - shown} more" if len(names) > shown else "")
+                       for family, names in sites.items())
+    return (f"no example_inputs: {len(waiting)} candidate(s) need them to be analysed ({listed}); "
+            "pass a small batch (e.g. 1 x 8 tokens) as example_inputs")
 
 
 __all__ = ["find_gauges", "OutputKind"]

@@ -267,6 +267,10 @@ def trace_with_examples(model: nn.Module, args: Sequence[Any], keywords: Mapping
             node.target = target[len(prefix):] if target.startswith(prefix) else target
             owned[node.target] = (wrapper.get_submodule(target) if node.op == "call_module"
                                   else operator.attrgetter(target)(wrapper))
+        if "nn_module_stack" in node.meta:  # the modules a node was recorded in, outermost first
+            node.meta["nn_module_stack"] = type(node.meta["nn_module_stack"])(
+                (path[len(prefix):], (path[len(prefix):], kind))
+                for path, (_, kind) in node.meta["nn_module_stack"].items() if path.startswith(prefix))
     graph_module = fx.GraphModule(owned, graph, class_name=type(model).__name__)
     graph_module.training = model.training  # it shares the model's modules: train()/eval() on it reach them
     opaque = {path[len(prefix):] if path.startswith(prefix) else "": why for path, why in tracer.opaque.items()}
