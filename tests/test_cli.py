@@ -71,6 +71,21 @@ def test_the_installed_command_refuses_negative_seeds_without_a_traceback(tmp_pa
     assert list(tmp_path.iterdir()) == []
 
 
+def test_out_on_an_existing_run_needs_overwrite(tmp_path, capsys):
+    run_dir = tmp_path / "vit"
+    argv = ["run", "vit", "--preset", "tiny", "--device", "cpu", "--out", str(run_dir), "--set", "arms=adamw",
+            "--set", "steps=2", "--no-progress"]
+    assert main(argv) == 0
+    first = read_results(run_dir)["started"]
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("gaugeopt run: error:") and "--overwrite" in err and err.count("\n") == 1
+    assert read_results(run_dir)["started"] == first
+    assert main([*argv, "--overwrite"]) == 0
+    assert read_results(run_dir)["status"] == "complete"
+
+
 def test_unknown_experiment_is_refused_by_the_parser(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["run", "no-such-experiment"])

@@ -229,6 +229,33 @@ def test_config_checks_name_the_rule():
         vit.config("smoke", dataset="cifar")
 
 
+def test_an_existing_run_folder_is_refused_unless_overwritten(tmp_path):
+    path = run_experiment(COUNTING, "smoke", out=tmp_path / "run", progress=False, steps=4)
+    (path / "notes.txt").write_text("mine")
+    (path / "curve_old.png").write_bytes(b"a plot of an earlier run")
+    before = (path / "results.json").read_text()
+    with pytest.raises(FileExistsError, match="holds a run already"):
+        run_experiment(COUNTING, "smoke", out=path, progress=False, steps=6)
+    assert (path / "results.json").read_text() == before  # untouched
+    run_experiment(COUNTING, "smoke", out=path, progress=False, steps=6, overwrite=True)
+    results = read_results(path)
+    assert results["status"] == "complete" and results["config"]["steps"] == 6
+    assert len(results["curves"]["gd"]["0"]["loss"]) == 6
+    assert (path / "notes.txt").read_text() == "mine"  # not the run's: kept
+    assert not (path / "curve_old.png").exists()  # the earlier run's plot: gone
+
+
+def test_a_folder_that_is_not_a_run_folder_is_never_written_into(tmp_path):
+    (tmp_path / "papers").mkdir()
+    (tmp_path / "papers" / "draft.tex").write_text("mine")
+    for overwrite in (False, True):
+        with pytest.raises(FileExistsError, match="not a gaugeopt run folder"):
+            run_experiment(COUNTING, "smoke", out=tmp_path / "papers", progress=False, overwrite=overwrite)
+    assert [p.name for p in (tmp_path / "papers").iterdir()] == ["draft.tex"]
+    (tmp_path / "empty").mkdir()
+    assert read_results(run_experiment(COUNTING, "smoke", out=tmp_path / "empty", progress=False))["status"] == "complete"
+
+
 def test_config_overrides_take_the_preset_types():
     experiment = get_experiment("vit")
     config = experiment.config("smoke", arms="adamw", lr=1, steps=7)
