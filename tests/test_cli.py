@@ -45,6 +45,47 @@ def test_bad_input_gives_a_one_line_error_and_status_2(argv, message, capsys, tm
     assert message in err and err.startswith(f"gaugeopt {argv[0]}: error:")
 
 
+@pytest.mark.parametrize("flags, field", [
+    (["--seeds", "-1"], "seeds"),
+    (["--seeds", "0", "0"], "seeds"),
+    (["--set", "steps=-5"], "steps"),
+    (["--set", "val_fraction=1.5"], "val_fraction"),
+    (["--set", "arms=sgd"], "arms"),
+])
+@pytest.mark.parametrize("with_out", [False, True])
+def test_bad_config_values_give_one_line_and_write_nothing(flags, field, with_out, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the default run folder would go under ./runs
+    out = ["--out", str(tmp_path / "run")] if with_out else []
+    assert main(["run", "vit", "--preset", "smoke", *flags, *out]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("gaugeopt run: error: ViTExperimentConfig.") and f".{field} must be" in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_installed_command_refuses_negative_seeds_without_a_traceback(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "gaugeopt.cli", "run", "vit", "--preset", "smoke", "--seeds", "-1"],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.count("\n") == 1 and "seeds must be" in done.stderr and "Traceback" not in done.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_out_on_an_existing_run_needs_overwrite(tmp_path, capsys):
+    run_dir = tmp_path / "vit"
+    argv = ["run", "vit", "--preset", "tiny", "--device", "cpu", "--out", str(run_dir), "--set", "arms=adamw",
+            "--set", "steps=2", "--no-progress"]
+    assert main(argv) == 0
+    first = read_results(run_dir)["started"]
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("gaugeopt run: error:") and "--overwrite" in err and err.count("\n") == 1
+    assert read_results(run_dir)["started"] == first
+    assert main([*argv, "--overwrite"]) == 0
+    assert read_results(run_dir)["status"] == "complete"
+
+
 def test_unknown_experiment_is_refused_by_the_parser(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["run", "no-such-experiment"])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import FrozenInstanceError, dataclass
+from dataclasses import FrozenInstanceError, dataclass, fields
 
 import pytest
 import torch
@@ -20,6 +20,7 @@ from gaugeopt.experiments import (
     select_device,
     write_report,
 )
+from gaugeopt.experiments.checks import ConfigError
 from gaugeopt.experiments.results_table import results_markdown
 from gaugeopt.experiments.runfolder import to_json
 from gaugeopt.experiments.training import OptimizerSettings, build_optimizer, warmup_cosine
@@ -176,6 +177,83 @@ def test_registry_rejects_unknown_names_presets_and_fields():
         experiment.config("smoke", steps=1.5)
     with pytest.raises(ValueError, match="holds str values"):
         experiment.config("smoke", arms=(1, 2))
+
+
+def _numeric_fields(config) -> list[str]:
+    """Fields holding numbers or tuples of numbers (or None, for an optional count), seeds aside."""
+    def numeric(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+    return [f.name for f in fields(config) if f.name != "seeds" and (
+        getattr(config, f.name) is None or numeric(getattr(config, f.name))
+        or (isinstance(getattr(config, f.name), tuple) and all(map(numeric, getattr(config, f.name)))))]
+
+
+@pytest.mark.parametrize("name", experiment_names())
+def test_every_numeric_config_field_is_checked_where_the_config_is_defined(name):
+    """No count, size, rate or fraction of any experiment accepts -1; fractions refuse 1.5; seeds
+    must be distinct and non-negative; arms must be known. Each error is one line naming the field."""
+    experiment = get_experiment(name)
+    smoke = experiment.presets["smoke"]
+    numeric = _numeric_fields(smoke)
+    assert len(numeric) >= 8
+    bad = [(field, -1) for field in numeric]
+    bad += [(field, 1.5) for field in numeric
+            if field.endswith(("_fraction", "_ratio", "_accuracy")) and isinstance(getattr(smoke, field), float)]
+    bad += [("seeds", (-1,)), ("seeds", (0, 0))]
+    if hasattr(smoke, "arms"):
+        bad += [("arms", ("adamw", "adamw")), ("arms", ("sgd",))]
+    for field, value in bad:
+        with pytest.raises(ConfigError) as error:
+            if field == "seeds":
+                experiment.config("smoke", seeds=list(value))
+            else:
+                experiment.config("smoke", **{field: value})
+        message = str(error.value)
+        assert f".{field} must be" in message and "\n" not in message, (field, value, message)
+    for preset in PRESETS:  # the presets themselves pass (they are checked when the module loads)
+        assert experiment.config(preset) == experiment.presets[preset]
+
+
+def test_config_checks_name_the_rule():
+    vit = get_experiment("vit")
+    with pytest.raises(ConfigError, match=r"ViTExperimentConfig.steps must be positive, got -5"):
+        vit.config("smoke", steps=-5)
+    with pytest.raises(ConfigError, match=r"val_fraction must be in \(0, 1\), got 1.0"):
+        vit.config("smoke", val_fraction=1.0)
+    with pytest.raises(ConfigError, match=r"d_model must be divisible by n_heads=5"):
+        vit.config("smoke", n_heads=5)
+    assert vit.config("smoke", warmup_steps=0, weight_decay=0).warmup_steps == 0  # zero is allowed there
+    with pytest.raises(ConfigError, match=r"top_k must be at most n_experts=8"):
+        get_experiment("moe").config("smoke", top_k=9)
+    with pytest.raises(ConfigError, match=r"dataset must be one of"):
+        vit.config("smoke", dataset="cifar")
+
+
+def test_an_existing_run_folder_is_refused_unless_overwritten(tmp_path):
+    path = run_experiment(COUNTING, "smoke", out=tmp_path / "run", progress=False, steps=4)
+    (path / "notes.txt").write_text("mine")
+    (path / "curve_old.png").write_bytes(b"a plot of an earlier run")
+    before = (path / "results.json").read_text()
+    with pytest.raises(FileExistsError, match="holds a run already"):
+        run_experiment(COUNTING, "smoke", out=path, progress=False, steps=6)
+    assert (path / "results.json").read_text() == before  # untouched
+    run_experiment(COUNTING, "smoke", out=path, progress=False, steps=6, overwrite=True)
+    results = read_results(path)
+    assert results["status"] == "complete" and results["config"]["steps"] == 6
+    assert len(results["curves"]["gd"]["0"]["loss"]) == 6
+    assert (path / "notes.txt").read_text() == "mine"  # not the run's: kept
+    assert not (path / "curve_old.png").exists()  # the earlier run's plot: gone
+
+
+def test_a_folder_that_is_not_a_run_folder_is_never_written_into(tmp_path):
+    (tmp_path / "papers").mkdir()
+    (tmp_path / "papers" / "draft.tex").write_text("mine")
+    for overwrite in (False, True):
+        with pytest.raises(FileExistsError, match="not a gaugeopt run folder"):
+            run_experiment(COUNTING, "smoke", out=tmp_path / "papers", progress=False, overwrite=overwrite)
+    assert [p.name for p in (tmp_path / "papers").iterdir()] == ["draft.tex"]
+    (tmp_path / "empty").mkdir()
+    assert read_results(run_experiment(COUNTING, "smoke", out=tmp_path / "empty", progress=False))["status"] == "complete"
 
 
 def test_config_overrides_take_the_preset_types():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 
 import pytest
 import torch
@@ -271,11 +272,137 @@ def test_tied_embedding_and_head_carry_no_logit_shift():
     assert any("tied" in s.reason for s in gauges.skipped)
 
 
-def test_without_example_inputs_attention_is_skipped_with_reason():
+def test_without_example_inputs_one_warning_names_what_needs_them(capsys):
     model = _jitter(lm().double())
-    gauges = find_gauges(model, output="logits")
-    assert "qk_rotation" not in gauges.kinds
-    assert any("example_inputs" in s.reason for s in gauges.skipped)
+    with pytest.warns(UserWarning) as record:
+        gauges = find_gauges(model, output="logits")
+    assert len(record) == 1
+    message = str(record[0].message)
+    assert "example_inputs" in message and "blocks.0.attn" in message and "blocks.0.norm1" in message
+    assert "qk_rotation" not in gauges.kinds and "norm_scale" not in gauges.kinds
+    assert len(gauges.notes) == 1 and gauges.notes[0] in message
+    gauges.summary()
+    assert f"note: {gauges.notes[0]}" in capsys.readouterr().out
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with_example = find_gauges(model, torch.randint(0, 11, (1, 6)), output="logits")
+    assert {"qk_rotation", "norm_scale"} <= set(with_example.kinds) and with_example.notes == ()
+
+
+def test_without_example_inputs_a_model_that_needs_no_shapes_does_not_warn():
+    model = ReLUMLP(ReLUMLPConfig(sizes=(5, 7, 6, 3)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        gauges = find_gauges(model)
+    assert [f.name for f in gauges] == [f.name for f in find_gauges(model, torch.randn(2, 5))]
+
+
+def test_a_compiled_model_gives_the_gauges_of_the_plain_one(capsys):
+    model, x, output, _ = _build("lm-rope-rms-swiglu-gqa")
+    compiled_model = torch.compile(model)  # compiles on its first call, which discovery never makes
+    plain, compiled = find_gauges(model, x, output=output), find_gauges(compiled_model, x, output=output)
+    assert compiled.model is model and plain.notes == ()
+    assert [(f.name, f.parameters, f.dim) for f in compiled] == [(f.name, f.parameters, f.dim) for f in plain]
+    assert compiled.skipped == plain.skipped
+    compiled.summary()
+    assert "note: read through torch.compile" in capsys.readouterr().out
+    # the same element moves the plain model and a compiled copy alike, through either GaugeSet
+    element = plain.sample(torch.Generator().manual_seed(0), spread=1.0)
+    moved_plain, moved_compiled = copy.deepcopy(model), torch.compile(copy.deepcopy(model))
+    plain.apply(moved_plain, element)
+    compiled.apply(moved_compiled, element)
+    for a, b in zip(moved_plain.parameters(), moved_compiled.parameters()):
+        assert torch.equal(a, b)
+    assert _rel(moved_plain(x).log_softmax(-1), model(x).log_softmax(-1)) <= TOL
+
+
+class ScaledLogits(nn.Module):
+    """A ReLU layer and a head whose logits ``z`` are returned as ``combine(self, z, x)``."""
+
+    def __init__(self, combine):
+        super().__init__()
+        self.hidden, self.head = nn.Linear(5, 6), nn.Linear(6, 7)
+        self.register_buffer("temperature", torch.tensor(2.5))
+        self.register_buffer("vocab_bias", torch.linspace(-1.0, 1.0, 7))
+        self.combine = combine
+
+    def forward(self, x):
+        return self.combine(self, self.head(torch.relu(self.hidden(x))), x)
+
+
+SHIFT_KEPT = {
+    "times a constant": lambda m, z, x: z * 0.5,
+    "a constant times": lambda m, z, x: -3.0 * z,  # the sign does not matter: a shift stays a shift
+    "divided by a constant": lambda m, z, x: z / 4.0,
+    "divided by a buffer": lambda m, z, x: z / m.temperature,
+    "divided by a per-sample scale": lambda m, z, x: z / (1.0 + x.pow(2).sum(-1, keepdim=True)),
+    "plus a vocabulary bias": lambda m, z, x: (z + m.vocab_bias).mul(2.0),
+}
+SHIFT_SEEN = {
+    "times a vocabulary factor": (lambda m, z, x: z * m.vocab_bias, "entry by entry"),
+    "divided by its own norm": (lambda m, z, x: z / z.norm(dim=-1, keepdim=True), "norm (norm) sees the shift"),
+    "times a function of the head": (lambda m, z, x: z * m.head.weight.sum(), "depends on head"),
+    "squared": (lambda m, z, x: z * z, "sees the shift"),
+    "floor-divided": (lambda m, z, x: torch.div(z, 0.5, rounding_mode="floor"), "sees the shift"),
+}
+
+
+def _shift_the_head(model: nn.Module) -> nn.Module:
+    """A copy with one vector added to every row of the head (every logit of a sample moves alike)."""
+    moved = copy.deepcopy(model)
+    with torch.no_grad():
+        moved.head.weight += torch.randn(6, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    return moved
+
+
+@pytest.mark.parametrize("key", list(SHIFT_KEPT))
+def test_the_logit_shift_survives_scaling_by_constants_and_added_biases(key):
+    model = _jitter(ScaledLogits(SHIFT_KEPT[key]).double())
+    x = torch.randn(4, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    gauges = find_gauges(model, x[:1], output="logits")
+    assert {f.name for f in gauges} == {"logit_shift:head", "neuron_scale:hidden"}
+    before = model(x).log_softmax(-1)
+    assert _rel(_shift_the_head(model)(x).log_softmax(-1), before) <= TOL
+    moved = copy.deepcopy(model)
+    gauges.apply(moved, gauges.sample(torch.Generator().manual_seed(2), spread=1.0))
+    assert _rel(moved(x).log_softmax(-1), before) <= TOL
+
+
+@pytest.mark.parametrize("key", list(SHIFT_SEEN))
+def test_a_logit_shift_the_output_sees_is_left_out_with_its_reason(key):
+    combine, reason = SHIFT_SEEN[key]
+    model = _jitter(ScaledLogits(combine).double())
+    x = torch.randn(4, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    assert _rel(_shift_the_head(model)(x).log_softmax(-1), model(x).log_softmax(-1)) > 1e-3  # not a symmetry
+    gauges = find_gauges(model, x[:1], output="logits")
+    assert "logit_shift" not in gauges.kinds
+    reasons = {(s.family, s.site): s.reason for s in gauges.skipped}
+    assert reason in reasons[("logit_shift", "head")]
+
+
+def test_a_branch_on_a_buffer_is_read_and_a_branch_on_a_parameter_is_data_dependent():
+    """Buffers are constants of the model: tracing reads them (and records ops that mix them with
+    traced sizes, as BERT's ``token_type_ids[:, :seq].expand(batch, seq)``); parameters are not."""
+
+    class Switch(nn.Module):
+        def __init__(self, on_buffer: bool):
+            super().__init__()
+            self.layer, self.out = nn.Linear(4, 4), nn.Linear(4, 3)
+            self.register_buffer("flag", torch.ones(1, 16))
+            self.gate = nn.Parameter(torch.ones(()))
+            self.on_buffer = on_buffer
+
+        def forward(self, x):
+            batch, width = x.shape
+            h = torch.relu(self.layer(x)) * self.flag[:, :width].expand(batch, width)
+            switch = self.flag.sum() if self.on_buffer else self.gate
+            return self.out(h) if switch > 0 else -self.out(h)
+
+    x = torch.randn(2, 4)
+    on_buffer = find_gauges(Switch(on_buffer=True), x)
+    assert [f.name for f in on_buffer] == ["neuron_scale:layer"] and on_buffer.skipped[0].family != "all"
+    on_parameter = find_gauges(Switch(on_buffer=False), x)
+    assert len(on_parameter) == 0 and on_parameter.skipped[0].family == "all"
 
 
 def test_bad_arguments_are_rejected():

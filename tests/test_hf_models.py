@@ -66,6 +66,22 @@ MODELS = {
     "gpt2": (lambda: _gpt2(), set(), 0, 0),
     # the same with its own head: the head's logit shift and the final LayerNorm's scaling come back
     "gpt2-untied": (lambda: _untie(_gpt2()), {"logit_shift:lm_head", "norm_scale:transformer.ln_f"}, 3, 32 + 32),
+    # Llama's layout with constant multipliers: the embeddings, the residual branches and the attention
+    # scores are scaled, and the logits divided by logits_scaling, which keeps the head's logit shift
+    "granite": (lambda: transformers.GraniteForCausalLM(transformers.GraniteConfig(
+        **COMMON, tie_word_embeddings=False, logits_scaling=4.0, embedding_multiplier=3.0, residual_multiplier=0.5,
+        attention_multiplier=0.3)),
+        HEAD | _layers(*DECODER_NORMS, *SWIGLU, "qk_rotation:model.layers.{i}.self_attn",
+                       "vo_rotation:model.layers.{i}.self_attn"),
+        2 * 9 + 2, 32 + 32 + 2 * (32 + 32 + 48 + 2 * 4 + 2 * 28)),
+    # post-norm encoder with absolute positions, traced from input_ids alone (token_type_ids come from a
+    # buffer): attention rotations of so(8) per head (biases rotate along), and the last LayerNorm, which
+    # feeds the MLM transform alone; the decoder is tied to the word embeddings, so no logit shift
+    "bert-mlm": (lambda: transformers.BertForMaskedLM(transformers.BertConfig(**COMMON)),
+                 {"norm_scale:bert.encoder.layer.1.output.LayerNorm"} | _layers(
+                     "qk_rotation:bert.encoder.layer.{i}.attention.self",
+                     "vo_rotation:bert.encoder.layer.{i}.attention.self"),
+                 3 + 2 * (4 + 3), 32 + 2 * 2 * 4 * 28),
 }
 WITH_GAUGES = [key for key, (_, expected, _, _) in MODELS.items() if expected]
 
@@ -267,3 +283,43 @@ def test_eager_attention_gives_the_same_families_as_sdpa():
     model = _jitter(transformers.LlamaForCausalLM(config).double().eval())
     gauges = find_gauges(model, {"input_ids": _tokens(1, 0), "use_cache": False}, output="logits")
     assert {f.name for f in gauges} == MODELS["llama"][1]
+
+
+def test_granite_keeps_the_logit_shift_through_logits_scaling():
+    _, model, gauges, *_ = _found("granite")
+    assert model.config.logits_scaling == 4.0
+    ids = _tokens(2, 1)
+    before = _log_probs(model, ids)
+    moved = copy.deepcopy(model)
+    with torch.no_grad():  # add one vector v to every row of the head: each logit moves by <v, h> / 4
+        moved.lm_head.weight += torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(0),
+                                            dtype=torch.float64)
+    assert (moved(input_ids=ids).logits - model(input_ids=ids).logits).abs().max() > 1e-2
+    assert (_log_probs(moved, ids) - before).abs().max() < 1e-12
+    assert "logit_shift" in gauges.kinds and gauges["logit_shift:lm_head"].dim == model.config.hidden_size
+
+
+def test_a_logit_shift_that_does_not_survive_is_listed_with_its_reason():
+    """Soft-capped logits (cap * tanh(z / cap), as in Gemma 2) do change under the shift: the head's
+    logit_shift is left out, and the skipped list says where the shift is seen."""
+
+    class SoftCapped(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = transformers.LlamaForCausalLM(transformers.LlamaConfig(**COMMON, tie_word_embeddings=False))
+
+        def forward(self, input_ids):
+            return 30.0 * torch.tanh(self.inner(input_ids=input_ids, use_cache=False).logits / 30.0)
+
+    gauges = find_gauges(SoftCapped().double(), _tokens(1, 0), output="logits")
+    assert "logit_shift" not in gauges.kinds
+    reasons = {(s.family, s.site): s.reason for s in gauges.skipped}
+    assert "tanh" in reasons[("logit_shift", "inner.lm_head")]
+
+
+def test_bert_traces_from_input_ids_alone_as_with_token_type_ids():
+    _, model, gauges, *_ = _found("bert-mlm")
+    ids = _tokens(1, 0)
+    with_types = find_gauges(model, {"input_ids": ids, "token_type_ids": torch.zeros_like(ids)}, output="logits")
+    assert [f.name for f in with_types] == [f.name for f in gauges]
+    assert find_gauges(model, {"input_ids": ids}, output="logits").skipped == gauges.skipped

@@ -2,10 +2,10 @@
 
     gaugeopt list                                  the experiments and their presets
     gaugeopt run EXPERIMENT [--preset smoke|full|tiny] [--seeds 0 1 2] [--device auto|cpu|cuda]
-                 [--out DIR] [--set FIELD=VALUE ...] [--threads N] [--no-progress]
+                 [--out DIR [--overwrite]] [--set FIELD=VALUE ...] [--threads N] [--no-progress]
     gaugeopt report DIR                            rebuild plots and report.md from DIR/results.json
     gaugeopt results DIR... [--output FILE]        the results table (docs/results.md) from run folders
-    gaugeopt demo [--out DIR]                      overtrain-lm smoke: AdamW vs DDCAdam on bundled text
+    gaugeopt demo [--out DIR [--overwrite]]        overtrain-lm smoke: AdamW vs DDCAdam on bundled text
     gaugeopt gauges MODEL                          the gauges find_gauges discovers on a reference model
 """
 
@@ -49,7 +49,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     try:
         path = run_experiment(args.experiment, args.preset, seeds=args.seeds, device=args.device,
                               out=args.out, progress=not args.no_progress, threads=args.threads,
-                              **overrides)
+                              overwrite=args.overwrite, **overrides)
     except KeyboardInterrupt:
         print("interrupted: the run folder holds a partial results.json and report.md", file=sys.stderr)
         return 130
@@ -81,7 +81,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     print("gaugeopt demo: overtrain-lm smoke preset, AdamW vs DDCAdam on Hamlet (character level)")
     path = run_experiment("overtrain-lm", "smoke", device=args.device, out=args.out,
-                          progress=not args.no_progress, threads=args.threads)
+                          progress=not args.no_progress, threads=args.threads, overwrite=args.overwrite)
     print(f"report: {path / 'report.md'}")
     return 0
 
@@ -119,7 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--preset", choices=PRESETS, default="smoke")
     run.add_argument("--seeds", type=int, nargs="+", help="replace the preset's seeds")
     run.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
-    run.add_argument("--out", type=Path, help="run folder (default runs/<experiment>-<preset>-<time>)")
+    run.add_argument("--out", type=Path, help="run folder, new or empty (default runs/<experiment>-<preset>-<time>)")
+    run.add_argument("--overwrite", action="store_true", help="replace the run already in --out")
     run.add_argument("--set", type=_parse_override, action="append", metavar="FIELD=VALUE",
                      help="override one config field, e.g. --set steps=200 (repeatable)")
     run.add_argument("--threads", type=int, default=1, help="torch CPU threads for the run (default 1)")
@@ -138,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="the overtrain-lm smoke comparison (a few minutes on 2 CPU cores)")
     demo.add_argument("--device", default="auto")
     demo.add_argument("--out", type=Path)
+    demo.add_argument("--overwrite", action="store_true", help="replace the run already in --out")
     demo.add_argument("--threads", type=int, default=1)
     demo.add_argument("--no-progress", action="store_true")
     demo.set_defaults(handler=_cmd_demo)
@@ -153,7 +155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.handler(args)
-    except (ValueError, FileNotFoundError, ImportError) as error:
+    except (ValueError, FileNotFoundError, FileExistsError, ImportError) as error:
         print(f"gaugeopt {args.command}: error: {error}", file=sys.stderr)
         return 2
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .checks import check_config
 from .common import mean
 from .registry import Experiment
 from .runner import RunContext
@@ -32,6 +33,11 @@ class BridgeConfig:
     constructed_depth: int = 4
     constructed_samples: int = 256
     seeds: tuple[int, ...] = (0,)
+
+    def __post_init__(self) -> None:
+        check_config(self, positive=("depth", "width", "dead_counts", "steps", "lr", "batch_size", "checkpoints",
+                                     "probe_samples", "constructed_depth", "constructed_samples"),
+                     non_negative=("noise",))
 
 
 def mean_ratios(ratios: list[dict], name: str) -> dict[int, float | None]:

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from ..data import modular_addition_split
 from ..models import ModularAdditionConfig, ModularAdditionTransformer
+from .checks import OPEN_UNIT, UNIT, check_config
 from .common import ARM_LABELS, mean
 from .registry import Experiment
 from .runner import RunContext
@@ -39,6 +40,13 @@ class GrokkingConfig:
     grok_accuracy: float = 0.95
     arms: tuple[str, ...] = ("muon", "ddc-muon")
     seeds: tuple[int, ...] = (0, 1)
+
+    def __post_init__(self) -> None:
+        check_config(self, positive=("modulus", "depth", "d_model", "n_heads", "d_ff", "batch_size", "steps",
+                                     "eval_every", "muon_lr", "adam_lr"),
+                     non_negative=("weight_decay", "warmup_steps"),
+                     within={"train_fraction": OPEN_UNIT, "min_lr_ratio": UNIT, "grok_accuracy": UNIT},
+                     divisible=[("d_model", "n_heads")])
 
 
 def run(config: GrokkingConfig, context: RunContext) -> None:

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from ..data import modular_addition_split
 from ..models import ModularAdditionConfig, ModularAdditionTransformer
+from .checks import OPEN_UNIT, check_config
 from .registry import Experiment
 from .runner import RunContext
 from .training import OptimizerSettings, build_optimizer, train_loop
@@ -48,6 +49,13 @@ class ModAddWidthConfig:
     llc_draws: int = 100
     llc_batch_size: int = 64
     seeds: tuple[int, ...] = (0,)
+
+    def __post_init__(self) -> None:
+        check_config(self, positive=("modulus", "widths", "n_layers", "n_heads", "ff_ratio", "steps", "eval_every",
+                                     "lr", "probe_samples", "llc_lr", "llc_localization", "llc_chains", "llc_draws",
+                                     "llc_batch_size"),
+                     non_negative=("weight_decay", "warmup_steps"), within={"train_fraction": OPEN_UNIT},
+                     divisible=[("widths", "n_heads")])
 
 
 def per_sample_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

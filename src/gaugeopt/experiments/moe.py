@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from ..data import char_lm_split, lm_eval_windows, load_text, sample_lm_batch
 from ..models import MoEConfig, MoELM
+from .checks import OPEN_UNIT, UNIT, check_config, field_error
 from .common import ARM_LABELS, mean
 from .registry import Experiment
 from .runner import RunContext
@@ -47,6 +48,16 @@ class MoEExperimentConfig:
     min_lr_ratio: float = 0.1
     arms: tuple[str, ...] = ("adamw", "symcompat")
     seeds: tuple[int, ...] = (0,)
+
+    def __post_init__(self) -> None:
+        check_config(self, positive=("train_chars", "d_model", "n_layers", "n_heads", "n_experts", "top_k", "d_ff",
+                                     "seq_len", "batch_size", "steps", "eval_every", "eval_windows", "adam_lr",
+                                     "stack_lr"),
+                     non_negative=("weight_decay", "warmup_steps"),
+                     within={"val_fraction": OPEN_UNIT, "min_lr_ratio": UNIT},
+                     divisible=[("d_model", "n_heads")])
+        if self.top_k > self.n_experts:
+            raise field_error(self, "top_k", f"at most n_experts={self.n_experts}", self.top_k)
 
 
 def router_summary(model: MoELM, tokens: torch.Tensor) -> dict[str, float]:

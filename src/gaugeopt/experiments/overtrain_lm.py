@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from ..data import char_lm_split, lm_eval_windows, load_text, sample_lm_batch
 from ..models import TransformerLM, TransformerLMConfig
+from .checks import OPEN_UNIT, START_FRACTION, UNIT, check_config
 from .common import ARM_LABELS, mean, readable_cells_along_run
 from .registry import Experiment
 from .runner import RunContext
@@ -50,6 +51,13 @@ class OvertrainLMConfig:
     dds_start_fraction: float = 0.5  # DDS reads the over-training phase: the second half of the run
     arms: tuple[str, ...] = ("adamw", "ddc-adam")
     seeds: tuple[int, ...] = (0,)
+
+    def __post_init__(self) -> None:
+        check_config(self, positive=("train_chars", "d_model", "n_layers", "n_heads", "d_ff", "seq_len", "batch_size",
+                                     "steps", "eval_every", "eval_windows", "lr", "dds_samples"),
+                     non_negative=("weight_decay", "warmup_steps", "dds_checkpoints"),
+                     within={"val_fraction": OPEN_UNIT, "min_lr_ratio": UNIT, "dds_start_fraction": START_FRACTION},
+                     divisible=[("d_model", "n_heads")])
 
 
 def run(config: OvertrainLMConfig, context: RunContext) -> None:

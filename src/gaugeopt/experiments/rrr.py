@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from .checks import check_config
 from .registry import Experiment
 from .runner import RunContext
 
@@ -32,6 +33,11 @@ class RRRConfig:
     localization: float = 1.0
     dds_repeats: int = 10
     seeds: tuple[int, ...] = (0,)
+
+    def __post_init__(self) -> None:
+        check_config(self, positive=("M", "N", "widths", "samples", "noise", "num_chains", "num_draws",
+                                     "calibration_draws", "calibration_lrs", "calibration_cell", "localization",
+                                     "dds_repeats"))
 
 
 def run(config: RRRConfig, context: RunContext) -> None:

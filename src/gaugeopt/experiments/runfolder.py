@@ -9,6 +9,10 @@ Layout of ``results.json`` (everything the report and the plots are rebuilt from
 
 Every write goes to a temporary file renamed over the old one, so a run stopped at any moment
 leaves a complete, readable JSON of what was measured so far.
+
+A run starts in a new or empty folder. A folder that holds a run already is refused unless
+``overwrite`` is given; then that run's files (``results.json``, ``report.md``, the PNG plots) are
+removed first and any other file is kept. A non-empty folder that is not a run folder is refused.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import torch
 from .environment import machine_description, package_versions, source_commit
 
 RESULTS_FILE = "results.json"
+REPORT_FILE = "report.md"
 
 
 def utc_now() -> str:
@@ -58,6 +63,23 @@ def to_json(value: Any) -> Any:
     return repr(value)
 
 
+def claim_run_dir(path: Path, overwrite: bool = False) -> None:
+    """Make ``path`` an empty place for a new run (see the module docstring); raise
+    ``FileExistsError`` where that would lose or mix in what is there."""
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"{path} exists and is not a folder")
+    if not path.exists() or not any(path.iterdir()):
+        path.mkdir(parents=True, exist_ok=True)
+        return
+    if not (path / RESULTS_FILE).is_file():
+        raise FileExistsError(f"{path} is not empty and is not a gaugeopt run folder; choose a new or empty folder")
+    if not overwrite:
+        raise FileExistsError(f"{path} holds a run already; choose another folder or overwrite it "
+                              "(gaugeopt run --overwrite, run_experiment(..., overwrite=True))")
+    for file in (path / RESULTS_FILE, path / REPORT_FILE, path / f"{RESULTS_FILE}.tmp", *path.glob("*.png")):
+        file.unlink(missing_ok=True)
+
+
 def read_results(run_dir: str | Path) -> dict[str, Any]:
     path = Path(run_dir) / RESULTS_FILE
     if not path.is_file():
@@ -68,14 +90,16 @@ def read_results(run_dir: str | Path) -> dict[str, Any]:
 class RunFolder:
     """Owns one run folder; experiments record into it and it flushes ``results.json``.
 
+    The folder is claimed with :func:`claim_run_dir` (``overwrite`` replaces a run found there).
     ``flush_every`` seconds bounds how stale the file may be while curves stream in; metrics,
     timings, figures and claims are flushed at once.
     """
 
     def __init__(self, path: str | Path, *, experiment: str, preset: str, config: Any,
-                 seeds: tuple[int, ...] | list[int], device: torch.device, flush_every: float = 5.0):
+                 seeds: tuple[int, ...] | list[int], device: torch.device, flush_every: float = 5.0,
+                 overwrite: bool = False):
         self.path = Path(path)
-        self.path.mkdir(parents=True, exist_ok=True)
+        claim_run_dir(self.path, overwrite)
         self.flush_every = flush_every
         self._last_flush = 0.0
         self.results: dict[str, Any] = {

@@ -66,12 +66,14 @@ def default_run_dir(experiment: str, preset: str, root: Path = DEFAULT_RUNS_DIR)
 
 def run_experiment(name: str | Experiment, preset: str = "smoke", *, seeds: list[int] | tuple[int, ...] | None = None,
                    device: str | None = "auto", out: str | Path | None = None, progress: bool = True,
-                   threads: int | None = 1, **overrides: Any) -> Path:
+                   threads: int | None = 1, overwrite: bool = False, **overrides: Any) -> Path:
     """Run ``name`` at ``preset`` and return its folder (``results.json``, PNGs, ``report.md``).
 
     ``name`` is a registered experiment name or an :class:`Experiment`; ``seeds`` and
     ``overrides`` (config field names) replace the preset's values; ``device`` is ``"auto"``
-    (CUDA when available) or forced; ``out`` defaults to ``runs/<name>-<preset>-<UTC time>``.
+    (CUDA when available) or forced; ``out`` defaults to ``runs/<name>-<preset>-<UTC time>`` and
+    must be new or empty, or hold a run that ``overwrite`` replaces (:func:`.runfolder.claim_run_dir`).
+    The config is checked (its ``__post_init__``) before anything is written.
     ``threads`` sets torch's CPU threads for the run (restored afterwards; None leaves it): the
     reference models are small, and one thread avoids the large slowdowns of oversubscribed
     OpenMP pools on shared CPUs.
@@ -88,16 +90,16 @@ def run_experiment(name: str | Experiment, preset: str = "smoke", *, seeds: list
     if threads is not None:
         torch.set_num_threads(threads)
     try:
-        return _run_into_folder(experiment, preset, config, chosen, out, progress)
+        return _run_into_folder(experiment, preset, config, chosen, out, progress, overwrite)
     finally:
         torch.set_num_threads(previous_threads)
 
 
 def _run_into_folder(experiment: Experiment, preset: str, config: Any, chosen: torch.device,
-                     out: str | Path | None, progress: bool) -> Path:
+                     out: str | Path | None, progress: bool, overwrite: bool) -> Path:
     path = Path(out) if out is not None else default_run_dir(experiment.name, preset)
     folder = RunFolder(path, experiment=experiment.name, preset=preset, config=config, seeds=config.seeds,
-                       device=chosen)
+                       device=chosen, overwrite=overwrite)
     try:
         with sigterm_as_interrupt(), folder.timed("total"):
             experiment.run(config, RunContext(folder, chosen, progress))

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from ..data import ImageSplit, load_digits_split, load_mnist1d_split
 from ..models import ViT, ViTConfig
+from .checks import OPEN_UNIT, UNIT, check_config
 from .common import ARM_LABELS, mean
 from .registry import Experiment
 from .runner import RunContext
@@ -46,6 +47,13 @@ class ViTExperimentConfig:
     min_lr_ratio: float = 0.1
     arms: tuple[str, ...] = ("adamw", "ddc-adam")
     seeds: tuple[int, ...] = (0,)
+
+    def __post_init__(self) -> None:
+        check_config(self, positive=("num_samples", "patch_size", "d_model", "n_layers", "n_heads", "d_ff",
+                                     "batch_size", "steps", "eval_every", "lr"),
+                     non_negative=("weight_decay", "warmup_steps"),
+                     within={"val_fraction": OPEN_UNIT, "min_lr_ratio": UNIT},
+                     choices={"dataset": DATASETS}, divisible=[("d_model", "n_heads")])
 
 
 def ffn_unit_sizes(model: ViT) -> list[torch.Tensor]:

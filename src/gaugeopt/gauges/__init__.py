@@ -14,10 +14,10 @@ from .families import (
     NormScaling,
     full_rotation_algebra,
 )
-from .gaugeset import GaugeSet, GaugeSummary, GroupElement, Skipped, SummaryRow
+from .gaugeset import GaugeSet, GaugeSummary, GroupElement, Skipped, SummaryRow, uncompiled
 
 __all__ = [
     "find_gauges", "GaugeSet", "GaugeSummary", "GroupElement", "Skipped", "SummaryRow",
     "GaugeFamily", "AxisRef", "LogitShift", "NeuronScaling", "NormScaling", "HeadRotation",
-    "full_rotation_algebra",
+    "full_rotation_algebra", "uncompiled",
 ]

@@ -7,7 +7,9 @@ the example inputs, and four analyses run on the graph. None of them looks at mo
 leaf counts as a norm or a linear layer only when measured to act as one.
 
 1. **Logit / router shift.** A Linear's output carries ``+ c(x) 1`` along its last axis through
-   ops that keep that axis (views, indexing of leading axes, transposes of leading axes) until a
+   ops that keep that axis (views, indexing of leading axes, transposes of leading axes), through
+   multiplication or division by a factor constant along it (a number, a temperature) and through
+   addition of a tensor (a bias), as long as factor and tensor do not depend on that Linear, until a
    softmax/log-softmax over that axis absorbs it (router shift) or it is the model output and the
    caller declared ``output="logits"`` (logit shift).
 2. **Neuron scaling.** A Linear's output is scaled per channel by a_i > 0; the scaling must pass
@@ -30,6 +32,7 @@ Anything that cannot be established is left out and recorded in ``GaugeSet.skipp
 from __future__ import annotations
 
 import inspect
+import warnings
 from collections.abc import Callable, Mapping
 import operator
 from dataclasses import dataclass
@@ -42,7 +45,7 @@ from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from .families import AxisRef, GaugeFamily, HeadRotation, LogitShift, NeuronScaling, full_rotation_algebra, norm_scaling
-from .gaugeset import GaugeSet, Skipped
+from .gaugeset import GaugeSet, Skipped, uncompiled
 from .tracing import is_linear_like, is_norm_like, trace_with_examples
 
 OutputKind = Literal["logits", "values"]
@@ -54,11 +57,14 @@ _HOMOGENEOUS_FUNCTIONS = {F.relu, torch.relu, F.leaky_relu, F.dropout, torch.nn.
 _HOMOGENEOUS_METHODS = {"relu", "contiguous", "clone"}
 _HOMOGENEOUS_MODULES = (nn.ReLU, nn.LeakyReLU, nn.Dropout, nn.Identity)
 _SOFTMAXES = {F.softmax, torch.softmax, F.log_softmax, torch.log_softmax}
-_MUL = {operator.mul, torch.mul}
-_DIV = {operator.truediv, torch.div}
+_ARITHMETIC_FUNCTIONS = {operator.mul: "mul", torch.mul: "mul", operator.truediv: "div", torch.div: "div",
+                         operator.add: "add", torch.add: "add", operator.sub: "sub", torch.sub: "sub"}
+_ARITHMETIC_METHODS = {"mul": "mul", "div": "div", "add": "add", "sub": "sub"}
 _VIEWS = {"view", "reshape", "flatten"}
 _CASTS = {"to", "float", "double", "half", "bfloat16", "type"}
 _REDUCTIONS = {"mean", "sum"}
+# how a skipped reason starts when the candidate could not be analysed for lack of example inputs
+_NEEDS_EXAMPLES = "needs example_inputs"
 
 
 class _StopProbe(Exception):
@@ -95,10 +101,12 @@ class _Graph:
             else:
                 self.gm, example_inputs, self.opaque = trace_with_examples(model, example_inputs, keyword_inputs)
         except Exception as err:  # noqa: BLE001 - report any tracing failure the same way
+            remedy = ("pass example_inputs (tracing with them follows code that reads shapes or takes **kwargs), "
+                      if example_inputs is None else "")
             raise ValueError(
                 f"find_gauges could not trace {type(model).__name__} with torch.fx ({type(err).__name__}: {err}). "
-                "Gauges are discovered from the traced graph; make forward traceable (no Python control flow "
-                "on tensor values) or build a GaugeSet by hand."
+                f"Gauges are discovered from the traced graph; {remedy}make forward traceable (no Python control "
+                "flow on tensor values) or build a GaugeSet by hand."
             ) from err
         self.example_inputs = example_inputs
         if example_inputs is not None:
@@ -262,7 +270,7 @@ def _measure_gain_action(mod: nn.Module, in_shape: tuple[int, ...] | None, dtype
     """None if multiplying the module's ``weight`` (and ``bias``) by s > 0 per channel multiplies its
     output by s along the last axis (measured on a random input), else the reason it does not."""
     if in_shape is None:
-        return "needs example_inputs (shapes) to measure how the gain acts"
+        return f"{_NEEDS_EXAMPLES} (shapes) to measure how the gain acts"
     params = dict(mod.named_parameters(recurse=False))
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(in_shape, generator=gen, dtype=torch.float64).to(dtype)
@@ -324,6 +332,23 @@ def _keeps_last_axis(g: _Graph, u: fx.Node, src: fx.Node) -> bool | None:
     return None
 
 
+def _arithmetic(u: fx.Node, n: fx.Node) -> tuple[str, Any] | None:
+    """For ``u`` = ``n`` times, divided by, plus or minus one other operand: the op (``"mul"``,
+    ``"div"``, ``"add"``, ``"sub"``) and that operand (``n`` itself for ``n * n``). None for any other
+    op, for a quotient whose divisor is ``n``, and for a rounding division."""
+    if u.op == "call_function":
+        kind = _ARITHMETIC_FUNCTIONS.get(u.target)
+    elif u.op == "call_method":
+        kind = _ARITHMETIC_METHODS.get(u.target)
+    else:
+        kind = None
+    if kind is None or len(u.args) != 2 or n not in u.args:
+        return None
+    if kind == "div" and (u.args[0] is not n or u.kwargs.get("rounding_mode") is not None):
+        return None
+    return kind, u.args[1] if u.args[0] is n else u.args[0]
+
+
 # --------------------------------------------------------------------------------------------------
 # Analyses
 # --------------------------------------------------------------------------------------------------
@@ -360,35 +385,59 @@ def _follow_channel_scaling(g: _Graph, start: fx.Node) -> tuple[list[fx.Node], s
                 continue
             keeps = _keeps_last_axis(g, u, n)
             if keeps is not None:
+                if not keeps and (g.shape(n) is None or g.shape(u) is None):
+                    return [], f"{_describe_op(u)} ({u.name}): {_NEEDS_EXAMPLES} (shapes) to show it keeps the axis"
                 if not keeps:
                     return [], f"{_describe_op(u)} ({u.name}) mixes or cannot be shown to keep the channel axis"
                 scaled.add(u)
                 frontier.append(u)
                 continue
-            is_mul = (u.op == "call_function" and u.target in _MUL) or (u.op == "call_method" and u.target == "mul")
-            is_div = (u.op == "call_function" and u.target in _DIV) or (u.op == "call_method" and u.target == "div")
-            if is_mul or (is_div and u.args[0] is n):
-                others = [a for a in u.args if a is not n]
-                if len(others) != 1:
+            arithmetic = _arithmetic(u, n)
+            if arithmetic is not None and arithmetic[0] in ("mul", "div"):
+                other = arithmetic[1]
+                if other is n:
                     return [], f"{u.name} multiplies the scaled tensor by itself"
-                other = others[0]
                 if isinstance(other, fx.Node) and (start in g.ancestors(other) or other is start):
                     return [], f"{u.name} multiplies the unit by a factor that depends on it"
                 if isinstance(other, fx.Node):
                     s_in, s_out = g.shape(n), g.shape(u)
                     if s_in is None or s_out is None or s_in[-1] != s_out[-1]:
-                        return [], f"{u.name}: cannot show the product keeps the channel axis (no shapes)"
+                        return [], f"{u.name}: {_NEEDS_EXAMPLES} (shapes) to show the product keeps the channel axis"
                 scaled.add(u)
                 frontier.append(u)
                 continue
             if u.op == "output":
                 return [], "the scaled tensor is a model output"
-            if u.op == "call_function" and u.target in (operator.add, torch.add, operator.sub):
+            if arithmetic is not None:  # a sum or difference
                 return [], f"{u.name} adds it to a tensor that is not scaled alike (residual stream?)"
             if g.is_norm(u):
                 return [], f"it feeds the norm {u.target}, which is not homogeneous per channel"
             return [], f"{_describe_op(u)} ({u.name}) is not known to commute with a per-channel positive scaling"
     return sinks, None
+
+
+def _shift_passes(g: _Graph, start: fx.Node, u: fx.Node, kind: str, other: Any) -> str | None:
+    """None if ``u`` = (shifted tensor) ``kind`` ``other`` still carries a shift along the last axis,
+    else why not. ``(z + c 1) s = z s + (c s) 1`` when the factor ``s`` is constant along that axis
+    (a number, or a tensor of size 1 there: a temperature, Granite's ``logits_scaling``), and
+    ``z + b + c 1`` is ``z + b`` shifted for any ``b``, provided ``s`` and ``b`` do not depend on the
+    shifted Linear (its output or its parameters, which the shift moves). The sign of ``s`` does not
+    matter: the shift stays a shift."""
+    if isinstance(other, (int, float)) and not isinstance(other, bool):
+        return None
+    if not isinstance(other, fx.Node):
+        return f"{u.name} combines the shifted tensor with {other!r}"
+    moved = {g.param(start.target, "weight"), g.param(start.target, "bias")} - {None}
+    upstream = g.ancestors(other) | {other}
+    if start in upstream or any(a.op == "get_attr" and a.target in moved for a in upstream):
+        return f"{u.name} combines the shifted tensor with a tensor that depends on {start.target}"
+    if kind in ("mul", "div"):
+        shape = g.shape(other)
+        if shape is None:
+            return f"{u.name}: {_NEEDS_EXAMPLES} (shapes) to show the factor is constant along the last axis"
+        if shape and shape[-1] != 1:
+            return f"{u.name} scales the last axis entry by entry (factor of shape {tuple(shape)})"
+    return None
 
 
 def _follow_logit_shift(g: _Graph, start: fx.Node, output: OutputKind) -> tuple[str | None, str | None]:
@@ -417,12 +466,19 @@ def _follow_logit_shift(g: _Graph, start: fx.Node, output: OutputKind) -> tuple[
                     return None, f"{u.name}: softmax not shown to act on the last axis"
                 site = site if site and site != "model output" else u.name
                 continue
-            keeps = _keeps_last_axis(g, u, n)
-            if keeps:
-                seen.add(u)
-                frontier.append(u)
-                continue
-            return None, f"{_describe_op(u)} ({u.name}) sees the shift"
+            arithmetic = _arithmetic(u, n)
+            if arithmetic is not None and arithmetic[1] is not n:
+                reason = _shift_passes(g, start, u, *arithmetic)
+                if reason is not None:
+                    return None, reason
+            else:
+                keeps = _keeps_last_axis(g, u, n)
+                if keeps is False and (g.shape(n) is None or g.shape(u) is None):
+                    return None, f"{_describe_op(u)} ({u.name}): {_NEEDS_EXAMPLES} (shapes) to show it keeps the axis"
+                if not keeps:
+                    return None, f"{_describe_op(u)} ({u.name}) sees the shift"
+            seen.add(u)
+            frontier.append(u)
     return site, None
 
 
@@ -438,7 +494,7 @@ def _measure_projection(g: _Graph, linear: fx.Node, target: fx.Node) -> tuple[_P
     """Measure the map from a projection's output (..., T, C) to an attention input (B, H, T, d)."""
     in_shape, out_shape = g.shape(linear), g.shape(target)
     if in_shape is None or out_shape is None or len(out_shape) != 4:
-        return None, "needs example_inputs (shapes) to measure the head layout"
+        return None, f"{_NEEDS_EXAMPLES} (shapes) to measure the head layout"
     channels, (batch, heads, seq, d) = in_shape[-1], out_shape
     if in_shape[-2] != seq:
         return None, f"{linear.target}: sequence axis not recognised"
@@ -538,6 +594,12 @@ class _AttentionSite:
     extras: list[Any]
 
 
+def _recorded_in(n: fx.Node) -> str:
+    """The innermost module whose ``forward`` recorded ``n`` (its path in the model), else n's name."""
+    stack = n.meta.get("nn_module_stack")
+    return next(reversed(stack)) if stack else n.name
+
+
 def _is_matmul(n: fx.Node) -> bool:
     return (n.op == "call_function" and n.target in (operator.matmul, torch.matmul)) or (
         n.op == "call_method" and n.target == "matmul")
@@ -560,7 +622,7 @@ def _attention_sites(g: _Graph) -> list[_AttentionSite]:
         if n.op == "call_function" and n.target is F.scaled_dot_product_attention:
             q, k, v = (_arg(n, i, name) for i, name in enumerate(("query", "key", "value")))
             extras = [_arg(n, 3, "attn_mask")]
-            sites.append(_AttentionSite(n.name, q, k, v, n, {"q": {n}, "k": {n}, "v": {n}}, extras))
+            sites.append(_AttentionSite(_recorded_in(n), q, k, v, n, {"q": {n}, "k": {n}, "v": {n}}, extras))
             continue
         is_softmax = (n.op == "call_function" and n.target in (F.softmax, torch.softmax)) or (
             n.op == "call_method" and n.target == "softmax")
@@ -594,7 +656,7 @@ def _attention_sites(g: _Graph) -> list[_AttentionSite]:
         if len(users) != 1 or not _is_matmul(users[0]) or users[0].args[0] is not out:
             continue
         attn_v = users[0]
-        sites.append(_AttentionSite(n.name, scores.args[0], k_t.args[0], attn_v.args[1], attn_v,
+        sites.append(_AttentionSite(_recorded_in(n), scores.args[0], k_t.args[0], attn_v.args[1], attn_v,
                                     {"q": {scores}, "k": {k_t}, "v": {attn_v}}, extras))
     return sites
 
@@ -642,7 +704,7 @@ def _commutant_algebra(pairs: list[torch.Tensor], d: int, tol: float = 1e-12) ->
 def _attention_families(g: _Graph, attn: _AttentionSite) -> tuple[list[GaugeFamily], list[Skipped]]:
     site = attn.name
     if g.example_inputs is None:
-        return [], [Skipped(site, "qk_rotation/vo_rotation", "needs example_inputs to probe the attention maps")]
+        return [], [Skipped(site, "qk_rotation/vo_rotation", f"{_NEEDS_EXAMPLES} to probe the attention maps")]
     q_arg, k_arg, v_arg = attn.q, attn.k, attn.v
     linears = [_source_linear(g, a) for a in (q_arg, k_arg, v_arg)]
     families: list[GaugeFamily] = []
@@ -807,14 +869,16 @@ def find_gauges(
     Args:
         model: any ``nn.Module`` whose ``forward`` has no Python control flow on tensor values
             (with ``example_inputs``, a module that has some is kept whole and listed in
-            ``skipped``); arguments not given keep their defaults.
+            ``skipped``); arguments not given keep their defaults. A ``torch.compile`` wrapper is
+            read through: the module it compiles is traced (a note in ``GaugeSet.notes`` says so).
         example_inputs: a tensor or tuple of tensors to run ``forward`` on, or a dict of keyword
             arguments (tensors become inputs, other values are passed as they are, e.g.
             ``{"input_ids": ids, "use_cache": False}`` for a ``transformers`` model). Needed for the
             analyses that read shapes (indexing, reductions, views) and for the attention probes;
-            without it those analyses are skipped with that reason. A small batch is enough (e.g.
-            1 x 8 tokens); the graph is traced for the example's shapes (:mod:`.tracing`). When
-            ``forward`` returns a mapping (a ``ModelOutput``), its ``"logits"`` entry is the output.
+            without it those analyses are skipped with that reason, and one warning (also kept in
+            ``GaugeSet.notes``) names them. A small batch is enough (e.g. 1 x 8 tokens); the graph
+            is traced for the example's shapes (:mod:`.tracing`). When ``forward`` returns a mapping
+            (a ``ModelOutput``), its ``"logits"`` entry is the output.
         output: ``"logits"`` when the model output is consumed by a softmax / cross-entropy over its
             last axis (then the output Linear carries a logit shift), ``"values"`` otherwise.
 
@@ -828,10 +892,19 @@ def find_gauges(
         keyword_inputs, example_inputs = dict(example_inputs), ()
     elif example_inputs is not None and not isinstance(example_inputs, tuple):
         example_inputs = (example_inputs,)
+    notes = []
+    if uncompiled(model) is not model:
+        model = uncompiled(model)
+        notes.append(f"read through torch.compile: traced the compiled {type(model).__name__} (_orig_mod); "
+                     "the families name its parameters, which the compiled module shares")
     g = _Graph(model, example_inputs, keyword_inputs)
     families: list[GaugeFamily] = []
     skipped = [Skipped(site or type(model).__name__, "all", f"kept whole, not analysed inside: its code branches on "
                        f"tensor values ({why})") for site, why in g.opaque.items()]
+
+    # the Linears whose output reaches the model output without passing another Linear or a norm
+    output_linears = {x for x in g.upstream(g.output, stop=lambda x: g.is_linear(x) or g.is_norm(x))
+                      if g.is_linear(x)}
 
     def add(family: GaugeFamily, site: str) -> None:
         tied = [p for p in family.parameters if p in g.tied]
@@ -866,8 +939,9 @@ def find_gauges(
                                       producer=n.target), n.target)
             elif absorbed is None:
                 skipped.append(Skipped(n.target, "neuron_scale", reason or "no consumer"))
-                if shift_reason and "model output" in shift_reason:
-                    skipped.append(Skipped(n.target, "logit_shift", shift_reason))
+            if absorbed is None and shift_reason and (
+                    "model output" in shift_reason or (output == "logits" and n in output_linears)):
+                skipped.append(Skipped(n.target, "logit_shift", shift_reason))
         elif g.is_norm(n):
             site = n.target
             if getattr(mod, "weight", None) is None:
@@ -900,7 +974,24 @@ def find_gauges(
         for fam in found:
             add(fam, fam.name.split(":", 1)[1])
         skipped += missed
-    return GaugeSet(families, skipped, model)
+    waiting = [s for s in skipped if _NEEDS_EXAMPLES in s.reason] if example_inputs is None else []
+    if waiting:
+        note = _needs_examples_note(waiting)
+        warnings.warn(f"find_gauges({type(model).__name__}): {note}", stacklevel=2)
+        notes.append(note)
+    return GaugeSet(families, skipped, model, notes)
+
+
+def _needs_examples_note(waiting: list[Skipped], shown: int = 3) -> str:
+    """One sentence naming the candidates left out for lack of example inputs, a few sites per family."""
+    sites: dict[str, list[str]] = {}
+    for s in waiting:
+        sites.setdefault(s.family, []).append(s.site)
+    listed = "; ".join(f"{family} at {', '.join(names[:shown])}"
+                       + (f" and {len(names) - shown} more" if len(names) > shown else "")
+                       for family, names in sites.items())
+    return (f"no example_inputs: {len(waiting)} candidate(s) need them to be analysed ({listed}); "
+            "pass a small batch (e.g. 1 x 8 tokens) as example_inputs")
 
 
 __all__ = ["find_gauges", "OutputKind"]

@@ -13,6 +13,20 @@ from .families import Element, GaugeFamily, NormScaling
 GroupElement = dict[str, Element]  # family name -> that family's element
 
 
+def uncompiled(model: nn.Module) -> nn.Module:
+    """The module that ``torch.compile(model)`` wraps (``OptimizedModule._orig_mod``), else ``model``.
+
+    A compiled module holds the original's parameters under an ``_orig_mod.`` prefix; gauges name
+    them as the original does, so a GaugeSet works with the compiled and the plain module alike.
+    """
+    if isinstance(getattr(model, "_orig_mod", None), nn.Module):
+        from torch._dynamo.eval_frame import OptimizedModule  # loaded already by whoever compiled
+
+        while isinstance(model, OptimizedModule):
+            model = model._orig_mod
+    return model
+
+
 @dataclass(frozen=True)
 class Skipped:
     """A candidate that discovery looked at and left out."""
@@ -49,15 +63,18 @@ class GaugeSummary(list):
 class GaugeSet:
     """The gauge families of a model.
 
-    ``families`` are bound by parameter *name* to the model given at construction; ``bind(other)``
-    re-targets them to a structurally identical model (e.g. a deep copy). ``skipped`` lists what
-    discovery left out, with reasons.
+    ``families`` are bound by parameter *name* to the model given at construction (the module
+    inside a ``torch.compile`` wrapper, see :func:`uncompiled`); ``bind(other)`` re-targets them to a
+    structurally identical model (e.g. a deep copy). ``skipped`` lists what discovery left out, with
+    reasons; ``notes`` what the user should know about how it was found (printed by :meth:`summary`).
     """
 
-    def __init__(self, families: Iterable[GaugeFamily], skipped: Iterable[Skipped], model: nn.Module):
+    def __init__(self, families: Iterable[GaugeFamily], skipped: Iterable[Skipped], model: nn.Module,
+                 notes: Iterable[str] = ()):
         self.families: tuple[GaugeFamily, ...] = tuple(families)
         self.skipped: tuple[Skipped, ...] = tuple(skipped)
-        self.model = model
+        self.notes: tuple[str, ...] = tuple(notes)
+        self.model = uncompiled(model)
         names = [f.name for f in self.families]
         if len(set(names)) != len(names):
             raise ValueError(f"duplicate gauge family names: {names}")
@@ -95,19 +112,19 @@ class GaugeSet:
         return chosen
 
     def params(self, model: nn.Module | None = None) -> dict[str, torch.Tensor]:
-        return dict((model or self.model).named_parameters())
+        return dict(uncompiled(self.model if model is None else model).named_parameters())
 
     def parameters_touched(self) -> set[str]:
         return {p for f in self.families for p in f.parameters}
 
     def bind(self, model: nn.Module) -> GaugeSet:
         """The same families bound to ``model``, which must have the same parameter names and shapes."""
-        mine = {n: p.shape for n, p in self.model.named_parameters()}
-        theirs = {n: p.shape for n, p in model.named_parameters()}
+        mine = {n: p.shape for n, p in self.params().items()}
+        theirs = {n: p.shape for n, p in self.params(model).items()}
         if mine != theirs:
             diff = sorted(set(mine.items()) ^ set(theirs.items()))[:5]
             raise ValueError(f"cannot bind gauges to a model with different parameters: {diff}")
-        return GaugeSet(self.families, self.skipped, model)
+        return GaugeSet(self.families, self.skipped, model, self.notes)
 
     # ----- group operations ---------------------------------------------------------------------
     def sample(self, generator: torch.Generator | None = None, families: str | Iterable[str] | None = None,
@@ -127,14 +144,14 @@ class GaugeSet:
         Families can share a matrix (a logit shift and the final norm's column scaling both act on
         the LM head), and not all such pairs commute: an element is the ordered product.
         """
-        params = dict(model.named_parameters())
+        params = self.params(model)
         for name, e in element.items():
             self[name].apply(params, e)
 
     @torch.no_grad()
     def apply_inverse(self, model: nn.Module, element: GroupElement) -> None:
         """Undo :meth:`apply`: the inverse of each family's element, in reverse order."""
-        params = dict(model.named_parameters())
+        params = self.params(model)
         for name, e in reversed(list(element.items())):
             family = self[name]
             family.apply(params, family.inverse(e))
@@ -176,12 +193,15 @@ class GaugeSet:
 
     # ----- reporting ----------------------------------------------------------------------------
     def summary(self, *, print_table: bool = True, show_skipped: bool = False) -> GaugeSummary:
-        """Table of families: kind, site, group dimension, parameters. Printed unless told not to."""
+        """Table of families: kind, site, group dimension, parameters. Printed unless told not to,
+        followed by the notes and (with ``show_skipped``) the candidates left out."""
         rows = GaugeSummary(
             SummaryRow(f.kind, f.name, f.parameters, f.dim, f.describe()) for f in self.families
         )
         if print_table:
             print(rows)
+            for note in self.notes:
+                print(f"note: {note}")
             if show_skipped and self.skipped:
                 print(f"\nleft out ({len(self.skipped)}):")
                 for s in self.skipped:

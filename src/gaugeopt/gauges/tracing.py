@@ -7,8 +7,11 @@ recorded op on real example inputs as it goes, so each proxy carries its concret
 
 - unpacking a tuple-valued proxy (a shape, the outputs of ``chunk``) yields one proxy per entry;
 - ``len``, ``int`` and Python branches read the concrete value, and are allowed only where that
-  value depends on shapes and dtypes alone (never on tensor values): the graph is then exact for
-  every input of the example's shapes, which is how discovery uses it;
+  value is *static*: it depends on the inputs' shapes and dtypes and on the model's buffers alone
+  (never on the values of inputs or parameters): the graph is then exact for every input of the
+  example's shapes, which is how discovery uses it;
+- buffers are recorded as graph attributes like parameters, so ops that mix a buffer with a
+  traced size (BERT's ``token_type_ids[:, :seq].expand(batch, seq)``) are recorded too;
 - a branch on tensor *values* (data-dependent routing) raises :class:`torch.fx.proxy.TraceError`.
 
 Leaves (calls kept whole in the graph): every ``torch.nn`` module as in plain fx, and every module
@@ -136,10 +139,11 @@ class ShadowTracer(fx.Tracer):
 
     def __init__(self, inputs: Sequence[Any]):
         super().__init__()
+        self.proxy_buffer_attributes = True
         self._inputs = list(inputs)
         self._placeholders = 0
         self.values: dict[fx.Node, Any] = {}
-        self.shape_only: set[fx.Node] = set()  # nodes whose value depends on shapes/dtypes alone
+        self.static: set[fx.Node] = set()  # nodes whose value depends on shapes, dtypes and buffers alone
         self.opaque: dict[str, str] = {}  # modules kept whole because they branch on tensor values
 
     # --- leaves ---------------------------------------------------------------------------------
@@ -168,7 +172,7 @@ class ShadowTracer(fx.Tracer):
                 if node.op != "get_attr":  # fx caches parameter proxies: leave them (unused)
                     self.graph.erase_node(node)
                     self.values.pop(node, None)
-                    self.shape_only.discard(node)
+                    self.static.discard(node)
             self.opaque[path] = str(err)
             return self.create_proxy("call_module", path, args, kwargs)
 
@@ -186,17 +190,21 @@ class ShadowTracer(fx.Tracer):
             self._placeholders += len(value) if str(target).startswith("*") else 1
         else:
             value = self._evaluate(node)
-            inputs = node.all_input_nodes
-            if self._is_metadata(node) or (kind != "get_attr" and all(a in self.shape_only for a in inputs)):
-                self.shape_only.add(node)
+            if self._is_static(node, value):
+                self.static.add(node)
         self.values[node] = value
         return node
 
-    @staticmethod
-    def _is_metadata(node: fx.Node) -> bool:
+    def _is_static(self, node: fx.Node, value: Any) -> bool:
+        """Whether ``node``'s value is the same for every input of the example's shapes: a shape or
+        dtype read, a buffer (a constant of the model, unlike a parameter), or an op on static values."""
         if node.op == "call_method" and node.target in _SHAPE_METHODS:
             return True
-        return node.op == "call_function" and node.target is getattr and node.args[1] in _SHAPE_ATTRIBUTES
+        if node.op == "call_function" and node.target is getattr and node.args[1] in _SHAPE_ATTRIBUTES:
+            return True
+        if node.op == "get_attr":
+            return not isinstance(value, nn.Parameter)
+        return all(a in self.static for a in node.all_input_nodes)
 
     def _evaluate(self, node: fx.Node) -> Any:
         args = fx.node.map_arg(node.args, self.values.__getitem__)
@@ -213,8 +221,8 @@ class ShadowTracer(fx.Tracer):
         raise TraceError(f"cannot evaluate node {node.op} {node.target}")
 
     def concrete(self, node: fx.Node, use: str) -> Any:
-        """The value of ``node`` for Python to use; only values that depend on shapes alone."""
-        if node not in self.shape_only:
+        """The value of ``node`` for Python to use; only static values (see :meth:`_is_static`)."""
+        if node not in self.static:
             raise DataDependentError(f"{use} of {node.name} depends on tensor values (data-dependent control flow)")
         return self.values[node]
 
@@ -259,6 +267,10 @@ def trace_with_examples(model: nn.Module, args: Sequence[Any], keywords: Mapping
             node.target = target[len(prefix):] if target.startswith(prefix) else target
             owned[node.target] = (wrapper.get_submodule(target) if node.op == "call_module"
                                   else operator.attrgetter(target)(wrapper))
+        if "nn_module_stack" in node.meta:  # the modules a node was recorded in, outermost first
+            node.meta["nn_module_stack"] = type(node.meta["nn_module_stack"])(
+                (path[len(prefix):], (path[len(prefix):], kind))
+                for path, (_, kind) in node.meta["nn_module_stack"].items() if path.startswith(prefix))
     graph_module = fx.GraphModule(owned, graph, class_name=type(model).__name__)
     graph_module.training = model.training  # it shares the model's modules: train()/eval() on it reach them
     opaque = {path[len(prefix):] if path.startswith(prefix) else "": why for path, why in tracer.opaque.items()}
