@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import functools
 import io
+import warnings
 
 import pytest
 import torch
@@ -132,19 +133,38 @@ def test_head_wise_equivariant_with_grouped_query_partial_rope():
     assert result.displacement > 1e-2 and result.error <= 1e-8, (result.error, result.worst_parameter)
 
 
-def test_relu_pair_with_bias_takes_muon_on_the_weights_and_adam_on_the_bias():
-    """A ReLU unit's producer bias is a vector: it takes the Adam rule in the unit's frame while the
-    weights take Muon (frame -> rule -> lift is covariant tensor by tensor)."""
+def test_relu_chain_with_biases_takes_muon_on_the_hidden_weight_and_adam_on_the_rest():
+    """The input and output layers and every bias take the Adam rule in their frames, the hidden
+    weight Muon (frame -> rule -> lift is covariant tensor by tensor)."""
     torch.manual_seed(0)
-    model = ReLUMLP(ReLUMLPConfig(sizes=(6, 12, 3))).double()
+    model = ReLUMLP(ReLUMLPConfig(sizes=(6, 12, 12, 3))).double()
     gauges = find_gauges(model, (torch.randn(2, 6, dtype=torch.float64),), output="values")
     assert gauges.kinds == ("neuron_scale",)
-    assert muon_parameter_names(model, gauges) == {"layers.0.weight", "layers.1.weight"}
+    assert muon_parameter_names(model, gauges) == {"layers.1.weight"}
     generator = torch.Generator().manual_seed(2)
     batches = [(torch.randn(8, 6, generator=generator, dtype=torch.float64),
                 torch.randn(8, 3, generator=generator, dtype=torch.float64)) for _ in range(3)]
     result = check_equivariance(ddc_muon, model, gauges, batches, lambda m, b: F.mse_loss(m(b[0]), b[1]), steps=50)
     assert result.displacement > 1e-2 and result.error <= 1e-8, result.error
+
+
+def test_a_model_without_hidden_matrices_is_told_that_nothing_takes_muon():
+    """A Linear-ReLU-Linear classifier has an input layer and an output layer only: both take Adam,
+    so lr is unused; DDCMuon says so once, and split() lists who takes what at which rate."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 12), torch.nn.ReLU(), torch.nn.Linear(12, 3))
+    gauges = find_gauges(model, (torch.randn(2, 6),), output="logits")
+    with pytest.warns(UserWarning, match=r"no parameter takes the Muon step.*lr=0\.05.*adam_lr=0\.01"):
+        optimizer = DDCMuon(model.parameters(), gauges, lr=0.05, adam_lr=0.01)
+    rows = optimizer.split(print_table=False)
+    assert {rule for _, _, rule, _ in rows} == {"adam"} and {lr for *_, lr in rows} == {0.01}
+    deeper = torch.nn.Sequential(torch.nn.Linear(6, 12), torch.nn.ReLU(), torch.nn.Linear(12, 12), torch.nn.ReLU(),
+                                 torch.nn.Linear(12, 3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        optimizer = DDCMuon(deeper.parameters(), find_gauges(deeper, (torch.randn(2, 6),), output="logits"), lr=0.05)
+    assert [(name, rule) for name, _, rule, _ in optimizer.split(print_table=False) if rule == "muon"] == \
+        [("2.weight", "muon")]
 
 
 def test_moe_router_takes_centered_muon_and_stays_equivariant():

@@ -905,6 +905,13 @@ def find_gauges(
     # the Linears whose output reaches the model output without passing another Linear or a norm
     output_linears = {x for x in g.upstream(g.output, stop=lambda x: g.is_linear(x) or g.is_norm(x))
                       if g.is_linear(x)}
+    # the Linears that read a model input without another layer with parameters in between
+    def learned(x: fx.Node) -> bool:
+        mod = g.module(x)
+        return mod is not None and next(mod.parameters(), None) is not None
+
+    input_linears = {n for n in g.nodes if g.is_linear(n)
+                     and any(x.op == "placeholder" for x in g.upstream(n, stop=learned))}
 
     def add(family: GaugeFamily, site: str) -> None:
         tied = [p for p in family.parameters if p in g.tied]
@@ -979,7 +986,10 @@ def find_gauges(
         note = _needs_examples_note(waiting)
         warnings.warn(f"find_gauges({type(model).__name__}): {note}", stacklevel=2)
         notes.append(note)
-    return GaugeSet(families, skipped, model, notes)
+    layer_weights = {n: g.param(n.target, "weight") for n in (*input_linears, *output_linears)}
+    return GaugeSet(families, skipped, model, notes,
+                    input_layers=sorted({layer_weights[n] for n in input_linears} - {None}),
+                    output_layers=sorted({layer_weights[n] for n in output_linears} - {None}))
 
 
 def _needs_examples_note(waiting: list[Skipped], shown: int = 3) -> str:

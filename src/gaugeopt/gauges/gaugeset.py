@@ -70,10 +70,15 @@ class GaugeSet:
     """
 
     def __init__(self, families: Iterable[GaugeFamily], skipped: Iterable[Skipped], model: nn.Module,
-                 notes: Iterable[str] = ()):
+                 notes: Iterable[str] = (), *, input_layers: Iterable[str] = (), output_layers: Iterable[str] = ()):
         self.families: tuple[GaugeFamily, ...] = tuple(families)
         self.skipped: tuple[Skipped, ...] = tuple(skipped)
         self.notes: tuple[str, ...] = tuple(notes)
+        #: Weights of the linear layers that read the model's input, or write its output, directly (no
+        #: other layer with parameters in between): the input projection or patch embedding and the
+        #: output layer or LM head (what Muon recipes leave to AdamW). Found by ``find_gauges``.
+        self.input_layers: tuple[str, ...] = tuple(input_layers)
+        self.output_layers: tuple[str, ...] = tuple(output_layers)
         self.model = uncompiled(model)
         names = [f.name for f in self.families]
         if len(set(names)) != len(names):
@@ -124,7 +129,13 @@ class GaugeSet:
         if mine != theirs:
             diff = sorted(set(mine.items()) ^ set(theirs.items()))[:5]
             raise ValueError(f"cannot bind gauges to a model with different parameters: {diff}")
-        return GaugeSet(self.families, self.skipped, model, self.notes)
+        return self.with_families(self.families, model)
+
+    def with_families(self, families: Iterable[GaugeFamily], model: nn.Module | None = None) -> GaugeSet:
+        """A GaugeSet of ``families`` with this one's skipped entries, notes and layer lists, bound to
+        ``model`` (default: this one's)."""
+        return GaugeSet(families, self.skipped, self.model if model is None else model, self.notes,
+                        input_layers=self.input_layers, output_layers=self.output_layers)
 
     # ----- group operations ---------------------------------------------------------------------
     def sample(self, generator: torch.Generator | None = None, families: str | Iterable[str] | None = None,

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..gauges.gaugeset import GaugeSet
+from ..gauges.gaugeset import GaugeSet, uncompiled
 from .guards import (
     NonfinitePolicy,
     all_finite,
@@ -83,6 +83,7 @@ class MuonWithAdamW(NonfinitePolicy):
         require_nonnegative(where, "adam_eps", adam_eps)
         if adam_weight_decay is not None:
             require_nonnegative(where, "adam_weight_decay", adam_weight_decay)
+        model = uncompiled(model)  # a torch.compile wrapper shares the parameters of the module it wraps
         if gauges is not None and gauges.model is not model:
             raise ValueError("gauges were found on another model: pass the GaugeSet of this model "
                              "(gauges.bind(model) re-targets one to a copy)")

@@ -26,9 +26,10 @@ With ``ns_dtype=None`` (the default) Newton-Schulz runs in the parameters' dtype
 ``torch.optim.Muon`` (which hard-codes bfloat16), whose rounding is not equivariant.
 
 **Which parameters take Muon.** Each group has a flag ``use_muon``. When a group does not set it,
-:func:`muon_parameter_names` decides: every 2-D parameter except embedding tables and the weight of
-a logit-shift family (the LM head). Everything else (vectors, embeddings, the head) takes Adam.
-Without a ``GaugeSet`` every 2-D parameter takes Muon unless its group says ``use_muon=False``.
+:func:`muon_parameter_names` decides: the hidden matrices, i.e. every 2-D parameter except embedding
+tables, the LM head and the layers that read the model's input or write its output directly.
+Everything else (vectors, embeddings, input and output layers) takes Adam. Without a ``GaugeSet``
+every 2-D parameter takes Muon unless its group says ``use_muon=False``.
 
 **Learning rates.** ``lr`` (and ``weight_decay``) are the Muon groups'; ``adam_lr`` (and
 ``adam_weight_decay``) the Adam groups'. In the param groups both are stored under ``lr`` and
@@ -69,12 +70,18 @@ _ADAM_KEYS = {"adam_lr": "lr", "adam_betas": "betas", "adam_eps": "eps", "adam_w
 
 
 def muon_parameter_names(model: nn.Module, gauges: GaugeSet | None = None) -> set[str]:
-    """Names of the parameters that DDCMuon (and the Muon + AdamW baseline) give the Muon step:
-    every 2-D parameter except ``nn.Embedding`` tables and the weight of a ``logit_shift`` family."""
+    """Names of the parameters that DDCMuon (and the Muon + AdamW baseline) give the Muon step: the
+    hidden matrices, i.e. every 2-D parameter except ``nn.Embedding`` tables, the weight of a
+    ``logit_shift`` family (the LM head) and, when ``gauges`` come from ``find_gauges``, the layers
+    that read the model's input or write its output directly (``gauges.input_layers`` and
+    ``gauges.output_layers``: an input projection or patch embedding, an output layer), as Muon's
+    recipe leaves those to AdamW. Without ``gauges`` every 2-D non-embedding parameter counts."""
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    families = tuple(gauges) if gauges is not None else ()
-    heads = {f.weight for f in families if isinstance(f, LogitShift) and f.kind == "logit_shift"}
-    return {n for n, p in model.named_parameters() if p.ndim == 2 and id(p) not in embeddings and n not in heads}
+    excluded: set[str] = set()
+    if gauges is not None:
+        excluded |= {f.weight for f in gauges if isinstance(f, LogitShift) and f.kind == "logit_shift"}
+        excluded |= {*gauges.input_layers, *gauges.output_layers}
+    return {n for n, p in model.named_parameters() if p.ndim == 2 and id(p) not in embeddings and n not in excluded}
 
 
 class DDCMuon(FramedOptimizer):

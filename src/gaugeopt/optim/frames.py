@@ -338,14 +338,14 @@ def compatible_gauges(gauges: GaugeSet, *, verbose: bool = True) -> tuple[GaugeS
     dropped: list[str] = []
     for f in gauges:
         try:
-            build_frame_plan(GaugeSet([*kept, f], (), gauges.model))
+            build_frame_plan(gauges.with_families([*kept, f]))
         except FrameConflictError as err:
             dropped.append(f.name)
             if verbose:
                 print(f"compatible_gauges: dropping {f.name}: {err}")
             continue
         kept.append(f)
-    return GaugeSet(kept, gauges.skipped, gauges.model), dropped
+    return gauges.with_families(kept), dropped
 
 
 # --------------------------------------------------------------------------------------------------
