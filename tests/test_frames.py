@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 import gaugeopt
 from gaugeopt.gauges import AxisRef, GaugeSet, HeadRotation, NeuronScaling
 from gaugeopt.models import ReLUMLP, ReLUMLPConfig, SwiGLUMLP, SwiGLUMLPConfig, TransformerLM, TransformerLMConfig
-from gaugeopt.optim.batched_step import build_program, read_phase
+from gaugeopt.optim.batched_step import build_program, canonical_gradient, read_phase
 from gaugeopt.optim.frames import (
     FrameConflictError,
     SharedAxis,
@@ -41,12 +41,17 @@ def _canonical_gradients(model, gauges, loss_fn, batch) -> dict[str, torch.Tenso
     params = [p for p in model.parameters()]
     names = {id(p): n for n, p in model.named_parameters()}
     plan = build_frame_plan(gauges)
+    with torch.no_grad():
+        return _read(model, params, names, plan)
+
+
+def _read(model, params, names, plan) -> dict[str, torch.Tensor]:
     layout = build_program([{"params": params}], names, dict(model.named_parameters()), plan, [Adam()],
                            channel_step=True, threshold=1e-12)
     read = read_phase(layout.program, layout.inputs(dict(model.named_parameters())))
     out = {}
-    for params_, grads in zip(layout.tensor_params, read.grads):
-        for p, g in zip(params_, grads.unbind(0)):
+    for batch, params_, grads, gammas in zip(layout.program.tensors, layout.tensor_params, read.grads, read.gammas):
+        for p, g in zip(params_, canonical_gradient(batch, grads, gammas).unbind(0)):
             out[names[id(p)]] = g
     for batch, h in zip(layout.norm_families, read.scale_inputs):
         for family, row in zip(batch, h.unbind(0)):

@@ -102,7 +102,8 @@ class FramedOptimizer(GuardedOptimizer):
         if key != self._layout_key:
             self._stacked.release(self.state)
             self._layout = build_program(self.param_groups, self._names, self._lookup, self.plan, rules,
-                                         channel_step=self.channel_step, threshold=self.dead_threshold)
+                                         channel_step=self.channel_step, threshold=self.dead_threshold,
+                                         stack=not self.compiled)
             self._layout_key = key
         return self._layout
 

@@ -9,12 +9,12 @@ A step has two phases, pure functions of a static :class:`StepProgram` and the s
 
 1. :func:`read_phase` (reads only): stack the gradients (and the parameters where a frame needs
    them), compute the frames (:mod:`gaugeopt.optim.frames`: norm gains, neuron scales ``s``, dead
-   channels and units), the canonical gradients ``G~ = G gamma`` (centred for translations), and the
-   two flags the caller reads with one host synchronisation: every gradient finite, any unit dead.
+   channels and units, the gradient factors ``gamma``) and the two flags the caller reads with one
+   host synchronisation: every gradient finite, any unit dead.
 2. :func:`write_phase` (only after the flags allow it): per norm family the channel-scale step (a
    scalar Adam on ``h = g dL/dg (+ beta dL/dbeta)``, the gain's AdamW step taken as a factor
-   ``e = exp(-lr r)`` on the consumers' columns); per batch the rule's canonical direction ``D``, the
-   lift and the write
+   ``e = exp(-lr r)`` on the consumers' columns); per batch the canonical gradient ``G~ = G gamma``
+   (centred for translations), the rule's canonical direction ``D``, the lift and the write
 
        p <- (1 - lr wd) p e - lr D gamma e     (horizontal part only for a translated tensor)
 
@@ -52,6 +52,7 @@ __all__ = [
     "build_program",
     "read_phase",
     "write_phase",
+    "canonical_gradient",
     "compiled_phase",
     "StackedState",
 ]
@@ -174,7 +175,7 @@ class StepTensors(NamedTuple):
 class ReadOut(NamedTuple):
     """What the read phase hands the write phase."""
 
-    grads: list[Tensor]  # canonical gradients per tensor batch
+    grads: list[Tensor]  # the gradients per tensor batch, stacked (a view of a single member's)
     params: list[Tensor | None]  # stacked parameters (compute dtype) where a batch needs them
     gammas: list[list[Tensor]]  # per tensor batch, per scaled axis, the gradient factor (broadcastable)
     dead: list[list[Tensor]]  # per tensor batch, per scaled axis, its dead slices (broadcastable)
@@ -183,6 +184,7 @@ class ReadOut(NamedTuple):
     neuron_gains: list[list[list[Tensor]]]  # per neuron batch, per role, per gain factor, the stacked gains
     norm_dead: list[Tensor]  # per norm batch, |g| <= threshold
     scale_inputs: list[Tensor]  # per norm batch, h
+    workspace: dict[torch.dtype, Tensor]  # scratch for the neuron frames' sums of squares, per dtype
     flags: Tensor  # (every gradient finite, some channel or unit dead)
 
 
@@ -218,7 +220,7 @@ def _members(values: Tensor | list[Tensor], count: int) -> list[Tensor]:
 
 
 def _role_squares(program: StepProgram, index: int, side: int, stacks: list[list[Tensor]],
-                  gains: list[list[list[Tensor]]], vectors: list[Tensor | None]) -> Tensor:
+                  gains: list[list[list[Tensor]]], vectors: list[Tensor | None], workspace: Tensor | None) -> Tensor:
     """Per unit of neuron batch ``index``, the sum over its roles on ``side`` of the squared slices,
     each other axis multiplied by its frame factor (gain, or the ``vectors`` of a linked batch)."""
     batch, total = program.neurons[index], None
@@ -233,13 +235,13 @@ def _role_squares(program: StepProgram, index: int, side: int, stacks: list[list
                 gain_count += 1
             else:
                 factors[axis + 1] = vectors[source]
-        part = unit_square_sums(p, role.axis + 1, factors)
+        part = unit_square_sums(p, role.axis + 1, factors, workspace=workspace)
         total = part if total is None else total + part
     return total
 
 
 def read_phase(program: StepProgram, inputs: StepTensors) -> ReadOut:
-    """The read-only half of a step (module docstring): canonical gradients, frames and the flags."""
+    """The read-only half of a step (module docstring): stacked gradients, frames and the flags."""
     extremes: list[Tensor] = []
 
     def checked(stack: Tensor) -> Tensor:
@@ -251,12 +253,20 @@ def read_phase(program: StepProgram, inputs: StepTensors) -> ReadOut:
     stacks = [[_stack(ts, batch.dtype) for ts in inputs.neurons[k].params] for k, batch in enumerate(program.neurons)]
     role_gains = [[[_stack(gs, batch.dtype) for gs in role] for role in inputs.neurons[k].gains]
                   for k, batch in enumerate(program.neurons)]
+    sizes: dict[torch.dtype, int] = {}
+    for batch, role_stacks in zip(program.neurons, stacks):
+        sizes[batch.dtype] = max([sizes.get(batch.dtype, 0), *(s.numel() for s in role_stacks)])
+    # eager, one scratch tensor serves every sum of squares (here and in the rebalance); compiled, the
+    # sums fuse into their loops and a scratch tensor passed between the phases would be copied back
+    workspace = {} if torch.compiler.is_compiling() else \
+        {dtype: torch.empty(size, dtype=dtype, device=stacks[0][0].device) for dtype, size in sizes.items()}
     forward: list[Tensor | None] = [None] * len(program.neurons)
     backward: list[Tensor | None] = [None] * len(program.neurons)
-    for k in range(len(program.neurons)):
-        forward[k] = _role_squares(program, k, 1, stacks[k], role_gains[k], forward).sqrt()
+    for k, batch in enumerate(program.neurons):
+        forward[k] = _role_squares(program, k, 1, stacks[k], role_gains[k], forward, workspace.get(batch.dtype)).sqrt()
     for k in reversed(range(len(program.neurons))):
-        backward[k] = _role_squares(program, k, -1, stacks[k], role_gains[k], backward).sqrt()
+        backward[k] = _role_squares(program, k, -1, stacks[k], role_gains[k], backward,
+                                    workspace.get(program.neurons[k].dtype)).sqrt()
     scales, neuron_dead = [], []
     for u, v in zip(forward, backward):
         s, dead = neuron_scales(u.square(), v.square(), program.threshold)
@@ -279,7 +289,9 @@ def read_phase(program: StepProgram, inputs: StepTensors) -> ReadOut:
     for batch, tensors in zip(program.tensors, inputs.tensors):
         ndim = len(batch.shape)
         grad = checked(_stack(tensors.grads, batch.dtype))
-        if batch.params_from is not None:
+        if torch.compiler.is_compiling():
+            params.append(None)  # compiled, the write phase stacks its own views (no copy; none written through)
+        elif batch.params_from is not None:
             params.append(stacks[batch.params_from[0]][batch.params_from[1]])
         else:
             params.append(_stack(tensors.params, batch.dtype) if batch.stacked else None)
@@ -294,16 +306,7 @@ def read_phase(program: StepProgram, inputs: StepTensors) -> ReadOut:
             gamma = torch.where(off, 0.0, scale if side > 0 else scale.reciprocal())
             factors.append(_along(gamma, axis, ndim))
             dead.append(_along(off, axis, ndim))
-        owned = batch.members > 1 or batch.dtype != batch.param_dtype  # else a view of the user's gradient
-        canonical = grad
-        for gamma in factors:
-            canonical = canonical.mul_(gamma) if owned else canonical * gamma
-            owned = True
-        if batch.centered:
-            canonical = center_rows(canonical, axis=1)
-        elif not owned:
-            canonical = canonical.clone()  # the rule overwrites its input
-        grads.append(canonical)
+        grads.append(grad)
         gammas.append(factors)
         deads.append(dead)
     for ts in inputs.checked:
@@ -311,7 +314,7 @@ def read_phase(program: StepProgram, inputs: StepTensors) -> ReadOut:
     finite = torch.stack(extremes).isfinite().all() if extremes else torch.ones((), dtype=torch.bool)
     dead_flags = [d.any() for d in (*neuron_dead, *norm_dead, *(d for axes in deads for d in axes))]
     some_dead = torch.stack(dead_flags).any() if dead_flags else torch.zeros((), dtype=torch.bool)
-    return ReadOut(grads, params, gammas, deads, scales, neuron_dead, role_gains, norm_dead, scale_inputs,
+    return ReadOut(grads, params, gammas, deads, scales, neuron_dead, role_gains, norm_dead, scale_inputs, workspace,
                    torch.stack([finite, some_dead]))
 
 
@@ -358,6 +361,19 @@ def _finish(batch: TensorBatch, tensors: TensorInputs, old: Tensor, value: Tenso
         torch._foreach_copy_(tensors.params, list(value.unbind(0)))
 
 
+def canonical_gradient(batch: TensorBatch, grad: Tensor, gammas: list[Tensor]) -> Tensor:
+    """``G~ = P(G gamma)``, in the step's own memory (the rule may overwrite it): ``grad`` itself when
+    it is a stacked copy, a new tensor when it is a view of the user's gradient."""
+    owned = batch.members > 1 or batch.dtype != batch.param_dtype
+    canonical = grad
+    for gamma in gammas:
+        canonical = canonical.mul_(gamma) if owned else canonical * gamma
+        owned = True
+    if batch.centered:
+        return center_rows(canonical, axis=1)
+    return canonical if owned else canonical.clone()
+
+
 def write_phase(program: StepProgram, inputs: StepTensors, read: ReadOut, masked: bool) -> None:
     """The writing half of a step (module docstring). ``masked``: some unit or channel is dead (the
     read phase's flag), so dead entries are kept exactly as they are."""
@@ -365,10 +381,11 @@ def write_phase(program: StepProgram, inputs: StepTensors, read: ReadOut, masked
     held: list[_Held] = []
     for b, (batch, tensors) in enumerate(zip(program.tensors, inputs.tensors)):
         ndim, members = len(batch.shape), batch.members
-        lr, decay = tensors.scalars[0], tensors.scalars[1]
+        lr, decay = tensors.scalars[:2].unbind(0)
         if "step" in tensors.state:
             tensors.state["step"].add_(1)
-        direction = batch.rule.direction(read.grads[b], tensors.state, tensors.scalars[2:], batch.residual)
+        canonical = canonical_gradient(batch, read.grads[b], read.gammas[b])
+        direction = batch.rule.direction(canonical, tensors.state, tensors.scalars[2:], batch.residual)
         if batch.centered:
             direction = center_rows(direction, axis=1)
         factors = list(read.gammas[b])
@@ -386,8 +403,10 @@ def write_phase(program: StepProgram, inputs: StepTensors, read: ReadOut, masked
             torch._foreach_mul_(tensors.params, decay if decay.dim() == 0 else _members(decay, members))
             torch._foreach_addcmul_(tensors.params, list(direction.unbind(0)), _members(lift, members), value=-1)
             continue
-        old = read.params[b]
-        keep_old = dead is not None and (batch.centered or batch.rebalance is not None)
+        old = read.params[b] if read.params[b] is not None else _stack(tensors.params, batch.dtype)
+        # a new tensor where the old values are needed again, or when compiling (writing through a view
+        # of an input is copied back whole there; the new values are copied into the parameters anyway)
+        keep_old = (dead is not None and (batch.centered or batch.rebalance is not None)) or torch.compiler.is_compiling()
         mean = old.mean(dim=1, keepdim=True) if batch.centered else None
         if mean is not None:
             value = (old - mean).mul_(decay)
@@ -399,6 +418,9 @@ def write_phase(program: StepProgram, inputs: StepTensors, read: ReadOut, masked
         else:
             _finish(batch, tensors, old, value, mean, dead if keep_old else None)
     if held:
+        # compiled, the rebalance is its own graph: fused with the loops that wrote the state above,
+        # inductor's CPU outer-loop fusion fails on the write-after-read hazards (torch 2.13)
+        torch._dynamo.graph_break()
         _rebalance(program, inputs, read, held, masked)
 
 
@@ -411,6 +433,7 @@ def _rebalance(program: StepProgram, inputs: StepTensors, read: ReadOut, held: l
     puts the orbit coordinate ``log(|A| / |B|)`` back to ``2 log s``, its value before the step. ``c``
     is a function of invariants, so the correction is equivariant; it does not change the function."""
     by_role = {program.tensors[h.batch].rebalance: h for h in held}
+    factors_by_batch: dict[int, Tensor] = {}
     for n, batch in enumerate(program.neurons):
         if not batch.rebalance:
             continue
@@ -421,17 +444,27 @@ def _rebalance(program: StepProgram, inputs: StepTensors, read: ReadOut, held: l
                 if kind == "gain":
                     factors[axis + 1] = read.neuron_gains[n][r][gain_count]
                     gain_count += 1
-            part = unit_square_sums(by_role[(n, r)].value, role.axis + 1, factors)
+            part = unit_square_sums(by_role[(n, r)].value, role.axis + 1, factors,
+                                    workspace=read.workspace.get(batch.dtype))
             sums[role.side] = part if role.side not in sums else sums[role.side] + part
-        c = read.scales[n] * (sums[-1] / sums[1]).pow(0.25)
-        c = torch.where(read.neuron_dead[n] | ~torch.isfinite(c) | (c <= 0), 1.0, c)
-        for r, role in enumerate(batch.roles):
+        c = read.scales[n] * (sums[-1] / sums[1]).sqrt().sqrt()
+        factors_by_batch[n] = torch.where(read.neuron_dead[n] | ~torch.isfinite(c) | (c <= 0), 1.0, c)
+    # compiled, the per-unit factors are computed once here, not again for every entry that uses them
+    torch._dynamo.graph_break()
+    for n, c in factors_by_batch.items():
+        for r, role in enumerate(program.neurons[n].roles):
             h = by_role[(n, r)]
-            tensor_batch = program.tensors[h.batch]
+            tensor_batch, tensors = program.tensors[h.batch], inputs.tensors[h.batch]
             factor = _along(c if role.side > 0 else c.reciprocal(), role.axis, len(tensor_batch.shape))
             dead = functools.reduce(torch.logical_or, read.dead[h.batch]) if masked and read.dead[h.batch] else None
-            # out of place: an in-place product here trips inductor's CPU outer-loop fusion (torch 2.13)
-            _finish(tensor_batch, inputs.tensors[h.batch], read.params[h.batch], h.value * factor, h.mean, dead)
+            old = read.params[h.batch] if read.params[h.batch] is not None else _stack(tensors.params, tensor_batch.dtype)
+            if h.mean is None and dead is None and not torch.compiler.is_compiling() and \
+                    old.dtype == tensor_batch.param_dtype and tensor_batch.members > 1:
+                for value, f, p in zip(h.value.unbind(0), factor.unbind(0), tensors.params):
+                    torch.mul(value, f, out=p)  # the rebalanced value written straight into the parameter
+                continue
+            value = h.value * factor if torch.compiler.is_compiling() else h.value.mul_(factor)
+            _finish(tensor_batch, tensors, old, value, h.mean, dead)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -638,12 +671,16 @@ class StepLayout:
 
 
 def build_program(groups: Sequence[Mapping[str, Any]], names: Mapping[int, str], lookup: Mapping[str, Tensor],
-                  plan: FramePlan, rules: Sequence[Rule], *, channel_step: bool, threshold: float) -> StepLayout:
+                  plan: FramePlan, rules: Sequence[Rule], *, channel_step: bool, threshold: float,
+                  stack: bool = True) -> StepLayout:
     """Sort the parameters with gradients into batches (module docstring).
 
     ``names`` maps ``id(parameter)`` to its name in ``plan``'s model (parameters without a name have no
     frame); ``lookup`` maps names to the tensors frames read (the model's parameters or stand-ins);
     ``rules[g]`` is group ``g``'s base rule; ``channel_step`` enables the norm channel-scale step.
+    ``stack=False`` makes every batch a single tensor (a single family): what a compiled step wants,
+    since ``torch.compile`` fuses each tensor's chain of elementwise maps into one loop when it does
+    not have to materialise a stack first (the eager step stacks to dispatch fewer operations).
     """
     group_of, active = {}, {}
     for g, group in enumerate(groups):
@@ -657,9 +694,9 @@ def build_program(groups: Sequence[Mapping[str, Any]], names: Mapping[int, str],
         return (frame.signature() if frame is not None else (tuple(p.shape),), p.dtype, p.device,
                 group_of.get(name), active.get(name, False))
 
-    neuron = _sort_neurons(plan, signature, active, lookup)
-    norm = _sort_norms(plan, lookup, group_of, active, channel_step)
-    tensor = _sort_tensors(groups, names, plan, rules, neuron, norm)
+    neuron = _sort_neurons(plan, signature, active, lookup, stack)
+    norm = _sort_norms(plan, lookup, group_of, active, channel_step, stack)
+    tensor = _sort_tensors(groups, names, plan, rules, neuron, norm, stack)
     program = StepProgram(tuple(b for b, _ in tensor.batches), tuple(b for b, _ in norm.batches),
                           tuple(neuron.batches), threshold)
     return StepLayout(program, [m for _, m in tensor.batches], tensor.groups, tensor.gains, tensor.channels,
@@ -679,7 +716,7 @@ class _Neurons:
 
 
 def _sort_neurons(plan: FramePlan, signature: Callable[[str], tuple], active: Mapping[str, bool],
-                  lookup: Mapping[str, Tensor]) -> _Neurons:
+                  lookup: Mapping[str, Tensor], stack: bool) -> _Neurons:
     """Neuron families to compute frames for: isolated ones of one signature batch together, a
     chain's families one by one (whole chains, if any of their tensors is stepped)."""
     component = _chain_components(plan)
@@ -688,7 +725,7 @@ def _sort_neurons(plan: FramePlan, signature: Callable[[str], tuple], active: Ma
     for f in plan.neurons:
         if component[f.name] in live:
             key = ("isolated", f.units, tuple((r.axis, side, signature(r.name)) for r, side in _roles(f))) \
-                if f.isolated else ("chain", f.name)
+                if f.isolated and stack else ("one", f.name)
             sorted_.setdefault(key, []).append(f)
     batch_of = {f.name: k for k, families in enumerate(sorted_.values()) for f in families}
     out = _Neurons([], [], [], [], batch_of, {}, set())
@@ -734,16 +771,17 @@ class _Norms:
 
 
 def _sort_norms(plan: FramePlan, lookup: Mapping[str, Tensor], group_of: Mapping[str, int],
-                active: Mapping[str, bool], channel_step: bool) -> _Norms:
+                active: Mapping[str, bool], channel_step: bool, stack: bool) -> _Norms:
     """Norm families whose gains take the channel-scale step, batched by width, dtype and group."""
     sorted_: dict[Any, list[ScalingFrame]] = {}
     for f in plan.norms:
         if channel_step and active.get(f.gain, False) and any(active.get(c, False) for c in f.consumers):
             gain = lookup[f.gain]
             bias = f.bias is not None and active.get(f.bias, False)
-            sorted_.setdefault((f.units, gain.dtype, gain.device, group_of[f.gain], bias), []).append(f)
+            key = (f.units, gain.dtype, gain.device, group_of[f.gain], bias, None if stack else f.name)
+            sorted_.setdefault(key, []).append(f)
     out = _Norms([], [], {}, {})
-    for (units, dtype, _, group, bias), families in sorted_.items():
+    for (units, dtype, _, group, bias, _), families in sorted_.items():
         out.batches.append((NormBatch(len(families), units, compute_dtype(lookup[families[0].gain]), bias), families))
         out.groups.append(group)
         for f in families:
@@ -762,7 +800,7 @@ class _Tensors:
 
 
 def _sort_tensors(groups: Sequence[Mapping[str, Any]], names: Mapping[int, str], plan: FramePlan,
-                  rules: Sequence[Rule], neuron: _Neurons, norm: _Norms) -> _Tensors:
+                  rules: Sequence[Rule], neuron: _Neurons, norm: _Norms, stack: bool) -> _Tensors:
     """Parameters with gradients into batches: pair roles by their neuron batch (in its member
     order), chain members one by one, the rest by group, frame and shape. Gains are frames, never
     stepped: their gradients are only checked, or read by the channel-scale step."""
@@ -784,7 +822,8 @@ def _sort_tensors(groups: Sequence[Mapping[str, Any]], names: Mapping[int, str],
             elif name in neuron.chain_members:
                 key = ("single", name)
             else:
-                key = ("batch", g, frame.signature() if frame is not None else (tuple(p.shape),), p.dtype, p.device)
+                key = ("batch", g, frame.signature() if frame is not None else (tuple(p.shape),), p.dtype, p.device,
+                       None if stack else id(p))
             sorted_.setdefault(key, []).append((name, p, g))
     out = _Tensors([], [], [], [], list(checked.values()))
     for key, members in sorted_.items():

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from ..gauges.gaugeset import GaugeSet
-from .batched_step import build_program, read_phase
+from .batched_step import build_program, canonical_gradient, read_phase
 from .frames import FramePlan, build_frame_plan
 from .rules import Adam
 
@@ -57,7 +57,9 @@ def gauge_invariant_grad_norm(parameters: Tensor | Iterable[Tensor], gauges: Gau
     layout = build_program([{"params": params}], names, lookup, _plan(gauges), [Adam()], channel_step=True,
                            threshold=0.0)
     read = read_phase(layout.program, layout.inputs(lookup))
-    parts = [*read.grads, *read.scale_inputs]
+    parts = [canonical_gradient(batch, grad, gammas)
+             for batch, grad, gammas in zip(layout.program.tensors, read.grads, read.gammas)]
+    parts += read.scale_inputs
     parts += [p.detach() * p.grad for ps in layout.checked for p in ps]  # gains of norms whose consumers have none
     device = params[0].grad.device
     norms = [torch.linalg.vector_norm(t, norm_type).to(device=device, dtype=torch.float64) for t in parts if t.numel()]

@@ -65,6 +65,7 @@ __all__ = [
     "build_frame_plan",
     "compatible_gauges",
     "block_layout",
+    "blocked",
     "group_mean",
     "center_rows",
     "unit_square_sums",
@@ -376,13 +377,18 @@ def block_layout(groups: Tensor) -> tuple[int, int, int] | None:
     return None
 
 
+def blocked(t: Tensor, shared: SharedAxis, axis: int) -> Tensor:
+    """``t`` viewed with ``axis`` split into the regular layout ``(outer, block, inner)`` of ``shared``
+    (``shared.layout`` must be set): the indices of one block then run along ``axis + 1``."""
+    return t.view(*t.shape[:axis], *shared.layout, *t.shape[axis + 1:])
+
+
 def group_mean(values: Tensor, shared: SharedAxis, axis: int) -> Tensor:
     """Every entry replaced by the mean over its block of ``shared`` along ``axis`` (a reshape and a
-    mean for a regular :func:`block_layout`, a scatter otherwise); the result broadcasts against
-    ``values`` (a regular layout keeps the block axis as size 1 in a blocked view)."""
+    mean for a regular :func:`block_layout`, a scatter otherwise)."""
     if shared.layout is not None:
-        blocked = (*values.shape[:axis], *shared.layout, *values.shape[axis + 1:])
-        return values.reshape(blocked).mean(dim=axis + 1, keepdim=True).expand(blocked).reshape(values.shape)
+        means = blocked(values.contiguous(), shared, axis).mean(dim=axis + 1, keepdim=True)
+        return means.expand(*values.shape[:axis], *shared.layout, *values.shape[axis + 1:]).reshape(values.shape)
     groups = torch.tensor(shared.groups, device=values.device)
     moved = values.movedim(axis, 0)
     sums = moved.new_zeros(moved.shape).index_add_(0, groups, moved)
@@ -396,21 +402,35 @@ def center_rows(t: Tensor, axis: int = -2) -> Tensor:
     return t - t.mean(dim=axis, keepdim=True)
 
 
-def unit_square_sums(t: Tensor, unit_axis: int, factors: Mapping[int, Tensor] = {}) -> Tensor:
+def unit_square_sums(t: Tensor, unit_axis: int, factors: Mapping[int, Tensor] = {}, *,
+                     workspace: Tensor | None = None) -> Tensor:
     """Per unit, the sum of squares of the slices of stacked tensors ``t`` (batch axis 0) along
     ``unit_axis``, after multiplying each other axis ``a`` by ``factors[a]`` (shape ``(batch, size)``).
-    Returns shape ``(batch, units)``."""
-    weighted = t
+    Returns shape ``(batch, units)``. ``workspace`` (at least ``t.numel()`` elements of ``t``'s dtype)
+    holds the weighted or squared entries when given, instead of a new tensor."""
+    other = [a for a in range(1, t.dim()) if a != unit_axis]
+    if not other and not factors:
+        return t.square()
+    scratch = workspace.view(-1)[:t.numel()].view(t.shape) if workspace is not None else None
+    weighted, owned = t, False
     for axis, factor in factors.items():
         shape = [1] * t.dim()
         shape[0], shape[axis] = factor.shape[0], factor.shape[1]
-        weighted = weighted * factor.reshape(shape)
-    other = [a for a in range(1, t.dim()) if a != unit_axis]
+        if owned:
+            weighted = weighted.mul_(factor.reshape(shape))
+        else:
+            weighted = torch.mul(weighted, factor.reshape(shape), out=scratch) if scratch is not None \
+                else weighted * factor.reshape(shape)
+            owned = True
     if not other:
-        return weighted.square()
+        return weighted.square_() if owned else weighted.square()
     if other == list(range(unit_axis + 1, t.dim())):  # reduced axes contiguous in memory: one pass
         return torch.linalg.vector_norm(weighted, dim=other).square()
-    return weighted.square().sum(dim=other)  # a strided vector norm is several times slower on CPUs
+    if owned:
+        square = weighted.square_()
+    else:
+        square = torch.square(weighted, out=scratch) if scratch is not None else weighted.square()
+    return square.sum(dim=other)  # a strided vector norm is several times slower on CPUs
 
 
 def dead_threshold_mask(scale: Tensor, threshold: float) -> Tensor:

@@ -34,7 +34,7 @@ from typing import Any, NamedTuple, Protocol
 import torch
 from torch import Tensor
 
-from .frames import SharedAxis, group_mean
+from .frames import SharedAxis, blocked, group_mean
 from .layerwise import apply_update_rule, muon_update
 from .matrix_functions import MUON_NS_COEFFICIENTS
 
@@ -72,10 +72,12 @@ def _per_member(values: Tensor, ndim: int) -> Tensor:
 
 
 def adam_bias_terms(beta1: float, beta2: float, eps: float, steps: Sequence[int]) -> list[float]:
-    """Per member, Adam's denominator shift ``eps c1`` and scale ``c1 / sqrt(c2)`` at step ``t``
-    (``c_k = 1 - b_k^t``), so the direction is ``m / (sqrt(v) c1 / sqrt(c2) + eps c1)``."""
-    shift = [eps * (1 - beta1**t) for t in steps]
-    scale = [(1 - beta1**t) / math.sqrt(1 - beta2**t) for t in steps]
+    """Adam's denominator shift ``eps c1`` and scale ``c1 / sqrt(c2)`` at step ``t`` (``c_k = 1 -
+    b_k^t``), so the direction is ``m / (sqrt(v) c1 / sqrt(c2) + eps c1)``: one pair when every member
+    is at the same step (the usual case), else all shifts then all scales, one per member."""
+    distinct = steps[:1] if len(set(steps)) == 1 else steps
+    shift = [eps * (1 - beta1**t) for t in distinct]
+    scale = [(1 - beta1**t) / math.sqrt(1 - beta2**t) for t in distinct]
     return shift + scale
 
 
@@ -84,18 +86,29 @@ def adam_direction_(grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, weights: 
     """Advance Adam's moments in place and return ``(m / c1) / (sqrt(v / c2) + eps)``.
 
     All tensors are stacks ``(L, ...)``; ``weights`` holds ``(1 - b1, 1 - b2)`` and ``bias_terms``
-    the ``2 L`` values of :func:`adam_bias_terms`. With ``shared`` the squared gradient is averaged
+    the values of :func:`adam_bias_terms` (2, or 2 L). With ``shared`` the squared gradient is averaged
     over each block of those (member) axes before it enters ``v``, so ``v`` is invariant under the
-    blocks' rotations and the direction rotates with them. ``grad`` is overwritten (with its square).
+    blocks' rotations and the direction rotates with them. ``grad`` is overwritten (it ends up holding
+    the direction, which is returned): the step allocates nothing the size of ``grad``.
     """
     members, ndim = grad.shape[0], grad.dim() - 1
     exp_avg.lerp_(grad, weights[0])
     square = grad.square_()
-    for axis, blocks in shared:
-        square = group_mean(square, blocks, axis + 1)
-    exp_avg_sq.lerp_(square, weights[1])
-    shift, scale = (_per_member(t, ndim) for t in bias_terms.view(2, members).unbind(0))
-    denominator = exp_avg_sq.sqrt().mul_(scale).add_(shift)
+    if len(shared) == 1 and shared[0][1].layout is not None and not torch.compiler.is_compiling():
+        # regular blocks, eager: the block means broadcast into a blocked view of v (nothing the size of v
+        # is allocated; compiled, a write through that view would be copied back, so the general path)
+        axis, blocks = shared[0]
+        means = blocked(square, blocks, axis + 1).mean(dim=axis + 2, keepdim=True)
+        blocked(exp_avg_sq, blocks, axis + 1).lerp_(means, weights[1])
+    else:
+        for axis, blocks in shared:
+            square = group_mean(square, blocks, axis + 1)
+        exp_avg_sq.lerp_(square, weights[1])
+    if bias_terms.numel() == 2:
+        shift, scale = bias_terms.unbind(0)
+    else:
+        shift, scale = (_per_member(t, ndim) for t in bias_terms.view(2, members).unbind(0))
+    denominator = torch.sqrt(exp_avg_sq, out=grad).mul_(scale).add_(shift)
     return torch.div(exp_avg, denominator, out=denominator)
 
 
@@ -118,10 +131,10 @@ class Adam:
 
 
 def _momentum_input(grad: Tensor, buffer: Tensor, scalars: Tensor, nesterov: bool) -> Tensor:
-    """``B <- mu B + (1 - mu) G`` in place; the map's input ``(1 - mu) G + mu B`` (nesterov) or ``B``.
-    ``scalars`` holds ``(1 - mu, mu)``."""
+    """``B <- mu B + (1 - mu) G`` in place; the map's input ``(1 - mu) G + mu B`` (nesterov, formed in
+    ``grad``'s memory) or ``B``. ``scalars`` holds ``(1 - mu, mu)``."""
     buffer.lerp_(grad, scalars[0])
-    return grad.lerp(buffer, scalars[1]) if nesterov else buffer
+    return grad.lerp_(buffer, scalars[1]) if nesterov else buffer
 
 
 def _momentum_scalars(momentum: float) -> list[float]:
