@@ -6,8 +6,8 @@
 * :func:`fit_slope`, :func:`read_cell`, :func:`rate_readout`, :class:`TrajectoryRecorder` -- slopes
   against the distance to the singular set and the "readable cells" rule.
 * :func:`rrr_lambda` -- the closed-form learning coefficient of reduced-rank regression.
-* :func:`estimate_llc` -- the local learning coefficient baseline through ``devinterp``
-  (``pip install gaugeopt[llc]``).
+* :func:`estimate_llc`, :func:`scan_step_sizes` -- the local learning coefficient baseline through
+  ``devinterp`` (``pip install gaugeopt[llc]``), and its step-size calibration.
 * :class:`OrbitDriftRecorder` -- how far each gauge family's orbit coordinates move during a run.
 * :func:`router_diagnostics` -- load balance and logit statistics of every MoE router, one row per layer.
 """
@@ -44,7 +44,8 @@ from .slopes import (
     remaining_arc_length_of_checkpoints,
 )
 
-_LAZY = {"estimate_llc": "gaugeopt.dds.llc", "LLCEstimate": "gaugeopt.dds.llc"}
+_LAZY = {name: "gaugeopt.dds.llc" for name in
+         ("estimate_llc", "LLCEstimate", "scan_step_sizes", "StepSizeScan", "full_data_loss")}
 
 __all__ = [
     "DEFAULT_REL_TOL", "SLOPE_OBSERVABLES",
@@ -69,4 +70,4 @@ def __getattr__(name: str) -> Any:
 
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .llc import LLCEstimate, estimate_llc
+    from .llc import LLCEstimate, StepSizeScan, estimate_llc, full_data_loss, scan_step_sizes

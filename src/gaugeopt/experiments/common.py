@@ -20,6 +20,11 @@ def mean(values: Iterable[float | None]) -> float | None:
     return sum(finite) / len(finite) if finite else None
 
 
+def half_squared_error(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-sample Gaussian negative log-likelihood ``||y - f(x)||^2 / 2`` (unit noise variance)."""
+    return 0.5 * (outputs - targets).pow(2).sum(dim=-1)
+
+
 def per_token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Cross-entropy of every token, shape of ``targets`` (tokens count as samples for DDS)."""
     return F.cross_entropy(logits.flatten(0, -2), targets.flatten(), reduction="none").view_as(targets)

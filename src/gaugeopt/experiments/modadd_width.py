@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from ..data import modular_addition_split
 from ..models import ModularAdditionConfig, ModularAdditionTransformer
 from .registry import Experiment
+from .statistics import spearman_rho
 from .runner import RunContext
 from .training import OptimizerSettings, build_optimizer, train_loop
 
@@ -55,8 +56,6 @@ def per_sample_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> tor
 
 
 def spearman(x: list[float], y: list[float]) -> float | None:
-    from ..dds.benchmarks import spearman_rho
-
     rho = spearman_rho(x, y)
     return rho if math.isfinite(rho) else None
 

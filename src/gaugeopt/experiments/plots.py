@@ -7,9 +7,12 @@ Two sources:
 
       {"file": "gap.png", "kind": "line" | "scatter" | "bar", "title": str,
        "xlabel": str, "ylabel": str, "xscale": "linear" | "log", "yscale": "linear" | "log",
-       "series": [{"label": str, "x": [...], "y": [...]}]}
+       "series": [{"label": str, "x": [...], "y": [...]}],
+       "hlines": [{"y": float, "label": str | None, "style": "dashed" | "dotted"}]}
 
-  For ``bar`` the x values are category names shared by all series (grouped bars).
+  For ``bar`` the x values are category names shared by all series (grouped bars). ``hlines`` draw
+  the thresholds a verdict uses. Curves get readable axis labels from :data:`SERIES_LABELS`, and
+  the thresholds in ``results["curve_lines"][series]``.
 """
 
 from __future__ import annotations
@@ -23,6 +26,23 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 CURVE_PREFIX = "curve_"
+
+# Axis labels of the logged series (a series not listed is shown with spaces for underscores).
+SERIES_LABELS = {
+    "train_loss": "training loss (nats)", "val_loss": "validation loss (nats)",
+    "gap": "validation - training loss (nats)", "val_acc": "validation accuracy",
+    "train_acc": "training accuracy", "compressed_units": "fraction of FFN units compressed",
+    "load_cv": "router load CV (mean over layers)", "max_load": "largest expert load share",
+    "dead_fraction": "fraction of experts with no tokens", "logit_rms": "router logit RMS",
+    "z_loss": "router z-loss", "gain_mean": "mean norm gain |g| (all RMSNorms)",
+    "head_logit_rms": "LM-head logit RMS (validation windows)",
+    "gain_log_drift_rms": "RMS drift of log|g| from the start (norm gains)",
+    "neuron_balance_drift_rms": "RMS drift of log(|in|/|out|) (FFN neurons)",
+}
+
+
+def series_label(name: str) -> str:
+    return SERIES_LABELS.get(name, name.replace("_", " "))
 
 
 def _finite_pairs(xs: list, ys: list) -> tuple[list, list]:
@@ -45,9 +65,10 @@ def curve_figures(results: dict[str, Any]) -> list[dict[str, Any]]:
                     lines.append({"label": f"{arm} (seed {seed})", "arm": arm,
                                   "x": series["step"][: len(series[name])], "y": series[name]})
         positive = all(y is None or y > 0 for line in lines for y in line["y"])
-        figures.append({"file": f"{CURVE_PREFIX}{name}.png", "kind": "line", "title": name.replace("_", " "),
-                        "xlabel": "step", "ylabel": name, "xscale": "linear",
-                        "yscale": "log" if positive and "loss" in name else "linear", "series": lines})
+        figures.append({"file": f"{CURVE_PREFIX}{name}.png", "kind": "line", "title": series_label(name),
+                        "xlabel": "training step", "ylabel": series_label(name), "xscale": "linear",
+                        "yscale": "log" if positive and "loss" in name else "linear", "series": lines,
+                        "hlines": results.get("curve_lines", {}).get(name, [])})
     return figures
 
 
@@ -80,7 +101,11 @@ def render_figure(figure: dict[str, Any], path: Path) -> None:
         for axis, scale in (("x", figure.get("xscale")), ("y", figure.get("yscale"))):
             if scale == "log":
                 (ax.set_xscale if axis == "x" else ax.set_yscale)("log")
-    ax.set_title(figure.get("title", ""))
+    for line in figure.get("hlines", []):
+        if line.get("y") is not None:
+            ax.axhline(line["y"], color="0.35", lw=1.0, ls=":" if line.get("style") == "dotted" else "--",
+                       label=line.get("label") or "_nolegend_")
+    ax.set_title(figure.get("title", ""), fontsize=10)
     ax.set_xlabel(figure.get("xlabel", ""))
     ax.set_ylabel(figure.get("ylabel", ""))
     if series:

@@ -11,6 +11,11 @@ from .runfolder import read_results
 VERDICT = {True: "reproduced", False: "not reproduced", None: "not decided"}
 
 
+def verdict_label(claim: dict[str, Any]) -> str:
+    """The verdict words of a claim row: its own label when it has one ("not measurable", ...)."""
+    return claim.get("verdict") or VERDICT[claim["reproduced"]]
+
+
 def format_value(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
@@ -48,11 +53,16 @@ def render_report(results: dict[str, Any], figure_files: list[str]) -> str:
     claims = results.get("claims", [])
     if claims:
         lines += _table(["claim", "paper", "ours", "verdict", "note"],
-                        [[c["claim"], c["anchor"], c["ours"], VERDICT[c["reproduced"]], c.get("note", "")]
+                        [[c["claim"], c["anchor"], c["ours"], verdict_label(c), c.get("note", "")]
                          for c in claims])
     else:
         lines.append("No claim was evaluated: " + ("the run stopped before its end." if status != "complete"
                      else "the arms or sizes run do not include a paper comparison."))
+    for table in results.get("tables", []):
+        lines += ["", f"## {table['title']}", ""]
+        lines += _table(table["header"], table["rows"])
+        if table.get("note"):
+            lines += ["", table["note"]]
     metrics = results.get("metrics", {})
     if metrics:
         names = list(dict.fromkeys(n for m in metrics.values() for n in m))

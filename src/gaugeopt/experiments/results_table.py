@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from .report import VERDICT
+from .report import verdict_label
 from .runfolder import read_results
 
 HEADER = ["experiment", "preset", "seeds", "date (UTC)", "commit", "machine", "claim", "paper", "ours", "verdict", "run"]
@@ -31,7 +31,7 @@ def results_rows(run_dirs: Sequence[Path]) -> list[list[str]]:
         claims = results.get("claims") or [{"claim": f"(no claim; run {status})", "anchor": "", "ours": "",
                                             "reproduced": None}]
         for claim in claims:
-            verdict = VERDICT[claim["reproduced"]] + ("" if status == "complete" else f" ({status} run)")
+            verdict = verdict_label(claim) + ("" if status == "complete" else f" ({status} run)")
             rows.append([*common, claim["claim"], claim["anchor"], claim["ours"], verdict, f"`{Path(run_dir).name}`"])
     return rows
 
