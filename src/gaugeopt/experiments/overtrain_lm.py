@@ -188,6 +188,17 @@ def summarise(c: OvertrainLMConfig, folder, final: dict[str, dict[str, dict[int,
                                   {"label": "paper", "x": [arm_label(k) for k in final],
                                    "y": [GAP_ANCHOR.get(k.rsplit(" ", 1)[0]) for k in final]}]})
     add_dds_figures(folder)
+    pairs = [(arm_key("ddc-adam", wd), base) for wd in c.weight_decays
+             for base in (arm_key("adamw", wd), arm_key("adamw-gains-undecayed", wd))
+             if arm_key("ddc-adam", wd) in final and base in final]
+    folder.add_figure({"file": "gap_paired_differences.png", "kind": "bar",
+                       "title": "final gap, DDCAdam minus baseline, per seed (the paper: well below 0)",
+                       "xlabel": "seed", "ylabel": "gap difference (nats)",
+                       "series": [{"label": f"{arm_label(ddc)} - {arm_label(base)}",
+                                   "x": [f"seed {s}" for s in c.seeds],
+                                   "y": [final[ddc]["gap"].get(s, float("nan")) - final[base]["gap"].get(s, float("nan"))
+                                         for s in c.seeds]} for ddc, base in pairs],
+                       "hlines": [{"y": 0.0, "label": "no difference (a verdict needs the 95 % interval below)"}]})
     for weight_decay in c.weight_decays:
         ddc, adamw = arm_key("ddc-adam", weight_decay), arm_key("adamw", weight_decay)
         baselines = [adamw] + ([arm_key("adamw-gains-undecayed", weight_decay)] if weight_decay > 0 else [])
@@ -272,12 +283,14 @@ def add_dds_figures(folder) -> None:
         "xlabel": "remaining arc length t (quotient metric)", "ylabel": "lambda+_min(G) at the head",
         "series": [{"label": arm_label(key), "x": r["t"][:-1], "y": r["series"]["head:output"]["lambda_min_G"][:-1]}
                    for key, r in first.items() if "head:output" in r["series"]]})
-    names = [f"{c['site'].replace(':output', '').replace('blocks.', 'b')} {c['observable']}"
+    names = [f"{c['site'].replace(':output', '').replace('blocks.', 'block ').replace('.attn.', ' ').replace('.ffn.', ' ffn ')}"
+             f" {c['observable'].replace('lambda_min', 'lambda+min').replace('logdet', 'logdet+')}"
              for c in next(iter(first.values()))["cells"]]
     folder.add_figure({
         "file": "dds_cell_slopes.png", "kind": "bar", "title": "fitted slope of every cell (first seed)",
         "xlabel": "cell (site, observable)", "ylabel": "slope of log O against log t",
-        "series": [{"label": f"{arm_label(key)} ({r['summary'][:40]})", "x": names,
+        "series": [{"label": f"{arm_label(key)}: " + (f"{r['readable']} of {r['measurable']} measurable cells read"
+                                                      if r["measurable"] else "not measurable"), "x": names,
                     "y": [c["fit"]["slope"] if c["fit"] else None for c in r["cells"]]}
                    for key, r in first.items()]})
 

@@ -73,18 +73,20 @@ def curve_figures(results: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def render_figure(figure: dict[str, Any], path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
     kind = figure.get("kind", "line")
     series = figure.get("series", [])
+    categories = list(dict.fromkeys(c for s in series for c in s["x"])) if kind == "bar" else []
+    fig, ax = plt.subplots(figsize=(max(6.4, 0.2 * len(categories) * max(1, len(series)) ** 0.5), 4.6), dpi=110)
     if kind == "bar":
-        categories = list(dict.fromkeys(c for s in series for c in s["x"]))
         width = 0.8 / max(1, len(series))
         for i, s in enumerate(series):
             lookup = dict(zip(s["x"], s["y"]))
             xs = [j + (i - (len(series) - 1) / 2) * width for j in range(len(categories))]
             ys = [lookup.get(c) if lookup.get(c) is not None else float("nan") for c in categories]
             ax.bar(xs, ys, width=width, label=s["label"])
-        ax.set_xticks(range(len(categories)), [str(c) for c in categories], rotation=30, ha="right")
+        many = len(categories) > 12
+        ax.set_xticks(range(len(categories)), [str(c) for c in categories], rotation=90 if many else 30,
+                      ha="center" if many else "right", fontsize=7 if many else None)
     else:
         arm_colours: dict[str, Any] = {}
         cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
