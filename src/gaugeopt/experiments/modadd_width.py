@@ -199,8 +199,8 @@ PRESETS = {
     "tiny": ModAddWidthConfig(modulus=7, widths=(8, 16), n_heads=2, steps=10, eval_every=5, warmup_steps=2,
                               probe_samples=16, run_llc=False, llc_chains=2, llc_draws=10, llc_burnin=5),
     "smoke": ModAddWidthConfig(widths=(16, 32, 64, 128), llc_chains=2, llc_draws=100, llc_burnin=100),
-    "full": ModAddWidthConfig(modulus=97, train_fraction=0.4, widths=(16, 32, 64, 128), n_layers=2,
-                              steps=1500, eval_every=100, seeds=(0, 1, 2)),
+    "full": ModAddWidthConfig(modulus=31, train_fraction=0.5, widths=(16, 32, 64, 128), steps=800, eval_every=100,
+                              seeds=(0, 1, 2)),
 }
 
 EXPERIMENT = Experiment(
