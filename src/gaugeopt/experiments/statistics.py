@@ -82,7 +82,11 @@ def student_t_cdf(value: float, df: float) -> float:
     """``P(T <= value)`` for Student's t with ``df`` degrees of freedom."""
     if df <= 0:
         raise ValueError(f"degrees of freedom must be positive, got {df}")
-    tail = 0.5 * regularized_incomplete_beta(df / 2, 0.5, df / (df + value * value))
+    square = value * value
+    if square < df:  # near 0: P(|T| < |value|) = I_{v^2 / (df + v^2)}(1/2, df/2), no cancellation
+        central = regularized_incomplete_beta(0.5, df / 2, square / (df + square))
+        return 0.5 + 0.5 * math.copysign(central, value)
+    tail = 0.5 * regularized_incomplete_beta(df / 2, 0.5, df / (df + square))
     return 1.0 - tail if value >= 0 else tail
 
 
