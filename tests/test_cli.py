@@ -71,4 +71,5 @@ def test_demo_ends_with_its_verdict_table(tmp_path, capsys):
     assert results["status"] == "complete" and set(results["metrics"]) == {"adamw wd=0", "ddc-adam wd=0"}
     table = out[out.index("Verdicts: overtrain-lm"):]
     assert all(claim["claim"] in table for claim in results["claims"])
-    assert table.rstrip().splitlines()[-3] == "Reading:"  # and its two lines end the output
+    reading = table[table.index("\nReading:\n"):]  # the reading ends the output
+    assert " ".join(reading.split()[1:]) == " ".join(" ".join(results["reading"]).split())
