@@ -1,11 +1,12 @@
 """DDS against the devinterp LLC: the cost of one reading per checkpoint, measured side by side.
 
-Checkpoints are cells of the reduced-rank regression grid (:func:`gaugeopt.dds.benchmarks.rrr_checkpoint`,
+Checkpoints are cells of the reduced-rank regression grid (:func:`gaugeopt.experiments.rrr.rrr_checkpoint`,
 the known-answer benchmark of docs/dds.md). Per checkpoint, DDS reads both sites with one forward
 and one backward pass over the n samples (timed as the median of ``dds_repeats`` readings after one
-untimed warm-up), and the LLC runs devinterp's SGLD at the production budget of that benchmark
-(4 chains x 1000 draws of 100 samples, step size 8e-4 and localization 10 as calibrated in
-docs/dds.md). Only the cost is compared here; docs/dds.md compares what the two readings say.
+untimed warm-up), and the LLC runs devinterp's SGLD under the calibrated protocol of the ``rrr``
+experiment (full batch, 4 chains of 1000 burn-in steps + 1000 draws, localization 1, step size 1e-4,
+the middle of the range the rrr calibration settles in). Only the cost is compared here;
+docs/dds.md compares what the two readings say.
 """
 
 from __future__ import annotations
@@ -15,12 +16,13 @@ import io
 import statistics
 import time
 
-from gaugeopt.dds.benchmarks import half_squared_error, rrr_checkpoint
+from gaugeopt.experiments.common import half_squared_error
+from gaugeopt.experiments.rrr import rrr_checkpoint
 from gaugeopt.dds.llc import estimate_llc
 from gaugeopt.dds.reading import dead_direction_signatures
 
 SITES = ["A:output", "B:output"]
-SGLD = dict(lr=8e-4, localization=10.0, num_chains=4, num_draws=1000, batch_size=100)
+SGLD = dict(lr=1e-4, localization=1.0, num_chains=4, num_draws=1000, num_burnin_steps=1000, batch_size=1000)
 
 
 def compare_per_checkpoint(cells: list[tuple[int, int]], *, M: int = 10, N: int = 5, samples: int = 1000,

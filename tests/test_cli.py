@@ -104,8 +104,13 @@ def test_gauges_prints_the_summary_of_a_reference_model(capsys):
 
 
 @pytest.mark.slow
-def test_demo_writes_its_report_and_prints_where(tmp_path, capsys):
+def test_demo_ends_with_its_verdict_table(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path / "demo"), "--no-progress"]) == 0
-    assert f"report: {tmp_path / 'demo' / 'report.md'}" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"report: {tmp_path / 'demo' / 'report.md'}" in out
     results = read_results(tmp_path / "demo")
-    assert results["status"] == "complete" and set(results["metrics"]) == {"adamw", "ddc-adam"}
+    assert results["status"] == "complete" and set(results["metrics"]) == {"adamw wd=0", "ddc-adam wd=0"}
+    table = out[out.index("Verdicts: overtrain-lm"):]
+    assert all(claim["claim"] in table for claim in results["claims"])
+    reading = table[table.index("\nReading:\n"):]  # the reading ends the output
+    assert " ".join(reading.split()[1:]) == " ".join(" ".join(results["reading"]).split())

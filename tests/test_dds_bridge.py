@@ -2,7 +2,8 @@
 
 import pytest
 
-from gaugeopt.dds.benchmarks import constructed_bridge, noisy_bridge_sgd, spearman_rho
+from gaugeopt.experiments.bridge import constructed_bridge, noisy_bridge_sgd
+from gaugeopt.experiments.statistics import spearman_rho
 
 DEPTH = 4
 

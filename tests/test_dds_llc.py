@@ -5,7 +5,8 @@ import sys
 import pytest
 import torch
 
-from gaugeopt.dds.benchmarks import half_squared_error, rrr_checkpoint
+from gaugeopt.experiments.common import half_squared_error
+from gaugeopt.experiments.rrr import rrr_checkpoint
 
 pytest.importorskip("devinterp")
 
@@ -16,14 +17,17 @@ def test_small_real_llc_run():
     model, x, y = rrr_checkpoint(M=3, N=3, H=2, r=1, samples=64, noise=1.0, seed=0)
     before = [p.detach().clone() for p in model.parameters()]
     estimate = estimate_llc(model, x, y, loss=half_squared_error, lr=1e-3, localization=1.0,
-                            num_chains=1, num_draws=20, batch_size=64, num_init_loss_batches=1)
+                            num_chains=2, num_draws=20, num_burnin_steps=10)
     # Full-batch SGLD from the exact empirical minimiser: every sampled loss is >= the initial one.
-    assert estimate.llc_mean > 0
-    assert len(estimate.loss_trace) == 1 and len(estimate.loss_trace[0]) == 20
-    assert estimate.forward_backward_passes == 20 and estimate.samples_processed == 20 * 64
+    assert estimate.llc_mean > 0 and estimate.full_batch and estimate.batch_size == 64
+    assert len(estimate.loss_trace) == 2 and len(estimate.loss_trace[0]) == 30  # burn-in is recorded ...
+    trace = torch.tensor(estimate.loss_trace, dtype=torch.float64)
+    draws_only = estimate.n_beta * (trace[:, 10:].mean(1) - estimate.init_loss)  # ... but not averaged
+    torch.testing.assert_close(torch.tensor(estimate.llc_per_chain, dtype=torch.float64), draws_only)
+    assert estimate.forward_backward_passes == 60 and estimate.samples_processed == 60 * 64
     with torch.no_grad():
-        expected_init_loss = float(half_squared_error(model(x), y).mean())
-    assert estimate.init_loss == pytest.approx(expected_init_loss, rel=1e-5)
+        expected_init_loss = float(half_squared_error(model(x), y).mean())  # on all n samples
+    assert estimate.init_loss == pytest.approx(expected_init_loss, rel=1e-12)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
     assert "loss_trace" not in estimate.as_dict()
 
@@ -34,6 +38,8 @@ def test_bad_arguments():
     model, x, y = rrr_checkpoint(M=3, N=3, H=2, r=1, samples=16, noise=1.0, seed=0)
     with pytest.raises(ValueError, match="batch_size"):
         estimate_llc(model, x, y, loss=half_squared_error, lr=1e-3, localization=1.0, batch_size=17)
+    with pytest.raises(ValueError, match="num_draws"):
+        estimate_llc(model, x, y, loss=half_squared_error, lr=1e-3, localization=1.0, num_draws=1)
     with pytest.raises(ValueError, match="targets"):
         estimate_llc(model, x, y[:3], loss=half_squared_error, lr=1e-3, localization=1.0)
 
@@ -45,3 +51,19 @@ def test_missing_devinterp_names_the_extra(monkeypatch):
     model, x, y = rrr_checkpoint(M=3, N=3, H=2, r=1, samples=16, noise=1.0, seed=0)
     with pytest.raises(ImportError, match=r"pip install gaugeopt\[llc\]"):
         estimate_llc(model, x, y, loss=half_squared_error, lr=1e-3, localization=1.0, batch_size=8)
+
+
+def test_step_size_scan_chooses_where_a_4x_range_agrees():
+    from gaugeopt.dds import scan_step_sizes
+
+    model, x, y = rrr_checkpoint(M=3, N=3, H=2, r=1, samples=64, noise=1.0, seed=0)
+    scan = scan_step_sizes(model, x, y, loss=half_squared_error, step_sizes=(1e-4, 2e-4, 4e-4, 8e-4),
+                           localization=1.0, num_chains=2, num_draws=40, num_burnin_steps=20)
+    assert len(scan.estimates) == 4 and scan.chosen_lr in (2e-4, 4e-4)
+    i = scan.step_sizes.index(scan.chosen_lr)
+    assert scan.window == (scan.step_sizes[i - 1], scan.step_sizes[i + 1])  # a 4x range
+    values = [e.llc_mean for e in scan.estimates[i - 1:i + 2]]
+    assert scan.spread == pytest.approx((max(values) - min(values)) / (sum(values) / 3))
+    assert scan.as_dict()["chosen_llc"] == scan.chosen.llc_mean
+    with pytest.raises(ValueError, match="twice the previous"):
+        scan_step_sizes(model, x, y, loss=half_squared_error, step_sizes=(1e-4, 3e-4, 9e-4), localization=1.0)

@@ -77,12 +77,15 @@ def _cmd_results(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from .experiments import run_experiment
+    from .experiments import read_results, run_experiment
+    from .experiments.report import terminal_summary
 
-    print("gaugeopt demo: overtrain-lm smoke preset, AdamW vs DDCAdam on Hamlet (character level)")
+    print("gaugeopt demo: overtrain-lm smoke preset, AdamW vs DDCAdam on Hamlet (character level), "
+          "3 seeds, trained past the point of fit")
     path = run_experiment("overtrain-lm", "smoke", device=args.device, out=args.out,
                           progress=not args.no_progress, threads=args.threads, overwrite=args.overwrite)
-    print(f"report: {path / 'report.md'}")
+    print(f"report: {path / 'report.md'}\n")
+    print(terminal_summary(read_results(path)))
     return 0
 
 

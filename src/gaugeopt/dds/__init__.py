@@ -5,9 +5,11 @@
   moment ``G = D^T D / N`` (smallest eigenvalue, log pseudo-determinant, rank).
 * :func:`fit_slope`, :func:`read_cell`, :func:`rate_readout`, :class:`TrajectoryRecorder` -- slopes
   against the distance to the singular set and the "readable cells" rule.
+* :class:`HorizontalProjection` -- a parameter change with its gauge-orbit part removed: the
+  quotient metric of the remaining arc length.
 * :func:`rrr_lambda` -- the closed-form learning coefficient of reduced-rank regression.
-* :func:`estimate_llc` -- the local learning coefficient baseline through ``devinterp``
-  (``pip install gaugeopt[llc]``).
+* :func:`estimate_llc`, :func:`scan_step_sizes` -- the local learning coefficient baseline through
+  ``devinterp`` (``pip install gaugeopt[llc]``), and its step-size calibration.
 * :class:`OrbitDriftRecorder` -- how far each gauge family's orbit coordinates move during a run.
 * :func:`router_diagnostics` -- load balance and logit statistics of every MoE router, one row per layer.
 """
@@ -28,6 +30,7 @@ from .observables import (
     second_moment_eigenvalues,
     site_observables,
 )
+from .quotient import HorizontalProjection
 from .reading import DDSReading, dead_direction_signatures
 from .router import router_diagnostics, router_statistics
 from .rrr import RRRLearningCoefficient, rrr_grid, rrr_lambda, rrr_learning_coefficient
@@ -44,14 +47,15 @@ from .slopes import (
     remaining_arc_length_of_checkpoints,
 )
 
-_LAZY = {"estimate_llc": "gaugeopt.dds.llc", "LLCEstimate": "gaugeopt.dds.llc"}
+_LAZY = {name: "gaugeopt.dds.llc" for name in
+         ("estimate_llc", "LLCEstimate", "scan_step_sizes", "StepSizeScan", "full_data_loss")}
 
 __all__ = [
     "DEFAULT_REL_TOL", "SLOPE_OBSERVABLES",
     "CapturedSites", "SiteSpec", "capture_sites",
     "PositiveSpectrum", "SiteObservables", "positive_spectrum", "second_moment_eigenvalues",
     "site_observables",
-    "DDSReading", "dead_direction_signatures",
+    "DDSReading", "dead_direction_signatures", "HorizontalProjection",
     "CellReading", "RateReadout", "SlopeFit", "TrajectoryRecorder", "fit_slope",
     "flatten_parameters", "rate_readout", "read_cell", "remaining_arc_length",
     "remaining_arc_length_of_checkpoints",
@@ -69,4 +73,4 @@ def __getattr__(name: str) -> Any:
 
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .llc import LLCEstimate, estimate_llc
+    from .llc import LLCEstimate, StepSizeScan, estimate_llc, full_data_loss, scan_step_sizes

@@ -1,12 +1,29 @@
 """The local learning coefficient (LLC) baseline, estimated by SGLD with the real ``devinterp``.
 
-``devinterp`` (>= 2.0) is an optional dependency: ``pip install gaugeopt[llc]``. Its ``llc()``
-samples a localised tempered posterior around the checkpoint ``w*`` with SGLD and returns
+``devinterp`` (>= 2.0) is an optional dependency: ``pip install gaugeopt[llc]``. Its sampler draws
+from the localised tempered posterior around the checkpoint ``w*``
 
-    LLC = n_beta * (E_sgld[L(w)] - L(w*)),
+    p(w) ~ exp(-n_beta L(w) - (gamma / 2) |w - w*|^2)
 
-where ``L`` is the mean per-sample loss (for an LLC it must be a negative log-likelihood, e.g.
-``||y - f(x)||^2 / (2 sigma^2)`` for Gaussian noise of variance sigma^2).
+with SGLD, where ``L`` is the mean per-sample loss (a negative log-likelihood, e.g.
+``||y - f(x)||^2 / (2 sigma^2)`` for Gaussian noise of variance sigma^2). The estimate is
+
+    LLC = n_beta * (E_draws[L(w)] - L_n(w*)).
+
+How this module follows devinterp's own guidance (its documentation and the LLC papers it cites):
+
+* **burn-in excluded.** devinterp 2's ``llc()`` averages the loss over *every* SGLD step, burn-in
+  included. Here each chain's first ``num_burnin_steps`` losses are dropped and the estimate is
+  taken over the draws only, from devinterp's recorded loss trace.
+* **several chains.** ``num_chains`` independent chains (4 by default); the spread across chains
+  gives a standard error.
+* **full-batch gradients** by default (``batch_size=None``). A minibatch adds gradient noise that
+  SGLD does not account for and raises the estimate (no correction for it is applied here; pass
+  ``batch_size`` only knowingly, and the estimate records which was used).
+* **the initial loss on all n samples**, ``L_n(w*)``, evaluated here in float64 in the sampler's
+  (training) mode rather than on devinterp's few shuffled batches.
+* **step-size insensitivity** is checked by :func:`scan_step_sizes`: estimates at step sizes a
+  factor 2 apart, and the chosen step is the middle of the 4x range where they agree best.
 
 devinterp 2 speaks the language-model protocol: a Hugging Face ``Dataset`` with an ``input_ids``
 column and a ``loss_fn(model, input_ids) -> (batch, seq_len - 1)`` per-token loss. For a
@@ -14,8 +31,8 @@ supervised data set ``(inputs, targets)`` of n samples, :func:`estimate_llc` sto
 index as a two-token sequence ``[i, i]`` and its loss function looks the sample up by index, so
 each "sequence" carries exactly one per-sample loss. The sampler itself is devinterp's, untouched.
 
-Cost accounting: every SGLD step is one forward-backward pass on ``batch_size`` samples; the
-initial loss costs ``num_chains * num_init_loss_batches`` forward passes.
+Cost accounting: every SGLD step (burn-in included) is one forward-backward pass on
+``batch_size`` samples; the initial loss is one forward pass on all n.
 """
 
 from __future__ import annotations
@@ -24,10 +41,12 @@ import math
 import tempfile
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -54,12 +73,15 @@ def default_n_beta(samples: int) -> float:
 
 @dataclass(frozen=True)
 class LLCEstimate:
-    """An LLC estimate with its settings and cost."""
+    """An LLC estimate over the post-burn-in draws, with its settings, diagnostics and cost."""
 
-    llc_mean: float
-    llc_std: float  # across chains
+    llc_mean: float  # mean over chains
+    llc_std: float  # sample standard deviation across chains
+    llc_stderr: float  # llc_std / sqrt(num_chains)
     llc_per_chain: tuple[float, ...]
-    init_loss: float
+    llc_first_half: float  # from the first half of the draws (all chains): an equilibration check
+    llc_second_half: float  # from the second half
+    init_loss: float  # L_n(w*) on all n samples
     lr: float
     n_beta: float
     localization: float
@@ -67,15 +89,21 @@ class LLCEstimate:
     num_draws: int
     num_burnin_steps: int
     batch_size: int
+    full_batch: bool
     sgld_steps: int  # per chain, burn-in included
     forward_backward_passes: int  # all chains, on batch_size samples each
-    forward_passes: int  # initial-loss evaluation
     samples_processed: int  # forward-backward passes * batch_size
     wall_time_s: float
-    loss_trace: tuple[tuple[float, ...], ...]  # (chain, step) mean loss
+    loss_trace: tuple[tuple[float, ...], ...]  # (chain, step) mean loss, burn-in included
+
+    @property
+    def equilibration_drift(self) -> float:
+        """``|second half - first half|`` of the draws, relative to the estimate."""
+        return abs(self.llc_second_half - self.llc_first_half) / max(abs(self.llc_mean), 1e-300)
 
     def as_dict(self, include_trace: bool = False) -> dict[str, Any]:
         data = asdict(self)
+        data["equilibration_drift"] = self.equilibration_drift
         if not include_trace:
             data.pop("loss_trace")
         return data
@@ -91,10 +119,9 @@ def estimate_llc(
     localization: float,
     n_beta: float | None = None,
     num_chains: int = 4,
-    num_draws: int = 200,
-    num_burnin_steps: int = 0,
-    batch_size: int = 100,
-    num_init_loss_batches: int = 8,
+    num_draws: int = 1000,
+    num_burnin_steps: int = 1000,
+    batch_size: int | None = None,
     seed: int = 0,
     device: str = "cpu",
     output_dir: str | Path | None = None,
@@ -106,21 +133,25 @@ def estimate_llc(
         inputs, targets: the n training samples (first dimension indexes samples).
         loss: ``loss(model(inputs[idx]), targets[idx])`` -> per-sample negative log-likelihoods.
         lr: SGLD step size epsilon. localization: strength gamma of the pull towards ``w*``.
-        n_beta: inverse temperature; default ``n / log n`` with n the number of samples.
-        num_chains, num_draws, num_burnin_steps, batch_size, num_init_loss_batches, seed:
-            devinterp's sampler settings (devinterp averages the loss over every step, burn-in
-            included).
+        n_beta: inverse temperature times n; default ``n / log n``.
+        num_chains, num_draws, num_burnin_steps: chains, and steps per chain kept and dropped.
+        batch_size: samples per SGLD gradient; None (default) is full batch (all n).
+        seed: devinterp's ``init_seed`` (chain c uses ``seed + c``).
         output_dir: where devinterp writes its zarr store (a temporary directory by default).
     """
     devinterp_llc, datasets = _require_devinterp()
     samples = int(inputs.shape[0])
     if targets.shape[0] != samples:
         raise ValueError(f"inputs have {samples} samples but targets have {targets.shape[0]}")
+    batch_size = samples if batch_size is None else int(batch_size)
     if not 1 <= batch_size <= samples:
         raise ValueError(f"batch_size must lie in [1, {samples}], got {batch_size}")
     if lr <= 0 or localization < 0:
         raise ValueError(f"need lr > 0 and localization >= 0, got lr={lr}, "
                          f"localization={localization}")
+    if num_chains < 1 or num_draws < 2 or num_burnin_steps < 0:
+        raise ValueError(f"need num_chains >= 1, num_draws >= 2, num_burnin_steps >= 0, got "
+                         f"{num_chains}, {num_draws}, {num_burnin_steps}")
     n_beta = default_n_beta(samples) if n_beta is None else float(n_beta)
 
     index_dataset = datasets.Dataset.from_dict(
@@ -135,6 +166,7 @@ def estimate_llc(
                              f"{tuple(values.shape)}")
         return values.unsqueeze(1)
 
+    init_loss = full_data_loss(model, inputs, targets, loss)
     with tempfile.TemporaryDirectory(dir=output_dir) as scratch, warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         start = time.perf_counter()
@@ -142,21 +174,116 @@ def estimate_llc(
             model, index_dataset, {}, lr=lr, n_beta=n_beta, loss_fn=per_sample_nll,
             localization=localization, num_chains=num_chains, num_draws=num_draws,
             num_burnin_steps=num_burnin_steps, batch_size=batch_size,
-            num_init_loss_batches=num_init_loss_batches, init_seed=seed,
+            num_init_loss_batches=1, init_seed=seed,
             device=device, output_path=Path(scratch) / "samples.zarr",
         )
-        per_chain = tuple(float(v) for v in result["llc_per_chain"].values)
-        trace = tuple(tuple(float(v) for v in row) for row in result["loss_trace"].values)
+        trace = np.asarray(result["loss_trace"].values, dtype=np.float64)
         wall = time.perf_counter() - start
-        llc_mean, llc_std = float(result["llc_mean"]), float(result["llc_std"])
-        init_loss = float(result["init_loss"])
-
     steps = num_draws + num_burnin_steps
+    if trace.shape != (num_chains, steps) or not np.isfinite(trace).all():
+        raise RuntimeError(f"SGLD diverged or a chain failed (loss trace of shape {trace.shape}, "
+                           f"expected {(num_chains, steps)}, finite: {bool(np.isfinite(trace).all())}); "
+                           f"lower the step size lr={lr}")
+    draws = trace[:, num_burnin_steps:]
+    per_chain = n_beta * (draws.mean(axis=1) - init_loss)
+    half = num_draws // 2
+    llc_std = float(per_chain.std(ddof=1)) if num_chains > 1 else math.nan
     return LLCEstimate(
-        llc_mean=llc_mean, llc_std=llc_std, llc_per_chain=per_chain, init_loss=init_loss,
-        lr=lr, n_beta=n_beta, localization=localization, num_chains=num_chains,
-        num_draws=num_draws, num_burnin_steps=num_burnin_steps, batch_size=batch_size,
-        sgld_steps=steps, forward_backward_passes=num_chains * steps,
-        forward_passes=num_chains * num_init_loss_batches,
-        samples_processed=num_chains * steps * batch_size, wall_time_s=wall, loss_trace=trace,
+        llc_mean=float(per_chain.mean()), llc_std=llc_std,
+        llc_stderr=llc_std / math.sqrt(num_chains) if num_chains > 1 else math.nan,
+        llc_per_chain=tuple(float(v) for v in per_chain),
+        llc_first_half=float(n_beta * (draws[:, :half].mean() - init_loss)),
+        llc_second_half=float(n_beta * (draws[:, half:].mean() - init_loss)),
+        init_loss=init_loss, lr=lr, n_beta=n_beta, localization=localization,
+        num_chains=num_chains, num_draws=num_draws, num_burnin_steps=num_burnin_steps,
+        batch_size=batch_size, full_batch=batch_size == samples, sgld_steps=steps,
+        forward_backward_passes=num_chains * steps,
+        samples_processed=num_chains * steps * batch_size, wall_time_s=wall,
+        loss_trace=tuple(tuple(float(v) for v in row) for row in trace),
     )
+
+
+def full_data_loss(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
+                   loss: PerSampleLoss) -> float:
+    """``L_n(w)``: the mean per-sample loss on all n samples, in float64, in training mode (the
+    mode devinterp samples in); the model's mode is restored."""
+    was_training = model.training
+    model.train()
+    try:
+        with torch.no_grad():
+            return float(loss(model(inputs), targets).to(torch.float64).mean())
+    finally:
+        model.train(was_training)
+
+
+@dataclass(frozen=True)
+class StepSizeScan:
+    """LLC estimates at step sizes a factor 2 apart and the step chosen where they agree.
+
+    ``spread`` of a window of three consecutive step sizes (a 4x range) is ``(max - min) / mean``
+    of its estimates; the chosen step is the middle of the window with the smallest spread among
+    those whose estimates are all positive and equilibrated; ``insensitive`` says whether that
+    spread is within ``tolerance``.
+    """
+
+    step_sizes: tuple[float, ...]
+    estimates: tuple[LLCEstimate, ...]
+    chosen_lr: float
+    chosen: LLCEstimate
+    window: tuple[float, float]  # the 4x range around the chosen step
+    spread: float
+    insensitive: bool
+    tolerance: float
+    rule: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"step_sizes": list(self.step_sizes),
+                "llc": [e.llc_mean for e in self.estimates],
+                "llc_stderr": [e.llc_stderr for e in self.estimates],
+                "equilibration_drift": [e.equilibration_drift for e in self.estimates],
+                "chosen_lr": self.chosen_lr, "chosen_llc": self.chosen.llc_mean,
+                "window": list(self.window), "spread": self.spread, "insensitive": self.insensitive,
+                "tolerance": self.tolerance, "rule": self.rule,
+                "wall_time_s": sum(e.wall_time_s for e in self.estimates),
+                "forward_backward_passes": sum(e.forward_backward_passes for e in self.estimates)}
+
+
+def scan_step_sizes(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, *,
+                    loss: PerSampleLoss, step_sizes: Sequence[float], localization: float,
+                    tolerance: float = 0.10, **sampler: Any) -> StepSizeScan:
+    """Estimate the LLC at each step size and choose the one where a 4x range of them agrees.
+
+    ``step_sizes`` must be increasing, a factor 2 apart, at least three of them. A window (three
+    consecutive steps) is admissible when its three estimates are positive and equilibrated
+    (first and second half of the draws within ``tolerance`` of the estimate). The chosen step is
+    the middle of the admissible window with the smallest spread; when no window is admissible the
+    smallest spread overall is taken and ``rule`` says so. Nothing here looks at a true lambda.
+    ``sampler`` goes to :func:`estimate_llc` (chains, draws, burn-in, batch size, seed, ...).
+    """
+    steps = [float(s) for s in step_sizes]
+    if len(steps) < 3 or any(not math.isclose(b / a, 2.0, rel_tol=1e-9) for a, b in zip(steps, steps[1:])):
+        raise ValueError(f"step_sizes must be at least three values, each twice the previous, got {steps}")
+    estimates = [estimate_llc(model, inputs, targets, loss=loss, lr=lr, localization=localization, **sampler)
+                 for lr in steps]
+
+    def spread(i: int) -> float:
+        values = [e.llc_mean for e in estimates[i - 1:i + 2]]
+        return (max(values) - min(values)) / abs(float(np.mean(values))) if np.mean(values) != 0 else math.inf
+
+    def admissible(i: int) -> bool:
+        return all(e.llc_mean > 0 and e.equilibration_drift <= tolerance for e in estimates[i - 1:i + 2])
+
+    middles = range(1, len(steps) - 1)
+    candidates = [i for i in middles if admissible(i)]
+    if candidates:
+        chosen = min(candidates, key=spread)
+        rule = ("middle of the 4x step range whose estimates agree best, among ranges whose estimates "
+                "are positive and equilibrated")
+    else:
+        chosen = min(middles, key=spread)
+        rule = ("NO 4x step range had positive, equilibrated estimates; chose the smallest spread anyway "
+                "(lengthen the chains or move the step range)")
+    return StepSizeScan(step_sizes=tuple(steps), estimates=tuple(estimates), chosen_lr=steps[chosen],
+                        chosen=estimates[chosen], window=(steps[chosen - 1], steps[chosen + 1]),
+                        spread=spread(chosen), insensitive=bool(candidates) and spread(chosen) <= tolerance,
+                        tolerance=tolerance, rule=rule)

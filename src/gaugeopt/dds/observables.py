@@ -25,10 +25,10 @@ import torch
 
 DEFAULT_REL_TOL = 1e-10
 
-# Observable names, in the order they appear in a row. Values of the "log" kind are fitted as
+# The observables whose slopes are read, in row order. Values of the "log" kind are fitted as
 # log(O) against log t; values of the "linear" kind (already logarithms) are fitted as O itself.
+# sigma2_min_X is not among them: it is N * lambda_min_A, so its slope is lambda_min_A's.
 SLOPE_OBSERVABLES: dict[str, str] = {
-    "sigma2_min_X": "log",
     "lambda_min_G": "log",
     "logdet_G": "linear",
     "lambda_min_A": "log",
@@ -76,9 +76,13 @@ def second_moment_eigenvalues(data: torch.Tensor) -> torch.Tensor:
 
 def positive_spectrum(data: torch.Tensor, rel_tol: float = DEFAULT_REL_TOL) -> PositiveSpectrum:
     """Positive spectrum of ``Z^T Z / N``: eigenvalues above ``rel_tol * lambda_max``."""
+    return positive_part(second_moment_eigenvalues(data), rel_tol)
+
+
+def positive_part(eigenvalues: torch.Tensor, rel_tol: float = DEFAULT_REL_TOL) -> PositiveSpectrum:
+    """The eigenvalues (ascending) above ``rel_tol * lambda_max``."""
     if not 0.0 < rel_tol < 1.0:
         raise ValueError(f"rel_tol must lie in (0, 1), got {rel_tol}")
-    eigenvalues = second_moment_eigenvalues(data)
     lambda_max = float(eigenvalues[-1])
     if lambda_max <= 0.0:
         return PositiveSpectrum(eigenvalues=eigenvalues[:0], tau=0.0)
@@ -117,18 +121,30 @@ def site_observables(
 
     Raises ``ValueError`` when the shapes disagree or a spectrum is empty (all-zero data).
     """
+    eigenvalues = site_eigenvalues(site, activations, gradients)
+    return observables_from_eigenvalues(site, eigenvalues["A"], eigenvalues["G"], samples=activations.shape[0],
+                                        width=activations.shape[1], rel_tol=rel_tol)
+
+
+def site_eigenvalues(site: str, activations: torch.Tensor, gradients: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``{"A": eigenvalues of X^T X / N, "G": eigenvalues of D^T D / N}`` (ascending, float64)."""
     if activations.shape != gradients.shape:
         raise ValueError(
             f"site {site!r}: activations {tuple(activations.shape)} and gradients "
             f"{tuple(gradients.shape)} must have the same (N, h) shape"
         )
-    spectrum_A = positive_spectrum(activations, rel_tol)
-    spectrum_G = positive_spectrum(gradients, rel_tol)
+    return {"A": second_moment_eigenvalues(activations), "G": second_moment_eigenvalues(gradients)}
+
+
+def observables_from_eigenvalues(site: str, eigenvalues_A: torch.Tensor, eigenvalues_G: torch.Tensor, *,
+                                 samples: int, width: int, rel_tol: float = DEFAULT_REL_TOL) -> SiteObservables:
+    """The row of a site from all eigenvalues (ascending) of its ``A`` and ``G``."""
+    spectrum_A = positive_part(eigenvalues_A, rel_tol)
+    spectrum_G = positive_part(eigenvalues_G, rel_tol)
     if spectrum_A.rank == 0:
         raise ValueError(f"site {site!r}: activations are identically zero")
     if spectrum_G.rank == 0:
         raise ValueError(f"site {site!r}: per-sample gradients are identically zero")
-    samples, width = activations.shape
     return SiteObservables(
         site=site,
         width=int(width),

@@ -3,22 +3,28 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
 from .capture import PerSampleLoss, capture_sites
-from .observables import DEFAULT_REL_TOL, SiteObservables, site_observables
+from .observables import DEFAULT_REL_TOL, SiteObservables, observables_from_eigenvalues, site_eigenvalues
 
 
 @dataclass(frozen=True)
 class DDSReading:
-    """Rows of :class:`SiteObservables` (one per readable site) and ``skipped`` (site -> reason)."""
+    """Rows of :class:`SiteObservables` (one per readable site) and ``skipped`` (site -> reason).
+
+    ``spectra`` keeps, per site, every eigenvalue (ascending, float64) of ``A`` and of ``G``, so a
+    rate readout can follow the same eigenvalues along a trajectory; it stays in memory (it is not
+    part of :meth:`as_dict`).
+    """
 
     rows: tuple[SiteObservables, ...]
     skipped: dict[str, str]
+    spectra: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False, compare=False)
 
     def row(self, site: str) -> SiteObservables:
         """The row of ``site`` (``"name"`` is read as ``"name:output"``)."""
@@ -63,9 +69,15 @@ def dead_direction_signatures(
     captured = capture_sites(model, inputs, targets, loss, sites)
     rows: list[SiteObservables] = []
     skipped = dict(captured.skipped)
+    spectra: dict[str, dict[str, torch.Tensor]] = {}
     for site, activations in captured.activations.items():
+        gradients = captured.gradients[site]
         try:
-            rows.append(site_observables(site, activations, captured.gradients[site], rel_tol))
+            eigenvalues = site_eigenvalues(site, activations, gradients)
+            rows.append(observables_from_eigenvalues(site, eigenvalues["A"], eigenvalues["G"],
+                                                     samples=activations.shape[0], width=activations.shape[1],
+                                                     rel_tol=rel_tol))
+            spectra[site] = eigenvalues
         except ValueError as error:
             skipped[site] = str(error)
-    return DDSReading(rows=tuple(rows), skipped=skipped)
+    return DDSReading(rows=tuple(rows), skipped=skipped, spectra=spectra)

@@ -11,15 +11,25 @@ vertical (gauge-orbit) part of each step. A metric is any callable ``metric(delt
 flattened parameter change (default: the Euclidean norm); ``project_horizontal(delta) -> delta``
 removes the vertical components (default: identity, i.e. no gauge quotient).
 
-A (site, observable) cell *reads* when its fit has R^2 >= 0.9 on at least 8 points, a positive
-slope, and the slopes fitted on the two halves of the window (split at the median log t) differ by
-at most 25 % of the full-window slope.
+The readout rule, fixed before any run and validated on trajectories with a known answer
+(``tests/test_dds_readout_known_answers.py``): a (site, observable) cell
+
+1. is *measurable* when, over the smaller-t half of its window (the points below the median log t),
+   the fitted observable falls by at least ``MIN_DECAY_DECADES`` = 0.5 decades. Otherwise it has
+   levelled off: the endpoint is not singular along it, and no rate can be read;
+2. *reads* when it is measurable and its full-window fit has R^2 >= 0.9 on at least 8 points, a
+   positive slope, and slopes on the two halves of the window within 25 % of the full-window slope.
+
+Along a trajectory each (site, side) follows the *same* k eigenvalues at every checkpoint, k the
+largest positive rank (``rel_tol``) seen in the window: ``lambda_min`` is the k-th largest
+eigenvalue and ``logdet`` the sum of the logs of the k largest. A rank that flickers across the
+threshold (63/64) then no longer switches ``lambda_min`` between two different eigenvalues.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -37,6 +47,7 @@ Projection = Callable[[torch.Tensor], torch.Tensor]
 MIN_POINTS = 8
 MIN_R2 = 0.9
 MAX_HALF_DISAGREEMENT = 0.25
+MIN_DECAY_DECADES = 0.5
 
 
 @dataclass(frozen=True)
@@ -114,7 +125,7 @@ def fit_slope(t: Sequence[float] | np.ndarray, values: Sequence[float] | np.ndar
 
 @dataclass(frozen=True)
 class CellReading:
-    """The readability verdict of one (site, observable) cell."""
+    """The verdict of one (site, observable) cell: measurable, and if so whether it reads."""
 
     site: str
     observable: str
@@ -122,27 +133,31 @@ class CellReading:
     half_slopes: tuple[float, float] | None  # (small-t half, large-t half)
     reads: bool
     reason: str  # "reads" or why not
+    measurable: bool = True
+    decay_decades: float | None = None  # fitted fall over the smaller-t half, in decades
+    rank: int | None = None  # eigenvalues followed along the window (window rank)
 
     def as_dict(self) -> dict[str, Any]:
         return {"site": self.site, "observable": self.observable,
                 "fit": None if self.fit is None else self.fit.as_dict(),
                 "half_slopes": None if self.half_slopes is None else list(self.half_slopes),
-                "reads": self.reads, "reason": self.reason}
+                "reads": self.reads, "measurable": self.measurable, "reason": self.reason,
+                "decay_decades": self.decay_decades, "rank": self.rank}
 
 
 def read_cell(t: Sequence[float] | np.ndarray, values: Sequence[float] | np.ndarray, *,
               site: str = "", observable: str = "", kind: str = "log",
               window: tuple[float, float] | None = None, min_points: int = MIN_POINTS,
-              min_r2: float = MIN_R2, max_half_disagreement: float = MAX_HALF_DISAGREEMENT
-              ) -> CellReading:
-    """Apply the readable-cell rule of dds.md §3 to one series."""
+              min_r2: float = MIN_R2, max_half_disagreement: float = MAX_HALF_DISAGREEMENT,
+              min_decay_decades: float = MIN_DECAY_DECADES, rank: int | None = None) -> CellReading:
+    """Apply the readout rule (module docstring) to one series."""
     log_t, y = _fit_points(np.asarray(t), np.asarray(values), kind, window)
 
-    def verdict(fit, halves, reason):
-        return CellReading(site, observable, fit, halves, reason == "reads", reason)
+    def verdict(fit, halves, reason, measurable=True, decay=None):
+        return CellReading(site, observable, fit, halves, reason == "reads", reason, measurable, decay, rank)
 
     if log_t.size < max(min_points, 4):
-        return verdict(None, None, f"{log_t.size} usable points < {max(min_points, 4)}")
+        return verdict(None, None, f"{log_t.size} usable points < {max(min_points, 4)}", measurable=False)
     slope, stderr, r2, intercept = _least_squares(log_t, y)
     fit = SlopeFit(slope, stderr, r2, intercept,
                    (float(np.exp(log_t.min())), float(np.exp(log_t.max()))), int(log_t.size))
@@ -152,16 +167,21 @@ def read_cell(t: Sequence[float] | np.ndarray, values: Sequence[float] | np.ndar
     try:
         halves = (_least_squares(log_t[low], y[low])[0], _least_squares(log_t[high], y[high])[0])
     except ValueError:
-        return verdict(fit, None, "a half of the window has a single distinct t")
+        return verdict(fit, None, "a half of the window has a single distinct t", measurable=False)
+    decay = halves[0] * float(np.ptp(log_t[low])) / math.log(10)  # fitted fall over the small-t half
+    if decay < min_decay_decades:
+        return verdict(fit, halves, f"not measurable: falls by {decay:.2f} decades over the smaller-t half of "
+                                    f"the window (needs {min_decay_decades}); the endpoint is not singular "
+                                    f"along it", measurable=False, decay=decay)
     if r2 < min_r2:
-        return verdict(fit, halves, f"R^2 {r2:.3f} < {min_r2}")
+        return verdict(fit, halves, f"R^2 {r2:.3f} < {min_r2}", decay=decay)
     if slope <= 0:
-        return verdict(fit, halves, f"slope {slope:.3g} is not positive")
+        return verdict(fit, halves, f"slope {slope:.3g} is not positive", decay=decay)
     if abs(halves[0] - halves[1]) > max_half_disagreement * abs(slope):
         return verdict(fit, halves, f"half-window slopes {halves[0]:.3g} and {halves[1]:.3g} "
                                     f"differ by more than {max_half_disagreement:.0%} of "
-                                    f"{slope:.3g}")
-    return verdict(fit, halves, "reads")
+                                    f"{slope:.3g}", decay=decay)
+    return verdict(fit, halves, "reads", decay=decay)
 
 
 def flatten_parameters(model: nn.Module) -> torch.Tensor:
@@ -211,33 +231,84 @@ def remaining_arc_length_of_checkpoints(checkpoints: Sequence[torch.Tensor], *,
 
 @dataclass(frozen=True)
 class RateReadout:
-    """All (site, observable) cells of a trajectory and how many of them read."""
+    """All (site, observable) cells of a trajectory, the cells left out, and the verdict."""
 
     t: tuple[float, ...]
     cells: tuple[CellReading, ...]
+    excluded: tuple[dict[str, str], ...] = ()  # {"site", "observable", "reason"}
 
     @property
     def readable_cells(self) -> int:
         return sum(cell.reads for cell in self.cells)
 
     @property
+    def measurable_cells(self) -> int:
+        return sum(cell.measurable for cell in self.cells)
+
+    @property
     def total_cells(self) -> int:
         return len(self.cells)
 
+    @property
+    def measurable(self) -> bool:
+        return self.measurable_cells > 0
+
+    def summary(self) -> str:
+        """``"k of m measurable cells read (of n)"``, or why the trajectory is not measurable."""
+        if self.measurable:
+            return (f"{self.readable_cells} of {self.measurable_cells} measurable cells read "
+                    f"({self.total_cells} cells)")
+        decays = [(c.decay_decades, c) for c in self.cells if c.decay_decades is not None]
+        if not decays:
+            return f"not measurable: no cell of {self.total_cells} has enough usable points"
+        largest, cell = max(decays, key=lambda pair: pair[0])
+        return (f"not measurable: none of {self.total_cells} cells falls by {MIN_DECAY_DECADES} decades over the "
+                f"smaller-t half of the window (largest {largest:.2f}, {cell.site} {cell.observable}); the "
+                f"endpoint is not singular")
+
     def as_dict(self) -> dict[str, Any]:
         return {"t": list(self.t), "readable_cells": self.readable_cells,
-                "total_cells": self.total_cells, "cells": [c.as_dict() for c in self.cells]}
+                "measurable_cells": self.measurable_cells, "total_cells": self.total_cells,
+                "summary": self.summary(), "cells": [c.as_dict() for c in self.cells],
+                "excluded": list(self.excluded)}
+
+
+def window_rank_series(spectra: Sequence[torch.Tensor | None], rel_tol: float,
+                       kind: str) -> tuple[list[float], int]:
+    """The k-th largest eigenvalue (``kind="lambda_min"``) or the sum of logs of the k largest
+    (``"logdet"``) at every checkpoint, k the largest positive rank (``rel_tol``) among them.
+
+    A checkpoint without a spectrum, or whose k-th eigenvalue is not positive, gives NaN.
+    """
+    from .observables import positive_part
+
+    present = [s for s in spectra if s is not None]
+    if not present:
+        return [math.nan] * len(spectra), 0
+    rank = max(positive_part(s, rel_tol).rank for s in present)
+    values = []
+    for spectrum in spectra:
+        if spectrum is None or rank == 0 or spectrum.numel() < rank or float(spectrum[-rank]) <= 0:
+            values.append(math.nan)
+            continue
+        top = spectrum[-rank:]
+        values.append(float(top[0]) if kind == "lambda_min" else float(torch.log(top).sum()))
+    return values, rank
 
 
 def rate_readout(t: Sequence[float] | np.ndarray, readings: Sequence[DDSReading], *,
                  observables: Sequence[str] = tuple(SLOPE_OBSERVABLES),
-                 window: tuple[float, float] | None = None, **rule: Any) -> RateReadout:
-    """Fit every (site, observable) series of ``readings`` against ``t`` and count readable cells.
+                 window: tuple[float, float] | None = None, exclude: Mapping[str, str] | None = None,
+                 rel_tol: float = DEFAULT_REL_TOL, **rule: Any) -> RateReadout:
+    """Apply the readout rule to every (site, observable) series of ``readings`` against ``t``.
 
     ``t[i]`` is the distance of checkpoint i to the singular set (e.g. from
-    :func:`remaining_arc_length`);
-    ``rule`` overrides ``min_points``, ``min_r2`` or ``max_half_disagreement``. A site missing from
-    a reading (skipped there) contributes no point at that checkpoint.
+    :func:`remaining_arc_length`). Readings that carry spectra are followed at the window rank
+    (module docstring); otherwise the rows' positive-spectrum values are used. ``exclude`` maps
+    ``"site:observable"`` (or a whole ``"site"``) to the reason it is left out (duplicates, probe
+    artefacts); excluded cells are listed but not counted. ``rule`` overrides ``min_points``,
+    ``min_r2``, ``max_half_disagreement`` or ``min_decay_decades``. A site missing from a reading
+    contributes no point at that checkpoint.
     """
     t = np.asarray(t, dtype=np.float64)
     if len(readings) != t.size:
@@ -246,16 +317,31 @@ def rate_readout(t: Sequence[float] | np.ndarray, readings: Sequence[DDSReading]
     if unknown:
         raise ValueError(f"unknown observables {sorted(unknown)}; "
                          f"choose from {list(SLOPE_OBSERVABLES)}")
+    exclude = dict(exclude or {})
+    in_window = t > 0
+    if window is not None:
+        in_window &= (t >= window[0]) & (t <= window[1])
     rows_by_site = [{row.site: row for row in reading.rows} for reading in readings]
     sites = list(dict.fromkeys(site for table in rows_by_site for site in table))
-    cells = []
+    cells, excluded = [], []
     for site in sites:
         by_checkpoint = [table.get(site) for table in rows_by_site]
         for name in observables:
-            values = [getattr(row, name) if row is not None else math.nan for row in by_checkpoint]
-            cells.append(read_cell(t, values, site=site, observable=name,
-                                   kind=SLOPE_OBSERVABLES[name], window=window, **rule))
-    return RateReadout(t=tuple(float(x) for x in t), cells=tuple(cells))
+            reason = exclude.get(f"{site}:{name}", exclude.get(site))
+            if reason is not None:
+                excluded.append({"site": site, "observable": name, "reason": reason})
+                continue
+            statistic, side = name.rsplit("_", 1)
+            spectra = [reading.spectra.get(site, {}).get(side) if keep else None
+                       for reading, keep in zip(readings, in_window)]
+            rank = None
+            if any(s is not None for s in spectra):
+                values, rank = window_rank_series(spectra, rel_tol, statistic)
+            else:
+                values = [getattr(row, name) if row is not None else math.nan for row in by_checkpoint]
+            cells.append(read_cell(t, values, site=site, observable=name, kind=SLOPE_OBSERVABLES[name],
+                                   window=window, rank=rank, **rule))
+    return RateReadout(t=tuple(float(x) for x in t), cells=tuple(cells), excluded=tuple(excluded))
 
 
 class TrajectoryRecorder:
@@ -329,4 +415,4 @@ class TrajectoryRecorder:
                 observables: Sequence[str] = tuple(SLOPE_OBSERVABLES), **rule: Any) -> RateReadout:
         """Rate readout over the recordings; the last one (t = 0) is the reference point."""
         return rate_readout(self.remaining_arc_length(), self.readings, observables=observables,
-                            window=window, **rule)
+                            window=window, rel_tol=self.rel_tol, **rule)

@@ -19,13 +19,19 @@ import torch
 import torch.nn.functional as F
 
 from ..data import modular_addition_split
+from ..dds import SLOPE_OBSERVABLES
 from ..models import ModularAdditionConfig, ModularAdditionTransformer
 from .checks import OPEN_UNIT, check_config
+from .common import mean
 from .registry import Experiment
 from .runner import RunContext
+from .statistics import band_verdict, interval_verdict, mean_interval, spearman_rho
 from .training import OptimizerSettings, build_optimizer, train_loop
 
 ORDERING_RHO = 0.8
+# Fixed before the runs: the DDS reading whose separation of d_model the claim tests (the smallest
+# positive eigenvalue of the head's per-sample-gradient second moment).
+TRACKED_READING = "decoder.head:output lambda_min_G"
 
 
 @dataclass(frozen=True)
@@ -45,16 +51,15 @@ class ModAddWidthConfig:
     run_llc: bool = True
     llc_lr: float = 1e-4
     llc_localization: float = 100.0
-    llc_chains: int = 2
-    llc_draws: int = 100
-    llc_batch_size: int = 64
+    llc_chains: int = 4
+    llc_draws: int = 200
+    llc_burnin: int = 200
     seeds: tuple[int, ...] = (0,)
 
     def __post_init__(self) -> None:
         check_config(self, positive=("modulus", "widths", "n_layers", "n_heads", "ff_ratio", "steps", "eval_every",
-                                     "lr", "probe_samples", "llc_lr", "llc_localization", "llc_chains", "llc_draws",
-                                     "llc_batch_size"),
-                     non_negative=("weight_decay", "warmup_steps"), within={"train_fraction": OPEN_UNIT},
+                                     "lr", "probe_samples", "llc_lr", "llc_localization", "llc_chains", "llc_draws"),
+                     non_negative=("weight_decay", "warmup_steps", "llc_burnin"), within={"train_fraction": OPEN_UNIT},
                      divisible=[("widths", "n_heads")])
 
 
@@ -63,8 +68,6 @@ def per_sample_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> tor
 
 
 def spearman(x: list[float], y: list[float]) -> float | None:
-    from ..dds.benchmarks import spearman_rho
-
     rho = spearman_rho(x, y)
     return rho if math.isfinite(rho) else None
 
@@ -81,103 +84,112 @@ def orders_of_magnitude(values: list[float], kind: str) -> float | None:
     return math.log10(max(finite) / min(finite))
 
 
-def run(config: ModAddWidthConfig, context: RunContext) -> None:
-    from ..dds import SLOPE_OBSERVABLES, dead_direction_signatures, estimate_llc
+def run_width(c: ModAddWidthConfig, seed: int, width: int, data, context: RunContext) -> dict:
+    """Train one width with AdamW, read DDS at the end and (optionally) the LLC under the calibrated
+    protocol (full batch, burn-in dropped, estimates at llc_lr / 2, llc_lr, 2 llc_lr)."""
+    from ..dds import dead_direction_signatures, scan_step_sizes
 
-    c, folder, device = config, context.folder, context.device
-    seed = c.seeds[0]
-    data = modular_addition_split(c.modulus, c.train_fraction, seed=seed)
+    folder, device = context.folder, context.device
     train_x, train_y = data.train_inputs.to(device), data.train_labels.to(device)
     val_x, val_y = data.val_inputs.to(device), data.val_labels.to(device)
     probe_x, probe_y = train_x[: c.probe_samples], train_y[: c.probe_samples]
-    per_width: list[dict] = []
-    for width in c.widths:
-        torch.manual_seed(seed)
-        model = ModularAdditionTransformer(ModularAdditionConfig(
-            modulus=c.modulus, d_model=width, n_layers=c.n_layers, n_heads=c.n_heads,
-            d_ff=c.ff_ratio * width)).to(device)
-        settings = OptimizerSettings(lr=c.lr, weight_decay=c.weight_decay, warmup_steps=c.warmup_steps)
-        optimizer = build_optimizer("adamw", model, settings, c.steps)
+    torch.manual_seed(seed)
+    model = ModularAdditionTransformer(ModularAdditionConfig(
+        modulus=c.modulus, d_model=width, n_layers=c.n_layers, n_heads=c.n_heads,
+        d_ff=c.ff_ratio * width)).to(device)
+    settings = OptimizerSettings(lr=c.lr, weight_decay=c.weight_decay, warmup_steps=c.warmup_steps)
+    optimizer = build_optimizer("adamw", model, settings, c.steps)
 
-        def evaluate() -> dict[str, float]:
-            return {"train_loss": F.cross_entropy(model(train_x), train_y).item(),
-                    "val_acc": (model(val_x).argmax(-1) == val_y).float().mean().item()}
+    def evaluate() -> dict[str, float]:
+        return {"train_loss": F.cross_entropy(model(train_x), train_y).item(),
+                "val_acc": (model(val_x).argmax(-1) == val_y).float().mean().item()}
 
-        with folder.timed(f"train d_model {width}"), context.bar(total=c.steps, desc=f"d_model {width}") as bar:
-            outcome = train_loop(model=model, optimizer=optimizer, steps=c.steps,
-                                 batch_loss=lambda step: F.cross_entropy(model(train_x), train_y),
-                                 evaluate=evaluate, eval_every=c.eval_every, bar=bar,
-                                 on_eval=lambda step, m, w=width: folder.log_point(
-                                     f"d_model {w}", seed, step=step, **m))
-        model.eval()
-        sites = ["decoder.head", f"decoder.blocks.{c.n_layers - 1}.ffn.down"]
-        start = time.perf_counter()
-        reading = dead_direction_signatures(model, probe_x, probe_y, loss=per_sample_cross_entropy, sites=sites)
-        dds_seconds = time.perf_counter() - start
-        entry = {"d_model": width, **outcome["last"], "dds": {r.site: r.as_dict() for r in reading.rows},
-                 "dds_skipped": reading.skipped, "dds_wall_time_s": dds_seconds, "llc": None}
-        folder.set_metric(f"d_model {width}", "train_loss", entry["train_loss"])
-        folder.set_metric(f"d_model {width}", "val_acc", entry["val_acc"])
-        folder.set_metric(f"d_model {width}", "dds_wall_s", dds_seconds)
-        if c.run_llc:
-            with folder.timed(f"llc d_model {width}"):
-                llc = estimate_llc(model, train_x, train_y, loss=per_sample_cross_entropy, lr=c.llc_lr,
-                                   localization=c.llc_localization, num_chains=c.llc_chains,
-                                   num_draws=c.llc_draws, batch_size=min(c.llc_batch_size, len(train_y)),
-                                   seed=seed, device=str(device))
-            entry["llc"] = llc.as_dict()
-            folder.set_metric(f"d_model {width}", "llc", llc.llc_mean)
-            folder.set_metric(f"d_model {width}", "llc_wall_s", llc.wall_time_s)
-        per_width.append(entry)
-        folder.results["widths"] = per_width
-        folder.flush()
-    widths = [float(e["d_model"]) for e in per_width]
-    readings = []
-    for site in dict.fromkeys(s for e in per_width for s in e["dds"]):
-        for name, kind in SLOPE_OBSERVABLES.items():
-            values = [e["dds"].get(site, {}).get(name) for e in per_width]
-            if any(v is None for v in values):
-                continue
-            readings.append({"reading": f"DDS {site} {name}", "values": values,
-                             "rho": spearman(values, widths), "orders": orders_of_magnitude(values, kind)})
-    llc_rows = []
+    label = f"d_model {width}"
+    with folder.timed(f"train {label} seed {seed}"), context.bar(total=c.steps, desc=label) as bar:
+        outcome = train_loop(model=model, optimizer=optimizer, steps=c.steps,
+                             batch_loss=lambda step: F.cross_entropy(model(train_x), train_y),
+                             evaluate=evaluate, eval_every=c.eval_every, bar=bar,
+                             on_eval=lambda step, m: folder.log_point(label, seed, step=step, **m))
+    model.eval()
+    start = time.perf_counter()
+    reading = dead_direction_signatures(model, probe_x, probe_y, loss=per_sample_cross_entropy, sites=dds_sites(c))
+    entry = {"d_model": width, "seed": seed, **outcome["last"], "dds": {r.site: r.as_dict() for r in reading.rows},
+             "dds_skipped": reading.skipped, "dds_wall_time_s": time.perf_counter() - start, "llc": None}
     if c.run_llc:
-        llc_values = [e["llc"]["llc_mean"] for e in per_width]
-        llc_rows = [{"reading": "LLC", "values": llc_values, "rho": spearman(llc_values, widths),
-                     "orders": orders_of_magnitude(llc_values, "log")}]
-    folder.results["separation"] = [*readings, *llc_rows]
-    for row in folder.results["separation"]:
-        folder.set_metric(row["reading"], "spearman_rho_with_d_model", row["rho"])
-        folder.set_metric(row["reading"], "orders_of_magnitude", row["orders"])
+        with folder.timed(f"llc {label} seed {seed}"):
+            scan = scan_step_sizes(model, train_x, train_y, loss=per_sample_cross_entropy,
+                                   step_sizes=(c.llc_lr / 2, c.llc_lr, 2 * c.llc_lr), localization=c.llc_localization,
+                                   num_chains=c.llc_chains, num_draws=c.llc_draws, num_burnin_steps=c.llc_burnin,
+                                   seed=seed, device=str(device))
+        entry["llc"] = scan.chosen.as_dict()
+        entry["llc_step_scan"] = scan.as_dict()
+    return entry
+
+
+def dds_sites(c: ModAddWidthConfig) -> list[str]:
+    return ["decoder.head", f"decoder.blocks.{c.n_layers - 1}.ffn.down"]
+
+
+def run(config: ModAddWidthConfig, context: RunContext) -> None:
+    c, folder = config, context.folder
+    per_width: list[dict] = []
+    for seed in c.seeds:
+        data = modular_addition_split(c.modulus, c.train_fraction, seed=seed)
+        for width in c.widths:
+            per_width.append(run_width(c, seed, width, data, context))
+            folder.results["widths"] = per_width
+            folder.flush()
+    summarise(c, folder, per_width)
+
+
+def summarise(c: ModAddWidthConfig, folder, per_width: list[dict]) -> None:
+    widths = [float(w) for w in c.widths]
+    seeds = list(dict.fromkeys(e["seed"] for e in per_width))
+    by_seed = {s: sorted((e for e in per_width if e["seed"] == s), key=lambda e: e["d_model"]) for s in seeds}
+    rows = []
+    for site in dict.fromkeys(f"{s}:output" for s in dds_sites(c)):
+        for name, kind in SLOPE_OBSERVABLES.items():
+            rows.append({"reading": f"DDS {site} {name}", "kind": kind,
+                         "values": {s: [e["dds"].get(site, {}).get(name) for e in by_seed[s]] for s in seeds}})
+    if c.run_llc:
+        rows.append({"reading": "LLC", "kind": "log",
+                     "values": {s: [e["llc"]["llc_mean"] for e in by_seed[s]] for s in seeds}})
+    for row in rows:
+        row["rho"] = {s: spearman(v, widths) if None not in v else None for s, v in row["values"].items()}
+        row["orders"] = {s: orders_of_magnitude(v, row["kind"]) for s, v in row["values"].items()}
+        folder.set_metric(row["reading"], "Spearman rho with d_model (mean over seeds)", mean(row["rho"].values()))
+        folder.set_metric(row["reading"], "span (orders of magnitude, mean over seeds)", mean(row["orders"].values()))
+    folder.results["separation"] = rows
+    first = seeds[0]
     folder.add_figure({"file": "readings_vs_width.png", "kind": "line", "xscale": "log",
-                       "title": "readings against d_model (normalised to the smallest width)",
-                       "xlabel": "d_model", "ylabel": "log10(reading / reading at smallest width)",
-                       "series": [{"label": row["reading"], "x": widths,
-                                   "y": [_decades(v, row["values"][0], row["reading"]) for v in row["values"]]}
-                                  for row in folder.results["separation"]]})
-    # The headline uses single-eigenvalue readings: a logdet+ sums more eigenvalues as the width
-    # grows, so its span partly counts dimensions (its rows stay in the metrics table).
-    ordered = [r for r in readings if r["rho"] is not None and abs(r["rho"]) >= ORDERING_RHO and r["orders"]
-               and "logdet" not in r["reading"]]
-    if ordered:
-        best = max(ordered, key=lambda r: r["orders"])
-        ours = f"{best['reading']}: rho {best['rho']:+.2f}, {best['orders']:.1f} orders"
-    else:
-        ours = "no DDS reading orders the widths (|rho| < 0.8)"
-    folder.add_claim("DDS separates d_model", "across 18 orders of magnitude", ours, bool(ordered),
-                     f"criterion: some smallest-eigenvalue DDS reading has |Spearman rho| >= {ORDERING_RHO} "
-                     f"with d_model (logdet+ excluded: its term count grows with width); widths {list(c.widths)}")
-    if not llc_rows:
+                       "title": f"readings against d_model, relative to the smallest width (seed {first})",
+                       "xlabel": "d_model", "ylabel": "log10(reading / reading at the smallest width)",
+                       "series": [{"label": row["reading"].replace("decoder.", "").replace(":output", ""),
+                                   "x": widths, "y": [_decades(v, row["values"][first][0], row["reading"])
+                                                      for v in row["values"][first]]}
+                                  for row in rows]})
+    tracked = next(r for r in rows if r["reading"] == f"DDS {TRACKED_READING}")
+    rho = mean_interval(tracked["rho"])
+    orders = mean(tracked["orders"].values())
+    verdict = (interval_verdict(rho, direction="above", threshold=ORDERING_RHO) if (rho.mean or 0) >= 0
+               else interval_verdict(rho, direction="below", threshold=-ORDERING_RHO))
+    folder.add_claim("DDS separates d_model", "across 18 orders of magnitude",
+                     f"{TRACKED_READING} (fixed before the run): rho {rho.describe(2)}, span "
+                     + (f"{orders:.1f} orders (mean over seeds)" if orders is not None else "undefined"),
+                     verdict, f"criterion: the 95 % interval over seeds of Spearman rho with d_model lies beyond "
+                              f"+-{ORDERING_RHO}; widths {list(c.widths)}; every reading's rho is in the metrics",
+                     evidence={"rho": rho.as_dict(), "orders": tracked["orders"]})
+    if not c.run_llc:
         return
-    llc_row = llc_rows[0]
-    rho = llc_row["rho"]
+    llc = rows[-1]
+    rho = mean_interval(llc["rho"])
     folder.add_claim("the LLC at its protocol budget does not order d_model", "LLC flat",
-                     f"rho {rho:+.2f}, " + (f"{llc_row['orders']:.2f} orders" if llc_row["orders"] is not None
-                                             else "span undefined (a non-positive LLC)")
-                     if rho is not None else "rho undefined",
-                     bool(rho is None or abs(rho) < ORDERING_RHO),
-                     f"criterion: |Spearman rho| < {ORDERING_RHO}; SGLD lr {c.llc_lr}, localization "
-                     f"{c.llc_localization}, {c.llc_chains} chains x {c.llc_draws} draws")
+                     f"rho {rho.describe(2)}, span {mean(llc['orders'].values()) or float('nan'):.2f} orders",
+                     band_verdict(rho, low=-ORDERING_RHO, high=ORDERING_RHO),
+                     f"criterion: the 95 % interval over seeds of the LLC's Spearman rho with d_model lies inside "
+                     f"(-{ORDERING_RHO}, {ORDERING_RHO}); full-batch SGLD, step {c.llc_lr} (also /2 and x2 on "
+                     f"record), localization {c.llc_localization}, {c.llc_chains} chains x ({c.llc_burnin} burn-in "
+                     f"+ {c.llc_draws} draws)", evidence={"rho": rho.as_dict()})
 
 
 def _decades(value: float, reference: float, reading: str) -> float | None:
@@ -192,10 +204,10 @@ def _decades(value: float, reference: float, reading: str) -> float | None:
 
 PRESETS = {
     "tiny": ModAddWidthConfig(modulus=7, widths=(8, 16), n_heads=2, steps=10, eval_every=5, warmup_steps=2,
-                              probe_samples=16, run_llc=False, llc_chains=1, llc_draws=10, llc_batch_size=8),
-    "smoke": ModAddWidthConfig(llc_draws=50),
-    "full": ModAddWidthConfig(modulus=97, train_fraction=0.4, widths=(16, 32, 64, 128), n_layers=2,
-                              steps=1500, eval_every=100, llc_chains=4, llc_draws=200, llc_batch_size=256),
+                              probe_samples=16, run_llc=False, llc_chains=2, llc_draws=10, llc_burnin=5),
+    "smoke": ModAddWidthConfig(widths=(16, 32, 64, 128), llc_chains=2, llc_draws=100, llc_burnin=100),
+    "full": ModAddWidthConfig(modulus=31, train_fraction=0.5, widths=(16, 32, 64, 128), steps=800, eval_every=100,
+                              seeds=(0, 1, 2)),
 }
 
 EXPERIMENT = Experiment(

@@ -20,6 +20,7 @@ from .checks import OPEN_UNIT, UNIT, check_config, field_error
 from .common import ARM_LABELS, mean
 from .registry import Experiment
 from .runner import RunContext
+from .statistics import interval_verdict, paired_difference
 from .training import GAUGE_PROBE_POSITIONS, OptimizerSettings, seeded_arm, train_arm
 
 ROUTER_FIELDS = ("load_cv", "max_load", "dead_fraction", "logit_rms", "z_loss")
@@ -103,15 +104,22 @@ def run(config: MoEExperimentConfig, context: RunContext) -> None:
         for name, values in row.items():
             folder.set_metric(arm, name, mean(values))
     if "adamw" in final and "symcompat" in final:
-        ours, base = final["symcompat"], final["adamw"]
-        folder.add_claim("lower validation loss than AdamW", "lower (e.g. 4.081 vs 4.116, OLMoE-style)",
-                         f"{mean(ours['val_loss']):.3f} ({ARM_LABELS['symcompat']}) vs {mean(base['val_loss']):.3f}",
-                         bool(mean(ours["val_loss"]) < mean(base["val_loss"])), "criterion: lower mean val loss")
-        if "load_cv" in ours and "load_cv" in base:
-            folder.add_claim("lower load imbalance than AdamW", "lower load CV",
-                             f"load CV {mean(ours['load_cv']):.3f} vs {mean(base['load_cv']):.3f}",
-                             bool(mean(ours["load_cv"]) < mean(base["load_cv"])),
-                             "criterion: lower mean load CV over layers")
+        per_seed = {arm: {name: dict(zip(c.seeds, values)) for name, values in final[arm].items()}
+                    for arm in ("adamw", "symcompat")}
+        for name, claim, anchor, what in (
+                ("val_loss", "lower validation loss than AdamW", "lower (e.g. 4.081 vs 4.116, OLMoE-style)",
+                 "validation loss"),
+                ("load_cv", "lower load imbalance than AdamW", "lower load CV", "load CV (mean over layers)")):
+            if name not in per_seed["adamw"] or name not in per_seed["symcompat"]:
+                continue
+            difference = paired_difference(per_seed["symcompat"][name], per_seed["adamw"][name])
+            folder.add_claim(claim, anchor,
+                             f"{what} {mean(final['symcompat'][name]):.3f} ({ARM_LABELS['symcompat']}) vs "
+                             f"{mean(final['adamw'][name]):.3f}; paired difference {difference.describe(3)}",
+                             interval_verdict(difference, direction="below"),
+                             f"criterion: the 95 % interval of the per-seed difference "
+                             f"({ARM_LABELS['symcompat']} - AdamW) lies below 0",
+                             evidence={"paired_difference": difference.as_dict()})
 
 
 PRESETS = {
@@ -121,7 +129,7 @@ PRESETS = {
     "smoke": MoEExperimentConfig(),
     "full": MoEExperimentConfig(works=("hamlet_gut", "macbeth_gut", "othello_gut", "lear_gut"), d_model=128,
                                 n_layers=4, d_ff=128, seq_len=128, batch_size=32, steps=3000, eval_every=100,
-                                eval_windows=64, warmup_steps=100),
+                                eval_windows=64, warmup_steps=100, seeds=(0, 1, 2)),
 }
 
 EXPERIMENT = Experiment(

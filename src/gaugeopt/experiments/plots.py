@@ -7,9 +7,12 @@ Two sources:
 
       {"file": "gap.png", "kind": "line" | "scatter" | "bar", "title": str,
        "xlabel": str, "ylabel": str, "xscale": "linear" | "log", "yscale": "linear" | "log",
-       "series": [{"label": str, "x": [...], "y": [...]}]}
+       "series": [{"label": str, "x": [...], "y": [...]}],
+       "hlines": [{"y": float, "label": str | None, "style": "dashed" | "dotted"}]}
 
-  For ``bar`` the x values are category names shared by all series (grouped bars).
+  For ``bar`` the x values are category names shared by all series (grouped bars). ``hlines`` draw
+  the thresholds a verdict uses. Curves get readable axis labels from :data:`SERIES_LABELS`, and
+  the thresholds in ``results["curve_lines"][series]``.
 """
 
 from __future__ import annotations
@@ -23,6 +26,23 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 CURVE_PREFIX = "curve_"
+
+# Axis labels of the logged series (a series not listed is shown with spaces for underscores).
+SERIES_LABELS = {
+    "train_loss": "training loss (nats)", "val_loss": "validation loss (nats)",
+    "gap": "validation - training loss (nats)", "val_acc": "validation accuracy",
+    "train_acc": "training accuracy", "compressed_units": "fraction of FFN units compressed",
+    "load_cv": "router load CV (mean over layers)", "max_load": "largest expert load share",
+    "dead_fraction": "fraction of experts with no tokens", "logit_rms": "router logit RMS",
+    "z_loss": "router z-loss", "gain_mean": "mean norm gain |g| (all RMSNorms)",
+    "head_logit_rms": "LM-head logit RMS (validation windows)",
+    "gain_log_drift_rms": "RMS drift of log|g| from the start (norm gains)",
+    "neuron_balance_drift_rms": "RMS drift of log(|in|/|out|) (FFN neurons)",
+}
+
+
+def series_label(name: str) -> str:
+    return SERIES_LABELS.get(name, name.replace("_", " "))
 
 
 def _finite_pairs(xs: list, ys: list) -> tuple[list, list]:
@@ -45,25 +65,28 @@ def curve_figures(results: dict[str, Any]) -> list[dict[str, Any]]:
                     lines.append({"label": f"{arm} (seed {seed})", "arm": arm,
                                   "x": series["step"][: len(series[name])], "y": series[name]})
         positive = all(y is None or y > 0 for line in lines for y in line["y"])
-        figures.append({"file": f"{CURVE_PREFIX}{name}.png", "kind": "line", "title": name.replace("_", " "),
-                        "xlabel": "step", "ylabel": name, "xscale": "linear",
-                        "yscale": "log" if positive and "loss" in name else "linear", "series": lines})
+        figures.append({"file": f"{CURVE_PREFIX}{name}.png", "kind": "line", "title": series_label(name),
+                        "xlabel": "training step", "ylabel": series_label(name), "xscale": "linear",
+                        "yscale": "log" if positive and "loss" in name else "linear", "series": lines,
+                        "hlines": results.get("curve_lines", {}).get(name, [])})
     return figures
 
 
 def render_figure(figure: dict[str, Any], path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
     kind = figure.get("kind", "line")
     series = figure.get("series", [])
+    categories = list(dict.fromkeys(c for s in series for c in s["x"])) if kind == "bar" else []
+    fig, ax = plt.subplots(figsize=(max(6.4, 0.2 * len(categories) * max(1, len(series)) ** 0.5), 4.6), dpi=110)
     if kind == "bar":
-        categories = list(dict.fromkeys(c for s in series for c in s["x"]))
         width = 0.8 / max(1, len(series))
         for i, s in enumerate(series):
             lookup = dict(zip(s["x"], s["y"]))
             xs = [j + (i - (len(series) - 1) / 2) * width for j in range(len(categories))]
             ys = [lookup.get(c) if lookup.get(c) is not None else float("nan") for c in categories]
             ax.bar(xs, ys, width=width, label=s["label"])
-        ax.set_xticks(range(len(categories)), [str(c) for c in categories], rotation=30, ha="right")
+        many = len(categories) > 12
+        ax.set_xticks(range(len(categories)), [str(c) for c in categories], rotation=90 if many else 30,
+                      ha="center" if many else "right", fontsize=7 if many else None)
     else:
         arm_colours: dict[str, Any] = {}
         cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -80,7 +103,11 @@ def render_figure(figure: dict[str, Any], path: Path) -> None:
         for axis, scale in (("x", figure.get("xscale")), ("y", figure.get("yscale"))):
             if scale == "log":
                 (ax.set_xscale if axis == "x" else ax.set_yscale)("log")
-    ax.set_title(figure.get("title", ""))
+    for line in figure.get("hlines", []):
+        if line.get("y") is not None:
+            ax.axhline(line["y"], color="0.35", lw=1.0, ls=":" if line.get("style") == "dotted" else "--",
+                       label=line.get("label") or "_nolegend_")
+    ax.set_title(figure.get("title", ""), fontsize=10)
     ax.set_xlabel(figure.get("xlabel", ""))
     ax.set_ylabel(figure.get("ylabel", ""))
     if series:

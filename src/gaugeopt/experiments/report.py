@@ -11,6 +11,11 @@ from .runfolder import read_results
 VERDICT = {True: "reproduced", False: "not reproduced", None: "not decided"}
 
 
+def verdict_label(claim: dict[str, Any]) -> str:
+    """The verdict words of a claim row: its own label when it has one ("not measurable", ...)."""
+    return claim.get("verdict") or VERDICT[claim["reproduced"]]
+
+
 def format_value(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
@@ -46,13 +51,23 @@ def render_report(results: dict[str, Any], figure_files: list[str]) -> str:
         "",
     ]
     claims = results.get("claims", [])
+    if results.get("reading"):
+        lines += ["**Reading:** " + " ".join(results["reading"]), ""]
     if claims:
         lines += _table(["claim", "paper", "ours", "verdict", "note"],
-                        [[c["claim"], c["anchor"], c["ours"], VERDICT[c["reproduced"]], c.get("note", "")]
+                        [[c["claim"], c["anchor"], c["ours"], verdict_label(c), c.get("note", "")]
                          for c in claims])
     else:
         lines.append("No claim was evaluated: " + ("the run stopped before its end." if status != "complete"
                      else "the arms or sizes run do not include a paper comparison."))
+    if results.get("notes"):
+        lines += ["", "## Notes", ""]
+        lines += [f"- {note}" for note in results["notes"]]
+    for table in results.get("tables", []):
+        lines += ["", f"## {table['title']}", ""]
+        lines += _table(table["header"], table["rows"])
+        if table.get("note"):
+            lines += ["", table["note"]]
     metrics = results.get("metrics", {})
     if metrics:
         names = list(dict.fromkeys(n for m in metrics.values() for n in m))
@@ -71,6 +86,27 @@ def render_report(results: dict[str, Any], figure_files: list[str]) -> str:
         lines += ["", "## Plots", ""]
         lines += [f"![{name}]({name})" for name in figure_files]
     return "\n".join(lines) + "\n"
+
+
+def terminal_summary(results: dict[str, Any], width: int = 100) -> str:
+    """The verdict table of a run as plain text for a terminal, then the run's reading of it."""
+    import textwrap
+
+    claims = results.get("claims", [])
+    lines = [f"Verdicts: {results['experiment']} ({results['preset']} preset, {len(results.get('seeds') or [])} "
+             f"seed(s), status {results.get('status')})", ""]
+    for number, claim in enumerate(claims, 1):
+        lines.append(f"{number}. {claim['claim']}  ->  {verdict_label(claim).upper()}")
+        lines += textwrap.wrap(f"paper: {claim['anchor']}", width, initial_indent="     ", subsequent_indent="     ")
+        lines += textwrap.wrap(f"ours:  {claim['ours']}", width, initial_indent="     ", subsequent_indent="       ")
+        if claim.get("note"):
+            lines += textwrap.wrap(f"why:   {claim['note']}", width, initial_indent="     ", subsequent_indent="       ")
+    if not claims:
+        lines.append("(no claim was evaluated)")
+    if results.get("reading"):
+        lines += ["", "Reading:"] + [textwrap.fill(text, width, initial_indent="  ", subsequent_indent="  ")
+                                     for text in results["reading"]]
+    return "\n".join(lines)
 
 
 def write_report(run_dir: str | Path) -> Path:

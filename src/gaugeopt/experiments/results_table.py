@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from .report import VERDICT
+from .registry import experiment_names
+from .report import verdict_label
 from .runfolder import read_results
 
 HEADER = ["experiment", "preset", "seeds", "date (UTC)", "commit", "machine", "claim", "paper", "ours", "verdict", "run"]
@@ -31,7 +32,7 @@ def results_rows(run_dirs: Sequence[Path]) -> list[list[str]]:
         claims = results.get("claims") or [{"claim": f"(no claim; run {status})", "anchor": "", "ours": "",
                                             "reproduced": None}]
         for claim in claims:
-            verdict = VERDICT[claim["reproduced"]] + ("" if status == "complete" else f" ({status} run)")
+            verdict = verdict_label(claim) + ("" if status == "complete" else f" ({status} run)")
             rows.append([*common, claim["claim"], claim["anchor"], claim["ours"], verdict, f"`{Path(run_dir).name}`"])
     return rows
 
@@ -47,5 +48,10 @@ def results_markdown(run_dirs: Sequence[Path]) -> str:
         "| " + " | ".join(HEADER) + " |",
         "|" + "---|" * len(HEADER),
     ]
-    lines += ["| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |" for row in results_rows(run_dirs)]
+    rows = results_rows(run_dirs)
+    lines += ["| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |" for row in rows]
+    missing = [name for name in experiment_names() if name not in {row[0] for row in rows}]
+    if missing:
+        lines += ["", "No run in this table for: " + ", ".join(f"`{name}`" for name in missing)
+                  + " (docs/experiments.md, 'What was run', says why and gives the commands)."]
     return "\n".join(lines) + "\n"

@@ -1,20 +1,152 @@
 """rrr: the reduced-rank regression grid of dds.md §4, DDS vs the devinterp LLC vs closed-form lambda.
 
-Wraps :func:`gaugeopt.dds.benchmarks.rrr_benchmark` (14 cells M = 10, N = 5, H = 2..5, r0 = 1..H in
-``full``) into a run folder. Paper: the calibrated LLC recovers lambda at 99 % on average; DDS
-observables at the output layer rank-track lambda; DDS costs one forward-backward per checkpoint.
+``y = B A x`` with M = 10 inputs, N = 5 outputs, width H = 2..5 and true rank r0 = 1..H (14 cells in
+``full``). Per cell a fresh random teacher and data set; the checkpoint is the exact least-squares
+rank-H fit (:func:`rrr_checkpoint`). Measured per cell:
+
+* the devinterp LLC under the calibrated protocol of :mod:`gaugeopt.dds.llc` (full-batch SGLD,
+  burn-in dropped, several chains, initial loss on all n): the SGLD step size ``lr0`` is chosen once
+  per seed on a separate calibration cell by :func:`~gaugeopt.dds.llc.scan_step_sizes` (the middle
+  of the 4x step range where estimates agree, never looking at lambda), and every grid cell is then
+  estimated at ``lr0 / 2``, ``lr0`` and ``2 lr0`` so its step-size sensitivity is on record;
+  ``LLC / lambda`` uses the estimate at ``lr0``;
+* DDS at the checkpoint (one forward and one backward), with wall time and passes for both.
+
+A second, known-answer part validates the DDS readout rule on reduced-rank regression:
+:func:`rrr_singular_path` walks the model along a path to the singular set of rank r0 (the H - r0
+excess directions scaled by t), and the readout must read the planted cells and no control.
+Paper: the calibrated LLC recovers lambda at 99 % on average; DDS rank-tracks lambda.
 """
 
 from __future__ import annotations
 
 import math
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
+import numpy as np
+import torch
+from torch import nn
+
+from ..dds import SLOPE_OBSERVABLES, DDSReading, dead_direction_signatures, rate_readout, rrr_grid
+from ..dds import rrr_learning_coefficient
+from ..models import ReducedRankRegression, ReducedRankRegressionConfig
 from .checks import check_config
+from .common import half_squared_error, mean
 from .registry import Experiment
 from .runner import RunContext
+from .statistics import Verdict, band_verdict, interval_verdict, mean_interval, spearman_rho
 
+DTYPE = torch.float64
 OUTPUT_SITE = "B:output"
+HIDDEN_SITE = "A:output"
+SITES = (HIDDEN_SITE, OUTPUT_SITE)
+# Fixed before the runs: the DDS reading whose rank correlation with lambda the claim tests.
+TRACKING_OBSERVABLE = "logdet_A"
+LLC_TOLERANCE = 0.10
+
+
+def rrr_checkpoint(M: int, N: int, H: int, r: int, *, samples: int, noise: float,
+                   seed: int) -> tuple[ReducedRankRegression, torch.Tensor, torch.Tensor]:
+    """Data from a random rank-r teacher and the exact least-squares fit of width H.
+
+    The teacher is ``B0 A0`` with standard Gaussian factors; ``y = B0 A0 x + noise * eps``. The
+    checkpoint is the global minimiser of the empirical squared error among rank-H maps (OLS
+    projected onto the top-H principal directions of its fitted outputs), split into balanced
+    factors ``B = U S^(1/2)``, ``A = S^(1/2) V^T``.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    teacher = (torch.randn(N, r, generator=generator, dtype=DTYPE)
+               @ torch.randn(r, M, generator=generator, dtype=DTYPE))
+    x = torch.randn(samples, M, generator=generator, dtype=DTYPE)
+    y = x @ teacher.T + noise * torch.randn(samples, N, generator=generator, dtype=DTYPE)
+    ols = torch.linalg.lstsq(x, y).solution.T  # N x M
+    _, _, output_directions = torch.linalg.svd(x @ ols.T, full_matrices=False)
+    top = output_directions[:H]
+    fitted = top.T @ top @ ols
+    u, s, vt = torch.linalg.svd(fitted, full_matrices=False)
+    model = ReducedRankRegression(ReducedRankRegressionConfig(inputs=M, outputs=N, width=H)).to(DTYPE)
+    with torch.no_grad():
+        model.B.weight.copy_(u[:, :H] * s[:H].sqrt())
+        model.A.weight.copy_(s[:H].sqrt()[:, None] * vt[:H])
+    return model, x, y
+
+
+def gaussian_nll(noise: float):
+    """Per-sample negative log-likelihood ``||y - f(x)||^2 / (2 noise^2)`` (up to a constant)."""
+    def nll(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return half_squared_error(outputs, targets) / noise**2
+    return nll
+
+
+def rrr_planted_cells(H: int, r: int, N: int) -> dict[str, float]:
+    """``"site:observable" -> planted slope`` on :func:`rrr_singular_path` (empty when H = r).
+
+    The H - r excess hidden units scale as t: at the hidden site both A (activations ``A x``) and G
+    (``B^T`` times the residual) have H - r eigenvalues ~ t^2 (slope 2, logdet slope 2 (H - r)); at
+    the output the activations gain H - r eigenvalues ~ t^4 (when H <= N). The output's G is the
+    residual, label noise: a control.
+    """
+    excess = H - r
+    if excess == 0:
+        return {}
+    planted = {f"{HIDDEN_SITE}:lambda_min_A": 2.0, f"{HIDDEN_SITE}:logdet_A": 2.0 * excess,
+               f"{HIDDEN_SITE}:lambda_min_G": 2.0, f"{HIDDEN_SITE}:logdet_G": 2.0 * excess}
+    if H <= N:
+        planted.update({f"{OUTPUT_SITE}:lambda_min_A": 4.0, f"{OUTPUT_SITE}:logdet_A": 4.0 * excess})
+    return planted
+
+
+def rrr_singular_path(M: int, N: int, H: int, r: int, *, t_values: Sequence[float], samples: int = 1000,
+                      noise: float = 1.0, seed: int = 0) -> tuple[np.ndarray, list[DDSReading]]:
+    """DDS readings along a path to the rank-r singular set of a width-H reduced-rank regression.
+
+    ``A(t) = [A0; t U]``, ``B(t) = [B0, t V]`` with the rank-r teacher ``B0 A0`` generating the
+    data and random U, V: at t = 0 the model sits on the singular set (the H - r excess units
+    are dead), and t is the distance along the path.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    a0 = torch.randn(r, M, generator=generator, dtype=DTYPE)
+    b0 = torch.randn(N, r, generator=generator, dtype=DTYPE)
+    u = torch.randn(H - r, M, generator=generator, dtype=DTYPE)
+    v = torch.randn(N, H - r, generator=generator, dtype=DTYPE)
+    x = torch.randn(samples, M, generator=generator, dtype=DTYPE)
+    y = x @ (b0 @ a0).T + noise * torch.randn(samples, N, generator=generator, dtype=DTYPE)
+    model = ReducedRankRegression(ReducedRankRegressionConfig(inputs=M, outputs=N, width=H)).to(DTYPE)
+    t = np.asarray(t_values, dtype=np.float64)
+    readings = []
+    for value in t:
+        with torch.no_grad():
+            model.A.weight.copy_(torch.cat([a0, value * u]))
+            model.B.weight.copy_(torch.cat([b0, value * v], dim=1))
+        readings.append(dead_direction_signatures(model, x, y, loss=gaussian_nll(noise), sites=list(SITES)))
+    return t, readings
+
+
+def read_rrr_path(M: int, N: int, H: int, r: int, *, t_values: Sequence[float], samples: int = 1000,
+                  noise: float = 1.0, seed: int = 0) -> dict[str, Any]:
+    """The readout rule on :func:`rrr_singular_path`, scored against the planted cells."""
+    t, readings = rrr_singular_path(M, N, H, r, t_values=t_values, samples=samples, noise=noise, seed=seed)
+    readout = rate_readout(t, readings)
+    planted = rrr_planted_cells(H, r, N)
+    cells = [{**c.as_dict(), "planted_slope": planted.get(f"{c.site}:{c.observable}")} for c in readout.cells]
+    planted_read = [c for c in cells if c["planted_slope"] is not None and c["reads"]]
+    controls = [c for c in cells if c["planted_slope"] is None]
+    return {"H": H, "r": r, "summary": readout.summary(), "cells": cells, "planted": len(planted),
+            "planted_read": len(planted_read), "controls": len(controls),
+            "controls_read": sum(c["reads"] for c in controls),
+            "slope_over_planted": {f"{c['site']}:{c['observable']}": c["fit"]["slope"] / c["planted_slope"]
+                                   for c in planted_read}}
+
+
+def _timed_dds(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss, repeats: int) -> tuple[DDSReading, float]:
+    reading = dead_direction_signatures(model, x, y, loss=loss, sites=list(SITES))  # warm-up
+    start = time.perf_counter()
+    for _ in range(repeats):
+        reading = dead_direction_signatures(model, x, y, loss=loss, sites=list(SITES))
+    return reading, (time.perf_counter() - start) / repeats
 
 
 @dataclass(frozen=True)
@@ -25,81 +157,192 @@ class RRRConfig:
     samples: int = 1000
     noise: float = 1.0
     run_llc: bool = True
-    num_chains: int = 2
-    num_draws: int = 200
-    calibration_draws: int = 150
-    calibration_lrs: tuple[float, ...] = (5e-5, 1e-4, 2e-4, 4e-4, 8e-4)
-    calibration_cell: tuple[int, int] = (4, 2)  # (H, r) of the cell the SGLD step size is tuned on
+    num_chains: int = 4
+    num_draws: int = 1000
+    num_burnin_steps: int = 1000
+    calibration_lrs: tuple[float, ...] = (2.5e-5, 5e-5, 1e-4, 2e-4, 4e-4)
+    calibration_cell: tuple[int, int] = (4, 2)  # (H, r) of the separate cell the step size is chosen on
     localization: float = 1.0
     dds_repeats: int = 10
-    seeds: tuple[int, ...] = (0,)
+    path_t: tuple[float, float, int] = (0.3, 0.003, 12)  # readout validation path: t from, to, points
+    seeds: tuple[int, ...] = (0, 1, 2)
 
     def __post_init__(self) -> None:
         check_config(self, positive=("M", "N", "widths", "samples", "noise", "num_chains", "num_draws",
-                                     "calibration_draws", "calibration_lrs", "calibration_cell", "localization",
-                                     "dds_repeats"))
+                                     "calibration_lrs", "calibration_cell", "localization", "dds_repeats", "path_t"),
+                     non_negative=("num_burnin_steps",))
+
+
+def run_seed(c: RRRConfig, seed: int, context: RunContext) -> dict[str, Any]:
+    """Calibration, every grid cell (LLC at three step sizes, DDS) and the readout paths of one seed."""
+    from ..dds.llc import scan_step_sizes
+
+    folder = context.folder
+    nll = gaussian_nll(c.noise)
+    sampler = dict(num_chains=c.num_chains, num_draws=c.num_draws, num_burnin_steps=c.num_burnin_steps)
+    out: dict[str, Any] = {"seed": seed, "calibration": None, "cells": [], "paths": []}
+    lr0 = None
+    if c.run_llc:
+        H0, r0 = c.calibration_cell
+        model, x, y = rrr_checkpoint(c.M, c.N, H0, r0, samples=c.samples, noise=c.noise, seed=10_000 + seed)
+        with folder.timed(f"calibration seed {seed}"):
+            scan = scan_step_sizes(model, x, y, loss=nll, step_sizes=c.calibration_lrs,
+                                   localization=c.localization, seed=seed, **sampler)
+        out["calibration"] = {"cell": [H0, r0], **scan.as_dict()}
+        lr0 = scan.chosen_lr
+    cells = rrr_grid(M=c.M, N=c.N, widths=c.widths)
+    for index, cell in enumerate(context.bar(cells, desc=f"rrr cells, seed {seed}")):
+        coefficient = rrr_learning_coefficient(**cell)
+        model, x, y = rrr_checkpoint(c.M, c.N, cell["H"], cell["r"], samples=c.samples, noise=c.noise,
+                                     seed=1000 * seed + index)
+        reading, dds_seconds = _timed_dds(model, x, y, nll, c.dds_repeats)
+        row: dict[str, Any] = {**cell, "lambda": coefficient.lambda_, "case": coefficient.case,
+                               "dds": {r.site: r.as_dict() for r in reading.rows}, "dds_skipped": reading.skipped,
+                               "dds_wall_time_s": dds_seconds, "dds_forward_backward_passes": 1,
+                               "dds_samples_processed": c.samples}
+        if c.run_llc:
+            scan = scan_step_sizes(model, x, y, loss=nll, step_sizes=(lr0 / 2, lr0, 2 * lr0),
+                                   localization=c.localization, seed=1000 * seed + index, **sampler)
+            row.update({"llc": scan.chosen.as_dict(), "step_scan": scan.as_dict(),
+                        "llc_over_lambda": scan.chosen.llc_mean / coefficient.lambda_,
+                        "llc_over_lambda_by_step": [e.llc_mean / coefficient.lambda_ for e in scan.estimates]})
+        out["cells"].append(row)
+        folder.results.setdefault("by_seed", {})[str(seed)] = out
+        folder.flush()
+    start, stop, points = c.path_t
+    for H in c.widths:
+        for r in (1, H):
+            out["paths"].append(read_rrr_path(c.M, c.N, H, r, t_values=np.geomspace(start, stop, int(points)),
+                                              samples=c.samples, noise=c.noise, seed=2000 * seed + 10 * H + r))
+    return out
 
 
 def run(config: RRRConfig, context: RunContext) -> None:
-    from ..dds.benchmarks import rrr_benchmark
-
     c, folder = config, context.folder
-    seed = c.seeds[0]
-    if len(c.seeds) > 1:
-        folder.results["note"] = f"rrr uses one seed per run; ran seed {seed} only"
-    with folder.timed("rrr grid"):
-        result = rrr_benchmark(M=c.M, N=c.N, widths=c.widths, samples=c.samples, noise=c.noise, seed=seed,
-                               run_llc=c.run_llc, calibration_lrs=c.calibration_lrs,
-                               calibration_cell=c.calibration_cell,
-                               localization=c.localization, num_chains=c.num_chains, num_draws=c.num_draws,
-                               calibration_draws=c.calibration_draws, dds_repeats=c.dds_repeats,
-                               progress=context.progress)
-    folder.results["benchmark"] = result
-    cells, summary = result["cells"], result["summary"]
-    labels = [f"H{row['H']} r{row['r']}" for row in cells]
-    folder.set_metric("closed form", "lambda", [row["lambda"] for row in cells])
-    for entry in result["spearman_with_lambda"]:
-        folder.set_metric(f"DDS {entry['site']}", f"rho {entry['observable']}", entry["spearman_rho"])
-    for name, value in summary.items():
-        folder.set_metric("cost and LLC", name, value)
-    series = []
+    by_seed = {}
+    for seed in c.seeds:
+        with folder.timed(f"seed {seed}"):
+            by_seed[seed] = run_seed(c, seed, context)
+    summarise(c, folder, by_seed)
+
+
+def summarise(c: RRRConfig, folder, by_seed: dict[int, dict[str, Any]]) -> None:
+    seeds = list(by_seed)
+    first = by_seed[seeds[0]]["cells"]
+    labels = [f"H={row['H']}, r0={row['r']}" for row in first]
+    folder.set_metric("closed form", "lambda", [row["lambda"] for row in first])
+    dds_seconds = [row["dds_wall_time_s"] for s in seeds for row in by_seed[s]["cells"]]
+    folder.set_metric("cost per checkpoint", "DDS wall time (s, median)", float(np.median(dds_seconds)))
+    folder.set_metric("cost per checkpoint", "DDS forward-backward passes", 1)
+    rho_by_seed = {}
+    for s in seeds:
+        cells = by_seed[s]["cells"]
+        lambdas = [row["lambda"] for row in cells]
+        correlations = {}
+        for site in SITES:
+            for name in (*SLOPE_OBSERVABLES, "rank_G", "rank_A"):
+                values = [row["dds"].get(site, {}).get(name, math.nan) for row in cells]
+                correlations[f"{site} {name}"] = spearman_rho(values, lambdas)
+        by_seed[s]["spearman_with_lambda"] = correlations
+        rho_by_seed[s] = correlations
+    for key in rho_by_seed[seeds[0]]:
+        folder.set_metric("DDS Spearman rho with lambda (mean over seeds)", key,
+                          mean(rho_by_seed[s][key] for s in seeds))
     if c.run_llc:
-        series.append({"label": "LLC / lambda", "x": labels, "y": [row["llc_over_lambda"] for row in cells]})
-    folder.add_figure({"file": "llc_over_lambda.png", "kind": "bar", "title": "devinterp LLC / closed-form lambda",
-                       "xlabel": "cell", "ylabel": "ratio", "series": series})
-    folder.add_figure({"file": "dds_vs_lambda.png", "kind": "scatter", "yscale": "linear",
-                       "title": f"DDS at {OUTPUT_SITE} against lambda", "xlabel": "lambda", "ylabel": "value",
-                       "series": [{"label": name, "x": [row["lambda"] for row in cells],
-                                   "y": [row["dds"].get(OUTPUT_SITE, {}).get(name) for row in cells]}
-                                  for name in ("logdet_G", "logdet_A", "rank_A")]})
-    if c.run_llc:
-        ratio = summary["llc_over_lambda_mean"]
+        llc_ratio = {s: mean(row["llc_over_lambda"] for row in by_seed[s]["cells"]) for s in seeds}
+        llc_seconds = [row["llc"]["wall_time_s"] for s in seeds for row in by_seed[s]["cells"]]
+        passes = first[0]["llc"]["forward_backward_passes"]
+        spread = [row["step_scan"]["spread"] for s in seeds for row in by_seed[s]["cells"]]
+        folder.set_metric("cost per checkpoint", "LLC wall time (s, median)", float(np.median(llc_seconds)))
+        folder.set_metric("cost per checkpoint", "LLC forward-backward passes", passes)
+        folder.set_metric("cost per checkpoint", "LLC samples processed", first[0]["llc"]["samples_processed"])
+        folder.results["tables"] = [llc_cell_table(by_seed)]
+        folder.add_figure({"file": "llc_over_lambda.png", "kind": "bar",
+                           "title": "devinterp LLC / closed-form lambda per cell (mean over seeds)",
+                           "xlabel": "cell (width H, true rank r0)", "ylabel": "LLC / lambda",
+                           "series": [{"label": f"step {label}", "x": labels,
+                                       "y": [mean(by_seed[s]["cells"][i]["llc_over_lambda_by_step"][k] for s in seeds)
+                                             for i in range(len(labels))]}
+                                      for k, label in enumerate(("lr0 / 2", "lr0 (reported)", "2 lr0"))],
+                           "hlines": [{"y": 1.0, "label": "lambda"},
+                                      {"y": 1 - LLC_TOLERANCE, "label": f"criterion band +-{LLC_TOLERANCE:.0%}",
+                                       "style": "dotted"},
+                                      {"y": 1 + LLC_TOLERANCE, "label": None, "style": "dotted"}]})
+        interval = mean_interval(llc_ratio)
         folder.add_claim("calibrated LLC recovers lambda", "LLC 99 % of lambda (mean over 14 cells)",
-                         f"{ratio:.1%} (min {summary['llc_over_lambda_min']:.1%}, "
-                         f"max {summary['llc_over_lambda_max']:.1%})",
-                         bool(abs(ratio - 1) <= 0.10), "criterion: mean LLC/lambda within 10 % of 1")
+                         f"mean LLC/lambda {interval.describe(3)}; per seed "
+                         + ", ".join(f"{v:.3f}" for v in llc_ratio.values()),
+                         band_verdict(interval, low=1 - LLC_TOLERANCE, high=1 + LLC_TOLERANCE),
+                         f"criterion: the 95 % interval over seeds of the mean over cells of LLC/lambda lies within "
+                         f"{LLC_TOLERANCE:.0%} of 1; step sizes (lr0/2, lr0, 2 lr0) per cell, 4x range spread: median "
+                         f"{float(np.median(spread)):.1%}, max {max(spread):.1%}",
+                         evidence={"llc_over_lambda_by_seed": llc_ratio, "interval": interval.as_dict()})
+        ratio = float(np.median(llc_seconds)) / float(np.median(dds_seconds))
         folder.add_claim("DDS is far cheaper per checkpoint", "1 forward-backward (DDS) vs 10^4-10^6 (LLC)",
-                         f"{summary['wall_time_ratio_llc_over_dds']:.0f}x wall time, "
-                         f"{summary['pass_ratio_llc_over_dds']} vs 1 passes",
-                         bool(summary["wall_time_ratio_llc_over_dds"] >= 100),
-                         "criterion: LLC wall time per checkpoint >= 100x DDS's")
-    output = [e for e in result["spearman_with_lambda"] if e["site"] == OUTPUT_SITE
-              and e["spearman_rho"] is not None and math.isfinite(e["spearman_rho"])]
-    if output:
-        best = max(output, key=lambda e: abs(e["spearman_rho"]))
-        folder.add_claim("a DDS observable at the output layer rank-tracks lambda",
-                         "DDS rank-tracks lambda at the predicted sign",
-                         f"best |rho| {best['observable']}: {best['spearman_rho']:+.2f}",
-                         bool(abs(best["spearman_rho"]) >= 0.8),
-                         "criterion: |Spearman rho| >= 0.8; the papers' per-observable sign is not "
-                         "available here, so only the magnitude is checked")
+                         f"{ratio:.0f}x wall time, {passes} vs 1 passes", bool(ratio >= 100),
+                         "criterion: median LLC wall time per checkpoint >= 100x DDS's (a cost measurement, "
+                         "not a statistical claim)")
+    folder.add_figure({"file": "dds_vs_lambda.png", "kind": "scatter",
+                       "title": f"DDS at the output ({OUTPUT_SITE}) against the closed-form lambda, seed {seeds[0]}",
+                       "xlabel": "closed-form lambda (RLCT)", "ylabel": "log pseudo-determinant (nats)",
+                       "series": [{"label": label, "x": [row["lambda"] for row in first],
+                                   "y": [row["dds"].get(OUTPUT_SITE, {}).get(name) for row in first]}
+                                  for name, label in (("logdet_A", "logdet+ A (activations; the tracked reading)"),
+                                                      ("logdet_G", "logdet+ G (gradients)"))]})
+    key = f"{OUTPUT_SITE} {TRACKING_OBSERVABLE}"
+    rho = mean_interval({s: rho_by_seed[s][key] for s in seeds})
+    verdict = interval_verdict(rho, direction="above", threshold=0.8) if (rho.mean or 0) >= 0 else \
+        interval_verdict(rho, direction="below", threshold=-0.8)
+    folder.add_claim("a DDS observable at the output layer rank-tracks lambda",
+                     "DDS rank-tracks lambda at the predicted sign",
+                     f"Spearman rho of {TRACKING_OBSERVABLE} at {OUTPUT_SITE} (fixed before the run): {rho.describe(2)}",
+                     verdict, "criterion: the 95 % interval over seeds lies beyond |rho| = 0.8 (the papers' sign "
+                              "per observable is not available; every observable's rho is in the metrics)",
+                     evidence={"rho_by_seed": {s: rho_by_seed[s][key] for s in seeds}})
+    paths = [p for s in seeds for p in by_seed[s]["paths"]]
+    planted = sum(p["planted"] for p in paths)
+    planted_read = sum(p["planted_read"] for p in paths)
+    controls_read = sum(p["controls_read"] for p in paths)
+    ratios = [v for p in paths for v in p["slope_over_planted"].values()]
+    folder.set_metric("readout rule on RRR paths", "planted cells read", f"{planted_read}/{planted}")
+    folder.set_metric("readout rule on RRR paths", "control cells read",
+                      f"{controls_read}/{sum(p['controls'] for p in paths)}")
+    if ratios:
+        folder.set_metric("readout rule on RRR paths", "read slope / planted slope (min, max)",
+                          [min(ratios), max(ratios)])
+    folder.add_claim("the readout rule reads the planted cells and no control (RRR singular paths)",
+                     "our validation of dds.md §3 (no paper figure)",
+                     f"{planted_read}/{planted} planted cells read, slopes {min(ratios, default=math.nan):.2f}-"
+                     f"{max(ratios, default=math.nan):.2f} x planted; {controls_read} control cells read",
+                     bool(planted_read == planted and controls_read == 0
+                          and all(abs(v - 1) <= 0.1 for v in ratios)),
+                     "criterion: every planted cell reads within 10 % of its planted slope, no control reads "
+                     "(a deterministic check, paths at every width with r0 = 1 and the full-rank control r0 = H)")
+
+
+def llc_cell_table(by_seed: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """Per cell and seed: lambda, LLC at the three step sizes, LLC/lambda, spread, standard error."""
+    rows = []
+    for s, out in by_seed.items():
+        for row in out["cells"]:
+            scan = row["step_scan"]
+            rows.append([s, row["H"], row["r"], row["lambda"],
+                         *(f"{v:.2f}" for v in scan["llc"]), f"{row['llc_over_lambda']:.3f}",
+                         f"{scan['spread']:.1%}", f"{row['llc']['llc_stderr']:.2f}"])
+    steps = by_seed[next(iter(by_seed))]["cells"][0]["step_scan"]["step_sizes"]
+    return {"title": "LLC per cell (calibrated protocol)",
+            "header": ["seed", "H", "r0", "lambda", *(f"LLC at lr {s:.3g}" for s in steps), "LLC/lambda (middle lr)",
+                       "spread over 4x lr", "stderr (chains)"],
+            "rows": rows,
+            "note": "step sizes are lr0/2, lr0, 2 lr0 with lr0 chosen per seed on the calibration cell; "
+                    "the column headers give the first seed's values"}
 
 
 PRESETS = {
     "tiny": RRRConfig(M=4, N=3, widths=(1, 2), samples=200, run_llc=False, dds_repeats=2,
-                      calibration_cell=(2, 1)),
-    "smoke": RRRConfig(widths=(2, 3), num_draws=100, calibration_draws=100),
-    "full": RRRConfig(num_chains=4, num_draws=500, calibration_draws=300, dds_repeats=20),
+                      calibration_cell=(2, 1), path_t=(0.3, 0.003, 10), seeds=(0,)),
+    "smoke": RRRConfig(widths=(2, 3), num_draws=300, num_burnin_steps=300, num_chains=2, seeds=(0,)),
+    "full": RRRConfig(seeds=(0, 1, 2)),
 }
 
 EXPERIMENT = Experiment(

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from .environment import machine_description, package_versions, source_commit
+from .statistics import Verdict
 
 RESULTS_FILE = "results.json"
 REPORT_FILE = "report.md"
@@ -147,10 +148,23 @@ class RunFolder:
         self.results["figures"] = [*figures, to_json(figure)]
         self.flush()
 
-    def add_claim(self, claim: str, anchor: str, ours: str, reproduced: bool | None, note: str = "") -> None:
-        """One row of the report's verdict table. ``reproduced=None`` means "not decided here"."""
-        self.results["claims"].append(
-            {"claim": claim, "anchor": anchor, "ours": ours, "reproduced": reproduced, "note": note})
+    def add_claim(self, claim: str, anchor: str, ours: str, reproduced: bool | None | Verdict, note: str = "",
+                  evidence: dict[str, Any] | None = None) -> None:
+        """One row of the report's verdict table.
+
+        ``reproduced`` is a :class:`~gaugeopt.experiments.statistics.Verdict` (its label, e.g. "not
+        decided" or "not measurable", and its reason are kept) or a plain bool / None (None: "not
+        decided here"). ``evidence`` holds the numbers behind the verdict (per-seed values, interval).
+        """
+        row: dict[str, Any] = {"claim": claim, "anchor": anchor, "ours": ours, "note": note}
+        if isinstance(reproduced, Verdict):
+            row.update(reproduced=reproduced.reproduced, verdict=reproduced.label)
+            row["note"] = "; ".join(part for part in (note, reproduced.reason) if part)
+        else:
+            row["reproduced"] = reproduced
+        if evidence is not None:
+            row["evidence"] = to_json(evidence)
+        self.results["claims"].append(row)
         self.flush()
 
     @contextmanager

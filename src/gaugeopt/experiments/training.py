@@ -2,7 +2,11 @@
 
 Optimizer arms (``build_optimizer``):
 
-- ``adamw``: ``torch.optim.AdamW`` on every parameter.
+- ``adamw``: ``torch.optim.AdamW`` on every parameter (its weight decay pulls norm gains toward 0).
+- ``adamw-gains-undecayed``: ``torch.optim.AdamW`` with weight decay 0 on every norm gain (and norm
+  bias) that :func:`gaugeopt.find_gauges` finds: decaying the other matrices with the gains left
+  alone is how DDCAdam's decay acts on the merged consumer weights ``C diag(g)`` (docs/ddc.md), so
+  this arm and ``ddc-adam`` differ in the gauge only.
 - ``ddc-adam``: :class:`gaugeopt.DDCAdam` with the gauges :func:`gaugeopt.find_gauges` finds.
 - ``muon``: the standard Muon baseline, :class:`gaugeopt.MuonWithAdamW` (``torch.optim.Muon`` on the
   hidden 2-D matrices, ``torch.optim.AdamW`` on embeddings, the LM head and vectors): the same
@@ -10,8 +14,9 @@ Optimizer arms (``build_optimizer``):
 - ``ddc-muon``: :class:`gaugeopt.DDCMuon`, one optimizer for the whole model.
 - ``symcompat``: :class:`gaugeopt.SymmetryCompatible` on :func:`gaugeopt.symmetry_param_groups`.
 
-Every arm gets the same schedule: linear warm-up then cosine decay to ``min_lr_ratio`` of the peak,
-applied as a multiplier to each group's initial learning rate.
+Every arm gets the same schedule: linear warm-up then cosine decay to ``min_lr_ratio`` of the peak
+(``min_lr_ratio = 1``: a constant rate after warm-up), applied as a multiplier to each group's
+initial learning rate.
 """
 
 from __future__ import annotations
@@ -24,11 +29,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..gauges import find_gauges
+from ..gauges import NormScaling, find_gauges
 from ..optim import DDCAdam, DDCMuon, SymmetryCompatible, symmetry_param_groups
 from ..optim.baselines import MuonWithAdamW
 
-OPTIMIZER_ARMS = ("adamw", "ddc-adam", "muon", "ddc-muon", "symcompat")
+OPTIMIZER_ARMS = ("adamw", "adamw-gains-undecayed", "ddc-adam", "muon", "ddc-muon", "symcompat")
 
 # Token positions in the example that ``find_gauges`` traces for a sequence model. Its cost grows
 # quickly with the sequence length, and three positions already pin down RoPE's commutant (position
@@ -89,11 +94,17 @@ def build_optimizer(arm: str, model: nn.Module, settings: OptimizerSettings, tot
     if arm == "adamw":
         opts: list[torch.optim.Optimizer] = [
             torch.optim.AdamW(model.parameters(), lr=s.lr, betas=s.betas, weight_decay=s.weight_decay)]
-    elif arm in ("muon", "ddc-adam", "ddc-muon"):
+    elif arm in ("adamw-gains-undecayed", "muon", "ddc-adam", "ddc-muon"):
         if example_inputs is None:
             raise ValueError(f"arm {arm!r} needs example_inputs to find the model's gauges")
         gauges = find_gauges(model, example_inputs, output="logits")
-        if arm == "muon":  # the gauges only name the LM head, so Muon gets DDCMuon's matrices
+        if arm == "adamw-gains-undecayed":
+            held = norm_gain_names(gauges)
+            named = list(model.named_parameters())
+            groups = [{"params": [p for n, p in named if n not in held], "weight_decay": s.weight_decay},
+                      {"params": [p for n, p in named if n in held], "weight_decay": 0.0}]
+            opts = [torch.optim.AdamW([g for g in groups if g["params"]], lr=s.lr, betas=s.betas)]
+        elif arm == "muon":  # the gauges only name the LM head, so Muon gets DDCMuon's matrices
             opts = list(MuonWithAdamW(model, gauges, lr=s.muon_lr, momentum=s.momentum, nesterov=True,
                                       weight_decay=s.weight_decay, adjust_lr="original", adam_lr=s.lr,
                                       adam_betas=s.betas).optimizers)
@@ -110,14 +121,22 @@ def build_optimizer(arm: str, model: nn.Module, settings: OptimizerSettings, tot
     return OptimizerBundle(opts, total_steps, s)
 
 
+def norm_gain_names(gauges: Any) -> set[str]:
+    """Names of the norm gains (and norm biases) of the norm-scaling gauges in ``gauges``."""
+    return {name for family in gauges if isinstance(family, NormScaling)
+            for name in (family.gain, family.bias) if name}
+
+
 def seeded_arm(folder: Any, arm: str, seed: int, make_model: Callable[[], nn.Module], settings: OptimizerSettings,
-               total_steps: int, example_inputs: Any = None) -> tuple[nn.Module, OptimizerBundle]:
+               total_steps: int, example_inputs: Any = None, label: str | None = None
+               ) -> tuple[nn.Module, OptimizerBundle]:
     """The model and optimizer of one (arm, seed) run. The model is built right after seeding torch
     with ``seed``, so every arm starts from the same weights; the optimizer is built under the run
-    folder's ``setup`` timer (gauge discovery, for the gauge-aware arms, is part of it)."""
+    folder's ``setup`` timer, named by ``label`` (default the arm; gauge discovery, for the gauge-aware
+    arms, is part of it)."""
     torch.manual_seed(seed)
     model = make_model()
-    with folder.timed(f"setup {arm} seed {seed}"):
+    with folder.timed(f"setup {label or arm} seed {seed}"):
         optimizer = build_optimizer(arm, model, settings, total_steps, example_inputs=example_inputs)
     return model, optimizer
 

@@ -23,6 +23,7 @@ from .checks import OPEN_UNIT, UNIT, check_config
 from .common import ARM_LABELS, mean
 from .registry import Experiment
 from .runner import RunContext
+from .statistics import interval_verdict, paired_difference
 from .training import OptimizerSettings, seeded_arm, train_arm
 
 COMPRESSION_THRESHOLD = 1e-3
@@ -124,21 +125,34 @@ def run(config: ViTExperimentConfig, context: RunContext) -> None:
         for name, values in row.items():
             folder.set_metric(arm, name, mean(values))
     units = folder.results.get("unit_sizes", {})
-    folder.add_figure({"file": "ffn_unit_sizes.png", "kind": "line", "title": "feed-forward unit sizes (sorted)",
-                       "xlabel": "unit rank", "ylabel": "|up_i| |down_i|", "yscale": "log",
+    folder.add_figure({"file": "ffn_unit_sizes.png", "kind": "line",
+                       "title": f"feed-forward unit sizes, sorted (seed {c.seeds[0]})",
+                       "xlabel": "unit (sorted by size)", "ylabel": "|up_i| |down_:,i| (gauge-invariant size)",
+                       "yscale": "log",
                        "series": [{"label": ARM_LABELS.get(a, a), "x": list(range(len(v))), "y": v}
-                                  for a, v in units.items()]})
+                                  for a, v in units.items()],
+                       "hlines": [{"y": COMPRESSION_THRESHOLD * sorted(v)[len(v) // 2],
+                                   "label": f"compressed below 1e-3 x median ({ARM_LABELS.get(a, a)})",
+                                   "style": "dotted"} for a, v in units.items()]})
     if "adamw" in final and "ddc-adam" in final:
-        loss_ddc, loss_adamw = mean(final["ddc-adam"]["val_loss"]), mean(final["adamw"]["val_loss"])
+        per_seed = {arm: {name: dict(zip(c.seeds, values)) for name, values in final[arm].items()}
+                    for arm in ("adamw", "ddc-adam")}
+        loss = paired_difference(per_seed["ddc-adam"]["val_loss"], per_seed["adamw"]["val_loss"])
         folder.add_claim("DDCAdam reaches a lower validation loss", "1.71 (DDCAdam) vs 2.12 (AdamW)",
-                         f"{loss_ddc:.3f} vs {loss_adamw:.3f}", bool(loss_ddc < loss_adamw),
-                         f"criterion: lower mean validation loss; data set: {c.dataset}")
-        frac_ddc, frac_adamw = mean(final["ddc-adam"]["compressed_units"]), mean(final["adamw"]["compressed_units"])
+                         f"{mean(final['ddc-adam']['val_loss']):.3f} vs {mean(final['adamw']['val_loss']):.3f}; "
+                         f"paired difference {loss.describe(3)}",
+                         interval_verdict(loss, direction="below"),
+                         f"criterion: the 95 % interval of the per-seed difference (DDCAdam - AdamW) lies below 0; "
+                         f"data set: {c.dataset}", evidence={"paired_difference": loss.as_dict()})
+        units_diff = paired_difference(per_seed["ddc-adam"]["compressed_units"], per_seed["adamw"]["compressed_units"])
         folder.add_claim("DDCAdam compresses spare FFN units",
                          "DDC compresses spare FFN units (no figure given)",
-                         f"{frac_ddc:.1%} vs {frac_adamw:.1%} of units below 1e-3 x median",
-                         bool(frac_ddc > frac_adamw and frac_ddc > 0),
-                         "criterion: a larger, non-zero compressed fraction for DDCAdam")
+                         f"{mean(final['ddc-adam']['compressed_units']):.1%} vs "
+                         f"{mean(final['adamw']['compressed_units']):.1%} of units below 1e-3 x median; paired "
+                         f"difference {units_diff.describe(3)}",
+                         interval_verdict(units_diff, direction="above"),
+                         "criterion: the 95 % interval of the per-seed difference in compressed fraction "
+                         "(DDCAdam - AdamW) lies above 0", evidence={"paired_difference": units_diff.as_dict()})
 
 
 PRESETS = {
@@ -147,7 +161,7 @@ PRESETS = {
     "smoke": ViTExperimentConfig(),
     "full": ViTExperimentConfig(dataset="mnist1d", num_samples=10_000, val_fraction=0.2, patch_size=4, d_model=64,
                                 n_layers=3, n_heads=4, d_ff=256, batch_size=128, steps=2000, eval_every=100,
-                                warmup_steps=60, seeds=(0, 1)),
+                                warmup_steps=60, seeds=(0, 1, 2)),
 }
 
 EXPERIMENT = Experiment(
