@@ -21,12 +21,12 @@ from pathlib import Path
 
 import torch
 
-from . import dds_vs_llc, optimizer_steps
+from . import dds_vs_llc, dispatch, optimizer_steps
 from .optimizer_steps import (
     adamw,
     compare,
     ddc_adam,
-    ddc_adam_fused,
+    ddc_adam_compiled,
     ddc_muon,
     muon_with_adamw_reference,
     muon_with_adamw_torch,
@@ -37,11 +37,11 @@ from .report import fitted_exponent, plot_scaling, render
 FULL = dict(quick=False, widths=(128, 256, 512), warmup=2, rounds=15, layerwise_rounds=5,
             muon_widths=(128, 256, 512), muon_rounds=5, bf16_width=128, bf16_rounds=3,
             scaling_widths=(64, 96, 128, 192, 256, 384, 512, 768), scaling_rounds=7,
-            llc_cells=((3, 2), (5, 3)), llc_draws=1000, dds_repeats=20)
+            llc_cells=((3, 2), (5, 3)), llc_draws=1000, dds_repeats=20, dispatch_width=64, dispatch_depths=(2, 8))
 QUICK = dict(quick=True, widths=(64, 128), warmup=1, rounds=5, layerwise_rounds=3,
              muon_widths=(64, 128), muon_rounds=2, bf16_width=64, bf16_rounds=2,
              scaling_widths=(64, 96, 128), scaling_rounds=3,
-             llc_cells=((3, 2),), llc_draws=100, dds_repeats=5)
+             llc_cells=((3, 2),), llc_draws=100, dds_repeats=5, dispatch_width=32, dispatch_depths=(2, 8))
 PLOT = "benchmarks_step_time.png"
 
 
@@ -98,9 +98,14 @@ def main(argv: list[str] | None = None) -> int:
     def rows(widths, factories, rounds):
         return {"rows": [compare(w, factories, warmup=warmup, rounds=rounds) for w in widths]}
 
+    _log("dispatched operations per step")
+    ops = _section(lambda: dispatch.count_at_depths({
+        "AdamW (foreach)": adamw, "DDCAdam": ddc_adam, "DDCMuon fp32": ddc_muon(None),
+        "Muon+AdamW fp32": muon_with_adamw_reference(None)}, width=cfg["dispatch_width"],
+        depths=cfg["dispatch_depths"]))
     _log("DDCAdam vs AdamW")
     adam = _section(lambda: rows(cfg["widths"], {"AdamW (foreach)": adamw, "DDCAdam": ddc_adam,
-                                                 "DDCAdam fused": ddc_adam_fused}, cfg["rounds"]))
+                                                 "DDCAdam compiled": ddc_adam_compiled}, cfg["rounds"]))
     _log("DDCMuon vs Muon + AdamW (float32 Newton-Schulz)")
     muon = _section(lambda: rows(cfg["muon_widths"], {"Muon+AdamW fp32": muon_with_adamw_reference(None),
                                                      "DDCMuon fp32": ddc_muon(None)}, cfg["muon_rounds"]))
@@ -114,10 +119,11 @@ def main(argv: list[str] | None = None) -> int:
                                   cfg["layerwise_rounds"]))
     _log("step time vs parameter count")
     scaling = _section(lambda: rows(cfg["scaling_widths"], {"AdamW (foreach)": adamw, "DDCAdam": ddc_adam,
-                                                            "DDCAdam fused": ddc_adam_fused}, cfg["scaling_rounds"]))
+                                                            "DDCAdam compiled": ddc_adam_compiled},
+                                    cfg["scaling_rounds"]))
     scaling["exponents"] = {name: fitted_exponent([r["parameters"] for r in scaling["rows"]],
                                                   [r["optimizers"][name]["median_s"] for r in scaling["rows"]])
-                            for name in ("AdamW (foreach)", "DDCAdam", "DDCAdam fused")}
+                            for name in ("AdamW (foreach)", "DDCAdam", "DDCAdam compiled")}
     _log("DDS vs LLC")
     dds = _section(lambda: dds_vs_llc.compare_per_checkpoint(list(cfg["llc_cells"]), dds_repeats=cfg["dds_repeats"],
                                                              sgld={"num_draws": cfg["llc_draws"]}))
@@ -127,11 +133,13 @@ def main(argv: list[str] | None = None) -> int:
     def ratio(row: dict, ours: str, base: str) -> float:
         return row["optimizers"][ours]["median_s"] / row["optimizers"][base]["median_s"]
 
+    shallow, deep = ops["rows"][0]["ops"], ops["rows"][-1]["ops"]
+
     summary = {
         "largest_width": largest["width"], "largest_muon_width": largest_muon["width"],
         "bf16_width": cfg["bf16_width"],
         "ddc_adam_ratio": ratio(largest, "DDCAdam", "AdamW (foreach)"),
-        "ddc_adam_fused_ratio": ratio(largest, "DDCAdam fused", "AdamW (foreach)"),
+        "ddc_adam_compiled_ratio": ratio(largest, "DDCAdam compiled", "AdamW (foreach)"),
         "ddc_muon_ratio": ratio(largest_muon, "DDCMuon fp32", "Muon+AdamW fp32"),
         "ddc_muon_bf16_ratio": bf16_row["DDCMuon bf16"]["median_s"]
         / bf16_row["torch.optim.Muon + AdamW (bf16)"]["median_s"],
@@ -139,8 +147,11 @@ def main(argv: list[str] | None = None) -> int:
         / largest["optimizers"]["AdamW (foreach)"]["state_bytes"] - 1,
         "llc_over_dds_min": min(cell["llc_over_dds"] for cell in dds["cells"]),
         "ddc_adam_exponent": scaling["exponents"]["DDCAdam"],
-        "ddc_adam_fused_exponent": scaling["exponents"]["DDCAdam fused"],
+        "ddc_adam_compiled_exponent": scaling["exponents"]["DDCAdam compiled"],
         "adamw_exponent": scaling["exponents"]["AdamW (foreach)"],
+        "ops_depths": [ops["rows"][0]["layers"], ops["rows"][-1]["layers"]],
+        "ops_growth": {name: deep[name] / shallow[name] for name in ("DDCAdam", "DDCMuon fp32")},
+        "ops_over_adamw": {name: deep[name] / deep["AdamW (foreach)"] for name in ("DDCAdam", "DDCMuon fp32")},
     }
     environment = {
         "command": "python -m benchmarks" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip(),
@@ -151,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         "cpu_s": time.process_time(),
     }
     config = {**cfg, "vocab": optimizer_steps.VOCAB, "n_layers": optimizer_steps.reference_config(64).n_layers}
-    results = {"environment": environment, "config": config, "summary": summary, "adam": adam, "muon": muon,
+    results = {"environment": environment, "config": config, "summary": summary, "dispatch": ops, "adam": adam, "muon": muon,
                "muon_bf16": bf16, "layerwise": layer, "scaling": scaling, "dds_vs_llc": dds}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "benchmarks.json").write_text(json.dumps(results, indent=1))

@@ -40,10 +40,11 @@ def reference_config(width: int, n_layers: int = 2) -> TransformerLMConfig:
                                d_ff=4 * width, max_seq_len=SEQ)
 
 
-def model_with_gradients(width: int, seed: int = 0, device: str | torch.device = "cpu") -> tuple[nn.Module, GaugeSet]:
+def model_with_gradients(width: int, seed: int = 0, device: str | torch.device = "cpu", n_layers: int = 2
+                         ) -> tuple[nn.Module, GaugeSet]:
     """The reference LM (float32, on ``device``) with the gradients of one next-token loss, and its gauges."""
     torch.manual_seed(seed)
-    model = TransformerLM(reference_config(width))
+    model = TransformerLM(reference_config(width, n_layers=n_layers))
     tokens = torch.randint(0, VOCAB, (BATCH, SEQ + 1), generator=torch.Generator().manual_seed(seed))
     gauges = gaugeopt.find_gauges(model, tokens[:1, :16], output="logits")
     model.to(device)  # in place: the gauges stay bound to it
@@ -125,9 +126,10 @@ def ddc_adam(model: nn.Module, gauges: GaugeSet):
     return DDCAdam(model.parameters(), gauges, lr=ADAM_LR, weight_decay=WEIGHT_DECAY)
 
 
-def ddc_adam_fused(model: nn.Module, gauges: GaugeSet):
-    """DDCAdam with its gauge-carrying updates compiled by ``torch.compile`` (``fused=True``)."""
-    return DDCAdam(model.parameters(), gauges, lr=ADAM_LR, weight_decay=WEIGHT_DECAY, fused=True)
+def ddc_adam_compiled(model: nn.Module, gauges: GaugeSet):
+    """DDCAdam with its step compiled by ``torch.compile`` (``compiled=True``): the same step program,
+    traced once; the first step pays the compilation."""
+    return DDCAdam(model.parameters(), gauges, lr=ADAM_LR, weight_decay=WEIGHT_DECAY, compiled=True)
 
 
 def muon_with_adamw_torch(model: nn.Module, gauges: GaugeSet):
@@ -165,10 +167,10 @@ def symmetry_compatible(model: nn.Module, gauges: GaugeSet):
 
 
 def compare(width: int, factories: dict[str, OptimizerFactory], *, warmup: int, rounds: int,
-            device: str = "cpu") -> dict:
+            device: str = "cpu", n_layers: int = 2) -> dict:
     """One side-by-side comparison at one width, as a JSON-ready dict."""
-    model, gauges = model_with_gradients(width, device=device)
+    model, gauges = model_with_gradients(width, device=device, n_layers=n_layers)
     timings = time_steps(model, gauges, factories, warmup=warmup, rounds=rounds)
-    return {"width": width, "parameters": parameter_count(model),
+    return {"width": width, "layers": n_layers, "parameters": parameter_count(model),
             "optimizers": {name: {"median_s": t.median_s, "step_s": t.step_s, "state_bytes": t.state_bytes,
                                   "first_step_s": t.first_step_s} for name, t in timings.items()}}

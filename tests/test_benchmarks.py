@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from benchmarks.__main__ import main
+from benchmarks.dispatch import DispatchCounter, dispatched_ops
 from benchmarks.optimizer_steps import adamw, ddc_adam, model_with_gradients, state_bytes
 from benchmarks.report import fitted_exponent
 
@@ -29,6 +30,23 @@ def test_state_bytes_counts_adamw_moments_and_ddc_adam_stays_within_two_percent(
     assert state_bytes(reference) <= state_bytes(ours) <= 1.02 * state_bytes(reference)
 
 
+def test_dispatch_counter_counts_each_operation_once_by_name():
+    a, b = torch.ones(3), torch.ones(3)
+    with DispatchCounter() as counter:
+        c = a + b
+        c.mul_(2.0)
+        torch.linalg.vector_norm(c)
+    assert counter.total == 3
+    assert counter.counts["aten.add.Tensor"] == 1 and counter.counts["aten.mul_.Tensor"] == 1
+
+
+def test_plain_sgd_dispatches_one_update_per_parameter():
+    # torch.optim.SGD without momentum or foreach is one ``param.add_(grad, alpha=-lr)`` per parameter.
+    model, gauges = model_with_gradients(32, n_layers=3)
+    counter = dispatched_ops(lambda m, g: torch.optim.SGD(m.parameters(), lr=0.1, foreach=False), model, gauges)
+    assert counter.total == counter.counts["aten.add_.Tensor"] == len(list(model.parameters()))
+
+
 @pytest.mark.slow
 def test_quick_run_writes_a_report_from_its_measurements(tmp_path):
     torch.set_num_threads(1)
@@ -39,3 +57,5 @@ def test_quick_run_writes_a_report_from_its_measurements(tmp_path):
     assert "Quick development run" in report
     assert f"{results['summary']['ddc_adam_ratio']:.2f}x" in report
     assert f"{results['summary']['ddc_adam_exponent']:.2f}" in report
+    assert "## Dispatched operations per step" in report
+    assert results["dispatch"]["rows"][0]["ops"]["DDCAdam"] > 0
