@@ -229,3 +229,14 @@ def test_compiled_and_eager_steps_agree_under_clipping_and_a_schedule_compiles_o
     error, where = relative_error(runs[True], runs[False])
     assert error <= 1e-12, (error, where)
     assert relative_error(runs[False], model)[0] > 1e-2
+
+
+def test_every_step_program_has_a_graph_cache_of_its_own():
+    """Two models (two step programs) compiled in one process with torch's recompile limit at 1: each
+    program's phases are compiled from a code object of their own, so neither counts against the
+    other's limit (a shared one would fail here instead of running the second model eagerly)."""
+    with torch._dynamo.config.patch(recompile_limit=1, fail_on_recompile_limit_hit=True):
+        for layers in (1, 2):
+            model, gauges, batches = _lm(layers=layers)
+            opt = DDCAdam(model.parameters(), gauges, lr=1e-2, compiled=True)
+            _train(model, opt, batches, steps=2)

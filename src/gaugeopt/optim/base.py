@@ -125,8 +125,7 @@ class FramedOptimizer(GuardedOptimizer):
             self.apply_nonfinite_policy(self.nonfinite_parameters())
             return loss
         inputs = layout.for_writing(inputs, self.param_groups, self.state, self._stacked)
-        write = compiled_phase(write_phase) if self.compiled else write_phase
-        write(layout.program, inputs, read, masked=bool(any_dead))
+        write_phase(layout.program, inputs, read, masked=bool(any_dead), compiled=self.compiled)
         self._stacked.settle()
         for family in self.plan.norms:  # distributed checkpoints want an entry for every parameter
             gain = self._lookup[family.gain]

@@ -21,7 +21,7 @@ A step has two phases, pure functions of a static :class:`StepProgram` and the s
    and, for isolated neuron pairs, the rebalancing gauge element ``c`` that puts every unit back to
    its orbit coordinate (canonical sides of equal norm) before the write.
 
-Both run eagerly, or compiled by ``torch.compile`` (:func:`compiled_phase`, one graph per program,
+Both run eagerly, or compiled by ``torch.compile`` (:func:`compiled_phase`, one graph per phase and program,
 learning rate, betas and decay as tensor inputs). Dead channels and units (a gain or a unit scale at
 or below the threshold) get ``gamma = 0`` and are written back exactly as they were.
 """
@@ -374,9 +374,22 @@ def canonical_gradient(batch: TensorBatch, grad: Tensor, gammas: list[Tensor]) -
     return canonical if owned else canonical.clone()
 
 
-def write_phase(program: StepProgram, inputs: StepTensors, read: ReadOut, masked: bool) -> None:
+def write_phase(program: StepProgram, inputs: StepTensors, read: ReadOut, masked: bool, compiled: bool = False
+                ) -> None:
     """The writing half of a step (module docstring). ``masked``: some unit or channel is dead (the
-    read phase's flag), so dead entries are kept exactly as they are."""
+    read phase's flag), so dead entries are kept exactly as they are. ``compiled``: run its three
+    parts (the update, the rebalancing factors, their application) as compiled graphs; they are three
+    because inductor's CPU outer-loop fusion fails on the write-after-read hazards of one (torch 2.13)."""
+    run = compiled_phase if compiled else (lambda phase: phase)
+    held = run(_update)(program, inputs, read, masked=masked)
+    if held:
+        factors = run(_rebalance_factors)(program, read, held)
+        run(_rebalance)(program, inputs, read, held, factors, masked=masked)
+
+
+def _update(program: StepProgram, inputs: StepTensors, read: ReadOut, masked: bool) -> list[_Held]:
+    """Channel-scale steps, rule directions and lifts; every batch written except the rebalanced
+    ones, whose new values are returned."""
     tables = _channel_tables(program, inputs, read)
     held: list[_Held] = []
     for b, (batch, tensors) in enumerate(zip(program.tensors, inputs.tensors)):
@@ -417,21 +430,19 @@ def write_phase(program: StepProgram, inputs: StepTensors, read: ReadOut, masked
             held.append(_Held(b, value, mean))
         else:
             _finish(batch, tensors, old, value, mean, dead if keep_old else None)
-    if held:
-        # compiled, the rebalance is its own graph: fused with the loops that wrote the state above,
-        # inductor's CPU outer-loop fusion fails on the write-after-read hazards (torch 2.13)
-        torch._dynamo.graph_break()
-        _rebalance(program, inputs, read, held, masked)
+    return held
 
 
-def _rebalance(program: StepProgram, inputs: StepTensors, read: ReadOut, held: list[_Held], masked: bool) -> None:
-    """Apply to every isolated pair the gauge element that gives its new canonical sides equal norms.
+def _rebalance_factors(program: StepProgram, read: ReadOut, held: list[_Held]) -> dict[int, Tensor]:
+    """Per isolated neuron batch, the gauge element ``c`` that gives its units' new canonical sides
+    equal norms.
 
     For unit ``i`` with new multiplied slices ``A`` (merged with their norm gains) and divided slices
     ``B`` (horizontal where translated), the canonical norms are ``|A| / s`` and ``|B| s``. Multiplying
     ``A`` by ``c`` and dividing ``B`` by ``c`` with ``c = s (|B| / |A|)^(1/2)`` makes them equal, which
     puts the orbit coordinate ``log(|A| / |B|)`` back to ``2 log s``, its value before the step. ``c``
-    is a function of invariants, so the correction is equivariant; it does not change the function."""
+    is a function of invariants, so the correction is equivariant; it does not change the function.
+    Dead units get ``c = 1``."""
     by_role = {program.tensors[h.batch].rebalance: h for h in held}
     factors_by_batch: dict[int, Tensor] = {}
     for n, batch in enumerate(program.neurons):
@@ -449,8 +460,14 @@ def _rebalance(program: StepProgram, inputs: StepTensors, read: ReadOut, held: l
             sums[role.side] = part if role.side not in sums else sums[role.side] + part
         c = read.scales[n] * (sums[-1] / sums[1]).sqrt().sqrt()
         factors_by_batch[n] = torch.where(read.neuron_dead[n] | ~torch.isfinite(c) | (c <= 0), 1.0, c)
-    # compiled, the per-unit factors are computed once here, not again for every entry that uses them
-    torch._dynamo.graph_break()
+    return factors_by_batch
+
+
+def _rebalance(program: StepProgram, inputs: StepTensors, read: ReadOut, held: list[_Held],
+               factors_by_batch: dict[int, Tensor], masked: bool) -> None:
+    """Apply the factors of :func:`_rebalance_factors` (``c`` on the multiplied side, ``1 / c`` on the
+    divided side) to the held values and write them."""
+    by_role = {program.tensors[h.batch].rebalance: h for h in held}
     for n, c in factors_by_batch.items():
         for r, role in enumerate(program.neurons[n].roles):
             h = by_role[(n, r)]
@@ -473,10 +490,11 @@ def _rebalance(program: StepProgram, inputs: StepTensors, read: ReadOut, held: l
 
 
 class _CompiledPhase:
-    """``torch.compile`` of a phase with one copy of its code per program (and flag), so each gets its
-    own graph cache (torch keeps at most ``recompile_limit`` graphs per code object, past which it
-    runs the function eagerly). Graphs are compiled for static shapes; the numbers a scheduler changes
-    are tensor inputs, so a new learning rate or beta does not recompile."""
+    """``torch.compile`` of a phase, per program (and flag) a function with a code object of its own,
+    so each gets its own graph cache (torch keeps at most ``recompile_limit`` graphs per code object,
+    past which it runs the function eagerly). A phase has no graph break, so the whole phase is one
+    graph in that cache. Graphs are compiled for static shapes; the numbers a scheduler changes are
+    tensor inputs, so a new learning rate or beta does not recompile."""
 
     def __init__(self, phase: Callable):
         self.phase = phase
@@ -487,15 +505,23 @@ class _CompiledPhase:
         key = (program, tuple(sorted(flags.items())))
         kernel = self.kernels.get(key)
         if kernel is None:
-            f = self.phase
-            copy = types.FunctionType(f.__code__.replace(), f.__globals__, f.__name__, f.__defaults__, f.__closure__)
-            kernel = self.kernels[key] = torch.compile(functools.partial(copy, program), dynamic=False)
+            kernel = self.kernels[key] = torch.compile(_bound(self.phase, program), dynamic=False)
         return kernel(*args, **flags)
+
+
+def _bound(phase: Callable, program: StepProgram) -> Callable:
+    """``phase`` with ``program`` bound, as a function with a code object of its own: torch keys its
+    graph caches (and their recompile limit) on the code object of the function it compiles, so every
+    program gets a cache. (A ``functools.partial`` would be compiled through one shared wrapper.)"""
+    def bound(*args: Any, **flags: Any):
+        return phase(program, *args, **flags)
+    return types.FunctionType(bound.__code__.replace(), bound.__globals__, f"{phase.__name__}_bound", None,
+                              bound.__closure__)
 
 
 @functools.cache
 def compiled_phase(phase: Callable) -> Callable:
-    """``phase`` (:func:`read_phase` or :func:`write_phase`) compiled by ``torch.compile``."""
+    """``phase`` (:func:`read_phase`, or a part of :func:`write_phase`) compiled by ``torch.compile``."""
     return _CompiledPhase(phase)
 
 
