@@ -261,14 +261,17 @@ def test_discovery_leaves_every_module_in_its_mode(training):
     assert all(m.training == training for m in model.modules())
 
 
-def test_trainer_example_runs_with_ddc_adam_and_its_schedule(tmp_path):
+def test_trainer_example_runs_with_ddc_adam_its_schedule_and_gauge_invariant_clipping(tmp_path):
     pytest.importorskip("accelerate")
     spec = importlib.util.spec_from_file_location("hf_trainer", Path(__file__).parents[1] / "examples" / "hf_trainer.py")
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
     start = {n: p.detach().clone() for n, p in example.tiny_llama().named_parameters()}
-    trainer = example.train(steps=3, output_dir=str(tmp_path))
+    trainer = example.train(steps=3, output_dir=str(tmp_path), max_grad_norm=0.5)
     assert trainer.state.global_step == 3
+    assert trainer.args.max_grad_norm == 0  # the Trainer's own (not gauge invariant) clipping is off
+    clipping = next(c for c in trainer.callback_handler.callbacks if isinstance(c, example.GaugeInvariantClipping))
+    assert len(clipping.norms) == 3 and all(math.isfinite(n) and n > 0 for n in clipping.norms)
     assert isinstance(trainer.optimizer.optimizer, DDCAdam)  # accelerate wraps it
     assert isinstance(trainer.lr_scheduler, torch.optim.lr_scheduler.LambdaLR)  # ours, stepped once a step
     assert trainer.lr_scheduler.last_epoch == 3
