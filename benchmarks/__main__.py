@@ -3,8 +3,9 @@
 Options: ``--quick`` (small widths, few rounds: a smoke run for development, marked as such in the
 report), ``--out DIR`` (where the report, plot and raw ``benchmarks.json`` go; default ``docs``),
 ``--threads N`` (torch CPU threads, default 1), ``--render-only`` (rewrite the report and plot from
-``DIR/benchmarks.json`` without measuring). The full run needs about 3 minutes of CPU time (2.9 min
-measured); on a shared 2-core machine it took 10 minutes of wall clock. ``--quick`` takes under a minute.
+``DIR/benchmarks.json`` without measuring). The full run took 3.9 minutes of wall clock (3.4 of CPU
+time) on the shared 2-core machine, with torch's compile cache warm; a fresh machine adds a few
+minutes of compilation. ``--quick`` takes two to three minutes.
 """
 
 from __future__ import annotations
