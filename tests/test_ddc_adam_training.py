@@ -30,6 +30,8 @@ from gaugeopt.models import TransformerLM, TransformerLMConfig
 
 SWEEP = {"adamw": (1e-3, 2e-3, 3e-3, 4e-3, 5e-3, 1e-2), "ddc-adam": (1e-3, 2e-3, 3e-3, 4e-3, 5e-3, 1e-2)}
 STEPS = 400
+WEIGHT_DECAY = 0.1  # the protocol's own settings, not the experiment preset's (which has changed since)
+MIN_LR_RATIO = 0.1
 
 
 def train_loss_after(arm: str, lr: float, steps: int, seed: int = 0) -> float:
@@ -41,13 +43,13 @@ def train_loss_after(arm: str, lr: float, steps: int, seed: int = 0) -> float:
     model = TransformerLM(TransformerLMConfig(vocab_size=split.vocab.size, d_model=c.d_model, n_layers=c.n_layers,
                                               n_heads=c.n_heads, d_ff=c.d_ff, max_seq_len=c.seq_len))
     if arm == "adamw":
-        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=c.weight_decay)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=WEIGHT_DECAY)
     else:
         # Two positions suffice for the probes (and keep discovery's commutant SVD small).
         gauges = gaugeopt.find_gauges(model, eval_inputs[:1, :2], output="logits")
-        optimizer = gaugeopt.DDCAdam(model.parameters(), gauges, lr=lr, weight_decay=c.weight_decay)
+        optimizer = gaugeopt.DDCAdam(model.parameters(), gauges, lr=lr, weight_decay=WEIGHT_DECAY)
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: warmup_cosine(step, steps, c.warmup_steps, c.min_lr_ratio))
+        optimizer, lambda step: warmup_cosine(step, steps, c.warmup_steps, MIN_LR_RATIO))
     batches = torch.Generator().manual_seed(10_000 + seed)
     model.train()
     for _ in range(steps):

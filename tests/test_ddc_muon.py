@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gaugeopt import DDCMuon, find_gauges
+from gaugeopt import DDCMuon, SymmetryCompatible, find_gauges
 from gaugeopt.gauges import GaugeSet
 from gaugeopt.models import (
     ModularAdditionConfig,
@@ -267,6 +267,25 @@ def test_muon_lr_scale_matches_torch():
     for shape in [(4, 16), (16, 4), (7, 7)]:
         for adjust in ("original", "match_rms_adamw"):
             assert muon_lr_scale(shape, adjust) * 0.3 == pytest.approx(_adjust_lr(0.3, adjust, torch.Size(shape)))
+
+
+@pytest.mark.parametrize("nesterov", [True, False])
+def test_the_layerwise_muon_rule_and_ddc_muon_take_the_same_step(nesterov):
+    """One Muon rule serves both: on a matrix no gauge touches, SymmetryCompatible's ``muon`` rule and
+    DDCMuon give bit-identical trajectories."""
+    generator = torch.Generator().manual_seed(0)
+    start = torch.randn(6, 10, dtype=torch.float64, generator=generator)
+    grads = [torch.randn(6, 10, dtype=torch.float64, generator=generator) for _ in range(4)]
+    ours, theirs = torch.nn.Parameter(start.clone()), torch.nn.Parameter(start.clone())
+    settings = dict(lr=0.02, nesterov=nesterov, weight_decay=0.1)
+    layerwise = SymmetryCompatible([ours], rule="muon", beta=0.9, **settings)
+    ddc = DDCMuon([theirs], None, momentum=0.9, **settings)
+    for grad in grads:
+        for p, opt in ((ours, layerwise), (theirs, ddc)):
+            p.grad = grad.clone()
+            opt.step()
+    assert not torch.equal(ours, start)
+    assert torch.equal(ours, theirs)
 
 
 # --------------------------------------------------------------------------------------------------
