@@ -165,17 +165,47 @@ def test_relu_classifier_shift_and_neuron_on_one_matrix():
     assert min(r.displacement for r in results.values()) > 0.01
 
 
-def test_without_the_channel_scale_step_it_is_exact_and_holds_the_orbits_too():
-    """norm_scale_step=False: channel scales move only through the merged consumers' own steps."""
+@pytest.mark.parametrize("option", ["norm_scale_step", "unit_scale_step"])
+def test_without_a_scale_step_it_is_exact_and_holds_the_orbits_too(option):
+    """norm_scale_step=False: channel scales move only through the merged consumers' own steps;
+    unit_scale_step=False: neuron pairs take Adam per coordinate in their balanced frame."""
     model, gauges, batches, loss = _case("lm_variant")
 
     def plain(m, g):
-        return ddc(m, g, norm_scale_step=False)
+        return ddc(m, g, **{option: False})
 
     result = check_equivariance(plain, model, gauges, batches, loss, steps=50)
     assert result.error <= 1e-8 and result.displacement > 0.1
     per_step, _ = _orbit_drift(plain, "lm_variant", steps=30)
     assert max(per_step.values()) <= 1e-10
+
+
+def test_unit_scale_step_known_answer_for_a_radial_gradient():
+    """A gradient along each side's own values (``G = k_i P`` on unit ``i``'s rows, bias and
+    columns: only the unit's scale is asked to change) has no tangential part, so Adam's direction
+    is 0 and each unit only rescales: its scalar Adam's first step is ``sign(k_i)``, and both sides'
+    norms are multiplied by ``exp(-lr sign(k_i) / (sqrt2 l_i))``, ``l_i = sqrt(|in_i| |out_i|)`` (up to
+    Adam's ``eps``: 1e-8 against gradients of order 1, and the rounding left in the tangential part
+    divided by it)."""
+    torch.manual_seed(3)
+    model = ReLUMLP(ReLUMLPConfig(sizes=(3, 4, 2))).double()
+    gauges = gaugeopt.find_gauges(model, torch.randn(2, 3, dtype=torch.float64), output="values")
+    assert [f.kind for f in gauges] == ["neuron_scale"]
+    w1, b1, w2, b2 = (model.layers[0].weight, model.layers[0].bias, model.layers[1].weight, model.layers[1].bias)
+    k = torch.tensor([1.0, -2.0, 0.5, 3.0], dtype=torch.float64)
+    before = [t.detach().clone() for t in (w1, b1, w2, b2)]
+    side_in = torch.cat([w1, b1[:, None]], dim=1).norm(dim=1).detach()
+    side_out = w2.norm(dim=0).detach()
+    lr = 0.05
+    opt = DDCAdam(model.parameters(), gauges, lr=lr)
+    w1.grad, b1.grad, w2.grad = k[:, None] * w1.detach(), k * b1.detach(), k[None, :] * w2.detach()
+    b2.grad = torch.zeros_like(b2)
+    opt.step()
+    factor = torch.exp(-lr * k.sign() / (math.sqrt(2) * (side_in * side_out).sqrt()))
+    torch.testing.assert_close(w1.detach(), factor[:, None] * before[0], rtol=1e-8, atol=0)
+    torch.testing.assert_close(b1.detach(), factor * before[1], rtol=1e-8, atol=0)
+    torch.testing.assert_close(w2.detach(), factor[None, :] * before[2], rtol=1e-8, atol=0)
+    assert torch.equal(b2.detach(), before[3])
 
 
 # --------------------------------------------------------------------------------------------------

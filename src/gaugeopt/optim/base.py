@@ -34,6 +34,8 @@ class FramedOptimizer(GuardedOptimizer):
         gauges: the model's :class:`~gaugeopt.gauges.GaugeSet`, or ``None`` (no frames: every tensor
             takes its rule as it is).
         channel_step: take the norm channel-scale step (DDCAdam's ``norm_scale_step``).
+        unit_step: take the unit-scale step of isolated neuron pairs stepped by Adam (DDCAdam's
+            ``unit_scale_step``).
         dead_threshold: a norm channel with ``|gain| <=`` this, or a neuron unit with
             ``sqrt(u v) <=`` this, is frozen and reported in :attr:`frozen`.
         nonfinite: ``"raise"`` or ``"skip"`` (:mod:`gaugeopt.optim.guards`).
@@ -46,7 +48,7 @@ class FramedOptimizer(GuardedOptimizer):
     distributed_reports: tuple[str, ...] = ("frozen",)
 
     def __init__(self, params, defaults: dict[str, Any], gauges: GaugeSet | None, *, channel_step: bool,
-                 dead_threshold: float, nonfinite: str, compiled: bool):
+                 dead_threshold: float, nonfinite: str, compiled: bool, unit_step: bool = False):
         self._init_guards(nonfinite)
         require_nonnegative(type(self).__name__, "dead_threshold", dead_threshold)
         if gauges is not None and not isinstance(gauges, GaugeSet):
@@ -62,6 +64,7 @@ class FramedOptimizer(GuardedOptimizer):
         self.plan: FramePlan = build_frame_plan(gauges) if gauges is not None else FramePlan({}, {})
         self.dead_threshold = float(dead_threshold)
         self.channel_step = bool(channel_step)
+        self.unit_step = bool(unit_step)
         self.compiled = bool(compiled)
         self._lookup: dict[str, Tensor] = dict(model_params)
         self._names: dict[int, str] = {id(p): n for n, p in model_params.items()}
@@ -102,7 +105,8 @@ class FramedOptimizer(GuardedOptimizer):
         if key != self._layout_key:
             self._stacked.release(self.state)
             self._layout = build_program(self.param_groups, self._names, self._lookup, self.plan, rules,
-                                         channel_step=self.channel_step, threshold=self.dead_threshold,
+                                         channel_step=self.channel_step, unit_step=self.unit_step,
+                                         threshold=self.dead_threshold,
                                          stack=not self.compiled)
             self._layout_key = key
         return self._layout

@@ -18,8 +18,12 @@ A step has two phases, pure functions of a static :class:`StepProgram` and the s
 
        p <- (1 - lr wd) p e - lr D gamma e     (horizontal part only for a translated tensor)
 
-   and, for isolated neuron pairs, the rebalancing gauge element ``c`` that puts every unit back to
-   its orbit coordinate (canonical sides of equal norm) before the write.
+   and, for isolated neuron pairs, the factors that set both sides of every unit to one canonical
+   norm before the write: a gauge element that puts each unit back to its orbit coordinate, or,
+   with the unit-scale step (*chart* batches), the unit's new scale ``l = sqrt(u v)``: a scalar
+   Adam on the radial derivative ``(<G~, P~>_1 + <G~, P~>_-1) / (sqrt2 l)`` moves ``sqrt2 l`` by one
+   Adam step (kept positive by ``exp``), while the rule sees only the part of each side's gradient
+   tangential to the side's canonical values, and the radial part of its step is replaced.
 
 Both run eagerly, or compiled by ``torch.compile`` (:func:`compiled_phase`, one graph per phase and program,
 learning rate, betas and decay as tensor inputs). Dead channels and units (a gain or a unit scale at
@@ -29,6 +33,7 @@ or below the threshold) get ``gamma = 0`` and are written back exactly as they w
 from __future__ import annotations
 
 import functools
+import math
 import types
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -37,7 +42,15 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from .frames import FramePlan, ScalingFrame, TensorFrame, center_rows, neuron_scales, unit_square_sums
+from .frames import (
+    FramePlan,
+    ScalingFrame,
+    TensorFrame,
+    center_rows,
+    neuron_scales,
+    unit_inner_products,
+    unit_square_sums,
+)
 from .guards import compute_dtype
 from .rules import Adam, Residual, Rule, adam_direction_
 
@@ -57,9 +70,12 @@ __all__ = [
     "StackedState",
 ]
 
-#: Settings of the channel-scale step's scalar Adam (read from the gain's group).
+#: The scalar Adam of the channel-scale and unit-scale steps (settings read from the group of the
+#: gain, or of the unit's producer tensor).
 CHANNEL_ADAM = Adam()
 CHANNEL_STATE = ("step", "scale_exp_avg", "scale_exp_avg_sq")
+#: The unit-scale step's moments, kept with the first tensor of the unit's multiplied side.
+UNIT_STATE = ("unit_exp_avg", "unit_exp_avg_sq")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -120,13 +136,15 @@ class NeuronRole:
 @dataclass(frozen=True)
 class NeuronBatch:
     """Neuron families with one frame computation: isolated pairs of one signature (all layers' MLP
-    units), or one family of a chain. ``rebalance``: isolated and every member stepped."""
+    units), or one family of a chain. ``rebalance``: isolated and every member stepped; ``chart``:
+    rebalanced, and each unit's scale takes the unit-scale step (module docstring)."""
 
     members: int
     units: int
     dtype: torch.dtype
     roles: tuple[NeuronRole, ...]
     rebalance: bool
+    chart: bool = False
 
 
 @dataclass(frozen=True)
@@ -160,6 +178,8 @@ class NormInputs(NamedTuple):
 class NeuronInputs(NamedTuple):
     params: list[list[Tensor]]  # per role, the members' tensors
     gains: list[list[list[Tensor]]]  # per role, per "gain" factor, the members' gains
+    state: dict[str, Tensor] = {}  # chart batches: the unit-scale step's stacked moments
+    scalars: Tensor | None = None  # chart batches: lr, then Adam's scalars
 
 
 class StepTensors(NamedTuple):
@@ -180,6 +200,7 @@ class ReadOut(NamedTuple):
     gammas: list[list[Tensor]]  # per tensor batch, per scaled axis, the gradient factor (broadcastable)
     dead: list[list[Tensor]]  # per tensor batch, per scaled axis, its dead slices (broadcastable)
     scales: list[Tensor]  # per neuron batch, s
+    lengths: list[Tensor | None]  # per chart neuron batch, l = sqrt(u v), the units' canonical side norm
     neuron_dead: list[Tensor]  # per neuron batch, (members, units)
     neuron_gains: list[list[list[Tensor]]]  # per neuron batch, per role, per gain factor, the stacked gains
     norm_dead: list[Tensor]  # per norm batch, |g| <= threshold
@@ -267,11 +288,12 @@ def read_phase(program: StepProgram, inputs: StepTensors) -> ReadOut:
     for k in reversed(range(len(program.neurons))):
         backward[k] = _role_squares(program, k, -1, stacks[k], role_gains[k], backward,
                                     workspace.get(program.neurons[k].dtype)).sqrt()
-    scales, neuron_dead = [], []
-    for u, v in zip(forward, backward):
+    scales, neuron_dead, lengths = [], [], []
+    for batch, u, v in zip(program.neurons, forward, backward):
         s, dead = neuron_scales(u.square(), v.square(), program.threshold)
         scales.append(s)
         neuron_dead.append(dead)
+        lengths.append(torch.sqrt(u * v) if batch.chart else None)
 
     # Norm families taking the channel-scale step: h = g dL/dg (+ beta dL/dbeta), invariant.
     norm_dead, scale_inputs = [], []
@@ -314,8 +336,8 @@ def read_phase(program: StepProgram, inputs: StepTensors) -> ReadOut:
     finite = torch.stack(extremes).isfinite().all() if extremes else torch.ones((), dtype=torch.bool)
     dead_flags = [d.any() for d in (*neuron_dead, *norm_dead, *(d for axes in deads for d in axes))]
     some_dead = torch.stack(dead_flags).any() if dead_flags else torch.zeros((), dtype=torch.bool)
-    return ReadOut(grads, params, gammas, deads, scales, neuron_dead, role_gains, norm_dead, scale_inputs, workspace,
-                   torch.stack([finite, some_dead]))
+    return ReadOut(grads, params, gammas, deads, scales, lengths, neuron_dead, role_gains, norm_dead, scale_inputs,
+                   workspace, torch.stack([finite, some_dead]))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -324,11 +346,13 @@ def read_phase(program: StepProgram, inputs: StepTensors) -> ReadOut:
 
 
 class _Held(NamedTuple):
-    """A rebalanced batch's new values (horizontal part) and mean row, waiting for the factor ``c``."""
+    """An isolated pair's batch waiting for its side's factor: the new values (horizontal part) and
+    mean row; for a chart batch also the per-unit sums of squares of the values before the lift."""
 
     batch: int
     value: Tensor
     mean: Tensor | None
+    before: Tensor | None = None
 
 
 def _channel_tables(program: StepProgram, inputs: StepTensors, read: ReadOut) -> dict[int, Tensor]:
@@ -378,19 +402,87 @@ def write_phase(program: StepProgram, inputs: StepTensors, read: ReadOut, masked
                 ) -> None:
     """The writing half of a step (module docstring). ``masked``: some unit or channel is dead (the
     read phase's flag), so dead entries are kept exactly as they are. ``compiled``: run its three
-    parts (the update, the rebalancing factors, their application) as compiled graphs; they are three
-    because inductor's CPU outer-loop fusion fails on the write-after-read hazards of one (torch 2.13)."""
+    parts (the update, the isolated pairs' factors, their application) as compiled graphs; they are
+    three because inductor's CPU outer-loop fusion fails on the write-after-read hazards of one
+    (torch 2.13)."""
     run = compiled_phase if compiled else (lambda phase: phase)
-    held = run(_update)(program, inputs, read, masked=masked)
+    held, shrink = run(_update)(program, inputs, read, masked=masked)
     if held:
-        factors = run(_rebalance_factors)(program, read, held)
+        factors = run(_pair_factors)(program, read, held, shrink)
         run(_rebalance)(program, inputs, read, held, factors, masked=masked)
 
 
-def _update(program: StepProgram, inputs: StepTensors, read: ReadOut, masked: bool) -> list[_Held]:
-    """Channel-scale steps, rule directions and lifts; every batch written except the rebalanced
-    ones, whose new values are returned."""
+def _role_batches(program: StepProgram) -> dict[tuple[int, int], int]:
+    """``(neuron batch, role) -> tensor batch`` for the roles of the rebalanced (isolated) pairs."""
+    return {batch.rebalance: b for b, batch in enumerate(program.tensors) if batch.rebalance is not None}
+
+
+def _old_values(batch: TensorBatch, tensors: TensorInputs, read: ReadOut, b: int) -> Tensor:
+    """A stacked batch's parameters before the step (compute dtype)."""
+    return read.params[b] if read.params[b] is not None else _stack(tensors.params, batch.dtype)
+
+
+class _Chart(NamedTuple):
+    """A chart batch's per-unit numbers for this step: ``tangent[side]`` = ``h_side / l^2`` (the
+    coefficient that removes the radial part of a side's canonical gradient) and ``shrink`` =
+    ``exp(-c)``, the unit-scale step's factor."""
+
+    tangent: dict[int, Tensor]
+    shrink: Tensor
+
+
+def _charts(program: StepProgram, inputs: StepTensors, read: ReadOut) -> dict[int, _Chart]:
+    """The unit-scale step of every chart batch (module docstring): per unit, the invariant inner
+    products ``h_side = <G~, P~>`` over each side (``= <G, P>``, the frame factors cancel), the radial
+    input ``(h_1 + h_-1) / (sqrt2 l)``, one scalar Adam step on it giving ``r``, and
+    ``c = lr r / (sqrt2 l)``."""
+    charts = {}
+    roles = _role_batches(program)
+    for n, batch in enumerate(program.neurons):
+        if not batch.chart:
+            continue
+        sums: dict[int, Tensor] = {}
+        for r, role in enumerate(batch.roles):
+            b = roles[(n, r)]
+            old = _old_values(program.tensors[b], inputs.tensors[b], read, b)
+            part = unit_inner_products(read.grads[b], center_rows(old, axis=1) if role.centered else old,
+                                       role.axis + 1, workspace=read.workspace.get(batch.dtype))
+            sums[role.side] = part if role.side not in sums else sums[role.side] + part
+        dead, neuron = read.neuron_dead[n], inputs.neurons[n]
+        length = torch.where(dead, 1.0, read.lengths[n])
+        radial = ((sums[1] + sums[-1]) / (math.sqrt(2) * length)).masked_fill_(dead, 0.0)
+        r = adam_direction_(radial, neuron.state["unit_exp_avg"], neuron.state["unit_exp_avg_sq"],
+                            neuron.scalars[1:3], neuron.scalars[3:])
+        shrink = torch.exp(r.mul_(-neuron.scalars[0]).div_(math.sqrt(2) * length)).masked_fill_(dead, 1.0)
+        tangent = {side: (h / length.square()).masked_fill_(dead, 0.0) for side, h in sums.items()}
+        charts[n] = _Chart(tangent, shrink)
+    return charts
+
+
+def _remove_radial_part_(canonical: Tensor, old: Tensor, gammas: list[Tensor], coefficient: Tensor,
+                         centered: bool) -> Tensor:
+    """``G~ <- G~ - coefficient P~`` with ``P~ = P(P) / gamma`` (0 where a factor is 0: dead slices);
+    ``coefficient`` is per unit (broadcastable), and gradient factors of its shape are folded into it
+    so that ``P~`` is not formed where it need not be."""
+    full = []
+    for gamma in gammas:
+        inverse = torch.where(gamma == 0, 0.0, gamma.reciprocal())
+        if inverse.shape == coefficient.shape:
+            coefficient = coefficient * inverse
+        else:
+            full.append(inverse)
+    values = center_rows(old, axis=1) if centered else old
+    for inverse in full:
+        values = values * inverse
+    return canonical.addcmul_(values, coefficient, value=-1)
+
+
+def _update(program: StepProgram, inputs: StepTensors, read: ReadOut, masked: bool
+            ) -> tuple[list[_Held], dict[int, Tensor]]:
+    """Channel- and unit-scale steps, rule directions and lifts; every batch written except the
+    isolated pairs', whose new values are returned with the unit-scale factors."""
     tables = _channel_tables(program, inputs, read)
+    charts = _charts(program, inputs, read)
     held: list[_Held] = []
     for b, (batch, tensors) in enumerate(zip(program.tensors, inputs.tensors)):
         ndim, members = len(batch.shape), batch.members
@@ -398,6 +490,11 @@ def _update(program: StepProgram, inputs: StepTensors, read: ReadOut, masked: bo
         if "step" in tensors.state:
             tensors.state["step"].add_(1)
         canonical = canonical_gradient(batch, read.grads[b], read.gammas[b])
+        chart = charts.get(batch.rebalance[0]) if batch.rebalance is not None else None
+        if chart is not None:  # the rule sees the tangential part: x = G~ - (h_side / l^2) P~
+            role = program.neurons[batch.rebalance[0]].roles[batch.rebalance[1]]
+            canonical = _remove_radial_part_(canonical, _old_values(batch, tensors, read, b), read.gammas[b],
+                                             _along(chart.tangent[role.side], role.axis, ndim), batch.centered)
         direction = batch.rule.direction(canonical, tensors.state, tensors.scalars[2:], batch.residual)
         if batch.centered:
             direction = center_rows(direction, axis=1)
@@ -409,14 +506,14 @@ def _update(program: StepProgram, inputs: StepTensors, read: ReadOut, masked: bo
         dead = functools.reduce(torch.logical_or, read.dead[b]) if masked and read.dead[b] else None
         if dead is not None:
             decay = torch.where(dead, 1.0, decay)  # the lift is 0 there: dead entries stay as they are
+        lift = factors[-1] * lr if factors else lr
         for factor in factors[:-1]:
             direction = direction.mul_(factor)
-        lift = factors[-1] * lr if factors else lr
         if not batch.stacked:
             torch._foreach_mul_(tensors.params, decay if decay.dim() == 0 else _members(decay, members))
             torch._foreach_addcmul_(tensors.params, list(direction.unbind(0)), _members(lift, members), value=-1)
             continue
-        old = read.params[b] if read.params[b] is not None else _stack(tensors.params, batch.dtype)
+        old = _old_values(batch, tensors, read, b)
         # a new tensor where the old values are needed again, or when compiling (writing through a view
         # of an input is copied back whole there; the new values are copied into the parameters anyway)
         keep_old = (dead is not None and (batch.centered or batch.rebalance is not None)) or torch.compiler.is_compiling()
@@ -425,56 +522,82 @@ def _update(program: StepProgram, inputs: StepTensors, read: ReadOut, masked: bo
             value = (old - mean).mul_(decay)
         else:
             value = old * decay if keep_old else old.mul_(decay)
+        before = None
+        if chart is not None:  # the side's size before the lift, which the unit-scale step rescales
+            neuron, r = batch.rebalance
+            before = _role_square_sums(program, read, neuron, r, value)
         value = value.addcmul_(direction, lift, value=-1)
         if batch.rebalance is not None:
-            held.append(_Held(b, value, mean))
+            held.append(_Held(b, value, mean, before))
         else:
             _finish(batch, tensors, old, value, mean, dead if keep_old else None)
-    return held
+    return held, {n: chart.shrink for n, chart in charts.items()}
 
 
-def _rebalance_factors(program: StepProgram, read: ReadOut, held: list[_Held]) -> dict[int, Tensor]:
-    """Per isolated neuron batch, the gauge element ``c`` that gives its units' new canonical sides
-    equal norms.
+def _role_square_sums(program: StepProgram, read: ReadOut, n: int, r: int, value: Tensor) -> Tensor:
+    """Per unit of isolated neuron batch ``n``, the sum of squares of role ``r``'s slices of ``value``,
+    merged with their norm gains."""
+    role, factors, gain_count = program.neurons[n].roles[r], {}, 0
+    for axis, kind, _ in role.factors:
+        if kind == "gain":
+            factors[axis + 1] = read.neuron_gains[n][r][gain_count]
+            gain_count += 1
+    return unit_square_sums(value, role.axis + 1, factors, workspace=read.workspace.get(program.neurons[n].dtype))
 
-    For unit ``i`` with new multiplied slices ``A`` (merged with their norm gains) and divided slices
-    ``B`` (horizontal where translated), the canonical norms are ``|A| / s`` and ``|B| s``. Multiplying
-    ``A`` by ``c`` and dividing ``B`` by ``c`` with ``c = s (|B| / |A|)^(1/2)`` makes them equal, which
-    puts the orbit coordinate ``log(|A| / |B|)`` back to ``2 log s``, its value before the step. ``c``
-    is a function of invariants, so the correction is equivariant; it does not change the function.
-    Dead units get ``c = 1``."""
+
+def _side_sums(program: StepProgram, n: int, per_role: Mapping[int, Tensor]) -> dict[int, Tensor]:
+    """Per side (+1 multiplied, -1 divided) of isolated neuron batch ``n``, the sum of ``per_role``."""
+    sums: dict[int, Tensor] = {}
+    for r, role in enumerate(program.neurons[n].roles):
+        sums[role.side] = per_role[r] if role.side not in sums else sums[role.side] + per_role[r]
+    return sums
+
+
+def _pair_factors(program: StepProgram, read: ReadOut, held: list[_Held], shrink: Mapping[int, Tensor]
+                  ) -> dict[int, dict[int, Tensor]]:
+    """Per isolated neuron batch, the per-unit factors of its two sides (``{+1: f_A, -1: f_B}``), which
+    set both sides' new canonical norms to one target ``T``:
+
+    * a rebalanced batch keeps the step's scale: ``T = sqrt(a b)`` with ``a``, ``b`` the new canonical
+      norms of the multiplied and divided sides, so ``f_A = 1 / f_B = sqrt(b / a)`` (in raw terms
+      ``c = s (|B| / |A|)^(1/2)``) is a gauge element: it does not change the function, and it puts
+      the orbit coordinate ``log(|A| / |B|)`` back to ``2 log s``, its value before the step;
+    * a chart batch takes the unit-scale step: ``T = exp(-c) (a' b')^(1/4)`` with ``a'``, ``b'`` the
+      sides' squared canonical norms before the lift (after decay and channel-scale factors); the
+      rule's step, whose radial part is removed by this, only turns the unit.
+
+    In raw terms the multiplied side's factor is ``T s / |A|`` and the divided side's ``T / (s |B|)``.
+    The factors are functions of invariants, so the step stays equivariant. Dead units get 1."""
     by_role = {program.tensors[h.batch].rebalance: h for h in held}
-    factors_by_batch: dict[int, Tensor] = {}
+    out: dict[int, dict[int, Tensor]] = {}
     for n, batch in enumerate(program.neurons):
         if not batch.rebalance:
             continue
-        sums: dict[int, Tensor] = {}
-        for r, role in enumerate(batch.roles):
-            factors, gain_count = {}, 0
-            for axis, kind, _ in role.factors:
-                if kind == "gain":
-                    factors[axis + 1] = read.neuron_gains[n][r][gain_count]
-                    gain_count += 1
-            part = unit_square_sums(by_role[(n, r)].value, role.axis + 1, factors,
-                                    workspace=read.workspace.get(batch.dtype))
-            sums[role.side] = part if role.side not in sums else sums[role.side] + part
-        c = read.scales[n] * (sums[-1] / sums[1]).sqrt().sqrt()
-        factors_by_batch[n] = torch.where(read.neuron_dead[n] | ~torch.isfinite(c) | (c <= 0), 1.0, c)
-    return factors_by_batch
+        s, dead = read.scales[n], read.neuron_dead[n]
+        roles = range(len(batch.roles))
+        after = _side_sums(program, n, {r: _role_square_sums(program, read, n, r, by_role[(n, r)].value) for r in roles})
+        if batch.chart:
+            before = _side_sums(program, n, {r: by_role[(n, r)].before for r in roles})
+            target = shrink[n] * (before[1] * before[-1]).sqrt().sqrt()
+            sides = {1: target * s / after[1].sqrt(), -1: target / (s * after[-1].sqrt())}
+        else:
+            c = s * (after[-1] / after[1]).sqrt().sqrt()
+            sides = {1: c, -1: c.reciprocal()}
+        out[n] = {side: torch.where(dead | ~torch.isfinite(f) | (f <= 0), 1.0, f) for side, f in sides.items()}
+    return out
 
 
 def _rebalance(program: StepProgram, inputs: StepTensors, read: ReadOut, held: list[_Held],
-               factors_by_batch: dict[int, Tensor], masked: bool) -> None:
-    """Apply the factors of :func:`_rebalance_factors` (``c`` on the multiplied side, ``1 / c`` on the
-    divided side) to the held values and write them."""
+               factors_by_batch: dict[int, dict[int, Tensor]], masked: bool) -> None:
+    """Apply the factors of :func:`_pair_factors` to the held values and write them."""
     by_role = {program.tensors[h.batch].rebalance: h for h in held}
-    for n, c in factors_by_batch.items():
+    for n, sides in factors_by_batch.items():
         for r, role in enumerate(program.neurons[n].roles):
             h = by_role[(n, r)]
             tensor_batch, tensors = program.tensors[h.batch], inputs.tensors[h.batch]
-            factor = _along(c if role.side > 0 else c.reciprocal(), role.axis, len(tensor_batch.shape))
+            factor = _along(sides[role.side], role.axis, len(tensor_batch.shape))
             dead = functools.reduce(torch.logical_or, read.dead[h.batch]) if masked and read.dead[h.batch] else None
-            old = read.params[h.batch] if read.params[h.batch] is not None else _stack(tensors.params, tensor_batch.dtype)
+            old = _old_values(tensor_batch, tensors, read, h.batch)
             if h.mean is None and dead is None and not torch.compiler.is_compiling() and \
                     old.dtype == tensor_batch.param_dtype and tensor_batch.members > 1:
                 for value, f, p in zip(h.value.unbind(0), factor.unbind(0), tensors.params):
@@ -548,7 +671,10 @@ class StackedState:
         self._slots: dict[Any, tuple[Tensor, list[Tensor], list[Tensor]]] = {}  # buffer, views, members
         self._steps: dict[Any, tuple[list[int], int]] = {}  # counts and the buffer's version when read
 
-    def buffers(self, state: Mapping, slot: Any, members: Sequence[Tensor], keys: Sequence[str]) -> dict[str, Tensor]:
+    def buffers(self, state: Mapping, slot: Any, members: Sequence[Tensor], keys: Sequence[str],
+                shape: tuple[int, ...] | None = None) -> dict[str, Tensor]:
+        """The stacked buffers of ``keys`` for ``members`` (``shape``: of each member's entry, if not
+        the member's own)."""
         out = {}
         for key in keys:
             held = self._slots.get((slot, key))
@@ -556,8 +682,8 @@ class StackedState:
             if held is not None and all(a is b for a, b in zip(current, held[1])):
                 out[key] = held[0]
                 continue
-            target = _zeros(members[0], key)
-            like = [_zeros(p, key) if value is None else value for p, value in zip(members, current)]
+            target = _zeros(members[0], key, shape)
+            like = [_zeros(p, key, shape) if value is None else value for p, value in zip(members, current)]
             if len(members) == 1:
                 value = like[0]
                 if (value.dtype, value.device) != (target.dtype, target.device):
@@ -600,12 +726,12 @@ class StackedState:
         self._steps.clear()
 
 
-def _zeros(p: Tensor, key: str) -> Tensor:
-    """A state entry's initial value: a 0-d float32 step count, else zeros shaped like ``p`` in its
-    compute dtype."""
+def _zeros(p: Tensor, key: str, shape: tuple[int, ...] | None = None) -> Tensor:
+    """A state entry's initial value: a 0-d float32 step count, else zeros shaped like ``p`` (or
+    ``shape``) in ``p``'s compute dtype."""
     if key == "step":
         return torch.zeros((), dtype=torch.float32, device=p.device)
-    return torch.zeros(p.shape, dtype=compute_dtype(p), device=p.device)
+    return torch.zeros(p.shape if shape is None else shape, dtype=compute_dtype(p), device=p.device)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -676,11 +802,13 @@ class StepLayout:
                     stacked: StackedState) -> StepTensors:
         """``inputs`` with every batch's state buffers (made, or stacked again, where needed) and this
         step's numbers: ``lr, 1 - lr weight_decay`` and the rule's scalars (norm batches: ``lr`` and
-        the channel Adam's), as tensors in the batch's compute dtype on its device."""
-        tensors = []
+        the channel Adam's; chart neuron batches: ``lr`` and the unit Adam's, with the settings and
+        step count of the unit's first multiplied tensor), as tensors in the batch's compute dtype on
+        its device."""
+        tensors, steps_of = [], {}
         for b, (batch, t) in enumerate(zip(self.program.tensors, inputs.tensors)):
             buffers = stacked.buffers(state, ("tensor", b), t.params, batch.rule.state_keys)
-            steps = stacked.advance(("tensor", b)) if "step" in buffers else []
+            steps = steps_of[b] = stacked.advance(("tensor", b)) if "step" in buffers else []
             group = groups[self.tensor_groups[b]]
             lr = float(group["lr"])
             values = [lr, 1 - lr * float(group["weight_decay"]), *batch.rule.scalars(group, steps)]
@@ -693,17 +821,29 @@ class StepLayout:
             values = [float(group["lr"]), *CHANNEL_ADAM.scalars(group, stacked.advance(("norm", n)))]
             norms.append(t._replace(state=buffers, scalars=torch.tensor(values, dtype=batch.dtype,
                                                                         device=t.gains[0].device)))
-        return inputs._replace(tensors=tensors, norms=norms)
+        neurons = list(inputs.neurons)
+        for (n, r), b in _role_batches(self.program).items():
+            batch = self.program.neurons[n]
+            if r or not batch.chart:
+                continue
+            holders = tensors[b].params
+            buffers = stacked.buffers(state, ("unit", n), holders, UNIT_STATE, shape=(batch.units,))
+            group = groups[self.tensor_groups[b]]
+            values = [float(group["lr"]), *CHANNEL_ADAM.scalars(group, steps_of[b])]
+            neurons[n] = neurons[n]._replace(state=buffers, scalars=torch.tensor(values, dtype=batch.dtype,
+                                                                              device=holders[0].device))
+        return inputs._replace(tensors=tensors, norms=norms, neurons=neurons)
 
 
 def build_program(groups: Sequence[Mapping[str, Any]], names: Mapping[int, str], lookup: Mapping[str, Tensor],
                   plan: FramePlan, rules: Sequence[Rule], *, channel_step: bool, threshold: float,
-                  stack: bool = True) -> StepLayout:
+                  unit_step: bool = False, stack: bool = True) -> StepLayout:
     """Sort the parameters with gradients into batches (module docstring).
 
     ``names`` maps ``id(parameter)`` to its name in ``plan``'s model (parameters without a name have no
     frame); ``lookup`` maps names to the tensors frames read (the model's parameters or stand-ins);
-    ``rules[g]`` is group ``g``'s base rule; ``channel_step`` enables the norm channel-scale step.
+    ``rules[g]`` is group ``g``'s base rule; ``channel_step`` enables the norm channel-scale step,
+    ``unit_step`` the unit-scale step of isolated neuron pairs whose tensors all take :class:`Adam`.
     ``stack=False`` makes every batch a single tensor (a single family): what a compiled step wants,
     since ``torch.compile`` fuses each tensor's chain of elementwise maps into one loop when it does
     not have to materialise a stack first (the eager step stacks to dispatch fewer operations).
@@ -720,7 +860,8 @@ def build_program(groups: Sequence[Mapping[str, Any]], names: Mapping[int, str],
         return (frame.signature() if frame is not None else (tuple(p.shape),), p.dtype, p.device,
                 group_of.get(name), active.get(name, False))
 
-    neuron = _sort_neurons(plan, signature, active, lookup, stack)
+    charted = {name for name, g in group_of.items() if unit_step and isinstance(rules[g], Adam)}
+    neuron = _sort_neurons(plan, signature, active, charted, lookup, stack)
     norm = _sort_norms(plan, lookup, group_of, active, channel_step, stack)
     tensor = _sort_tensors(groups, names, plan, rules, neuron, norm, stack)
     program = StepProgram(tuple(b for b, _ in tensor.batches), tuple(b for b, _ in norm.batches),
@@ -742,9 +883,10 @@ class _Neurons:
 
 
 def _sort_neurons(plan: FramePlan, signature: Callable[[str], tuple], active: Mapping[str, bool],
-                  lookup: Mapping[str, Tensor], stack: bool) -> _Neurons:
+                  charted: set[str], lookup: Mapping[str, Tensor], stack: bool) -> _Neurons:
     """Neuron families to compute frames for: isolated ones of one signature batch together, a
-    chain's families one by one (whole chains, if any of their tensors is stepped)."""
+    chain's families one by one (whole chains, if any of their tensors is stepped). Rebalanced
+    families whose tensors are all in ``charted`` take the unit-scale step."""
     component = _chain_components(plan)
     live = {component[f.name] for f in plan.neurons if any(active.get(n, False) for n in f.members)}
     sorted_: dict[Any, list[ScalingFrame]] = {}
@@ -774,8 +916,9 @@ def _sort_neurons(plan: FramePlan, signature: Callable[[str], tuple], active: Ma
             role_names.append(names)
             role_gains.append(gains)
         rebalance = first.isolated and all(active.get(n, False) for names in role_names for n in names)
+        chart = rebalance and all(n in charted for names in role_names for n in names)
         out.batches.append(NeuronBatch(len(families), first.units, compute_dtype(lookup[first.members[0]]),
-                                       tuple(roles), rebalance))
+                                       tuple(roles), rebalance, chart))
         out.families.append([f.name for f in families])
         out.roles.append(role_names)
         out.gains.append(role_gains)

@@ -19,11 +19,17 @@ Around it:
   (``C diag(g)``) and, with ``norm_scale_step``, each channel's scale takes AdamW's gain step instead:
   a scalar Adam (the gain's group settings) on the invariant ``h = g dL/dg (+ beta dL/dbeta)`` gives
   ``r`` and the consumers' column ``j`` is multiplied by ``e_j = exp(-lr r_j)``.
-* **Isolated neuron pairs hold their orbit coordinates.** After the step each unit of a pair that is
-  linked to no other scaling (a transformer MLP's units) gets the gauge element that gives its new
-  canonical sides equal norms, so ``log(|in_i| / |out_i|)`` does not move; the logit shift's mean
-  row and the gains do not move either. Chains of neuron scalings (a deep ReLU MLP) are exactly
-  equivariant but their orbit coordinates move (docs/ddc.md lists which frames hold them).
+* **Isolated neuron pairs: a unit-scale step, and their orbit coordinates held.** For a pair linked
+  to no other scaling (a transformer MLP's units), with ``unit_scale_step`` (default) each unit's
+  scale takes its own scalar Adam step and the per-coordinate Adam acts on its direction only: with
+  ``l = sqrt(u v)`` the unit's canonical side norm and ``h_k = <G~_k, P~_k>`` per side, Adam steps
+  ``x_k = G~_k - (h_k / l^2) P~_k``, and a scalar Adam on ``(h_1 + h_2) / (sqrt2 l)`` gives ``r``;
+  after the lift both sides' canonical norms are set to ``exp(-lr r / (sqrt2 l))`` times the
+  geometric mean of their norms before it, which replaces the radial part of Adam's step.
+  Without it the pair is stepped like any tensor and then rebalanced to equal canonical norms.
+  Either way ``log(|in_i| / |out_i|)`` does not move; the logit shift's mean row and the gains do
+  not move either. Chains of neuron scalings (a deep ReLU MLP) are exactly equivariant but their
+  orbit coordinates move (docs/ddc.md lists which frames hold them).
 * **Parameters no gauge touches** take Adam as it is: ``torch.optim.AdamW``'s update.
 
 Dead channels and units (a gain ``|g_j| <= dead_threshold``, or a unit with ``sqrt(u v) <=``
@@ -67,6 +73,8 @@ class DDCAdam(FramedOptimizer):
         lr, betas, eps, weight_decay: as in ``torch.optim.AdamW``.
         norm_scale_step: take the channel-scale step of each norm family (module docstring);
             ``False`` leaves channel scales to the per-coordinate steps of the merged consumers.
+        unit_scale_step: take the unit-scale step of each isolated neuron pair (module docstring);
+            ``False`` steps the pairs per coordinate in their balanced frame.
         dead_threshold: a norm channel with ``|gain| <=`` this, or a neuron unit with
             ``sqrt(u v) <=`` this, is frozen and reported in :attr:`frozen`.
         nonfinite: ``"raise"`` (default): a NaN or Inf gradient raises
@@ -83,7 +91,8 @@ class DDCAdam(FramedOptimizer):
     combinations no frame makes exact (``frames.compatible_gauges`` drops them).
     """
 
-    _STATE_KEYS = frozenset({"step", "exp_avg", "exp_avg_sq", "scale_exp_avg", "scale_exp_avg_sq"})
+    _STATE_KEYS = frozenset({"step", "exp_avg", "exp_avg_sq", "scale_exp_avg", "scale_exp_avg_sq", "unit_exp_avg",
+                             "unit_exp_avg_sq"})
     _PARAM_SHAPED_STATE = frozenset({"exp_avg", "exp_avg_sq", "scale_exp_avg", "scale_exp_avg_sq"})
 
     def __init__(
@@ -96,6 +105,7 @@ class DDCAdam(FramedOptimizer):
         weight_decay: float = 0.0,
         *,
         norm_scale_step: bool = True,
+        unit_scale_step: bool = True,
         dead_threshold: float = 1e-12,
         nonfinite: str = "raise",
         compiled: bool = False,
@@ -103,12 +113,16 @@ class DDCAdam(FramedOptimizer):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
         check_adam_settings(defaults, type(self).__name__)
         defaults["betas"] = tuple(betas)
-        super().__init__(params, defaults, gauges, channel_step=norm_scale_step, dead_threshold=dead_threshold,
-                         nonfinite=nonfinite, compiled=compiled)
+        super().__init__(params, defaults, gauges, channel_step=norm_scale_step, unit_step=unit_scale_step,
+                         dead_threshold=dead_threshold, nonfinite=nonfinite, compiled=compiled)
 
     @property
     def norm_scale_step(self) -> bool:
         return self.channel_step
+
+    @property
+    def unit_scale_step(self) -> bool:
+        return self.unit_step
 
     def _validate_group(self, group: dict[str, Any], where: str) -> None:
         check_adam_settings(group, where)
