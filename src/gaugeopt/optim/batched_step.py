@@ -460,10 +460,10 @@ def _charts(program: StepProgram, inputs: StepTensors, read: ReadOut) -> dict[in
 
 
 def _remove_radial_part_(canonical: Tensor, old: Tensor, gammas: list[Tensor], coefficient: Tensor,
-                         centered: bool) -> Tensor:
+                         centered: bool, workspace: Tensor | None) -> Tensor:
     """``G~ <- G~ - coefficient P~`` with ``P~ = P(P) / gamma`` (0 where a factor is 0: dead slices);
     ``coefficient`` is per unit (broadcastable), and gradient factors of its shape are folded into it
-    so that ``P~`` is not formed where it need not be."""
+    so that ``P~`` is not formed where it need not be (else it is formed in ``workspace``, if given)."""
     full = []
     for gamma in gammas:
         inverse = torch.where(gamma == 0, 0.0, gamma.reciprocal())
@@ -472,8 +472,11 @@ def _remove_radial_part_(canonical: Tensor, old: Tensor, gammas: list[Tensor], c
         else:
             full.append(inverse)
     values = center_rows(old, axis=1) if centered else old
-    for inverse in full:
-        values = values * inverse
+    if full:
+        scratch = workspace.view(-1)[:old.numel()].view(old.shape) if workspace is not None else None
+        values = torch.mul(values, full[0], out=scratch) if scratch is not None else values * full[0]
+        for inverse in full[1:]:
+            values = values.mul_(inverse)
     return canonical.addcmul_(values, coefficient, value=-1)
 
 
@@ -494,7 +497,8 @@ def _update(program: StepProgram, inputs: StepTensors, read: ReadOut, masked: bo
         if chart is not None:  # the rule sees the tangential part: x = G~ - (h_side / l^2) P~
             role = program.neurons[batch.rebalance[0]].roles[batch.rebalance[1]]
             canonical = _remove_radial_part_(canonical, _old_values(batch, tensors, read, b), read.gammas[b],
-                                             _along(chart.tangent[role.side], role.axis, ndim), batch.centered)
+                                             _along(chart.tangent[role.side], role.axis, ndim), batch.centered,
+                                             read.workspace.get(batch.dtype))
         direction = batch.rule.direction(canonical, tensors.state, tensors.scalars[2:], batch.residual)
         if batch.centered:
             direction = center_rows(direction, axis=1)
