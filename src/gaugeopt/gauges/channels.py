@@ -120,6 +120,13 @@ def _normalized_dims(dim: Any, ndim: int) -> list[int] | None:
     return [d + ndim if d < 0 else d for d in dims]
 
 
+def _is_input(n: fx.Node) -> bool:
+    """A placeholder, or an entry of one (the tracer passes inputs as one ``*args`` tuple)."""
+    while n.op == "call_function" and n.target is operator.getitem and isinstance(n.args[0], fx.Node):
+        n = n.args[0]
+    return n.op == "placeholder"
+
+
 @dataclass
 class _Closure:
     """A family under construction: producers, scaled nodes with their layouts, consumers."""
@@ -332,7 +339,7 @@ class _Closure:
             return f"{m!r} is a constant"
         if m in self.scaled:
             return None
-        if m.op == "placeholder":
+        if _is_input(m):
             return f"{m.name} is a model input, which no parameter scales"
         if self.is_producer(m):
             try:
