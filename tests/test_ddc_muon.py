@@ -388,7 +388,7 @@ def test_errors_name_the_problem():
         ddc_muon(model, gauges, adjust_lr="spectral")
     with pytest.raises(ValueError, match="unknown option"):
         DDCMuon([{"params": model.parameters(), "betas": (0.9, 0.9)}], gauges)
-    with pytest.raises(ValueError, match="2-D"):
+    with pytest.raises(ValueError, match="Muon needs matrices"):
         DDCMuon([{"params": [model.norm.weight], "use_muon": True}], None)
     optimizer = ddc_muon(model, gauges)
     saved = optimizer.state_dict()

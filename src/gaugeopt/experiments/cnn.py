@@ -93,7 +93,7 @@ def run(config: CNNExperimentConfig, context: RunContext) -> None:
 
 PRESETS = {
     "tiny": CNNExperimentConfig(widths=(4, 8, 8), hidden=16, batch_size=16, steps=8, eval_every=4, warmup_steps=2),
-    "smoke": CNNExperimentConfig(),
+    "smoke": CNNExperimentConfig(seeds=(0, 1, 2)),
     "full": CNNExperimentConfig(steps=2000, eval_every=100, warmup_steps=60, seeds=(0, 1, 2, 3, 4)),
 }
 

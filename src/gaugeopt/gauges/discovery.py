@@ -3,7 +3,7 @@
 The model is traced with :mod:`torch.fx` (``nn.Linear``, ``nn.Embedding``, the norms and modules
 shaped like them stay leaf calls; everything else is traced through; with example inputs by the
 shadow-value tracer of :mod:`.tracing`, which follows library models), shapes are propagated with
-the example inputs, and four analyses run on the graph. None of them looks at model classes: a
+the example inputs, and five analyses run on the graph. None of them looks at model classes: a
 leaf counts as a norm or a linear layer only when measured to act as one.
 
 1. **Logit / router shift.** A Linear's output carries ``+ c(x) 1`` along its last axis through
@@ -25,6 +25,10 @@ leaf counts as a norm or a linear layer only when measured to act as one.
    for all positions m, n}: all of so(d) without RoPE, one plane per distinct frequency with it.
    The value path must be a pure head selection and the attention output must reach exactly one
    Linear through a pure permutation of channels (the output projection).
+
+5. **Channel scaling** (:mod:`.channels`). Conv and affine channel-norm (BatchNorm, GroupNorm)
+   channels, followed along axis 1 of ``(N, C, *spatial)`` maps through ReLU, pooling and flatten
+   into the convs and Linears that absorb them; residual adds join the producers of every branch.
 
 Anything that cannot be established is left out and recorded in ``GaugeSet.skipped`` with the reason.
 """

@@ -30,8 +30,8 @@ With ``ns_dtype=None`` (the default) Newton-Schulz runs in the parameters' dtype
 tables, the LM head and the layers that read the model's input or write its output directly.
 Convolution kernels count as hidden matrices: Muon orthogonalises each as its ``(out, in * kernel)``
 matricisation (``Muon(flatten=True)``). Everything else (vectors, embeddings, input and output layers)
-takes Adam. Without a ``GaugeSet``
-every 2-D parameter takes Muon unless its group says ``use_muon=False``.
+takes Adam. Without a ``GaugeSet`` every 2-D parameter takes Muon unless its group says
+``use_muon=False``.
 
 **Learning rates.** ``lr`` (and ``weight_decay``) are the Muon groups'; ``adam_lr`` (and
 ``adam_weight_decay``) the Adam groups'. In the param groups both are stored under ``lr`` and
