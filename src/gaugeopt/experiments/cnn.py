@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from ..data import load_digits_split
 from ..models import PlainCNN, PlainCNNConfig
-from .checks import OPEN_UNIT, UNIT, check_config
+from .checks import OPEN_UNIT, UNIT, check_config, field_error
 from .common import mean
 from .registry import Experiment
 from .runner import RunContext
@@ -41,11 +41,11 @@ class CNNExperimentConfig:
     seeds: tuple[int, ...] = (0,)
 
     def __post_init__(self) -> None:
-        check_config(self, positive=("hidden", "batch_size", "steps", "eval_every", "lr"),
+        check_config(self, positive=("widths", "hidden", "batch_size", "steps", "eval_every", "lr"),
                      non_negative=("weight_decay", "warmup_steps"),
                      within={"val_fraction": OPEN_UNIT, "min_lr_ratio": UNIT})
-        if len(self.widths) != 3 or any(w < 1 for w in self.widths):
-            raise ValueError(f"widths must be three positive channel counts, got {self.widths}")
+        if len(self.widths) != 3:
+            raise field_error(self, "widths", "three channel counts (one per conv)", self.widths)
 
 
 def run(config: CNNExperimentConfig, context: RunContext) -> None:
