@@ -388,13 +388,13 @@ def test_errors_name_the_problem():
         ddc_muon(model, gauges, adjust_lr="spectral")
     with pytest.raises(ValueError, match="unknown option"):
         DDCMuon([{"params": model.parameters(), "betas": (0.9, 0.9)}], gauges)
-    with pytest.raises(ValueError, match="2-D"):
+    with pytest.raises(ValueError, match="Muon needs matrices"):
         DDCMuon([{"params": [model.norm.weight], "use_muon": True}], None)
     optimizer = ddc_muon(model, gauges)
     saved = optimizer.state_dict()
     adam_group = next(i for i, g in enumerate(optimizer.param_groups) if not g["use_muon"])
     saved["param_groups"][adam_group]["use_muon"] = True  # a checkpoint giving Muon the gains
-    with pytest.raises(ValueError, match=f"param group {adam_group} of the state dict: Muon needs 2-D"):
+    with pytest.raises(ValueError, match=f"param group {adam_group} of the state dict: Muon needs matrices"):
         optimizer.load_state_dict(saved)
     assert not optimizer.param_groups[adam_group]["use_muon"]
     with pytest.raises(ValueError, match=r"\(\.\.\., m, n\)"):

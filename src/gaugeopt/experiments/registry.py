@@ -25,6 +25,7 @@ EXPERIMENT_MODULES = {
     "bridge": "gaugeopt.experiments.bridge",
     "rrr": "gaugeopt.experiments.rrr",
     "modadd-width": "gaugeopt.experiments.modadd_width",
+    "cnn": "gaugeopt.experiments.cnn",
 }
 
 

@@ -3,7 +3,7 @@
 The model is traced with :mod:`torch.fx` (``nn.Linear``, ``nn.Embedding``, the norms and modules
 shaped like them stay leaf calls; everything else is traced through; with example inputs by the
 shadow-value tracer of :mod:`.tracing`, which follows library models), shapes are propagated with
-the example inputs, and four analyses run on the graph. None of them looks at model classes: a
+the example inputs, and five analyses run on the graph. None of them looks at model classes: a
 leaf counts as a norm or a linear layer only when measured to act as one.
 
 1. **Logit / router shift.** A Linear's output carries ``+ c(x) 1`` along its last axis through
@@ -26,6 +26,10 @@ leaf counts as a norm or a linear layer only when measured to act as one.
    The value path must be a pure head selection and the attention output must reach exactly one
    Linear through a pure permutation of channels (the output projection).
 
+5. **Channel scaling** (:mod:`.channels`). Conv and affine channel-norm (BatchNorm, GroupNorm)
+   channels, followed along axis 1 of ``(N, C, *spatial)`` maps through ReLU, pooling and flatten
+   into the convs and Linears that absorb them; residual adds join the producers of every branch.
+
 Anything that cannot be established is left out and recorded in ``GaugeSet.skipped`` with the reason.
 """
 
@@ -44,6 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from .channels import CONVOLUTIONS, channel_families, is_channel_layer, norm_absorption_reason
 from .families import AxisRef, GaugeFamily, HeadRotation, LogitShift, NeuronScaling, full_rotation_algebra, norm_scaling
 from .gaugeset import GaugeSet, Skipped, uncompiled
 from .tracing import is_linear_like, is_norm_like, trace_with_examples
@@ -410,6 +415,8 @@ def _follow_channel_scaling(g: _Graph, start: fx.Node) -> tuple[list[fx.Node], s
                 return [], "the scaled tensor is a model output"
             if arithmetic is not None:  # a sum or difference
                 return [], f"{u.name} adds it to a tensor that is not scaled alike (residual stream?)"
+            if is_channel_layer(mod) and not isinstance(mod, CONVOLUTIONS):
+                return [], norm_absorption_reason(mod, u.target)
             if g.is_norm(u):
                 return [], f"it feeds the norm {u.target}, which is not homogeneous per channel"
             return [], f"{_describe_op(u)} ({u.name}) is not known to commute with a per-channel positive scaling"
@@ -902,15 +909,18 @@ def find_gauges(
     skipped = [Skipped(site or type(model).__name__, "all", f"kept whole, not analysed inside: its code branches on "
                        f"tensor values ({why})") for site, why in g.opaque.items()]
 
-    # the Linears whose output reaches the model output without passing another Linear or a norm
-    output_linears = {x for x in g.upstream(g.output, stop=lambda x: g.is_linear(x) or g.is_norm(x))
-                      if g.is_linear(x)}
+    # the Linears and convolutions whose output reaches the model output without passing another layer
+    def layer(x: fx.Node) -> bool:
+        return g.is_linear(x) or isinstance(g.module(x), CONVOLUTIONS)
+
+    output_linears = {x for x in g.upstream(g.output, stop=lambda x: layer(x) or g.is_norm(x) or is_channel_layer(g.module(x)))
+                      if layer(x)}
     # the Linears that read a model input without another layer with parameters in between
     def learned(x: fx.Node) -> bool:
         mod = g.module(x)
         return mod is not None and next(mod.parameters(), None) is not None
 
-    input_linears = {n for n in g.nodes if g.is_linear(n)
+    input_linears = {n for n in g.nodes if layer(n)
                      and any(x.op == "placeholder" for x in g.upstream(n, stop=learned))}
 
     def add(family: GaugeFamily, site: str) -> None:
@@ -949,7 +959,7 @@ def find_gauges(
             if absorbed is None and shift_reason and (
                     "model output" in shift_reason or (output == "logits" and n in output_linears)):
                 skipped.append(Skipped(n.target, "logit_shift", shift_reason))
-        elif g.is_norm(n):
+        elif g.is_norm(n) and not is_channel_layer(mod):
             site = n.target
             if getattr(mod, "weight", None) is None:
                 skipped.append(Skipped(site, "norm_scale", "the norm has no gain"))
@@ -976,6 +986,10 @@ def find_gauges(
             consumers = tuple(g.param(s.target, "weight") for s in sinks)
             add(norm_scaling(f"norm_scale:{site}", g.param(site, "weight"), g.param(site, "bias"), consumers,
                              mod.weight.shape[0]), site)
+    found, missed, _ = channel_families(g, _NEEDS_EXAMPLES)
+    for fam in found:
+        add(fam, fam.producer)
+    skipped += missed
     for site in _attention_sites(g):
         found, missed = _attention_families(g, site)
         for fam in found:

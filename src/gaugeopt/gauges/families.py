@@ -53,21 +53,46 @@ def _log_uniform(n: int, spread: float, generator: torch.Generator | None, **lik
 
 @dataclass(frozen=True)
 class AxisRef:
-    """The slices of parameter ``name`` along ``axis``: slice i belongs to unit i."""
+    """The slices of parameter ``name`` along ``axis``: slice i belongs to unit i.
+
+    With ``inner > 1`` unit ``i`` owns the ``inner`` consecutive indices ``i * inner ... (i + 1) *
+    inner - 1`` of the axis: the block of columns a channel of a ``(N, C, *spatial)`` feature map
+    occupies in a Linear after ``flatten(1)`` (``inner = prod(spatial)``). The axis then has
+    ``units * inner`` entries and the slice of unit ``i`` is that block.
+    """
 
     name: str
     axis: int
+    inner: int = 1
+
+    def __post_init__(self):
+        if self.inner < 1:
+            raise ValueError(f"AxisRef({self.name!r}, {self.axis}): inner must be >= 1, got {self.inner}")
+
+    def units(self, shape: tuple[int, ...] | torch.Size) -> int:
+        """The number of units along the axis of a tensor of ``shape``."""
+        return shape[self.axis] // self.inner
+
+    def unit_view(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` with the axis split into ``(units, inner)`` (``t`` itself when ``inner`` is 1); the
+        units run along ``axis`` of the view."""
+        return t if self.inner == 1 else t.unflatten(self.axis, (-1, self.inner))
 
     def slices(self, params: Params) -> torch.Tensor:
         """The parameter with the unit axis moved first and the rest flattened: (units, -1)."""
-        p = params[self.name]
+        p = self.unit_view(params[self.name])
         return p.movedim(self.axis, 0).reshape(p.shape[self.axis], -1)
 
+    def slice(self, t: torch.Tensor, i: int) -> torch.Tensor:
+        """Unit ``i``'s slice of ``t`` (a view, the axis kept with ``inner`` entries)."""
+        return t.narrow(self.axis, i * self.inner, self.inner)
+
     def scale_(self, params: Params, factors: torch.Tensor) -> None:
+        """Multiply unit i's slice by ``factors[i]``, in place."""
         p = params[self.name]
         shape = [1] * p.dim()
         shape[self.axis] = -1
-        p.mul_(factors.reshape(shape))
+        p.mul_(factors.repeat_interleave(self.inner).reshape(shape))
 
 
 class GaugeFamily:
@@ -232,7 +257,7 @@ class _DiagonalScaling(GaugeFamily):
                 for ref in refs:
                     p = params[ref.name]
                     d = t.setdefault(ref.name, torch.zeros_like(p))
-                    d.select(ref.axis, i).add_(sign * p.detach().select(ref.axis, i))
+                    ref.slice(d, i).add_(sign * ref.slice(p.detach(), i))
             yield t
 
     def pairings(self, params: Params, grads: Params) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """Reference architectures, each built from a frozen config dataclass with random weights."""
 
 from .blocks import MLP, Attention, Block, RotaryEmbedding, make_norm
+from .cnn import BasicBlock, PlainCNN, PlainCNNConfig, ResNet18, ResNet18Config
 from .lm import TransformerLM, TransformerLMConfig
 from .modadd import ModularAdditionConfig, ModularAdditionTransformer, modular_addition_data
 from .moe import MoEConfig, MoELayer, MoELM
@@ -19,6 +20,7 @@ from .vit import ViT, ViTConfig
 __all__ = [
     "MLP", "Attention", "Block", "RotaryEmbedding", "make_norm",
     "TransformerLM", "TransformerLMConfig",
+    "PlainCNN", "PlainCNNConfig", "ResNet18", "ResNet18Config", "BasicBlock",
     "ModularAdditionConfig", "ModularAdditionTransformer", "modular_addition_data",
     "MoEConfig", "MoELayer", "MoELM",
     "DeepLinear", "DeepLinearConfig", "ReducedRankRegression", "ReducedRankRegressionConfig",

@@ -93,7 +93,9 @@ class TensorBatch:
     columns), or -1; ``stacked``: the new values are computed on a stacked copy of the parameters
     (translations, rebalanced pairs, low precision) instead of written in place; ``rebalance``:
     ``(neuron batch, role)`` of an isolated pair member whose write waits for the rebalancing factor;
-    ``params_from``: ``(neuron batch, role)`` whose stacked parameters these are.
+    ``params_from``: ``(neuron batch, role)`` whose stacked parameters these are. ``shape`` is the
+    members' frame shape (:attr:`~gaugeopt.optim.frames.TensorFrame.shape`); ``rule_shape`` their own,
+    which the rule sees, when the frame reads them on a view of another shape (else None).
     """
 
     members: int
@@ -108,6 +110,7 @@ class TensorBatch:
     stacked: bool
     rebalance: tuple[int, int] | None
     params_from: tuple[int, int] | None
+    rule_shape: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -499,7 +502,11 @@ def _update(program: StepProgram, inputs: StepTensors, read: ReadOut, masked: bo
             canonical = _remove_radial_part_(canonical, _old_values(batch, tensors, read, b), read.gammas[b],
                                              _along(chart.tangent[role.side], role.axis, ndim), batch.centered,
                                              read.workspace.get(batch.dtype))
+        if batch.rule_shape is not None:  # the rule steps the parameter as it is (Muon: its own matrix)
+            canonical = canonical.reshape(members, *batch.rule_shape)
         direction = batch.rule.direction(canonical, tensors.state, tensors.scalars[2:], batch.residual)
+        if batch.rule_shape is not None:
+            direction = direction.reshape(members, *batch.shape)
         if batch.centered:
             direction = center_rows(direction, axis=1)
         factors = list(read.gammas[b])
@@ -784,11 +791,21 @@ class StepLayout:
     neuron_roles: list[list[list[str]]]  # per batch, per role, the members' tensor names
     neuron_gains: list[list[list[list[str]]]]  # per batch, per role, per gain factor, the members' gains
     checked: list[list[Tensor]]
+    views: Mapping[str, tuple[int, ...]] = field(default_factory=dict)  # name -> frame shape, where not its own
 
     def inputs(self, lookup: Mapping[str, Tensor]) -> StepTensors:
-        """This step's parameters, gradients and gains (``lookup``: name -> tensor to read)."""
+        """This step's parameters, gradients and gains (``lookup``: name -> tensor to read), each
+        parameter and gradient in its batch's frame shape (a view where that is not its own)."""
         program = self.program
-        tensors = [TensorInputs(params, [p.grad for p in params],
+
+        def framed(ts: list[Tensor], shape: tuple[int, ...]) -> list[Tensor]:
+            return [t if t.shape == shape else t.view(shape) for t in ts]
+
+        def read(name: str) -> Tensor:
+            return lookup[name] if name not in self.views else lookup[name].view(self.views[name])
+
+        tensors = [TensorInputs(framed(params, program.tensors[b].shape),
+                                framed([p.grad for p in params], program.tensors[b].shape),
                                 [[lookup[n] for n in names] for names in self.tensor_gains[b]],
                                 self.tensor_channels[b], {}, None)
                    for b, params in enumerate(self.tensor_params)]
@@ -797,7 +814,7 @@ class StepLayout:
             gains = [lookup[f.gain] for f in families]
             biases = [lookup[f.bias] for f in families] if batch.bias else []
             norms.append(NormInputs(gains, [g.grad for g in gains], biases, [b.grad for b in biases], {}, None))
-        neurons = [NeuronInputs([[lookup[n] for n in names] for names in self.neuron_roles[k]],
+        neurons = [NeuronInputs([[read(n) for n in names] for names in self.neuron_roles[k]],
                                 [[[lookup[n] for n in gains] for gains in role] for role in self.neuron_gains[k]])
                    for k in range(len(program.neurons))]
         return StepTensors(tensors, norms, neurons, [[p.grad for p in ps] for ps in self.checked])
@@ -811,7 +828,8 @@ class StepLayout:
         its device."""
         tensors, steps_of = [], {}
         for b, (batch, t) in enumerate(zip(self.program.tensors, inputs.tensors)):
-            buffers = stacked.buffers(state, ("tensor", b), t.params, batch.rule.state_keys)
+            # state is kept per parameter (the layout's own tensors, not the frame views) in its own shape
+            buffers = stacked.buffers(state, ("tensor", b), self.tensor_params[b], batch.rule.state_keys)
             steps = steps_of[b] = stacked.advance(("tensor", b)) if "step" in buffers else []
             group = groups[self.tensor_groups[b]]
             lr = float(group["lr"])
@@ -830,7 +848,7 @@ class StepLayout:
             batch = self.program.neurons[n]
             if r or not batch.chart:
                 continue
-            holders = tensors[b].params
+            holders = self.tensor_params[b]
             buffers = stacked.buffers(state, ("unit", n), holders, UNIT_STATE, shape=(batch.units,))
             group = groups[self.tensor_groups[b]]
             values = [float(group["lr"]), *CHANNEL_ADAM.scalars(group, steps_of[b])]
@@ -861,7 +879,7 @@ def build_program(groups: Sequence[Mapping[str, Any]], names: Mapping[int, str],
 
     def signature(name: str) -> tuple:
         p, frame = lookup[name], plan.frame(name)
-        return (frame.signature() if frame is not None else (tuple(p.shape),), p.dtype, p.device,
+        return (frame.signature() if frame is not None else (), tuple(p.shape), p.dtype, p.device,
                 group_of.get(name), active.get(name, False))
 
     charted = {name for name, g in group_of.items() if unit_step and isinstance(rules[g], Adam)}
@@ -870,9 +888,10 @@ def build_program(groups: Sequence[Mapping[str, Any]], names: Mapping[int, str],
     tensor = _sort_tensors(groups, names, plan, rules, neuron, norm, stack)
     program = StepProgram(tuple(b for b, _ in tensor.batches), tuple(b for b, _ in norm.batches),
                           tuple(neuron.batches), threshold)
+    views = {name: frame.shape for name, frame in plan.tensors.items() if frame.shape != tuple(lookup[name].shape)}
     return StepLayout(program, [m for _, m in tensor.batches], tensor.groups, tensor.gains, tensor.channels,
                       [fs for _, fs in norm.batches], norm.groups, neuron.families, neuron.roles, neuron.gains,
-                      tensor.checked)
+                      tensor.checked, views)
 
 
 @dataclass
@@ -995,7 +1014,7 @@ def _sort_tensors(groups: Sequence[Mapping[str, Any]], names: Mapping[int, str],
             elif name in neuron.chain_members:
                 key = ("single", name)
             else:
-                key = ("batch", g, frame.signature() if frame is not None else (tuple(p.shape),), p.dtype, p.device,
+                key = ("batch", g, frame.signature() if frame is not None else (), tuple(p.shape), p.dtype, p.device,
                        None if stack else id(p))
             sorted_.setdefault(key, []).append((name, p, g))
     out = _Tensors([], [], [], [], list(checked.values()))
@@ -1024,8 +1043,10 @@ def _sort_tensors(groups: Sequence[Mapping[str, Any]], names: Mapping[int, str],
         dtype = compute_dtype(first)
         stacked = centered or rebalance is not None or dtype != first.dtype
         residual = Residual(frame.shared, frame.heads) if frame is not None else Residual()
-        batch = TensorBatch(len(params), tuple(first.shape), dtype, first.dtype, rules[group], tuple(scaled),
-                            channel, centered, residual, stacked, rebalance, role if stacked else None)
+        shape = frame.shape if frame is not None else tuple(first.shape)
+        batch = TensorBatch(len(params), shape, dtype, first.dtype, rules[group], tuple(scaled),
+                            channel, centered, residual, stacked, rebalance, role if stacked else None,
+                            tuple(first.shape) if shape != tuple(first.shape) else None)
         out.batches.append((batch, params))
         out.groups.append(group)
         out.gains.append(gains)

@@ -28,8 +28,10 @@ With ``ns_dtype=None`` (the default) Newton-Schulz runs in the parameters' dtype
 **Which parameters take Muon.** Each group has a flag ``use_muon``. When a group does not set it,
 :func:`muon_parameter_names` decides: the hidden matrices, i.e. every 2-D parameter except embedding
 tables, the LM head and the layers that read the model's input or write its output directly.
-Everything else (vectors, embeddings, input and output layers) takes Adam. Without a ``GaugeSet``
-every 2-D parameter takes Muon unless its group says ``use_muon=False``.
+Convolution kernels count as hidden matrices: Muon orthogonalises each as its ``(out, in * kernel)``
+matricisation (``Muon(flatten=True)``). Everything else (vectors, embeddings, input and output layers)
+takes Adam. Without a ``GaugeSet`` every 2-D parameter takes Muon unless its group says
+``use_muon=False``.
 
 **Learning rates.** ``lr`` (and ``weight_decay``) are the Muon groups'; ``adam_lr`` (and
 ``adam_weight_decay``) the Adam groups'. In the param groups both are stored under ``lr`` and
@@ -57,6 +59,9 @@ from .layerwise import muon_lr_scale
 from .matrix_functions import MUON_NS_COEFFICIENTS
 from .rules import Muon, Rule
 
+#: Modules whose weight DDCMuon's Muon rule steps as its matricisation (out channels, the rest).
+_CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
 __all__ = ["DDCMuon", "muon_parameter_names", "muon_lr_scale", "ADJUST_LR_CHOICES"]
 
 #: Shape factors of the Muon step, as in ``torch.optim.Muon``'s ``adjust_lr_fn``.
@@ -75,13 +80,17 @@ def muon_parameter_names(model: nn.Module, gauges: GaugeSet | None = None) -> se
     ``logit_shift`` family (the LM head) and, when ``gauges`` come from ``find_gauges``, the layers
     that read the model's input or write its output directly (``gauges.input_layers`` and
     ``gauges.output_layers``: an input projection or patch embedding, an output layer), as Muon's
-    recipe leaves those to AdamW. Without ``gauges`` every 2-D non-embedding parameter counts."""
+    recipe leaves those to AdamW. Without ``gauges`` every 2-D non-embedding parameter counts.
+    Convolution kernels (``nn.Conv1d/2d/3d``) count as hidden matrices too: Muon steps each as its
+    ``(out, in * kernel)`` matricisation (the first conv, which reads the input, is an input layer)."""
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     excluded: set[str] = set()
     if gauges is not None:
         excluded |= {f.weight for f in gauges if isinstance(f, LogitShift) and f.kind == "logit_shift"}
         excluded |= {*gauges.input_layers, *gauges.output_layers}
-    return {n for n, p in model.named_parameters() if p.ndim == 2 and id(p) not in embeddings and n not in excluded}
+    kernels = {id(m.weight) for m in model.modules() if isinstance(m, _CONVOLUTIONS)}
+    return {n for n, p in model.named_parameters()
+            if (p.ndim == 2 or id(p) in kernels) and id(p) not in embeddings and n not in excluded}
 
 
 class DDCMuon(FramedOptimizer):
@@ -163,8 +172,9 @@ class DDCMuon(FramedOptimizer):
         if group.get("use_muon", False):
             _check_muon_settings(group, where)
             for p in group["params"]:
-                require(p.ndim == 2, where, f"Muon needs 2-D parameters; a parameter of shape {tuple(p.shape)} "
-                                            f"is in a group with use_muon=True: put it in a group with use_muon=False")
+                require(p.ndim >= 2, where, f"Muon needs matrices (or conv kernels); a parameter of shape "
+                                            f"{tuple(p.shape)} is in a group with use_muon=True: put it in a group "
+                                            f"with use_muon=False")
         check_adam_settings(group, where)
 
     def rule_for(self, group: Mapping[str, Any]) -> Rule:
@@ -173,7 +183,7 @@ class DDCMuon(FramedOptimizer):
         return Muon(nesterov=bool(group["nesterov"]), ns_steps=group["ns_steps"],
                     ns_coefficients=tuple(group["ns_coefficients"]), ns_eps=float(group["ns_eps"]),
                     ns_dtype=group["ns_dtype"], adjust_lr=group["adjust_lr"],
-                    head_blocks="frame" if group["head_wise"] else None, block_scale=False)
+                    head_blocks="frame" if group["head_wise"] else None, block_scale=False, flatten=True)
 
     def split(self, *, print_table: bool = True) -> list[tuple[str, tuple[int, ...], str, float]]:
         """``(parameter, shape, rule, lr)`` for every parameter, Muon's first; printed as a table."""

@@ -27,6 +27,12 @@ Per family (``W`` a parameter, ``G`` its gradient, rows = outputs):
     downstream family: a transformer's MLP units) ``u`` and ``v`` are the two side norms and the
     canonical point is the orbit's balanced point ``|P1| = |P2| = sqrt(u v)``.
 
+* **Blocks of an axis.** A scaling whose unit owns a block of ``inner`` consecutive indices of an
+  axis (:class:`~gaugeopt.gauges.AxisRef` with ``inner > 1``: a conv channel's columns in the Linear
+  after ``flatten(1)``) is framed on a view of the parameter that splits that axis into
+  ``(units, inner)``; every action on the parameter is then read on the view's axes
+  (:attr:`TensorFrame.shape`), and the rules see the parameter's own shape.
+
 * **Translation** (logit / router shift ``W -> W + 1 a^T``): the gradient, the weight decay and the
   step act on the horizontal part ``W - 1 mean_row(W)``; the mean row is held.
 
@@ -109,7 +115,9 @@ class SharedAxis:
 class TensorFrame:
     """The frame of one parameter: at most one action per axis.
 
-    ``scaled``: ``(axis, ScaledAxis)`` pairs; ``centered``: a translation moves every slice along
+    ``shape`` is the shape the frame reads the parameter in: its own, or a view of it with each
+    blocked axis split into ``(units, inner)`` (module docstring); every axis below is an axis of
+    that shape. ``scaled``: ``(axis, ScaledAxis)`` pairs; ``centered``: a translation moves every slice along
     axis 0 by one vector (logit or router shift); ``shared``: ``(axis, SharedAxis)`` pairs;
     ``gain``: the parameter is a norm gain (the frame of its channels, never stepped);
     ``heads``: for query/key/value and output weights of a rotation family, ``(axis, index)`` with
@@ -257,9 +265,44 @@ def _actions(family: GaugeFamily, shapes: Mapping[str, tuple[int, ...]]):
         raise TypeError(f"no frame for gauge family {family.name!r} of type {type(family).__name__}")
 
 
+class _AxisViews:
+    """Per parameter, the axes that scaling families split into ``(units, inner)`` blocks, and the
+    map from the parameter's axes to the axes of that view (module docstring, blocks of an axis)."""
+
+    def __init__(self, gauges: GaugeSet, shapes: Mapping[str, tuple[int, ...]]):
+        self.split: dict[str, dict[int, int]] = {}
+        for f in gauges:
+            if isinstance(f, (NormScaling, NeuronScaling)):
+                for ref in (*f.multiplied, *f.divided):
+                    if ref.inner > 1:
+                        axes = self.split.setdefault(ref.name, {})
+                        if axes.get(ref.axis, ref.inner) != ref.inner:
+                            raise FrameConflictError(
+                                f"parameter {ref.name!r}: axis {ref.axis} is cut into blocks of {axes[ref.axis]} and of "
+                                f"{ref.inner} entries by two families; no gauge frame makes that exact")
+                        axes[ref.axis] = ref.inner
+        self.shapes = shapes
+
+    def axis(self, name: str, axis: int) -> int:
+        """The view axis of parameter axis ``axis`` (of a split axis: the units' axis)."""
+        return axis + sum(1 for a in self.split.get(name, ()) if a < axis)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        shape, split = self.shapes[name], self.split.get(name, {})
+        out: list[int] = []
+        for a, size in enumerate(shape):
+            out += [size // split[a], split[a]] if a in split else [size]
+        return tuple(out)
+
+    def ref(self, ref: AxisRef) -> AxisRef:
+        """``ref`` read on the view: the units' axis of the view, one index per unit."""
+        return AxisRef(ref.name, self.axis(ref.name, ref.axis))
+
+
 def build_frame_plan(gauges: GaugeSet) -> FramePlan:
     """The frames of ``gauges``' parameters, or :class:`FrameConflictError` naming the parameter."""
     shapes = {n: tuple(p.shape) for n, p in gauges.params().items()}
+    views = _AxisViews(gauges, shapes)
     frames: dict[str, _Frame] = {}
 
     def conflict(name: str, what: str, first: str, second: str) -> FrameConflictError:
@@ -276,15 +319,19 @@ def build_frame_plan(gauges: GaugeSet) -> FramePlan:
                 if name in norm_parameters:
                     raise conflict(name, "is a norm parameter of two families", norm_parameters[name], f.name)
                 norm_parameters[name] = f.name
-            frames[f.gain] = _Frame(f.gain, shapes[f.gain], gain=True)
+            frames[f.gain] = _Frame(f.gain, views.shape(f.gain), gain=True)
     for f in gauges:
         for name, axis, action, heads in _actions(f, shapes):
-            frame = frames.setdefault(name, _Frame(name, shapes[name]))
+            frame = frames.setdefault(name, _Frame(name, views.shape(name)))
             if frame.gain:
                 raise conflict(name, "is a norm gain (the frame of its channels) and is also acted on",
                                norm_parameters[name], f.name)
             if name in norm_parameters and norm_parameters[name] != f.name:
                 raise conflict(name, "is a norm bias and is also acted on", norm_parameters[name], f.name)
+            if isinstance(action, SharedAxis) and name in views.split:
+                raise FrameConflictError(f"parameter {name!r}: a rotation ({f.name}) acts on a parameter whose axis "
+                                         f"is cut into channel blocks; no gauge frame here makes that exact")
+            axis = views.axis(name, axis)
             if axis in frame.actions:
                 raise conflict(name, f"two families act on axis {axis}", frame.actions[axis][0], f.name)
             if isinstance(action, ScaledAxis) and action.kind == "neuron":
@@ -296,12 +343,18 @@ def build_frame_plan(gauges: GaugeSet) -> FramePlan:
             if heads is not None:
                 frame.heads = heads
     tensors = {name: frame.freeze() for name, frame in frames.items()}
-    return FramePlan(tensors, _scaling_frames(gauges, tensors))
+    return FramePlan(tensors, _scaling_frames(gauges, tensors, views))
 
 
-def _scaling_frames(gauges: GaugeSet, tensors: Mapping[str, TensorFrame]) -> dict[str, ScalingFrame]:
-    """The scaling families with their chain links, norms first, then neurons in dependency order."""
-    norms = {f.name: ScalingFrame(f.name, "norm", f.units, f.multiplied, f.divided, f.gain, f.bias, f.consumers)
+def _scaling_frames(gauges: GaugeSet, tensors: Mapping[str, TensorFrame], views: _AxisViews
+                    ) -> dict[str, ScalingFrame]:
+    """The scaling families with their chain links, norms first, then neurons in dependency order;
+    their slices are read on the frames' views (one index per unit)."""
+    def on_views(refs: Iterable[AxisRef]) -> tuple[AxisRef, ...]:
+        return tuple(views.ref(r) for r in refs)
+
+    norms = {f.name: ScalingFrame(f.name, "norm", f.units, on_views(f.multiplied), on_views(f.divided), f.gain,
+                                  f.bias, f.consumers)
              for f in gauges if isinstance(f, NormScaling)}
     neurons = [f for f in gauges if isinstance(f, NeuronScaling)]
 
@@ -313,8 +366,8 @@ def _scaling_frames(gauges: GaugeSet, tensors: Mapping[str, TensorFrame]) -> dic
                     found.append(scaled.family)
         return tuple(dict.fromkeys(found))
 
-    frames = {f.name: ScalingFrame(f.name, "neuron", f.units, f.multiplied, f.divided,
-                                   upstream=linked(f.multiplied, -1), downstream=linked(f.divided, 1))
+    frames = {f.name: ScalingFrame(f.name, "neuron", f.units, on_views(f.multiplied), on_views(f.divided),
+                                   upstream=linked(on_views(f.multiplied), -1), downstream=linked(on_views(f.divided), 1))
               for f in neurons}
     ordered: list[str] = []
     remaining = {name: set(frame.upstream) for name, frame in frames.items()}

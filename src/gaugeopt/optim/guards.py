@@ -379,7 +379,7 @@ def check_gauges_cover(gauges, param_groups: list[dict[str, Any]]) -> dict[str, 
         if isinstance(family, (NeuronScaling, NormScaling)):
             for ref in (*family.multiplied, *family.divided):
                 shape = tuple(model_params[ref.name].shape)
-                if ref.axis >= len(shape) or shape[ref.axis] != family.units:
+                if ref.axis >= len(shape) or shape[ref.axis] != family.units * ref.inner:
                     raise ValueError(
                         f"gauge family {family.name} acts on {family.units} slices along axis {ref.axis} of "
                         f"{ref.name}, which now has shape {shape}: the model changed after find_gauges; "

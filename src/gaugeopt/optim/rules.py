@@ -150,6 +150,9 @@ class Muon:
     ``head_axis``, ``"row"`` or ``"col"``). ``block_scale``: the shape factor of a head-wise update
     uses the block's shape (``True``) or the whole matrix's (``False``, as DDCMuon). ``ns_dtype``:
     the iteration's dtype (``None``: the gradient's). ``momentum_key`` names the group setting.
+    ``flatten``: a member of more than two dimensions is orthogonalised as its matricisation
+    ``(shape[0], prod(shape[1:]))`` (a conv kernel ``(out, in, *kernel)``, as Keller Jordan's Muon
+    does) instead of as a batch of matrices over its leading axes (MoE experts ``(E, rows, cols)``).
     """
 
     nesterov: bool = True
@@ -162,6 +165,7 @@ class Muon:
     head_axis: str = "row"
     block_scale: bool = False
     momentum_key: str = "momentum"
+    flatten: bool = False
     state_keys: tuple[str, ...] = ("momentum_buffer",)
 
     def scalars(self, group: Mapping[str, Any], steps: Sequence[int]) -> list[float]:
@@ -169,6 +173,13 @@ class Muon:
 
     def direction(self, grad: Tensor, state: Mapping[str, Tensor], scalars: Tensor, residual: Residual) -> Tensor:
         update = _momentum_input(grad, state["momentum_buffer"], scalars, self.nesterov)
+        if self.flatten and update.dim() > 3:  # (L, rows, *rest): each member as its (rows, prod(rest)) matrix
+            shape = update.shape
+            return self.direction_of_matrices(update.reshape(shape[0], shape[1], -1), residual).reshape(shape)
+        return self.direction_of_matrices(update, residual)
+
+    def direction_of_matrices(self, update: Tensor, residual: Residual) -> Tensor:
+        """``s NS(update)`` per matrix (or per head block) of a stack ``(..., rows, cols)``."""
         options = dict(ns_steps=self.ns_steps, ns_eps=self.ns_eps, ns_coefficients=self.ns_coefficients,
                        adjust_lr=self.adjust_lr, dtype=self.ns_dtype, block_scale=self.block_scale)
         if self.head_blocks == "frame" and residual.heads is not None:
