@@ -103,6 +103,8 @@ def _cmd_gauges(args: argparse.Namespace) -> int:
                            torch.randint(0, 11, (2, 2))),
         "moe": lambda: (models.MoELM(models.MoEConfig()), torch.randint(0, 65, (2, 8))),
         "mlp": lambda: (models.ReLUMLP(models.ReLUMLPConfig()), torch.rand(2, 8)),
+        "cnn": lambda: (models.PlainCNN(models.PlainCNNConfig()), torch.rand(2, 1, 8, 8)),
+        "resnet18": lambda: (models.ResNet18(models.ResNet18Config()), torch.rand(2, 3, 32, 32)),
     }
     model, example = builders[args.model]()
     print(gaugeopt.find_gauges(model, example, output="logits").summary(print_table=False))
@@ -148,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(handler=_cmd_demo)
 
     gauges = sub.add_parser("gauges", help="print the gauges found on a small reference model")
-    gauges.add_argument("model", choices=["lm", "vit", "modadd", "moe", "mlp"])
+    gauges.add_argument("model", choices=["lm", "vit", "modadd", "moe", "mlp", "cnn", "resnet18"])
     gauges.set_defaults(handler=_cmd_gauges)
     return parser
 
