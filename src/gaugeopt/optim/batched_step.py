@@ -404,14 +404,16 @@ def canonical_gradient(batch: TensorBatch, grad: Tensor, gammas: list[Tensor]) -
 def write_phase(program: StepProgram, inputs: StepTensors, read: ReadOut, masked: bool, compiled: bool = False
                 ) -> None:
     """The writing half of a step (module docstring). ``masked``: some unit or channel is dead (the
-    read phase's flag), so dead entries are kept exactly as they are. ``compiled``: run its three
-    parts (the update, the isolated pairs' factors, their application) as compiled graphs; they are
-    three because inductor's CPU outer-loop fusion fails on the write-after-read hazards of one
-    (torch 2.13)."""
+    read phase's flag), so dead entries are kept exactly as they are. ``compiled``: run its parts
+    (the unit-scale steps, the update, the isolated pairs' factors, their application) as compiled
+    graphs; they are separate because inductor's CPU loop fusion fails on the write-after-read
+    hazards of one, and fusing the units' inner products into the update's loops made it 2.5x
+    slower (torch 2.13)."""
     run = compiled_phase if compiled else (lambda phase: phase)
-    held, shrink = run(_update)(program, inputs, read, masked=masked)
+    charts = run(_charts)(program, inputs, read) if any(batch.chart for batch in program.neurons) else {}
+    held = run(_update)(program, inputs, read, charts, masked=masked)
     if held:
-        factors = run(_pair_factors)(program, read, held, shrink)
+        factors = run(_pair_factors)(program, read, held, {n: chart.shrink for n, chart in charts.items()})
         run(_rebalance)(program, inputs, read, held, factors, masked=masked)
 
 
@@ -483,12 +485,11 @@ def _remove_radial_part_(canonical: Tensor, old: Tensor, gammas: list[Tensor], c
     return canonical.addcmul_(values, coefficient, value=-1)
 
 
-def _update(program: StepProgram, inputs: StepTensors, read: ReadOut, masked: bool
-            ) -> tuple[list[_Held], dict[int, Tensor]]:
-    """Channel- and unit-scale steps, rule directions and lifts; every batch written except the
-    isolated pairs', whose new values are returned with the unit-scale factors."""
+def _update(program: StepProgram, inputs: StepTensors, read: ReadOut, charts: Mapping[int, _Chart], masked: bool
+            ) -> list[_Held]:
+    """Channel-scale steps, rule directions (on the tangential gradients of the units in ``charts``)
+    and lifts; every batch written except the isolated pairs', whose new values are returned."""
     tables = _channel_tables(program, inputs, read)
-    charts = _charts(program, inputs, read)
     held: list[_Held] = []
     for b, (batch, tensors) in enumerate(zip(program.tensors, inputs.tensors)):
         ndim, members = len(batch.shape), batch.members
@@ -542,7 +543,7 @@ def _update(program: StepProgram, inputs: StepTensors, read: ReadOut, masked: bo
             held.append(_Held(b, value, mean, before))
         else:
             _finish(batch, tensors, old, value, mean, dead if keep_old else None)
-    return held, {n: chart.shrink for n, chart in charts.items()}
+    return held
 
 
 def _role_square_sums(program: StepProgram, read: ReadOut, n: int, r: int, value: Tensor) -> Tensor:

@@ -490,13 +490,11 @@ def unit_square_sums(t: Tensor, unit_axis: int, factors: Mapping[int, Tensor] = 
 def unit_inner_products(a: Tensor, b: Tensor, unit_axis: int, *, workspace: Tensor | None = None) -> Tensor:
     """Per unit, the inner product of the slices of stacked tensors ``a`` and ``b`` (batch axis 0)
     along ``unit_axis``: shape ``(batch, units)``. ``workspace`` (at least ``a.numel()`` elements of
-    ``a``'s dtype) holds the products when the reduced axes are not contiguous."""
+    ``a``'s dtype) holds the products instead of a new tensor."""
     other = [axis for axis in range(1, a.dim()) if axis != unit_axis]
     if not other:
         return a * b
-    if other == list(range(unit_axis + 1, a.dim())) and a.is_contiguous() and b.is_contiguous():
-        rows = a.shape[0] * a.shape[unit_axis]  # reduced axes contiguous: one batched dot product
-        return torch.bmm(a.reshape(rows, 1, -1), b.reshape(rows, -1, 1)).view(a.shape[0], a.shape[unit_axis])
+    # a product and a sum: on CPUs twice as fast as a batched matrix-vector product or vecdot
     scratch = workspace.view(-1)[:a.numel()].view(a.shape) if workspace is not None else None
     product = torch.mul(a, b, out=scratch) if scratch is not None else a * b
     return product.sum(dim=other)
