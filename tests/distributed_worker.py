@@ -35,7 +35,7 @@ import gaugeopt
 from gaugeopt.gauges import GaugeSet
 from gaugeopt.models import TransformerLM, TransformerLMConfig
 from gaugeopt.optim import DDCAdam, DDCMuon, NonFiniteGradientError, SymmetryCompatible, symmetry_param_groups
-from gaugeopt.optim.distributed import full_tensor, step_owners
+from gaugeopt.optim.distributed import collective_traffic, full_tensor, step_owners
 from gaugeopt.testing import check_equivariance
 
 VOCAB = 11  # the embedding and LM head have 11 rows: uneven shards over 2 ranks
@@ -49,6 +49,25 @@ def make_model() -> nn.Module:
     torch.manual_seed(0)
     return TransformerLM(TransformerLMConfig(vocab_size=VOCAB, d_model=16, n_layers=1, n_heads=4, n_kv_heads=2,
                                              d_ff=24, max_seq_len=8, init_std=0.3)).double()
+
+
+def make_odd_model() -> nn.Module:
+    """Shards that do not line up with the structure: 3 query heads of 6 dims on one kv head (q rows
+    split 9/9, so head 1 straddles the shard boundary, and so does the kv head), d_ff 25 (gate and
+    up rows split 13/12), vocabulary 11; two layers, float64."""
+    torch.manual_seed(0)
+    return TransformerLM(TransformerLMConfig(vocab_size=VOCAB, d_model=18, n_layers=2, n_heads=3, n_kv_heads=1,
+                                             d_ff=25, max_seq_len=8, init_std=0.3)).double()
+
+
+def make_traffic_model(n_layers: int) -> nn.Module:
+    """The model whose step traffic is counted: d_model 64, float32, ``n_layers`` layers."""
+    torch.manual_seed(0)
+    return TransformerLM(TransformerLMConfig(vocab_size=64, d_model=64, n_layers=n_layers, n_heads=2, d_ff=256,
+                                             max_seq_len=16))
+
+
+TRAFFIC_LAYERS = (2, 4)
 
 
 def find_gauges(model: nn.Module) -> GaugeSet:
@@ -162,6 +181,57 @@ def main(out: Path) -> None:
         parameters = full_parameters(model)
         if rank == 0:
             torch.save(parameters, out / f"fsdp_resumed_{label}.pt")
+
+    # Uneven shards and heads across shard boundaries: parity only.
+    odd_gauges = find_gauges(make_odd_model())
+    results["odd_uneven"] = sorted(n for n, p in make_odd_model().named_parameters() if p.shape[0] % world)
+    for label, make_optimizer in OPTIMIZERS.items():
+        model = make_odd_model()
+        bound = odd_gauges.bind(model)
+        for block in model.blocks:
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        train(model, make_optimizer(model, bound), data, rank, world)
+        parameters = full_parameters(model)
+        if rank == 0:
+            torch.save(parameters, out / f"fsdp_odd_{label}.pt")
+
+    # Collective calls and bytes of one (second) step, per optimizer and depth.
+    results["traffic"] = {}
+    for n_layers in TRAFFIC_LAYERS:
+        plain = make_traffic_model(n_layers)
+        traffic_gauges = find_gauges(plain)
+        model_bytes = sum(p.numel() * p.element_size() for p in plain.parameters())
+        for label, make_optimizer in OPTIMIZERS.items():
+            model = make_traffic_model(n_layers)
+            bound = traffic_gauges.bind(model)
+            for block in model.blocks:
+                fully_shard(block, mesh=mesh)
+            fully_shard(model, mesh=mesh)
+            optimizer = make_optimizer(model, bound)
+            train(model, optimizer, data[:1], rank, world)
+            optimizer.zero_grad(set_to_none=True)
+            lm_loss(model, rank_part(data[1], rank, world)).backward()
+            with collective_traffic() as traffic:
+                optimizer.step()
+            counts: list = [None] * world
+            dist.all_gather_object(counts, [traffic.calls, traffic.bytes])
+            results["traffic"][f"{label}/{n_layers}"] = {"counts": counts, "model_bytes": model_bytes}
+
+    # HSDP (a 2-D mesh) is refused on every rank, before any collective of the step.
+    model = make_model()
+    bound = gauges.bind(model)
+    fully_shard(model, mesh=init_device_mesh("cpu", (1, world), mesh_dim_names=("replicate", "shard")))
+    optimizer = OPTIMIZERS["ddc_adam"](model, bound)
+    lm_loss(model, rank_part(data[0], rank, world)).backward()
+    try:
+        optimizer.step()
+        refusal = "stepped"
+    except NotImplementedError as error:
+        refusal = str(error)
+    refusals: list = [None] * world
+    dist.all_gather_object(refusals, refusal)
+    results["hsdp"] = refusals
 
     model = make_model()  # a dead neuron unit: DDCAdam freezes it, and every rank must report it
     with torch.no_grad():

@@ -64,6 +64,18 @@ def _single_process(label: str, gauges, batches) -> tuple[torch.nn.Module, torch
 
 
 @pytest.fixture(scope="module")
+def odd_reference() -> dict[str, dict[str, torch.Tensor]]:
+    """Single-process parameters of the model with uneven shards (:func:`worker.make_odd_model`)."""
+    gauges = worker.find_gauges(worker.make_odd_model())
+    out = {}
+    for label, make in worker.OPTIMIZERS.items():
+        model = worker.make_odd_model()
+        worker.train(model, make(model, gauges.bind(model)), worker.batches())
+        out[label] = dict(model.named_parameters())
+    return out
+
+
+@pytest.fixture(scope="module")
 def reference(gauges) -> dict[str, dict[str, torch.Tensor]]:
     """Single-process parameters after all steps, per optimizer."""
     return {label: dict(_single_process(label, gauges, worker.batches())[0].named_parameters())
@@ -88,9 +100,46 @@ def test_fsdp2_equals_single_process(launched, reference, label):
     out, results = launched
     assert results["uneven"] == ["embed.weight", "head.weight"]  # dim 0 = 11 rows over 2 ranks
     found = torch.load(out / f"fsdp_{label}.pt")
-    assert _error(found, reference[label]) < 1e-8
+    assert _error(found, reference[label]) < 1e-10
     for name in results["uneven"]:
-        assert relative_error({name: found[name]}, {name: reference[label][name]})[0] < 1e-8
+        assert relative_error({name: found[name]}, {name: reference[label][name]})[0] < 1e-10
+
+
+@pytest.mark.parametrize("label", list(worker.OPTIMIZERS))
+def test_fsdp2_equals_single_process_with_uneven_shards_and_straddling_heads(launched, odd_reference, label):
+    out, results = launched
+    assert {"embed.weight", "head.weight", "blocks.0.ffn.up.weight", "blocks.1.ffn.gate.weight"} <= set(
+        results["odd_uneven"])
+    moved = relative_error(odd_reference[label], dict(worker.make_odd_model().named_parameters()))[0]
+    assert moved > 1e-2
+    found = torch.load(out / f"fsdp_odd_{label}.pt")
+    assert _error(found, odd_reference[label]) < 1e-10
+    for name in results["odd_uneven"]:
+        assert relative_error({name: found[name]}, {name: odd_reference[label][name]})[0] < 1e-10
+
+
+def test_step_traffic_does_not_grow_with_depth_and_stays_near_the_model_size(launched):
+    """Counted on every rank (exact counts, no timing): the calls per step are the same at 2 and 4
+    layers, and the bytes per rank are bounded by a multiple of the model's bytes (2 ranks). Half of
+    each tensor crosses: SymmetryCompatible and DDCMuon send parameter, gradient and momentum shards
+    to the owner and get parameter and momentum shards back (5/4 of the model; DDCMuon's Adam-stepped
+    embedding and head carry two moments, measured 1.31x at 2 layers), DDCAdam two moments (7/4).
+    The issue's target for DDCMuon, 1.2x, needs the momentum updated on the shards (not done)."""
+    traffic = launched[1]["traffic"]
+    bound = {"ddc_adam": 1.8, "ddc_muon": 1.35, "symmetry_compatible": 1.3}
+    shallow, deep = worker.TRAFFIC_LAYERS
+    for label in worker.OPTIMIZERS:
+        calls = {n: [c for c, _ in traffic[f"{label}/{n}"]["counts"]] for n in worker.TRAFFIC_LAYERS}
+        assert calls[shallow] == calls[deep], (label, calls)
+        assert max(calls[deep]) <= 5, (label, calls)
+        for n in worker.TRAFFIC_LAYERS:
+            row = traffic[f"{label}/{n}"]
+            assert max(b for _, b in row["counts"]) <= bound[label] * row["model_bytes"], (label, n, row)
+
+
+def test_a_two_dimensional_mesh_is_refused_on_every_rank(launched):
+    refusals = launched[1]["hsdp"]
+    assert len(refusals) == WORLD and all("1-D device mesh" in r for r in refusals), refusals
 
 
 @pytest.mark.parametrize("label", list(worker.OPTIMIZERS))
@@ -156,10 +205,10 @@ def test_checkpoint_from_two_ranks_resumes_in_one_process(launched, reference, g
     optimizer = worker.OPTIMIZERS[label](model, gauges.bind(model))
     worker.load_checkpoint(model, optimizer, out / f"checkpoint_{label}")
     worker.train(model, optimizer, worker.batches()[worker.CHECKPOINT_STEP:])
-    assert _error(dict(model.named_parameters()), reference[label]) < 1e-8
+    assert _error(dict(model.named_parameters()), reference[label]) < 1e-10
 
 
 @pytest.mark.parametrize("label", list(worker.OPTIMIZERS))
 def test_checkpoint_from_two_ranks_resumes_on_two_ranks(launched, reference, label):
     out, _ = launched
-    assert _error(torch.load(out / f"fsdp_resumed_{label}.pt"), reference[label]) < 1e-8
+    assert _error(torch.load(out / f"fsdp_resumed_{label}.pt"), reference[label]) < 1e-10

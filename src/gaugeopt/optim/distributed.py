@@ -19,28 +19,37 @@ Design of this version: :func:`sharded_step` wraps an optimizer's ``step``. When
    neuron pair; otherwise a single tensor) form a component, and components go, largest first, to
    the least loaded rank (:func:`step_owners`, work estimated as ``numel * min(rows, cols)`` per
    matrix: the cost of a Newton-Schulz or Gram iteration);
-2. gathers every sharded parameter, its gradient and its state tensors (``DTensor.full_tensor``, an
-   all-gather over the parameter's device mesh); the owner keeps the full tensors, the other ranks
-   drop them at once. Tensors the step reads outside its components (``parameters_read()``: the
-   norm gains) are kept whole by every rank;
+2. gathers each component to its owner only (:func:`gathered_parameters`): every rank sends its
+   shard of each parameter, gradient and parameter-shaped state tensor to the owner, which
+   concatenates the shards along the sharded dim. Tensors the step reads outside its components
+   (``parameters_read()``: the norm gains) go whole to every rank;
 3. runs the optimizer's ordinary single-process step, on each rank over its own components' full
    tensors, so every reduction over a sharded axis (row centering, column and pair norms,
    head-block means) and every matrix function sees the whole matrix or head block;
-4. shares the results (:func:`_write_back`): each owner broadcasts the new parameters and state of
-   its components, and every rank keeps its own shard. A state tensor shaped like its parameter is
-   stored as a ``DTensor`` with the parameter's mesh and placements (created on the first step,
-   identically on every rank, so ``torch.distributed.checkpoint`` saves it sharded and loads it on
-   any number of ranks); other state (step counts, per-unit scalars of another shape) is
-   replicated.
+4. scatters the results (:func:`_write_back`): each owner sends every other rank that rank's shard
+   of the new parameters and of each state tensor shaped like its parameter, and the other state
+   whole. A state tensor shaped like its parameter is stored as a ``DTensor`` with the parameter's
+   mesh and placements (created on the first step, identically on every rank, so
+   ``torch.distributed.checkpoint`` saves it sharded and loads it on any number of ranks); other
+   state (step counts, per-unit scalars of another shape) is replicated.
+
+Messages (one tensor piece from one rank to another; shapes known to every rank from the
+parameters' global shapes, ``torch.chunk`` shard sizes and the published state layout) are packed
+per dtype into one flat buffer per rank and exchanged by one ``all_to_all_single`` (:func:`_route`).
+A step therefore makes a fixed number of collective calls, whatever the number of parameters: the
+all-reduced finiteness flag, the gather round, one ``all_gather_object`` (state layouts and the
+merged reports) and the scatter round (one all-to-all per dtype in each round). Per rank and step,
+about half of each gathered tensor crosses the wire each way at 2 ranks: (parameter + gradient +
+parameter-shaped state) / 2 in, (parameter + parameter-shaped state) / 2 out.
 
 The result equals the single-process step up to the rounding of the averaged gradient (the tests
-require 1e-8 relative after 10 steps and measure about 3e-16). Costs of this first version: the
-arithmetic and the full copies held through the step are split over the ranks, but the traffic is
-not: per parameter and step, the parameter, its gradient and each state tensor are all-gathered to
-every rank (although only the owner keeps them), then the parameter and each state tensor are
-broadcast whole from the owner. Gathering to the owner only and scattering shards back would cut
-that; this version does not. Parameters on a mesh other than one 1-D mesh (HSDP, tensor parallel) are gathered whole and every
-rank steps every component (no split); only FSDP2 on a 1-D mesh is tested.
+require 1e-10 relative after 10 steps and measure about 3e-16). Only parameters on one 1-D mesh
+(FSDP2's ``fully_shard``) with ``Shard(dim)`` placements are supported; any other layout (a 2-D HSDP
+mesh, tensor parallelism, parameters on several meshes) raises ``NotImplementedError`` before the
+step's first collective, on every rank alike.
+
+:func:`collective_traffic` counts the collective calls and bytes of a block of code on this rank
+(``benchmarks/distributed_traffic.py`` uses it).
 
 An optimizer opts in by decorating ``step`` with :func:`sharded_step`. Its public component
 interface (:class:`~gaugeopt.optim.base.FramedOptimizer` has it): ``parameters_read()`` (parameters
@@ -53,17 +62,21 @@ dict attributes each rank fills for the components it stepped, merged after the 
 from __future__ import annotations
 
 import functools
+import math
+from dataclasses import dataclass, field
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.tensor import DTensor, Shard
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from .guards import GuardedOptimizer, all_finite
 
-__all__ = ["sharded_step", "gathered_parameters", "is_sharded", "has_sharded_parameters", "full_tensor"]
+__all__ = ["sharded_step", "gathered_parameters", "is_sharded", "has_sharded_parameters", "full_tensor",
+           "collective_traffic", "CollectiveTraffic"]
 
 
 def is_sharded(t: Tensor) -> bool:
@@ -79,11 +92,6 @@ def full_tensor(t: Tensor) -> Tensor:
     """The whole tensor: gathered over its mesh when it is a ``DTensor`` (a collective: every rank
     of the mesh must call it), else ``t`` itself."""
     return t.detach().full_tensor() if is_sharded(t) else t
-
-
-def _shard_like(full: Tensor, like: DTensor) -> DTensor:
-    """This rank's part of ``full`` as a ``DTensor`` placed like ``like`` (no communication)."""
-    return distribute_tensor(full.detach(), like.device_mesh, like.placements, src_data_rank=None)
 
 
 def sharded_step(step: Callable) -> Callable:
@@ -123,12 +131,11 @@ def _gradients_finite_on_every_rank(optimizer: torch.optim.Optimizer) -> bool:
     others waiting in the next collective. Here every rank tests its local gradient shards
     (:func:`all_finite`), one all-reduced flag combines them, and only when it is down are the bad
     parameters' names gathered and the optimizer's ``nonfinite`` policy applied, identically on
-    every rank. Optimizers without that policy, and steps not split over ranks (every rank then
-    checks every whole gradient itself), pass.
+    every rank. Optimizers without that policy pass.
     """
     params = _group_parameters(optimizer)
     group = _step_group([p for p in params if is_sharded(p)])
-    if group is None or not isinstance(optimizer, GuardedOptimizer):
+    if not isinstance(optimizer, GuardedOptimizer):
         return True
     located = [(gi, pi, p) for gi, g in enumerate(optimizer.param_groups) for pi, p in enumerate(g["params"])
                if p.grad is not None]
@@ -150,31 +157,43 @@ def gathered_parameters(optimizer: torch.optim.Optimizer) -> Iterator[None]:
     """Inside: the optimizer's param groups hold only the parameters this rank steps
     (:func:`step_owners`), as full tensors with full gradients and state.
 
-    After the step each owner broadcasts the new values and state of its parameters, and every rank
-    writes its own shard of each: a parameter's shard in place, a state tensor shaped like its
-    parameter as a ``DTensor`` placed like it (updated in place when it exists), other state whole.
+    Entering is one exchange round (:func:`_route`): every rank sends its shard of each parameter,
+    gradient and parameter-shaped state tensor to that parameter's owner only, and its shard of each
+    tensor in ``parameters_read()`` to every rank. Leaving is a second round (:func:`_write_back`):
+    each owner sends every other rank that rank's shard of the new parameter and of each
+    parameter-shaped state tensor, and the rest of the state (step counts, per-unit moments) whole.
+    Each round is one all-to-all of one flat buffer per dtype, so the number of calls does not grow
+    with the number of parameters.
     """
     params = _group_parameters(optimizer)
     sharded = [p for p in params if is_sharded(p)]
     group = _step_group(sharded)
-    rank = group.rank() if group is not None else 0
-    owners = step_owners(optimizer, group.size()) if group is not None else {id(p): 0 for p in params}
-
-    stand_in: dict[int, Tensor] = {}
-    for p in sharded:  # gathering is collective: every rank takes part, the owner keeps the result
-        full = full_tensor(p)
-        grad = full_tensor(p.grad) if p.grad is not None else None
-        state = {k: full_tensor(v) if torch.is_tensor(v) else v for k, v in optimizer.state.get(p, {}).items()}
-        if owners[id(p)] == rank:
-            stand_in[id(p)] = whole = nn.Parameter(full, requires_grad=p.requires_grad)
-            whole.grad = grad
-            if p in optimizer.state:
-                optimizer.state[whole] = state
+    rank, world = group.rank(), group.size()
+    owners = step_owners(optimizer, world)
     read = [t for t in {id(t): t for t in getattr(optimizer, "parameters_read", lambda: [])()}.values()
             if is_sharded(t)]
+    read_ids = {id(t) for t in read}
+
+    wanted: list[tuple[DTensor, tuple[int, ...]]] = []  # (tensor, the ranks that need it whole)
+    for p in sharded:
+        owner = (owners[id(p)],)
+        wanted.append((p, tuple(range(world)) if id(p) in read_ids else owner))
+        if p.grad is not None:
+            wanted.append((p.grad, owner))
+        wanted += [(v, owner) for v in optimizer.state.get(p, {}).values() if _is_sharded_state(v, p)]
+    wanted += [(t, tuple(range(world))) for t in read if id(t) not in owners]
+    gathered = _gather(wanted, group)
+
+    stand_in: dict[int, Tensor] = {}
+    for p in sharded:
+        if owners[id(p)] == rank:
+            stand_in[id(p)] = whole = nn.Parameter(gathered[id(p)], requires_grad=p.requires_grad)
+            whole.grad = gathered[id(p.grad)] if p.grad is not None else None
+            if p in optimizer.state:
+                optimizer.state[whole] = {k: gathered[id(v)] if _is_sharded_state(v, p) else v
+                                          for k, v in optimizer.state[p].items()}
     for t in read:  # read whole by every rank (norm gains), written only by their owner if optimized
-        full = full_tensor(t)
-        stand_in.setdefault(id(t), full)
+        stand_in.setdefault(id(t), gathered[id(t)])
     originals = {id(stand_in[id(t)]): t for t in (*params, *read) if id(t) in stand_in}
 
     whole_groups = [g["params"] for g in optimizer.param_groups]
@@ -193,18 +212,100 @@ def gathered_parameters(optimizer: torch.optim.Optimizer) -> Iterator[None]:
                 optimizer.state.pop(stand_in[id(p)], None)
 
 
+def _is_sharded_state(value, param: Tensor) -> bool:
+    """A state tensor stored sharded like its parameter (shaped like it, a ``DTensor``)."""
+    return is_sharded(value) and tuple(value.shape) == tuple(param.shape)
+
+
+def _shard_sizes(t: DTensor, world: int) -> tuple[int, list[int]]:
+    """The sharded dim of ``t`` and every rank's extent along it (``torch.chunk`` sizes, as FSDP2)."""
+    (placement,) = t.placements
+    if type(placement) is not Shard:
+        raise NotImplementedError(f"gaugeopt's sharded step supports Shard(dim) placements, not {placement}")
+    sizes = [len(c) for c in torch.arange(t.shape[placement.dim]).chunk(world)]
+    return placement.dim, sizes + [0] * (world - len(sizes))
+
+
+def _piece_shape(shape: tuple[int, ...], dim: int, size: int) -> tuple[int, ...]:
+    return (*shape[:dim], size, *shape[dim + 1:])
+
+
+def _gather(wanted: list[tuple[DTensor, tuple[int, ...]]], group: dist.ProcessGroup) -> dict[int, Tensor]:
+    """Whole tensors from shards: ``{id(t): full}`` for each ``(t, destinations)`` this rank is one of
+    the destinations of. One routing round; every rank lists the same tensors in the same order."""
+    rank, world = group.rank(), group.size()
+    messages = []
+    for t, destinations in wanted:
+        dim, sizes = _shard_sizes(t, world)
+        for dst in destinations:
+            for src in range(world):
+                payload = _local(t) if src == rank else None
+                messages.append(_Message(src, dst, _piece_shape(tuple(t.shape), dim, sizes[src]), t.dtype, payload))
+    received = iter(_route(messages, group, _local(wanted[0][0]).device))
+    out = {}
+    for t, destinations in wanted:
+        if rank in destinations:
+            out[id(t)] = torch.cat([next(received) for _ in range(world)], dim=_shard_sizes(t, world)[0])
+    return out
+
+
+@dataclass
+class _Message:
+    """One tensor sent from rank ``src`` to rank ``dst``: its ``shape`` and ``dtype`` are known to every
+    rank, the ``payload`` only to ``src``."""
+
+    src: int
+    dst: int
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    payload: Tensor | None = None
+
+
+def _route(messages: list[_Message], group: dist.ProcessGroup, device: torch.device) -> list[Tensor]:
+    """Deliver ``messages`` (the same list, but for payloads, on every rank): returns the payloads of
+    those addressed to this rank, in order (a message to oneself is handed over without a copy).
+
+    Per dtype, the messages between distinct ranks are packed into one flat buffer per rank, ordered
+    by destination, and exchanged by one ``all_to_all_single`` with per-rank split sizes.
+    """
+    rank, world = group.rank(), group.size()
+    numel = [math.prod(m.shape) for m in messages]
+    delivered: dict[int, Tensor] = {}
+    for dtype in sorted({m.dtype for m in messages if m.src != m.dst}, key=str):
+        outgoing = sorted((m.dst, i) for i, m in enumerate(messages)
+                          if m.dtype == dtype and m.src == rank and m.dst != rank)
+        incoming = sorted((m.src, i) for i, m in enumerate(messages)
+                          if m.dtype == dtype and m.dst == rank and m.src != rank)
+        send_sizes = [sum(numel[i] for d, i in outgoing if d == q) for q in range(world)]
+        recv_sizes = [sum(numel[i] for s, i in incoming if s == q) for q in range(world)]
+        wire = torch.uint8 if dtype == torch.bool else dtype  # collectives do not take bool
+        send = torch.cat([messages[i].payload.reshape(-1).to(wire) for _, i in outgoing]) if outgoing \
+            else torch.empty(0, dtype=wire, device=device)
+        recv = torch.empty(sum(recv_sizes), dtype=wire, device=device)
+        dist.all_to_all_single(recv, send, recv_sizes, send_sizes, group=group)
+        offset = 0
+        for _, i in incoming:
+            delivered[i] = recv[offset:offset + numel[i]].view(messages[i].shape).to(dtype)
+            offset += numel[i]
+    return [m.payload if m.src == m.dst else delivered[i] for i, m in enumerate(messages) if m.dst == rank]
+
+
 def _group_parameters(optimizer: torch.optim.Optimizer) -> list[Tensor]:
     """The parameters of all param groups, each once, in group order."""
     return list({id(p): p for group in optimizer.param_groups for p in group["params"]}.values())
 
 
-def _step_group(sharded: list[DTensor]) -> dist.ProcessGroup | None:
-    """The process group that splits the step: that of the one 1-D mesh every sharded parameter
-    lives on, or ``None`` (every rank then steps everything, e.g. on a 2-D HSDP mesh)."""
+def _step_group(sharded: list[DTensor]) -> dist.ProcessGroup:
+    """The process group that splits the step: that of the one 1-D mesh every sharded parameter lives
+    on. Other layouts (a 2-D HSDP mesh, parameters on several meshes) are refused: the routing of
+    the step assumes one shard per rank of one group."""
     meshes = {(p.device_mesh.device_type, tuple(p.device_mesh.mesh.flatten().tolist()), p.device_mesh.ndim)
               for p in sharded}
-    if len(meshes) != 1 or sharded[0].device_mesh.ndim != 1 or sharded[0].device_mesh.size() == 1:
-        return None
+    if len(meshes) != 1 or sharded[0].device_mesh.ndim != 1:
+        raise NotImplementedError(
+            "gaugeopt's sharded step needs every DTensor parameter on one 1-D device mesh (FSDP2's "
+            f"fully_shard on a 1-D mesh); found meshes {sorted(meshes)}. HSDP (a 2-D mesh) and tensor "
+            "parallelism are not supported.")
     return sharded[0].device_mesh.get_group()
 
 
@@ -248,74 +349,84 @@ def step_owners(optimizer: torch.optim.Optimizer, world: int) -> dict[int, int]:
 
 
 def _write_back(optimizer: torch.optim.Optimizer, params: list[Tensor], owners: dict[int, int],
-                stand_in: dict[int, Tensor], group: dist.ProcessGroup | None) -> None:
-    """Give every rank the stepped values and state of every parameter, each rank its shards.
+                stand_in: dict[int, Tensor], group: dist.ProcessGroup) -> None:
+    """Give every rank its shards of the stepped parameters and their state, and the rest whole.
 
-    With a split step (``group``), the owners first publish the layout of their parameters' state
-    (keys, shapes, dtypes, and the values that are not tensors) with one ``all_gather_object``; then
-    each tensor is broadcast from its owner, in parameter order. Dict attributes named in
-    ``optimizer.distributed_reports`` (``frozen``), which each rank fills for the parameters it
-    stepped, are merged.
+    The owners first publish the layout of their parameters' state (keys, shapes, dtypes, and the
+    values that are not tensors) and the dict attributes named in ``optimizer.distributed_reports``
+    (``frozen``, filled by each rank for the parameters it stepped, merged here) with one
+    ``all_gather_object``. Then one routing round (:func:`_route`) carries, from each owner to each
+    other rank, that rank's shard of every sharded parameter and of every state tensor shaped like
+    it, and every other state tensor (and any unsharded parameter) whole. A state tensor shaped like
+    its parameter is kept as a ``DTensor`` placed like it, updated in place when it exists (a
+    checkpoint loader may hold it); other state is replicated.
     """
-    rank = group.rank() if group is not None else 0
-    if group is not None:
-        report_names = getattr(optimizer, "distributed_reports", ())
-        layouts = {}
-        for i, p in enumerate(params):
-            stepped = stand_in.get(id(p), p)
-            if owners[id(p)] == rank:
-                layouts[i] = _layout(optimizer.state[stepped]) if stepped in optimizer.state else None
-        mine = {"state": layouts, "reports": {name: getattr(optimizer, name) for name in report_names}}
-        published: list = [None] * group.size()
-        dist.all_gather_object(published, mine, group=group)
-        for name in report_names:
-            setattr(optimizer, name, {k: v for part in published for k, v in part["reports"][name].items()})
+    rank, world = group.rank(), group.size()
+    report_names = getattr(optimizer, "distributed_reports", ())
+    layouts = {}
     for i, p in enumerate(params):
-        owned = owners[id(p)] == rank
-        if owned or not is_sharded(p):
-            value = stand_in.get(id(p), p)  # the stepped full tensor (a replicated parameter: itself)
-        else:
-            value = torch.empty(p.shape, dtype=p.dtype, device=p.device)  # receives the owner's
-        state = optimizer.state.get(value) if owned else None
-        if group is not None:
-            source = dist.get_global_rank(group, owners[id(p)])
-            _broadcast(value.detach(), source, group)
-            layout = published[owners[id(p)]]["state"][i]
-            if layout is not None and not owned:
-                state = _receive_state(layout, optimizer.state.get(p, {}), p.device)
-            for key, (is_tensor, _shape, _dtype, _value) in (layout or {}).items():
-                if is_tensor:
-                    _broadcast(state[key], source, group)
-        if is_sharded(p):
-            p.copy_(_shard_like(value, p))
-            if state is not None:
-                optimizer.state[p] = _shard_state(state, p, optimizer.state.get(p, {}))
-        elif state is not None:
-            optimizer.state[p] = state
+        stepped = stand_in.get(id(p), p)
+        if owners[id(p)] == rank:
+            layouts[i] = _layout(optimizer.state[stepped]) if stepped in optimizer.state else None
+    mine = {"state": layouts, "reports": {name: getattr(optimizer, name) for name in report_names}}
+    published: list = [None] * world
+    dist.all_gather_object(published, mine, group=group)
+    for name in report_names:
+        setattr(optimizer, name, {k: v for part in published for k, v in part["reports"][name].items()})
 
+    messages, writes = [], []  # writes: (parameter, state key or None, sharded?, message index)
+    for i, p in enumerate(params):
+        owner = owners[id(p)]
+        stepped = stand_in.get(id(p), p)
+        state = optimizer.state.get(stepped, {}) if owner == rank else {}
+        layout = published[owner]["state"][i] or {}
+        tensors = [(None, tuple(p.shape), p.dtype, stepped if owner == rank else None)]
+        tensors += [(k, shape, dtype, state.get(k)) for k, (is_tensor, shape, dtype, _) in layout.items() if is_tensor]
+        for key, shape, dtype, value in tensors:
+            split = is_sharded(p) and shape == tuple(p.shape) and len(shape) > 0
+            dim, sizes = _shard_sizes(p, world) if split else (0, None)
+            for dst in range(world):
+                if dst == owner and not split:
+                    continue  # the owner holds it whole already
+                payload = None
+                if owner == rank:
+                    payload = value.detach().narrow(dim, sum(sizes[:dst]), sizes[dst]) if split else value.detach()
+                if dst == rank:
+                    writes.append((p, key, split, len(messages)))
+                messages.append(_Message(owner, dst, _piece_shape(shape, dim, sizes[dst]) if split else shape,
+                                         dtype, payload))
+    received = dict(zip([m for *_, m in writes], _route(messages, group, _local(params[0]).device)))
+    mine_by_parameter: dict[int, list] = {}
+    for write in writes:
+        mine_by_parameter.setdefault(id(write[0]), []).append(write)
 
-def _receive_state(layout: dict, held: dict, device: torch.device) -> dict:
-    """Buffers for a state broadcast with ``layout``: a held whole tensor of the same shape and dtype
-    is received in place, anything else is allocated; non-tensor values are taken from the layout."""
-    state = {}
-    for key, (is_tensor, shape, dtype, value) in layout.items():
-        here = held.get(key)
-        if not is_tensor:
-            state[key] = value
-        elif torch.is_tensor(here) and not is_sharded(here) and tuple(here.shape) == shape and here.dtype == dtype:
-            state[key] = here
-        else:
-            state[key] = torch.empty(shape, dtype=dtype, device=device)
-    return state
-
-
-def _broadcast(t: Tensor, source: int, group: dist.ProcessGroup) -> None:
-    """``dist.broadcast`` into ``t`` in place; collectives send memory as laid out, so a strided
-    tensor (a momentum buffer made ``zeros_like`` a transposed view) goes through a contiguous copy."""
-    buffer = t.contiguous()
-    dist.broadcast(buffer, src=source, group=group)
-    if buffer is not t:
-        t.copy_(buffer)
+    for i, p in enumerate(params):
+        owner = owners[id(p)]
+        layout = published[owner]["state"][i]
+        held = optimizer.state.get(p, {})
+        new = {}
+        if layout is not None:
+            new = {k: value for k, (is_tensor, _, _, value) in layout.items() if not is_tensor}
+            if owner == rank:  # the owner keeps its replicated state as stepped
+                stepped = optimizer.state[stand_in.get(id(p), p)]
+                new.update({k: stepped[k] for k, (is_tensor, *_) in layout.items() if is_tensor})
+        for _, key, split, m in mine_by_parameter.get(id(p), ()):
+            value = received[m]
+            if key is None:
+                if is_sharded(p) or owner != rank:
+                    _local(p).copy_(value)
+            elif split:
+                old = held.get(key)
+                if is_sharded(old) and tuple(old.shape) == tuple(p.shape) and old.placements == p.placements:
+                    _local(old).copy_(value)  # keep the object (a checkpoint loader may hold it)
+                    new[key] = old
+                else:
+                    new[key] = DTensor.from_local(value.clone(memory_format=torch.contiguous_format), p.device_mesh,
+                                                  p.placements, run_check=False, shape=p.shape, stride=p.stride())
+            else:
+                new[key] = value.clone()
+        if layout is not None:
+            optimizer.state[p] = {k: new[k] for k in layout}
 
 
 def _layout(state: dict) -> dict:
@@ -331,17 +442,55 @@ def _swap_hook(optimizer: torch.optim.Optimizer, replace: Mapping[int, Tensor]) 
         hook(replace)
 
 
-def _shard_state(state: dict, param: DTensor, before: dict) -> dict:
-    """A parameter's state after a gathered step: its own shard of every tensor shaped like it."""
-    out = {}
-    for key, value in state.items():
-        if torch.is_tensor(value) and value.dim() > 0 and value.shape == param.shape:
-            shard = _shard_like(value, param)
-            old = before.get(key)
-            if is_sharded(old) and old.placements == shard.placements and old.shape == shard.shape:
-                old.copy_(shard)  # keep the object (a checkpoint loader may hold it)
-                shard = old
-            out[key] = shard
-        else:
-            out[key] = value
-    return out
+@dataclass
+class CollectiveTraffic:
+    """What one rank passed to ``torch.distributed`` collectives while :func:`collective_traffic` was
+    open: ``calls`` (one per collective, ``all_gather_object`` and friends included; waits on
+    functional collectives are not calls) and ``bytes``. A call's bytes are the larger of what this
+    rank hands in and what it gets out (``max(input, output)``, summed over the call's tensors): the
+    gathered tensor of an all-gather, the reduced tensor of an all-reduce, the broadcast tensor, the
+    owner's whole tensor or another rank's shard of a gather or scatter."""
+
+    calls: int = 0
+    bytes: int = 0
+    ops: dict[str, int] = field(default_factory=dict)
+
+
+def _tensor_bytes(value) -> int:
+    if isinstance(value, Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in value)
+    return 0
+
+
+class _CollectiveCounter(TorchDispatchMode):
+    """Sees every collective as the dispatcher op it becomes (``c10d::*`` for ``torch.distributed``'s
+    calls, ``_c10d_functional::*`` for DTensor's). An op on DTensors is handed back to DTensor first
+    (as torch's ``CommDebugMode`` does), so the collectives a DTensor op issues are seen too."""
+
+    def __init__(self, traffic: CollectiveTraffic):
+        super().__init__()
+        self.traffic = traffic
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if any(issubclass(t, DTensor) for t in types):
+            return NotImplemented  # let DTensor run first: the collectives it desugars into come back here
+        out = func(*args, **(kwargs or {}))
+        namespace, name = func.namespace, func._schema.name.split("::")[-1]
+        if namespace in ("c10d", "_c10d_functional") and not name.startswith(("_", "wait", "barrier", "monitored")):
+            first = _tensor_bytes(args[0]) if args else 0
+            second = _tensor_bytes(args[1]) if namespace == "c10d" and len(args) > 1 else _tensor_bytes(out)
+            self.traffic.calls += 1
+            self.traffic.bytes += max(first, second)
+            self.traffic.ops[name] = self.traffic.ops.get(name, 0) + 1
+        return out
+
+
+@contextmanager
+def collective_traffic() -> Iterator[CollectiveTraffic]:
+    """Count this rank's collective calls and their bytes inside the block (a diagnostic; exact and
+    deterministic, since it counts what is passed, not what is timed)."""
+    traffic = CollectiveTraffic()
+    with _CollectiveCounter(traffic):
+        yield traffic
