@@ -252,16 +252,22 @@ def _role_squares(program: StepProgram, index: int, side: int, stacks: list[list
         if role.side != side:
             continue
         p = center_rows(stacks[r], axis=1) if role.centered else stacks[r]
-        factors, gain_count = {}, 0
-        for axis, kind, source in role.factors:
-            if kind == "gain":
-                factors[axis + 1] = gains[r][gain_count]
-                gain_count += 1
-            else:
-                factors[axis + 1] = vectors[source]
-        part = unit_square_sums(p, role.axis + 1, factors, workspace=workspace)
+        part = unit_square_sums(p, role.axis + 1, _slice_factors(role, gains[r], vectors), workspace=workspace)
         total = part if total is None else total + part
     return total
+
+
+def _slice_factors(role: NeuronRole, gains: Sequence[Tensor], vectors: Sequence[Tensor | None]) -> dict[int, Tensor]:
+    """The factors of a role's other axes (stacked axes, so ``axis + 1``): its norm gains in order, or
+    the ``vectors`` of the linked neuron batch."""
+    factors, gain_count = {}, 0
+    for axis, kind, source in role.factors:
+        if kind == "gain":
+            factors[axis + 1] = gains[gain_count]
+            gain_count += 1
+        else:
+            factors[axis + 1] = vectors[source]
+    return factors
 
 
 def read_phase(program: StepProgram, inputs: StepTensors) -> ReadOut:
@@ -446,13 +452,13 @@ def _charts(program: StepProgram, inputs: StepTensors, read: ReadOut) -> dict[in
     for n, batch in enumerate(program.neurons):
         if not batch.chart:
             continue
-        sums: dict[int, Tensor] = {}
+        parts = {}
         for r, role in enumerate(batch.roles):
             b = roles[(n, r)]
             old = _old_values(program.tensors[b], inputs.tensors[b], read, b)
-            part = unit_inner_products(read.grads[b], center_rows(old, axis=1) if role.centered else old,
-                                       role.axis + 1, workspace=read.workspace.get(batch.dtype))
-            sums[role.side] = part if role.side not in sums else sums[role.side] + part
+            parts[r] = unit_inner_products(read.grads[b], center_rows(old, axis=1) if role.centered else old,
+                                           role.axis + 1, workspace=read.workspace.get(batch.dtype))
+        sums = _side_sums(program, n, parts)
         dead, neuron = read.neuron_dead[n], inputs.neurons[n]
         length = torch.where(dead, 1.0, read.lengths[n])
         radial = ((sums[1] + sums[-1]) / (math.sqrt(2) * length)).masked_fill_(dead, 0.0)
@@ -548,13 +554,10 @@ def _update(program: StepProgram, inputs: StepTensors, read: ReadOut, charts: Ma
 
 def _role_square_sums(program: StepProgram, read: ReadOut, n: int, r: int, value: Tensor) -> Tensor:
     """Per unit of isolated neuron batch ``n``, the sum of squares of role ``r``'s slices of ``value``,
-    merged with their norm gains."""
-    role, factors, gain_count = program.neurons[n].roles[r], {}, 0
-    for axis, kind, _ in role.factors:
-        if kind == "gain":
-            factors[axis + 1] = read.neuron_gains[n][r][gain_count]
-            gain_count += 1
-    return unit_square_sums(value, role.axis + 1, factors, workspace=read.workspace.get(program.neurons[n].dtype))
+    merged with their norm gains (an isolated pair links to no other neuron batch)."""
+    batch = program.neurons[n]
+    factors = _slice_factors(batch.roles[r], read.neuron_gains[n][r], ())
+    return unit_square_sums(value, batch.roles[r].axis + 1, factors, workspace=read.workspace.get(batch.dtype))
 
 
 def _side_sums(program: StepProgram, n: int, per_role: Mapping[int, Tensor]) -> dict[int, Tensor]:
@@ -575,8 +578,9 @@ def _pair_factors(program: StepProgram, read: ReadOut, held: list[_Held], shrink
       ``c = s (|B| / |A|)^(1/2)``) is a gauge element: it does not change the function, and it puts
       the orbit coordinate ``log(|A| / |B|)`` back to ``2 log s``, its value before the step;
     * a chart batch takes the unit-scale step: ``T = exp(-c) (a' b')^(1/4)`` with ``a'``, ``b'`` the
-      sides' squared canonical norms before the lift (after decay and channel-scale factors); the
-      rule's step, whose radial part is removed by this, only turns the unit.
+      sides' squared norms before the lift (after decay and channel-scale factors; their product is
+      the same in raw and canonical terms, ``s`` cancels); the rule's step, whose radial part is
+      removed by this, only turns the unit.
 
     In raw terms the multiplied side's factor is ``T s / |A|`` and the divided side's ``T / (s |B|)``.
     The factors are functions of invariants, so the step stays equivariant. Dead units get 1."""
