@@ -119,7 +119,7 @@ def render(result: dict) -> str:
     for row in result["rows"]:
         calls, moved = max(row["calls"]), max(row["bytes"])
         lines.append(f"| {NAMES[row['optimizer']]} | {row['layers']} | {row['model_bytes'] / 1e6:.2f} | {calls} "
-                     f"| {moved / 1e6:.2f} | {moved / row['model_bytes']:.2f} |")
+                     f"| {moved / 1e6:.2f} | {moved / row['model_bytes']:.3f} |")
     return "\n".join(lines)
 
 

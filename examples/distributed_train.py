@@ -6,8 +6,8 @@ Launch with torchrun (CPU and gloo by default; one GPU per rank and NCCL when CU
     torchrun --nproc-per-node 2 examples/distributed_train.py --parallel ddp --optimizer ddc_adam
 
 Every rank reads its own batch; DDP averages the gradients, FSDP2 (``fully_shard``) shards every
-parameter, gradient and optimizer state tensor on dim 0 and the optimizer step is split over the
-ranks (see ``gaugeopt.optim.distributed``). Gauges are found on the model before it is wrapped;
+parameter, gradient and optimizer state tensor on dim 0 and every rank steps its own rows, adding
+its frame reductions over the ranks (see ``gaugeopt.optim.distributed``). Gauges are found on the model before it is wrapped;
 the optimizer is built after wrapping. With ``--checkpoint DIR`` the model and optimizer are saved
 at the end with ``torch.distributed.checkpoint`` (loadable on any number of ranks) and, if DIR
 already holds a checkpoint, training resumes from it.

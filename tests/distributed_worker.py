@@ -35,7 +35,7 @@ import gaugeopt
 from gaugeopt.gauges import GaugeSet
 from gaugeopt.models import TransformerLM, TransformerLMConfig
 from gaugeopt.optim import DDCAdam, DDCMuon, NonFiniteGradientError, SymmetryCompatible, symmetry_param_groups
-from gaugeopt.optim.distributed import collective_traffic, full_tensor, step_owners
+from gaugeopt.optim.distributed import collective_traffic, full_tensor
 from gaugeopt.testing import check_equivariance
 
 VOCAB = 11  # the embedding and LM head have 11 rows: uneven shards over 2 ranks
@@ -147,7 +147,7 @@ def main(out: Path) -> None:
     mesh = init_device_mesh("cpu", (world,))
     gauges = find_gauges(make_model())
     data = batches()
-    results: dict = {"world": world, "placements": {}, "uneven": [], "owners": {}}
+    results: dict = {"world": world, "placements": {}, "uneven": []}
 
     for label, make_optimizer in OPTIMIZERS.items():
         model = make_model()
@@ -164,8 +164,6 @@ def main(out: Path) -> None:
         model_state, optimizer_state = get_state_dict(model, optimizer)
         dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=out / f"checkpoint_{label}")
         results["placements"][label] = state_placements(model, optimizer)
-        owners = step_owners(optimizer, world)
-        results["owners"][label] = {n: owners[id(p)] for n, p in model.named_parameters() if id(p) in owners}
         train(model, optimizer, data[CHECKPOINT_STEP:], rank, world)
         parameters = full_parameters(model)
         if rank == 0:
@@ -215,7 +213,7 @@ def main(out: Path) -> None:
             with collective_traffic() as traffic:
                 optimizer.step()
             counts: list = [None] * world
-            dist.all_gather_object(counts, [traffic.calls, traffic.bytes])
+            dist.all_gather_object(counts, [traffic.calls, traffic.bytes, traffic.ops])
             results["traffic"][f"{label}/{n_layers}"] = {"counts": counts, "model_bytes": model_bytes}
 
     # HSDP (a 2-D mesh) is refused on every rank, before any collective of the step.
@@ -244,7 +242,7 @@ def main(out: Path) -> None:
     dist.all_gather_object(reports, {k: list(v) for k, v in optimizer.frozen.items()})
     results["frozen"] = reports
 
-    # A NaN in rank 0's shard of a gradient that rank 1 steps: both ranks must apply the policy.
+    # A NaN in rank 0's shard of one gradient: both ranks must apply the policy.
     results["nonfinite"] = {}
     for policy in ("skip", "raise"):
         model = make_model()
@@ -252,8 +250,7 @@ def main(out: Path) -> None:
         fully_shard(model, mesh=mesh)
         optimizer = DDCAdam(model.parameters(), bound, lr=1e-2, nonfinite=policy)
         lm_loss(model, rank_part(data[0], rank, world)).backward()
-        owners = step_owners(optimizer, world)
-        target = next(n for n, p in model.named_parameters() if owners[id(p)] == 1 and p.ndim == 2)
+        target = next(n for n, p in model.named_parameters() if p.ndim == 2)
         if rank == 0:
             with torch.no_grad():
                 model.get_parameter(target).grad.to_local()[0, 0] = float("nan")

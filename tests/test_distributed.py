@@ -118,23 +118,22 @@ def test_fsdp2_equals_single_process_with_uneven_shards_and_straddling_heads(lau
         assert relative_error({name: found[name]}, {name: odd_reference[label][name]})[0] < 1e-10
 
 
-def test_step_traffic_does_not_grow_with_depth_and_stays_near_the_model_size(launched):
-    """Counted on every rank (exact counts, no timing): the calls per step are the same at 2 and 4
-    layers, and the bytes per rank are bounded by a multiple of the model's bytes (2 ranks). Half of
-    each tensor crosses: SymmetryCompatible and DDCMuon send parameter, gradient and momentum shards
-    to the owner and get parameter and momentum shards back (5/4 of the model; DDCMuon's Adam-stepped
-    embedding and head carry two moments, measured 1.31x at 2 layers), DDCAdam two moments (7/4).
-    The issue's target for DDCMuon, 1.2x, needs the momentum updated on the shards (not done)."""
+def test_step_traffic_does_not_grow_with_depth_and_gathers_nothing_for_ddc_adam(launched):
+    """Counted on every rank (exact counts, no timing), 2 ranks: the calls per step are the same at 2
+    and 4 layers; DDCAdam only all-reduces its frame reductions (no parameter, gradient or state
+    crosses: <= 5 % of the model's bytes); DDCMuon and SymmetryCompatible also send each matrix's map
+    input to one rank and get their rows of the result back (<= 1.2x the model's bytes per rank)."""
     traffic = launched[1]["traffic"]
-    bound = {"ddc_adam": 1.8, "ddc_muon": 1.35, "symmetry_compatible": 1.3}
+    bound = {"ddc_adam": 0.05, "ddc_muon": 1.2, "symmetry_compatible": 1.2}
     shallow, deep = worker.TRAFFIC_LAYERS
     for label in worker.OPTIMIZERS:
-        calls = {n: [c for c, _ in traffic[f"{label}/{n}"]["counts"]] for n in worker.TRAFFIC_LAYERS}
+        calls = {n: [c for c, _, _ in traffic[f"{label}/{n}"]["counts"]] for n in worker.TRAFFIC_LAYERS}
         assert calls[shallow] == calls[deep], (label, calls)
-        assert max(calls[deep]) <= 5, (label, calls)
         for n in worker.TRAFFIC_LAYERS:
             row = traffic[f"{label}/{n}"]
-            assert max(b for _, b in row["counts"]) <= bound[label] * row["model_bytes"], (label, n, row)
+            assert max(b for _, b, _ in row["counts"]) <= bound[label] * row["model_bytes"], (label, n, row)
+    for _, _, ops in traffic[f"ddc_adam/{deep}"]["counts"]:
+        assert set(ops) == {"allreduce_"}, ops
 
 
 def test_a_two_dimensional_mesh_is_refused_on_every_rank(launched):
@@ -151,21 +150,10 @@ def test_fsdp2_state_is_sharded_like_its_parameter(launched, label):
     assert all(is_dtensor and same for _key, is_dtensor, same in entries), placements
 
 
-@pytest.mark.parametrize("label", list(worker.OPTIMIZERS))
-def test_fsdp2_step_is_split_over_the_ranks(launched, gauges, label):
-    """Every rank steps a share of the parameters; a norm family or a neuron pair stays on one rank."""
-    owners = launched[1]["owners"][label]
-    assert set(owners.values()) == set(range(WORLD))
-    if label != "symmetry_compatible":
-        for family in gauges:
-            if family.kind in ("norm_scale", "neuron_scale"):
-                assert len({owners[n] for n in family.parameters if n in owners}) == 1, family.name
-
-
 @pytest.mark.filterwarnings("ignore:DDCAdam froze:RuntimeWarning")
 def test_every_rank_reports_the_frozen_units(launched, gauges):
-    """DDCAdam's ``frozen`` lists what the single-process step freezes, on every rank, although only
-    the rank that steps the neuron pair sees the dead unit."""
+    """DDCAdam's ``frozen`` lists what the single-process step freezes, on every rank, although each
+    rank holds only some rows of the neuron pair (its frames are reduced over the ranks)."""
     model = worker.make_model()
     with torch.no_grad():
         worker.kill_unit(model)
@@ -177,8 +165,8 @@ def test_every_rank_reports_the_frozen_units(launched, gauges):
 
 
 def test_a_nonfinite_gradient_shard_gets_the_same_policy_on_every_rank(launched):
-    """The NaN sits in rank 0's shard of a gradient rank 1 steps: with ``skip`` every rank skips and
-    nothing changes; with ``raise`` every rank raises naming that parameter (none waits in a collective)."""
+    """The NaN sits in rank 0's shard of one gradient: with ``skip`` every rank skips and nothing
+    changes; with ``raise`` every rank raises naming that parameter (none waits in a collective)."""
     skip, raise_ = launched[1]["nonfinite"]["skip"], launched[1]["nonfinite"]["raise"]
     for rank in skip:
         assert rank["outcome"] == "stepped" and rank["skipped_steps"] == 1 and rank["unchanged"]

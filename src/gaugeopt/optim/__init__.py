@@ -8,11 +8,13 @@ The step of every optimizer here is frame -> base rule -> lift, batched across l
   with ``matrix_functions`` (Newton-Schulz, polar, inverse square roots) and ``layerwise`` (the
   symmetry-compatible maps);
 * ``batched_step``: the one step: same-shape tensors stacked, a read phase and a write phase, eager
-  or compiled;
+  or compiled, on whole tensors or on row shards (``shards``: which rows a rank holds, and the two
+  collective operations a sharded step makes);
 * the shells: ``base.FramedOptimizer`` and ``ddc_adam`` (DDCAdam), ``ddc_muon`` (DDCMuon),
   ``symcompat`` (SymmetryCompatible and its parameter classifier), ``baselines`` (Muon + AdamW);
 * around them: ``guards`` (settings, gradients, low precision, checkpoints), ``clipping``
-  (gauge-invariant ``clip_grad_norm_``), ``distributed`` (DDP and FSDP2).
+  (gauge-invariant ``clip_grad_norm_``), ``distributed`` (DDP and FSDP2: the process-group
+  collectives).
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from ..gauges.gaugeset import GaugeSet
 from .batched_step import StackedState, StepLayout, build_program, compiled_phase, read_phase, write_phase
-from .distributed import sharded_step
+from .distributed import ShardedStep, gradients_finite_on_every_rank, sharded_step, whole_tensors
 from .frames import FramePlan, build_frame_plan
 from .guards import GuardedOptimizer, check_gauges_cover, require_nonnegative
 from .rules import Rule
@@ -43,10 +43,6 @@ class FramedOptimizer(GuardedOptimizer):
             eager step; equal up to rounding).
     """
 
-    #: Dict attributes each rank fills for the tensors it stepped under a split (FSDP2) step; merged
-    #: by :mod:`gaugeopt.optim.distributed`.
-    distributed_reports: tuple[str, ...] = ("frozen",)
-
     def __init__(self, params, defaults: dict[str, Any], gauges: GaugeSet | None, *, channel_step: bool,
                  dead_threshold: float, nonfinite: str, compiled: bool, unit_step: bool = False):
         self._init_guards(nonfinite)
@@ -66,6 +62,7 @@ class FramedOptimizer(GuardedOptimizer):
         self.channel_step = bool(channel_step)
         self.unit_step = bool(unit_step)
         self.compiled = bool(compiled)
+        self._warned_eager = False
         self._lookup: dict[str, Tensor] = dict(model_params)
         self._names: dict[int, str] = {id(p): n for n, p in model_params.items()}
         self._layout: StepLayout | None = None
@@ -82,68 +79,73 @@ class FramedOptimizer(GuardedOptimizer):
     def _known_names(self) -> Mapping[int, str]:
         return self._names
 
-    # ----- the public component interface (gaugeopt.optim.distributed) ------------------------------
-    def coupled_parameters(self) -> list[list[Tensor]]:
-        """Lists of parameters whose frames are computed together (a norm family with its gain and
-        consumers, the families of a chain of neuron scalings): a split step keeps each on one rank."""
-        return [[self._lookup[n] for n in names if n in self._lookup] for names in self.plan.coupled()]
-
-    def parameters_read(self) -> list[Tensor]:
-        """Tensors a step reads besides those it steps: the norm gains (the frames of their channels)."""
-        return [self._lookup[f.gain] for f in self.plan.norms]
-
-    def substitute_parameters(self, stand_in: Mapping[int, Tensor]) -> None:
-        """Read parameter ``p`` as ``stand_in[id(p)]`` where given (a gathered full tensor)."""
-        self._lookup = {n: stand_in.get(id(p), p) for n, p in self._lookup.items()}
-        self._names = {id(p): n for n, p in self._lookup.items()}
-
     # ----- the step ----------------------------------------------------------------------------------
-    def _current_layout(self, rules: list[Rule]) -> StepLayout:
+    def _current_layout(self, rules: list[Rule], ranks: tuple[int, int] | None) -> StepLayout:
         key = (tuple((id(p), tuple(p.shape), p.dtype, p.device, p.grad is not None and p.requires_grad)
                      for group in self.param_groups for p in group["params"]),
-               tuple(len(group["params"]) for group in self.param_groups), tuple(rules))
+               tuple(len(group["params"]) for group in self.param_groups), tuple(rules), ranks)
         if key != self._layout_key:
             self._stacked.release(self.state)
             self._layout = build_program(self.param_groups, self._names, self._lookup, self.plan, rules,
                                          channel_step=self.channel_step, unit_step=self.unit_step,
                                          threshold=self.dead_threshold,
-                                         stack=not self.compiled)
+                                         stack=not self.compiled or ranks is not None, ranks=ranks)
             self._layout_key = key
         return self._layout
 
-    @sharded_step
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None):
-        """One step (the subclass's docstring gives the math). Returns the closure's loss."""
+        """One step (the subclass's docstring gives the math). Returns the closure's loss.
+
+        Under FSDP2 each rank steps its rows of every tensor (:mod:`gaugeopt.optim.distributed`)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         self._check_step_inputs()
+        shards = sharded_step(self)
+        if shards is not None and not gradients_finite_on_every_rank(self):
+            return loss
+        compiled = self.compiled and shards is None
+        if self.compiled and shards is not None and not self._warned_eager:
+            self._warned_eager = True
+            warnings.warn(f"{type(self).__name__}(compiled=True) takes its steps on FSDP2 shards eagerly: the "
+                          "compiled step covers single-process and DDP training", RuntimeWarning, stacklevel=3)
         rules = [self.rule_for(group) for group in self.param_groups]
-        layout = self._current_layout(rules)
-        inputs = layout.inputs(self._lookup)
-        read = (compiled_phase(read_phase) if self.compiled else read_phase)(layout.program, inputs)
+        layout = self._current_layout(rules, shards.ranks if shards is not None else None)
+        gains = self._whole_gains(shards)
+        inputs = layout.inputs(self._lookup, gains, shards.collectives) if shards is not None else \
+            layout.inputs(self._lookup)
+        read = (compiled_phase(read_phase) if compiled else read_phase)(layout.program, inputs)
         finite, any_dead = read.flags.tolist()  # the step's one host synchronisation
         if not finite:
             self.apply_nonfinite_policy(self.nonfinite_parameters())
             return loss
         inputs = layout.for_writing(inputs, self.param_groups, self.state, self._stacked)
-        write_phase(layout.program, inputs, read, masked=bool(any_dead), compiled=self.compiled)
+        write_phase(layout.program, inputs, read, masked=bool(any_dead), compiled=compiled)
         self._stacked.settle()
         for family in self.plan.norms:  # distributed checkpoints want an entry for every parameter
             gain = self._lookup[family.gain]
             if any(gain is p for group in self.param_groups for p in group["params"]):
                 self.state.setdefault(gain, {})
-        self._report_frozen(layout, read if any_dead else None)
+        self._report_frozen(layout, read if any_dead else None, gains)
         return loss
 
-    def _report_frozen(self, layout: StepLayout, read) -> None:
+    def _whole_gains(self, shards: ShardedStep | None) -> dict[str, Tensor]:
+        """The norm gains, whole (one reduction round on shards): the frames of their consumers'
+        columns, read by every rank. Empty in one process (the gains are read where they are)."""
+        if shards is None:
+            return {}
+        names = [f.gain for f in self.plan.norms]
+        return dict(zip(names, whole_tensors([self._lookup[n].detach() for n in names], shards)))
+
+    def _report_frozen(self, layout: StepLayout, read, gains: Mapping[str, Tensor]) -> None:
         """Record the dead channels and units of this step in :attr:`frozen`; warn when one is new."""
         frozen: dict[str, tuple[int, ...]] = {}
         if read is not None:
             for family in self.plan.norms:
-                dead = (self._lookup[family.gain].detach().abs() <= self.dead_threshold).nonzero().flatten()
+                gain = gains.get(family.gain, self._lookup[family.gain])
+                dead = (gain.detach().abs() <= self.dead_threshold).nonzero().flatten()
                 if len(dead):
                     frozen[family.name] = tuple(dead.tolist())
             for families, dead in zip(layout.neuron_families, read.neuron_dead):

@@ -28,6 +28,17 @@ A step has two phases, pure functions of a static :class:`StepProgram` and the s
 Both run eagerly, or compiled by ``torch.compile`` (:func:`compiled_phase`, one graph per phase and program,
 learning rate, betas and decay as tensor inputs). Dead channels and units (a gain or a unit scale at
 or below the threshold) get ``gamma = 0`` and are written back exactly as they were.
+
+The same program steps a row shard (FSDP2: :mod:`gaugeopt.optim.shards`). Every batch then holds
+this rank's rows of its members; per-unit and per-channel vectors are whole on every rank (sliced
+to the rows where they act on the row axis), and every sum over the rows is this rank's part, added
+over the ranks by the step's :class:`~gaugeopt.optim.shards.Collectives` (the identity in one
+process). The phases are ordered in *reduction rounds*: all the sums one part of the step needs are
+taken together, then added in one call (the mean rows of translated parameters; the neuron frames,
+one round per wave of :func:`_waves`; the channel factors; the mean rows of translated canonical
+gradients; the unit-scale step's inner products; each translated direction's mean row; the isolated
+pairs' sums of squares). Maps that need whole matrices are the rule's affair
+(:meth:`~gaugeopt.optim.shards.Collectives.whole`).
 """
 
 from __future__ import annotations
@@ -53,6 +64,7 @@ from .frames import (
 )
 from .guards import compute_dtype
 from .rules import Adam, Residual, Rule, adam_direction_
+from .shards import LOCAL, Collectives, RowShard, global_units, local_rows, local_tensor, shard_like
 
 __all__ = [
     "TensorBatch",
@@ -95,7 +107,8 @@ class TensorBatch:
     ``(neuron batch, role)`` of an isolated pair member whose write waits for the rebalancing factor;
     ``params_from``: ``(neuron batch, role)`` whose stacked parameters these are. ``shape`` is the
     members' frame shape (:attr:`~gaugeopt.optim.frames.TensorFrame.shape`); ``rule_shape`` their own,
-    which the rule sees, when the frame reads them on a view of another shape (else None).
+    which the rule sees, when the frame reads them on a view of another shape (else None). On a row
+    shard both are this rank's (``shard``: its rows of the frame shape's axis 0).
     """
 
     members: int
@@ -111,16 +124,19 @@ class TensorBatch:
     rebalance: tuple[int, int] | None
     params_from: tuple[int, int] | None
     rule_shape: tuple[int, ...] | None = None
+    shard: RowShard | None = None
 
 
 @dataclass(frozen=True)
 class NormBatch:
-    """Norm families whose channel scales take a step together (same width, gain group, bias)."""
+    """Norm families whose channel scales take a step together (same width, gain group, bias);
+    ``shard``: the rows of the gains this rank steps (their gradients and state are these rows)."""
 
     members: int
     units: int
     dtype: torch.dtype
     bias: bool
+    shard: RowShard | None = None
 
 
 @dataclass(frozen=True)
@@ -128,12 +144,14 @@ class NeuronRole:
     """One role of a neuron batch's families (a multiplied or divided tensor): the unit ``axis``,
     ``side`` (+1 multiplied, -1 divided), ``factors``: ``(axis, kind, batch)`` per other axis with a
     frame factor (kind "gain": the merging norm gain, an input; "u"/"v": that neuron batch's
-    input-side or output-side vector), and whether the role is ``centered`` (translated rows)."""
+    input-side or output-side vector), whether the role is ``centered`` (translated rows), and the
+    ``shard`` of its tensors' rows this rank holds (None: whole)."""
 
     axis: int
     side: int
     factors: tuple[tuple[int, str, int], ...]
     centered: bool
+    shard: RowShard | None = None
 
 
 @dataclass(frozen=True)
@@ -193,6 +211,7 @@ class StepTensors(NamedTuple):
     norms: list[NormInputs]
     neurons: list[NeuronInputs]
     checked: list[list[Tensor]]  # gradients only checked for finiteness (gains without a channel step)
+    collectives: Collectives = LOCAL  # how a step on row shards sums over the ranks (gaugeopt.optim.shards)
 
 
 class ReadOut(NamedTuple):
@@ -200,6 +219,7 @@ class ReadOut(NamedTuple):
 
     grads: list[Tensor]  # the gradients per tensor batch, stacked (a view of a single member's)
     params: list[Tensor | None]  # stacked parameters (compute dtype) where a batch needs them
+    means: list[Tensor | None]  # per translated tensor batch, the mean row of its parameters
     gammas: list[list[Tensor]]  # per tensor batch, per scaled axis, the gradient factor (broadcastable)
     dead: list[list[Tensor]]  # per tensor batch, per scaled axis, its dead slices (broadcastable)
     scales: list[Tensor]  # per neuron batch, s
@@ -231,6 +251,11 @@ def _along(vector: Tensor, axis: int, ndim: int) -> Tensor:
     return vector.reshape(shape)
 
 
+def _on_axis(vector: Tensor, axis: int, ndim: int, shard: RowShard | None) -> Tensor:
+    """:func:`_along` for a vector over all of ``axis``: this rank's rows of it on the row axis."""
+    return _along(local_rows(vector, shard) if axis == 0 else vector, axis, ndim)
+
+
 def _members(values: Tensor | list[Tensor], count: int) -> list[Tensor]:
     """A per-member list for a foreach op: the slices of a stacked tensor, or a 0-d tensor repeated."""
     if isinstance(values, Tensor) and values.dim() == 0:
@@ -244,59 +269,119 @@ def _members(values: Tensor | list[Tensor], count: int) -> list[Tensor]:
 
 
 def _role_squares(program: StepProgram, index: int, side: int, stacks: list[list[Tensor]],
-                  gains: list[list[list[Tensor]]], vectors: list[Tensor | None], workspace: Tensor | None) -> Tensor:
+                  gains: list[list[list[Tensor]]], vectors: list[Tensor | None], means: list[Tensor | None],
+                  workspace: Tensor | None) -> Tensor:
     """Per unit of neuron batch ``index``, the sum over its roles on ``side`` of the squared slices,
-    each other axis multiplied by its frame factor (gain, or the ``vectors`` of a linked batch)."""
+    each other axis multiplied by its frame factor (gain, or the ``vectors`` of a linked batch), the
+    rows of a centred role less their mean ``means[role]``: on a row shard, this rank's part of the
+    sum, at the units' global positions."""
     batch, total = program.neurons[index], None
     for r, role in enumerate(batch.roles):
         if role.side != side:
             continue
-        p = center_rows(stacks[r], axis=1) if role.centered else stacks[r]
+        p = stacks[r] - means[r] if role.centered else stacks[r]
         part = unit_square_sums(p, role.axis + 1, _slice_factors(role, gains[r], vectors), workspace=workspace)
+        part = global_units(part, role.axis, role.shard)
         total = part if total is None else total + part
     return total
 
 
 def _slice_factors(role: NeuronRole, gains: Sequence[Tensor], vectors: Sequence[Tensor | None]) -> dict[int, Tensor]:
     """The factors of a role's other axes (stacked axes, so ``axis + 1``): its norm gains in order, or
-    the ``vectors`` of the linked neuron batch."""
+    the ``vectors`` of the linked neuron batch (this rank's rows of them on the row axis)."""
     factors, gain_count = {}, 0
     for axis, kind, source in role.factors:
         if kind == "gain":
-            factors[axis + 1] = gains[gain_count]
+            factor = gains[gain_count]
             gain_count += 1
         else:
-            factors[axis + 1] = vectors[source]
+            factor = vectors[source]
+        factors[axis + 1] = local_rows(factor, role.shard) if axis == 0 else factor
     return factors
+
+
+def _row_mean_part(stack: Tensor, shard: RowShard | None) -> Tensor:
+    """This rank's part of the mean row of a stack (the rows are member axis 0), kept as a row: the
+    sum of its rows over all the rows' count; the mean itself without a shard."""
+    return stack.mean(dim=1, keepdim=True) if shard is None else stack.sum(dim=1, keepdim=True).div_(shard.rows)
+
+
+def _waves(program: StepProgram) -> list[tuple[list[int], list[int]]]:
+    """The neuron batches whose frames can be computed together: wave ``i`` holds the batches whose
+    ``u`` needs ``i`` upstream ``u`` vectors before it (input side) and those whose ``v`` needs ``i``
+    downstream ``v`` vectors (output side). Isolated pairs are all in wave 0; a chain of ``k``
+    families takes ``k`` waves. On shards each wave is one reduction round."""
+    forward: dict[int, int] = {}
+    for k, batch in enumerate(program.neurons):
+        forward[k] = 1 + max([forward[s] for role in batch.roles if role.side > 0
+                              for _, kind, s in role.factors if kind == "u"], default=-1)
+    backward: dict[int, int] = {}
+    for k in reversed(range(len(program.neurons))):
+        backward[k] = 1 + max([backward[s] for role in program.neurons[k].roles if role.side < 0
+                               for _, kind, s in role.factors if kind == "v"], default=-1)
+    depth = 1 + max([*forward.values(), *backward.values()], default=-1)
+    return [([k for k, level in forward.items() if level == i], [k for k, level in backward.items() if level == i])
+            for i in range(depth)]
 
 
 def read_phase(program: StepProgram, inputs: StepTensors) -> ReadOut:
     """The read-only half of a step (module docstring): stacked gradients, frames and the flags."""
     extremes: list[Tensor] = []
+    collectives = inputs.collectives
 
     def checked(stack: Tensor) -> Tensor:
         if stack.numel():
             extremes.extend(torch.aminmax(stack))
         return stack
 
-    # Neuron frames: u from the input side (dependency order), v from the output side (reverse).
     stacks = [[_stack(ts, batch.dtype) for ts in inputs.neurons[k].params] for k, batch in enumerate(program.neurons)]
     role_gains = [[[_stack(gs, batch.dtype) for gs in role] for role in inputs.neurons[k].gains]
                   for k, batch in enumerate(program.neurons)]
+    params: list[Tensor | None] = []
+    for batch, tensors in zip(program.tensors, inputs.tensors):
+        if torch.compiler.is_compiling() and not batch.centered:
+            params.append(None)  # compiled, the write phase stacks its own views (no copy; none written through)
+        elif batch.params_from is not None:
+            params.append(stacks[batch.params_from[0]][batch.params_from[1]])
+        else:
+            params.append(_stack(tensors.params, batch.dtype) if batch.stacked else None)
+
+    # The mean rows of translated parameters (one round): centred roles, then centred batches.
+    centred_roles = [(k, r) for k, batch in enumerate(program.neurons) for r, role in enumerate(batch.roles)
+                     if role.centered]
+    centred = [b for b, batch in enumerate(program.tensors) if batch.centered]
+    found = collectives.sum([_row_mean_part(stacks[k][r], program.neurons[k].roles[r].shard) for k, r in centred_roles] +
+                            [_row_mean_part(params[b], program.tensors[b].shard) for b in centred])
+    role_means: list[list[Tensor | None]] = [[None] * len(batch.roles) for batch in program.neurons]
+    for (k, r), mean in zip(centred_roles, found):
+        role_means[k][r] = mean
+    means: list[Tensor | None] = [None] * len(program.tensors)
+    for b, mean in zip(centred, found[len(centred_roles):]):
+        means[b] = mean
+    if torch.compiler.is_compiling():
+        params = [None] * len(params)
+
+    # Neuron frames: u from the input side (dependency order), v from the output side (reverse), one
+    # round per wave. Eager, one scratch tensor serves every sum of squares (here and in the
+    # rebalance); compiled, the sums fuse into their loops and a scratch tensor passed between the
+    # phases would be copied back.
     sizes: dict[torch.dtype, int] = {}
     for batch, role_stacks in zip(program.neurons, stacks):
         sizes[batch.dtype] = max([sizes.get(batch.dtype, 0), *(s.numel() for s in role_stacks)])
-    # eager, one scratch tensor serves every sum of squares (here and in the rebalance); compiled, the
-    # sums fuse into their loops and a scratch tensor passed between the phases would be copied back
     workspace = {} if torch.compiler.is_compiling() else \
         {dtype: torch.empty(size, dtype=dtype, device=stacks[0][0].device) for dtype, size in sizes.items()}
     forward: list[Tensor | None] = [None] * len(program.neurons)
     backward: list[Tensor | None] = [None] * len(program.neurons)
-    for k, batch in enumerate(program.neurons):
-        forward[k] = _role_squares(program, k, 1, stacks[k], role_gains[k], forward, workspace.get(batch.dtype)).sqrt()
-    for k in reversed(range(len(program.neurons))):
-        backward[k] = _role_squares(program, k, -1, stacks[k], role_gains[k], backward,
-                                    workspace.get(program.neurons[k].dtype)).sqrt()
+    for ahead, behind in _waves(program):
+        parts = [_role_squares(program, k, 1, stacks[k], role_gains[k], forward, role_means[k],
+                               workspace.get(program.neurons[k].dtype)) for k in ahead]
+        parts += [_role_squares(program, k, -1, stacks[k], role_gains[k], backward, role_means[k],
+                                workspace.get(program.neurons[k].dtype)) for k in behind]
+        totals = collectives.sum(parts)
+        for k, total in zip(ahead, totals):
+            forward[k] = total.sqrt()
+        for k, total in zip(behind, totals[len(ahead):]):
+            backward[k] = total.sqrt()
     scales, neuron_dead, lengths = [], [], []
     for batch, u, v in zip(program.neurons, forward, backward):
         s, dead = neuron_scales(u.square(), v.square(), program.threshold)
@@ -305,27 +390,23 @@ def read_phase(program: StepProgram, inputs: StepTensors) -> ReadOut:
         lengths.append(torch.sqrt(u * v) if batch.chart else None)
 
     # Norm families taking the channel-scale step: h = g dL/dg (+ beta dL/dbeta), invariant.
-    norm_dead, scale_inputs = [], []
+    norm_dead, scale_inputs, dead_flags = [], [], [d.any() for d in neuron_dead]
     for batch, norm in zip(program.norms, inputs.norms):
         gains, grads = _stack(norm.gains, batch.dtype), checked(_stack(norm.gain_grads, batch.dtype))
+        dead = gains.abs() <= program.threshold
+        dead_flags.append(dead.any())
+        gains, dead = local_rows(gains, batch.shard), local_rows(dead, batch.shard)
         h = gains * grads
         if batch.bias:
             h = torch.addcmul(h, _stack(norm.biases, batch.dtype), checked(_stack(norm.bias_grads, batch.dtype)))
-        dead = gains.abs() <= program.threshold
         norm_dead.append(dead)
         scale_inputs.append(h.masked_fill_(dead, 0.0))
 
     # Tensors: G~ = G gamma (centred where translated).
-    grads, params, gammas, deads = [], [], [], []
+    grads, gammas, deads = [], [], []
     for batch, tensors in zip(program.tensors, inputs.tensors):
         ndim = len(batch.shape)
         grad = checked(_stack(tensors.grads, batch.dtype))
-        if torch.compiler.is_compiling():
-            params.append(None)  # compiled, the write phase stacks its own views (no copy; none written through)
-        elif batch.params_from is not None:
-            params.append(stacks[batch.params_from[0]][batch.params_from[1]])
-        else:
-            params.append(_stack(tensors.params, batch.dtype) if batch.stacked else None)
         factors, dead, gain_count = [], [], 0
         for axis, side, kind, source in batch.scaled:
             if kind == "norm":
@@ -334,19 +415,19 @@ def read_phase(program: StepProgram, inputs: StepTensors) -> ReadOut:
                 off = scale.abs() <= program.threshold
             else:
                 scale, off = scales[source], neuron_dead[source]
+            dead_flags.append(off.any())
             gamma = torch.where(off, 0.0, scale if side > 0 else scale.reciprocal())
-            factors.append(_along(gamma, axis, ndim))
-            dead.append(_along(off, axis, ndim))
+            factors.append(_on_axis(gamma, axis, ndim, batch.shard))
+            dead.append(_on_axis(off, axis, ndim, batch.shard))
         grads.append(grad)
         gammas.append(factors)
         deads.append(dead)
     for ts in inputs.checked:
         checked(_stack(ts, ts[0].dtype))
     finite = torch.stack(extremes).isfinite().all() if extremes else torch.ones((), dtype=torch.bool)
-    dead_flags = [d.any() for d in (*neuron_dead, *norm_dead, *(d for axes in deads for d in axes))]
     some_dead = torch.stack(dead_flags).any() if dead_flags else torch.zeros((), dtype=torch.bool)
-    return ReadOut(grads, params, gammas, deads, scales, lengths, neuron_dead, role_gains, norm_dead, scale_inputs,
-                   workspace, torch.stack([finite, some_dead]))
+    return ReadOut(grads, params, means, gammas, deads, scales, lengths, neuron_dead, role_gains, norm_dead,
+                   scale_inputs, workspace, torch.stack([finite, some_dead]))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -367,15 +448,19 @@ class _Held(NamedTuple):
 def _channel_tables(program: StepProgram, inputs: StepTensors, read: ReadOut) -> dict[int, Tensor]:
     """Per channel width, the channel-scale factors ``e = exp(-lr r)`` of the norm batches of that
     width stacked in program order, then one row of ones (for consumers whose norm takes no step);
-    ``r`` is Adam's direction for the invariant ``h``, with the gains' group settings."""
+    ``r`` is Adam's direction for the invariant ``h``, with the gains' group settings (each rank
+    steps the channels of its rows of the gains)."""
     rows: dict[int, list[Tensor]] = {}
     for n, (batch, norm) in enumerate(zip(program.norms, inputs.norms)):
         norm.state["step"].add_(1)
         r = adam_direction_(read.scale_inputs[n], norm.state["scale_exp_avg"], norm.state["scale_exp_avg_sq"],
                             norm.scalars[1:3], norm.scalars[3:])
         e = torch.exp(r.mul_(-norm.scalars[0])).masked_fill_(read.norm_dead[n], 1.0)
-        rows.setdefault(batch.units, []).append(e)
-    return {width: torch.cat([*parts, torch.ones_like(parts[0][:1])]) for width, parts in rows.items()}
+        rows.setdefault(batch.units, []).append(global_units(e, 0, batch.shard))
+    # on shards each rank has its channels' factors at their places, zeros elsewhere: one round
+    summed = iter(inputs.collectives.sum([e for parts in rows.values() for e in parts]))
+    return {width: torch.cat([*(next(summed) for _ in parts), torch.ones_like(parts[0][:1])])
+            for width, parts in rows.items()}
 
 
 def _is_view(batch: TensorBatch, stacked: Tensor) -> bool:
@@ -395,16 +480,27 @@ def _finish(batch: TensorBatch, tensors: TensorInputs, old: Tensor, value: Tenso
 
 
 def canonical_gradient(batch: TensorBatch, grad: Tensor, gammas: list[Tensor]) -> Tensor:
-    """``G~ = P(G gamma)``, in the step's own memory (the rule may overwrite it): ``grad`` itself when
-    it is a stacked copy, a new tensor when it is a view of the user's gradient."""
+    """``G gamma``, in the step's own memory (the rule may overwrite it): ``grad`` itself when it is a
+    stacked copy, a new tensor when it is a view of the user's gradient. A translated batch's
+    canonical gradient is this less its mean row (:func:`canonical_gradients`)."""
     owned = batch.members > 1 or batch.dtype != batch.param_dtype
     canonical = grad
     for gamma in gammas:
         canonical = canonical.mul_(gamma) if owned else canonical * gamma
         owned = True
-    if batch.centered:
-        return center_rows(canonical, axis=1)
     return canonical if owned else canonical.clone()
+
+
+def canonical_gradients(program: StepProgram, read: ReadOut, batches: Sequence[int],
+                        collectives: Collectives = LOCAL) -> list[Tensor]:
+    """``G~ = P(G gamma)`` of tensor batches ``batches`` (``P``: less the mean row, for translated
+    batches; their row sums are one reduction round on shards)."""
+    canonical = [canonical_gradient(program.tensors[b], read.grads[b], read.gammas[b]) for b in batches]
+    centred = [i for i, b in enumerate(batches) if program.tensors[b].centered]
+    means = collectives.sum([_row_mean_part(canonical[i], program.tensors[batches[i]].shard) for i in centred])
+    for i, mean in zip(centred, means):
+        canonical[i] = canonical[i].sub_(mean)
+    return canonical
 
 
 def write_phase(program: StepProgram, inputs: StepTensors, read: ReadOut, masked: bool, compiled: bool = False
@@ -419,7 +515,8 @@ def write_phase(program: StepProgram, inputs: StepTensors, read: ReadOut, masked
     charts = run(_charts)(program, inputs, read) if any(batch.chart for batch in program.neurons) else {}
     held = run(_update)(program, inputs, read, charts, masked=masked)
     if held:
-        factors = run(_pair_factors)(program, read, held, {n: chart.shrink for n, chart in charts.items()})
+        factors = run(_pair_factors)(program, read, held, {n: chart.shrink for n, chart in charts.items()},
+                                     inputs.collectives)
         run(_rebalance)(program, inputs, read, held, factors, masked=masked)
 
 
@@ -444,21 +541,24 @@ class _Chart(NamedTuple):
 
 def _charts(program: StepProgram, inputs: StepTensors, read: ReadOut) -> dict[int, _Chart]:
     """The unit-scale step of every chart batch (module docstring): per unit, the invariant inner
-    products ``h_side = <G~, P~>`` over each side (``= <G, P>``, the frame factors cancel), the radial
-    input ``(h_1 + h_-1) / (sqrt2 l)``, one scalar Adam step on it giving ``r``, and
-    ``c = lr r / (sqrt2 l)``."""
-    charts = {}
+    products ``h_side = <G~, P~>`` over each side (``= <G, P>``, the frame factors cancel; one
+    reduction round for all batches on shards), the radial input ``(h_1 + h_-1) / (sqrt2 l)``, one
+    scalar Adam step on it giving ``r``, and ``c = lr r / (sqrt2 l)``."""
     roles = _role_batches(program)
-    for n, batch in enumerate(program.neurons):
-        if not batch.chart:
-            continue
-        parts = {}
+    charted = [n for n, batch in enumerate(program.neurons) if batch.chart]
+    parts = []
+    for n in charted:
+        batch = program.neurons[n]
         for r, role in enumerate(batch.roles):
             b = roles[(n, r)]
             old = _old_values(program.tensors[b], inputs.tensors[b], read, b)
-            parts[r] = unit_inner_products(read.grads[b], center_rows(old, axis=1) if role.centered else old,
-                                           role.axis + 1, workspace=read.workspace.get(batch.dtype))
-        sums = _side_sums(program, n, parts)
+            part = unit_inner_products(read.grads[b], old - read.means[b] if role.centered else old,
+                                       role.axis + 1, workspace=read.workspace.get(batch.dtype))
+            parts.append(global_units(part, role.axis, role.shard))
+    totals = iter(inputs.collectives.sum(parts))
+    charts = {}
+    for n in charted:
+        sums = _side_sums(program, n, {r: next(totals) for r in range(len(program.neurons[n].roles))})
         dead, neuron = read.neuron_dead[n], inputs.neurons[n]
         length = torch.where(dead, 1.0, read.lengths[n])
         radial = ((sums[1] + sums[-1]) / (math.sqrt(2) * length)).masked_fill_(dead, 0.0)
@@ -471,8 +571,9 @@ def _charts(program: StepProgram, inputs: StepTensors, read: ReadOut) -> dict[in
 
 
 def _remove_radial_part_(canonical: Tensor, old: Tensor, gammas: list[Tensor], coefficient: Tensor,
-                         centered: bool, workspace: Tensor | None) -> Tensor:
-    """``G~ <- G~ - coefficient P~`` with ``P~ = P(P) / gamma`` (0 where a factor is 0: dead slices);
+                         mean: Tensor | None, workspace: Tensor | None) -> Tensor:
+    """``G~ <- G~ - coefficient P~`` with ``P~ = P(P) / gamma`` (0 where a factor is 0: dead slices;
+    ``P`` subtracts the mean row ``mean`` of a translated tensor);
     ``coefficient`` is per unit (broadcastable), and gradient factors of its shape are folded into it
     so that ``P~`` is not formed where it need not be (else it is formed in ``workspace``, if given)."""
     full = []
@@ -482,7 +583,7 @@ def _remove_radial_part_(canonical: Tensor, old: Tensor, gammas: list[Tensor], c
             coefficient = coefficient * inverse
         else:
             full.append(inverse)
-    values = center_rows(old, axis=1) if centered else old
+    values = old - mean if mean is not None else old
     if full:
         scratch = workspace.view(-1)[:old.numel()].view(old.shape) if workspace is not None else None
         values = torch.mul(values, full[0], out=scratch) if scratch is not None else values * full[0]
@@ -495,30 +596,36 @@ def _update(program: StepProgram, inputs: StepTensors, read: ReadOut, charts: Ma
             ) -> list[_Held]:
     """Channel-scale steps, rule directions (on the tangential gradients of the units in ``charts``)
     and lifts; every batch written except the isolated pairs', whose new values are returned."""
+    collectives = inputs.collectives
     tables = _channel_tables(program, inputs, read)
+    centred = [b for b, batch in enumerate(program.tensors) if batch.centered]
+    centred_gradients = dict(zip(centred, canonical_gradients(program, read, centred, collectives)))
     held: list[_Held] = []
     for b, (batch, tensors) in enumerate(zip(program.tensors, inputs.tensors)):
         ndim, members = len(batch.shape), batch.members
         lr, decay = tensors.scalars[:2].unbind(0)
         if "step" in tensors.state:
             tensors.state["step"].add_(1)
-        canonical = canonical_gradient(batch, read.grads[b], read.gammas[b])
+        canonical = centred_gradients.pop(b) if batch.centered else \
+            canonical_gradient(batch, read.grads[b], read.gammas[b])
         chart = charts.get(batch.rebalance[0]) if batch.rebalance is not None else None
         if chart is not None:  # the rule sees the tangential part: x = G~ - (h_side / l^2) P~
             role = program.neurons[batch.rebalance[0]].roles[batch.rebalance[1]]
             canonical = _remove_radial_part_(canonical, _old_values(batch, tensors, read, b), read.gammas[b],
-                                             _along(chart.tangent[role.side], role.axis, ndim), batch.centered,
-                                             read.workspace.get(batch.dtype))
+                                             _on_axis(chart.tangent[role.side], role.axis, ndim, batch.shard),
+                                             read.means[b], read.workspace.get(batch.dtype))
         if batch.rule_shape is not None:  # the rule steps the parameter as it is (Muon: its own matrix)
             canonical = canonical.reshape(members, *batch.rule_shape)
-        direction = batch.rule.direction(canonical, tensors.state, tensors.scalars[2:], batch.residual)
+        direction = batch.rule.direction(canonical, tensors.state, tensors.scalars[2:], batch.residual, collectives)
         if batch.rule_shape is not None:
             direction = direction.reshape(members, *batch.shape)
-        if batch.centered:
-            direction = center_rows(direction, axis=1)
+        if batch.centered:  # the horizontal part of the direction (one reduction round on shards)
+            (mean,) = collectives.sum([_row_mean_part(direction, batch.shard)])
+            direction = direction.sub_(mean)
         factors = list(read.gammas[b])
         if batch.channel >= 0:
-            e = _along(tables[batch.shape[batch.channel]].index_select(0, tensors.channel), batch.channel, ndim)
+            e = _on_axis(tables[batch.shape[batch.channel]].index_select(0, tensors.channel), batch.channel, ndim,
+                         batch.shard)
             factors.append(e)
             decay = decay * e
         dead = functools.reduce(torch.logical_or, read.dead[b]) if masked and read.dead[b] else None
@@ -535,7 +642,7 @@ def _update(program: StepProgram, inputs: StepTensors, read: ReadOut, charts: Ma
         # a new tensor where the old values are needed again, or when compiling (writing through a view
         # of an input is copied back whole there; the new values are copied into the parameters anyway)
         keep_old = (dead is not None and (batch.centered or batch.rebalance is not None)) or torch.compiler.is_compiling()
-        mean = old.mean(dim=1, keepdim=True) if batch.centered else None
+        mean = read.means[b]
         if mean is not None:
             value = (old - mean).mul_(decay)
         else:
@@ -554,10 +661,12 @@ def _update(program: StepProgram, inputs: StepTensors, read: ReadOut, charts: Ma
 
 def _role_square_sums(program: StepProgram, read: ReadOut, n: int, r: int, value: Tensor) -> Tensor:
     """Per unit of isolated neuron batch ``n``, the sum of squares of role ``r``'s slices of ``value``,
-    merged with their norm gains (an isolated pair links to no other neuron batch)."""
-    batch = program.neurons[n]
-    factors = _slice_factors(batch.roles[r], read.neuron_gains[n][r], ())
-    return unit_square_sums(value, batch.roles[r].axis + 1, factors, workspace=read.workspace.get(batch.dtype))
+    merged with their norm gains (an isolated pair links to no other neuron batch); on a row shard,
+    this rank's part at the units' global positions."""
+    batch, role = program.neurons[n], program.neurons[n].roles[r]
+    factors = _slice_factors(role, read.neuron_gains[n][r], ())
+    sums = unit_square_sums(value, role.axis + 1, factors, workspace=read.workspace.get(batch.dtype))
+    return global_units(sums, role.axis, role.shard)
 
 
 def _side_sums(program: StepProgram, n: int, per_role: Mapping[int, Tensor]) -> dict[int, Tensor]:
@@ -568,8 +677,8 @@ def _side_sums(program: StepProgram, n: int, per_role: Mapping[int, Tensor]) -> 
     return sums
 
 
-def _pair_factors(program: StepProgram, read: ReadOut, held: list[_Held], shrink: Mapping[int, Tensor]
-                  ) -> dict[int, dict[int, Tensor]]:
+def _pair_factors(program: StepProgram, read: ReadOut, held: list[_Held], shrink: Mapping[int, Tensor],
+                  collectives: Collectives = LOCAL) -> dict[int, dict[int, Tensor]]:
     """Per isolated neuron batch, the per-unit factors of its two sides (``{+1: f_A, -1: f_B}``), which
     set both sides' new canonical norms to one target ``T``:
 
@@ -583,17 +692,25 @@ def _pair_factors(program: StepProgram, read: ReadOut, held: list[_Held], shrink
       removed by this, only turns the unit.
 
     In raw terms the multiplied side's factor is ``T s / |A|`` and the divided side's ``T / (s |B|)``.
-    The factors are functions of invariants, so the step stays equivariant. Dead units get 1."""
+    The factors are functions of invariants, so the step stays equivariant. Dead units get 1. On
+    shards the sums of squares (after the lift, and before it) are one reduction round."""
     by_role = {program.tensors[h.batch].rebalance: h for h in held}
+    rebalanced = [n for n, batch in enumerate(program.neurons) if batch.rebalance]
+    parts = [_role_square_sums(program, read, n, r, by_role[(n, r)].value)
+             for n in rebalanced for r in range(len(program.neurons[n].roles))]
+    parts += [by_role[(n, r)].before for n in rebalanced if program.neurons[n].chart
+              for r in range(len(program.neurons[n].roles))]
+    totals = iter(collectives.sum(parts))
+    after_sums = {n: {r: next(totals) for r in range(len(program.neurons[n].roles))} for n in rebalanced}
+    before_sums = {n: {r: next(totals) for r in range(len(program.neurons[n].roles))}
+                   for n in rebalanced if program.neurons[n].chart}
     out: dict[int, dict[int, Tensor]] = {}
-    for n, batch in enumerate(program.neurons):
-        if not batch.rebalance:
-            continue
+    for n in rebalanced:
+        batch = program.neurons[n]
         s, dead = read.scales[n], read.neuron_dead[n]
-        roles = range(len(batch.roles))
-        after = _side_sums(program, n, {r: _role_square_sums(program, read, n, r, by_role[(n, r)].value) for r in roles})
+        after = _side_sums(program, n, after_sums[n])
         if batch.chart:
-            before = _side_sums(program, n, {r: by_role[(n, r)].before for r in roles})
+            before = _side_sums(program, n, before_sums[n])
             target = shrink[n] * (before[1] * before[-1]).sqrt().sqrt()
             sides = {1: target * s / after[1].sqrt(), -1: target / (s * after[-1].sqrt())}
         else:
@@ -611,7 +728,7 @@ def _rebalance(program: StepProgram, inputs: StepTensors, read: ReadOut, held: l
         for r, role in enumerate(program.neurons[n].roles):
             h = by_role[(n, r)]
             tensor_batch, tensors = program.tensors[h.batch], inputs.tensors[h.batch]
-            factor = _along(sides[role.side], role.axis, len(tensor_batch.shape))
+            factor = _on_axis(sides[role.side], role.axis, len(tensor_batch.shape), tensor_batch.shard)
             dead = functools.reduce(torch.logical_or, read.dead[h.batch]) if masked and read.dead[h.batch] else None
             old = _old_values(tensor_batch, tensors, read, h.batch)
             if h.mean is None and dead is None and not torch.compiler.is_compiling() and \
@@ -699,7 +816,8 @@ class StackedState:
                 out[key] = held[0]
                 continue
             target = _zeros(members[0], key, shape)
-            like = [_zeros(p, key, shape) if value is None else value for p, value in zip(members, current)]
+            like = [_zeros(p, key, shape) if value is None else local_tensor(value)
+                    for p, value in zip(members, current)]
             if len(members) == 1:
                 value = like[0]
                 if (value.dtype, value.device) != (target.dtype, target.device):
@@ -708,6 +826,8 @@ class StackedState:
             else:
                 buffer = torch.stack([v.to(dtype=target.dtype, device=target.device) for v in like])
                 views = list(buffer.unbind(0))
+            if key != "step" and shape is None:  # shaped like its parameter: a shard of it, if it is one
+                views = [shard_like(view, p) for p, view in zip(members, views)]
             for p, view in zip(members, views):
                 state[p][key] = view
             self._slots[(slot, key)] = (buffer, views, list(members))
@@ -745,6 +865,7 @@ class StackedState:
 def _zeros(p: Tensor, key: str, shape: tuple[int, ...] | None = None) -> Tensor:
     """A state entry's initial value: a 0-d float32 step count, else zeros shaped like ``p`` (or
     ``shape``) in ``p``'s compute dtype."""
+    p = local_tensor(p)
     if key == "step":
         return torch.zeros((), dtype=torch.float32, device=p.device)
     return torch.zeros(p.shape if shape is None else shape, dtype=compute_dtype(p), device=p.device)
@@ -797,32 +918,45 @@ class StepLayout:
     neuron_gains: list[list[list[list[str]]]]  # per batch, per role, per gain factor, the members' gains
     checked: list[list[Tensor]]
     views: Mapping[str, tuple[int, ...]] = field(default_factory=dict)  # name -> frame shape, where not its own
+    norm_gains: list[list[Tensor]] = field(default_factory=list)  # per norm batch, the gain parameters
 
-    def inputs(self, lookup: Mapping[str, Tensor]) -> StepTensors:
+    def inputs(self, lookup: Mapping[str, Tensor], whole: Mapping[str, Tensor] = {},
+               collectives: Collectives = LOCAL) -> StepTensors:
         """This step's parameters, gradients and gains (``lookup``: name -> tensor to read), each
-        parameter and gradient in its batch's frame shape (a view where that is not its own)."""
+        parameter and gradient in its batch's frame shape (a view where that is not its own). On
+        row shards every tensor is this rank's rows, but the norm gains read as frames, which are
+        ``whole[name]``, and ``collectives`` sums over the ranks."""
         program = self.program
 
         def framed(ts: list[Tensor], shape: tuple[int, ...]) -> list[Tensor]:
+            ts = [local_tensor(t) for t in ts]
             return [t if t.shape == shape else t.view(shape) for t in ts]
 
         def read(name: str) -> Tensor:
-            return lookup[name] if name not in self.views else lookup[name].view(self.views[name])
+            t = local_tensor(lookup[name])
+            return t if name not in self.views else t.view(self.views[name])
+
+        def gain(name: str) -> Tensor:
+            return whole[name] if name in whole else lookup[name]
+
+        def grads(ts: list[Tensor]) -> list[Tensor]:
+            return [local_tensor(t.grad) for t in ts]
 
         tensors = [TensorInputs(framed(params, program.tensors[b].shape),
                                 framed([p.grad for p in params], program.tensors[b].shape),
-                                [[lookup[n] for n in names] for names in self.tensor_gains[b]],
+                                [[gain(n) for n in names] for names in self.tensor_gains[b]],
                                 self.tensor_channels[b], {}, None)
                    for b, params in enumerate(self.tensor_params)]
         norms = []
         for batch, families in zip(program.norms, self.norm_families):
             gains = [lookup[f.gain] for f in families]
             biases = [lookup[f.bias] for f in families] if batch.bias else []
-            norms.append(NormInputs(gains, [g.grad for g in gains], biases, [b.grad for b in biases], {}, None))
+            norms.append(NormInputs([gain(f.gain) for f in families], grads(gains),
+                                    [local_tensor(b) for b in biases], grads(biases), {}, None))
         neurons = [NeuronInputs([[read(n) for n in names] for names in self.neuron_roles[k]],
-                                [[[lookup[n] for n in gains] for gains in role] for role in self.neuron_gains[k]])
+                                [[[gain(n) for n in gains] for gains in role] for role in self.neuron_gains[k]])
                    for k in range(len(program.neurons))]
-        return StepTensors(tensors, norms, neurons, [[p.grad for p in ps] for ps in self.checked])
+        return StepTensors(tensors, norms, neurons, [grads(ps) for ps in self.checked], collectives)
 
     def for_writing(self, inputs: StepTensors, groups: Sequence[Mapping[str, Any]], state: Mapping,
                     stacked: StackedState) -> StepTensors:
@@ -843,7 +977,7 @@ class StepLayout:
             tensors.append(t._replace(state=buffers, scalars=scalars))
         norms = []
         for n, (batch, t) in enumerate(zip(self.program.norms, inputs.norms)):
-            buffers = stacked.buffers(state, ("norm", n), t.gains, CHANNEL_STATE)
+            buffers = stacked.buffers(state, ("norm", n), self.norm_gains[n], CHANNEL_STATE)
             group = groups[self.norm_groups[n]]
             values = [float(group["lr"]), *CHANNEL_ADAM.scalars(group, stacked.advance(("norm", n)))]
             norms.append(t._replace(state=buffers, scalars=torch.tensor(values, dtype=batch.dtype,
@@ -864,7 +998,7 @@ class StepLayout:
 
 def build_program(groups: Sequence[Mapping[str, Any]], names: Mapping[int, str], lookup: Mapping[str, Tensor],
                   plan: FramePlan, rules: Sequence[Rule], *, channel_step: bool, threshold: float,
-                  unit_step: bool = False, stack: bool = True) -> StepLayout:
+                  unit_step: bool = False, stack: bool = True, ranks: tuple[int, int] | None = None) -> StepLayout:
     """Sort the parameters with gradients into batches (module docstring).
 
     ``names`` maps ``id(parameter)`` to its name in ``plan``'s model (parameters without a name have no
@@ -874,6 +1008,8 @@ def build_program(groups: Sequence[Mapping[str, Any]], names: Mapping[int, str],
     ``stack=False`` makes every batch a single tensor (a single family): what a compiled step wants,
     since ``torch.compile`` fuses each tensor's chain of elementwise maps into one loop when it does
     not have to materialise a stack first (the eager step stacks to dispatch fewer operations).
+    ``ranks``: ``(rank, world)`` when every tensor is sharded on dim 0 over ``world`` ranks (FSDP2):
+    the program then steps this rank's rows (:class:`~gaugeopt.optim.shards.RowShard`).
     """
     group_of, active = {}, {}
     for g, group in enumerate(groups):
@@ -888,15 +1024,49 @@ def build_program(groups: Sequence[Mapping[str, Any]], names: Mapping[int, str],
                 group_of.get(name), active.get(name, False))
 
     charted = {name for name, g in group_of.items() if unit_step and isinstance(rules[g], Adam)}
-    neuron = _sort_neurons(plan, signature, active, charted, lookup, stack)
-    norm = _sort_norms(plan, lookup, group_of, active, channel_step, stack)
-    tensor = _sort_tensors(groups, names, plan, rules, neuron, norm, stack)
+    def shards(name: str | None, p: Tensor) -> _Shapes:
+        frame = plan.frame(name) if name is not None else None
+        return _row_shapes(tuple(p.shape), frame.shape if frame is not None else tuple(p.shape), ranks, name)
+
+    neuron = _sort_neurons(plan, signature, active, charted, lookup, stack, shards)
+    norm = _sort_norms(plan, lookup, group_of, active, channel_step, stack, ranks)
+    tensor = _sort_tensors(groups, names, plan, rules, neuron, norm, stack, shards)
     program = StepProgram(tuple(b for b, _ in tensor.batches), tuple(b for b, _ in norm.batches),
                           tuple(neuron.batches), threshold)
-    views = {name: frame.shape for name, frame in plan.tensors.items() if frame.shape != tuple(lookup[name].shape)}
+    views = {}
+    for name in plan.tensors:
+        shapes = shards(name, lookup[name])
+        if shapes.frame != shapes.own:
+            views[name] = shapes.frame
     return StepLayout(program, [m for _, m in tensor.batches], tensor.groups, tensor.gains, tensor.channels,
                       [fs for _, fs in norm.batches], norm.groups, neuron.families, neuron.roles, neuron.gains,
-                      tensor.checked, views)
+                      tensor.checked, views, [[lookup[f.gain] for f in fs] for _, fs in norm.batches])
+
+
+class _Shapes(NamedTuple):
+    """A parameter's shapes on this rank: ``own`` and ``frame`` (its frame's view), the rows of the
+    frame shape's axis 0 it holds (``shard``) and those of its own axis 0 (``own_shard``)."""
+
+    own: tuple[int, ...]
+    frame: tuple[int, ...]
+    shard: RowShard | None
+    own_shard: RowShard | None
+
+
+def _row_shapes(own: tuple[int, ...], frame: tuple[int, ...], ranks: tuple[int, int] | None,
+                name: str | None) -> _Shapes:
+    """:class:`_Shapes` of a parameter of global shape ``own`` read in ``frame`` shape, sharded on dim 0
+    over ``ranks = (rank, world)`` (or whole: ``None``). A frame that splits axis 0 into blocks needs
+    shard boundaries between blocks (``NotImplementedError`` otherwise)."""
+    if ranks is None or not own:
+        return _Shapes(own, frame, None, None)
+    inner = own[0] // frame[0] if frame[0] and len(frame) > len(own) and frame[0] != own[0] else 1
+    try:
+        shard = RowShard.of(frame[0], *ranks, inner=inner)
+    except ValueError as error:
+        raise NotImplementedError(f"gaugeopt's sharded step cannot step {name}: {error}") from None
+    own_shard = shard if inner == 1 else RowShard.of(own[0], *ranks)
+    return _Shapes((own_shard.size, *own[1:]), (shard.size, *frame[1:]), shard, own_shard)
 
 
 @dataclass
@@ -911,7 +1081,8 @@ class _Neurons:
 
 
 def _sort_neurons(plan: FramePlan, signature: Callable[[str], tuple], active: Mapping[str, bool],
-                  charted: set[str], lookup: Mapping[str, Tensor], stack: bool) -> _Neurons:
+                  charted: set[str], lookup: Mapping[str, Tensor], stack: bool,
+                  shards: Callable[[str, Tensor], _Shapes]) -> _Neurons:
     """Neuron families to compute frames for: isolated ones of one signature batch together, a
     chain's families one by one (whole chains, if any of their tensors is stepped). Rebalanced
     families whose tensors are all in ``charted`` take the unit-scale step."""
@@ -940,7 +1111,8 @@ def _sort_neurons(plan: FramePlan, signature: Callable[[str], tuple], active: Ma
                     gains.append([plan.scalings[plan.frame(n).scale_on(axis).family].gain for n in names])
                 else:
                     factors.append((axis, "u" if side > 0 else "v", batch_of[scaled.family]))
-            roles.append(NeuronRole(ref.axis, side, tuple(factors), frame.centered and ref.axis != 0))
+            roles.append(NeuronRole(ref.axis, side, tuple(factors), frame.centered and ref.axis != 0,
+                                    shards(ref.name, lookup[ref.name]).shard))
             role_names.append(names)
             role_gains.append(gains)
         rebalance = first.isolated and all(active.get(n, False) for names in role_names for n in names)
@@ -968,7 +1140,7 @@ class _Norms:
 
 
 def _sort_norms(plan: FramePlan, lookup: Mapping[str, Tensor], group_of: Mapping[str, int],
-                active: Mapping[str, bool], channel_step: bool, stack: bool) -> _Norms:
+                active: Mapping[str, bool], channel_step: bool, stack: bool, ranks: tuple[int, int] | None) -> _Norms:
     """Norm families whose gains take the channel-scale step, batched by width, dtype and group."""
     sorted_: dict[Any, list[ScalingFrame]] = {}
     for f in plan.norms:
@@ -979,7 +1151,9 @@ def _sort_norms(plan: FramePlan, lookup: Mapping[str, Tensor], group_of: Mapping
             sorted_.setdefault(key, []).append(f)
     out = _Norms([], [], {}, {})
     for (units, dtype, _, group, bias, _), families in sorted_.items():
-        out.batches.append((NormBatch(len(families), units, compute_dtype(lookup[families[0].gain]), bias), families))
+        shard = RowShard.of(units, *ranks) if ranks is not None else None
+        out.batches.append((NormBatch(len(families), units, compute_dtype(lookup[families[0].gain]), bias, shard),
+                            families))
         out.groups.append(group)
         for f in families:
             out.row[f.name] = out.rows.get(units, 0)
@@ -997,7 +1171,8 @@ class _Tensors:
 
 
 def _sort_tensors(groups: Sequence[Mapping[str, Any]], names: Mapping[int, str], plan: FramePlan,
-                  rules: Sequence[Rule], neuron: _Neurons, norm: _Norms, stack: bool) -> _Tensors:
+                  rules: Sequence[Rule], neuron: _Neurons, norm: _Norms, stack: bool,
+                  shards: Callable[[str | None, Tensor], _Shapes]) -> _Tensors:
     """Parameters with gradients into batches: pair roles by their neuron batch (in its member
     order), chain members one by one, the rest by group, frame and shape. Gains are frames, never
     stepped: their gradients are only checked, or read by the channel-scale step."""
@@ -1047,11 +1222,12 @@ def _sort_tensors(groups: Sequence[Mapping[str, Any]], names: Mapping[int, str],
         centered = frame is not None and frame.centered
         dtype = compute_dtype(first)
         stacked = centered or rebalance is not None or dtype != first.dtype
-        residual = Residual(frame.shared, frame.heads) if frame is not None else Residual()
-        shape = frame.shape if frame is not None else tuple(first.shape)
-        batch = TensorBatch(len(params), shape, dtype, first.dtype, rules[group], tuple(scaled),
+        shapes = shards(member_names[0], first)
+        residual = Residual(frame.shared, frame.heads, shapes.own_shard) if frame is not None \
+            else Residual(rows=shapes.own_shard)
+        batch = TensorBatch(len(params), shapes.frame, dtype, first.dtype, rules[group], tuple(scaled),
                             channel, centered, residual, stacked, rebalance, role if stacked else None,
-                            tuple(first.shape) if shape != tuple(first.shape) else None)
+                            shapes.own if shapes.frame != shapes.own else None, shapes.shard)
         out.batches.append((batch, params))
         out.groups.append(group)
         out.gains.append(gains)

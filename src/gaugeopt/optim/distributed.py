@@ -6,77 +6,65 @@ step on the same tensors, so the optimizers need nothing: they run unchanged.
 
 **FSDP2** (``torch.distributed.fsdp.fully_shard``) turns every parameter into a ``DTensor`` sharded on
 dim 0 (``torch.chunk`` sizes, so uneven when dim 0 is not divisible by the world size), and so are
-its gradients. Most of a gauge-frame step is not local to a row shard: a translation gauge centers
-over the rows, a row-block rotation averages second moments over rows of one head, a neuron pair
-couples a producer's rows with a consumer's columns (norms over the sharded rows), a norm family ties
-a gain to the columns of its consumers, and Newton-Schulz, polar factors and inverse square roots
-need whole matrices or head blocks.
+its gradients. The optimizers then take their ordinary step (:mod:`gaugeopt.optim.batched_step`) on
+each rank's rows (:class:`~gaugeopt.optim.shards.RowShard`), with the :class:`ProcessGroupCollectives`
+of the mesh's process group for what is not local to the rows:
 
-Design of this version: :func:`sharded_step` wraps an optimizer's ``step``. When a parameter is a
-``DTensor``, the step
+* every frame reduction (sums of squares over a neuron unit's slices, row means of translated
+  tensors, a head block's mean second moment across a shard boundary, a norm family's channel
+  factors) is a partial sum on each rank; the sums of one reduction round are packed per dtype into
+  one flat buffer and all-reduced once. The step's rounds: the norm gains made whole (they are the
+  frames of their consumers' columns: each rank holds its rows of every gain), the mean rows of
+  translated parameters, the neuron frames (one round per link of a neuron chain; isolated pairs
+  need one), the channel factors, the row means of translated canonical gradients and directions,
+  the unit-scale step's inner products and the isolated pairs' sums of squares after the lift;
+* a map that needs whole matrices (DDCMuon's Newton-Schulz, the layerwise maps of
+  SymmetryCompatible) gets them by :meth:`ProcessGroupCollectives.whole`: of each stack of
+  same-shape matrices, each matrix goes to one rank (the least loaded so far, by
+  ``rows * cols * min(rows, cols)``), which maps it and sends every rank its rows of the result:
+  one ``all_to_all_single`` each way per stack (megabatches, as microsoft/dion does). Momentum and
+  Adam moments are elementwise: they stay on their shards and never cross the wire;
+* whether every gradient is finite is one all-reduced flag before the step
+  (:func:`gradients_finite_on_every_rank`), so every rank applies the same policy.
 
-1. splits the work: parameters that one update couples (a norm family's gain, bias and consumers; a
-   neuron pair; otherwise a single tensor) form a component, and components go, largest first, to
-   the least loaded rank (:func:`step_owners`, work estimated as ``numel * min(rows, cols)`` per
-   matrix: the cost of a Newton-Schulz or Gram iteration);
-2. gathers each component to its owner only (:func:`gathered_parameters`): every rank sends its
-   shard of each parameter, gradient and parameter-shaped state tensor to the owner, which
-   concatenates the shards along the sharded dim. Tensors the step reads outside its components
-   (``parameters_read()``: the norm gains) go whole to every rank;
-3. runs the optimizer's ordinary single-process step, on each rank over its own components' full
-   tensors, so every reduction over a sharded axis (row centering, column and pair norms,
-   head-block means) and every matrix function sees the whole matrix or head block;
-4. scatters the results (:func:`_write_back`): each owner sends every other rank that rank's shard
-   of the new parameters and of each state tensor shaped like its parameter, and the other state
-   whole. A state tensor shaped like its parameter is stored as a ``DTensor`` with the parameter's
-   mesh and placements (created on the first step, identically on every rank, so
-   ``torch.distributed.checkpoint`` saves it sharded and loads it on any number of ranks); other
-   state (step counts, per-unit scalars of another shape) is replicated.
+No parameter, gradient or optimizer state is gathered: DDCAdam sends only reductions (vectors per
+unit or channel, a mean row per translated tensor), DDCMuon and SymmetryCompatible additionally
+each matrix's map input to its rank and its rows back. State shaped like its parameter is stored as
+a ``DTensor`` placed like it (a view of this rank's rows, created on the first step), so
+``torch.distributed.checkpoint`` saves it sharded and loads it on any number of ranks; other state
+(step counts, per-unit and per-channel moments of the unit-scale step) is replicated, computed
+identically on every rank.
 
-Messages (one tensor piece from one rank to another; shapes known to every rank from the
-parameters' global shapes, ``torch.chunk`` shard sizes and the published state layout) are packed
-per dtype into one flat buffer per rank and exchanged by one ``all_to_all_single`` (:func:`_route`).
-A step therefore makes a fixed number of collective calls, whatever the number of parameters: the
-all-reduced finiteness flag, the gather round, one ``all_gather_object`` (state layouts and the
-merged reports) and the scatter round (one all-to-all per dtype in each round). Per rank and step,
-about half of each gathered tensor crosses the wire each way at 2 ranks: (parameter + gradient +
-parameter-shaped state) / 2 in, (parameter + parameter-shaped state) / 2 out.
-
-The result equals the single-process step up to the rounding of the averaged gradient (the tests
-require 1e-10 relative after 10 steps and measure about 3e-16). Only parameters on one 1-D mesh
-(FSDP2's ``fully_shard``) with ``Shard(dim)`` placements are supported; any other layout (a 2-D HSDP
-mesh, tensor parallelism, parameters on several meshes) raises ``NotImplementedError`` before the
-step's first collective, on every rank alike.
+The result equals the single-process step up to the rounding of sums taken in another order (the
+tests require 1e-10 relative after 10 steps). Only parameters on one 1-D mesh with ``Shard(0)``
+placements are supported (FSDP2's default); anything else (a 2-D HSDP mesh, tensor parallelism,
+another shard dim, parameters on several meshes, some parameters not sharded) raises
+``NotImplementedError`` on every rank before the step's first collective. A compiled optimizer
+(``compiled=True``) takes its sharded steps eagerly.
 
 :func:`collective_traffic` counts the collective calls and bytes of a block of code on this rank
 (``benchmarks/distributed_traffic.py`` uses it).
-
-An optimizer opts in by decorating ``step`` with :func:`sharded_step`. Its public component
-interface (:class:`~gaugeopt.optim.base.FramedOptimizer` has it): ``parameters_read()`` (parameters
-every rank's step reads whole, e.g. norm gains), ``substitute_parameters(stand_in)`` (read parameter
-``p`` as ``stand_in[id(p)]``), ``coupled_parameters()`` (lists of parameters whose frames are computed
-together) and ``distributed_reports`` (names of
-dict attributes each rank fills for the components it stepped, merged after the step).
 """
 
 from __future__ import annotations
 
-import functools
 import math
-from dataclasses import dataclass, field
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
-from torch import Tensor, nn
+from torch import Tensor
 from torch.distributed.tensor import DTensor, Shard
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from .guards import GuardedOptimizer, all_finite
+from .shards import RowShard, local_tensor
 
-__all__ = ["sharded_step", "gathered_parameters", "is_sharded", "has_sharded_parameters", "full_tensor",
-           "collective_traffic", "CollectiveTraffic"]
+__all__ = ["ShardedStep", "ProcessGroupCollectives", "sharded_step", "gradients_finite_on_every_rank",
+           "whole_tensors", "is_sharded", "has_sharded_parameters", "full_tensor", "collective_traffic",
+           "CollectiveTraffic"]
 
 
 def is_sharded(t: Tensor) -> bool:
@@ -94,36 +82,7 @@ def full_tensor(t: Tensor) -> Tensor:
     return t.detach().full_tensor() if is_sharded(t) else t
 
 
-def sharded_step(step: Callable) -> Callable:
-    """Decorator for ``Optimizer.step``: run it on gathered full tensors when parameters are sharded.
-
-    Without ``DTensor`` parameters (single process, DDP) the decorated ``step`` is called as it is.
-    Otherwise the closure (if any) runs first, then ``step`` runs inside :func:`gathered_parameters`.
-    """
-
-    @functools.wraps(step)
-    def wrapper(self: torch.optim.Optimizer, closure: Callable[[], float] | None = None):
-        if not has_sharded_parameters(self):
-            return step(self, closure)
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        with torch.no_grad():
-            if not _gradients_finite_on_every_rank(self):
-                return loss
-            with gathered_parameters(self):
-                step(self)
-        return loss
-
-    return wrapper
-
-
-def _local(t: Tensor) -> Tensor:
-    return t.to_local() if is_sharded(t) else t
-
-
-def _gradients_finite_on_every_rank(optimizer: torch.optim.Optimizer) -> bool:
+def gradients_finite_on_every_rank(optimizer: torch.optim.Optimizer) -> bool:
     """Decide the non-finite gradient policy once for all ranks of a split step.
 
     Each rank steps only its own components, so a rank's own check would see only their gradients:
@@ -139,114 +98,134 @@ def _gradients_finite_on_every_rank(optimizer: torch.optim.Optimizer) -> bool:
         return True
     located = [(gi, pi, p) for gi, g in enumerate(optimizer.param_groups) for pi, p in enumerate(g["params"])
                if p.grad is not None]
-    grads = [_local(p.grad) for _, _, p in located]
-    device = grads[0].device if grads else _local(params[0]).device
+    grads = [local_tensor(p.grad) for _, _, p in located]
+    device = grads[0].device if grads else local_tensor(params[0]).device
     flag = torch.tensor([1.0 if all_finite(grads) else 0.0], device=device)
     dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
     if flag.item() == 1.0:
         return True
     names = optimizer.parameter_names()
-    here = [optimizer.describe_parameter(gi, pi, names) for gi, pi, p in located if not torch.isfinite(_local(p.grad)).all()]
+    here = [optimizer.describe_parameter(gi, pi, names) for gi, pi, p in located if not torch.isfinite(local_tensor(p.grad)).all()]
     everywhere: list = [None] * group.size()
     dist.all_gather_object(everywhere, here, group=group)
     return optimizer.apply_nonfinite_policy(sorted({name for part in everywhere for name in part}))
 
 
-@contextmanager
-def gathered_parameters(optimizer: torch.optim.Optimizer) -> Iterator[None]:
-    """Inside: the optimizer's param groups hold only the parameters this rank steps
-    (:func:`step_owners`), as full tensors with full gradients and state.
+@dataclass
+class ShardedStep:
+    """A step on FSDP2 shards: the mesh's process group, this rank, the world size and the step's
+    collectives (made fresh for every step: :meth:`ProcessGroupCollectives.whole` balances the
+    matrices of one step over the ranks)."""
 
-    Entering is one exchange round (:func:`_route`): every rank sends its shard of each parameter,
-    gradient and parameter-shaped state tensor to that parameter's owner only, and its shard of each
-    tensor in ``parameters_read()`` to every rank. Leaving is a second round (:func:`_write_back`):
-    each owner sends every other rank that rank's shard of the new parameter and of each
-    parameter-shaped state tensor, and the rest of the state (step counts, per-unit moments) whole.
-    Each round is one all-to-all of one flat buffer per dtype, so the number of calls does not grow
-    with the number of parameters.
-    """
+    group: dist.ProcessGroup
+    rank: int
+    world: int
+    collectives: ProcessGroupCollectives
+
+    @property
+    def ranks(self) -> tuple[int, int]:
+        return self.rank, self.world
+
+
+def sharded_step(optimizer: torch.optim.Optimizer) -> ShardedStep | None:
+    """The :class:`ShardedStep` of ``optimizer``'s next step, or ``None`` when no parameter is a
+    ``DTensor`` (one process, DDP). ``NotImplementedError`` (raised alike on every rank, before any
+    collective) for layouts the step does not support: parameters with gradients of which only some
+    are sharded, placements other than ``Shard(0)``, a mesh that is not one 1-D mesh."""
     params = _group_parameters(optimizer)
     sharded = [p for p in params if is_sharded(p)]
+    if not sharded:
+        return None
     group = _step_group(sharded)
-    rank, world = group.rank(), group.size()
-    owners = step_owners(optimizer, world)
-    read = [t for t in {id(t): t for t in getattr(optimizer, "parameters_read", lambda: [])()}.values()
-            if is_sharded(t)]
-    read_ids = {id(t) for t in read}
-
-    wanted: list[tuple[DTensor, tuple[int, ...]]] = []  # (tensor, the ranks that need it whole)
+    plain = [i for i, p in enumerate(params) if not is_sharded(p) and p.grad is not None]
+    if plain:
+        raise NotImplementedError(
+            f"gaugeopt's sharded step needs every parameter sharded by fully_shard, but {len(plain)} with gradients "
+            "are plain tensors (shard the root module too)")
     for p in sharded:
-        owner = (owners[id(p)],)
-        wanted.append((p, tuple(range(world)) if id(p) in read_ids else owner))
-        if p.grad is not None:
-            wanted.append((p.grad, owner))
-        wanted += [(v, owner) for v in optimizer.state.get(p, {}).values() if _is_sharded_state(v, p)]
-    wanted += [(t, tuple(range(world))) for t in read if id(t) not in owners]
-    gathered = _gather(wanted, group)
-
-    stand_in: dict[int, Tensor] = {}
-    for p in sharded:
-        if owners[id(p)] == rank:
-            stand_in[id(p)] = whole = nn.Parameter(gathered[id(p)], requires_grad=p.requires_grad)
-            whole.grad = gathered[id(p.grad)] if p.grad is not None else None
-            if p in optimizer.state:
-                optimizer.state[whole] = {k: gathered[id(v)] if _is_sharded_state(v, p) else v
-                                          for k, v in optimizer.state[p].items()}
-    for t in read:  # read whole by every rank (norm gains), written only by their owner if optimized
-        stand_in.setdefault(id(t), gathered[id(t)])
-    originals = {id(stand_in[id(t)]): t for t in (*params, *read) if id(t) in stand_in}
-
-    whole_groups = [g["params"] for g in optimizer.param_groups]
-    for g in optimizer.param_groups:
-        g["params"] = [stand_in.get(id(p), p) for p in g["params"] if owners[id(p)] == rank]
-    _swap_hook(optimizer, stand_in)
-    try:
-        yield
-        _write_back(optimizer, params, owners, stand_in, group)
-    finally:
-        for g, whole in zip(optimizer.param_groups, whole_groups):
-            g["params"] = whole
-        _swap_hook(optimizer, originals)
-        for p in sharded:
-            if id(p) in stand_in:
-                optimizer.state.pop(stand_in[id(p)], None)
+        if tuple(p.placements) != (Shard(0),):
+            raise NotImplementedError(f"gaugeopt's sharded step supports Shard(0) placements (FSDP2's default), "
+                                      f"not {tuple(p.placements)}")
+    device = local_tensor(sharded[0]).device
+    return ShardedStep(group, group.rank(), group.size(), ProcessGroupCollectives(group, device))
 
 
-def _is_sharded_state(value, param: Tensor) -> bool:
-    """A state tensor stored sharded like its parameter (shaped like it, a ``DTensor``)."""
-    return is_sharded(value) and tuple(value.shape) == tuple(param.shape)
-
-
-def _shard_sizes(t: DTensor, world: int) -> tuple[int, list[int]]:
-    """The sharded dim of ``t`` and every rank's extent along it (``torch.chunk`` sizes, as FSDP2)."""
-    (placement,) = t.placements
-    if type(placement) is not Shard:
-        raise NotImplementedError(f"gaugeopt's sharded step supports Shard(dim) placements, not {placement}")
-    sizes = [len(c) for c in torch.arange(t.shape[placement.dim]).chunk(world)]
-    return placement.dim, sizes + [0] * (world - len(sizes))
-
-
-def _piece_shape(shape: tuple[int, ...], dim: int, size: int) -> tuple[int, ...]:
-    return (*shape[:dim], size, *shape[dim + 1:])
-
-
-def _gather(wanted: list[tuple[DTensor, tuple[int, ...]]], group: dist.ProcessGroup) -> dict[int, Tensor]:
-    """Whole tensors from shards: ``{id(t): full}`` for each ``(t, destinations)`` this rank is one of
-    the destinations of. One routing round; every rank lists the same tensors in the same order."""
-    rank, world = group.rank(), group.size()
-    messages = []
-    for t, destinations in wanted:
-        dim, sizes = _shard_sizes(t, world)
-        for dst in destinations:
-            for src in range(world):
-                payload = _local(t) if src == rank else None
-                messages.append(_Message(src, dst, _piece_shape(tuple(t.shape), dim, sizes[src]), t.dtype, payload))
-    received = iter(_route(messages, group, _local(wanted[0][0]).device))
-    out = {}
-    for t, destinations in wanted:
-        if rank in destinations:
-            out[id(t)] = torch.cat([next(received) for _ in range(world)], dim=_shard_sizes(t, world)[0])
+def whole_tensors(tensors: Sequence[Tensor], step: ShardedStep) -> list[Tensor]:
+    """Each ``Shard(0)`` tensor made whole on every rank (one round: every rank contributes its rows
+    at their places, zeros elsewhere); tensors of zero dimensions or not sharded are returned as
+    they are."""
+    index = [i for i, t in enumerate(tensors) if is_sharded(t) and t.dim() > 0]
+    parts = []
+    for i in index:
+        t = tensors[i]
+        rows = local_tensor(t).detach().reshape(1, -1, math.prod(t.shape[1:]))
+        shard = RowShard.of(t.shape[0], step.rank, step.world)
+        parts.append(_placed(rows, shard))
+    out = list(tensors)
+    for i, whole in zip(index, step.collectives.sum(parts)):
+        out[i] = whole.reshape(tensors[i].shape)
     return out
+
+
+def _placed(rows: Tensor, shard: RowShard) -> Tensor:
+    """``(1, rows here, cols)`` at rows ``[start, stop)`` of a ``(1, rows, cols)`` zero tensor."""
+    whole = rows.new_zeros(1, shard.rows, rows.shape[2])
+    whole[:, shard.start:shard.stop] = rows
+    return whole
+
+
+class ProcessGroupCollectives:
+    """:class:`~gaugeopt.optim.shards.Collectives` over a process group (module docstring)."""
+
+    def __init__(self, group: dist.ProcessGroup, device: torch.device):
+        self.group, self.device = group, device
+        self.rank, self.world = group.rank(), group.size()
+        self.load = [0] * self.world  # work of the matrices each rank has mapped whole in this step
+
+    def sum(self, partials: Sequence[Tensor]) -> list[Tensor]:
+        """All-reduce (sum) every tensor: one call per dtype for the whole list."""
+        out: list[Tensor] = list(partials)
+        for dtype in sorted({t.dtype for t in partials}, key=str):
+            index = [i for i, t in enumerate(partials) if t.dtype == dtype]
+            flat = torch.cat([partials[i].reshape(-1) for i in index])
+            dist.all_reduce(flat, group=self.group)
+            offset = 0
+            for i in index:
+                n = partials[i].numel()
+                out[i] = flat[offset:offset + n].view(partials[i].shape)
+                offset += n
+        return out
+
+    def whole(self, stack: Tensor, shard: RowShard | None, fn: Callable[[Tensor], Tensor]) -> Tensor:
+        """Each member of ``stack`` (this rank's rows on axis 1) to one rank, ``fn`` there on the
+        whole members it received, this rank's rows of every result back (module docstring)."""
+        if shard is None:
+            return fn(stack)
+        members, rest = stack.shape[0], tuple(stack.shape[2:])
+        cost = shard.rows * math.prod(rest) * min(shard.rows, math.prod(rest) or 1)
+        owners = []
+        for _ in range(members):
+            owner = min(range(self.world), key=lambda r: (self.load[r], r))
+            self.load[owner] += cost
+            owners.append(owner)
+        sizes = [shard.bounds[r + 1] - shard.bounds[r] for r in range(self.world)]
+        messages = [_Message(src, owner, (sizes[src], *rest), stack.dtype, stack[m] if src == self.rank else None)
+                    for m, owner in enumerate(owners) for src in range(self.world) if src != owner]
+        received = iter(_route(messages, self.group, self.device))
+        mine = [m for m, owner in enumerate(owners) if owner == self.rank]
+        wholes = []
+        for m in mine:
+            pieces = [stack[m] if src == self.rank else next(received) for src in range(self.world)]
+            wholes.append(torch.cat(pieces))
+        results = fn(torch.stack(wholes)) if wholes else None
+        result_of = {m: results[i] for i, m in enumerate(mine)}
+        messages = [_Message(owner, dst, (sizes[dst], *rest), stack.dtype,
+                             result_of[m][shard.bounds[dst]:shard.bounds[dst + 1]] if owner == self.rank else None)
+                    for m, owner in enumerate(owners) for dst in range(self.world) if dst != owner]
+        received = iter(_route(messages, self.group, self.device))
+        rows = [result_of[m][shard.start:shard.stop] if owner == self.rank else next(received)
+                for m, owner in enumerate(owners)]
+        return torch.stack(rows)
 
 
 @dataclass
@@ -307,139 +286,6 @@ def _step_group(sharded: list[DTensor]) -> dist.ProcessGroup:
             f"fully_shard on a 1-D mesh); found meshes {sorted(meshes)}. HSDP (a 2-D mesh) and tensor "
             "parallelism are not supported.")
     return sharded[0].device_mesh.get_group()
-
-
-def step_owners(optimizer: torch.optim.Optimizer, world: int) -> dict[int, int]:
-    """Which rank steps each parameter: ``{id(parameter): rank}``, the same on every rank.
-
-    Parameters one update couples (``optimizer.coupled_parameters()``: a norm family's gain, bias and
-    consumers, a neuron pair) form one component; components go, largest first, to the rank with
-    the least work so far. Work is estimated as ``numel * min(rows, cols)`` for a matrix (the cost of
-    a Newton-Schulz or Gram-matrix iteration) and ``numel`` for a vector.
-    """
-    params = _group_parameters(optimizer)
-    index = {id(p): i for i, p in enumerate(params)}
-    root = list(range(len(params)))
-
-    def find(i: int) -> int:
-        while root[i] != i:
-            root[i] = root[root[i]]
-            i = root[i]
-        return i
-
-    for coupled in getattr(optimizer, "coupled_parameters", lambda: [])():
-        members = [index[id(t)] for t in coupled if id(t) in index]
-        for i in members[1:]:
-            root[find(i)] = find(members[0])
-    components: dict[int, list[int]] = {}
-    for i in range(len(params)):
-        components.setdefault(find(i), []).append(i)
-
-    def cost(p: Tensor) -> int:
-        return p.numel() * (min(p.shape[-2:]) if p.ndim >= 2 else 1)
-
-    load = [0] * world
-    owner: dict[int, int] = {}
-    ordered = sorted(components.values(), key=lambda c: (-sum(cost(params[i]) for i in c), c[0]))
-    for component in ordered:
-        rank = min(range(world), key=lambda r: (load[r], r))
-        load[rank] += sum(cost(params[i]) for i in component)
-        owner.update({id(params[i]): rank for i in component})
-    return owner
-
-
-def _write_back(optimizer: torch.optim.Optimizer, params: list[Tensor], owners: dict[int, int],
-                stand_in: dict[int, Tensor], group: dist.ProcessGroup) -> None:
-    """Give every rank its shards of the stepped parameters and their state, and the rest whole.
-
-    The owners first publish the layout of their parameters' state (keys, shapes, dtypes, and the
-    values that are not tensors) and the dict attributes named in ``optimizer.distributed_reports``
-    (``frozen``, filled by each rank for the parameters it stepped, merged here) with one
-    ``all_gather_object``. Then one routing round (:func:`_route`) carries, from each owner to each
-    other rank, that rank's shard of every sharded parameter and of every state tensor shaped like
-    it, and every other state tensor (and any unsharded parameter) whole. A state tensor shaped like
-    its parameter is kept as a ``DTensor`` placed like it, updated in place when it exists (a
-    checkpoint loader may hold it); other state is replicated.
-    """
-    rank, world = group.rank(), group.size()
-    report_names = getattr(optimizer, "distributed_reports", ())
-    layouts = {}
-    for i, p in enumerate(params):
-        stepped = stand_in.get(id(p), p)
-        if owners[id(p)] == rank:
-            layouts[i] = _layout(optimizer.state[stepped]) if stepped in optimizer.state else None
-    mine = {"state": layouts, "reports": {name: getattr(optimizer, name) for name in report_names}}
-    published: list = [None] * world
-    dist.all_gather_object(published, mine, group=group)
-    for name in report_names:
-        setattr(optimizer, name, {k: v for part in published for k, v in part["reports"][name].items()})
-
-    messages, writes = [], []  # writes: (parameter, state key or None, sharded?, message index)
-    for i, p in enumerate(params):
-        owner = owners[id(p)]
-        stepped = stand_in.get(id(p), p)
-        state = optimizer.state.get(stepped, {}) if owner == rank else {}
-        layout = published[owner]["state"][i] or {}
-        tensors = [(None, tuple(p.shape), p.dtype, stepped if owner == rank else None)]
-        tensors += [(k, shape, dtype, state.get(k)) for k, (is_tensor, shape, dtype, _) in layout.items() if is_tensor]
-        for key, shape, dtype, value in tensors:
-            split = is_sharded(p) and shape == tuple(p.shape) and len(shape) > 0
-            dim, sizes = _shard_sizes(p, world) if split else (0, None)
-            for dst in range(world):
-                if dst == owner and not split:
-                    continue  # the owner holds it whole already
-                payload = None
-                if owner == rank:
-                    payload = value.detach().narrow(dim, sum(sizes[:dst]), sizes[dst]) if split else value.detach()
-                if dst == rank:
-                    writes.append((p, key, split, len(messages)))
-                messages.append(_Message(owner, dst, _piece_shape(shape, dim, sizes[dst]) if split else shape,
-                                         dtype, payload))
-    received = dict(zip([m for *_, m in writes], _route(messages, group, _local(params[0]).device)))
-    mine_by_parameter: dict[int, list] = {}
-    for write in writes:
-        mine_by_parameter.setdefault(id(write[0]), []).append(write)
-
-    for i, p in enumerate(params):
-        owner = owners[id(p)]
-        layout = published[owner]["state"][i]
-        held = optimizer.state.get(p, {})
-        new = {}
-        if layout is not None:
-            new = {k: value for k, (is_tensor, _, _, value) in layout.items() if not is_tensor}
-            if owner == rank:  # the owner keeps its replicated state as stepped
-                stepped = optimizer.state[stand_in.get(id(p), p)]
-                new.update({k: stepped[k] for k, (is_tensor, *_) in layout.items() if is_tensor})
-        for _, key, split, m in mine_by_parameter.get(id(p), ()):
-            value = received[m]
-            if key is None:
-                if is_sharded(p) or owner != rank:
-                    _local(p).copy_(value)
-            elif split:
-                old = held.get(key)
-                if is_sharded(old) and tuple(old.shape) == tuple(p.shape) and old.placements == p.placements:
-                    _local(old).copy_(value)  # keep the object (a checkpoint loader may hold it)
-                    new[key] = old
-                else:
-                    new[key] = DTensor.from_local(value.clone(memory_format=torch.contiguous_format), p.device_mesh,
-                                                  p.placements, run_check=False, shape=p.shape, stride=p.stride())
-            else:
-                new[key] = value.clone()
-        if layout is not None:
-            optimizer.state[p] = {k: new[k] for k in layout}
-
-
-def _layout(state: dict) -> dict:
-    """``{key: (is_tensor, shape, dtype, value)}`` of a state dict (value only for non-tensors)."""
-    return {key: (True, tuple(v.shape), v.dtype, None) if torch.is_tensor(v) else (False, None, None, v)
-            for key, v in state.items()}
-
-
-def _swap_hook(optimizer: torch.optim.Optimizer, replace: Mapping[int, Tensor]) -> None:
-    """Let the optimizer read ``replace[id(p)]`` for parameter ``p`` outside its param groups."""
-    hook = getattr(optimizer, "substitute_parameters", None)
-    if hook is not None:
-        hook(replace)
 
 
 @dataclass

@@ -26,6 +26,7 @@ block, :class:`Muon` commutes with it (Newton-Schulz is equivariant under orthog
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ from torch import Tensor
 from .frames import SharedAxis, blocked, group_mean
 from .layerwise import apply_update_rule, muon_update
 from .matrix_functions import MUON_NS_COEFFICIENTS
+from .shards import LOCAL, Collectives, RowShard
 
 __all__ = ["Residual", "Rule", "Adam", "Muon", "MomentumMap", "adam_bias_terms", "adam_direction_"]
 
@@ -44,10 +46,12 @@ __all__ = ["Residual", "Rule", "Adam", "Muon", "MomentumMap", "adam_bias_terms",
 class Residual(NamedTuple):
     """The orthogonal symmetry a frame leaves on a batch's canonical tensors (member axes, without
     the stacking axis): ``shared`` blocks per axis; ``heads``: ``(axis, index)`` with ``index[h]`` the
-    indices of attention head ``h`` (for head-wise orthogonalisation)."""
+    indices of attention head ``h`` (for head-wise orthogonalisation). ``rows``: the rows (member axis
+    0) of the tensors the rule sees that this rank holds, when they are a row shard."""
 
     shared: tuple[tuple[int, SharedAxis], ...] = ()
     heads: tuple[int, tuple[tuple[int, ...], ...]] | None = None
+    rows: RowShard | None = None
 
 
 class Rule(Protocol):
@@ -60,10 +64,13 @@ class Rule(Protocol):
     def scalars(self, group: Mapping[str, Any], steps: Sequence[int]) -> list[float]:
         """The host-side numbers of this step for a batch whose members reach step counts ``steps``."""
 
-    def direction(self, grad: Tensor, state: Mapping[str, Tensor], scalars: Tensor, residual: Residual) -> Tensor:
+    def direction(self, grad: Tensor, state: Mapping[str, Tensor], scalars: Tensor, residual: Residual,
+                  collectives: Collectives = LOCAL) -> Tensor:
         """Advance ``state`` (stacked, in place) on the canonical gradients ``grad`` and return the
         canonical direction, a new tensor shaped like ``grad``; ``scalars`` is :meth:`scalars` as a
-        tensor. ``grad`` is the step's own stack: the rule may overwrite it."""
+        tensor. ``grad`` is the step's own stack: the rule may overwrite it. On a row shard
+        (``residual.rows``) ``grad`` and the state are this rank's rows, and what is not elementwise
+        goes through ``collectives`` (:mod:`gaugeopt.optim.shards`)."""
 
 
 def _per_member(values: Tensor, ndim: int) -> Tensor:
@@ -82,19 +89,27 @@ def adam_bias_terms(beta1: float, beta2: float, eps: float, steps: Sequence[int]
 
 
 def adam_direction_(grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, weights: Tensor, bias_terms: Tensor,
-                    shared: tuple[tuple[int, SharedAxis], ...] = ()) -> Tensor:
+                    shared: tuple[tuple[int, SharedAxis], ...] = (), rows: RowShard | None = None,
+                    collectives: Collectives = LOCAL) -> Tensor:
     """Advance Adam's moments in place and return ``(m / c1) / (sqrt(v / c2) + eps)``.
 
     All tensors are stacks ``(L, ...)``; ``weights`` holds ``(1 - b1, 1 - b2)`` and ``bias_terms``
     the values of :func:`adam_bias_terms` (2, or 2 L). With ``shared`` the squared gradient is averaged
     over each block of those (member) axes before it enters ``v``, so ``v`` is invariant under the
-    blocks' rotations and the direction rotates with them. ``grad`` is overwritten (it ends up holding
-    the direction, which is returned): the step allocates nothing the size of ``grad``.
+    blocks' rotations and the direction rotates with them (on a row shard ``rows``, blocks of the row
+    axis cut by a shard boundary are summed over the ranks: :func:`shared_row_mean`). ``grad`` is
+    overwritten (it ends up holding the direction, which is returned): the step allocates nothing
+    the size of ``grad``.
     """
     members, ndim = grad.shape[0], grad.dim() - 1
     exp_avg.lerp_(grad, weights[0])
     square = grad.square_()
-    if len(shared) == 1 and shared[0][1].layout is not None and not torch.compiler.is_compiling():
+    if rows is not None and any(axis == 0 for axis, _ in shared):
+        for axis, blocks in shared:
+            square = shared_row_mean(square, blocks, rows, collectives) if axis == 0 else \
+                group_mean(square, blocks, axis + 1)
+        exp_avg_sq.lerp_(square, weights[1])
+    elif len(shared) == 1 and shared[0][1].layout is not None and not torch.compiler.is_compiling():
         # regular blocks, eager: the block means broadcast into a blocked view of v (nothing the size of v
         # is allocated; compiled, a write through that view would be copied back, so the general path)
         axis, blocks = shared[0]
@@ -112,6 +127,39 @@ def adam_direction_(grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, weights: 
     return torch.div(exp_avg, denominator, out=denominator)
 
 
+def shared_row_mean(values: Tensor, blocks: SharedAxis, rows: RowShard, collectives: Collectives) -> Tensor:
+    """:func:`~gaugeopt.optim.frames.group_mean` over the row axis (stacked axis 1) of a row shard:
+    each block's sum over this rank's rows, the blocks that a shard boundary cuts summed over the
+    ranks (one round, only those blocks' sums), divided by the block's size."""
+    groups = torch.tensor(blocks.groups, device=values.device)
+    here = groups[rows.start:rows.stop]
+    ids, local = torch.unique(here, return_inverse=True)
+    sums = values.new_zeros(values.shape[0], len(ids), *values.shape[2:]).index_add_(1, local, values)
+    cut = _cut_blocks(blocks.groups, rows)
+    if cut:
+        position = {int(g): i for i, g in enumerate(ids.tolist())}
+        shared = values.new_zeros(values.shape[0], len(cut), *values.shape[2:])
+        mine = [(j, position[g]) for j, g in enumerate(cut) if g in position]
+        if mine:
+            shared[:, [j for j, _ in mine]] = sums[:, [i for _, i in mine]]
+        (shared,) = collectives.sum([shared])
+        if mine:
+            sums[:, [i for _, i in mine]] = shared[:, [j for j, _ in mine]]
+    counts = torch.bincount(groups)[ids].to(values.dtype)
+    means = sums / counts.reshape(1, -1, *([1] * (values.dim() - 2)))
+    return means.index_select(1, local)
+
+
+@functools.cache
+def _cut_blocks(groups: tuple[int, ...], rows: RowShard) -> list[int]:
+    """The blocks whose rows lie on more than one rank (the same list on every rank)."""
+    holders: dict[int, set[int]] = {}
+    for rank in range(len(rows.bounds) - 1):
+        for g in groups[rows.bounds[rank]:rows.bounds[rank + 1]]:
+            holders.setdefault(g, set()).add(rank)
+    return sorted(g for g, ranks in holders.items() if len(ranks) > 1)
+
+
 @dataclass(frozen=True)
 class Adam:
     """Adam's direction (module docstring); ``betas_key`` and ``eps_key`` name the group settings it
@@ -126,8 +174,10 @@ class Adam:
         beta1, beta2 = (float(b) for b in group[self.betas_key])
         return [1 - beta1, 1 - beta2, *adam_bias_terms(beta1, beta2, float(group[self.eps_key]), steps)]
 
-    def direction(self, grad: Tensor, state: Mapping[str, Tensor], scalars: Tensor, residual: Residual) -> Tensor:
-        return adam_direction_(grad, state["exp_avg"], state["exp_avg_sq"], scalars[:2], scalars[2:], residual.shared)
+    def direction(self, grad: Tensor, state: Mapping[str, Tensor], scalars: Tensor, residual: Residual,
+                  collectives: Collectives = LOCAL) -> Tensor:
+        return adam_direction_(grad, state["exp_avg"], state["exp_avg_sq"], scalars[:2], scalars[2:], residual.shared,
+                               residual.rows, collectives)
 
 
 def _momentum_input(grad: Tensor, buffer: Tensor, scalars: Tensor, nesterov: bool) -> Tensor:
@@ -171,12 +221,17 @@ class Muon:
     def scalars(self, group: Mapping[str, Any], steps: Sequence[int]) -> list[float]:
         return _momentum_scalars(float(group[self.momentum_key]))
 
-    def direction(self, grad: Tensor, state: Mapping[str, Tensor], scalars: Tensor, residual: Residual) -> Tensor:
+    def direction(self, grad: Tensor, state: Mapping[str, Tensor], scalars: Tensor, residual: Residual,
+                  collectives: Collectives = LOCAL) -> Tensor:
+        """The momentum is elementwise (this rank's rows on a shard); Newton-Schulz needs whole
+        matrices (``collectives.whole``: each gathered to one rank)."""
         update = _momentum_input(grad, state["momentum_buffer"], scalars, self.nesterov)
+        shape = update.shape
         if self.flatten and update.dim() > 3:  # (L, rows, *rest): each member as its (rows, prod(rest)) matrix
-            shape = update.shape
-            return self.direction_of_matrices(update.reshape(shape[0], shape[1], -1), residual).reshape(shape)
-        return self.direction_of_matrices(update, residual)
+            matrices = update.reshape(shape[0], shape[1], -1)
+            return collectives.whole(matrices, residual.rows,
+                                     lambda whole: self.direction_of_matrices(whole, residual)).reshape(shape)
+        return collectives.whole(update, residual.rows, lambda whole: self.direction_of_matrices(whole, residual))
 
     def direction_of_matrices(self, update: Tensor, residual: Residual) -> Tensor:
         """``s NS(update)`` per matrix (or per head block) of a stack ``(..., rows, cols)``."""
@@ -205,6 +260,9 @@ class MomentumMap:
     def scalars(self, group: Mapping[str, Any], steps: Sequence[int]) -> list[float]:
         return _momentum_scalars(float(group[self.momentum_key]))
 
-    def direction(self, grad: Tensor, state: Mapping[str, Tensor], scalars: Tensor, residual: Residual) -> Tensor:
+    def direction(self, grad: Tensor, state: Mapping[str, Tensor], scalars: Tensor, residual: Residual,
+                  collectives: Collectives = LOCAL) -> Tensor:
+        """The momentum is elementwise; the map is applied to whole matrices (``collectives.whole``)."""
         update = _momentum_input(grad, state["momentum_buffer"], scalars, self.nesterov)
-        return apply_update_rule(self.rule, update, self.orientation, **dict(self.options))
+        return collectives.whole(update, residual.rows,
+                                 lambda whole: apply_update_rule(self.rule, whole, self.orientation, **dict(self.options)))
