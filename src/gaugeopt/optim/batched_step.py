@@ -9,8 +9,9 @@ A step has two phases, pure functions of a static :class:`StepProgram` and the s
 
 1. :func:`read_phase` (reads only): stack the gradients (and the parameters where a frame needs
    them), compute the frames (:mod:`gaugeopt.optim.frames`: norm gains, neuron scales ``s``, dead
-   channels and units, the gradient factors ``gamma``) and the two flags the caller reads with one
-   host synchronisation: every gradient finite, any unit dead.
+   channels and units, the gradient factors ``gamma``), the unit-scale step's inner products (in
+   the frames' pass over the pairs' parameters) and the two flags the caller reads with one host
+   synchronisation: every gradient finite, any unit dead.
 2. :func:`write_phase` (only after the flags allow it): per norm family the channel-scale step (a
    scalar Adam on ``h = g dL/dg (+ beta dL/dbeta)``, the gain's AdamW step taken as a factor
    ``e = exp(-lr r)`` on the consumers' columns); per batch the canonical gradient ``G~ = G gamma``
@@ -35,9 +36,9 @@ to the rows where they act on the row axis), and every sum over the rows is this
 over the ranks by the step's :class:`~gaugeopt.optim.shards.Collectives` (the identity in one
 process). The phases are ordered in *reduction rounds*: all the sums one part of the step needs are
 taken together, then added in one call (the mean rows of translated parameters; the neuron frames,
-one round per wave of :func:`_waves`; the channel factors; the mean rows of translated canonical
-gradients; the unit-scale step's inner products; each translated direction's mean row; the isolated
-pairs' sums of squares). Maps that need whole matrices are the rule's affair
+one round per wave of :func:`_waves`, the first with the unit-scale step's inner products; the
+channel factors; the mean rows of translated canonical gradients; each translated direction's mean
+row; the isolated pairs' sums of squares). Maps that need whole matrices are the rule's affair
 (:meth:`~gaugeopt.optim.shards.Collectives.whole`).
 """
 
@@ -224,6 +225,7 @@ class ReadOut(NamedTuple):
     dead: list[list[Tensor]]  # per tensor batch, per scaled axis, its dead slices (broadcastable)
     scales: list[Tensor]  # per neuron batch, s
     lengths: list[Tensor | None]  # per chart neuron batch, l = sqrt(u v), the units' canonical side norm
+    chart_sums: list[dict[int, Tensor] | None]  # per chart neuron batch, per side, h_side = <G, P> per unit
     neuron_dead: list[Tensor]  # per neuron batch, (members, units)
     neuron_gains: list[list[list[Tensor]]]  # per neuron batch, per role, per gain factor, the stacked gains
     norm_dead: list[Tensor]  # per norm batch, |g| <= threshold
@@ -370,18 +372,36 @@ def read_phase(program: StepProgram, inputs: StepTensors) -> ReadOut:
         sizes[batch.dtype] = max([sizes.get(batch.dtype, 0), *(s.numel() for s in role_stacks)])
     workspace = {} if torch.compiler.is_compiling() else \
         {dtype: torch.empty(size, dtype=dtype, device=stacks[0][0].device) for dtype, size in sizes.items()}
+    grads = [checked(_stack(tensors.grads, batch.dtype)) for batch, tensors in zip(program.tensors, inputs.tensors)]
+
+    # The unit-scale step's invariant inner products h_side = <G, P> per unit of each side (the frame
+    # factors cancel): read here with the frames' own pass over the pair's parameters.
+    roles = _role_batches(program)
+    charted = [(n, r) for n, batch in enumerate(program.neurons) if batch.chart for r in range(len(batch.roles))]
+    inner = []
+    for n, r in charted:
+        role, old = program.neurons[n].roles[r], stacks[n][r]
+        part = unit_inner_products(grads[roles[(n, r)]], old - role_means[n][r] if role.centered else old,
+                                   role.axis + 1, workspace=workspace.get(program.neurons[n].dtype))
+        inner.append(global_units(part, role.axis, role.shard))
+
     forward: list[Tensor | None] = [None] * len(program.neurons)
     backward: list[Tensor | None] = [None] * len(program.neurons)
-    for ahead, behind in _waves(program):
+    per_role: dict[tuple[int, int], Tensor] = {}
+    for wave, (ahead, behind) in enumerate(_waves(program)):
         parts = [_role_squares(program, k, 1, stacks[k], role_gains[k], forward, role_means[k],
                                workspace.get(program.neurons[k].dtype)) for k in ahead]
         parts += [_role_squares(program, k, -1, stacks[k], role_gains[k], backward, role_means[k],
                                 workspace.get(program.neurons[k].dtype)) for k in behind]
-        totals = collectives.sum(parts)
+        totals = collectives.sum(parts + inner if wave == 0 else parts)  # the inner products join wave 0
         for k, total in zip(ahead, totals):
             forward[k] = total.sqrt()
         for k, total in zip(behind, totals[len(ahead):]):
             backward[k] = total.sqrt()
+        if wave == 0:
+            per_role = dict(zip(charted, totals[len(parts):]))
+    chart_sums = [_side_sums(program, n, {r: per_role[(n, r)] for r in range(len(batch.roles))}) if batch.chart
+                  else None for n, batch in enumerate(program.neurons)]
     scales, neuron_dead, lengths = [], [], []
     for batch, u, v in zip(program.neurons, forward, backward):
         s, dead = neuron_scales(u.square(), v.square(), program.threshold)
@@ -392,21 +412,20 @@ def read_phase(program: StepProgram, inputs: StepTensors) -> ReadOut:
     # Norm families taking the channel-scale step: h = g dL/dg (+ beta dL/dbeta), invariant.
     norm_dead, scale_inputs, dead_flags = [], [], [d.any() for d in neuron_dead]
     for batch, norm in zip(program.norms, inputs.norms):
-        gains, grads = _stack(norm.gains, batch.dtype), checked(_stack(norm.gain_grads, batch.dtype))
+        gains, gain_grads = _stack(norm.gains, batch.dtype), checked(_stack(norm.gain_grads, batch.dtype))
         dead = gains.abs() <= program.threshold
         dead_flags.append(dead.any())
         gains, dead = local_rows(gains, batch.shard), local_rows(dead, batch.shard)
-        h = gains * grads
+        h = gains * gain_grads
         if batch.bias:
             h = torch.addcmul(h, _stack(norm.biases, batch.dtype), checked(_stack(norm.bias_grads, batch.dtype)))
         norm_dead.append(dead)
         scale_inputs.append(h.masked_fill_(dead, 0.0))
 
-    # Tensors: G~ = G gamma (centred where translated).
-    grads, gammas, deads = [], [], []
+    # Tensors: the gradient factors gamma (G~ = G gamma, centred where translated) and dead slices.
+    gammas, deads = [], []
     for batch, tensors in zip(program.tensors, inputs.tensors):
         ndim = len(batch.shape)
-        grad = checked(_stack(tensors.grads, batch.dtype))
         factors, dead, gain_count = [], [], 0
         for axis, side, kind, source in batch.scaled:
             if kind == "norm":
@@ -419,15 +438,14 @@ def read_phase(program: StepProgram, inputs: StepTensors) -> ReadOut:
             gamma = torch.where(off, 0.0, scale if side > 0 else scale.reciprocal())
             factors.append(_on_axis(gamma, axis, ndim, batch.shard))
             dead.append(_on_axis(off, axis, ndim, batch.shard))
-        grads.append(grad)
         gammas.append(factors)
         deads.append(dead)
     for ts in inputs.checked:
         checked(_stack(ts, ts[0].dtype))
     finite = torch.stack(extremes).isfinite().all() if extremes else torch.ones((), dtype=torch.bool)
     some_dead = torch.stack(dead_flags).any() if dead_flags else torch.zeros((), dtype=torch.bool)
-    return ReadOut(grads, params, means, gammas, deads, scales, lengths, neuron_dead, role_gains, norm_dead,
-                   scale_inputs, workspace, torch.stack([finite, some_dead]))
+    return ReadOut(grads, params, means, gammas, deads, scales, lengths, chart_sums, neuron_dead, role_gains,
+                   norm_dead, scale_inputs, workspace, torch.stack([finite, some_dead]))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -509,8 +527,8 @@ def write_phase(program: StepProgram, inputs: StepTensors, read: ReadOut, masked
     read phase's flag), so dead entries are kept exactly as they are. ``compiled``: run its parts
     (the unit-scale steps, the update, the isolated pairs' factors, their application) as compiled
     graphs; they are separate because inductor's CPU loop fusion fails on the write-after-read
-    hazards of one, and fusing the units' inner products into the update's loops made it 2.5x
-    slower (torch 2.13)."""
+    hazards of one, and the unit-scale steps' per-unit numbers traced into the update's graph made
+    it 3.6x slower (its loops recompute them per entry; torch 2.13)."""
     run = compiled_phase if compiled else (lambda phase: phase)
     charts = run(_charts)(program, inputs, read) if any(batch.chart for batch in program.neurons) else {}
     held = run(_update)(program, inputs, read, charts, masked=masked)
@@ -540,26 +558,14 @@ class _Chart(NamedTuple):
 
 
 def _charts(program: StepProgram, inputs: StepTensors, read: ReadOut) -> dict[int, _Chart]:
-    """The unit-scale step of every chart batch (module docstring): per unit, the invariant inner
-    products ``h_side = <G~, P~>`` over each side (``= <G, P>``, the frame factors cancel; one
-    reduction round for all batches on shards), the radial input ``(h_1 + h_-1) / (sqrt2 l)``, one
-    scalar Adam step on it giving ``r``, and ``c = lr r / (sqrt2 l)``."""
-    roles = _role_batches(program)
-    charted = [n for n, batch in enumerate(program.neurons) if batch.chart]
-    parts = []
-    for n in charted:
-        batch = program.neurons[n]
-        for r, role in enumerate(batch.roles):
-            b = roles[(n, r)]
-            old = _old_values(program.tensors[b], inputs.tensors[b], read, b)
-            part = unit_inner_products(read.grads[b], old - read.means[b] if role.centered else old,
-                                       role.axis + 1, workspace=read.workspace.get(batch.dtype))
-            parts.append(global_units(part, role.axis, role.shard))
-    totals = iter(inputs.collectives.sum(parts))
+    """The unit-scale step of every chart batch (module docstring): from the invariant inner products
+    ``h_side = <G~, P~>`` per unit (``= <G, P>``: the read phase's ``chart_sums``), the radial input
+    ``(h_1 + h_-1) / (sqrt2 l)``, one scalar Adam step on it giving ``r``, and ``c = lr r / (sqrt2 l)``."""
     charts = {}
-    for n in charted:
-        sums = _side_sums(program, n, {r: next(totals) for r in range(len(program.neurons[n].roles))})
-        dead, neuron = read.neuron_dead[n], inputs.neurons[n]
+    for n, batch in enumerate(program.neurons):
+        if not batch.chart:
+            continue
+        sums, dead, neuron = read.chart_sums[n], read.neuron_dead[n], inputs.neurons[n]
         length = torch.where(dead, 1.0, read.lengths[n])
         radial = ((sums[1] + sums[-1]) / (math.sqrt(2) * length)).masked_fill_(dead, 0.0)
         r = adam_direction_(radial, neuron.state["unit_exp_avg"], neuron.state["unit_exp_avg_sq"],
@@ -755,13 +761,17 @@ class _CompiledPhase:
     def __init__(self, phase: Callable):
         self.phase = phase
         self.kernels: dict[Any, Callable] = {}
+        self._last: tuple[StepProgram, tuple, Callable] | None = None  # spares hashing the program each step
         functools.update_wrapper(self, phase)
 
     def __call__(self, program: StepProgram, *args: Any, **flags: Any):
-        key = (program, tuple(sorted(flags.items())))
-        kernel = self.kernels.get(key)
+        key = tuple(sorted(flags.items()))
+        if self._last is not None and self._last[0] is program and self._last[1] == key:
+            return self._last[2](*args, **flags)
+        kernel = self.kernels.get((program, key))
         if kernel is None:
-            kernel = self.kernels[key] = torch.compile(_bound(self.phase, program), dynamic=False)
+            kernel = self.kernels[(program, key)] = torch.compile(_bound(self.phase, program), dynamic=False)
+        self._last = (program, key, kernel)
         return kernel(*args, **flags)
 
 

@@ -15,9 +15,9 @@ of the mesh's process group for what is not local to the rows:
   factors) is a partial sum on each rank; the sums of one reduction round are packed per dtype into
   one flat buffer and all-reduced once. The step's rounds: the norm gains made whole (they are the
   frames of their consumers' columns: each rank holds its rows of every gain), the mean rows of
-  translated parameters, the neuron frames (one round per link of a neuron chain; isolated pairs
-  need one), the channel factors, the row means of translated canonical gradients and directions,
-  the unit-scale step's inner products and the isolated pairs' sums of squares after the lift;
+  translated parameters, the neuron frames with the unit-scale step's inner products (one round per
+  link of a neuron chain; isolated pairs need one), the channel factors, the row means of translated
+  canonical gradients and directions, and the isolated pairs' sums of squares after the lift;
 * a map that needs whole matrices (DDCMuon's Newton-Schulz, the layerwise maps of
   SymmetryCompatible) gets them by :meth:`ProcessGroupCollectives.whole`: of each stack of
   same-shape matrices, each matrix goes to one rank (the least loaded so far, by
