@@ -6,8 +6,9 @@
 * ``gaugeopt.clip_grad_norm_`` measures the canonical gradients: active on every step it keeps
   DDCAdam equivariant, where torch's ``clip_grad_norm_`` in the same loop does not.
 * The compiled step (``compiled=True``) equals the eager one to 1e-12 in float64 under
-  ``clip_grad_value_`` and per-tensor clipping, and a OneCycleLR schedule of the learning rate and
-  betas runs without recompiling.
+  ``clip_grad_value_`` and per-tensor clipping, a OneCycleLR schedule of the learning rate and
+  betas runs without recompiling, and a NaN or infinite gradient entry is refused (or the step
+  skipped) with nothing changed, compiled or not.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch.nn.functional as F
 import gaugeopt
 from gaugeopt import DDCAdam, DDCMuon
 from gaugeopt.models import TransformerLM, TransformerLMConfig
-from gaugeopt.optim import gauge_invariant_grad_norm
+from gaugeopt.optim import NonFiniteGradientError, gauge_invariant_grad_norm
 from gaugeopt.testing import check_equivariance, relative_error
 
 VOCAB = 11
@@ -240,3 +241,26 @@ def test_every_step_program_has_a_graph_cache_of_its_own():
             model, gauges, batches = _lm(layers=layers)
             opt = DDCAdam(model.parameters(), gauges, lr=1e-2, compiled=True)
             _train(model, opt, batches, steps=2)
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")], ids=["nan", "inf", "-inf"])
+def test_a_nonfinite_gradient_is_refused_and_changes_nothing_compiled_or_not(bad, compiled):
+    """The compiled read phase checks finiteness its own way (``isfinite(G).all()``, the eager one by
+    the extremes): one bad entry in a gradient no frame reads otherwise (the token embedding) raises,
+    or skips the step, and nothing changes either way."""
+    model, gauges, batches = _lm()
+    for policy in ("raise", "skip"):
+        opt = DDCAdam(model.parameters(), gauges, lr=1e-2, compiled=compiled, nonfinite=policy)
+        _train(model, opt, batches, steps=1)
+        opt.zero_grad()
+        lm_loss(model, batches[1]).backward()
+        model.embed.weight.grad[3, 1] = bad
+        before = copy.deepcopy((dict(model.named_parameters()), opt.state_dict()["state"]))
+        with pytest.raises(NonFiniteGradientError, match="embed") if policy == "raise" \
+                else contextlib.nullcontext():
+            opt.step()
+        assert opt.skipped_steps == (policy == "skip")
+        after = (dict(model.named_parameters()), opt.state_dict()["state"])
+        assert all(torch.equal(before[0][n], after[0][n]) for n in before[0])
+        assert all(torch.equal(v, after[1][i][k]) for i, s in before[1].items() for k, v in s.items())

@@ -308,6 +308,15 @@ def _row_mean_part(stack: Tensor, shard: RowShard | None) -> Tensor:
     return stack.mean(dim=1, keepdim=True) if shard is None else stack.sum(dim=1, keepdim=True).div_(shard.rows)
 
 
+def _finiteness_probes(stack: Tensor) -> tuple[Tensor, ...]:
+    """Numbers that are all finite exactly when every entry of ``stack`` is: its extremes (eager), or
+    0 or NaN by ``isfinite(stack).all()`` (compiled: inductor's CPU code reduces that about 3x faster
+    than a min and a max; a sum of ``0 * x`` would be faster still, but inductor folds ``0 * x`` to 0)."""
+    if torch.compiler.is_compiling():
+        return (torch.where(torch.isfinite(stack).all(), 0.0, math.nan),)
+    return tuple(torch.aminmax(stack))
+
+
 def _waves(program: StepProgram) -> list[tuple[list[int], list[int]]]:
     """The neuron batches whose frames can be computed together: wave ``i`` holds the batches whose
     ``u`` needs ``i`` upstream ``u`` vectors before it (input side) and those whose ``v`` needs ``i``
@@ -328,12 +337,12 @@ def _waves(program: StepProgram) -> list[tuple[list[int], list[int]]]:
 
 def read_phase(program: StepProgram, inputs: StepTensors) -> ReadOut:
     """The read-only half of a step (module docstring): stacked gradients, frames and the flags."""
-    extremes: list[Tensor] = []
+    probes: list[Tensor] = []  # finite exactly when every checked gradient is
     collectives = inputs.collectives
 
     def checked(stack: Tensor) -> Tensor:
         if stack.numel():
-            extremes.extend(torch.aminmax(stack))
+            probes.extend(_finiteness_probes(stack))
         return stack
 
     stacks = [[_stack(ts, batch.dtype) for ts in inputs.neurons[k].params] for k, batch in enumerate(program.neurons)]
@@ -442,7 +451,7 @@ def read_phase(program: StepProgram, inputs: StepTensors) -> ReadOut:
         deads.append(dead)
     for ts in inputs.checked:
         checked(_stack(ts, ts[0].dtype))
-    finite = torch.stack(extremes).isfinite().all() if extremes else torch.ones((), dtype=torch.bool)
+    finite = torch.stack(probes).isfinite().all() if probes else torch.ones((), dtype=torch.bool)
     some_dead = torch.stack(dead_flags).any() if dead_flags else torch.zeros((), dtype=torch.bool)
     return ReadOut(grads, params, means, gammas, deads, scales, lengths, chart_sums, neuron_dead, role_gains,
                    norm_dead, scale_inputs, workspace, torch.stack([finite, some_dead]))
@@ -454,12 +463,14 @@ def read_phase(program: StepProgram, inputs: StepTensors) -> ReadOut:
 
 
 class _Held(NamedTuple):
-    """An isolated pair's batch waiting for its side's factor: the new values (horizontal part) and
-    mean row; for a chart batch also the per-unit sums of squares of the values before the lift."""
+    """An isolated pair's batch waiting for its side's factor: the new values (horizontal part), mean
+    row and per-unit sums of squares (this rank's part on a shard); for a chart batch also the sums
+    of squares of the values before the lift."""
 
     batch: int
     value: Tensor
     mean: Tensor | None
+    after: Tensor
     before: Tensor | None = None
 
 
@@ -525,16 +536,14 @@ def write_phase(program: StepProgram, inputs: StepTensors, read: ReadOut, masked
                 ) -> None:
     """The writing half of a step (module docstring). ``masked``: some unit or channel is dead (the
     read phase's flag), so dead entries are kept exactly as they are. ``compiled``: run its parts
-    (the unit-scale steps, the update, the isolated pairs' factors, their application) as compiled
-    graphs; they are separate because inductor's CPU loop fusion fails on the write-after-read
-    hazards of one, and the unit-scale steps' per-unit numbers traced into the update's graph made
-    it 3.6x slower (its loops recompute them per entry; torch 2.13)."""
+    (the unit-scale steps, the update with the isolated pairs' factors, their application) as
+    compiled graphs; they are separate because inductor's CPU loop fusion fails on the
+    write-after-read hazards of one, and the unit-scale steps' per-unit numbers traced into the
+    update's graph made it 3.6x slower (its loops recompute them per entry; torch 2.13)."""
     run = compiled_phase if compiled else (lambda phase: phase)
     charts = run(_charts)(program, inputs, read) if any(batch.chart for batch in program.neurons) else {}
-    held = run(_update)(program, inputs, read, charts, masked=masked)
+    held, factors = run(_update)(program, inputs, read, charts, masked=masked)
     if held:
-        factors = run(_pair_factors)(program, read, held, {n: chart.shrink for n, chart in charts.items()},
-                                     inputs.collectives)
         run(_rebalance)(program, inputs, read, held, factors, masked=masked)
 
 
@@ -599,9 +608,10 @@ def _remove_radial_part_(canonical: Tensor, old: Tensor, gammas: list[Tensor], c
 
 
 def _update(program: StepProgram, inputs: StepTensors, read: ReadOut, charts: Mapping[int, _Chart], masked: bool
-            ) -> list[_Held]:
+            ) -> tuple[list[_Held], dict[int, dict[int, Tensor]]]:
     """Channel-scale steps, rule directions (on the tangential gradients of the units in ``charts``)
-    and lifts; every batch written except the isolated pairs', whose new values are returned."""
+    and lifts; every batch written except the isolated pairs', whose new values are returned with
+    their factors (:func:`_pair_factors`, from sums taken in the same pass)."""
     collectives = inputs.collectives
     tables = _channel_tables(program, inputs, read)
     centred = [b for b, batch in enumerate(program.tensors) if batch.centered]
@@ -658,11 +668,13 @@ def _update(program: StepProgram, inputs: StepTensors, read: ReadOut, charts: Ma
             neuron, r = batch.rebalance
             before = _role_square_sums(program, read, neuron, r, value)
         value = value.addcmul_(direction, lift, value=-1)
-        if batch.rebalance is not None:
-            held.append(_Held(b, value, mean, before))
+        if batch.rebalance is not None:  # with the sums of squares after the lift, in the same pass
+            held.append(_Held(b, value, mean, _role_square_sums(program, read, *batch.rebalance, value), before))
         else:
             _finish(batch, tensors, old, value, mean, dead if keep_old else None)
-    return held
+    factors = _pair_factors(program, read, held, {n: chart.shrink for n, chart in charts.items()}, collectives) \
+        if held else {}
+    return held, factors
 
 
 def _role_square_sums(program: StepProgram, read: ReadOut, n: int, r: int, value: Tensor) -> Tensor:
@@ -702,8 +714,7 @@ def _pair_factors(program: StepProgram, read: ReadOut, held: list[_Held], shrink
     shards the sums of squares (after the lift, and before it) are one reduction round."""
     by_role = {program.tensors[h.batch].rebalance: h for h in held}
     rebalanced = [n for n, batch in enumerate(program.neurons) if batch.rebalance]
-    parts = [_role_square_sums(program, read, n, r, by_role[(n, r)].value)
-             for n in rebalanced for r in range(len(program.neurons[n].roles))]
+    parts = [by_role[(n, r)].after for n in rebalanced for r in range(len(program.neurons[n].roles))]
     parts += [by_role[(n, r)].before for n in rebalanced if program.neurons[n].chart
               for r in range(len(program.neurons[n].roles))]
     totals = iter(collectives.sum(parts))
