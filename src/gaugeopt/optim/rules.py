@@ -40,7 +40,7 @@ from .layerwise import apply_update_rule, muon_update
 from .matrix_functions import MUON_NS_COEFFICIENTS
 from .shards import LOCAL, Collectives, RowShard
 
-__all__ = ["Residual", "Rule", "Adam", "Muon", "MomentumMap", "adam_bias_terms", "adam_direction_"]
+__all__ = ["Residual", "Rule", "Adam", "Muon", "MomentumMap", "adam_bias_terms", "adam_direction_", "shared_row_mean"]
 
 
 class Residual(NamedTuple):
