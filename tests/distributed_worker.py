@@ -34,7 +34,8 @@ from torch.nn.parallel import DistributedDataParallel
 import gaugeopt
 from gaugeopt.gauges import GaugeSet
 from gaugeopt.models import TransformerLM, TransformerLMConfig
-from gaugeopt.optim import DDCAdam, DDCMuon, NonFiniteGradientError, SymmetryCompatible, symmetry_param_groups
+from gaugeopt.optim import (DDCAdam, DDCMuon, NonFiniteGradientError, SymmetryCompatible, gauge_invariant_grad_norm,
+                            symmetry_param_groups)
 from gaugeopt.optim.distributed import collective_traffic, full_tensor
 from gaugeopt.testing import check_equivariance
 
@@ -215,6 +216,21 @@ def main(out: Path) -> None:
             counts: list = [None] * world
             dist.all_gather_object(counts, [traffic.calls, traffic.bytes, traffic.ops])
             results["traffic"][f"{label}/{n_layers}"] = {"counts": counts, "model_bytes": model_bytes}
+
+    # The gauge-invariant gradient norm of gaugeopt.clip_grad_norm_ on the shards (odd model: cut heads).
+    results["clip_norms"] = {}
+    odd = make_odd_model()
+    bound = odd_gauges.bind(odd)
+    for block in odd.blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(odd, mesh=mesh)
+    lm_loss(odd, rank_part(data[0], rank, world)).backward()
+    for norm_type in (2.0, 1.0, float("inf")):
+        results["clip_norms"][str(norm_type)] = float(gauge_invariant_grad_norm(odd.parameters(), bound, norm_type))
+    before = full_tensor(odd.head.weight.grad).clone()
+    total = gaugeopt.clip_grad_norm_(odd.parameters(), 0.5, bound)
+    results["clipped_head_grad"] = {"total": float(total),
+                                    "ratio": float(full_tensor(odd.head.weight.grad).norm() / before.norm())}
 
     # HSDP (a 2-D mesh) is refused on every rank, before any collective of the step.
     model = make_model()

@@ -136,6 +136,24 @@ def test_step_traffic_does_not_grow_with_depth_and_gathers_nothing_for_ddc_adam(
         assert set(ops) == {"allreduce_"}, ops
 
 
+def test_the_gauge_invariant_gradient_norm_of_fsdp2_shards_is_the_single_process_one(launched):
+    """``gaugeopt.clip_grad_norm_`` on FSDP2 (the model whose heads and pairs the shard boundary cuts):
+    each rank measures its rows, and the 2-, 1- and inf-norms equal one process's on the whole
+    gradients; the clip scales every rank's gradient shard by the same factor."""
+    from gaugeopt.optim import gauge_invariant_grad_norm
+
+    results = launched[1]
+    model = worker.make_odd_model()
+    gauges = worker.find_gauges(model)
+    worker.lm_loss(model, worker.batches()[0]).backward()
+    for norm_type, found in results["clip_norms"].items():
+        expected = float(gauge_invariant_grad_norm(model.parameters(), gauges, float(norm_type)))
+        assert abs(found / expected - 1) < 1e-12, (norm_type, found, expected)
+    clipped = results["clipped_head_grad"]
+    assert clipped["total"] == pytest.approx(results["clip_norms"]["2.0"], rel=1e-12)
+    assert clipped["ratio"] == pytest.approx(0.5 / (clipped["total"] + 1e-6), rel=1e-9)
+
+
 def test_a_two_dimensional_mesh_is_refused_on_every_rank(launched):
     refusals = launched[1]["hsdp"]
     assert len(refusals) == WORLD and all("1-D device mesh" in r for r in refusals), refusals

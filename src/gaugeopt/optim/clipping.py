@@ -11,11 +11,13 @@ clipped gradients is no longer equivariant.
 its gradient factor, ``P`` the centring of translated rows), and ``g dL/dg`` for a norm gain. Under
 any gauge these are invariant or rotate (head rotations), so their norm is invariant; one common
 factor ``min(1, max_norm / (norm + 1e-6))`` scales every raw gradient, as torch's does. Training with
-it stays exactly equivariant.
+it stays exactly equivariant. On FSDP2 shards each rank measures its own rows (the frames' sums
+over the rows all-reduced, as in the optimizers' sharded step) and the ranks' norms are combined.
 """
 
 from __future__ import annotations
 
+import math
 import weakref
 from collections.abc import Iterable
 
@@ -23,9 +25,11 @@ import torch
 from torch import Tensor
 
 from ..gauges.gaugeset import GaugeSet
-from .batched_step import build_program, canonical_gradient, read_phase
+from .batched_step import build_program, canonical_gradients, read_phase
+from .distributed import sharded_parameters, whole_tensors
 from .frames import FramePlan, build_frame_plan
 from .rules import Adam
+from .shards import LOCAL, local_tensor
 
 __all__ = ["clip_grad_norm_", "gauge_invariant_grad_norm"]
 
@@ -54,16 +58,33 @@ def gauge_invariant_grad_norm(parameters: Tensor | Iterable[Tensor], gauges: Gau
         raise TypeError(f"gauges must be a GaugeSet (from gaugeopt.find_gauges) or None, got {type(gauges).__name__}")
     lookup = dict(gauges.model.named_parameters()) if gauges is not None else {}
     names = {id(p): n for n, p in lookup.items()}
-    layout = build_program([{"params": params}], names, lookup, _plan(gauges), [Adam()], channel_step=True,
-                           threshold=0.0)
-    read = read_phase(layout.program, layout.inputs(lookup))
-    parts = [canonical_gradient(batch, grad, gammas)
-             for batch, grad, gammas in zip(layout.program.tensors, read.grads, read.gammas)]
+    plan = _plan(gauges)
+    shards = sharded_parameters(params)
+    whole: dict[str, Tensor] = {}
+    if shards is not None:  # FSDP2: each rank measures its rows; the gains are read whole
+        gains = [f.gain for f in plan.norms]
+        whole = dict(zip(gains, whole_tensors([lookup[n].detach() for n in gains], shards)))
+    collectives = shards.collectives if shards is not None else LOCAL
+    layout = build_program([{"params": params}], names, lookup, plan, [Adam()], channel_step=True, threshold=0.0,
+                           ranks=shards.ranks if shards is not None else None)
+    read = read_phase(layout.program, layout.inputs(lookup, whole, collectives))
+    parts = canonical_gradients(layout.program, read, range(len(layout.program.tensors)), collectives)
     parts += read.scale_inputs
-    parts += [p.detach() * p.grad for ps in layout.checked for p in ps]  # gains of norms whose consumers have none
-    device = params[0].grad.device
+    parts += [local_tensor(p.detach()) * local_tensor(p.grad) for ps in layout.checked for p in ps]  # gains of
+    # norms whose consumers have no gradient
+    device = local_tensor(params[0].grad).device
     norms = [torch.linalg.vector_norm(t, norm_type).to(device=device, dtype=torch.float64) for t in parts if t.numel()]
-    return torch.linalg.vector_norm(torch.stack(norms), norm_type) if norms else torch.zeros((), device=device)
+    total = torch.linalg.vector_norm(torch.stack(norms), norm_type) if norms else torch.zeros((), device=device,
+                                                                                              dtype=torch.float64)
+    if shards is not None:  # the ranks' norms of disjoint rows combined (a max for the inf-norm)
+        if math.isinf(norm_type):
+            (each,) = collectives.sum([torch.zeros(shards.world, dtype=total.dtype, device=device)
+                                       .index_fill_(0, torch.tensor([shards.rank], device=device), total)])
+            total = each.max()
+        else:
+            (power,) = collectives.sum([total.pow(norm_type).reshape(1)])
+            total = power[0].pow(1.0 / norm_type)
+    return total
 
 
 @torch.no_grad()
@@ -89,7 +110,7 @@ def clip_grad_norm_(parameters: Tensor | Iterable[Tensor], max_norm: float, gaug
     if error_if_nonfinite and not torch.isfinite(total):
         raise RuntimeError(f"the total norm of order {norm_type} of the canonical gradients is non-finite, so they "
                            f"cannot be clipped; pass error_if_nonfinite=False to scale them anyway")
-    grads = [p.grad for p in params if p.grad is not None]
+    grads = [local_tensor(p.grad) for p in params if p.grad is not None]
     if grads:
         torch._foreach_mul_(grads, (max_norm / (total + 1e-6)).clamp(max=1.0))
     return total

@@ -62,7 +62,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from .guards import GuardedOptimizer, all_finite
 from .shards import RowShard, local_tensor
 
-__all__ = ["ShardedStep", "ProcessGroupCollectives", "sharded_step", "gradients_finite_on_every_rank",
+__all__ = ["ShardedStep", "ProcessGroupCollectives", "sharded_step", "sharded_parameters", "gradients_finite_on_every_rank",
            "whole_tensors", "is_sharded", "has_sharded_parameters", "full_tensor", "collective_traffic",
            "CollectiveTraffic"]
 
@@ -129,10 +129,15 @@ class ShardedStep:
 
 def sharded_step(optimizer: torch.optim.Optimizer) -> ShardedStep | None:
     """The :class:`ShardedStep` of ``optimizer``'s next step, or ``None`` when no parameter is a
-    ``DTensor`` (one process, DDP). ``NotImplementedError`` (raised alike on every rank, before any
-    collective) for layouts the step does not support: parameters with gradients of which only some
-    are sharded, placements other than ``Shard(0)``, a mesh that is not one 1-D mesh."""
-    params = _group_parameters(optimizer)
+    ``DTensor`` (one process, DDP); :func:`sharded_parameters` of its parameters."""
+    return sharded_parameters(_group_parameters(optimizer))
+
+
+def sharded_parameters(params: Sequence[Tensor]) -> ShardedStep | None:
+    """The :class:`ShardedStep` for a step over ``params``, or ``None`` when none is a ``DTensor``.
+    ``NotImplementedError`` (raised alike on every rank, before any collective) for layouts the step
+    does not support: parameters with gradients of which only some are sharded, placements other
+    than ``Shard(0)``, a mesh that is not one 1-D mesh."""
     sharded = [p for p in params if is_sharded(p)]
     if not sharded:
         return None
