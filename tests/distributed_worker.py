@@ -34,8 +34,14 @@ from torch.nn.parallel import DistributedDataParallel
 import gaugeopt
 from gaugeopt.gauges import GaugeSet
 from gaugeopt.models import TransformerLM, TransformerLMConfig
-from gaugeopt.optim import (DDCAdam, DDCMuon, NonFiniteGradientError, SymmetryCompatible, gauge_invariant_grad_norm,
-                            symmetry_param_groups)
+from gaugeopt.optim import (
+    DDCAdam,
+    DDCMuon,
+    NonFiniteGradientError,
+    SymmetryCompatible,
+    gauge_invariant_grad_norm,
+    symmetry_param_groups,
+)
 from gaugeopt.optim.distributed import collective_traffic, full_tensor
 from gaugeopt.testing import check_equivariance
 

@@ -17,11 +17,19 @@ import torch
 from torch import Tensor
 
 from ..gauges.gaugeset import GaugeSet
-from .batched_step import StackedState, StepLayout, build_program, compiled_phase, read_phase, write_phase
-from .distributed import ShardedStep, gradients_finite_on_every_rank, sharded_step, whole_tensors
+from .batched_step import (
+    StackedState,
+    StepLayout,
+    build_program,
+    compiled_phase,
+    read_phase,
+    write_phase,
+)
+from .distributed import gradients_finite_on_every_rank, sharded_step, whole_by_name
 from .frames import FramePlan, build_frame_plan
 from .guards import GuardedOptimizer, check_gauges_cover, require_nonnegative
 from .rules import Rule
+from .shards import LOCAL
 
 __all__ = ["FramedOptimizer"]
 
@@ -113,9 +121,8 @@ class FramedOptimizer(GuardedOptimizer):
                           "compiled step covers single-process and DDP training", RuntimeWarning, stacklevel=3)
         rules = [self.rule_for(group) for group in self.param_groups]
         layout = self._current_layout(rules, shards.ranks if shards is not None else None)
-        gains = self._whole_gains(shards)
-        inputs = layout.inputs(self._lookup, gains, shards.collectives) if shards is not None else \
-            layout.inputs(self._lookup)
+        gains = whole_by_name([f.gain for f in self.plan.norms], self._lookup, shards)  # {} in one process
+        inputs = layout.inputs(self._lookup, gains, shards.collectives if shards is not None else LOCAL)
         read = (compiled_phase(read_phase) if compiled else read_phase)(layout.program, inputs)
         finite, any_dead = read.flags.tolist()  # the step's one host synchronisation
         if not finite:
@@ -130,14 +137,6 @@ class FramedOptimizer(GuardedOptimizer):
                 self.state.setdefault(gain, {})
         self._report_frozen(layout, read if any_dead else None, gains)
         return loss
-
-    def _whole_gains(self, shards: ShardedStep | None) -> dict[str, Tensor]:
-        """The norm gains, whole (one reduction round on shards): the frames of their consumers'
-        columns, read by every rank. Empty in one process (the gains are read where they are)."""
-        if shards is None:
-            return {}
-        names = [f.gain for f in self.plan.norms]
-        return dict(zip(names, whole_tensors([self._lookup[n].detach() for n in names], shards)))
 
     def _report_frozen(self, layout: StepLayout, read, gains: Mapping[str, Tensor]) -> None:
         """Record the dead channels and units of this step in :attr:`frozen`; warn when one is new."""

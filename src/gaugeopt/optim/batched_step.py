@@ -57,8 +57,6 @@ from torch import Tensor
 from .frames import (
     FramePlan,
     ScalingFrame,
-    TensorFrame,
-    center_rows,
     neuron_scales,
     unit_inner_products,
     unit_square_sums,

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from ..gauges.gaugeset import GaugeSet
 from .batched_step import build_program, canonical_gradients, read_phase
-from .distributed import sharded_parameters, whole_tensors
+from .distributed import sharded_parameters, whole_by_name
 from .frames import FramePlan, build_frame_plan
 from .rules import Adam
 from .shards import LOCAL, local_tensor
@@ -59,11 +59,8 @@ def gauge_invariant_grad_norm(parameters: Tensor | Iterable[Tensor], gauges: Gau
     lookup = dict(gauges.model.named_parameters()) if gauges is not None else {}
     names = {id(p): n for n, p in lookup.items()}
     plan = _plan(gauges)
-    shards = sharded_parameters(params)
-    whole: dict[str, Tensor] = {}
-    if shards is not None:  # FSDP2: each rank measures its rows; the gains are read whole
-        gains = [f.gain for f in plan.norms]
-        whole = dict(zip(gains, whole_tensors([lookup[n].detach() for n in gains], shards)))
+    shards = sharded_parameters(params)  # FSDP2: each rank measures its rows; the gains are read whole
+    whole = whole_by_name([f.gain for f in plan.norms], lookup, shards)
     collectives = shards.collectives if shards is not None else LOCAL
     layout = build_program([{"params": params}], names, lookup, plan, [Adam()], channel_step=True, threshold=0.0,
                            ranks=shards.ranks if shards is not None else None)

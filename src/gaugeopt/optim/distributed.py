@@ -49,7 +49,7 @@ another shard dim, parameters on several meshes, some parameters not sharded) ra
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -63,7 +63,7 @@ from .guards import GuardedOptimizer, all_finite
 from .shards import RowShard, local_tensor
 
 __all__ = ["ShardedStep", "ProcessGroupCollectives", "sharded_step", "sharded_parameters", "gradients_finite_on_every_rank",
-           "whole_tensors", "is_sharded", "has_sharded_parameters", "full_tensor", "collective_traffic",
+           "whole_tensors", "whole_by_name", "is_sharded", "has_sharded_parameters", "full_tensor", "collective_traffic",
            "CollectiveTraffic"]
 
 
@@ -170,6 +170,15 @@ def whole_tensors(tensors: Sequence[Tensor], step: ShardedStep) -> list[Tensor]:
     for i, whole in zip(index, step.collectives.sum(parts)):
         out[i] = whole.reshape(tensors[i].shape)
     return out
+
+
+def whole_by_name(names: Sequence[str], lookup: Mapping[str, Tensor], step: ShardedStep | None) -> dict[str, Tensor]:
+    """``{name: whole tensor}`` of ``lookup[name]`` on every rank (:func:`whole_tensors`): how a
+    sharded step reads the norm gains, the frames of their consumers' columns. Empty without a
+    :class:`ShardedStep` (one process reads the tensors where they are)."""
+    if step is None:
+        return {}
+    return dict(zip(names, whole_tensors([lookup[n].detach() for n in names], step)))
 
 
 def _placed(rows: Tensor, shard: RowShard) -> Tensor:

@@ -192,11 +192,6 @@ class FramePlan:
     def neurons(self) -> tuple[ScalingFrame, ...]:
         return tuple(f for f in self.scalings.values() if f.kind == "neuron")
 
-    def coupled(self) -> list[tuple[str, ...]]:
-        """Parameter names one update reads together: a norm family (gain, bias, consumers), a
-        connected chain of neuron families, a translated tensor with its bias, a rotation family."""
-        return [f.members for f in self.scalings.values()]
-
 
 @dataclass
 class _Frame:
