@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 from datetime import timedelta
 from pathlib import Path
 
@@ -186,6 +187,18 @@ def main(out: Path) -> None:
         parameters = full_parameters(model)
         if rank == 0:
             torch.save(parameters, out / f"fsdp_resumed_{label}.pt")
+
+    # compiled=True under FSDP2: the sharded step runs eagerly, with one warning.
+    model = make_model()
+    bound = gauges.bind(model)
+    fully_shard(model, mesh=mesh)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(model, DDCAdam(model.parameters(), bound, lr=1e-2, weight_decay=0.1, compiled=True), data, rank, world)
+    results["compiled_warnings"] = [str(w.message) for w in caught if "compiled=True" in str(w.message)]
+    parameters = full_parameters(model)
+    if rank == 0:
+        torch.save(parameters, out / "fsdp_compiled_ddc_adam.pt")
 
     # Uneven shards and heads across shard boundaries: parity only.
     odd_gauges = find_gauges(make_odd_model())

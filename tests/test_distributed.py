@@ -105,6 +105,12 @@ def test_fsdp2_equals_single_process(launched, reference, label):
         assert relative_error({name: found[name]}, {name: reference[label][name]})[0] < 1e-10
 
 
+def test_a_compiled_optimizer_takes_its_fsdp2_steps_eagerly_and_says_so(launched, reference):
+    out, results = launched
+    assert len(results["compiled_warnings"]) == 1 and "eagerly" in results["compiled_warnings"][0]
+    assert _error(torch.load(out / "fsdp_compiled_ddc_adam.pt"), reference["ddc_adam"]) < 1e-10
+
+
 @pytest.mark.parametrize("label", list(worker.OPTIMIZERS))
 def test_fsdp2_equals_single_process_with_uneven_shards_and_straddling_heads(launched, odd_reference, label):
     out, results = launched
