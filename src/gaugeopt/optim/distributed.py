@@ -63,17 +63,13 @@ from .guards import GuardedOptimizer, all_finite
 from .shards import RowShard, local_tensor
 
 __all__ = ["ShardedStep", "ProcessGroupCollectives", "sharded_step", "sharded_parameters", "gradients_finite_on_every_rank",
-           "whole_tensors", "whole_by_name", "is_sharded", "has_sharded_parameters", "full_tensor", "collective_traffic",
+           "whole_tensors", "whole_by_name", "is_sharded", "full_tensor", "collective_traffic",
            "CollectiveTraffic"]
 
 
 def is_sharded(t: Tensor) -> bool:
     """Whether ``t`` is a distributed tensor (an FSDP2 parameter, gradient or state tensor)."""
     return isinstance(t, DTensor)
-
-
-def has_sharded_parameters(optimizer: torch.optim.Optimizer) -> bool:
-    return any(is_sharded(p) for group in optimizer.param_groups for p in group["params"])
 
 
 def full_tensor(t: Tensor) -> Tensor:
@@ -83,11 +79,11 @@ def full_tensor(t: Tensor) -> Tensor:
 
 
 def gradients_finite_on_every_rank(optimizer: torch.optim.Optimizer) -> bool:
-    """Decide the non-finite gradient policy once for all ranks of a split step.
+    """Decide the non-finite gradient policy once for all ranks of a sharded step.
 
-    Each rank steps only its own components, so a rank's own check would see only their gradients:
-    one rank would skip (or raise) while the others stepped, and a raising rank would leave the
-    others waiting in the next collective. Here every rank tests its local gradient shards
+    Each rank holds only its rows of every gradient, so a rank's own check would see only those: one
+    rank would skip (or raise) while the others stepped, and a raising rank would leave the others
+    waiting in the step's next collective. Here every rank tests its local gradient shards
     (:func:`all_finite`), one all-reduced flag combines them, and only when it is down are the bad
     parameters' names gathered and the optimizer's ``nonfinite`` policy applied, identically on
     every rank. Optimizers without that policy pass.
