@@ -348,9 +348,7 @@ def read_phase(program: StepProgram, inputs: StepTensors) -> ReadOut:
                   for k, batch in enumerate(program.neurons)]
     params: list[Tensor | None] = []
     for batch, tensors in zip(program.tensors, inputs.tensors):
-        if torch.compiler.is_compiling() and not batch.centered:
-            params.append(None)  # compiled, the write phase stacks its own views (no copy; none written through)
-        elif batch.params_from is not None:
+        if batch.params_from is not None:
             params.append(stacks[batch.params_from[0]][batch.params_from[1]])
         else:
             params.append(_stack(tensors.params, batch.dtype) if batch.stacked else None)
@@ -367,7 +365,7 @@ def read_phase(program: StepProgram, inputs: StepTensors) -> ReadOut:
     means: list[Tensor | None] = [None] * len(program.tensors)
     for b, mean in zip(centred, found[len(centred_roles):]):
         means[b] = mean
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling():  # the write phase stacks its own views (no copy; none written through)
         params = [None] * len(params)
 
     # Neuron frames: u from the input side (dependency order), v from the output side (reverse), one
