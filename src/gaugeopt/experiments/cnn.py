@@ -12,9 +12,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-import torch.nn.functional as F
-
 from ..data import load_digits_split
 from ..models import PlainCNN, PlainCNNConfig
 from .checks import OPEN_UNIT, UNIT, check_config, field_error
@@ -22,7 +19,13 @@ from .common import mean
 from .registry import Experiment
 from .runner import RunContext
 from .statistics import interval_verdict, paired_difference
-from .training import OptimizerSettings, seeded_arm, train_arm
+from .training import (
+    OptimizerSettings,
+    classifier_closures,
+    record_final_means,
+    seeded_arm,
+    train_arm,
+)
 
 
 @dataclass(frozen=True)
@@ -62,23 +65,10 @@ def run(config: CNNExperimentConfig, context: RunContext) -> None:
         for arm in c.arms:
             model, optimizer = seeded_arm(folder, arm, seed, lambda: PlainCNN(model_config).to(device), settings,
                                           c.steps, example_inputs=train_x[:2])
-            batches = torch.Generator().manual_seed(10_000 + seed)
-
-            def batch_loss(step: int) -> torch.Tensor:
-                index = torch.randint(0, len(train_y), (c.batch_size,), generator=batches).to(device)
-                return F.cross_entropy(model(train_x[index]), train_y[index])
-
-            def evaluate() -> dict[str, float]:
-                train_loss = F.cross_entropy(model(train_x), train_y).item()
-                logits = model(val_x)
-                return {"train_loss": train_loss, "val_loss": F.cross_entropy(logits, val_y).item(),
-                        "val_acc": (logits.argmax(-1) == val_y).float().mean().item()}
-
+            batch_loss, evaluate = classifier_closures(model, (train_x, train_y), (val_x, val_y), c.batch_size, seed)
             train_arm(folder, context, arm, seed, model=model, optimizer=optimizer, steps=c.steps,
                       batch_loss=batch_loss, evaluate=evaluate, eval_every=c.eval_every, final=final)
-    for arm, row in final.items():
-        for name, values in row.items():
-            folder.set_metric(arm, name, mean(values))
+    record_final_means(folder, final)
     if "adamw" in final and "ddc-adam" in final:
         per_seed = {arm: dict(zip(c.seeds, final[arm]["val_loss"])) for arm in ("adamw", "ddc-adam")}
         loss = paired_difference(per_seed["ddc-adam"], per_seed["adamw"])

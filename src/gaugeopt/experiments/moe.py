@@ -21,7 +21,13 @@ from .common import ARM_LABELS, mean
 from .registry import Experiment
 from .runner import RunContext
 from .statistics import interval_verdict, paired_difference
-from .training import GAUGE_PROBE_POSITIONS, OptimizerSettings, seeded_arm, train_arm
+from .training import (
+    GAUGE_PROBE_POSITIONS,
+    OptimizerSettings,
+    record_final_means,
+    seeded_arm,
+    train_arm,
+)
 
 ROUTER_FIELDS = ("load_cv", "max_load", "dead_fraction", "logit_rms", "z_loss")
 
@@ -100,9 +106,7 @@ def run(config: MoEExperimentConfig, context: RunContext) -> None:
 
             train_arm(folder, context, arm, seed, model=model, optimizer=optimizer, steps=c.steps,
                       batch_loss=batch_loss, evaluate=evaluate, eval_every=c.eval_every, final=final)
-    for arm, row in final.items():
-        for name, values in row.items():
-            folder.set_metric(arm, name, mean(values))
+    record_final_means(folder, final)
     if "adamw" in final and "symcompat" in final:
         per_seed = {arm: {name: dict(zip(c.seeds, values)) for name, values in final[arm].items()}
                     for arm in ("adamw", "symcompat")}

@@ -27,11 +27,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..gauges import NormScaling, find_gauges
 from ..optim import DDCAdam, DDCMuon, SymmetryCompatible, symmetry_param_groups
 from ..optim.baselines import MuonWithAdamW
+from .common import mean
 
 OPTIMIZER_ARMS = ("adamw", "adamw-gains-undecayed", "ddc-adam", "muon", "ddc-muon", "symcompat")
 
@@ -208,3 +210,33 @@ def train_arm(folder: Any, context: Any, arm: str, seed: int, *, steps: int,
             row.setdefault(name, []).append(value)
     return outcome
 
+
+
+def record_final_means(folder: Any, final: dict[str, dict[str, list]]) -> None:
+    """Each arm's metrics: the mean over seeds (:func:`~gaugeopt.experiments.common.mean`) of the last
+    evaluations :func:`train_arm` collected in ``final``."""
+    for arm, row in final.items():
+        for name, values in row.items():
+            folder.set_metric(arm, name, mean(values))
+
+
+def classifier_closures(model: nn.Module, train: tuple[torch.Tensor, torch.Tensor],
+                        val: tuple[torch.Tensor, torch.Tensor], batch_size: int, seed: int
+                        ) -> tuple[Callable[[int], torch.Tensor], Callable[[], dict[str, float]]]:
+    """``batch_loss`` and ``evaluate`` for :func:`train_loop` on a classifier whose data fit in
+    memory: cross-entropy of a random batch (indices from a generator seeded ``10_000 + seed``), and
+    the full train loss, validation loss and validation accuracy."""
+    (train_x, train_y), (val_x, val_y) = train, val
+    batches = torch.Generator().manual_seed(10_000 + seed)
+
+    def batch_loss(step: int) -> torch.Tensor:
+        index = torch.randint(0, len(train_y), (batch_size,), generator=batches).to(train_x.device)
+        return F.cross_entropy(model(train_x[index]), train_y[index])
+
+    def evaluate() -> dict[str, float]:
+        train_loss = F.cross_entropy(model(train_x), train_y).item()
+        logits = model(val_x)
+        return {"train_loss": train_loss, "val_loss": F.cross_entropy(logits, val_y).item(),
+                "val_acc": (logits.argmax(-1) == val_y).float().mean().item()}
+
+    return batch_loss, evaluate

@@ -15,7 +15,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from ..data import ImageSplit, load_digits_split, load_mnist1d_split
 from ..models import ViT, ViTConfig
@@ -24,7 +23,13 @@ from .common import ARM_LABELS, mean
 from .registry import Experiment
 from .runner import RunContext
 from .statistics import interval_verdict, paired_difference
-from .training import OptimizerSettings, seeded_arm, train_arm
+from .training import (
+    OptimizerSettings,
+    classifier_closures,
+    record_final_means,
+    seeded_arm,
+    train_arm,
+)
 
 COMPRESSION_THRESHOLD = 1e-3
 
@@ -102,18 +107,11 @@ def run(config: ViTExperimentConfig, context: RunContext) -> None:
         for arm in c.arms:
             model, optimizer = seeded_arm(folder, arm, seed, lambda: ViT(model_config).to(device), settings, c.steps,
                                           example_inputs=train_x[:2])
-            batches = torch.Generator().manual_seed(10_000 + seed)
-
-            def batch_loss(step: int) -> torch.Tensor:
-                index = torch.randint(0, len(train_y), (c.batch_size,), generator=batches).to(device)
-                return F.cross_entropy(model(train_x[index]), train_y[index])
+            batch_loss, evaluate_classifier = classifier_closures(model, (train_x, train_y), (val_x, val_y),
+                                                                  c.batch_size, seed)
 
             def evaluate() -> dict[str, float]:
-                train_loss = F.cross_entropy(model(train_x), train_y).item()
-                logits = model(val_x)
-                return {"train_loss": train_loss, "val_loss": F.cross_entropy(logits, val_y).item(),
-                        "val_acc": (logits.argmax(-1) == val_y).float().mean().item(),
-                        "compressed_units": compressed_fraction(model)}
+                return {**evaluate_classifier(), "compressed_units": compressed_fraction(model)}
 
             train_arm(folder, context, arm, seed, model=model, optimizer=optimizer, steps=c.steps,
                       batch_loss=batch_loss, evaluate=evaluate, eval_every=c.eval_every, final=final)
@@ -121,9 +119,7 @@ def run(config: ViTExperimentConfig, context: RunContext) -> None:
                 with torch.no_grad():
                     sizes = torch.cat(ffn_unit_sizes(model)).sort().values
                 folder.results.setdefault("unit_sizes", {})[arm] = sizes.tolist()
-    for arm, row in final.items():
-        for name, values in row.items():
-            folder.set_metric(arm, name, mean(values))
+    record_final_means(folder, final)
     units = folder.results.get("unit_sizes", {})
     folder.add_figure({"file": "ffn_unit_sizes.png", "kind": "line",
                        "title": f"feed-forward unit sizes, sorted (seed {c.seeds[0]})",
