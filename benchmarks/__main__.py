@@ -27,7 +27,6 @@ from .optimizer_steps import (
     adamw,
     compare,
     ddc_adam,
-    ddc_adam_balanced,
     ddc_adam_compiled,
     ddc_muon,
     muon_with_adamw_reference,
@@ -107,8 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         depths=cfg["dispatch_depths"]))
     _log("DDCAdam vs AdamW")
     adam = _section(lambda: rows(cfg["widths"], {"AdamW (foreach)": adamw, "DDCAdam": ddc_adam,
-                                                 "DDCAdam compiled": ddc_adam_compiled,
-                                                 "DDCAdam, unit_scale_step=False": ddc_adam_balanced}, cfg["rounds"]))
+                                                 "DDCAdam compiled": ddc_adam_compiled}, cfg["rounds"]))
     _log("DDCMuon vs Muon + AdamW (float32 Newton-Schulz)")
     muon = _section(lambda: rows(cfg["muon_widths"], {"Muon+AdamW fp32": muon_with_adamw_reference(None),
                                                      "DDCMuon fp32": ddc_muon(None)}, cfg["muon_rounds"]))

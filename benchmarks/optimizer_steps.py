@@ -126,11 +126,6 @@ def ddc_adam(model: nn.Module, gauges: GaugeSet):
     return DDCAdam(model.parameters(), gauges, lr=ADAM_LR, weight_decay=WEIGHT_DECAY)
 
 
-def ddc_adam_balanced(model: nn.Module, gauges: GaugeSet):
-    """DDCAdam without the unit-scale step (``unit_scale_step=False``): what that step costs."""
-    return DDCAdam(model.parameters(), gauges, lr=ADAM_LR, weight_decay=WEIGHT_DECAY, unit_scale_step=False)
-
-
 def ddc_adam_compiled(model: nn.Module, gauges: GaugeSet):
     """DDCAdam with its step compiled by ``torch.compile`` (``compiled=True``): the same step program,
     traced once; the first step pays the compilation."""

@@ -44,17 +44,14 @@ def _pair_table(rows: list[dict], base: str, ours: str, base_label: str, ours_la
 
 
 def _compiled_table(rows: list[dict]) -> list[str]:
-    balanced = "DDCAdam, unit_scale_step=False"
     lines = ["| d_model | parameters | AdamW step (ms) | DDCAdam step (ms) | ratio | DDCAdam compiled step (ms) | "
-             "ratio | first compiled step (s) | without the unit-scale step (ms) | ratio |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "ratio | first compiled step (s) |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in rows:
         a, d, f = (row["optimizers"][n] for n in ("AdamW (foreach)", "DDCAdam", "DDCAdam compiled"))
-        b = row["optimizers"].get(balanced)  # absent from runs made before it was measured
         lines.append(f"| {row['width']} | {row['parameters']:,} | {_ms(a['median_s'])} | {_ms(d['median_s'])} | "
                      f"{d['median_s'] / a['median_s']:.2f} | {_ms(f['median_s'])} | "
-                     f"{f['median_s'] / a['median_s']:.2f} | {f['first_step_s']:.1f} | "
-                     + (f"{_ms(b['median_s'])} | {b['median_s'] / a['median_s']:.2f} |" if b else "- | - |"))
+                     f"{f['median_s'] / a['median_s']:.2f} | {f['first_step_s']:.1f} |")
     return lines
 
 
@@ -177,8 +174,7 @@ def render(results: dict, plot_name: str) -> str:
               "(`gaugeopt.optim.batched_step`). `DDCAdam(compiled=True)` runs the same step program under "
               "`torch.compile`; lr, betas and weight decay enter as tensors, so a schedule does not recompile. "
               "Its first step compiles, or loads the kernels from torch's on-disk cache: that time is the last "
-              "column, outside the medians. The last two columns are DDCAdam with `unit_scale_step=False`: what the "
-              "unit-scale step of the MLP units costs (docs/ddc.md).", "",
+              "column, outside the medians.", "",
               *_compiled_table(adam["rows"]), "",
               "Optimizer state (the eager and the compiled step keep the same state):", "",
               *_state_table(adam["rows"], "AdamW (foreach)", "DDCAdam"),

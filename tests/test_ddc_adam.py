@@ -152,7 +152,7 @@ def test_adamw_fails_the_same_check(key):
 
 def test_relu_classifier_shift_and_neuron_on_one_matrix():
     """A two-layer ReLU classifier: its output Linear carries the logit shift (rows) and the neuron
-    scaling (columns) at once; the pair chart runs on the centered matrix."""
+    scaling (columns) at once; the pair's frame reads the centered matrix."""
     torch.manual_seed(4)
     model = ReLUMLP(ReLUMLPConfig(sizes=(5, 12, 4))).double()
     gauges = gaugeopt.find_gauges(model, torch.randn(2, 5, dtype=torch.float64), output="logits")
@@ -165,14 +165,12 @@ def test_relu_classifier_shift_and_neuron_on_one_matrix():
     assert min(r.displacement for r in results.values()) > 0.01
 
 
-@pytest.mark.parametrize("option", ["norm_scale_step", "unit_scale_step"])
-def test_without_a_scale_step_it_is_exact_and_holds_the_orbits_too(option):
-    """norm_scale_step=False: channel scales move only through the merged consumers' own steps;
-    unit_scale_step=False: neuron pairs take Adam per coordinate in their balanced frame."""
+def test_without_the_channel_scale_step_it_is_exact_and_holds_the_orbits_too():
+    """norm_scale_step=False: channel scales move only through the merged consumers' own steps."""
     model, gauges, batches, loss = _case("lm_variant")
 
     def plain(m, g):
-        return ddc(m, g, **{option: False})
+        return ddc(m, g, norm_scale_step=False)
 
     result = check_equivariance(plain, model, gauges, batches, loss, steps=50)
     assert result.error <= 1e-8 and result.displacement > 0.1
@@ -180,32 +178,35 @@ def test_without_a_scale_step_it_is_exact_and_holds_the_orbits_too(option):
     assert max(per_step.values()) <= 1e-10
 
 
-def test_unit_scale_step_known_answer_for_a_radial_gradient():
-    """A gradient along each side's own values (``G = k_i P`` on unit ``i``'s rows, bias and
-    columns: only the unit's scale is asked to change) has no tangential part, so Adam's direction
-    is 0 and each unit only rescales: its scalar Adam's first step is ``sign(k_i)``, and both sides'
-    norms are multiplied by ``exp(-lr sign(k_i) / (sqrt2 l_i))``, ``l_i = sqrt(|in_i| |out_i|)`` (up to
-    Adam's ``eps``: 1e-8 against gradients of order 1, and the rounding left in the tangential part
-    divided by it)."""
+@pytest.mark.parametrize("edge_scale", [1.0, 0.25])
+def test_known_answer_for_a_unit_with_a_zero_outgoing_side(edge_scale):
+    """A ReLU unit whose outgoing side is zero gets no gradient on its incoming side and ``G`` on its
+    outgoing side. Its frame is ``s = u / c`` (``u`` its incoming side's norm, the section point of
+    ``l = 0`` being ``|w~_in| = c``), so Adam's first step ``sign(G~) = sign(G)`` lifts to
+    ``-lr sign(G) c / u`` on the outgoing side; the unit's new size ``l'^2 = c lr sqrt(n)`` (canonical
+    sides ``c`` and ``lr sqrt(n)``) puts it back on the section by the gauge element
+    ``f = |w~_in|(l') / c`` on the incoming side and ``1 / f`` on the outgoing side."""
     torch.manual_seed(3)
     model = ReLUMLP(ReLUMLPConfig(sizes=(3, 4, 2))).double()
+    with torch.no_grad():
+        model.layers[1].weight.zero_()
     gauges = gaugeopt.find_gauges(model, torch.randn(2, 3, dtype=torch.float64), output="values")
     assert [f.kind for f in gauges] == ["neuron_scale"]
     w1, b1, w2, b2 = (model.layers[0].weight, model.layers[0].bias, model.layers[1].weight, model.layers[1].bias)
-    k = torch.tensor([1.0, -2.0, 0.5, 3.0], dtype=torch.float64)
-    before = [t.detach().clone() for t in (w1, b1, w2, b2)]
-    side_in = torch.cat([w1, b1[:, None]], dim=1).norm(dim=1).detach()
-    side_out = w2.norm(dim=0).detach()
-    lr = 0.05
-    opt = DDCAdam(model.parameters(), gauges, lr=lr)
-    w1.grad, b1.grad, w2.grad = k[:, None] * w1.detach(), k * b1.detach(), k[None, :] * w2.detach()
-    b2.grad = torch.zeros_like(b2)
+    before = [t.detach().clone() for t in (w1, b1, b2)]
+    u = torch.cat([w1, b1[:, None]], dim=1).norm(dim=1).detach()
+    lr, c = 0.05, edge_scale
+    opt = DDCAdam(model.parameters(), gauges, lr=lr, edge_scale=c)
+    grad = torch.tensor([[1.0, -2.0, 0.5, 3.0], [-1.0, 0.25, 2.0, -4.0]], dtype=torch.float64)
+    w1.grad, b1.grad, w2.grad, b2.grad = torch.zeros_like(w1), torch.zeros_like(b1), grad, torch.zeros_like(b2)
     opt.step()
-    factor = torch.exp(-lr * k.sign() / (math.sqrt(2) * (side_in * side_out).sqrt()))
-    torch.testing.assert_close(w1.detach(), factor[:, None] * before[0], rtol=1e-8, atol=0)
-    torch.testing.assert_close(b1.detach(), factor * before[1], rtol=1e-8, atol=0)
-    torch.testing.assert_close(w2.detach(), factor[None, :] * before[2], rtol=1e-8, atol=0)
-    assert torch.equal(b2.detach(), before[3])
+    size = c * lr * math.sqrt(grad.shape[0])  # l'^2
+    f = torch.tensor(math.sqrt(c**2 / 2 + math.sqrt(c**4 / 4 + size**2)) / c, dtype=torch.float64)
+    # up to Adam's eps: 1e-8 against canonical gradients G c / u of order 0.1
+    torch.testing.assert_close(w1.detach(), f * before[0], rtol=1e-6, atol=0)
+    torch.testing.assert_close(b1.detach(), f * before[1], rtol=1e-6, atol=0)
+    torch.testing.assert_close(w2.detach(), -lr * grad.sign() * (c / u)[None, :] / f, rtol=1e-6, atol=0)
+    assert torch.equal(b2.detach(), before[2])  # no gauge acts on it, no gradient, no decay
 
 
 # --------------------------------------------------------------------------------------------------
@@ -438,7 +439,9 @@ def test_parameters_scaled_by_two_neuron_families_on_one_side_are_refused():
     ({"betas": (0.9, 1.0)}, "betas"),
     ({"eps": -1e-8}, "eps"),
     ({"weight_decay": -0.1}, "weight_decay"),
-    ({"dead_threshold": -1.0}, "dead_threshold"),
+    ({"eps": 0.0}, "eps"),
+    ({"edge_scale": 0.0}, "edge_scale"),
+    ({"edge_scale": -1.0}, "edge_scale"),
 ])
 def test_bad_hyperparameters_are_refused(kwargs, match):
     model, gauges = _gauge_free_model()

@@ -39,21 +39,26 @@ WEIGHT_DECAY = 0.1  # the protocol's own settings, not the experiment preset's (
 MIN_LR_RATIO = 0.1
 
 
-def train_loss_after(arm: str, lr: float, steps: int, seed: int = 0) -> float:
-    """Train the smoke LM with ``arm`` at peak rate ``lr`` for ``steps`` steps; final train loss."""
+def train_loss_after(arm: str, lr: float, steps: int, seed: int = 0, prepare=None) -> float:
+    """Train the smoke LM with ``arm`` (``"adamw"``, ``"ddc-adam"``, or ``"ddc-muon"``: Muon at 0.02
+    and its Adam part at ``lr``) at peak rate ``lr`` for ``steps`` steps; final train loss.
+    ``prepare(model)`` may change the initial weights (the same for every arm)."""
     c = OvertrainLMConfig()
     split = char_lm_split(load_text(c.works), c.val_fraction, train_chars=c.train_chars)
     eval_inputs, eval_targets = lm_eval_windows(split.train, c.seq_len, c.eval_windows)
     torch.manual_seed(seed)
     model = TransformerLM(TransformerLMConfig(vocab_size=split.vocab.size, d_model=c.d_model, n_layers=c.n_layers,
                                               n_heads=c.n_heads, d_ff=c.d_ff, max_seq_len=c.seq_len))
+    if prepare is not None:
+        prepare(model)
     if arm == "adamw":
         optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=WEIGHT_DECAY)
     else:
-        options = {"ddc-adam": {}, "ddc-adam-no-unit-step": {"unit_scale_step": False}}[arm]
         # Two positions suffice for the probes (and keep discovery's commutant SVD small).
         gauges = gaugeopt.find_gauges(model, eval_inputs[:1, :2], output="logits")
-        optimizer = gaugeopt.DDCAdam(model.parameters(), gauges, lr=lr, weight_decay=WEIGHT_DECAY, **options)
+        optimizer = gaugeopt.DDCAdam(model.parameters(), gauges, lr=lr, weight_decay=WEIGHT_DECAY) \
+            if arm == "ddc-adam" else gaugeopt.DDCMuon(model.parameters(), gauges, lr=0.02, adam_lr=lr,
+                                                         weight_decay=WEIGHT_DECAY)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: warmup_cosine(step, steps, c.warmup_steps, MIN_LR_RATIO))
     batches = torch.Generator().manual_seed(10_000 + seed)
@@ -95,8 +100,7 @@ def test_ddc_adam_trains_as_well_as_adamw_after_a_learning_rate_sweep():
 if __name__ == "__main__":
     torch.set_num_threads(1)
     args = [a for a in sys.argv[1:] if not a.startswith("--")]
-    grid = {**SWEEP, "ddc-adam-no-unit-step": SWEEP["ddc-adam"]} if "--no-unit-step" in sys.argv else SWEEP
-    table = sweep(int(args[0]) if args else STEPS, grid, verbose=True)
+    table = sweep(int(args[0]) if args else STEPS, verbose=True)
     best = {arm: min(losses.items(), key=lambda kv: kv[1]) for arm, losses in table.items()}
     for arm, (lr, loss) in best.items():
         print(f"best {arm}: lr {lr:.0e}, train loss {loss:.4f}")

@@ -26,7 +26,7 @@ from gaugeopt.models import (
     modular_addition_data,
 )
 from gaugeopt.optim.baselines import MuonWithAdamW
-from gaugeopt.optim.ddc_muon import muon_lr_scale, muon_parameter_names
+from gaugeopt.optim.ddc_muon import MUON_EDGE_SCALE, muon_lr_scale, muon_parameter_names
 from gaugeopt.optim.layerwise import muon_update
 from gaugeopt.optim.matrix_functions import newton_schulz
 from gaugeopt.testing import check_equivariance, check_equivariance_per_family, relative_error
@@ -214,13 +214,14 @@ def test_orbit_coordinates_held_fixed_while_torch_muon_moves_them():
     for label, make in (("ddc", ddc_muon), ("torch", torch_muon_adamw)):
         trained = copy.deepcopy(model)
         bound = gauges.bind(trained)
-        before = bound.orbit_coordinates()
+        edge = MUON_EDGE_SCALE  # the section DDCMuon's frame holds (any other moves with the units' sizes)
+        before = bound.orbit_coordinates(edge_scale=edge)
         optimizer = make(trained, bound)
         for t in range(20):
             optimizer.zero_grad()
             loss_fn(trained, batches[t % len(batches)]).backward()
             optimizer.step()
-        after = bound.orbit_coordinates()
+        after = bound.orbit_coordinates(edge_scale=edge)
         moved[label] = {f: ((after[f] - before[f]).norm() / before[f].norm().clamp_min(1e-12)).item()
                         for f in before if before[f].numel()}
     assert max(moved["ddc"].values()) <= 1e-10, moved["ddc"]

@@ -28,7 +28,7 @@ from gaugeopt.optim.frames import (
     build_frame_plan,
     center_rows,
     group_mean,
-    neuron_scales,
+    neuron_frames,
     unit_square_sums,
 )
 from gaugeopt.optim.rules import Adam
@@ -47,7 +47,7 @@ def _canonical_gradients(model, gauges, loss_fn, batch) -> dict[str, torch.Tenso
 
 def _read(model, params, names, plan) -> dict[str, torch.Tensor]:
     layout = build_program([{"params": params}], names, dict(model.named_parameters()), plan, [Adam()],
-                           channel_step=True, threshold=1e-12)
+                           channel_step=True, edge_scale=1.0)
     read = read_phase(layout.program, layout.inputs(dict(model.named_parameters())))
     out = {}
     for batch, params_, grads, gammas in zip(layout.program.tensors, layout.tensor_params, read.grads, read.gammas):
@@ -216,12 +216,20 @@ def test_unit_square_sums_known_answer():
     assert torch.allclose(unit_square_sums(t, 1, {2: weights}), torch.tensor([[5.0, 40.0, 0.25]], dtype=torch.float64))
 
 
-def test_neuron_scales_are_the_balanced_point_and_dead_units_are_marked():
-    u2 = torch.tensor([[4.0, 1e-320, 9.0]], dtype=torch.float64)
-    v2 = torch.tensor([[1.0, 1.0, 1e-30]], dtype=torch.float64)
-    s, dead = neuron_scales(u2, v2, threshold=1e-12)
-    assert dead.tolist() == [[False, True, False]]
-    assert s[0, 0] == pytest.approx(2.0 ** 0.5)  # sqrt(u / v): both sides then have norm sqrt(u v)
-    assert torch.isfinite(s).all()
-    _, dead = neuron_scales(u2, v2, threshold=1e-6)
-    assert dead.tolist() == [[False, True, True]]  # sqrt(u v) = 3e-15**0.5 is below the threshold
+def test_neuron_frames_are_the_section_point_and_only_a_zero_incoming_side_is_frozen():
+    u2 = torch.tensor([[4.0, 1e-320, 9.0, 4.0, 1e6]], dtype=torch.float64)
+    v2 = torch.tensor([[1.0, 1.0, 1e-30, 0.0, 1e6]], dtype=torch.float64)
+    c = 0.5
+    frames = neuron_frames(u2, v2, edge_scale=c)
+    assert frames.frozen.tolist() == [[False, True, False, False, False]]  # only the underflowing incoming side
+    assert torch.isfinite(frames.scale).all() and frames.scale[0, 1] == 0
+    live = ~frames.frozen
+    u, v = u2.sqrt(), v2.sqrt()
+    # canonical sides u / s and v s are the section point of l = sqrt(u v): |in|^2 - |out|^2 = c^2, |in| |out| = l^2
+    incoming, outgoing = (u / frames.scale).square(), (v * frames.scale).square()
+    torch.testing.assert_close(incoming[live], frames.incoming[live], rtol=1e-14, atol=0)
+    torch.testing.assert_close(outgoing[live], frames.outgoing[live], rtol=1e-14, atol=0)
+    torch.testing.assert_close((frames.incoming - frames.outgoing)[live], torch.full((4,), c**2, dtype=torch.float64))
+    torch.testing.assert_close((frames.incoming * frames.outgoing).sqrt()[live], (u * v)[live])
+    assert frames.scale[0, 3] == pytest.approx(2.0 / c)  # zero outgoing side: |w~_in| = c
+    assert frames.scale[0, 4] == pytest.approx(1.0, rel=1e-6)  # l >> c: near the balanced point sqrt(u / v)

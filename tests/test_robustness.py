@@ -142,7 +142,7 @@ OPTIMIZERS = (
                                                          **{"lr": 1e-2, "weight_decay": 0.1, **kw}),
         _all_params,
         COMMON_BAD + (({"betas": (0.9, 1.0)}, "betas"), ({"betas": 0.9}, "betas"), ({"eps": -1.0}, "eps"),
-                      ({"dead_threshold": -1.0}, "dead_threshold")),
+                      ({"eps": 0.0}, "eps"), ({"edge_scale": 0.0}, "edge_scale")),
         quiet={"weight_decay": 0.0},
     ),
     OptimizerInfo(
@@ -154,7 +154,7 @@ OPTIMIZERS = (
                       ({"ns_steps": 2.5}, "ns_steps"), ({"ns_coefficients": (1.0, 2.0)}, "ns_coefficients"),
                       ({"ns_eps": -1.0}, "ns_eps"), ({"ns_dtype": torch.int32}, "ns_dtype"),
                       ({"adam_lr": -1.0}, "learning rate"), ({"adam_betas": (1.0, 0.9)}, "betas"),
-                      ({"adam_eps": -1.0}, "eps"), ({"dead_threshold": -1.0}, "dead_threshold")),
+                      ({"adam_eps": -1.0}, "eps"), ({"adam_eps": 0.0}, "eps"), ({"edge_scale": -1.0}, "edge_scale")),
         quiet={"weight_decay": 0.0},
     ),
     OptimizerInfo(
@@ -163,7 +163,8 @@ OPTIMIZERS = (
         _symmetry_groups,
         COMMON_BAD[3:] + (({"beta": 1.0}, "beta"), ({"eps": -1.0}, "eps"), ({"alpha": math.nan}, "alpha"),
                           ({"adjust_lr": "spectral"}, "adjust_lr"), ({"orientation": "diagonal"}, "orientation"),
-                          ({"adam_betas": (0.9, 1.5)}, "adam_betas"), ({"adam_eps": -1.0}, "adam_eps")),
+                          ({"adam_betas": (0.9, 1.5)}, "adam_betas"), ({"adam_eps": -1.0}, "adam_eps"),
+                          ({"adam_eps": 0.0}, "adam_eps")),
         skips={"gauges": "takes no GaugeSet (it is configured by symmetry_param_groups)",
                "uncovered": "takes no GaugeSet (it is configured by symmetry_param_groups)",
                "coupled": "has no coupled updates: every tensor is stepped on its own",

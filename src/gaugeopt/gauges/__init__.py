@@ -6,6 +6,7 @@
 
 from .discovery import find_gauges
 from .families import (
+    EDGE_SCALE,
     AxisRef,
     GaugeFamily,
     HeadRotation,
@@ -13,11 +14,12 @@ from .families import (
     NeuronScaling,
     NormScaling,
     full_rotation_algebra,
+    unit_section,
 )
 from .gaugeset import GaugeSet, GaugeSummary, GroupElement, Skipped, SummaryRow, uncompiled
 
 __all__ = [
     "find_gauges", "GaugeSet", "GaugeSummary", "GroupElement", "Skipped", "SummaryRow",
     "GaugeFamily", "AxisRef", "LogitShift", "NeuronScaling", "NormScaling", "HeadRotation",
-    "full_rotation_algebra", "uncompiled",
+    "full_rotation_algebra", "uncompiled", "EDGE_SCALE", "unit_section",
 ]

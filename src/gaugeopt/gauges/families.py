@@ -40,6 +40,32 @@ Params = Mapping[str, torch.Tensor]
 Element = dict[str, torch.Tensor]
 
 
+#: The section constant ``c`` of a neuron unit's orbit (:func:`unit_section`): the norm a unit's incoming
+#: side takes in canonical coordinates where its outgoing side is zero, in the units of the weights.
+#: 1 is the row norm of a unit-variance-preserving initialisation (``std = 1 / sqrt(fan_in)``).
+EDGE_SCALE = 1.0
+
+
+def unit_section(size_squared: torch.Tensor, edge_scale: float = EDGE_SCALE) -> tuple[torch.Tensor, torch.Tensor]:
+    """The point of a neuron unit's orbit that a gauge frame reads the unit at.
+
+    A unit with incoming side ``w_in`` and outgoing side ``w_out`` has the orbit
+    ``(a w_in, w_out / a)``, ``a > 0``, and one invariant, its size ``l = sqrt(|w_in| |w_out|)``. The
+    section is the point of the orbit on the hyperbola ``|w_in|^2 - |w_out|^2 = c^2`` (``c`` =
+    ``edge_scale``)::
+
+        |w~_in|^2  = c^2 / 2 + sqrt(c^4 / 4 + l^4),      |w~_out|^2 = l^4 / |w~_in|^2
+
+    It is a smooth function of ``l`` alone, equals the balanced point ``|w~_in| = |w~_out| = l`` for
+    ``l >> c``, and is regular where the outgoing side is zero (``|w~_in| = c``); the pair's norm is
+    ``rho^2 = |w~_in|^2 + |w~_out|^2 = sqrt(c^4 + 4 l^4) >= c^2``. Takes ``l^2`` (any shape) and returns
+    the two sides' squared norms, computed without cancellation or overflow.
+    """
+    half = 0.5 * edge_scale**2
+    incoming = torch.hypot(size_squared, torch.full_like(size_squared, half)).add_(half)
+    return incoming, size_squared.square() / incoming
+
+
 def _like(params: Params, name: str) -> dict:
     p = params[name]
     return {"dtype": p.dtype, "device": p.device}
@@ -272,9 +298,14 @@ class _DiagonalScaling(GaugeFamily):
         """Per-unit Euclidean norm of all slices of one side taken together."""
         return torch.sqrt(sum(ref.slices(params).pow(2).sum(1) for ref in refs))
 
-    def orbit_coordinates(self, params: Params) -> torch.Tensor:
-        """log(|multiplied side_i| / |divided side_i|): moves by 2 log a_i under the action."""
-        return torch.log(self.side_norms(params, self.multiplied)) - torch.log(self.side_norms(params, self.divided))
+    def orbit_coordinates(self, params: Params, edge_scale: float = EDGE_SCALE) -> torch.Tensor:
+        """``log(|multiplied side_i| / |w~_in|)``, ``w~_in`` the incoming side at the orbit's section
+        point (:func:`unit_section`): moves by ``log a_i`` under the action, finite wherever the
+        multiplied side is not zero (also where the divided side is), and exactly what a DDC
+        optimizer's step holds for an isolated unit (docs/ddc.md)."""
+        incoming, outgoing = self.side_norms(params, self.multiplied), self.side_norms(params, self.divided)
+        section, _ = unit_section(incoming * outgoing, edge_scale)
+        return torch.log(incoming) - 0.5 * torch.log(section)
 
 
 @dataclass(frozen=True)

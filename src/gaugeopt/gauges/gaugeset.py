@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .families import Element, GaugeFamily, NormScaling
+from .families import EDGE_SCALE, Element, GaugeFamily, NeuronScaling, NormScaling
 
 GroupElement = dict[str, Element]  # family name -> that family's element
 
@@ -182,19 +182,27 @@ class GaugeSet:
                     merged[consumer] = merged[consumer] * gain
         return merged
 
-    def orbit_coordinates(self, model: nn.Module | None = None) -> dict[str, torch.Tensor]:
+    def orbit_coordinates(self, model: nn.Module | None = None, *, edge_scale: float = EDGE_SCALE
+                          ) -> dict[str, torch.Tensor]:
         """Per family, coordinates that move along its own orbit and no other (detached copies).
 
-        Norm scaling: log|g_j|. Neuron scaling: log(|in_i| / |out_i|) and logit shift: the mean row,
-        both read from the norm-merged weights (:meth:`merged_params`). Rotations: none (empty).
+        Norm scaling: log|g_j|. Neuron scaling: ``log(|in_i| / |w~_in|)`` with ``w~_in`` the incoming
+        side at the section point of constant ``edge_scale`` (:func:`~gaugeopt.gauges.unit_section`,
+        the frame of the DDC optimizers), and logit shift: the mean row, both read from the
+        norm-merged weights (:meth:`merged_params`). Rotations: none (empty).
         """
         with torch.no_grad():
             merged = self.merged_params(model)
             raw = self.params(model)
-            return {
-                f.name: f.orbit_coordinates(raw if isinstance(f, NormScaling) else merged).detach().clone()
-                for f in self.families
-            }
+            out = {}
+            for f in self.families:
+                if isinstance(f, NormScaling):
+                    out[f.name] = f.orbit_coordinates(raw)
+                elif isinstance(f, NeuronScaling):
+                    out[f.name] = f.orbit_coordinates(merged, edge_scale)
+                else:
+                    out[f.name] = f.orbit_coordinates(merged)
+            return {name: value.detach().clone() for name, value in out.items()}
 
     def pairings(self, grads: Mapping[str, torch.Tensor], model: nn.Module | None = None) -> dict[str, torch.Tensor]:
         """Per family, the inner products of ``grads`` with every vertical direction."""

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
+from ..gauges.families import EDGE_SCALE
 from ..gauges.gaugeset import GaugeSet
 from .batched_step import (
     StackedState,
@@ -26,12 +27,25 @@ from .batched_step import (
     write_phase,
 )
 from .distributed import gradients_finite_on_every_rank, sharded_step, whole_by_name
-from .frames import FramePlan, build_frame_plan
-from .guards import GuardedOptimizer, check_gauges_cover, require_nonnegative
+from .frames import FramePlan, build_frame_plan, frozen_gains
+from .guards import GuardedOptimizer, check_gauges_cover, require_positive
 from .rules import Rule
 from .shards import LOCAL
 
-__all__ = ["FramedOptimizer"]
+__all__ = ["FramedOptimizer", "FrozenUnits"]
+
+FROZEN_GAIN = "zero gain: the channel's merged columns are zero whatever the gauge, so no frame carries a step"
+FROZEN_UNIT_INCOMING = ("zero incoming side: the unit's orbit has no point with the section's incoming norm "
+                        "(a ReLU unit there is dead under any optimizer)")
+FROZEN_UNIT_BOTH = "incoming and outgoing sides zero: the gauge group does not act on the unit"
+
+
+class FrozenUnits(NamedTuple):
+    """Indices of one gauge family that a step left unchanged, and why (``optimizer.frozen_report()``)."""
+
+    family: str
+    indices: tuple[int, ...]
+    reason: str
 
 
 class FramedOptimizer(GuardedOptimizer):
@@ -42,19 +56,17 @@ class FramedOptimizer(GuardedOptimizer):
         gauges: the model's :class:`~gaugeopt.gauges.GaugeSet`, or ``None`` (no frames: every tensor
             takes its rule as it is).
         channel_step: take the norm channel-scale step (DDCAdam's ``norm_scale_step``).
-        unit_step: take the unit-scale step of isolated neuron pairs stepped by Adam (DDCAdam's
-            ``unit_scale_step``).
-        dead_threshold: a norm channel with ``|gain| <=`` this, or a neuron unit with
-            ``sqrt(u v) <=`` this, is frozen and reported in :attr:`frozen`.
+        edge_scale: the section constant ``c`` of the neuron frames (docs/ddc.md): a unit's canonical
+            incoming side has norm ``c`` where its outgoing side is zero.
         nonfinite: ``"raise"`` or ``"skip"`` (:mod:`gaugeopt.optim.guards`).
         compiled: run the step's two phases compiled by ``torch.compile`` (the same functions as the
             eager step; equal up to rounding).
     """
 
     def __init__(self, params, defaults: dict[str, Any], gauges: GaugeSet | None, *, channel_step: bool,
-                 dead_threshold: float, nonfinite: str, compiled: bool, unit_step: bool = False):
+                 nonfinite: str, compiled: bool, edge_scale: float = EDGE_SCALE):
         self._init_guards(nonfinite)
-        require_nonnegative(type(self).__name__, "dead_threshold", dead_threshold)
+        require_positive(type(self).__name__, "edge_scale", edge_scale)
         if gauges is not None and not isinstance(gauges, GaugeSet):
             raise TypeError("gauges must be a GaugeSet (from gaugeopt.find_gauges) or None, "
                             f"got {type(gauges).__name__}")
@@ -66,9 +78,8 @@ class FramedOptimizer(GuardedOptimizer):
         model_params = check_gauges_cover(gauges, self.param_groups)
         self.gauges = gauges
         self.plan: FramePlan = build_frame_plan(gauges) if gauges is not None else FramePlan({}, {})
-        self.dead_threshold = float(dead_threshold)
+        self.edge_scale = float(edge_scale)
         self.channel_step = bool(channel_step)
-        self.unit_step = bool(unit_step)
         self.compiled = bool(compiled)
         self._warned_eager = False
         self._lookup: dict[str, Tensor] = dict(model_params)
@@ -76,8 +87,10 @@ class FramedOptimizer(GuardedOptimizer):
         self._layout: StepLayout | None = None
         self._layout_key: Any = None
         self._stacked = StackedState()
-        #: Frozen (dead) norm channels and neuron units of the last step: family name -> indices.
+        #: Frozen norm channels and neuron units of the last step: family name -> indices
+        #: (:meth:`frozen_report` says why).
         self.frozen: dict[str, tuple[int, ...]] = {}
+        self._frozen_rows: list[FrozenUnits] = []
 
     # ----- what subclasses say -----------------------------------------------------------------------
     def rule_for(self, group: Mapping[str, Any]) -> Rule:
@@ -95,8 +108,8 @@ class FramedOptimizer(GuardedOptimizer):
         if key != self._layout_key:
             self._stacked.release(self.state)
             self._layout = build_program(self.param_groups, self._names, self._lookup, self.plan, rules,
-                                         channel_step=self.channel_step, unit_step=self.unit_step,
-                                         threshold=self.dead_threshold,
+                                         channel_step=self.channel_step,
+                                         edge_scale=self.edge_scale,
                                          stack=not self.compiled or ranks is not None, ranks=ranks)
             self._layout_key = key
         return self._layout
@@ -139,23 +152,34 @@ class FramedOptimizer(GuardedOptimizer):
         return loss
 
     def _report_frozen(self, layout: StepLayout, read, gains: Mapping[str, Tensor]) -> None:
-        """Record the dead channels and units of this step in :attr:`frozen`; warn when one is new."""
-        frozen: dict[str, tuple[int, ...]] = {}
+        """Record the frozen channels and units of this step in :attr:`frozen` and
+        :meth:`frozen_report`; warn when one is new."""
+        rows: list[FrozenUnits] = []
         if read is not None:
             for family in self.plan.norms:
                 gain = gains.get(family.gain, self._lookup[family.gain])
-                dead = (gain.detach().abs() <= self.dead_threshold).nonzero().flatten()
+                dead = frozen_gains(gain.detach()).nonzero().flatten()
                 if len(dead):
-                    frozen[family.name] = tuple(dead.tolist())
-            for families, dead in zip(layout.neuron_families, read.neuron_dead):
-                for name, row in zip(families, dead):
-                    units = row.nonzero().flatten()
-                    if len(units):
-                        frozen[name] = tuple(units.tolist())
-        new = {f: sorted(set(idx) - set(self.frozen.get(f, ()))) for f, idx in frozen.items()}
-        new = {f: idx for f, idx in new.items() if idx}
+                    rows.append(FrozenUnits(family.name, tuple(dead.tolist()), FROZEN_GAIN))
+            for families, dead, zero in zip(layout.neuron_families, read.neuron_dead, read.neuron_outgoing_zero):
+                for name, row, outgoing_zero in zip(families, dead, zero):
+                    for reason, mask in ((FROZEN_UNIT_BOTH, row & outgoing_zero),
+                                         (FROZEN_UNIT_INCOMING, row & ~outgoing_zero)):
+                        units = mask.nonzero().flatten()
+                        if len(units):
+                            rows.append(FrozenUnits(name, tuple(units.tolist()), reason))
+        frozen: dict[str, tuple[int, ...]] = {}
+        for row in rows:
+            frozen[row.family] = tuple(sorted((*frozen.get(row.family, ()), *row.indices)))
+        new = [(row, sorted(set(row.indices) - set(self.frozen.get(row.family, ())))) for row in rows]
+        new = [(row, idx) for row, idx in new if idx]
         if new:
-            listing = "; ".join(f"{f}: {idx}" for f, idx in new.items())
-            warnings.warn(f"{type(self).__name__} froze dead norm channels / neuron units (left unchanged): "
-                          f"{listing}", RuntimeWarning, stacklevel=3)
+            listing = "; ".join(f"{row.family} {idx} ({row.reason})" for row, idx in new)
+            warnings.warn(f"{type(self).__name__} froze norm channels / neuron units where no frame can carry a "
+                          f"step (left unchanged): {listing}", RuntimeWarning, stacklevel=3)
         self.frozen = frozen
+        self._frozen_rows = rows
+
+    def frozen_report(self) -> list[FrozenUnits]:
+        """The norm channels and neuron units the last step froze, one row per family and reason."""
+        return list(self._frozen_rows)

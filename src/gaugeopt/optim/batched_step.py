@@ -8,10 +8,9 @@ stack, so the operations dispatched per step grow with the number of distinct sh
 A step has two phases, pure functions of a static :class:`StepProgram` and the step's tensors:
 
 1. :func:`read_phase` (reads only): stack the gradients (and the parameters where a frame needs
-   them), compute the frames (:mod:`gaugeopt.optim.frames`: norm gains, neuron scales ``s``, dead
-   channels and units, the gradient factors ``gamma``), the unit-scale step's inner products (in
-   the frames' pass over the pairs' parameters) and the two flags the caller reads with one host
-   synchronisation: every gradient finite, any unit dead.
+   them), compute the frames (:mod:`gaugeopt.optim.frames`: norm gains, neuron scales ``s``, frozen
+   channels and units, the gradient factors ``gamma``) and the two flags the caller reads with one
+   host synchronisation: every gradient finite, any channel or unit frozen.
 2. :func:`write_phase` (only after the flags allow it): per norm family the channel-scale step (a
    scalar Adam on ``h = g dL/dg (+ beta dL/dbeta)``, the gain's AdamW step taken as a factor
    ``e = exp(-lr r)`` on the consumers' columns); per batch the canonical gradient ``G~ = G gamma``
@@ -19,16 +18,13 @@ A step has two phases, pure functions of a static :class:`StepProgram` and the s
 
        p <- (1 - lr wd) p e - lr D gamma e     (horizontal part only for a translated tensor)
 
-   and, for isolated neuron pairs, the factors that set both sides of every unit to one canonical
-   norm before the write: a gauge element that puts each unit back to its orbit coordinate, or,
-   with the unit-scale step (*chart* batches), the unit's new scale ``l = sqrt(u v)``: a scalar
-   Adam on the radial derivative ``(<G~, P~>_1 + <G~, P~>_-1) / (sqrt2 l)`` moves ``sqrt2 l`` by one
-   Adam step (kept positive by ``exp``), while the rule sees only the part of each side's gradient
-   tangential to the side's canonical values, and the radial part of its step is replaced.
+   and, for isolated neuron pairs, the gauge element that puts every unit back on the section of its
+   orbit before the write (:func:`_pair_factors`), so their orbit coordinates do not move.
 
 Both run eagerly, or compiled by ``torch.compile`` (:func:`compiled_phase`, one graph per phase and program,
-learning rate, betas and decay as tensor inputs). Dead channels and units (a gain or a unit scale at
-or below the threshold) get ``gamma = 0`` and are written back exactly as they were.
+learning rate, betas and decay as tensor inputs). Frozen channels and units (a zero gain, a unit
+whose incoming side is zero: no frame exists there) get ``gamma = 0`` and are written back exactly
+as they were.
 
 The same program steps a row shard (FSDP2: :mod:`gaugeopt.optim.shards`). Every batch then holds
 this rank's rows of its members; per-unit and per-channel vectors are whole on every rank (sliced
@@ -36,8 +32,7 @@ to the rows where they act on the row axis), and every sum over the rows is this
 over the ranks by the step's :class:`~gaugeopt.optim.shards.Collectives` (the identity in one
 process). The phases are ordered in *reduction rounds*: all the sums one part of the step needs are
 taken together, then added in one call (the mean rows of translated parameters; the neuron frames,
-one round per wave of :func:`_waves`, the first with the unit-scale step's inner products; the
-channel factors; the mean rows of translated canonical gradients; each translated direction's mean
+one round per wave of :func:`_waves`; the channel factors; the mean rows of translated canonical gradients; each translated direction's mean
 row; the isolated pairs' sums of squares). Maps that need whole matrices are the rule's affair
 (:meth:`~gaugeopt.optim.shards.Collectives.whole`).
 """
@@ -54,11 +49,12 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
+from ..gauges.families import unit_section
 from .frames import (
     FramePlan,
     ScalingFrame,
-    neuron_scales,
-    unit_inner_products,
+    frozen_gains,
+    neuron_frames,
     unit_square_sums,
 )
 from .guards import compute_dtype
@@ -81,12 +77,9 @@ __all__ = [
     "StackedState",
 ]
 
-#: The scalar Adam of the channel-scale and unit-scale steps (settings read from the group of the
-#: gain, or of the unit's producer tensor).
+#: The scalar Adam of the channel-scale step (settings read from the group of the gain).
 CHANNEL_ADAM = Adam()
 CHANNEL_STATE = ("step", "scale_exp_avg", "scale_exp_avg_sq")
-#: The unit-scale step's moments, kept with the first tensor of the unit's multiplied side.
-UNIT_STATE = ("unit_exp_avg", "unit_exp_avg_sq")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -156,15 +149,14 @@ class NeuronRole:
 @dataclass(frozen=True)
 class NeuronBatch:
     """Neuron families with one frame computation: isolated pairs of one signature (all layers' MLP
-    units), or one family of a chain. ``rebalance``: isolated and every member stepped; ``chart``:
-    rebalanced, and each unit's scale takes the unit-scale step (module docstring)."""
+    units), or one family of a chain. ``rebalance``: isolated and every member stepped (each unit is
+    put back on its orbit's section after the step: :func:`_pair_factors`)."""
 
     members: int
     units: int
     dtype: torch.dtype
     roles: tuple[NeuronRole, ...]
     rebalance: bool
-    chart: bool = False
 
 
 @dataclass(frozen=True)
@@ -174,7 +166,7 @@ class StepProgram:
     tensors: tuple[TensorBatch, ...]
     norms: tuple[NormBatch, ...]
     neurons: tuple[NeuronBatch, ...]
-    threshold: float
+    edge_scale: float  # the section constant c of the neuron frames
 
 
 class TensorInputs(NamedTuple):
@@ -198,8 +190,6 @@ class NormInputs(NamedTuple):
 class NeuronInputs(NamedTuple):
     params: list[list[Tensor]]  # per role, the members' tensors
     gains: list[list[list[Tensor]]]  # per role, per "gain" factor, the members' gains
-    state: dict[str, Tensor] = {}  # chart batches: the unit-scale step's stacked moments
-    scalars: Tensor | None = None  # chart batches: lr, then Adam's scalars
 
 
 class StepTensors(NamedTuple):
@@ -222,11 +212,10 @@ class ReadOut(NamedTuple):
     gammas: list[list[Tensor]]  # per tensor batch, per scaled axis, the gradient factor (broadcastable)
     dead: list[list[Tensor]]  # per tensor batch, per scaled axis, its dead slices (broadcastable)
     scales: list[Tensor]  # per neuron batch, s
-    lengths: list[Tensor | None]  # per chart neuron batch, l = sqrt(u v), the units' canonical side norm
-    chart_sums: list[dict[int, Tensor] | None]  # per chart neuron batch, per side, h_side = <G, P> per unit
-    neuron_dead: list[Tensor]  # per neuron batch, (members, units)
+    neuron_dead: list[Tensor]  # per neuron batch, (members, units): frozen (incoming side zero)
+    neuron_outgoing_zero: list[Tensor]  # per neuron batch, (members, units): outgoing side zero
     neuron_gains: list[list[list[Tensor]]]  # per neuron batch, per role, per gain factor, the stacked gains
-    norm_dead: list[Tensor]  # per norm batch, |g| <= threshold
+    norm_dead: list[Tensor]  # per norm batch, the zero gains
     scale_inputs: list[Tensor]  # per norm batch, h
     workspace: dict[torch.dtype, Tensor]  # scratch for the neuron frames' sums of squares, per dtype
     flags: Tensor  # (every gradient finite, some channel or unit dead)
@@ -379,46 +368,29 @@ def read_phase(program: StepProgram, inputs: StepTensors) -> ReadOut:
         {dtype: torch.empty(size, dtype=dtype, device=stacks[0][0].device) for dtype, size in sizes.items()}
     grads = [checked(_stack(tensors.grads, batch.dtype)) for batch, tensors in zip(program.tensors, inputs.tensors)]
 
-    # The unit-scale step's invariant inner products h_side = <G, P> per unit of each side (the frame
-    # factors cancel): read here with the frames' own pass over the pair's parameters.
-    roles = _role_batches(program)
-    charted = [(n, r) for n, batch in enumerate(program.neurons) if batch.chart for r in range(len(batch.roles))]
-    inner = []
-    for n, r in charted:
-        role, old = program.neurons[n].roles[r], stacks[n][r]
-        part = unit_inner_products(grads[roles[(n, r)]], old - role_means[n][r] if role.centered else old,
-                                   role.axis + 1, workspace=workspace.get(program.neurons[n].dtype))
-        inner.append(global_units(part, role.axis, role.shard))
-
     forward: list[Tensor | None] = [None] * len(program.neurons)
     backward: list[Tensor | None] = [None] * len(program.neurons)
-    per_role: dict[tuple[int, int], Tensor] = {}
     for wave, (ahead, behind) in enumerate(_waves(program)):
         parts = [_role_squares(program, k, 1, stacks[k], role_gains[k], forward, role_means[k],
                                workspace.get(program.neurons[k].dtype)) for k in ahead]
         parts += [_role_squares(program, k, -1, stacks[k], role_gains[k], backward, role_means[k],
                                 workspace.get(program.neurons[k].dtype)) for k in behind]
-        totals = collectives.sum(parts + inner if wave == 0 else parts)  # the inner products join wave 0
+        totals = collectives.sum(parts)
         for k, total in zip(ahead, totals):
             forward[k] = total.sqrt()
         for k, total in zip(behind, totals[len(ahead):]):
             backward[k] = total.sqrt()
-        if wave == 0:
-            per_role = dict(zip(charted, totals[len(parts):]))
-    chart_sums = [_side_sums(program, n, {r: per_role[(n, r)] for r in range(len(batch.roles))}) if batch.chart
-                  else None for n, batch in enumerate(program.neurons)]
-    scales, neuron_dead, lengths = [], [], []
-    for batch, u, v in zip(program.neurons, forward, backward):
-        s, dead = neuron_scales(u.square(), v.square(), program.threshold)
-        scales.append(s)
-        neuron_dead.append(dead)
-        lengths.append(torch.sqrt(u * v) if batch.chart else None)
+    scales, neuron_dead = [], []
+    for u, v in zip(forward, backward):
+        frames = neuron_frames(u.square(), v.square(), program.edge_scale)
+        scales.append(frames.scale)
+        neuron_dead.append(frames.frozen)
 
     # Norm families taking the channel-scale step: h = g dL/dg (+ beta dL/dbeta), invariant.
     norm_dead, scale_inputs, dead_flags = [], [], [d.any() for d in neuron_dead]
     for batch, norm in zip(program.norms, inputs.norms):
         gains, gain_grads = _stack(norm.gains, batch.dtype), checked(_stack(norm.gain_grads, batch.dtype))
-        dead = gains.abs() <= program.threshold
+        dead = frozen_gains(gains)
         dead_flags.append(dead.any())
         gains, dead = local_rows(gains, batch.shard), local_rows(dead, batch.shard)
         h = gains * gain_grads
@@ -436,7 +408,7 @@ def read_phase(program: StepProgram, inputs: StepTensors) -> ReadOut:
             if kind == "norm":
                 scale = _stack(tensors.gains[gain_count], batch.dtype)
                 gain_count += 1
-                off = scale.abs() <= program.threshold
+                off = frozen_gains(scale)
             else:
                 scale, off = scales[source], neuron_dead[source]
             dead_flags.append(off.any())
@@ -449,8 +421,9 @@ def read_phase(program: StepProgram, inputs: StepTensors) -> ReadOut:
         checked(_stack(ts, ts[0].dtype))
     finite = torch.stack(probes).isfinite().all() if probes else torch.ones((), dtype=torch.bool)
     some_dead = torch.stack(dead_flags).any() if dead_flags else torch.zeros((), dtype=torch.bool)
-    return ReadOut(grads, params, means, gammas, deads, scales, lengths, chart_sums, neuron_dead, role_gains,
-                   norm_dead, scale_inputs, workspace, torch.stack([finite, some_dead]))
+    outgoing_zero = [v == 0 for v in backward]
+    return ReadOut(grads, params, means, gammas, deads, scales, neuron_dead, outgoing_zero, role_gains, norm_dead,
+                   scale_inputs, workspace, torch.stack([finite, some_dead]))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -460,14 +433,12 @@ def read_phase(program: StepProgram, inputs: StepTensors) -> ReadOut:
 
 class _Held(NamedTuple):
     """An isolated pair's batch waiting for its side's factor: the new values (horizontal part), mean
-    row and per-unit sums of squares (this rank's part on a shard); for a chart batch also the sums
-    of squares of the values before the lift."""
+    row and per-unit sums of squares (this rank's part on a shard)."""
 
     batch: int
     value: Tensor
     mean: Tensor | None
     after: Tensor
-    before: Tensor | None = None
 
 
 def _channel_tables(program: StepProgram, inputs: StepTensors, read: ReadOut) -> dict[int, Tensor]:
@@ -532,20 +503,12 @@ def write_phase(program: StepProgram, inputs: StepTensors, read: ReadOut, masked
                 ) -> None:
     """The writing half of a step (module docstring). ``masked``: some unit or channel is dead (the
     read phase's flag), so dead entries are kept exactly as they are. ``compiled``: run its parts
-    (the unit-scale steps, the update with the isolated pairs' factors, their application) as
-    compiled graphs; they are separate because inductor's CPU loop fusion fails on the
-    write-after-read hazards of one, and the unit-scale steps' per-unit numbers traced into the
-    update's graph made it 3.6x slower (its loops recompute them per entry; torch 2.13)."""
+    (the update with the isolated pairs' factors, their application) as compiled graphs; they are
+    separate because inductor's CPU loop fusion fails on the write-after-read hazards of one."""
     run = compiled_phase if compiled else (lambda phase: phase)
-    charts = run(_charts)(program, inputs, read) if any(batch.chart for batch in program.neurons) else {}
-    held, factors = run(_update)(program, inputs, read, charts, masked=masked)
+    held, factors = run(_update)(program, inputs, read, masked=masked)
     if held:
         run(_rebalance)(program, inputs, read, held, factors, masked=masked)
-
-
-def _role_batches(program: StepProgram) -> dict[tuple[int, int], int]:
-    """``(neuron batch, role) -> tensor batch`` for the roles of the rebalanced (isolated) pairs."""
-    return {batch.rebalance: b for b, batch in enumerate(program.tensors) if batch.rebalance is not None}
 
 
 def _old_values(batch: TensorBatch, tensors: TensorInputs, read: ReadOut, b: int) -> Tensor:
@@ -553,61 +516,11 @@ def _old_values(batch: TensorBatch, tensors: TensorInputs, read: ReadOut, b: int
     return read.params[b] if read.params[b] is not None else _stack(tensors.params, batch.dtype)
 
 
-class _Chart(NamedTuple):
-    """A chart batch's per-unit numbers for this step: ``tangent[side]`` = ``h_side / l^2`` (the
-    coefficient that removes the radial part of a side's canonical gradient) and ``shrink`` =
-    ``exp(-c)``, the unit-scale step's factor."""
-
-    tangent: dict[int, Tensor]
-    shrink: Tensor
-
-
-def _charts(program: StepProgram, inputs: StepTensors, read: ReadOut) -> dict[int, _Chart]:
-    """The unit-scale step of every chart batch (module docstring): from the invariant inner products
-    ``h_side = <G~, P~>`` per unit (``= <G, P>``: the read phase's ``chart_sums``), the radial input
-    ``(h_1 + h_-1) / (sqrt2 l)``, one scalar Adam step on it giving ``r``, and ``c = lr r / (sqrt2 l)``."""
-    charts = {}
-    for n, batch in enumerate(program.neurons):
-        if not batch.chart:
-            continue
-        sums, dead, neuron = read.chart_sums[n], read.neuron_dead[n], inputs.neurons[n]
-        length = torch.where(dead, 1.0, read.lengths[n])
-        radial = ((sums[1] + sums[-1]) / (math.sqrt(2) * length)).masked_fill_(dead, 0.0)
-        r = adam_direction_(radial, neuron.state["unit_exp_avg"], neuron.state["unit_exp_avg_sq"],
-                            neuron.scalars[1:3], neuron.scalars[3:])
-        shrink = torch.exp(r.mul_(-neuron.scalars[0]).div_(math.sqrt(2) * length)).masked_fill_(dead, 1.0)
-        tangent = {side: (h / length.square()).masked_fill_(dead, 0.0) for side, h in sums.items()}
-        charts[n] = _Chart(tangent, shrink)
-    return charts
-
-
-def _remove_radial_part_(canonical: Tensor, old: Tensor, gammas: list[Tensor], coefficient: Tensor,
-                         mean: Tensor | None, workspace: Tensor | None) -> Tensor:
-    """``G~ <- G~ - coefficient P~`` with ``P~ = P(P) / gamma`` (0 where a factor is 0: dead slices;
-    ``P`` subtracts the mean row ``mean`` of a translated tensor);
-    ``coefficient`` is per unit (broadcastable), and gradient factors of its shape are folded into it
-    so that ``P~`` is not formed where it need not be (else it is formed in ``workspace``, if given)."""
-    full = []
-    for gamma in gammas:
-        inverse = torch.where(gamma == 0, 0.0, gamma.reciprocal())
-        if inverse.shape == coefficient.shape:
-            coefficient = coefficient * inverse
-        else:
-            full.append(inverse)
-    values = old - mean if mean is not None else old
-    if full:
-        scratch = workspace.view(-1)[:old.numel()].view(old.shape) if workspace is not None else None
-        values = torch.mul(values, full[0], out=scratch) if scratch is not None else values * full[0]
-        for inverse in full[1:]:
-            values = values.mul_(inverse)
-    return canonical.addcmul_(values, coefficient, value=-1)
-
-
-def _update(program: StepProgram, inputs: StepTensors, read: ReadOut, charts: Mapping[int, _Chart], masked: bool
+def _update(program: StepProgram, inputs: StepTensors, read: ReadOut, masked: bool
             ) -> tuple[list[_Held], dict[int, dict[int, Tensor]]]:
-    """Channel-scale steps, rule directions (on the tangential gradients of the units in ``charts``)
-    and lifts; every batch written except the isolated pairs', whose new values are returned with
-    their factors (:func:`_pair_factors`, from sums taken in the same pass)."""
+    """Channel-scale steps, rule directions and lifts; every batch written except the isolated pairs',
+    whose new values are returned with their factors (:func:`_pair_factors`, from sums taken in the
+    same pass)."""
     collectives = inputs.collectives
     tables = _channel_tables(program, inputs, read)
     centred = [b for b, batch in enumerate(program.tensors) if batch.centered]
@@ -620,12 +533,6 @@ def _update(program: StepProgram, inputs: StepTensors, read: ReadOut, charts: Ma
             tensors.state["step"].add_(1)
         canonical = centred_gradients.pop(b) if batch.centered else \
             canonical_gradient(batch, read.grads[b], read.gammas[b])
-        chart = charts.get(batch.rebalance[0]) if batch.rebalance is not None else None
-        if chart is not None:  # the rule sees the tangential part: x = G~ - (h_side / l^2) P~
-            role = program.neurons[batch.rebalance[0]].roles[batch.rebalance[1]]
-            canonical = _remove_radial_part_(canonical, _old_values(batch, tensors, read, b), read.gammas[b],
-                                             _on_axis(chart.tangent[role.side], role.axis, ndim, batch.shard),
-                                             read.means[b], read.workspace.get(batch.dtype))
         if batch.rule_shape is not None:  # the rule steps the parameter as it is (Muon: its own matrix)
             canonical = canonical.reshape(members, *batch.rule_shape)
         direction = batch.rule.direction(canonical, tensors.state, tensors.scalars[2:], batch.residual, collectives)
@@ -659,17 +566,12 @@ def _update(program: StepProgram, inputs: StepTensors, read: ReadOut, charts: Ma
             value = (old - mean).mul_(decay)
         else:
             value = old * decay if keep_old else old.mul_(decay)
-        before = None
-        if chart is not None:  # the side's size before the lift, which the unit-scale step rescales
-            neuron, r = batch.rebalance
-            before = _role_square_sums(program, read, neuron, r, value)
         value = value.addcmul_(direction, lift, value=-1)
         if batch.rebalance is not None:  # with the sums of squares after the lift, in the same pass
-            held.append(_Held(b, value, mean, _role_square_sums(program, read, *batch.rebalance, value), before))
+            held.append(_Held(b, value, mean, _role_square_sums(program, read, *batch.rebalance, value)))
         else:
             _finish(batch, tensors, old, value, mean, dead if keep_old else None)
-    factors = _pair_factors(program, read, held, {n: chart.shrink for n, chart in charts.items()}, collectives) \
-        if held else {}
+    factors = _pair_factors(program, read, held, collectives) if held else {}
     return held, factors
 
 
@@ -691,45 +593,33 @@ def _side_sums(program: StepProgram, n: int, per_role: Mapping[int, Tensor]) -> 
     return sums
 
 
-def _pair_factors(program: StepProgram, read: ReadOut, held: list[_Held], shrink: Mapping[int, Tensor],
-                  collectives: Collectives = LOCAL) -> dict[int, dict[int, Tensor]]:
-    """Per isolated neuron batch, the per-unit factors of its two sides (``{+1: f_A, -1: f_B}``), which
-    set both sides' new canonical norms to one target ``T``:
+def _pair_factors(program: StepProgram, read: ReadOut, held: list[_Held], collectives: Collectives = LOCAL
+                  ) -> dict[int, dict[int, Tensor]]:
+    """Per isolated neuron batch, the per-unit factors of its two sides (``{+1: f_A, -1: f_B}``) that put
+    every unit back on the section of its orbit (:func:`~gaugeopt.gauges.unit_section`) at the size
+    the step gave it: with ``a``, ``b`` the new canonical norms of the multiplied and divided sides
+    (in the frame of the step), ``l'^2 = a b`` and the section point ``(|w~_in|, |w~_out|)`` of ``l'``,
 
-    * a rebalanced batch keeps the step's scale: ``T = sqrt(a b)`` with ``a``, ``b`` the new canonical
-      norms of the multiplied and divided sides, so ``f_A = 1 / f_B = sqrt(b / a)`` (in raw terms
-      ``c = s (|B| / |A|)^(1/2)``) is a gauge element: it does not change the function, and it puts
-      the orbit coordinate ``log(|A| / |B|)`` back to ``2 log s``, its value before the step;
-    * a chart batch takes the unit-scale step: ``T = exp(-c) (a' b')^(1/4)`` with ``a'``, ``b'`` the
-      sides' squared norms before the lift (after decay and channel-scale factors; their product is
-      the same in raw and canonical terms, ``s`` cancels); the rule's step, whose radial part is
-      removed by this, only turns the unit.
+        f_A = |w~_in| / a,    f_B = |w~_out| / b = 1 / f_A
 
-    In raw terms the multiplied side's factor is ``T s / |A|`` and the divided side's ``T / (s |B|)``.
-    The factors are functions of invariants, so the step stays equivariant. Dead units get 1. On
-    shards the sums of squares (after the lift, and before it) are one reduction round."""
+    (in raw terms ``|w~_in| s / |A|`` on the multiplied side ``A``). ``f_A f_B = 1`` makes it a gauge
+    element: it does not change the function. Being a function of invariants it keeps the step
+    equivariant, and the new point is the section point of its size, so the frame ``s`` (the orbit
+    coordinate ``log(|w_in| / |w~_in|)``) is what it was before the step (also where the divided side
+    is zero: then ``l' = 0`` and the multiplied side goes back to ``|w~_in| = c``, whatever decay did).
+    Frozen units get 1. On shards the sums of squares are one reduction round."""
     by_role = {program.tensors[h.batch].rebalance: h for h in held}
     rebalanced = [n for n, batch in enumerate(program.neurons) if batch.rebalance]
-    parts = [by_role[(n, r)].after for n in rebalanced for r in range(len(program.neurons[n].roles))]
-    parts += [by_role[(n, r)].before for n in rebalanced if program.neurons[n].chart
-              for r in range(len(program.neurons[n].roles))]
-    totals = iter(collectives.sum(parts))
-    after_sums = {n: {r: next(totals) for r in range(len(program.neurons[n].roles))} for n in rebalanced}
-    before_sums = {n: {r: next(totals) for r in range(len(program.neurons[n].roles))}
-                   for n in rebalanced if program.neurons[n].chart}
+    totals = iter(collectives.sum([by_role[(n, r)].after for n in rebalanced
+                                   for r in range(len(program.neurons[n].roles))]))
     out: dict[int, dict[int, Tensor]] = {}
     for n in rebalanced:
-        batch = program.neurons[n]
         s, dead = read.scales[n], read.neuron_dead[n]
-        after = _side_sums(program, n, after_sums[n])
-        if batch.chart:
-            before = _side_sums(program, n, before_sums[n])
-            target = shrink[n] * (before[1] * before[-1]).sqrt().sqrt()
-            sides = {1: target * s / after[1].sqrt(), -1: target / (s * after[-1].sqrt())}
-        else:
-            c = s * (after[-1] / after[1]).sqrt().sqrt()
-            sides = {1: c, -1: c.reciprocal()}
-        out[n] = {side: torch.where(dead | ~torch.isfinite(f) | (f <= 0), 1.0, f) for side, f in sides.items()}
+        after = _side_sums(program, n, {r: next(totals) for r in range(len(program.neurons[n].roles))})
+        incoming, _ = unit_section(torch.sqrt(after[1]) * torch.sqrt(after[-1]), program.edge_scale)
+        f = torch.sqrt(incoming / after[1]) * s
+        f = torch.where(dead | ~torch.isfinite(f), 1.0, f)
+        out[n] = {1: f, -1: f.reciprocal()}
     return out
 
 
@@ -979,14 +869,12 @@ class StepLayout:
                     stacked: StackedState) -> StepTensors:
         """``inputs`` with every batch's state buffers (made, or stacked again, where needed) and this
         step's numbers: ``lr, 1 - lr weight_decay`` and the rule's scalars (norm batches: ``lr`` and
-        the channel Adam's; chart neuron batches: ``lr`` and the unit Adam's, with the settings and
-        step count of the unit's first multiplied tensor), as tensors in the batch's compute dtype on
-        its device."""
-        tensors, steps_of = [], {}
+        the channel Adam's), as tensors in the batch's compute dtype on its device."""
+        tensors = []
         for b, (batch, t) in enumerate(zip(self.program.tensors, inputs.tensors)):
             # state is kept per parameter (the layout's own tensors, not the frame views) in its own shape
             buffers = stacked.buffers(state, ("tensor", b), self.tensor_params[b], batch.rule.state_keys)
-            steps = steps_of[b] = stacked.advance(("tensor", b)) if "step" in buffers else []
+            steps = stacked.advance(("tensor", b)) if "step" in buffers else []
             group = groups[self.tensor_groups[b]]
             lr = float(group["lr"])
             values = [lr, 1 - lr * float(group["weight_decay"]), *batch.rule.scalars(group, steps)]
@@ -999,29 +887,18 @@ class StepLayout:
             values = [float(group["lr"]), *CHANNEL_ADAM.scalars(group, stacked.advance(("norm", n)))]
             norms.append(t._replace(state=buffers, scalars=torch.tensor(values, dtype=batch.dtype,
                                                                         device=t.gains[0].device)))
-        neurons = list(inputs.neurons)
-        for (n, r), b in _role_batches(self.program).items():
-            batch = self.program.neurons[n]
-            if r or not batch.chart:
-                continue
-            holders = self.tensor_params[b]
-            buffers = stacked.buffers(state, ("unit", n), holders, UNIT_STATE, shape=(batch.units,))
-            group = groups[self.tensor_groups[b]]
-            values = [float(group["lr"]), *CHANNEL_ADAM.scalars(group, steps_of[b])]
-            neurons[n] = neurons[n]._replace(state=buffers, scalars=torch.tensor(values, dtype=batch.dtype,
-                                                                              device=holders[0].device))
-        return inputs._replace(tensors=tensors, norms=norms, neurons=neurons)
+        return inputs._replace(tensors=tensors, norms=norms)
 
 
 def build_program(groups: Sequence[Mapping[str, Any]], names: Mapping[int, str], lookup: Mapping[str, Tensor],
-                  plan: FramePlan, rules: Sequence[Rule], *, channel_step: bool, threshold: float,
-                  unit_step: bool = False, stack: bool = True, ranks: tuple[int, int] | None = None) -> StepLayout:
+                  plan: FramePlan, rules: Sequence[Rule], *, channel_step: bool, edge_scale: float,
+                  stack: bool = True, ranks: tuple[int, int] | None = None) -> StepLayout:
     """Sort the parameters with gradients into batches (module docstring).
 
     ``names`` maps ``id(parameter)`` to its name in ``plan``'s model (parameters without a name have no
     frame); ``lookup`` maps names to the tensors frames read (the model's parameters or stand-ins);
-    ``rules[g]`` is group ``g``'s base rule; ``channel_step`` enables the norm channel-scale step,
-    ``unit_step`` the unit-scale step of isolated neuron pairs whose tensors all take :class:`Adam`.
+    ``rules[g]`` is group ``g``'s base rule; ``channel_step`` enables the norm channel-scale step;
+    ``edge_scale`` is the section constant ``c`` of the neuron frames.
     ``stack=False`` makes every batch a single tensor (a single family): what a compiled step wants,
     since ``torch.compile`` fuses each tensor's chain of elementwise maps into one loop when it does
     not have to materialise a stack first (the eager step stacks to dispatch fewer operations).
@@ -1040,16 +917,15 @@ def build_program(groups: Sequence[Mapping[str, Any]], names: Mapping[int, str],
         return (frame.signature() if frame is not None else (), tuple(p.shape), p.dtype, p.device,
                 group_of.get(name), active.get(name, False))
 
-    charted = {name for name, g in group_of.items() if unit_step and isinstance(rules[g], Adam)}
     def shards(name: str | None, p: Tensor) -> _Shapes:
         frame = plan.frame(name) if name is not None else None
         return _row_shapes(tuple(p.shape), frame.shape if frame is not None else tuple(p.shape), ranks, name)
 
-    neuron = _sort_neurons(plan, signature, active, charted, lookup, stack, shards)
+    neuron = _sort_neurons(plan, signature, active, lookup, stack, shards)
     norm = _sort_norms(plan, lookup, group_of, active, channel_step, stack, ranks)
     tensor = _sort_tensors(groups, names, plan, rules, neuron, norm, stack, shards)
     program = StepProgram(tuple(b for b, _ in tensor.batches), tuple(b for b, _ in norm.batches),
-                          tuple(neuron.batches), threshold)
+                          tuple(neuron.batches), float(edge_scale))
     views = {}
     for name in plan.tensors:
         shapes = shards(name, lookup[name])
@@ -1098,7 +974,7 @@ class _Neurons:
 
 
 def _sort_neurons(plan: FramePlan, signature: Callable[[str], tuple], active: Mapping[str, bool],
-                  charted: set[str], lookup: Mapping[str, Tensor], stack: bool,
+                  lookup: Mapping[str, Tensor], stack: bool,
                   shards: Callable[[str, Tensor], _Shapes]) -> _Neurons:
     """Neuron families to compute frames for: isolated ones of one signature batch together, a
     chain's families one by one (whole chains, if any of their tensors is stepped). Rebalanced
@@ -1133,9 +1009,8 @@ def _sort_neurons(plan: FramePlan, signature: Callable[[str], tuple], active: Ma
             role_names.append(names)
             role_gains.append(gains)
         rebalance = first.isolated and all(active.get(n, False) for names in role_names for n in names)
-        chart = rebalance and all(n in charted for names in role_names for n in names)
         out.batches.append(NeuronBatch(len(families), first.units, compute_dtype(lookup[first.members[0]]),
-                                       tuple(roles), rebalance, chart))
+                                       tuple(roles), rebalance))
         out.families.append([f.name for f in families])
         out.roles.append(role_names)
         out.gains.append(role_gains)

@@ -24,6 +24,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
+from ..gauges.families import EDGE_SCALE
 from ..gauges.gaugeset import GaugeSet
 from .batched_step import build_program, canonical_gradients, read_phase
 from .distributed import sharded_parameters, whole_by_name
@@ -62,8 +63,8 @@ def gauge_invariant_grad_norm(parameters: Tensor | Iterable[Tensor], gauges: Gau
     shards = sharded_parameters(params)  # FSDP2: each rank measures its rows; the gains are read whole
     whole = whole_by_name([f.gain for f in plan.norms], lookup, shards)
     collectives = shards.collectives if shards is not None else LOCAL
-    layout = build_program([{"params": params}], names, lookup, plan, [Adam()], channel_step=True, threshold=0.0,
-                           ranks=shards.ranks if shards is not None else None)
+    layout = build_program([{"params": params}], names, lookup, plan, [Adam()], channel_step=True,
+                           edge_scale=EDGE_SCALE, ranks=shards.ranks if shards is not None else None)
     read = read_phase(layout.program, layout.inputs(lookup, whole, collectives))
     parts = canonical_gradients(layout.program, read, range(len(layout.program.tensors)), collectives)
     parts += read.scale_inputs

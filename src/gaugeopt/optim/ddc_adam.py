@@ -7,7 +7,7 @@ bias, ``s^{+-1}`` on the two sides of a neuron scaling; 1 where no scaling acts)
 parameter ``p`` of a group with ``lr, betas, eps, weight_decay`` is::
 
     G~ = P(G gamma)                                   canonical gradient (P: centring, if translated)
-    m <- b1 m + (1 - b1) G~,   v <- b2 v + (1 - b2) S(G~ * G~)
+    m <- b1 m + (1 - b1) G~,   v <- b2 v + (1 - b2) S(G~ * G~)    (G~ clipped to 1.8e16 in float32)
     D  = P((m / c1) / (sqrt(v / c2) + eps))           c_k = 1 - b_k^t
     p <- (1 - lr wd) p - lr D gamma                   (the horizontal part of p, if translated)
 
@@ -19,23 +19,23 @@ Around it:
   (``C diag(g)``) and, with ``norm_scale_step``, each channel's scale takes AdamW's gain step instead:
   a scalar Adam (the gain's group settings) on the invariant ``h = g dL/dg (+ beta dL/dbeta)`` gives
   ``r`` and the consumers' column ``j`` is multiplied by ``e_j = exp(-lr r_j)``.
-* **Isolated neuron pairs: a unit-scale step, and their orbit coordinates held.** For a pair linked
-  to no other scaling (a transformer MLP's units), with ``unit_scale_step`` (default) each unit's
-  scale takes its own scalar Adam step and the per-coordinate Adam acts on its direction only: with
-  ``l = sqrt(u v)`` the unit's canonical side norm and ``h_k = <G~_k, P~_k>`` per side, Adam steps
-  ``x_k = G~_k - (h_k / l^2) P~_k``, and a scalar Adam on ``(h_1 + h_2) / (sqrt2 l)`` gives ``r``;
-  after the lift both sides' canonical norms are set to ``exp(-lr r / (sqrt2 l))`` times the
-  geometric mean of their norms before it, which replaces the radial part of Adam's step.
-  Without it the pair is stepped like any tensor and then rebalanced to equal canonical norms.
-  Either way ``log(|in_i| / |out_i|)`` does not move; the logit shift's mean row and the gains do
-  not move either. Chains of neuron scalings (a deep ReLU MLP) are exactly equivariant but their
-  orbit coordinates move (docs/ddc.md lists which frames hold them).
+* **Neuron units are read at the section point of their orbit.** A unit's frame is
+  ``s = |w_in| / |w~_in|`` with ``|w~_in|^2 = c^2 / 2 + sqrt(c^4 / 4 + l^4)``, ``l = sqrt(|w_in| |w_out|)``
+  its gauge-invariant size and ``c = edge_scale`` (:func:`~gaugeopt.gauges.unit_section`): the
+  balanced point ``|w~_in| = |w~_out| = l`` for ``l >> c``, and a canonical incoming side of norm
+  ``c`` where the outgoing side is zero (a zero-initialised output projection, a LoRA ``B = 0``), so
+  such units train, and a step moves a unit's incoming side by at most ``lr |D| / c`` relative.
+  After the step an isolated pair (a transformer MLP's units) is put back on the section by a gauge
+  element, so its orbit coordinate ``log(|w_in| / |w~_in|)`` does not move; the logit shift's mean
+  row and the gains do not move either. Chains of neuron scalings (a deep ReLU MLP) are exactly
+  equivariant but their orbit coordinates move (docs/ddc.md lists which frames hold them).
 * **Parameters no gauge touches** take Adam as it is: ``torch.optim.AdamW``'s update.
 
-Dead channels and units (a gain ``|g_j| <= dead_threshold``, or a unit with ``sqrt(u v) <=``
-``dead_threshold``) are frozen: their entries are left exactly as they are, their gradients do not
-enter the moments, and they are listed in :attr:`DDCAdam.frozen` (a ``RuntimeWarning`` when a new
-one appears). A parameter without a gradient, or with ``requires_grad=False``, is not stepped.
+Only where no frame exists is anything frozen: a norm channel whose gain is zero, a unit whose
+incoming side is zero. Their entries are left exactly as they are, their gradients do not enter the
+moments, and they are listed in :attr:`DDCAdam.frozen` and :meth:`DDCAdam.frozen_report` with the
+reason (a ``RuntimeWarning`` when a new one appears). A parameter without a gradient, or with
+``requires_grad=False``, is not stepped.
 """
 
 from __future__ import annotations
@@ -43,9 +43,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from ..gauges.families import EDGE_SCALE
 from ..gauges.gaugeset import GaugeSet
 from .base import FramedOptimizer
-from .guards import require_betas, require_nonnegative, require_rate
+from .guards import require_betas, require_nonnegative, require_positive, require_rate
 from .rules import Adam, Rule
 
 __all__ = ["DDCAdam"]
@@ -57,7 +58,7 @@ def check_adam_settings(group: Mapping[str, Any], where: str) -> None:
     """``ValueError(f"{where}: <field> ...")`` for a bad ``lr``, ``betas``, ``eps`` or ``weight_decay``."""
     require_rate(where, group["lr"])
     require_betas(where, "betas", group["betas"])
-    require_nonnegative(where, "eps", group["eps"])
+    require_positive(where, "eps", group["eps"])
     require_nonnegative(where, "weight_decay", group["weight_decay"])
 
 
@@ -73,10 +74,9 @@ class DDCAdam(FramedOptimizer):
         lr, betas, eps, weight_decay: as in ``torch.optim.AdamW``.
         norm_scale_step: take the channel-scale step of each norm family (module docstring);
             ``False`` leaves channel scales to the per-coordinate steps of the merged consumers.
-        unit_scale_step: take the unit-scale step of each isolated neuron pair (module docstring);
-            ``False`` steps the pairs per coordinate in their balanced frame.
-        dead_threshold: a norm channel with ``|gain| <=`` this, or a neuron unit with
-            ``sqrt(u v) <=`` this, is frozen and reported in :attr:`frozen`.
+        edge_scale: the section constant ``c`` of the neuron frames (module docstring): the norm of a
+            unit's canonical incoming side where its outgoing side is zero, in the units of the
+            weights (about the row norm of the initialisation); it must be ``> 0``.
         nonfinite: ``"raise"`` (default): a NaN or Inf gradient raises
             :class:`~gaugeopt.optim.NonFiniteGradientError` naming the parameter; ``"skip"``: the
             step is skipped and counted in :attr:`skipped_steps`. Nothing changes in either case.
@@ -91,8 +91,7 @@ class DDCAdam(FramedOptimizer):
     combinations no frame makes exact (``frames.compatible_gauges`` drops them).
     """
 
-    _STATE_KEYS = frozenset({"step", "exp_avg", "exp_avg_sq", "scale_exp_avg", "scale_exp_avg_sq", "unit_exp_avg",
-                             "unit_exp_avg_sq"})
+    _STATE_KEYS = frozenset({"step", "exp_avg", "exp_avg_sq", "scale_exp_avg", "scale_exp_avg_sq"})
     _PARAM_SHAPED_STATE = frozenset({"exp_avg", "exp_avg_sq", "scale_exp_avg", "scale_exp_avg_sq"})
 
     def __init__(
@@ -105,24 +104,19 @@ class DDCAdam(FramedOptimizer):
         weight_decay: float = 0.0,
         *,
         norm_scale_step: bool = True,
-        unit_scale_step: bool = True,
-        dead_threshold: float = 1e-12,
+        edge_scale: float = EDGE_SCALE,
         nonfinite: str = "raise",
         compiled: bool = False,
     ):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
         check_adam_settings(defaults, type(self).__name__)
         defaults["betas"] = tuple(betas)
-        super().__init__(params, defaults, gauges, channel_step=norm_scale_step, unit_step=unit_scale_step,
-                         dead_threshold=dead_threshold, nonfinite=nonfinite, compiled=compiled)
+        super().__init__(params, defaults, gauges, channel_step=norm_scale_step,
+                         edge_scale=edge_scale, nonfinite=nonfinite, compiled=compiled)
 
     @property
     def norm_scale_step(self) -> bool:
         return self.channel_step
-
-    @property
-    def unit_scale_step(self) -> bool:
-        return self.unit_step
 
     def _validate_group(self, group: dict[str, Any], where: str) -> None:
         check_adam_settings(group, where)

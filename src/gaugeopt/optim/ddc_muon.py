@@ -67,6 +67,9 @@ __all__ = ["DDCMuon", "muon_parameter_names", "muon_lr_scale", "ADJUST_LR_CHOICE
 #: Shape factors of the Muon step, as in ``torch.optim.Muon``'s ``adjust_lr_fn``.
 ADJUST_LR_CHOICES = ("original", "match_rms_adamw")
 
+#: DDCMuon's default section constant ``c`` of the neuron frames (DDCAdam's is ``gauges.EDGE_SCALE``).
+MUON_EDGE_SCALE = 0.5
+
 #: Keys a user group may set besides ``params`` and ``use_muon``: the Muon settings, and the Adam
 #: part's settings under ``adam_*`` names (stored in the Adam groups under Adam's own names).
 _MUON_KEYS = ("lr", "momentum", "nesterov", "weight_decay", "adjust_lr", "ns_steps", "ns_coefficients", "ns_eps",
@@ -112,7 +115,10 @@ class DDCMuon(FramedOptimizer):
             columns separately (heads read from the model's rotation families).
         adam_lr, adam_betas, adam_eps: the Adam groups' settings (embeddings, the head, vectors).
         adam_weight_decay: decay of the Adam groups (default: ``weight_decay``).
-        dead_threshold, nonfinite, compiled: as in :class:`~gaugeopt.optim.DDCAdam`.
+        edge_scale: the section constant ``c`` of the neuron frames, as in :class:`~gaugeopt.optim.DDCAdam`;
+            0.5 by default (DDCAdam's 1 made Muon's fixed-size orthogonal steps unstable on a deep
+            gated stack without norms: docs/ddc_muon.md).
+        nonfinite, compiled: as in :class:`~gaugeopt.optim.DDCAdam`.
     """
 
     _STATE_KEYS = frozenset({"step", "exp_avg", "exp_avg_sq", "momentum_buffer"})
@@ -138,7 +144,7 @@ class DDCMuon(FramedOptimizer):
         adam_betas: tuple[float, float] = (0.9, 0.999),
         adam_eps: float = 1e-8,
         adam_weight_decay: float | None = None,
-        dead_threshold: float = 1e-12,
+        edge_scale: float = MUON_EDGE_SCALE,
         nonfinite: str = "raise",
         compiled: bool = False,
     ):
@@ -159,7 +165,7 @@ class DDCMuon(FramedOptimizer):
         hidden = muon_parameter_names(gauges.model, gauges) if gauges is not None else None
         groups = _split_groups(params, muon_defaults, adam_defaults, names, hidden)
         defaults = {**muon_defaults, "betas": tuple(adam_betas), "eps": adam_eps, "use_muon": True}
-        super().__init__(groups, defaults, gauges, channel_step=False, dead_threshold=dead_threshold,
+        super().__init__(groups, defaults, gauges, channel_step=False, edge_scale=edge_scale,
                          nonfinite=nonfinite, compiled=compiled)
         if not any(g["use_muon"] and g["params"] for g in self.param_groups):
             warnings.warn(f"DDCMuon: no parameter takes the Muon step (no hidden matrix among them), so lr={lr} "

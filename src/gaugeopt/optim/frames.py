@@ -18,14 +18,16 @@ Per family (``W`` a parameter, ``G`` its gradient, rows = outputs):
   - Norm scale: ``s = g``, the gain itself: the gain is the frame of its channels and is never
     stepped (canonical gain 1), consumers are worked on merged ``W~ = C diag(g)``, a LayerNorm bias
     as ``beta / g``.
-  - Neuron scale: ``s_F = sqrt(u_F / v_F)`` from two closed-form recursions over the chain of
-    neuron families (a deep ReLU MLP, a SwiGLU stack): from the input side
+  - Neuron scale: ``s_F = u_F / |w~_in|`` (:func:`neuron_frames`) from two closed-form recursions
+    over the chain of neuron families (a deep ReLU MLP, a SwiGLU stack): from the input side
     ``u_F[i] = |multiplied slices i, their other axes times u_A (upstream families) or merged with a
     norm gain|`` and from the output side ``v_F[i] = |divided slices i, their other axes times v_B
     (downstream families), centred where a translation acts|``. Under the gauges ``u_F -> a u_F``
-    and ``v_F -> v_F / a``, so ``s_F`` is covariant. For an *isolated* pair (no upstream or
-    downstream family: a transformer's MLP units) ``u`` and ``v`` are the two side norms and the
-    canonical point is the orbit's balanced point ``|P1| = |P2| = sqrt(u v)``.
+    and ``v_F -> v_F / a``, so the unit's size ``l = sqrt(u_F v_F)`` is invariant and ``s_F`` is
+    covariant; ``|w~_in|`` is the section point of ``l`` (:func:`~gaugeopt.gauges.unit_section`):
+    the balanced point ``sqrt(u v)`` for ``l`` well above the section constant ``c``, and ``c`` where the
+    divided side is zero, so the frame is regular there. For an *isolated* pair (no upstream or
+    downstream family: a transformer's MLP units) ``u`` and ``v`` are the two side norms.
 
 * **Blocks of an axis.** A scaling whose unit owns a block of ``inner`` consecutive indices of an
   axis (:class:`~gaugeopt.gauges.AxisRef` with ``inner > 1``: a conv channel's columns in the Linear
@@ -50,15 +52,22 @@ tensors), used by :mod:`gaugeopt.optim.batched_step`.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor
 
-from ..gauges.families import AxisRef, GaugeFamily, HeadRotation, LogitShift, NeuronScaling, NormScaling
+from ..gauges.families import (
+    AxisRef,
+    GaugeFamily,
+    HeadRotation,
+    LogitShift,
+    NeuronScaling,
+    NormScaling,
+    unit_section,
+)
 from ..gauges.gaugeset import GaugeSet
 
 __all__ = [
@@ -76,8 +85,9 @@ __all__ = [
     "center_rows",
     "unit_square_sums",
     "unit_inner_products",
-    "neuron_scales",
-    "dead_threshold_mask",
+    "UnitFrames",
+    "neuron_frames",
+    "frozen_gains",
 ]
 
 
@@ -495,19 +505,37 @@ def unit_inner_products(a: Tensor, b: Tensor, unit_axis: int, *, workspace: Tens
     return product.sum(dim=other)
 
 
-def dead_threshold_mask(scale: Tensor, threshold: float) -> Tensor:
-    """Units whose frame scale cannot carry a step: ``scale <= threshold``, or too small for its
-    square to be a normal float (``scale`` is a gauge-invariant size per unit)."""
-    tiny = math.sqrt(torch.finfo(scale.dtype).tiny)
-    return (scale <= max(threshold, tiny)) | ~torch.isfinite(scale)
+class UnitFrames(NamedTuple):
+    """The frames of a batch of neuron units (stacked ``(members, units)``, :func:`neuron_frames`)."""
+
+    scale: Tensor  # s = u / |w~_in|, the frame (0 where frozen)
+    incoming: Tensor  # |w~_in|^2, the canonical incoming side's squared norm
+    outgoing: Tensor  # |w~_out|^2 = l^4 / |w~_in|^2
+    frozen: Tensor  # the incoming side is zero (or not finite): no frame carries a step
 
 
-def neuron_scales(forward_squares: Tensor, backward_squares: Tensor, threshold: float) -> tuple[Tensor, Tensor]:
-    """The neuron frame ``s = sqrt(u / v)`` from ``u^2`` (input side) and ``v^2`` (output side), and
-    the dead units: ``sqrt(u v) <= threshold`` or a side whose square underflows. Dead units get
-    ``s = 1`` (they are frozen by the caller)."""
-    u, v = forward_squares.sqrt(), backward_squares.sqrt()
-    tiny = math.sqrt(torch.finfo(u.dtype).tiny)
-    dead = (u <= tiny) | (v <= tiny) | (torch.sqrt(u) * torch.sqrt(v) <= threshold)
-    scale = torch.sqrt(torch.where(dead, torch.ones_like(u), u) / torch.where(dead, torch.ones_like(v), v))
-    return scale, dead
+def neuron_frames(forward_squares: Tensor, backward_squares: Tensor, edge_scale: float) -> UnitFrames:
+    """The neuron frame ``s = u / |w~_in|`` from ``u^2`` (input side) and ``v^2`` (output side), with
+    ``|w~_in|`` the section point of the unit's size ``l = sqrt(u v)``
+    (:func:`~gaugeopt.gauges.unit_section`, constant ``edge_scale``).
+
+    Under the gauge ``u -> a u``, ``v -> v / a``, so ``l`` is invariant and ``s -> a s``: the canonical
+    sides ``u / s = |w~_in|`` and ``v s = |w~_out|`` are invariant. The frame is regular wherever
+    ``u > 0``, a zero output side included (``s = u / c``); ``u = 0`` (or ``u^2`` not a normal float, or a
+    non-finite side) is frozen, with ``s = 0``.
+    """
+    tiny = torch.finfo(forward_squares.dtype).tiny
+    frozen = (forward_squares < tiny) | ~torch.isfinite(forward_squares) | ~torch.isfinite(backward_squares)
+    u2 = torch.where(frozen, 1.0, forward_squares)
+    v2 = torch.where(frozen, 0.0, backward_squares)
+    size = torch.sqrt(u2) * torch.sqrt(v2)  # l^2 = u v, without squaring u^2 v^2
+    incoming, outgoing = unit_section(size, edge_scale)
+    scale = torch.sqrt(u2 / incoming).masked_fill_(frozen, 0.0)
+    return UnitFrames(scale, incoming, outgoing, frozen)
+
+
+def frozen_gains(gains: Tensor) -> Tensor:
+    """Norm channels whose gain cannot be a frame: zero (or below the smallest normal float, whose
+    reciprocal overflows) or not finite. Zero is a property of the channel, not of where it lies on
+    its orbit; any other gain, however small, is a valid frame."""
+    return (gains.abs() < torch.finfo(gains.dtype).tiny) | ~torch.isfinite(gains)

@@ -46,6 +46,7 @@ __all__ = [
     "require",
     "require_rate",
     "require_nonnegative",
+    "require_positive",
     "require_unit_interval",
     "require_betas",
     "require_choice",
@@ -125,6 +126,12 @@ def require_nonnegative(where: str, field: str, value: Any) -> None:
     x = _real(value)
     require(x is not None and math.isfinite(x) and x >= 0, where,
             f"{field} must be a finite number >= 0, got {value!r}")
+
+
+def require_positive(where: str, field: str, value: Any) -> None:
+    """``value`` is a finite real number ``> 0``."""
+    x = _real(value)
+    require(x is not None and math.isfinite(x) and x > 0, where, f"{field} must be a finite number > 0, got {value!r}")
 
 
 def require_rate(where: str, value: Any) -> None:

@@ -14,7 +14,8 @@ coordinate permutations; a frame may leave a residual orthogonal symmetry on blo
 (:class:`Residual`), which a rule must respect: :class:`Adam` shares its second moments over each
 block, :class:`Muon` commutes with it (Newton-Schulz is equivariant under orthogonal maps).
 
-* :class:`Adam`: ``m <- b1 m + (1 - b1) G~``, ``v <- b2 v + (1 - b2) S(G~ * G~)``,
+* :class:`Adam`: ``m <- b1 m + (1 - b1) G~``, ``v <- b2 v + (1 - b2) S(G~ * G~)``, with every entry of
+  ``G~`` first clipped to :func:`square_safe` (1.8e16 in float32) so that neither moment overflows;
   ``D = (m / c1) / (sqrt(v / c2) + eps)`` with ``c_k = 1 - b_k^t``; ``S`` averages over the blocks of
   the residual symmetry (the identity without one).
 * :class:`Muon`: ``B <- mu B + (1 - mu) G~``, ``U = (1 - mu) G~ + mu B`` (nesterov) or ``B``,
@@ -40,7 +41,8 @@ from .layerwise import apply_update_rule, muon_update
 from .matrix_functions import MUON_NS_COEFFICIENTS
 from .shards import LOCAL, Collectives, RowShard
 
-__all__ = ["Residual", "Rule", "Adam", "Muon", "MomentumMap", "adam_bias_terms", "adam_direction_", "shared_row_mean"]
+__all__ = ["Residual", "Rule", "Adam", "Muon", "MomentumMap", "adam_bias_terms", "adam_direction_", "shared_row_mean",
+           "square_safe"]
 
 
 class Residual(NamedTuple):
@@ -73,6 +75,14 @@ class Rule(Protocol):
         goes through ``collectives`` (:mod:`gaugeopt.optim.shards`)."""
 
 
+def square_safe(dtype: torch.dtype) -> float:
+    """The largest gradient entry whose square, summed over a block of up to 2^20 entries, is finite in
+    ``dtype`` (1.8e16 in float32, 1.3e151 in float64). A finite gradient above ``sqrt(max)`` would
+    square to inf, and ``v = lerp(v, inf)`` then give ``inf - inf`` on the next step; clipped here,
+    ``m`` and ``v`` stay finite and the direction stays about ``sign(G)``."""
+    return math.sqrt(torch.finfo(dtype).max / 2**20)
+
+
 def _per_member(values: Tensor, ndim: int) -> Tensor:
     """``(L,)`` values shaped to broadcast over an ``(L, ...)`` stack with ``ndim`` member dims."""
     return values.reshape(-1, *([1] * ndim))
@@ -102,6 +112,8 @@ def adam_direction_(grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, weights: 
     the size of ``grad``.
     """
     members, ndim = grad.shape[0], grad.dim() - 1
+    bound = square_safe(grad.dtype)
+    grad = grad.clamp_(-bound, bound)
     exp_avg.lerp_(grad, weights[0])
     square = grad.square_()
     if rows is not None and any(axis == 0 for axis, _ in shared):

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from .base import FramedOptimizer
-from .guards import require_betas, require_nonnegative, require_rate, require_unit_interval
+from .guards import require_betas, require_nonnegative, require_positive, require_rate, require_unit_interval
 from .layerwise import ADJUST_LR_CHOICES, ORIENTATIONS, RULES, get_rule
 from .rules import Adam, MomentumMap, Muon, Rule
 from .matrix_functions import MUON_NS_COEFFICIENTS
@@ -114,7 +114,7 @@ class SymmetryCompatible(FramedOptimizer):
             adam_eps=adam_eps,
         )
         _validate_settings(defaults, type(self).__name__)
-        super().__init__(params, defaults, None, channel_step=False, dead_threshold=0.0, nonfinite=nonfinite,
+        super().__init__(params, defaults, None, channel_step=False, nonfinite=nonfinite,
                          compiled=compiled)
 
     def _validate_group(self, group: dict[str, Any], where: str) -> None:
@@ -142,8 +142,9 @@ def _validate_settings(settings: dict[str, Any], where: str) -> None:
 
     require_rate(where, settings["lr"])
     require_unit_interval(where, "beta", settings["beta"])
-    for field in ("weight_decay", "eps", "alpha", "ns_eps", "adam_eps"):
+    for field in ("weight_decay", "eps", "alpha", "ns_eps"):
         require_nonnegative(where, field, settings[field])
+    require_positive(where, "adam_eps", settings["adam_eps"])  # 0 would divide 0 by 0 on zero gradients
     steps = settings["ns_steps"]
     require(isinstance(steps, int) and not isinstance(steps, bool) and steps >= 0,
             f"ns_steps must be an int >= 0, got {steps!r}")
