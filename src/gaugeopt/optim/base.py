@@ -4,7 +4,10 @@
 and delegates the step to :mod:`gaugeopt.optim.batched_step`: a subclass only says which base rule
 each param group takes (:meth:`FramedOptimizer.rule_for`) and validates its groups. The layout of
 the step (which tensors are stepped as one batch) is built from the parameters that have gradients
-and cached until that set, a shape or a rule changes.
+and cached until that set, a shape or a rule changes; whenever it is built, every parameter's state
+is checked against what the parameter keeps (:meth:`FramedOptimizer._state_kinds`), before
+anything is written. The layout, the stacked state and the parameter ids are caches: copies and
+pickles rebuild them.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from torch import Tensor
 
 from ..gauges.gaugeset import GaugeSet
 from .batched_step import (
+    CHANNEL_STATE,
+    UNIT_STATE,
     StackedState,
     StepLayout,
     build_program,
@@ -28,7 +33,7 @@ from .batched_step import (
 from .distributed import gradients_finite_on_every_rank, sharded_step, whole_by_name
 from .frames import FramePlan, build_frame_plan
 from .guards import GuardedOptimizer, check_gauges_cover, require_nonnegative
-from .rules import Rule
+from .rules import Adam, Rule
 from .shards import LOCAL
 
 __all__ = ["FramedOptimizer"]
@@ -51,6 +56,9 @@ class FramedOptimizer(GuardedOptimizer):
             eager step; equal up to rounding).
     """
 
+    #: Caches rebuilt on demand: the step's layout and stacked state, parameter ids (new in a copy).
+    _TRANSIENT = frozenset({"_layout", "_layout_key", "_stacked", "_names"})
+
     def __init__(self, params, defaults: dict[str, Any], gauges: GaugeSet | None, *, channel_step: bool,
                  dead_threshold: float, nonfinite: str, compiled: bool, unit_step: bool = False):
         self._init_guards(nonfinite)
@@ -58,26 +66,34 @@ class FramedOptimizer(GuardedOptimizer):
         if gauges is not None and not isinstance(gauges, GaugeSet):
             raise TypeError("gauges must be a GaugeSet (from gaugeopt.find_gauges) or None, "
                             f"got {type(gauges).__name__}")
-        super().__init__(params, defaults)
-        for group in self.param_groups:
-            for p in group["params"]:
-                if not p.is_floating_point() or p.is_complex():
-                    raise TypeError(f"{type(self).__name__} needs real floating-point parameters, got {p.dtype}")
-        model_params = check_gauges_cover(gauges, self.param_groups)
-        self.gauges = gauges
-        self.plan: FramePlan = build_frame_plan(gauges) if gauges is not None else FramePlan({}, {})
-        self.dead_threshold = float(dead_threshold)
+        self.gauges = gauges  # before the groups are added: their parameters are checked against it
         self.channel_step = bool(channel_step)
         self.unit_step = bool(unit_step)
+        self.plan: FramePlan = build_frame_plan(gauges) if gauges is not None else FramePlan({}, {})
+        #: Name of the tensor that keeps an isolated neuron pair's unit-scale state -> the pair's units.
+        self._unit_holders = {f.multiplied[0].name: f.units for f in self.plan.neurons if f.isolated}
+        super().__init__(params, defaults)
+        model_params = check_gauges_cover(gauges, self.param_groups)
+        self.dead_threshold = float(dead_threshold)
         self.compiled = bool(compiled)
         self._warned_eager = False
         self._lookup: dict[str, Tensor] = dict(model_params)
-        self._names: dict[int, str] = {id(p): n for n, p in model_params.items()}
+        #: Frozen (dead) norm channels and neuron units of the last step: family name -> indices.
+        self.frozen: dict[str, tuple[int, ...]] = {}
+        self._reset_transient()
+
+    def _reset_transient(self) -> None:
+        self._names: dict[int, str] = {id(p): n for n, p in self._lookup.items()}
         self._layout: StepLayout | None = None
         self._layout_key: Any = None
         self._stacked = StackedState()
-        #: Frozen (dead) norm channels and neuron units of the last step: family name -> indices.
-        self.frozen: dict[str, tuple[int, ...]] = {}
+
+    def _check_new_parameters(self, group: dict[str, Any], where: str) -> None:
+        """Real floating-point tensors of ``gauges.model`` (:func:`~gaugeopt.optim.guards.check_gauges_cover`)."""
+        for p in group["params"]:
+            if not p.is_floating_point() or p.is_complex():
+                raise TypeError(f"{type(self).__name__} needs real floating-point parameters, got {p.dtype} in {where}")
+        check_gauges_cover(self.gauges, self.param_groups)  # the new group is the last one
 
     # ----- what subclasses say -----------------------------------------------------------------------
     def rule_for(self, group: Mapping[str, Any]) -> Rule:
@@ -87,12 +103,28 @@ class FramedOptimizer(GuardedOptimizer):
     def _known_names(self) -> Mapping[int, str]:
         return self._names
 
+    def _state_kinds(self, group: Mapping[str, Any], p: Tensor) -> tuple[Mapping[str, tuple[int, ...]], ...]:
+        """A norm gain holds the channel-scale step's state (when that step is taken); every other
+        parameter its rule's, and the first multiplied tensor of an isolated neuron pair stepped by
+        Adam also the unit-scale step's moments (one per unit)."""
+        name = self._names.get(id(p))
+        frame = self.plan.frame(name) if name is not None else None
+        shape = tuple(p.shape)
+        if frame is not None and frame.gain:
+            return (_kind(CHANNEL_STATE, shape),) if self.channel_step else ()
+        rule = self.rule_for(group)
+        kinds = [_kind(rule.state_keys, shape)]
+        if self.unit_step and isinstance(rule, Adam) and name in self._unit_holders:
+            kinds.append(_kind(UNIT_STATE, (self._unit_holders[name],)))
+        return tuple(kinds)
+
     # ----- the step ----------------------------------------------------------------------------------
     def _current_layout(self, rules: list[Rule], ranks: tuple[int, int] | None) -> StepLayout:
         key = (tuple((id(p), tuple(p.shape), p.dtype, p.device, p.grad is not None and p.requires_grad)
                      for group in self.param_groups for p in group["params"]),
                tuple(len(group["params"]) for group in self.param_groups), tuple(rules), ranks)
         if key != self._layout_key:
+            self._check_state()  # a parameter changed shape, or state was loaded: nothing moved yet
             self._stacked.release(self.state)
             self._layout = build_program(self.param_groups, self._names, self._lookup, self.plan, rules,
                                          channel_step=self.channel_step, unit_step=self.unit_step,
@@ -131,10 +163,6 @@ class FramedOptimizer(GuardedOptimizer):
         inputs = layout.for_writing(inputs, self.param_groups, self.state, self._stacked)
         write_phase(layout.program, inputs, read, masked=bool(any_dead), compiled=compiled)
         self._stacked.settle()
-        for family in self.plan.norms:  # distributed checkpoints want an entry for every parameter
-            gain = self._lookup[family.gain]
-            if any(gain is p for group in self.param_groups for p in group["params"]):
-                self.state.setdefault(gain, {})
         self._report_frozen(layout, read if any_dead else None, gains)
         return loss
 
@@ -159,3 +187,8 @@ class FramedOptimizer(GuardedOptimizer):
             warnings.warn(f"{type(self).__name__} froze dead norm channels / neuron units (left unchanged): "
                           f"{listing}", RuntimeWarning, stacklevel=3)
         self.frozen = frozen
+
+
+def _kind(keys: tuple[str, ...], shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
+    """A kind of state: ``keys`` shaped ``shape``, but the step count, a 0-d tensor."""
+    return {key: () if key == "step" else shape for key in keys}

@@ -16,6 +16,7 @@ to rules, applies the user's overrides and prints the classification table.
 from __future__ import annotations
 
 import fnmatch
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -82,8 +83,6 @@ class SymmetryCompatible(FramedOptimizer):
     """
 
     _EXTRA_GROUP_KEYS = frozenset({"role"})
-    _STATE_KEYS = frozenset({"momentum_buffer", "step", "exp_avg", "exp_avg_sq"})
-    _PARAM_SHAPED_STATE = frozenset({"momentum_buffer", "exp_avg", "exp_avg_sq"})
 
     def __init__(
         self,
@@ -142,13 +141,16 @@ def _validate_settings(settings: dict[str, Any], where: str) -> None:
 
     require_rate(where, settings["lr"])
     require_unit_interval(where, "beta", settings["beta"])
+    require(isinstance(settings["nesterov"], bool), f"nesterov must be True or False, got {settings['nesterov']!r}")
     for field in ("weight_decay", "eps", "alpha", "ns_eps", "adam_eps"):
         require_nonnegative(where, field, settings[field])
     steps = settings["ns_steps"]
     require(isinstance(steps, int) and not isinstance(steps, bool) and steps >= 0,
             f"ns_steps must be an int >= 0, got {steps!r}")
-    require(len(settings["ns_coefficients"]) == 3,
-            f"ns_coefficients must be 3 floats, got {settings['ns_coefficients']!r}")
+    coefficients = settings["ns_coefficients"]
+    require(isinstance(coefficients, (tuple, list)) and len(coefficients) == 3
+            and all(isinstance(c, (int, float)) and not isinstance(c, bool) and math.isfinite(c) for c in coefficients),
+            f"ns_coefficients must be three finite numbers (a, b, c), got {coefficients!r}")
     require(settings["adjust_lr"] in ADJUST_LR_CHOICES,
             f"adjust_lr must be one of {ADJUST_LR_CHOICES}, got {settings['adjust_lr']!r}")
     require(settings["orientation"] in ORIENTATIONS,
@@ -162,6 +164,8 @@ def _validate_settings(settings: dict[str, Any], where: str) -> None:
 def _validate_group(group: dict[str, Any], where: str) -> None:
     """Check one param group's settings against its parameters; raise a ``ValueError`` naming them."""
     names = group.get("param_names") or [f"params[{i}]" for i in range(len(group["params"]))]
+    if "role" in group and not isinstance(group["role"], str):
+        raise ValueError(f"{where}: role must be a string, got {group['role']!r}")
     where = where + (f" ({group['role']})" if "role" in group else "")
     if group["rule"] is None:
         raise ValueError(
