@@ -161,7 +161,7 @@ OPTIMIZERS = (
         "SymmetryCompatible",
         lambda model, gauges, groups=None, **kw: SymmetryCompatible(groups or _symmetry_groups(model), **kw),
         _symmetry_groups,
-        COMMON_BAD[3:] + (({"beta": 1.0}, "beta"), ({"eps": -1.0}, "eps"), ({"alpha": math.nan}, "alpha"),
+        COMMON_BAD[3:] + (({"momentum": 1.0}, "momentum"), ({"eps": -1.0}, "eps"), ({"alpha": math.nan}, "alpha"),
                           ({"adjust_lr": "spectral"}, "adjust_lr"), ({"orientation": "diagonal"}, "orientation"),
                           ({"adam_betas": (0.9, 1.5)}, "adam_betas"), ({"adam_eps": -1.0}, "adam_eps")),
         skips={"gauges": "takes no GaugeSet (it is configured by symmetry_param_groups)",
