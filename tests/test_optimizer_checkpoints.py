@@ -311,51 +311,53 @@ def test_add_param_group_applies_the_constructors_checks_and_changes_nothing_on_
 # --------------------------------------------------------------------------------------------------
 
 
-@each
-def test_a_parameter_whose_shape_changed_is_refused_at_the_next_step_before_anything_moves(case):
-    model, gauges, opt = started(case)
+def _resize_a_parameter(model, opt):
+    """The embedding grows a row after the optimizer has state for it."""
     with torch.no_grad():
         model.embed.weight.data = torch.randn(VOCAB + 1, model.embed.weight.shape[1], dtype=torch.float64)
-    opt.zero_grad()
-    model.embed.weight.grad = torch.randn_like(model.embed.weight)
-    for name, p in model.named_parameters():
-        if name != "embed.weight":
-            p.grad = torch.randn_like(p)
-    before = snapshot(model, opt)
-    with pytest.raises(ValueError, match=r"state '\w+' of embed\.weight .* has shape \(7, 6\), expected \(8, 6\)"):
-        opt.step()
-    assert_untouched(before, model, opt)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
 
 
-@each
-def test_state_a_load_post_hook_broke_is_refused_at_the_next_step_before_anything_moves(case):
-    model, gauges, opt = started(case)
-
+def _break_the_state_in_a_load_post_hook(model, opt):
     def truncate(o):
-        entry = next(e for e in o.state.values() if "exp_avg_sq" in e)
-        del entry["exp_avg_sq"]
+        del next(e for e in o.state.values() if "exp_avg_sq" in e)["exp_avg_sq"]
 
     opt.register_load_state_dict_post_hook(truncate)
     opt.load_state_dict(opt.state_dict())
     opt.zero_grad()
     backward(model, 5)
-    before = snapshot(model, opt)
-    with pytest.raises(ValueError, match=r"lacks \['exp_avg_sq'\]"):
-        opt.step()
-    assert_untouched(before, model, opt)
 
 
-@each
-def test_a_closure_that_raises_moves_nothing(case):
-    model, gauges, opt = started(case)
+def _raising_closure(model, opt):
     opt.zero_grad()
     backward(model, 5)
-    before = snapshot(model, opt)
 
     def closure():
         raise RuntimeError("out of memory in the forward pass")
 
-    with pytest.raises(RuntimeError, match="out of memory"):
+    return closure
+
+
+#: How a step can raise -> (what sets it up, returning the closure to pass; the error; its message).
+RAISING_STEPS = {
+    "a resized parameter": (_resize_a_parameter, ValueError,
+                            r"state '\w+' of embed\.weight .* has shape \(7, 6\), expected \(8, 6\)"),
+    "state a load post-hook broke": (_break_the_state_in_a_load_post_hook, ValueError, r"lacks \['exp_avg_sq'\]"),
+    "a closure that raises": (_raising_closure, RuntimeError, "out of memory"),
+}
+
+
+@each
+@pytest.mark.parametrize("how", list(RAISING_STEPS))
+def test_a_step_that_raises_moves_nothing(case, how):
+    """The state that no longer fits its parameter is found when the step lays out its batches, before
+    anything is written (bad settings and gradients: tests/test_robustness.py)."""
+    setup, error, pattern = RAISING_STEPS[how]
+    model, gauges, opt = started(case)
+    closure = setup(model, opt)
+    before = snapshot(model, opt)
+    with pytest.raises(error, match=pattern):
         opt.step(closure)
     assert_untouched(before, model, opt)
 
