@@ -279,7 +279,7 @@ def test_the_layerwise_muon_rule_and_ddc_muon_take_the_same_step(nesterov):
     grads = [torch.randn(6, 10, dtype=torch.float64, generator=generator) for _ in range(4)]
     ours, theirs = torch.nn.Parameter(start.clone()), torch.nn.Parameter(start.clone())
     settings = dict(lr=0.02, nesterov=nesterov, weight_decay=0.1)
-    layerwise = SymmetryCompatible([ours], rule="muon", beta=0.9, **settings)
+    layerwise = SymmetryCompatible([ours], rule="muon", momentum=0.9, **settings)
     ddc = DDCMuon([theirs], None, momentum=0.9, **settings)
     for grad in grads:
         for p, opt in ((ours, layerwise), (theirs, ddc)):

@@ -136,3 +136,29 @@ def test_newton_schulz_batched_transposed_and_equivariant():
 def test_bad_inputs_raise_clear_errors(call, error):
     with pytest.raises(error):
         call()
+
+
+@pytest.mark.parametrize("shape", [(0, 4), (4, 0), (0, 0), (3, 0, 5), (0, 3, 5)])
+def test_matrices_without_elements_map_to_themselves(shape):
+    """A parameter with no rows or columns (or an empty batch of matrices) has an empty polar factor;
+    Newton-Schulz used to fail reshaping it."""
+    from gaugeopt.optim.layerwise import damped_polar, hybrid_update, spectral_update
+
+    G = torch.empty(shape, dtype=F64)
+    for function in (newton_schulz, polar, damped_polar, spectral_update, hybrid_update):
+        out = function(G)
+        assert out.shape == G.shape and out.dtype == F64, function.__name__
+
+
+def test_damped_polar_of_a_float32_matrix_is_its_float64_value_rounded():
+    """The Gram matrix squares the condition number: formed in float32, its damping floor moved the
+    factor of a matrix with a singular value 1e-2 of the largest by tens of percent."""
+    from gaugeopt.optim.layerwise import damped_polar
+
+    g = torch.Generator().manual_seed(5)
+    U = torch.linalg.qr(torch.randn(12, 6, generator=g, dtype=F64))[0]
+    V = torch.linalg.qr(torch.randn(6, 6, generator=g, dtype=F64))[0]
+    Y = (U * torch.tensor([3.0, 2.0, 1.0, 0.5, 0.1, 0.01], dtype=F64)) @ V.mT
+    exact = damped_polar(Y.float().double())
+    assert rel_err(damped_polar(Y.float()).double(), exact) < 1e-6
+    assert damped_polar(Y.float()).dtype == torch.float32

@@ -26,7 +26,7 @@ def test_one_step_is_ema_momentum_decay_then_phi():
     W0 = W.detach().clone()
     G1, G2 = torch.randn(6, 4, generator=gen(1), dtype=F64), torch.randn(6, 4, generator=gen(2), dtype=F64)
     lr, wd, beta = 0.1, 0.3, 0.9
-    opt = SymmetryCompatible([W], lr=lr, rule="hybrid", weight_decay=wd, beta=beta, alpha=1.0)
+    opt = SymmetryCompatible([W], lr=lr, rule="hybrid", weight_decay=wd, momentum=beta, alpha=1.0)
     W.grad = G1
     opt.step()
     M1 = (1 - beta) * G1  # EMA from zero, no bias correction
@@ -59,7 +59,7 @@ def test_groups_use_their_own_rules_and_hyperparameters():
         lr=0.5,
     )
     assert [g["lr"] for g in opt.param_groups] == [0.02, 1e-3]
-    assert opt.param_groups[0]["beta"] == 0.95  # defaults fill the rest
+    assert opt.param_groups[0]["momentum"] == 0.95  # defaults fill the rest
     W.grad, v.grad = torch.ones(8, 4, dtype=F64), torch.ones(4, dtype=F64)
     before = W.detach().clone()
     opt.step()
@@ -87,7 +87,7 @@ def test_params_without_grad_are_skipped():
         ({"rule": "muon"}, {"heads": 3}, "does not divide"),
         ({"rule": "muon"}, {"heads": 2, "orientation": "col"}, "does not divide"),
         ({"rule": "muon"}, {"lr": -1.0}, "lr"),
-        ({"rule": "muon"}, {"beta": 1.0}, "beta"),
+        ({"rule": "muon"}, {"momentum": 1.0}, "momentum"),
         ({"rule": "muon"}, {"weight_decay": -0.1}, "weight_decay"),
         ({"rule": "hybrid"}, {"alpha": -1.0}, "alpha"),
         ({"rule": "muon"}, {"adjust_lr": "sqrt"}, "adjust_lr"),

@@ -4,7 +4,10 @@
 and delegates the step to :mod:`gaugeopt.optim.batched_step`: a subclass only says which base rule
 each param group takes (:meth:`FramedOptimizer.rule_for`) and validates its groups. The layout of
 the step (which tensors are stepped as one batch) is built from the parameters that have gradients
-and cached until that set, a shape or a rule changes.
+and cached until that set, a shape or a rule changes; whenever it is built, every parameter's state
+is checked against what the parameter keeps (:meth:`FramedOptimizer._state_kinds`), before
+anything is written. The layout, the stacked state and the parameter ids are caches: copies and
+pickles rebuild them.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from torch import Tensor
 from ..gauges.families import EDGE_SCALE
 from ..gauges.gaugeset import GaugeSet
 from .batched_step import (
+    CHANNEL_STATE,
     StackedState,
     StepLayout,
     build_program,
@@ -63,6 +67,9 @@ class FramedOptimizer(GuardedOptimizer):
             eager step; equal up to rounding).
     """
 
+    #: Caches rebuilt on demand: the step's layout and stacked state, parameter ids (new in a copy).
+    _TRANSIENT = frozenset({"_layout", "_layout_key", "_stacked", "_names"})
+
     def __init__(self, params, defaults: dict[str, Any], gauges: GaugeSet | None, *, channel_step: bool,
                  nonfinite: str, compiled: bool, edge_scale: float = EDGE_SCALE):
         self._init_guards(nonfinite)
@@ -70,27 +77,33 @@ class FramedOptimizer(GuardedOptimizer):
         if gauges is not None and not isinstance(gauges, GaugeSet):
             raise TypeError("gauges must be a GaugeSet (from gaugeopt.find_gauges) or None, "
                             f"got {type(gauges).__name__}")
-        super().__init__(params, defaults)
-        for group in self.param_groups:
-            for p in group["params"]:
-                if not p.is_floating_point() or p.is_complex():
-                    raise TypeError(f"{type(self).__name__} needs real floating-point parameters, got {p.dtype}")
-        model_params = check_gauges_cover(gauges, self.param_groups)
-        self.gauges = gauges
-        self.plan: FramePlan = build_frame_plan(gauges) if gauges is not None else FramePlan({}, {})
-        self.edge_scale = float(edge_scale)
+        self.gauges = gauges  # before the groups are added: their parameters are checked against it
         self.channel_step = bool(channel_step)
+        self.edge_scale = float(edge_scale)
+        self.plan: FramePlan = build_frame_plan(gauges) if gauges is not None else FramePlan({}, {})
+        super().__init__(params, defaults)
+        model_params = check_gauges_cover(gauges, self.param_groups)
         self.compiled = bool(compiled)
         self._warned_eager = False
         self._lookup: dict[str, Tensor] = dict(model_params)
-        self._names: dict[int, str] = {id(p): n for n, p in model_params.items()}
-        self._layout: StepLayout | None = None
-        self._layout_key: Any = None
-        self._stacked = StackedState()
         #: Frozen norm channels and neuron units of the last step: family name -> indices
         #: (:meth:`frozen_report` says why).
         self.frozen: dict[str, tuple[int, ...]] = {}
         self._frozen_rows: list[FrozenUnits] = []
+        self._reset_transient()
+
+    def _reset_transient(self) -> None:
+        self._names: dict[int, str] = {id(p): n for n, p in self._lookup.items()}
+        self._layout: StepLayout | None = None
+        self._layout_key: Any = None
+        self._stacked = StackedState()
+
+    def _check_new_parameters(self, group: dict[str, Any], where: str) -> None:
+        """Real floating-point tensors of ``gauges.model`` (:func:`~gaugeopt.optim.guards.check_gauges_cover`)."""
+        for p in group["params"]:
+            if not p.is_floating_point() or p.is_complex():
+                raise TypeError(f"{type(self).__name__} needs real floating-point parameters, got {p.dtype} in {where}")
+        check_gauges_cover(self.gauges, self.param_groups)  # the new group is the last one
 
     # ----- what subclasses say -----------------------------------------------------------------------
     def rule_for(self, group: Mapping[str, Any]) -> Rule:
@@ -100,12 +113,23 @@ class FramedOptimizer(GuardedOptimizer):
     def _known_names(self) -> Mapping[int, str]:
         return self._names
 
+    def _state_kinds(self, group: Mapping[str, Any], p: Tensor) -> tuple[Mapping[str, tuple[int, ...]], ...]:
+        """A norm gain holds the channel-scale step's state (when that step is taken); every other
+        parameter its rule's."""
+        name = self._names.get(id(p))
+        frame = self.plan.frame(name) if name is not None else None
+        shape = tuple(p.shape)
+        if frame is not None and frame.gain:
+            return (_kind(CHANNEL_STATE, shape),) if self.channel_step else ()
+        return (_kind(self.rule_for(group).state_keys, shape),)
+
     # ----- the step ----------------------------------------------------------------------------------
     def _current_layout(self, rules: list[Rule], ranks: tuple[int, int] | None) -> StepLayout:
         key = (tuple((id(p), tuple(p.shape), p.dtype, p.device, p.grad is not None and p.requires_grad)
                      for group in self.param_groups for p in group["params"]),
                tuple(len(group["params"]) for group in self.param_groups), tuple(rules), ranks)
         if key != self._layout_key:
+            self._check_state()  # a parameter changed shape, or state was loaded: nothing moved yet
             self._stacked.release(self.state)
             self._layout = build_program(self.param_groups, self._names, self._lookup, self.plan, rules,
                                          channel_step=self.channel_step,
@@ -144,10 +168,6 @@ class FramedOptimizer(GuardedOptimizer):
         inputs = layout.for_writing(inputs, self.param_groups, self.state, self._stacked)
         write_phase(layout.program, inputs, read, masked=bool(any_dead), compiled=compiled)
         self._stacked.settle()
-        for family in self.plan.norms:  # distributed checkpoints want an entry for every parameter
-            gain = self._lookup[family.gain]
-            if any(gain is p for group in self.param_groups for p in group["params"]):
-                self.state.setdefault(gain, {})
         self._report_frozen(layout, read if any_dead else None, gains)
         return loss
 
@@ -183,3 +203,8 @@ class FramedOptimizer(GuardedOptimizer):
     def frozen_report(self) -> list[FrozenUnits]:
         """The norm channels and neuron units the last step froze, one row per family and reason."""
         return list(self._frozen_rows)
+
+
+def _kind(keys: tuple[str, ...], shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
+    """A kind of state: ``keys`` shaped ``shape``, but the step count, a 0-d tensor."""
+    return {key: () if key == "step" else shape for key in keys}

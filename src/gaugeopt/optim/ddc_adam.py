@@ -91,9 +91,6 @@ class DDCAdam(FramedOptimizer):
     combinations no frame makes exact (``frames.compatible_gauges`` drops them).
     """
 
-    _STATE_KEYS = frozenset({"step", "exp_avg", "exp_avg_sq", "scale_exp_avg", "scale_exp_avg_sq"})
-    _PARAM_SHAPED_STATE = frozenset({"exp_avg", "exp_avg_sq", "scale_exp_avg", "scale_exp_avg_sq"})
-
     def __init__(
         self,
         params,

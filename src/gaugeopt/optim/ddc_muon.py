@@ -121,8 +121,6 @@ class DDCMuon(FramedOptimizer):
         nonfinite, compiled: as in :class:`~gaugeopt.optim.DDCAdam`.
     """
 
-    _STATE_KEYS = frozenset({"step", "exp_avg", "exp_avg_sq", "momentum_buffer"})
-    _PARAM_SHAPED_STATE = frozenset({"exp_avg", "exp_avg_sq", "momentum_buffer"})
     _EXTRA_GROUP_KEYS = frozenset({"use_muon"})
 
     def __init__(
@@ -173,10 +171,12 @@ class DDCMuon(FramedOptimizer):
                           f"DDCMuon.split() lists the split", UserWarning, stacklevel=2)
 
     def _validate_group(self, group: dict, where: str) -> None:
-        """Muon settings and shapes where the group takes Muon; always the Adam part's (lr, betas, eps,
-        decay). Runs on groups added, on every step and on groups a checkpoint loads."""
-        if group.get("use_muon", False):
-            _check_muon_settings(group, where)
+        """Every setting (a group holds both rules' settings), and matrices where the group takes Muon.
+        Runs on groups added, on every step and on groups a checkpoint loads."""
+        require(isinstance(group.get("use_muon"), bool), where, f"use_muon must be True or False, got "
+                                                                f"{group.get('use_muon')!r}")
+        _check_muon_settings(group, where)
+        if group["use_muon"]:
             for p in group["params"]:
                 require(p.ndim >= 2, where, f"Muon needs matrices (or conv kernels); a parameter of shape "
                                             f"{tuple(p.shape)} is in a group with use_muon=True: put it in a group "
@@ -214,6 +214,8 @@ def _check_muon_settings(group: Mapping[str, Any], where: str) -> None:
     """``ValueError(f"{where}: <field> ...")`` for a bad Muon setting."""
     require_rate(where, group["lr"])
     require_unit_interval(where, "momentum", group["momentum"])
+    for flag in ("nesterov", "head_wise"):
+        require(isinstance(group[flag], bool), where, f"{flag} must be True or False, got {group[flag]!r}")
     require_nonnegative(where, "weight_decay", group["weight_decay"])
     require_choice(where, "adjust_lr", group["adjust_lr"], ADJUST_LR_CHOICES)
     steps = group["ns_steps"]
@@ -243,6 +245,9 @@ def _split_groups(params, muon_defaults: dict, adam_defaults: dict, names: dict[
         unknown = set(user) - {"params", "use_muon", *_MUON_KEYS, *_ADAM_KEYS}
         if unknown:
             raise ValueError(f"param group {index} has unknown option(s) {sorted(unknown)}")
+        if isinstance(user["params"], set):
+            raise TypeError("optimizer parameters need to be organized in ordered collections, but the ordering "
+                            "of tensors in sets will change between runs. Please use a list instead.")
         entries = [user["params"]] if isinstance(user["params"], Tensor) else list(user["params"])
         tensors = [e[1] if isinstance(e, tuple) else e for e in entries]
         if "use_muon" in user:
@@ -254,7 +259,8 @@ def _split_groups(params, muon_defaults: dict, adam_defaults: dict, names: dict[
         muon = {**muon_defaults, **{k: user[k] for k in _MUON_KEYS if k in user}}
         adam = {**muon_defaults, **adam_defaults, **{v: user[k] for k, v in _ADAM_KEYS.items() if k in user}}
         for settings, flag in ((muon, True), (adam, False)):
-            chosen = [p for p, f in zip(tensors, muon_flags) if f == flag]
+            # entries as given: (name, tensor) pairs keep their names (torch's checks apply to them)
+            chosen = [e for e, f in zip(entries, muon_flags) if f == flag]
             if chosen:
                 settings = dict(settings, ns_coefficients=tuple(settings["ns_coefficients"]))
                 if flag:

@@ -15,8 +15,8 @@ of the mesh's process group for what is not local to the rows:
   factors) is a partial sum on each rank; the sums of one reduction round are packed per dtype into
   one flat buffer and all-reduced once. The step's rounds: the norm gains made whole (they are the
   frames of their consumers' columns: each rank holds its rows of every gain), the mean rows of
-  translated parameters, the neuron frames with the unit-scale step's inner products (one round per
-  link of a neuron chain; isolated pairs need one), the channel factors, the row means of translated
+  translated parameters, the neuron frames (one round per link of a neuron chain; isolated pairs
+  need one), the channel factors, the row means of translated
   canonical gradients and directions, and the isolated pairs' sums of squares after the lift;
 * a map that needs whole matrices (DDCMuon's Newton-Schulz, the layerwise maps of
   SymmetryCompatible) gets them by :meth:`ProcessGroupCollectives.whole`: of each stack of
@@ -32,8 +32,8 @@ unit or channel, a mean row per translated tensor), DDCMuon and SymmetryCompatib
 each matrix's map input to its rank and its rows back. State shaped like its parameter is stored as
 a ``DTensor`` placed like it (a view of this rank's rows, created on the first step), so
 ``torch.distributed.checkpoint`` saves it sharded and loads it on any number of ranks; other state
-(step counts, per-unit and per-channel moments of the unit-scale step) is replicated, computed
-identically on every rank.
+(step counts, the channel-scale step's per-channel moments) is replicated, computed identically on
+every rank.
 
 The result equals the single-process step up to the rounding of sums taken in another order (the
 tests require 1e-10 relative after 10 steps). Only parameters on one 1-D mesh with ``Shard(0)``

@@ -227,9 +227,17 @@ def damped_polar(Y: Tensor, eps: float = 1e-8, *, rows_centered: bool = False) -
     damping is at least ``max(100 u, 1e-12) |G|_F`` (``u`` the dtype's unit roundoff, ``G`` the
     scaled Gram matrix; :func:`_damping_floor` says why), so that the inverse square root of a
     rank-deficient ``Y`` (a momentum that touched few rows) converges. The floor is gauge invariant
-    (``|G|_F`` is) and below ``eps`` in float64 at ordinary scales; in float32 it damps singular
-    values below about ``0.4%`` of ``sqrt(|G|_F)``.
+    (``|G|_F`` is) and below ``eps`` in float64 at ordinary scales.
+
+    The Gram matrix squares the condition number of ``Y``, so the map runs in float64 whatever
+    ``Y``'s dtype (the result is rounded back to it): in float32 the floor would damp singular values
+    below about ``0.4%`` of ``sqrt(|G|_F)``, which moved the centred hybrid step of a small LM head
+    by 1e-2 to 4e-1 relative to its float64 value. MPS has no float64; there it runs in ``Y``'s dtype.
     """
+    if Y.numel() == 0:
+        return Y.clone()
+    if Y.dtype != torch.float64 and Y.device.type != "mps":
+        return damped_polar(Y.double(), eps, rows_centered=rows_centered).to(Y.dtype)
     rows, cols = Y.shape[-2], Y.shape[-1]
     largest = Y.abs().amax(dim=(-2, -1), keepdim=True)
     power = torch.ldexp(torch.ones_like(largest), torch.frexp(largest).exponent - 1)  # |Y / power| in [1, 2)

@@ -93,6 +93,8 @@ def newton_schulz(
         raise ValueError(f"coefficients must be three floats (a, b, c), got {coefficients!r}")
     a, b, c = coefficients
     X = G.to(dtype or G.dtype, copy=True)
+    if X.numel() == 0:  # a matrix with no rows or columns (or an empty batch) is its own factor
+        return X
     transposed = X.size(-2) > X.size(-1)
     if transposed:
         X = X.mT
@@ -142,6 +144,8 @@ def polar(
         warmup_steps: quintic steps before the cubic polish (0 gives the pure cubic iteration).
     """
     _check_matrix_batch(G, "G")
+    if G.numel() == 0:
+        return G.clone()
     transposed = G.shape[-2] > G.shape[-1]
     X = G.mT if transposed else G  # wide: (..., k, n) with k <= n
     k = X.shape[-2]

@@ -3,9 +3,9 @@
 :class:`SymmetryCompatible` is one ``torch.optim.Optimizer`` whose param groups each name a
 ``rule`` from :data:`gaugeopt.optim.layerwise.RULES`. For a matrix rule ``Phi`` a step is
 
-    M <- beta M + (1 - beta) G          (EMA momentum, no bias correction)
+    M <- mu M + (1 - mu) G              (EMA momentum, no bias correction; mu = ``momentum``)
     W <- (1 - lr * weight_decay) W      (decoupled weight decay)
-    W <- W - lr * Phi(M)                (or Phi((1 - beta) G + beta M) with nesterov=True)
+    W <- W - lr * Phi(M)                (or Phi((1 - mu) G + mu M) with nesterov=True)
 
 and ``adamw`` groups take an ordinary AdamW step. :func:`symmetry_param_groups` inspects a model's
 structure, gives every parameter a role (embedding, LM head, tied embedding/head, attention
@@ -16,6 +16,7 @@ to rules, applies the user's overrides and prints the classification table.
 from __future__ import annotations
 
 import fnmatch
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -57,8 +58,9 @@ class SymmetryCompatible(FramedOptimizer):
         orientation: ``"row"`` (rows of the stored matrix are the block's units) or ``"col"``
             (columns are; for ``muon`` it selects the axis that ``heads`` splits).
         heads: Muon only: orthogonalise ``heads`` equal row (or column) blocks separately.
-        beta: EMA momentum coefficient (0.95 in the paper).
-        nesterov: use ``(1 - beta) G + beta M`` instead of ``M`` as the input of ``Phi``.
+        momentum: the EMA momentum coefficient ``mu`` (the paper's beta, 0.95 in its runs); named
+            like torch's, so ``OneCycleLR`` and ``CyclicLR`` cycle it.
+        nesterov: use ``(1 - mu) G + mu M`` instead of ``M`` as the input of ``Phi``.
         weight_decay: decoupled weight decay ``W <- (1 - lr wd) W``.
         eps: row-norm denominator guard and Gram-matrix damping of the spectral rules.
         alpha: exponent of the nuclear-norm scale of the spectral and hybrid rules.
@@ -82,8 +84,6 @@ class SymmetryCompatible(FramedOptimizer):
     """
 
     _EXTRA_GROUP_KEYS = frozenset({"role"})
-    _STATE_KEYS = frozenset({"momentum_buffer", "step", "exp_avg", "exp_avg_sq"})
-    _PARAM_SHAPED_STATE = frozenset({"momentum_buffer", "exp_avg", "exp_avg_sq"})
 
     def __init__(
         self,
@@ -93,7 +93,7 @@ class SymmetryCompatible(FramedOptimizer):
         rule: str | None = None,
         orientation: str = "row",
         heads: int | None = None,
-        beta: float = 0.95,
+        momentum: float = 0.95,
         nesterov: bool = False,
         weight_decay: float = 0.0,
         eps: float = 1e-8,
@@ -108,7 +108,7 @@ class SymmetryCompatible(FramedOptimizer):
         compiled: bool = False,
     ) -> None:
         defaults = dict(
-            lr=lr, rule=rule, orientation=orientation, heads=heads, beta=beta, nesterov=nesterov,
+            lr=lr, rule=rule, orientation=orientation, heads=heads, momentum=momentum, nesterov=nesterov,
             weight_decay=weight_decay, eps=eps, alpha=alpha, ns_steps=ns_steps, ns_eps=ns_eps,
             ns_coefficients=tuple(ns_coefficients), adjust_lr=adjust_lr, adam_betas=tuple(adam_betas),
             adam_eps=adam_eps,
@@ -120,6 +120,12 @@ class SymmetryCompatible(FramedOptimizer):
     def _validate_group(self, group: dict[str, Any], where: str) -> None:
         _validate_group(group, where)
 
+    def _upgraded_group(self, saved: Mapping[str, Any]) -> Mapping[str, Any]:
+        """Checkpoints of earlier versions named the momentum coefficient ``beta``."""
+        if "beta" in saved and "momentum" not in saved:
+            return {("momentum" if key == "beta" else key): value for key, value in saved.items()}
+        return saved
+
     def rule_for(self, group: Mapping[str, Any]) -> Rule:
         name = group["rule"]
         if name == "adamw":
@@ -128,9 +134,9 @@ class SymmetryCompatible(FramedOptimizer):
             return Muon(nesterov=bool(group["nesterov"]), ns_steps=group["ns_steps"],
                         ns_coefficients=tuple(group["ns_coefficients"]), ns_eps=float(group["ns_eps"]),
                         adjust_lr=group["adjust_lr"], head_blocks=group["heads"], head_axis=group["orientation"],
-                        block_scale=True, momentum_key="beta")
+                        block_scale=True, momentum_key="momentum")
         options = tuple((key, group[key]) for key in get_rule(name).options)
-        return MomentumMap(name, group["orientation"], options, bool(group["nesterov"]), momentum_key="beta")
+        return MomentumMap(name, group["orientation"], options, bool(group["nesterov"]), momentum_key="momentum")
 
 
 def _validate_settings(settings: dict[str, Any], where: str) -> None:
@@ -141,15 +147,18 @@ def _validate_settings(settings: dict[str, Any], where: str) -> None:
             raise ValueError(f"{where}: {message}")
 
     require_rate(where, settings["lr"])
-    require_unit_interval(where, "beta", settings["beta"])
+    require_unit_interval(where, "momentum", settings["momentum"])
+    require(isinstance(settings["nesterov"], bool), f"nesterov must be True or False, got {settings['nesterov']!r}")
     for field in ("weight_decay", "eps", "alpha", "ns_eps"):
         require_nonnegative(where, field, settings[field])
     require_positive(where, "adam_eps", settings["adam_eps"])  # 0 would divide 0 by 0 on zero gradients
     steps = settings["ns_steps"]
     require(isinstance(steps, int) and not isinstance(steps, bool) and steps >= 0,
             f"ns_steps must be an int >= 0, got {steps!r}")
-    require(len(settings["ns_coefficients"]) == 3,
-            f"ns_coefficients must be 3 floats, got {settings['ns_coefficients']!r}")
+    coefficients = settings["ns_coefficients"]
+    require(isinstance(coefficients, (tuple, list)) and len(coefficients) == 3
+            and all(isinstance(c, (int, float)) and not isinstance(c, bool) and math.isfinite(c) for c in coefficients),
+            f"ns_coefficients must be three finite numbers (a, b, c), got {coefficients!r}")
     require(settings["adjust_lr"] in ADJUST_LR_CHOICES,
             f"adjust_lr must be one of {ADJUST_LR_CHOICES}, got {settings['adjust_lr']!r}")
     require(settings["orientation"] in ORIENTATIONS,
@@ -163,6 +172,8 @@ def _validate_settings(settings: dict[str, Any], where: str) -> None:
 def _validate_group(group: dict[str, Any], where: str) -> None:
     """Check one param group's settings against its parameters; raise a ``ValueError`` naming them."""
     names = group.get("param_names") or [f"params[{i}]" for i in range(len(group["params"]))]
+    if "role" in group and not isinstance(group["role"], str):
+        raise ValueError(f"{where}: role must be a string, got {group['role']!r}")
     where = where + (f" ({group['role']})" if "role" in group else "")
     if group["rule"] is None:
         raise ValueError(
@@ -235,7 +246,7 @@ RULE_DEFAULT_LR: dict[str, float] = {
 }
 
 _OVERRIDE_KEYS = frozenset({
-    "rule", "orientation", "heads", "lr", "weight_decay", "beta", "nesterov", "eps", "alpha", "ns_steps",
+    "rule", "orientation", "heads", "lr", "weight_decay", "momentum", "nesterov", "eps", "alpha", "ns_steps",
     "ns_eps", "ns_coefficients", "adjust_lr", "adam_betas", "adam_eps",
 })
 _SWIGLU_NAMES = {
@@ -580,7 +591,7 @@ def symmetry_param_groups(
 
     ``overrides`` maps glob patterns on parameter names (``fnmatch``, e.g. ``"blocks.*.moe.router.weight"``)
     to a rule name or a dict of settings (``rule``, ``orientation``, ``heads``, ``lr``, ``weight_decay``,
-    ``beta``, ``nesterov``, ``eps``, ``alpha``, Muon and AdamW options). A parameter matched by two
+    ``momentum``, ``nesterov``, ``eps``, ``alpha``, Muon and AdamW options). A parameter matched by two
     patterns, or a pattern that matches nothing, is an error. Frozen parameters are skipped.
 
     Returns ordinary param-group dicts: ``params``, ``param_names``, ``role`` and the settings.
