@@ -13,7 +13,8 @@ A step has two phases, pure functions of a static :class:`StepProgram` and the s
    host synchronisation: every gradient finite, any channel or unit frozen.
 2. :func:`write_phase` (only after the flags allow it): per norm family the channel-scale step (a
    scalar Adam on ``h = g dL/dg (+ beta dL/dbeta)``, the gain's AdamW step taken as a factor
-   ``e = exp(-lr r)`` on the consumers' columns); per batch the canonical gradient ``G~ = G gamma``
+   ``e = exp(-min(lr_g, lr_c) r)`` on the consumers' columns, ``lr_g`` the gain's rate and ``lr_c``
+   the consumer's); per batch the canonical gradient ``G~ = G gamma``
    (centred for translations), the rule's canonical direction ``D``, the lift and the write
 
        p <- (1 - lr wd) p e - lr D gamma e     (horizontal part only for a translated tensor)
@@ -212,6 +213,7 @@ class ReadOut(NamedTuple):
     gammas: list[list[Tensor]]  # per tensor batch, per scaled axis, the gradient factor (broadcastable)
     dead: list[list[Tensor]]  # per tensor batch, per scaled axis, its dead slices (broadcastable)
     scales: list[Tensor]  # per neuron batch, s
+    sections: list[tuple[Tensor, Tensor]]  # per neuron batch, (u^2, |w~_in|^2) of which s = sqrt(u^2 / |w~_in|^2)
     neuron_dead: list[Tensor]  # per neuron batch, (members, units): frozen (incoming side zero)
     neuron_outgoing_zero: list[Tensor]  # per neuron batch, (members, units): outgoing side zero
     neuron_gains: list[list[list[Tensor]]]  # per neuron batch, per role, per gain factor, the stacked gains
@@ -380,10 +382,11 @@ def read_phase(program: StepProgram, inputs: StepTensors) -> ReadOut:
             forward[k] = total.sqrt()
         for k, total in zip(behind, totals[len(ahead):]):
             backward[k] = total.sqrt()
-    scales, neuron_dead = [], []
+    scales, sections, neuron_dead = [], [], []
     for u, v in zip(forward, backward):
         frames = neuron_frames(u.square(), v.square(), program.edge_scale)
         scales.append(frames.scale)
+        sections.append((u.square(), frames.incoming))
         neuron_dead.append(frames.frozen)
 
     # Norm families taking the channel-scale step: h = g dL/dg (+ beta dL/dbeta), invariant.
@@ -422,8 +425,8 @@ def read_phase(program: StepProgram, inputs: StepTensors) -> ReadOut:
     finite = torch.stack(probes).isfinite().all() if probes else torch.ones((), dtype=torch.bool)
     some_dead = torch.stack(dead_flags).any() if dead_flags else torch.zeros((), dtype=torch.bool)
     outgoing_zero = [v == 0 for v in backward]
-    return ReadOut(grads, params, means, gammas, deads, scales, neuron_dead, outgoing_zero, role_gains, norm_dead,
-                   scale_inputs, workspace, torch.stack([finite, some_dead]))
+    return ReadOut(grads, params, means, gammas, deads, scales, sections, neuron_dead, outgoing_zero, role_gains,
+                   norm_dead, scale_inputs, workspace, torch.stack([finite, some_dead]))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -441,22 +444,43 @@ class _Held(NamedTuple):
     after: Tensor
 
 
-def _channel_tables(program: StepProgram, inputs: StepTensors, read: ReadOut) -> dict[int, Tensor]:
-    """Per channel width, the channel-scale factors ``e = exp(-lr r)`` of the norm batches of that
-    width stacked in program order, then one row of ones (for consumers whose norm takes no step);
-    ``r`` is Adam's direction for the invariant ``h``, with the gains' group settings (each rank
-    steps the channels of its rows of the gains)."""
-    rows: dict[int, list[Tensor]] = {}
+class _ChannelTable(NamedTuple):
+    """The channel-scale steps of the norm batches of one width, stacked in program order, then a row
+    for consumers whose norm takes no step: ``log_factor = -lr_g r`` per channel (0 in that row) and
+    the rate ``lr_g`` of each row's gain (0 in that row)."""
+
+    log_factor: Tensor
+    rate: Tensor
+
+    def factors(self, rows: Tensor, rate: Tensor) -> Tensor:
+        """The factors ``exp(-min(lr_g, lr_c) r)`` of the channels of table ``rows`` for a consumer
+        stepped at rate ``lr_c = rate``: the channel step moves no consumer faster than its own group's
+        rate, nor at more than the gain's (a group with lr 0 stays where it is on either side)."""
+        gain_rate = self.rate.index_select(0, rows)
+        ratio = torch.where(gain_rate > 0, torch.clamp(rate / gain_rate, max=1.0), 0.0)
+        return torch.exp(self.log_factor.index_select(0, rows) * ratio[:, None])
+
+
+def _channel_tables(program: StepProgram, inputs: StepTensors, read: ReadOut) -> dict[int, _ChannelTable]:
+    """Per channel width, the :class:`_ChannelTable` of the norm batches of that width: ``r`` is
+    Adam's direction for the invariant ``h``, with the gains' group settings (each rank steps the
+    channels of its rows of the gains)."""
+    rows: dict[int, list[tuple[Tensor, Tensor]]] = {}
     for n, (batch, norm) in enumerate(zip(program.norms, inputs.norms)):
         norm.state["step"].add_(1)
         r = adam_direction_(read.scale_inputs[n], norm.state["scale_exp_avg"], norm.state["scale_exp_avg_sq"],
                             norm.scalars[1:3], norm.scalars[3:])
-        e = torch.exp(r.mul_(-norm.scalars[0])).masked_fill_(read.norm_dead[n], 1.0)
-        rows.setdefault(batch.units, []).append(global_units(e, 0, batch.shard))
-    # on shards each rank has its channels' factors at their places, zeros elsewhere: one round
-    summed = iter(inputs.collectives.sum([e for parts in rows.values() for e in parts]))
-    return {width: torch.cat([*(next(summed) for _ in parts), torch.ones_like(parts[0][:1])])
-            for width, parts in rows.items()}
+        log_factor = r.mul_(-norm.scalars[0]).masked_fill_(read.norm_dead[n], 0.0)
+        rows.setdefault(batch.units, []).append((global_units(log_factor, 0, batch.shard),
+                                                 norm.scalars[0].expand(batch.members)))
+    # on shards each rank has its channels' log-factors at their places, zeros elsewhere: one round
+    summed = iter(inputs.collectives.sum([log_factor for parts in rows.values() for log_factor, _ in parts]))
+    tables = {}
+    for width, parts in rows.items():
+        logs = [next(summed) for _ in parts]
+        tables[width] = _ChannelTable(torch.cat([*logs, torch.zeros_like(logs[0][:1])]),
+                                      torch.cat([*(rate for _, rate in parts), torch.zeros_like(parts[0][1][:1])]))
+    return tables
 
 
 def _is_view(batch: TensorBatch, stacked: Tensor) -> bool:
@@ -543,7 +567,7 @@ def _update(program: StepProgram, inputs: StepTensors, read: ReadOut, masked: bo
             direction = direction.sub_(mean)
         factors = list(read.gammas[b])
         if batch.channel >= 0:
-            e = _on_axis(tables[batch.shape[batch.channel]].index_select(0, tensors.channel), batch.channel, ndim,
+            e = _on_axis(tables[batch.shape[batch.channel]].factors(tensors.channel, lr), batch.channel, ndim,
                          batch.shard)
             factors.append(e)
             decay = decay * e
@@ -562,7 +586,10 @@ def _update(program: StepProgram, inputs: StepTensors, read: ReadOut, masked: bo
         # of an input is copied back whole there; the new values are copied into the parameters anyway)
         keep_old = (dead is not None and (batch.centered or batch.rebalance is not None)) or torch.compiler.is_compiling()
         mean = read.means[b]
-        if mean is not None:
+        if mean is not None and batch.rebalance is None:
+            # old - (1 - decay)(old - mean) - lr D gamma: the mean row held, and exactly old at lr 0
+            value = torch.addcmul(old, old - mean, 1 - decay, value=-1)
+        elif mean is not None:  # a pair's centred role: its horizontal part, which the pair factor scales
             value = (old - mean).mul_(decay)
         else:
             value = old * decay if keep_old else old.mul_(decay)
@@ -570,7 +597,7 @@ def _update(program: StepProgram, inputs: StepTensors, read: ReadOut, masked: bo
         if batch.rebalance is not None:  # with the sums of squares after the lift, in the same pass
             held.append(_Held(b, value, mean, _role_square_sums(program, read, *batch.rebalance, value)))
         else:
-            _finish(batch, tensors, old, value, mean, dead if keep_old else None)
+            _finish(batch, tensors, old, value, None, dead if keep_old else None)
     factors = _pair_factors(program, read, held, collectives) if held else {}
     return held, factors
 
@@ -602,7 +629,9 @@ def _pair_factors(program: StepProgram, read: ReadOut, held: list[_Held], collec
 
         f_A = |w~_in| / a,    f_B = |w~_out| / b = 1 / f_A
 
-    (in raw terms ``|w~_in| s / |A|`` on the multiplied side ``A``). ``f_A f_B = 1`` makes it a gauge
+    (in raw terms ``|w~_in| s / |A|`` on the multiplied side ``A``, computed as
+    ``sqrt(|w~_in|^2 u^2 / (|A|^2 |w~_in,0|^2))`` from the frame's ``u`` and section point, which is
+    exactly 1 where the step changed nothing). ``f_A f_B = 1`` makes it a gauge
     element: it does not change the function. Being a function of invariants it keeps the step
     equivariant, and the new point is the section point of its size, so the frame ``s`` (the orbit
     coordinate ``log(|w_in| / |w~_in|)``) is what it was before the step (also where the divided side
@@ -614,10 +643,10 @@ def _pair_factors(program: StepProgram, read: ReadOut, held: list[_Held], collec
                                    for r in range(len(program.neurons[n].roles))]))
     out: dict[int, dict[int, Tensor]] = {}
     for n in rebalanced:
-        s, dead = read.scales[n], read.neuron_dead[n]
+        (u2, incoming_before), dead = read.sections[n], read.neuron_dead[n]
         after = _side_sums(program, n, {r: next(totals) for r in range(len(program.neurons[n].roles))})
         incoming, _ = unit_section(torch.sqrt(after[1]) * torch.sqrt(after[-1]), program.edge_scale)
-        f = torch.sqrt(incoming / after[1]) * s
+        f = torch.sqrt((incoming * u2) / (after[1] * incoming_before))
         f = torch.where(dead | ~torch.isfinite(f), 1.0, f)
         out[n] = {1: f, -1: f.reciprocal()}
     return out
@@ -977,8 +1006,7 @@ def _sort_neurons(plan: FramePlan, signature: Callable[[str], tuple], active: Ma
                   lookup: Mapping[str, Tensor], stack: bool,
                   shards: Callable[[str, Tensor], _Shapes]) -> _Neurons:
     """Neuron families to compute frames for: isolated ones of one signature batch together, a
-    chain's families one by one (whole chains, if any of their tensors is stepped). Rebalanced
-    families whose tensors are all in ``charted`` take the unit-scale step."""
+    chain's families one by one (whole chains, if any of their tensors is stepped)."""
     component = _chain_components(plan)
     live = {component[f.name] for f in plan.neurons if any(active.get(n, False) for n in f.members)}
     sorted_: dict[Any, list[ScalingFrame]] = {}

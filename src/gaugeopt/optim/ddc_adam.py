@@ -18,7 +18,8 @@ Around it:
 * **Norm gains are frames.** A gain ``g`` is never stepped: its consumers are worked on merged
   (``C diag(g)``) and, with ``norm_scale_step``, each channel's scale takes AdamW's gain step instead:
   a scalar Adam (the gain's group settings) on the invariant ``h = g dL/dg (+ beta dL/dbeta)`` gives
-  ``r`` and the consumers' column ``j`` is multiplied by ``e_j = exp(-lr r_j)``.
+  ``r`` and the consumers' column ``j`` is multiplied by ``e_j = exp(-lr r_j)``, with ``lr`` the
+  smaller of the gain's and the consumer's group rates (a group with lr 0 does not move).
 * **Neuron units are read at the section point of their orbit.** A unit's frame is
   ``s = |w_in| / |w~_in|`` with ``|w~_in|^2 = c^2 / 2 + sqrt(c^4 / 4 + l^4)``, ``l = sqrt(|w_in| |w_out|)``
   its gauge-invariant size and ``c = edge_scale`` (:func:`~gaugeopt.gauges.unit_section`): the
