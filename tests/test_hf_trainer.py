@@ -136,9 +136,10 @@ def test_the_factory_builds_ddc_muon_with_its_split_and_the_trainers_schedule(tm
     optimizer = run.optimizer.optimizer  # accelerate wraps it
     assert isinstance(optimizer, DDCMuon) and optimizer.gauges.model is model
     rows = {row.parameter: row for row in optimizer.split(print_table=False)}
-    assert {n for n, r in rows.items() if r.rule == "muon"} == {
-        n for n, p in model.named_parameters() if p.ndim == 2 and n not in ("model.embed_tokens.weight", "lm_head.weight")}
-    assert {n for n, r in rows.items() if r.weight_decay == 0.0} == {n for n, p in model.named_parameters() if p.ndim == 1}
+    matrices = {n for n, p in model.named_parameters() if p.ndim == 2}
+    embedding_and_head = {"model.embed_tokens.weight", "lm_head.weight"}
+    assert {n for n, r in rows.items() if r.rule == "muon"} == matrices - embedding_and_head
+    assert {n for n, r in rows.items() if r.weight_decay == 0.0} == {n for n, p in model.named_parameters()} - matrices
     assert all(r.frame != "none: outside gauges.model" for r in rows.values())
     base = {g["use_muon"]: g["initial_lr"] for g in optimizer.param_groups}
     assert base == {True: 0.02, False: 4e-3}
@@ -166,7 +167,8 @@ def test_the_factory_refuses_bad_arguments_when_the_trainer_is_set_up():
 
 
 def test_the_example_script_trains_with_the_factory(tmp_path):
-    spec = importlib.util.spec_from_file_location("hf_trainer", Path(__file__).parents[1] / "examples" / "hf_trainer.py")
+    path = Path(__file__).parents[1] / "examples" / "hf_trainer.py"
+    spec = importlib.util.spec_from_file_location("hf_trainer", path)
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
     run = example.train(steps=3, output_dir=str(tmp_path), max_grad_norm=0.5, optimizer="ddc_muon")

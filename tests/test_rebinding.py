@@ -22,33 +22,24 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from gaugeopt import DDCAdam, DDCMuon, find_gauges
-from gaugeopt.models import TransformerLM, TransformerLMConfig
+from gaugeopt import DDCAdam, DDCMuon
 from gaugeopt.testing import relative_error
 
-VOCAB = 17
+sys.path.insert(0, str(Path(__file__).parent))
+from test_param_groups import VOCAB, lm, lm_loss  # noqa: E402  (the tiny float64 LM, its gauges, three batches)
+
 OPTIMIZERS = {
     "DDCAdam": lambda params, gauges: DDCAdam(params, gauges, lr=1e-2, weight_decay=0.1),
     "DDCMuon": lambda params, gauges: DDCMuon(params, gauges, lr=0.05, adam_lr=1e-2, weight_decay=0.1),
 }
 
 
-def lm():
-    torch.manual_seed(0)
-    model = TransformerLM(TransformerLMConfig(vocab_size=VOCAB, d_model=16, n_layers=1, n_heads=2, d_ff=32,
-                                              max_seq_len=8)).double()
-    tokens = torch.randint(0, VOCAB, (3, 4, 8), generator=torch.Generator().manual_seed(1))
-    return model, find_gauges(model, (tokens[0],), output="logits"), list(tokens)
-
-
 def train(model, optimizer, batches, steps):
     for t in range(steps):
         optimizer.zero_grad()
-        logits = model(batches[t % len(batches)][:, :-1])
-        F.cross_entropy(logits.flatten(0, 1), batches[t % len(batches)][:, 1:].flatten()).backward()
+        lm_loss(model, batches[t % len(batches)]).backward()
         optimizer.step()
 
 
@@ -172,7 +163,8 @@ def launched(tmp_path_factory) -> dict:
     worker = Path(__file__).parent / "rebind_worker.py"
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-addr=127.0.0.1",
                f"--master-port={_free_port()}", str(worker), str(out)]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, f"torchrun failed ({done.returncode}):\n{done.stderr[-6000:]}"
     return json.loads((out / "results.json").read_text())
 

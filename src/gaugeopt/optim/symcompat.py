@@ -135,8 +135,8 @@ class SymmetryCompatible(FramedOptimizer):
     def _check_configured(self) -> None:
         if all(g.get("role") == UNCLASSIFIED for g in self.param_groups if g["params"]) and \
                 any(g["params"] for g in self.param_groups):
-            raise ValueError(f"the param groups have no 'rule' and no rule= was given; build the groups with symmetry_param_groups(model) or "
-                             f"pass rule=... (known rules: {', '.join(RULES)})")
+            raise ValueError(f"the param groups have no 'rule' and no rule= was given; build the groups with "
+                             f"symmetry_param_groups(model) or pass rule=... (known rules: {', '.join(RULES)})")
 
     def _is_outside(self, group_index: int, param_index: int) -> bool:
         return self.param_groups[group_index].get("role") == UNCLASSIFIED
