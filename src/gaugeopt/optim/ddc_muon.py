@@ -97,7 +97,7 @@ _GROUP_KEYS = ("lr", "betas", "eps", "weight_decay", "nesterov", "adjust_lr", "n
                "ns_dtype", "head_wise")
 #: Keys a user's group may set for one rule only, read when the group is added: the Muon part's
 #: momentum (its ``betas[0]``) and the Adam part's settings, under their group names.
-_MUON_ONLY = {"momentum": "betas"}
+_MUON_ONLY = frozenset({"momentum"})
 _ADAM_ONLY = {"adam_lr": "lr", "adam_betas": "betas", "adam_eps": "eps", "adam_weight_decay": "weight_decay"}
 
 
