@@ -286,6 +286,6 @@ def test_flattened_pair_with_conv1d_is_equivariant():
 
 def test_ddc_muon_steps_conv_kernels_as_matrices():
     model, gauges, _ = _plain()
-    rules = {name: rule for name, _, rule, _ in DDCMuon(model.parameters(), gauges).split(print_table=False)}
+    rules = {row.parameter: row.rule for row in DDCMuon(model.parameters(), gauges).split(print_table=False)}
     assert rules["conv2.weight"] == rules["conv3.weight"] == rules["fc1.weight"] == "muon"
     assert rules["conv1.weight"] == "adam"  # reads the input

@@ -157,13 +157,13 @@ def test_a_model_without_hidden_matrices_is_told_that_nothing_takes_muon():
     with pytest.warns(UserWarning, match=r"no parameter takes the Muon step.*lr=0\.05.*adam_lr=0\.01"):
         optimizer = DDCMuon(model.parameters(), gauges, lr=0.05, adam_lr=0.01)
     rows = optimizer.split(print_table=False)
-    assert {rule for _, _, rule, _ in rows} == {"adam"} and {lr for *_, lr in rows} == {0.01}
+    assert {row.rule for row in rows} == {"adam"} and {row.lr for row in rows} == {0.01}
     deeper = torch.nn.Sequential(torch.nn.Linear(6, 12), torch.nn.ReLU(), torch.nn.Linear(12, 12), torch.nn.ReLU(),
                                  torch.nn.Linear(12, 3))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         optimizer = DDCMuon(deeper.parameters(), find_gauges(deeper, (torch.randn(2, 6),), output="logits"), lr=0.05)
-    assert [(name, rule) for name, _, rule, _ in optimizer.split(print_table=False) if rule == "muon"] == \
+    assert [(row.parameter, row.rule) for row in optimizer.split(print_table=False) if row.rule == "muon"] == \
         [("2.weight", "muon")]
 
 
@@ -388,7 +388,7 @@ def test_errors_name_the_problem():
     with pytest.raises(ValueError, match="adjust_lr"):
         ddc_muon(model, gauges, adjust_lr="spectral")
     with pytest.raises(ValueError, match="unknown option"):
-        DDCMuon([{"params": model.parameters(), "betas": (0.9, 0.9)}], gauges)
+        DDCMuon([{"params": model.parameters(), "adam_beta": (0.9, 0.9)}], gauges)
     with pytest.raises(ValueError, match="Muon needs matrices"):
         DDCMuon([{"params": [model.norm.weight], "use_muon": True}], None)
     optimizer = ddc_muon(model, gauges)

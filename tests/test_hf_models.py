@@ -9,9 +9,6 @@ equivariance over 20 steps (``gaugeopt.testing.check_equivariance``, 1e-8). Skip
 from __future__ import annotations
 
 import copy
-import importlib.util
-import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -259,26 +256,6 @@ def test_discovery_leaves_every_module_in_its_mode(training):
     model = MODELS["gpt2"][0]().double().train(training)  # GPT-2 has dropout: a mode change would show
     find_gauges(model, {"input_ids": _tokens(1, 0), "use_cache": False}, output="logits")
     assert all(m.training == training for m in model.modules())
-
-
-def test_trainer_example_runs_with_ddc_adam_its_schedule_and_gauge_invariant_clipping(tmp_path):
-    pytest.importorskip("accelerate")
-    spec = importlib.util.spec_from_file_location("hf_trainer", Path(__file__).parents[1] / "examples" / "hf_trainer.py")
-    example = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(example)
-    start = {n: p.detach().clone() for n, p in example.tiny_llama().named_parameters()}
-    trainer = example.train(steps=3, output_dir=str(tmp_path), max_grad_norm=0.5)
-    assert trainer.state.global_step == 3
-    assert trainer.args.max_grad_norm == 0  # the Trainer's own (not gauge invariant) clipping is off
-    clipping = next(c for c in trainer.callback_handler.callbacks if isinstance(c, example.GaugeInvariantClipping))
-    assert len(clipping.norms) == 3 and all(math.isfinite(n) and n > 0 for n in clipping.norms)
-    assert isinstance(trainer.optimizer.optimizer, DDCAdam)  # accelerate wraps it
-    assert isinstance(trainer.lr_scheduler, torch.optim.lr_scheduler.LambdaLR)  # ours, stepped once a step
-    assert trainer.lr_scheduler.last_epoch == 3
-    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
-    assert losses and all(math.isfinite(x) for x in losses)
-    moved = max((p.detach() - start[n]).abs().max().item() for n, p in trainer.model.named_parameters())
-    assert moved > 1e-4  # the Trainer stepped our optimizer
 
 
 def test_eager_attention_gives_the_same_families_as_sdpa():

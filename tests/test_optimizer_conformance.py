@@ -115,12 +115,6 @@ SUBJECTS = (
             group=lambda group: with_rules([group])[0]),
 )
 
-#: Tracked elsewhere: DDCMuon's param groups (issue 26) and per-group settings in coupled families (the
-#: optimizer core's part of issue 30).
-ISSUE_26_GROUP_LR = ("issue 26: a DDCMuon group's lr and weight_decay set only its Muon part; its Adam "
-                     "parameters take adam_lr")
-ISSUE_26_ADD_GROUP = "issue 26: add_param_group does not apply DDCMuon's Muon/Adam split (a vector goes to Muon)"
-
 def each(*, xfail: Mapping[str, str] | None = None, skip: Mapping[str, str] | None = None):
     """Parametrize over the subjects; ``xfail``/``skip``: subject name -> reason."""
     xfail, skip = xfail or {}, skip or {}
@@ -303,7 +297,7 @@ def test_add_param_group_refuses_a_non_dict_and_a_parameter_already_present(subj
     assert len(opt.param_groups) == 1
 
 
-@each(xfail={"DDCMuon": ISSUE_26_ADD_GROUP})
+@each()
 def test_a_group_added_later_is_stepped(subject):
     weight, bias, x = toy()
     opt = subject.make([weight])
@@ -389,7 +383,8 @@ def test_param_groups_with_and_without_weight_decay_go_down(subject):
     assert descends(opt, weight, bias, x)
 
 
-@each(xfail={"DDCMuon": ISSUE_26_GROUP_LR})
+@each(skip={"DDCMuon": "the constructor's lr is the default of the Muon groups only; a group without lr that "
+                       "takes Adam (here a vector) defaults to adam_lr (docs/ddc_muon.md, docs/robustness.md)"})
 def test_a_group_with_a_tiny_lr_does_not_move(subject):
     """test_param_groups_lr: an outer lr of 1e-28 leaves its group's parameter exactly in place."""
     weight, bias, x = toy()
@@ -405,7 +400,7 @@ def test_a_group_with_a_tiny_lr_does_not_move(subject):
     assert torch.equal(irrelevant, before)
 
 
-@each(xfail={"DDCMuon": ISSUE_26_GROUP_LR})
+@each()
 def test_a_group_with_lr_zero_on_a_gauged_model_does_not_move(subject):
     """test_param_groups_lr where a gauge family couples the groups (the LM head and the RMSNorm gain
     before it): the zero-lr member stays, or the split is refused at construction naming the groups."""

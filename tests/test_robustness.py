@@ -288,11 +288,16 @@ def test_gauges_of_another_model_are_refused(info):
 
 
 @each("uncovered")
-def test_parameters_the_gauges_do_not_cover_are_refused(info):
+def test_parameters_the_gauges_do_not_cover_are_named_and_a_gauge_set_of_another_model_is_refused(info):
+    """A parameter outside gauges.model is stepped without a frame and named in one warning
+    (tests/test_param_groups.py checks its steps); a GaugeSet that covers none of the parameters is
+    another model's and is refused."""
     model, gauges = tiny()
     extra = nn.Parameter(torch.zeros(3, dtype=torch.float64))
-    with pytest.raises(ValueError, match=r"not parameters of gauges\.model.*\(3,\)"):
+    with pytest.warns(UserWarning, match=r"1 parameter\(s\) are not parameters of gauges\.model.*shape \(3,\)"):
         info.build(model, gauges, groups=[{"params": [*model.parameters(), extra]}])
+    with pytest.raises(ValueError, match=r"none of the parameters belongs to gauges\.model"):
+        info.build(copy.deepcopy(model), gauges)
 
 
 @each("uncovered")

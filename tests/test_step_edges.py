@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import inspect
 
 import pytest
 import torch
@@ -178,6 +179,27 @@ def test_without_gauges_it_is_torchs_clipping():
         assert torch.allclose(a.grad, b.grad, rtol=1e-12, atol=0)
 
 
+@pytest.mark.parametrize("foreach", [None, True, False])
+@pytest.mark.parametrize("norm_type", [2.0, 1.0, float("inf")])
+def test_clipping_has_torchs_signature_and_without_gauges_its_results(norm_type, foreach):
+    """``clip_grad_norm_(parameters, max_norm, gauges=None, norm_type, error_if_nonfinite, foreach)``:
+    torch's parameters and defaults with ``gauges`` third; without gauges, torch's norm and scaling."""
+    ours_signature = inspect.signature(gaugeopt.clip_grad_norm_).parameters
+    torchs = inspect.signature(torch.nn.utils.clip_grad_norm_).parameters
+    assert list(ours_signature) == ["parameters", "max_norm", "gauges", *list(torchs)[2:]]
+    assert ours_signature["gauges"].default is None
+    assert all(ours_signature[k].default == v.default for k, v in torchs.items())
+    model, _, batches = _lm()
+    twins = [copy.deepcopy(model) for _ in range(2)]
+    for m in twins:
+        lm_loss(m, batches[0]).backward()
+    ours = gaugeopt.clip_grad_norm_(twins[0].parameters(), 0.1, norm_type=norm_type, foreach=foreach)
+    theirs = torch.nn.utils.clip_grad_norm_(twins[1].parameters(), 0.1, norm_type=norm_type, foreach=foreach)
+    assert ours.item() == pytest.approx(theirs.item(), rel=1e-12) and theirs.item() > 0.1
+    for a, b in zip(twins[0].parameters(), twins[1].parameters()):
+        assert torch.allclose(a.grad, b.grad, rtol=1e-12, atol=0)
+
+
 def test_clipping_refuses_bad_input():
     model, gauges, batches = _lm()
     model = copy.deepcopy(model)
@@ -186,6 +208,8 @@ def test_clipping_refuses_bad_input():
         gaugeopt.clip_grad_norm_(model.parameters(), -1.0, gauges.bind(model))
     with pytest.raises(TypeError, match="GaugeSet"):
         gaugeopt.clip_grad_norm_(model.parameters(), 1.0, ["not", "gauges"])
+    with pytest.raises(TypeError, match=r"norm_type is the fourth argument"):  # torch's positional norm_type
+        gaugeopt.clip_grad_norm_(model.parameters(), 1.0, 2.0)
     model.head.weight.grad[0, 0] = float("nan")
     with pytest.raises(RuntimeError, match="non-finite"):
         gaugeopt.clip_grad_norm_(model.parameters(), 1.0, gauges.bind(model), error_if_nonfinite=True)

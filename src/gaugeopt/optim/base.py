@@ -8,12 +8,22 @@ and cached until that set, a shape or a rule changes; whenever it is built, ever
 is checked against what the parameter keeps (:meth:`FramedOptimizer._state_kinds`), before
 anything is written. The layout, the stacked state and the parameter ids are caches: copies and
 pickles rebuild them.
+
+**Parameters are bound by name.** Each parameter is recorded under its name in ``gauges.model`` when
+its group is added; the frames read the model's parameters by those names. At the first step, and
+whenever the tensors in the param groups change, the optimizer resolves the names again in the
+model as it is then (:meth:`FramedOptimizer.rebind`), so wrapping that replaces the parameter
+objects after the optimizer was built (accelerate's ``prepare``, FSDP2's ``fully_shard``) keeps every
+frame, and a tensor that no longer matches its name is an error, never a silently unframed step.
+Parameters that are not ``gauges.model``'s (a learnable temperature, a loss's own parameter) take
+their group's rule without a frame; one warning lists them and :meth:`FramedOptimizer.split` prints
+every parameter's rule.
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -36,7 +46,7 @@ from .guards import GuardedOptimizer, check_gauges_cover, require_positive
 from .rules import Rule
 from .shards import LOCAL
 
-__all__ = ["FramedOptimizer", "FrozenUnits"]
+__all__ = ["FramedOptimizer", "FrozenUnits", "SplitRow"]
 
 FROZEN_GAIN = "zero gain: the channel's merged columns are zero whatever the gauge, so no frame carries a step"
 FROZEN_UNIT_INCOMING = ("zero incoming side: the unit's orbit has no point with the section's incoming norm "
@@ -50,6 +60,18 @@ class FrozenUnits(NamedTuple):
     family: str
     indices: tuple[int, ...]
     reason: str
+
+
+class SplitRow(NamedTuple):
+    """One parameter in :meth:`FramedOptimizer.split`: its name (or place), shape, base rule, the
+    learning rate and weight decay of its group, and which gauges act on it (``frame``)."""
+
+    parameter: str
+    shape: tuple[int, ...]
+    rule: str
+    lr: float
+    weight_decay: float
+    frame: str
 
 
 class FramedOptimizer(GuardedOptimizer):
@@ -68,7 +90,7 @@ class FramedOptimizer(GuardedOptimizer):
     """
 
     #: Caches rebuilt on demand: the step's layout and stacked state, parameter ids (new in a copy).
-    _TRANSIENT = frozenset({"_layout", "_layout_key", "_stacked", "_names"})
+    _TRANSIENT = frozenset({"_layout", "_layout_key", "_stacked", "_names", "_bound_ids"})
 
     def __init__(self, params, defaults: dict[str, Any], gauges: GaugeSet | None, *, channel_step: bool,
                  nonfinite: str, compiled: bool, edge_scale: float = EDGE_SCALE):
@@ -77,41 +99,196 @@ class FramedOptimizer(GuardedOptimizer):
         if gauges is not None and not isinstance(gauges, GaugeSet):
             raise TypeError("gauges must be a GaugeSet (from gaugeopt.find_gauges) or None, "
                             f"got {type(gauges).__name__}")
-        self.gauges = gauges  # before the groups are added: their parameters are checked against it
+        self.gauges = gauges
         self.channel_step = bool(channel_step)
         self.edge_scale = float(edge_scale)
         self.plan: FramePlan = build_frame_plan(gauges) if gauges is not None else FramePlan({}, {})
-        super().__init__(params, defaults)
-        model_params = check_gauges_cover(gauges, self.param_groups)
+        #: Per param group, each parameter's name in ``gauges.model`` (``None``: not one of its parameters).
+        self._bound_names: list[list[str | None]] = []
+        self._building = True
+        super().__init__(params, defaults)  # adds the groups through add_param_group
+        self._building = False
+        self._check_configured()
         self.compiled = bool(compiled)
         self._warned_eager = False
-        self._lookup: dict[str, Tensor] = dict(model_params)
+        self._lookup: dict[str, Tensor] = {}  # name -> the model's tensor, resolved at the first step
         #: Frozen norm channels and neuron units of the last step: family name -> indices
         #: (:meth:`frozen_report` says why).
         self.frozen: dict[str, tuple[int, ...]] = {}
         self._frozen_rows: list[FrozenUnits] = []
         self._reset_transient()
+        self._notify_outside(range(len(self.param_groups)), stacklevel=4)  # the user's constructor call
 
     def _reset_transient(self) -> None:
-        self._names: dict[int, str] = {id(p): n for n, p in self._lookup.items()}
+        self._names: dict[int, str] = dict(self._known_names())  # id(parameter held) -> its name
+        self._bound_ids: tuple[int, ...] | None = None  # the tensors the names were resolved for (rebind)
         self._layout: StepLayout | None = None
         self._layout_key: Any = None
         self._stacked = StackedState()
 
     def _check_new_parameters(self, group: dict[str, Any], where: str) -> None:
-        """Real floating-point tensors of ``gauges.model`` (:func:`~gaugeopt.optim.guards.check_gauges_cover`)."""
+        """Real floating-point tensors (parameters outside ``gauges.model`` take their rule without a frame)."""
         for p in group["params"]:
             if not p.is_floating_point() or p.is_complex():
                 raise TypeError(f"{type(self).__name__} needs real floating-point parameters, got {p.dtype} in {where}")
-        check_gauges_cover(self.gauges, self.param_groups)  # the new group is the last one
 
     # ----- what subclasses say -----------------------------------------------------------------------
     def rule_for(self, group: Mapping[str, Any]) -> Rule:
         """The base rule of a param group."""
         raise NotImplementedError
 
+    def rule_name(self, group: Mapping[str, Any]) -> str:
+        """The name of a group's base rule, as :meth:`split` prints it."""
+        raise NotImplementedError
+
+    def _group_parts(self, param_group: dict[str, Any]) -> list[dict[str, Any]]:
+        """The param groups that :meth:`add_param_group` adds for a group a user gives (DDCMuon
+        splits it into its Muon and Adam parts): by default the group itself."""
+        return [param_group]
+
+    def _check_configured(self) -> None:
+        """Refuse an optimizer whose parameters its configuration does not describe (here: a GaugeSet
+        of another model, :func:`~gaugeopt.optim.guards.check_gauges_cover`)."""
+        check_gauges_cover(self.gauges, self._bound_names)
+
+    def _is_outside(self, group_index: int, param_index: int) -> bool:
+        """Whether a parameter lies outside what configures the optimizer (here: not a parameter of
+        ``gauges.model``), so that it takes its group's rule without a frame."""
+        return self.gauges is not None and self._bound_names[group_index][param_index] is None
+
+    def _outside_notice(self, listing: str, count: int) -> str:
+        return (f"{type(self).__name__}: {count} parameter(s) are not parameters of gauges.model, so no gauge frame "
+                f"applies to them: each takes its group's rule as it is ({listing}); "
+                f"{type(self).__name__}.split() lists every parameter's rule")
+
+    def _frame_of(self, group_index: int, param_index: int) -> str:
+        """What :meth:`split` prints in its ``frame`` column: the kinds of the gauge families acting
+        on the parameter, ``-`` for none, or that it lies outside ``gauges.model``."""
+        if self._is_outside(group_index, param_index):
+            return "none: outside gauges.model"
+        name = self._bound_names[group_index][param_index]
+        kinds = sorted({f.kind for f in self.gauges if name in f.parameters}) if self.gauges is not None else []
+        frame = self.plan.frame(name) if name is not None else None
+        gain = " (a norm gain: a frame, not stepped)" if frame is not None and frame.gain else ""
+        return (", ".join(kinds) or "-") + gain
+
     def _known_names(self) -> Mapping[int, str]:
-        return self._names
+        return {id(p): name for group, names in zip(self.param_groups, self._bound_names)
+                for p, name in zip(group["params"], names) if name is not None}
+
+    # ----- groups ------------------------------------------------------------------------------------
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """``torch.optim.Optimizer.add_param_group``, with each parameter recorded under its name in
+        ``gauges.model``; parameters outside it are listed in one warning (module docstring). A
+        subclass may add a user's group as several groups (:meth:`_group_parts`); on any error none
+        of them is added."""
+        first = len(self.param_groups)
+        try:
+            for part in self._group_parts(param_group):
+                super().add_param_group(part)  # the guards' checks: keys, duplicates, dtypes, settings
+                self._bound_names.append(self._names_in_model(self.param_groups[-1]["params"]))
+        except Exception:
+            del self.param_groups[first:]
+            del self._bound_names[first:]
+            raise
+        self._names = dict(self._known_names())
+        if not self._building:
+            self._notify_outside(range(first, len(self.param_groups)), stacklevel=3)
+
+    def _names_in_model(self, params: Sequence[Tensor]) -> list[str | None]:
+        if self.gauges is None:
+            return [None] * len(params)
+        names = {id(p): n for n, p in self.gauges.params().items()}
+        return [names.get(id(p)) for p in params]
+
+    def _notify_outside(self, groups: range, stacklevel: int) -> None:
+        """One warning naming the parameters of ``groups`` that lie outside the model."""
+        names = self.parameter_names()
+        outside = [self.describe_parameter(gi, pi, names) for gi in groups
+                   for pi in range(len(self.param_groups[gi]["params"])) if self._is_outside(gi, pi)]
+        if outside:
+            listing = "; ".join(outside[:10]) + ("; ..." if len(outside) > 10 else "")
+            warnings.warn(self._outside_notice(listing, len(outside)), UserWarning, stacklevel=stacklevel)
+
+    def split(self, *, print_table: bool = True) -> list[SplitRow]:
+        """Every parameter with its base rule, learning rate, weight decay and frame (the gauge
+        kinds acting on it, or ``none`` for a parameter outside ``gauges.model``), in param-group
+        order; printed as a table unless ``print_table=False``."""
+        names = self.parameter_names()
+        rows = [SplitRow(names[gi][pi] or f"group {gi} entry {pi}", tuple(p.shape), self.rule_name(group),
+                         float(group["lr"]), float(group["weight_decay"]), self._frame_of(gi, pi))
+                for gi, group in enumerate(self.param_groups) for pi, p in enumerate(group["params"])]
+        if print_table:
+            header = SplitRow("parameter", "shape", "rule", "lr", "weight_decay", "frame")
+            cells = [header] + [r._replace(shape=str(r.shape), lr=f"{r.lr:g}", weight_decay=f"{r.weight_decay:g}")
+                                for r in rows]
+            widths = [max(len(str(c[i])) for c in cells) for i in range(len(header))]
+            for c in cells:
+                print("  ".join(str(v).ljust(w) for v, w in zip(c, widths)).rstrip())
+        return rows
+
+    # ----- binding by name ---------------------------------------------------------------------------
+    def rebind(self) -> None:
+        """Resolve every parameter by its recorded name in ``gauges.model`` as the model is now.
+
+        A tensor in the param groups that is the model's parameter of its name is kept. One that is
+        not, while the model has another tensor under that name (the model's parameters were
+        replaced after the optimizer was built, by ``fully_shard``, ``to_empty`` or
+        ``load_state_dict(assign=True)``), is replaced by the model's, its optimizer state moved
+        along when the two have the same type, shape, dtype and device. A name the model no longer
+        has, or a tensor that is the model's parameter of another name, raises ``ValueError`` before
+        anything changes. The step calls this itself at the first step and whenever the tensors in
+        the param groups change (accelerate's ``prepare`` swaps them); call it after replacing the
+        model's parameters later in training."""
+        model = self.gauges.params() if self.gauges is not None else {}
+        named = {id(t): n for n, t in model.items()}
+        where = type(self).__name__
+        if len(self._bound_names) != len(self.param_groups) or any(
+                len(names) != len(group["params"]) for names, group in zip(self._bound_names, self.param_groups)):
+            raise ValueError(f"{where}: the param groups were changed without add_param_group; the optimizer no "
+                             f"longer knows which model parameter each entry is")
+        replace: list[tuple[int, int, Tensor]] = []
+        bound: list[list[str | None]] = []
+        for gi, (group, names) in enumerate(zip(self.param_groups, self._bound_names)):
+            bound.append([])
+            for pi, (p, name) in enumerate(zip(group["params"], names)):
+                now = named.get(id(p))
+                if now is None and name is not None:
+                    held = self.describe_parameter(gi, pi)
+                    if name not in model:
+                        raise ValueError(f"{where}: {held} was gauges.model's parameter {name!r}, which the model no "
+                                         f"longer has; find the gauges on the model being trained")
+                    new = model[name]
+                    if tuple(new.shape) != tuple(p.shape):
+                        raise ValueError(f"{where}: {held} was gauges.model's parameter {name!r}, which now has shape "
+                                         f"{tuple(new.shape)}; find the gauges on the model being trained")
+                    if self.state.get(p) and (type(new) is not type(p) or new.dtype != p.dtype
+                                              or new.device != p.device):
+                        raise ValueError(f"{where}: gauges.model's parameter {name!r} was replaced by a "
+                                         f"{type(new).__name__} ({new.dtype}, {new.device}) after the optimizer had "
+                                         f"state for it; build the optimizer after wrapping the model, or save its "
+                                         f"state_dict and load it into one built after")
+                    replace.append((gi, pi, new))
+                    now = name
+                elif now is not None and name is not None and now != name:
+                    raise ValueError(f"{where}: {self.describe_parameter(gi, pi)} was gauges.model's parameter "
+                                     f"{name!r} and is now its {now!r}; the param groups were reordered")
+                bound[-1].append(now)
+        self._stacked.release(self.state)  # every entry its own tensor before any moves
+        for gi, pi, new in replace:
+            old = self.param_groups[gi]["params"][pi]
+            if old in self.state:
+                self.state[new] = self.state.pop(old)
+            self.param_groups[gi]["params"][pi] = new
+        self._bound_names = bound
+        self._lookup = model
+        self._names = {id(p): name for group, names in zip(self.param_groups, bound)
+                       for p, name in zip(group["params"], names) if name is not None}
+        self._bound_ids = self._held_ids()
+        self._layout, self._layout_key = None, None
+
+    def _held_ids(self) -> tuple[int, ...]:
+        return tuple(id(p) for group in self.param_groups for p in group["params"])
 
     def _state_kinds(self, group: Mapping[str, Any], p: Tensor) -> tuple[Mapping[str, tuple[int, ...]], ...]:
         """A norm gain holds the channel-scale step's state (when that step is taken); every other
@@ -148,6 +325,8 @@ class FramedOptimizer(GuardedOptimizer):
             with torch.enable_grad():
                 loss = closure()
         self._check_step_inputs()
+        if self._held_ids() != self._bound_ids:
+            self.rebind()
         shards = sharded_step(self)
         if shards is not None and not gradients_finite_on_every_rank(self):
             return loss
@@ -170,7 +349,6 @@ class FramedOptimizer(GuardedOptimizer):
         self._stacked.settle()
         self._report_frozen(layout, read if any_dead else None, gains)
         return loss
-
     def _report_frozen(self, layout: StepLayout, read, gains: Mapping[str, Tensor]) -> None:
         """Record the frozen channels and units of this step in :attr:`frozen` and
         :meth:`frozen_report`; warn when one is new."""

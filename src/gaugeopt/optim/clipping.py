@@ -46,18 +46,25 @@ def _plan(gauges: GaugeSet | None) -> FramePlan:
     return plan
 
 
+def _check_gauges(gauges) -> None:
+    if gauges is not None and not isinstance(gauges, GaugeSet):
+        hint = (" (norm_type is the fourth argument: clip_grad_norm_(parameters, max_norm, gauges, norm_type), or "
+                "pass it by keyword)") if isinstance(gauges, (int, float)) else ""
+        raise TypeError(f"gauges must be a GaugeSet (from gaugeopt.find_gauges) or None, got "
+                        f"{type(gauges).__name__} {gauges!r}{hint}")
+
+
 @torch.no_grad()
-def gauge_invariant_grad_norm(parameters: Tensor | Iterable[Tensor], gauges: GaugeSet | None,
+def gauge_invariant_grad_norm(parameters: Tensor | Iterable[Tensor], gauges: GaugeSet | None = None,
                               norm_type: float = 2.0) -> Tensor:
     """The ``norm_type``-norm of the canonical gradients of ``parameters`` (module docstring); those
     without a gradient are left out. ``gauges=None`` gives the plain norm of the gradients."""
+    _check_gauges(gauges)
     params = [parameters] if isinstance(parameters, Tensor) else list(parameters)
     params = [p for p in params if p.grad is not None]
     if not params:
         return torch.zeros(())
-    if gauges is not None and not isinstance(gauges, GaugeSet):
-        raise TypeError(f"gauges must be a GaugeSet (from gaugeopt.find_gauges) or None, got {type(gauges).__name__}")
-    lookup = dict(gauges.model.named_parameters()) if gauges is not None else {}
+    lookup = gauges.params() if gauges is not None else {}
     names = {id(p): n for n, p in lookup.items()}
     plan = _plan(gauges)
     shards = sharded_parameters(params)  # FSDP2: each rank measures its rows; the gains are read whole
@@ -86,19 +93,28 @@ def gauge_invariant_grad_norm(parameters: Tensor | Iterable[Tensor], gauges: Gau
 
 
 @torch.no_grad()
-def clip_grad_norm_(parameters: Tensor | Iterable[Tensor], max_norm: float, gauges: GaugeSet | None,
-                    norm_type: float = 2.0, error_if_nonfinite: bool = False) -> Tensor:
+def clip_grad_norm_(parameters: Tensor | Iterable[Tensor], max_norm: float, gauges: GaugeSet | None = None,
+                    norm_type: float = 2.0, error_if_nonfinite: bool = False, foreach: bool | None = None) -> Tensor:
     """``torch.nn.utils.clip_grad_norm_`` with the gauge-invariant norm of the gradients of ``gauges``'
     model: scale every gradient by ``min(1, max_norm / (norm + 1e-6))``; return that norm.
+
+    Torch's signature with ``gauges`` third, so ``gaugeopt.clip_grad_norm_(model.parameters(), 1.0,
+    gauges)`` replaces ``torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)``.
 
     Args:
         parameters: the tensors whose gradients are clipped (a tensor or an iterable).
         max_norm: the largest norm the canonical gradients may have.
         gauges: the model's :class:`~gaugeopt.gauges.GaugeSet` (the one the optimizer was given);
-            ``None`` clips by the plain norm, like torch.
+            ``None`` (default) clips by the plain norm, like torch.
         norm_type: the p of the p-norm (``float("inf")`` for the largest entry).
         error_if_nonfinite: raise ``RuntimeError`` when the norm is NaN or infinite (else those
             gradients are scaled by a NaN factor, as torch does).
+        foreach: scale the gradients with torch's foreach kernels, as torch: ``None`` where the
+            device supports them, ``True`` always (``RuntimeError`` where it cannot), ``False`` one
+            by one. Under FSDP2 each rank scales its own rows.
+
+    Returns:
+        The norm of the canonical gradients before clipping, a float64 scalar tensor.
     """
     max_norm = float(max_norm)
     if not max_norm >= 0:
@@ -108,7 +124,5 @@ def clip_grad_norm_(parameters: Tensor | Iterable[Tensor], max_norm: float, gaug
     if error_if_nonfinite and not torch.isfinite(total):
         raise RuntimeError(f"the total norm of order {norm_type} of the canonical gradients is non-finite, so they "
                            f"cannot be clipped; pass error_if_nonfinite=False to scale them anyway")
-    grads = [local_tensor(p.grad) for p in params if p.grad is not None]
-    if grads:
-        torch._foreach_mul_(grads, (max_norm / (total + 1e-6)).clamp(max=1.0))
+    torch.nn.utils.clip_grads_with_norm_(params, max_norm, total, foreach)  # torch's scaling (FSDP2: each rank's rows)
     return total

@@ -30,7 +30,10 @@ Around it:
   element, so its orbit coordinate ``log(|w_in| / |w~_in|)`` does not move; the logit shift's mean
   row and the gains do not move either. Chains of neuron scalings (a deep ReLU MLP) are exactly
   equivariant but their orbit coordinates move (docs/ddc.md lists which frames hold them).
-* **Parameters no gauge touches** take Adam as it is: ``torch.optim.AdamW``'s update.
+* **Parameters no gauge touches** take Adam as it is: ``torch.optim.AdamW``'s update. So do
+  parameters outside ``gauges.model`` (a learnable temperature, a loss's own parameter): one
+  ``UserWarning`` lists them, and :meth:`~gaugeopt.optim.base.FramedOptimizer.split` prints every
+  parameter with its frame.
 
 Only where no frame exists is anything frozen: a norm channel whose gain is zero, a unit whose
 incoming side is zero. Their entries are left exactly as they are, their gradients do not enter the
@@ -71,7 +74,9 @@ class DDCAdam(FramedOptimizer):
             set ``lr``, ``betas``, ``eps``, ``weight_decay``.
         gauges: the :class:`~gaugeopt.gauges.GaugeSet` of the model these parameters belong to (from
             :func:`gaugeopt.find_gauges`), or ``None`` for none (then this is AdamW). Parameters are
-            matched to gauge families by their names in ``gauges.model``.
+            matched to gauge families by their names in ``gauges.model``, resolved again at the
+            first step (:meth:`~gaugeopt.optim.base.FramedOptimizer.rebind`), so wrapping the model
+            after the optimizer is built (accelerate, FSDP2) keeps the frames.
         lr, betas, eps, weight_decay: as in ``torch.optim.AdamW``.
         norm_scale_step: take the channel-scale step of each norm family (module docstring);
             ``False`` leaves channel scales to the per-coordinate steps of the merged consumers.
@@ -121,3 +126,6 @@ class DDCAdam(FramedOptimizer):
 
     def rule_for(self, group: Mapping[str, Any]) -> Rule:
         return ADAM
+
+    def rule_name(self, group: Mapping[str, Any]) -> str:
+        return "adam"

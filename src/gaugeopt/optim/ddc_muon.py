@@ -25,24 +25,41 @@ With ``ns_dtype=None`` (the default) Newton-Schulz runs in the parameters' dtype
 ``g . theta_0`` gives ``g . theta_t`` to rounding; ``ns_dtype=torch.bfloat16`` reproduces
 ``torch.optim.Muon`` (which hard-codes bfloat16), whose rounding is not equivariant.
 
-**Which parameters take Muon.** Each group has a flag ``use_muon``. When a group does not set it,
-:func:`muon_parameter_names` decides: the hidden matrices, i.e. every 2-D parameter except embedding
-tables, the LM head and the layers that read the model's input or write its output directly.
-Convolution kernels count as hidden matrices: Muon orthogonalises each as its ``(out, in * kernel)``
-matricisation (``Muon(flatten=True)``). Everything else (vectors, embeddings, input and output layers)
-takes Adam. Without a ``GaugeSet`` every 2-D parameter takes Muon unless its group says
-``use_muon=False``.
+**Which parameters take Muon.** Each param group takes one rule, recorded as its ``use_muon``. A
+group the user gives may set ``use_muon`` for all its parameters; otherwise :func:`muon_parameter_names`
+splits it into a Muon group and an Adam group (in this order): the hidden matrices, i.e. every 2-D
+parameter except embedding tables, the LM head and the layers that read the model's input or write
+its output directly, take Muon. Convolution kernels count as hidden matrices: Muon orthogonalises
+each as its ``(out, in * kernel)`` matricisation (``Muon(flatten=True)``). Everything else (vectors,
+embeddings, input and output layers, parameters outside ``gauges.model``) takes Adam. Without a
+``GaugeSet`` every 2-D parameter takes Muon unless its group says ``use_muon=False``.
+:meth:`~gaugeopt.optim.base.FramedOptimizer.split` prints who takes what; ``add_param_group`` splits a
+group added later the same way.
 
-**Learning rates.** ``lr`` (and ``weight_decay``) are the Muon groups'; ``adam_lr`` (and
-``adam_weight_decay``) the Adam groups'. In the param groups both are stored under ``lr`` and
-``weight_decay`` (so LR schedulers scale both); :meth:`DDCMuon.split` prints which parameters take
-which rule at which learning rate. A ``UserWarning`` says so once when no parameter takes Muon (a
+**Param groups, as in torch.** Every group, whichever its rule, holds ``lr``, ``betas``, ``eps``,
+``weight_decay`` and the Newton-Schulz settings, and the step of its parameters reads its own values:
+``lr`` and ``weight_decay`` for both rules, ``betas = (beta1, beta2)`` where ``beta1`` is the
+momentum ``mu`` of a Muon group and Adam's first-moment coefficient of an Adam group (``beta2`` is
+Adam's alone). One key for the first-moment coefficient of both rules is what lets one scheduler
+reach both: ``OneCycleLR`` and ``CyclicLR`` cycle ``betas[0]`` of every group. The constructor's
+arguments are the defaults of each rule (``lr``, ``momentum``, ``weight_decay`` for Muon groups;
+``adam_lr``, ``adam_betas``, ``adam_eps``, ``adam_weight_decay`` for Adam groups); a user's group
+overrides them with its own ``lr``, ``betas``, ``eps``, ``weight_decay`` for every parameter in it,
+and with ``momentum`` (its Muon part's ``betas[0]``) or ``adam_lr``, ``adam_betas``, ``adam_eps``,
+``adam_weight_decay`` (its Adam part) for one rule only. Those rule-specific keys are read when the
+group is added and are refused in a group later (``momentum`` written by a warm-up loop would
+otherwise be ignored: write ``betas``). A scheduler that scales each group's own rate (``LambdaLR``,
+``CosineAnnealingLR``, the Hugging Face schedules) keeps the Muon/Adam ratio; ``OneCycleLR`` keeps it
+when given one ``max_lr`` per group (``max_lr=[g["lr"] for g in optimizer.param_groups]``), as for
+any optimizer with several groups. A ``UserWarning`` says so once when no parameter takes Muon (a
 model without hidden matrices): then ``lr`` is unused.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
+import os
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -54,7 +71,15 @@ from ..gauges.families import LogitShift
 from ..gauges.gaugeset import GaugeSet
 from .base import FramedOptimizer
 from .ddc_adam import ADAM, check_adam_settings
-from .guards import require, require_betas, require_choice, require_nonnegative, require_rate, require_unit_interval
+from .guards import (
+    require,
+    require_betas,
+    require_choice,
+    require_known_keys,
+    require_nonnegative,
+    require_rate,
+    require_unit_interval,
+)
 from .layerwise import muon_lr_scale
 from .matrix_functions import MUON_NS_COEFFICIENTS
 from .rules import Muon, Rule
@@ -70,11 +95,13 @@ ADJUST_LR_CHOICES = ("original", "match_rms_adamw")
 #: DDCMuon's default section constant ``c`` of the neuron frames (DDCAdam's is ``gauges.EDGE_SCALE``).
 MUON_EDGE_SCALE = 0.5
 
-#: Keys a user group may set besides ``params`` and ``use_muon``: the Muon settings, and the Adam
-#: part's settings under ``adam_*`` names (stored in the Adam groups under Adam's own names).
-_MUON_KEYS = ("lr", "momentum", "nesterov", "weight_decay", "adjust_lr", "ns_steps", "ns_coefficients", "ns_eps",
-              "ns_dtype", "head_wise")
-_ADAM_KEYS = {"adam_lr": "lr", "adam_betas": "betas", "adam_eps": "eps", "adam_weight_decay": "weight_decay"}
+#: The settings every group holds (torch's names), read by the step of whichever rule the group takes.
+_GROUP_KEYS = ("lr", "betas", "eps", "weight_decay", "nesterov", "adjust_lr", "ns_steps", "ns_coefficients", "ns_eps",
+               "ns_dtype", "head_wise")
+#: Keys a user's group may set for one rule only, read when the group is added: the Muon part's
+#: momentum (its ``betas[0]``) and the Adam part's settings, under their group names.
+_MUON_ONLY = frozenset({"momentum"})
+_ADAM_ONLY = {"adam_lr": "lr", "adam_betas": "betas", "adam_eps": "eps", "adam_weight_decay": "weight_decay"}
 
 
 def muon_parameter_names(model: nn.Module, gauges: GaugeSet | None = None) -> set[str]:
@@ -100,25 +127,31 @@ class DDCMuon(FramedOptimizer):
     """Muon on hidden matrices and DDCAdam's rule on the rest, exactly equivariant under ``gauges``.
 
     Args:
-        params: parameters, ``(name, parameter)`` pairs or group dicts. A group may set any keyword
-            below (the ``adam_*`` ones configure its Adam part) and ``use_muon`` to choose the rule
-            for all its parameters; otherwise :func:`muon_parameter_names` splits it.
+        params: parameters, ``(name, parameter)`` pairs or group dicts. A group may set ``lr``,
+            ``betas``, ``eps``, ``weight_decay`` and the Newton-Schulz settings for all its
+            parameters, ``momentum`` for its Muon part, ``adam_lr``, ``adam_betas``, ``adam_eps``,
+            ``adam_weight_decay`` for its Adam part, and ``use_muon`` to choose the rule for all its
+            parameters; otherwise :func:`muon_parameter_names` splits it (module docstring).
         gauges: the model's :class:`~gaugeopt.gauges.GaugeSet` (``gaugeopt.find_gauges``), or ``None``
             for none (then every 2-D parameter takes Muon unless its group sets ``use_muon=False``).
-        lr, momentum, nesterov, weight_decay: the Muon groups', as in ``torch.optim.Muon`` (decay is
-            ``W <- (1 - lr wd) W``).
+        lr, momentum, nesterov, weight_decay: the Muon groups' defaults, as in ``torch.optim.Muon``
+            (decay is ``W <- (1 - lr wd) W``). A Muon group keeps its momentum as ``betas[0]``.
         adjust_lr: the shape factor, ``"original"`` or ``"match_rms_adamw"`` (torch's ``adjust_lr_fn``).
         ns_steps, ns_coefficients, ns_eps: the Newton-Schulz iteration.
         ns_dtype: its arithmetic dtype: ``None`` (default) uses the parameters' dtype, which keeps the
             equivariance exact; ``torch.bfloat16`` reproduces ``torch.optim.Muon``.
         head_wise: orthogonalise each attention head's block of the query/key/value rows and output
             columns separately (heads read from the model's rotation families).
-        adam_lr, adam_betas, adam_eps: the Adam groups' settings (embeddings, the head, vectors).
-        adam_weight_decay: decay of the Adam groups (default: ``weight_decay``).
+        adam_lr, adam_betas, adam_eps: the Adam groups' defaults (embeddings, the head, vectors).
+        adam_weight_decay: the Adam groups' default decay (default: ``weight_decay``).
         edge_scale: the section constant ``c`` of the neuron frames, as in :class:`~gaugeopt.optim.DDCAdam`;
             0.5 by default (DDCAdam's 1 made Muon's fixed-size orthogonal steps unstable on a deep
             gated stack without norms: docs/ddc_muon.md).
         nonfinite, compiled: as in :class:`~gaugeopt.optim.DDCAdam`.
+
+    Every param group takes one rule (``use_muon``) and its own ``lr``, ``betas``, ``weight_decay``:
+    schedulers act on both rules (module docstring); ``add_param_group`` splits a group as the
+    constructor does, so it may add two groups, the Muon part first.
     """
 
     _EXTRA_GROUP_KEYS = frozenset({"use_muon"})
@@ -147,34 +180,78 @@ class DDCMuon(FramedOptimizer):
         compiled: bool = False,
     ):
         where = type(self).__name__
+        require_unit_interval(where, "momentum", momentum)
         require_betas(where, "adam_betas", adam_betas)
         require(isinstance(ns_coefficients, (tuple, list)), where,
                 f"ns_coefficients must be three finite numbers (a, b, c), got {ns_coefficients!r}")
         adam_weight_decay = weight_decay if adam_weight_decay is None else adam_weight_decay
-        muon_defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
-                             adjust_lr=adjust_lr, ns_steps=ns_steps, ns_coefficients=tuple(ns_coefficients),
-                             ns_eps=ns_eps, ns_dtype=ns_dtype, head_wise=head_wise)
-        adam_defaults = dict(lr=adam_lr, betas=tuple(adam_betas), eps=adam_eps, weight_decay=adam_weight_decay)
-        _check_muon_settings(muon_defaults, where)
-        check_adam_settings(adam_defaults, where)
+        muon = dict(lr=lr, betas=(momentum, adam_betas[1]), eps=adam_eps, weight_decay=weight_decay,
+                    nesterov=nesterov, adjust_lr=adjust_lr, ns_steps=ns_steps, ns_coefficients=tuple(ns_coefficients),
+                    ns_eps=ns_eps, ns_dtype=ns_dtype, head_wise=head_wise)
+        adam = dict(muon, lr=adam_lr, betas=tuple(adam_betas), weight_decay=adam_weight_decay)
+        _check_muon_settings(muon, where)
+        check_adam_settings(adam, where)
         if gauges is not None and not isinstance(gauges, GaugeSet):
             raise TypeError(f"gauges must be a GaugeSet (from gaugeopt.find_gauges) or None, got {type(gauges).__name__}")
-        names = {id(p): n for n, p in gauges.model.named_parameters()} if gauges is not None else {}
-        hidden = muon_parameter_names(gauges.model, gauges) if gauges is not None else None
-        groups = _split_groups(params, muon_defaults, adam_defaults, names, hidden)
-        defaults = {**muon_defaults, "betas": tuple(adam_betas), "eps": adam_eps, "use_muon": True}
-        super().__init__(groups, defaults, gauges, channel_step=False, edge_scale=edge_scale,
-                         nonfinite=nonfinite, compiled=compiled)
+        #: Each rule's defaults: the settings of the groups it takes, before a user's group overrides them.
+        self.rule_defaults: dict[str, dict[str, Any]] = {"muon": muon, "adam": adam}
+        self._hidden = muon_parameter_names(gauges.model, gauges) if gauges is not None else None
+        self._warned_one_peak = False
+        super().__init__(params, {**muon, "use_muon": True}, gauges, channel_step=False,
+                         edge_scale=edge_scale, nonfinite=nonfinite, compiled=compiled)
         if not any(g["use_muon"] and g["params"] for g in self.param_groups):
             warnings.warn(f"DDCMuon: no parameter takes the Muon step (no hidden matrix among them), so lr={lr} "
                           f"is unused and every parameter takes the Adam rule with adam_lr={adam_lr}; "
                           f"DDCMuon.split() lists the split", UserWarning, stacklevel=2)
+
+    def _group_parts(self, param_group: dict[str, Any]) -> list[dict[str, Any]]:
+        """A user's group as a Muon group and an Adam group (module docstring), each with every key."""
+        if not isinstance(param_group, Mapping):
+            raise TypeError(f"param_group must be a dict, but got {type(param_group).__name__}")
+        where = f"param group {len(self.param_groups)}"
+        require_known_keys(where, param_group, {*self.defaults, *_MUON_ONLY, *_ADAM_ONLY})
+        params = param_group["params"]
+        if isinstance(params, set):
+            raise TypeError("optimizer parameters need to be organized in ordered collections, but the ordering of "
+                            "tensors in sets will change between runs. Please use a list instead.")
+        entries = [params] if isinstance(params, Tensor) else list(params)
+        if "param_names" in param_group:  # names given beside the tensors: keep them with each tensor
+            entries = list(zip(param_group["param_names"], entries))
+        tensors = [e[1] if isinstance(e, tuple) else e for e in entries]
+        if "use_muon" in param_group:
+            flags = [bool(param_group["use_muon"])] * len(tensors)
+        elif self._hidden is not None:
+            names = {id(p): n for n, p in self.gauges.params().items()}
+            flags = [names.get(id(p)) in self._hidden for p in tensors]
+        else:
+            flags = [p.ndim == 2 for p in tensors]
+        own = {k: param_group[k] for k in _GROUP_KEYS if k in param_group}
+        parts = []
+        for rule, flag in (("muon", True), ("adam", False)):
+            chosen = [e for e, f in zip(entries, flags) if f == flag]
+            if not chosen and (entries or param_group.get("use_muon", True) != flag):
+                continue  # an empty group stays one group, a Muon group unless it says use_muon=False
+            settings = {**self.rule_defaults[rule], **own}
+            if flag and "momentum" in param_group:
+                settings["betas"] = (param_group["momentum"], settings["betas"][1])
+            if not flag:
+                settings.update({key: param_group[k] for k, key in _ADAM_ONLY.items() if k in param_group})
+            if isinstance(settings["betas"], (tuple, list)):
+                settings["betas"] = tuple(settings["betas"])
+            if isinstance(settings["ns_coefficients"], (tuple, list)):
+                settings["ns_coefficients"] = tuple(settings["ns_coefficients"])
+            parts.append({**settings, "params": chosen, "use_muon": flag})
+        return parts
 
     def _validate_group(self, group: dict, where: str) -> None:
         """Every setting (a group holds both rules' settings), and matrices where the group takes Muon.
         Runs on groups added, on every step and on groups a checkpoint loads."""
         require(isinstance(group.get("use_muon"), bool), where, f"use_muon must be True or False, got "
                                                                 f"{group.get('use_muon')!r}")
+        stale = sorted(set(group) & {*_MUON_ONLY, *_ADAM_ONLY})
+        require(not stale, where, f"{stale} set a rule's part of a group when the group is added; each group now "
+                                  f"has its own lr, betas (Muon's momentum is betas[0]), eps and weight_decay: set "
+                                  f"those")
         _check_muon_settings(group, where)
         if group["use_muon"]:
             for p in group["params"]:
@@ -189,20 +266,42 @@ class DDCMuon(FramedOptimizer):
         return Muon(nesterov=bool(group["nesterov"]), ns_steps=group["ns_steps"],
                     ns_coefficients=tuple(group["ns_coefficients"]), ns_eps=float(group["ns_eps"]),
                     ns_dtype=group["ns_dtype"], adjust_lr=group["adjust_lr"],
-                    head_blocks="frame" if group["head_wise"] else None, block_scale=False, flatten=True)
+                    head_blocks="frame" if group["head_wise"] else None, block_scale=False, flatten=True,
+                    momentum_key="betas")
 
-    def split(self, *, print_table: bool = True) -> list[tuple[str, tuple[int, ...], str, float]]:
-        """``(parameter, shape, rule, lr)`` for every parameter, Muon's first; printed as a table."""
-        names = self.parameter_names()
-        rows = [(names[gi][pi] or f"group {gi} entry {pi}", tuple(p.shape), "muon" if g["use_muon"] else "adam",
-                 float(g["lr"])) for gi, g in enumerate(self.param_groups) for pi, p in enumerate(g["params"])]
-        rows.sort(key=lambda r: r[2] != "muon")
-        if print_table:
-            width = max([len(r[0]) for r in rows] + [9])
-            print(f"{'parameter':<{width}}  {'shape':<14}  rule  lr")
-            for name, shape, rule, lr in rows:
-                print(f"{name:<{width}}  {str(shape):<14}  {rule:<4}  {lr:g}")
-        return rows
+    def rule_name(self, group: Mapping[str, Any]) -> str:
+        return "muon" if group["use_muon"] else "adam"
+
+    def _check_step_inputs(self) -> None:
+        super()._check_step_inputs()
+        if not self._warned_one_peak:
+            self._warn_one_peak()
+
+    def _warn_one_peak(self) -> None:
+        """Warn once when a ``OneCycleLR`` given one ``max_lr`` has set the same peak for the Muon and
+        the Adam groups although their default rates differ: the ratio of the two is then lost."""
+        peaks = {g["use_muon"]: set() for g in self.param_groups if g["params"]}
+        for g in self.param_groups:
+            if g["params"] and "max_lr" in g:
+                peaks[g["use_muon"]].add(float(g["max_lr"]))
+        if len(peaks) == 2 and all(len(p) == 1 for p in peaks.values()) and peaks[True] == peaks[False] and \
+                self.rule_defaults["muon"]["lr"] != self.rule_defaults["adam"]["lr"]:
+            self._warned_one_peak = True
+            warnings.warn(f"DDCMuon: a scheduler set the same max_lr={peaks[True].pop():g} for the Muon and the Adam "
+                          f"groups, whose rates were lr={self.rule_defaults['muon']['lr']:g} and "
+                          f"adam_lr={self.rule_defaults['adam']['lr']:g}; to keep their ratio pass one max_lr per "
+                          f"group: OneCycleLR(optimizer, max_lr=[g['lr'] for g in optimizer.param_groups], ...)",
+                          UserWarning, stacklevel=_user_stacklevel())
+
+
+def _user_stacklevel() -> int:
+    """The ``stacklevel`` of the innermost caller outside torch and gaugeopt, for a warning raised inside
+    ``step`` (whose wrappers, ``no_grad``, the step hooks and a scheduler's counter, vary in number)."""
+    inside = (os.path.dirname(torch.__file__), os.path.dirname(os.path.dirname(__file__)))
+    frame, level = inspect.currentframe().f_back, 1
+    while frame is not None and frame.f_code.co_filename.startswith(inside):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 # --------------------------------------------------------------------------------------------------
@@ -213,7 +312,6 @@ class DDCMuon(FramedOptimizer):
 def _check_muon_settings(group: Mapping[str, Any], where: str) -> None:
     """``ValueError(f"{where}: <field> ...")`` for a bad Muon setting."""
     require_rate(where, group["lr"])
-    require_unit_interval(where, "momentum", group["momentum"])
     for flag in ("nesterov", "head_wise"):
         require(isinstance(group[flag], bool), where, f"{flag} must be True or False, got {group[flag]!r}")
     require_nonnegative(where, "weight_decay", group["weight_decay"])
@@ -229,41 +327,3 @@ def _check_muon_settings(group: Mapping[str, Any], where: str) -> None:
     dtype = group["ns_dtype"]
     require(dtype is None or (isinstance(dtype, torch.dtype) and dtype.is_floating_point), where,
             f"ns_dtype must be a floating-point dtype or None, got {dtype!r}")
-
-
-def _split_groups(params, muon_defaults: dict, adam_defaults: dict, names: dict[int, str],
-                  hidden: set[str] | None) -> list[dict]:
-    """Turn the user's params into Muon groups and Adam groups (every key filled in)."""
-    if isinstance(params, Tensor):
-        raise TypeError("params must be an iterable of tensors or of group dicts, got a single Tensor")
-    params = list(params)
-    if not params:
-        raise ValueError("DDCMuon got an empty parameter list")
-    user_groups = params if isinstance(params[0], dict) else [{"params": params}]
-    groups = []
-    for index, user in enumerate(user_groups):
-        unknown = set(user) - {"params", "use_muon", *_MUON_KEYS, *_ADAM_KEYS}
-        if unknown:
-            raise ValueError(f"param group {index} has unknown option(s) {sorted(unknown)}")
-        if isinstance(user["params"], set):
-            raise TypeError("optimizer parameters need to be organized in ordered collections, but the ordering "
-                            "of tensors in sets will change between runs. Please use a list instead.")
-        entries = [user["params"]] if isinstance(user["params"], Tensor) else list(user["params"])
-        tensors = [e[1] if isinstance(e, tuple) else e for e in entries]
-        if "use_muon" in user:
-            muon_flags = [bool(user["use_muon"])] * len(tensors)
-        elif hidden is not None:
-            muon_flags = [names.get(id(p)) in hidden for p in tensors]
-        else:
-            muon_flags = [p.ndim == 2 for p in tensors]
-        muon = {**muon_defaults, **{k: user[k] for k in _MUON_KEYS if k in user}}
-        adam = {**muon_defaults, **adam_defaults, **{v: user[k] for k, v in _ADAM_KEYS.items() if k in user}}
-        for settings, flag in ((muon, True), (adam, False)):
-            # entries as given: (name, tensor) pairs keep their names (torch's checks apply to them)
-            chosen = [e for e, f in zip(entries, muon_flags) if f == flag]
-            if chosen:
-                settings = dict(settings, ns_coefficients=tuple(settings["ns_coefficients"]))
-                if flag:
-                    settings.update(betas=adam["betas"], eps=adam["eps"])
-                groups.append({**settings, "params": chosen, "use_muon": flag})
-    return groups

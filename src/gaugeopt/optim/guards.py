@@ -38,7 +38,7 @@ import difflib
 import math
 import numbers
 from collections import OrderedDict, defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -616,19 +616,20 @@ def _per_group(meta: Mapping[str, Any], field: str, group_index: int, size: int)
 # --------------------------------------------------------------------------------------------------
 
 
-def check_gauges_cover(gauges, param_groups: list[dict[str, Any]]) -> dict[str, Tensor]:
-    """Check that ``gauges`` describes the parameters being optimized; return ``gauges.model``'s
-    parameters by name (empty for ``gauges=None``).
+def check_gauges_cover(gauges, names: Sequence[Sequence[str | None]]) -> None:
+    """Check that ``gauges`` describes the model being optimized.
 
-    ``ValueError`` when a parameter is not one of ``gauges.model``'s (a GaugeSet found on another
-    model or a copy: ``gauges.bind(model)`` re-targets it), or when the model's shapes no longer match
-    the families (the model was changed after ``find_gauges``).
+    ``names`` holds, per param group, each parameter's name in ``gauges.model`` (``None`` for a
+    parameter outside it, which is stepped without a frame). ``ValueError`` when the model's shapes no
+    longer match the families (the model was changed after ``find_gauges``), or when ``gauges`` has
+    families and not one parameter is ``gauges.model``'s (a GaugeSet found on another model or on a
+    copy: ``gauges.bind(model)`` re-targets it).
     """
     if gauges is None:
-        return {}
+        return
     from ..gauges.families import NeuronScaling, NormScaling
 
-    model_params = dict(gauges.model.named_parameters())
+    model_params = gauges.params()
     for family in gauges:
         if isinstance(family, (NeuronScaling, NormScaling)):
             for ref in (*family.multiplied, *family.divided):
@@ -638,16 +639,7 @@ def check_gauges_cover(gauges, param_groups: list[dict[str, Any]]) -> dict[str, 
                         f"gauge family {family.name} acts on {family.units} slices along axis {ref.axis} of "
                         f"{ref.name}, which now has shape {shape}: the model changed after find_gauges; "
                         f"find the gauges again")
-    names = {id(p): n for n, p in model_params.items()}
-    given = [p for group in param_groups for p in group["params"]]
-    foreign = [p for p in given if id(p) not in names]
-    if foreign and len(foreign) == len(given) and len(gauges):
+    given = [name for group in names for name in group]
+    if given and len(gauges) and all(name is None for name in given):
         raise ValueError("none of the parameters belongs to gauges.model: pass the GaugeSet of the model "
                          "being optimized (gauges.bind(model) re-targets one to a copy)")
-    if foreign:
-        shapes = ", ".join(str(tuple(p.shape)) for p in foreign[:5])
-        raise ValueError(f"{len(foreign)} parameter(s) given to the optimizer are not parameters of gauges.model "
-                         f"(shapes {shapes}{', ...' if len(foreign) > 5 else ''}): the GaugeSet does not cover "
-                         f"them; optimize them with another optimizer, or find the gauges on the model that "
-                         f"owns them")
-    return model_params

@@ -211,7 +211,8 @@ class Muon:
     families, from the frame's :class:`Residual`) or an int ``H`` (``H`` equal blocks along
     ``head_axis``, ``"row"`` or ``"col"``). ``block_scale``: the shape factor of a head-wise update
     uses the block's shape (``True``) or the whole matrix's (``False``, as DDCMuon). ``ns_dtype``:
-    the iteration's dtype (``None``: the gradient's). ``momentum_key`` names the group setting.
+    the iteration's dtype (``None``: the gradient's). ``momentum_key`` names the group setting: a
+    number, or a pair whose first entry is the momentum (DDCMuon's ``betas``).
     ``flatten``: a member of more than two dimensions is orthogonalised as its matricisation
     ``(shape[0], prod(shape[1:]))`` (a conv kernel ``(out, in, *kernel)``, as Keller Jordan's Muon
     does) instead of as a batch of matrices over its leading axes (MoE experts ``(E, rows, cols)``).
@@ -231,7 +232,8 @@ class Muon:
     state_keys: tuple[str, ...] = ("momentum_buffer",)
 
     def scalars(self, group: Mapping[str, Any], steps: Sequence[int]) -> list[float]:
-        return _momentum_scalars(float(group[self.momentum_key]))
+        momentum = group[self.momentum_key]
+        return _momentum_scalars(float(momentum[0] if isinstance(momentum, (tuple, list)) else momentum))
 
     def direction(self, grad: Tensor, state: Mapping[str, Tensor], scalars: Tensor, residual: Residual,
                   collectives: Collectives = LOCAL) -> Tensor:

@@ -32,6 +32,7 @@ from .matrix_functions import MUON_NS_COEFFICIENTS
 
 __all__ = [
     "SymmetryCompatible",
+    "UNCLASSIFIED",
     "symmetry_param_groups",
     "classify_parameters",
     "ParamClassification",
@@ -45,13 +46,20 @@ __all__ = [
 # Optimizer
 # ==============================================================================================
 
+#: The role of parameters in a group that names no rule: outside the classification of
+#: :func:`symmetry_param_groups` (a learnable temperature, a loss's own parameter); they take ``adamw``.
+UNCLASSIFIED = "unclassified"
+
 
 class SymmetryCompatible(FramedOptimizer):
     """Symmetry-compatible layerwise optimizer: a per-group update rule applied to EMA momentum.
 
     Args:
-        params: parameters or param-group dicts, typically ``symmetry_param_groups(model)``.
-            Every group needs a ``rule`` (here or in the group).
+        params: parameters or param-group dicts, typically ``symmetry_param_groups(model)``. A
+            group that names no ``rule`` (when ``rule`` is not given here either) holds parameters
+            outside the classification (a learnable temperature, a loss's own parameter): they take
+            ``adamw`` with the role ``"unclassified"``, and one warning lists them; at least one
+            group must name a rule.
         lr: learning rate (groups from :func:`symmetry_param_groups` carry their own).
         rule: default rule name, one of ``gaugeopt.optim.layerwise.RULES``; ``None`` forces every
             group to name its rule.
@@ -116,6 +124,34 @@ class SymmetryCompatible(FramedOptimizer):
         _validate_settings(defaults, type(self).__name__)
         super().__init__(params, defaults, None, channel_step=False, nonfinite=nonfinite,
                          compiled=compiled)
+
+    def _group_parts(self, param_group: dict[str, Any]) -> list[dict[str, Any]]:
+        """A group that names no rule (and no default rule was given) holds parameters outside the
+        classification: they take ``adamw``, with the role :data:`UNCLASSIFIED`."""
+        if isinstance(param_group, Mapping) and param_group.get("rule", self.defaults["rule"]) is None:
+            return [{**param_group, "rule": "adamw", "role": UNCLASSIFIED}]
+        return [param_group]
+
+    def _check_configured(self) -> None:
+        if all(g.get("role") == UNCLASSIFIED for g in self.param_groups if g["params"]) and \
+                any(g["params"] for g in self.param_groups):
+            raise ValueError(f"the param groups have no 'rule' and no rule= was given; build the groups with "
+                             f"symmetry_param_groups(model) or pass rule=... (known rules: {', '.join(RULES)})")
+
+    def _is_outside(self, group_index: int, param_index: int) -> bool:
+        return self.param_groups[group_index].get("role") == UNCLASSIFIED
+
+    def _outside_notice(self, listing: str, count: int) -> str:
+        return (f"SymmetryCompatible: {count} parameter(s) are in groups that name no rule (not classified by "
+                f"symmetry_param_groups): each takes the 'adamw' rule ({listing}); SymmetryCompatible.split() lists "
+                f"every parameter's rule")
+
+    def _frame_of(self, group_index: int, param_index: int) -> str:
+        role = self.param_groups[group_index].get("role")
+        return "none: not classified" if role == UNCLASSIFIED else (role or "-")
+
+    def rule_name(self, group: Mapping[str, Any]) -> str:
+        return group["rule"]
 
     def _validate_group(self, group: dict[str, Any], where: str) -> None:
         _validate_group(group, where)
