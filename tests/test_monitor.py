@@ -208,6 +208,7 @@ def test_training_with_a_reading_every_step_equals_training_without():
 def test_step_counts_calls_or_takes_the_callers_step_and_reads_each_multiple_once():
     model, gauges, probe = small_lm()
     monitor = DeadDirectionMonitor(model, gauges, probe=probe, loss=per_token_loss, every=3)
+    assert monitor.step(0) is None  # step 0 is no multiple to read at (read(0) takes a baseline)
     read = [step for step in range(1, 10) if monitor.step() is not None]
     assert read == [3, 6, 9]
     assert monitor.step(9) is None  # the same step again (gradient accumulation): read once

@@ -149,7 +149,7 @@ class DeadDirectionMonitor:
             model's device once, here.
         loss: per-sample (or per-token) losses, e.g. ``F.cross_entropy(..., reduction="none")``; a loss
             reduced to a scalar is refused (it would scale every per-sample gradient by 1/N).
-        every: read at every step number divisible by ``every``.
+        every: read at every positive step number divisible by ``every``.
         log_dir: write TensorBoard event files there (``pip install gaugeopt[tensorboard]``).
         logger: also (or instead) call ``logger(scalars, step)`` at each reading.
         sites: the DDS sites (``"module"``, ``"module:input"``); default :func:`gauge_carrying_sites`.
@@ -215,15 +215,16 @@ class DeadDirectionMonitor:
 
     # ----- the loop's side -----------------------------------------------------------------------------
     def step(self, step: int | None = None) -> dict[str, float] | None:
-        """Count one optimizer step (or set the count to ``step``) and read when it is divisible by
-        ``every``. Returns the reading's scalars on rank 0 at a reading, else ``None``. Call it on every
-        rank, after ``optimizer.step()``."""
+        """Count one optimizer step (or set the count to ``step``) and read when the count is a positive
+        multiple of ``every`` not read yet. Returns the reading's scalars on rank 0 at a reading, else
+        ``None``. Call it on every rank, after ``optimizer.step()``; :meth:`read` reads at any step (e.g.
+        ``read(0)`` before training, for a baseline)."""
         if step is None:
             step = self._count + 1
         elif isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ValueError(f"step must be a non-negative integer, got {step!r}")
         self._count = step
-        if step % self.every or (self.steps and step <= self.steps[-1]):
+        if step == 0 or step % self.every or (self.steps and step <= self.steps[-1]):
             return None
         return self.read(step)
 
