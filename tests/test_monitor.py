@@ -12,14 +12,11 @@ import torch.nn.functional as F
 import gaugeopt
 from benchmarks.optimizer_steps import reference_config
 from gaugeopt.dds import dead_direction_signatures
+from gaugeopt.experiments.common import per_token_cross_entropy as per_token_loss
 from gaugeopt.models import TransformerLM, TransformerLMConfig
 from gaugeopt.monitor import DEFAULT_OBSERVABLES, DeadDirectionMonitor, gauge_carrying_sites
 
 VOCAB, SEQ = 256, 64
-
-
-def per_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")
 
 
 def train_step(model, optimizer, batch: torch.Tensor) -> None:

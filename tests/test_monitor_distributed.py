@@ -4,42 +4,24 @@ logs, nothing hangs, and rank 0's readings equal those of the same training in o
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 import monitor_distributed_worker as worker  # noqa: E402
+from torchrun import torchrun  # noqa: E402
 
 WORLD = 2
 LAUNCH_TIMEOUT_S = 300  # a hang fails the test instead of blocking the run
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def launched(tmp_path_factory) -> list[dict]:
     """Run the worker once under torchrun; every rank's results."""
-    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
-        pytest.skip("torch.distributed with gloo is not available")
     out = tmp_path_factory.mktemp("monitor_distributed")
-    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={WORLD}",
-               "--master-addr=127.0.0.1", f"--master-port={_free_port()}", str(Path(worker.__file__)), str(out)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S, env=env)
-    except subprocess.TimeoutExpired as err:
-        pytest.fail(f"torchrun did not finish in {LAUNCH_TIMEOUT_S} s: {(err.stderr or b'')[-3000:]!r}")
-    assert done.returncode == 0, f"torchrun failed ({done.returncode}):\n{done.stderr[-6000:]}"
+    torchrun(worker.__file__, out, world=WORLD, timeout_s=LAUNCH_TIMEOUT_S)
     return [json.loads((out / f"rank{rank}.json").read_text()) for rank in range(WORLD)]
 
 

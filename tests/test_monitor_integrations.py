@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import gaugeopt
+from gaugeopt.experiments.common import per_token_cross_entropy
 from gaugeopt.models import TransformerLM, TransformerLMConfig
 
 VOCAB, SEQ = 32, 12
@@ -107,9 +108,6 @@ def test_lightning_logs_readings_through_the_trainers_logger(tmp_path, accumulat
 
     from gaugeopt.integrations.lightning import DeadDirectionCallback
 
-    def per_token_loss(logits, targets):
-        return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")
-
     class LanguageModel(lightning.pytorch.LightningModule):
         def __init__(self):
             super().__init__()
@@ -120,14 +118,15 @@ def test_lightning_logs_readings_through_the_trainers_logger(tmp_path, accumulat
 
         def training_step(self, batch, batch_idx):
             (tokens,) = batch
-            return per_token_loss(self.net(tokens[:, :-1]), tokens[:, 1:]).mean()
+            return per_token_cross_entropy(self.net(tokens[:, :-1]), tokens[:, 1:]).mean()
 
         def configure_optimizers(self):
             return gaugeopt.DDCAdam(self.net.parameters(), self.gauges, lr=3e-3)
 
     module = LanguageModel()
     probe = counting_tokens(2, seed=2)
-    callback = DeadDirectionCallback(module.gauges, probe=(probe[:, :-1], probe[:, 1:]), loss=per_token_loss, every=2)
+    callback = DeadDirectionCallback(module.gauges, probe=(probe[:, :-1], probe[:, 1:]),
+                                     loss=per_token_cross_entropy, every=2)
     data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(counting_tokens(64)), batch_size=4)
     trainer = lightning.pytorch.Trainer(max_steps=6, accumulate_grad_batches=accumulate, callbacks=[callback],
                                         logger=CSVLogger(tmp_path, name="run"), accelerator="cpu", devices=1,
