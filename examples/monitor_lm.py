@@ -13,6 +13,7 @@ runs/monitor``); the plot puts the two runs' trajectories side by side.
 from __future__ import annotations
 
 import argparse
+import statistics
 from pathlib import Path
 
 import torch
@@ -67,10 +68,11 @@ def main() -> None:
         monitor = train(name, args.steps, args.every, args.runs)
         monitor.plot(axes=list(grid[:, column]))
         grid[0, column].set_title(f"{name}: {grid[0, column].get_title()}", fontsize=11)
-        last = monitor.table()[-1]
-        drift = max(v for k, v in last.items() if k.startswith("gauge_drift/norm_scale:"))
-        print(f"{name}: {len(monitor.table())} readings, largest norm-gain drift at step {last['step']}: {drift:.3g}, "
-              f"median reading {sorted(r['reading_s'] for r in monitor.table())[len(monitor.table()) // 2] * 1e3:.0f} ms")
+        table = monitor.table()
+        drift = max(v for k, v in table[-1].items() if k.startswith("gauge_drift/norm_scale:"))
+        reading = statistics.median(row["reading_s"] for row in table)
+        print(f"{name}: {len(table)} readings, largest norm-gain drift at step {table[-1]['step']}: {drift:.3g}, "
+              f"median reading {reading * 1e3:.0f} ms")
     for row in range(4):  # one scale per row, so the two runs read against each other
         low = min(grid[row, c].get_ylim()[0] for c in range(2))
         high = max(grid[row, c].get_ylim()[1] for c in range(2))

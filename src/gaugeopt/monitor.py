@@ -168,7 +168,8 @@ class DeadDirectionMonitor:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         if gauges is not None and not isinstance(gauges, GaugeSet):
-            raise TypeError(f"gauges must be a GaugeSet (from gaugeopt.find_gauges) or None, got {type(gauges).__name__}")
+            raise TypeError("gauges must be a GaugeSet (from gaugeopt.find_gauges) or None, "
+                            f"got {type(gauges).__name__}")
         if not isinstance(probe, tuple) or len(probe) != 2:
             raise ValueError("probe must be a pair (inputs, targets)")
         if not callable(loss):
