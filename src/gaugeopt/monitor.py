@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import fields
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,7 @@ from .dds import (
     DEFAULT_REL_TOL,
     SLOPE_OBSERVABLES,
     DDSReading,
+    SiteObservables,
     capture_sites,
     dead_direction_signatures,
     orbit_drift,
@@ -64,7 +66,7 @@ ScalarLogger = Callable[[dict[str, float], int], Any]
 
 #: The observables logged per site: the four cells of the rate readout and the two ranks.
 DEFAULT_OBSERVABLES: tuple[str, ...] = (*SLOPE_OBSERVABLES, "rank_G", "rank_A")
-_ROW_VALUES = ("sigma2_min_X", "lambda_min_G", "logdet_G", "rank_G", "lambda_min_A", "logdet_A", "rank_A")
+_ROW_VALUES = tuple(field.name for field in fields(SiteObservables) if field.name != "site")  # the numbers of a row
 
 GRAD_NORM_TAG = "grad_norm/gauge_invariant"
 FROZEN_TOTAL_TAG = "frozen_units/total"
