@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from .report import write_between_markers
+
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "distributed.md"
 WIDTH = 128
@@ -124,12 +126,7 @@ def render(result: dict) -> str:
 
 
 def write_doc(table: str, doc: Path = DOC) -> None:
-    text = doc.read_text()
-    start, end = "<!-- traffic -->", "<!-- /traffic -->"
-    if start not in text or end not in text:
-        raise SystemExit(f"{doc} has no {start} ... {end} markers")
-    head, rest = text.split(start, 1)
-    doc.write_text(f"{head}{start}\n{table}\n{end}{rest.split(end, 1)[1]}")
+    write_between_markers(doc, "traffic", table)
 
 
 def _free_port() -> int:

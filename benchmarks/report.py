@@ -19,6 +19,16 @@ def fitted_exponent(parameters: list[int], seconds: list[float]) -> float:
     return float(slope)
 
 
+def write_between_markers(doc: Path, marker: str, text: str) -> None:
+    """Replace what stands between ``<!-- marker -->`` and ``<!-- /marker -->`` in ``doc`` by ``text``."""
+    content = doc.read_text()
+    start, end = f"<!-- {marker} -->", f"<!-- /{marker} -->"
+    if start not in content or end not in content:
+        raise SystemExit(f"{doc} has no {start} ... {end} markers")
+    head, rest = content.split(start, 1)
+    doc.write_text(f"{head}{start}\n{text}\n{end}{rest.split(end, 1)[1]}")
+
+
 def _ms(seconds: float) -> str:
     return f"{seconds * 1e3:.1f}" if seconds < 10 else f"{seconds * 1e3:.0f}"
 

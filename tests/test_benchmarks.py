@@ -59,3 +59,17 @@ def test_quick_run_writes_a_report_from_its_measurements(tmp_path):
     assert f"{results['summary']['ddc_adam_exponent']:.2f}" in report
     assert "## Dispatched operations per step" in report
     assert results["dispatch"]["rows"][0]["ops"]["DDCAdam"] > 0
+
+
+def test_monitor_overhead_reports_what_it_measured():
+    from benchmarks.monitor_overhead import PROBES, end_to_end, measure, render
+
+    row = measure(32, rounds=1, every=5, idle_calls=10)
+    assert [probe["probe_tokens"] for probe in row["probes"]] == [n * 64 for n in PROBES]
+    for probe in row["probes"]:  # (reading + 4 idle calls) / (5 steps)
+        assert probe["overhead"] == (probe["reading_s"] + 4 * row["idle_call_s"]) / (5 * row["step_s"]) > 0
+    check = end_to_end(32, 1, every=2, blocks=1)
+    report = render({"every": 5, "rows": [row], "end_to_end": check, "environment": {
+        "date_utc": "now", "commit": "abc", "command": "test", "torch_threads": 1, "load_start": (0.0,) * 3,
+        "load_end": (0.0,) * 3}})
+    assert f"{row['probes'][-1]['overhead']:.2%}" in report and f"{check['overhead']:+.2%}" in report

@@ -1,5 +1,7 @@
 """Orbit-drift audit against the real gauge library: AdamW drifts along orbits, a no-op does not."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -56,6 +58,9 @@ def test_orbit_drift_arithmetic_and_errors():
     now = {"a": torch.tensor([0.0, 1.0, 2.0, 5.0])}
     drift = orbit_drift(start, now)["a"]
     assert drift["max_abs_change"] == 2.0 and drift["rms_change"] == pytest.approx(1.0)
+    assert drift["coordinates"] == 4 and drift["undefined"] == 0
+    dead = orbit_drift({"a": torch.tensor([0.0, -math.inf, 2.0])}, {"a": torch.tensor([1.0, 0.0, math.nan])})["a"]
+    assert dead == {"max_abs_change": 1.0, "rms_change": 1.0, "coordinates": 1, "undefined": 2}  # log 0 of a dead unit
     with pytest.raises(ValueError, match="families differ"):
         orbit_drift(start, {"b": torch.zeros(4)})
     with pytest.raises(ValueError, match="changed from 4"):

@@ -9,9 +9,6 @@ process without a process group, and resumes training from it.
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -22,32 +19,17 @@ from gaugeopt.testing import relative_error
 
 sys.path.insert(0, str(Path(__file__).parent))
 import distributed_worker as worker  # noqa: E402
+from torchrun import torchrun  # noqa: E402
 
 WORLD = 2
 LAUNCH_TIMEOUT_S = 300  # a hung collective fails the test instead of blocking the run
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def launched(tmp_path_factory) -> tuple[Path, dict]:
     """Run the worker once under torchrun; return its output folder and results."""
-    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
-        pytest.skip("torch.distributed with gloo is not available")
     out = tmp_path_factory.mktemp("distributed")
-    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={WORLD}",
-               "--master-addr=127.0.0.1", f"--master-port={_free_port()}",
-               str(Path(worker.__file__)), str(out)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S, env=env)
-    except subprocess.TimeoutExpired as err:
-        pytest.fail(f"torchrun did not finish in {LAUNCH_TIMEOUT_S} s: {(err.stderr or b'')[-3000:]!r}")
-    assert done.returncode == 0, f"torchrun failed ({done.returncode}):\n{done.stderr[-6000:]}"
+    torchrun(worker.__file__, out, world=WORLD, timeout_s=LAUNCH_TIMEOUT_S)
     return out, json.loads((out / "results.json").read_text())
 
 

@@ -27,7 +27,7 @@ __all__ = [*_EXPORTS, "__version__"]
 def __getattr__(name: str) -> Any:
     if name in _EXPORTS:
         return getattr(importlib.import_module(_EXPORTS[name]), name)
-    if name in {"models", "gauges", "optim", "dds", "experiments", "testing", "data"}:
+    if name in {"models", "gauges", "optim", "dds", "experiments", "testing", "data", "monitor", "integrations"}:
         return importlib.import_module(f"gaugeopt.{name}")
     raise AttributeError(f"module 'gaugeopt' has no attribute {name!r}")
 

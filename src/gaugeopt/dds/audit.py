@@ -9,7 +9,8 @@ orbits. The audit needs only an object with ``orbit_coordinates(model) -> dict[s
 
 For each family, the drift from the start is ``delta = c_now - c_start`` and the audit reports
 ``max_abs_change = max_i |delta_i|`` and ``rms_change = sqrt(mean_i delta_i^2)``, plus the largest
-``max_abs_change`` seen at any recording.
+``max_abs_change`` seen at any recording. A coordinate that is not finite at either end (a dead unit:
+``log 0``) has no drift; it is left out of both and counted in ``undefined``.
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ def _snapshot(gauges: HasOrbitCoordinates, model: nn.Module) -> dict[str, torch.
 
 def orbit_drift(start: Mapping[str, torch.Tensor],
                 now: Mapping[str, torch.Tensor]) -> dict[str, dict[str, float | int]]:
-    """Per family: ``max_abs_change``, ``rms_change`` and the number of ``coordinates``."""
+    """Per family: ``max_abs_change``, ``rms_change``, the number of ``coordinates`` they are taken over
+    and the number left out as ``undefined`` (not finite at the start or now)."""
     if set(start) != set(now):
         raise ValueError(f"gauge families differ: {sorted(start)} at the start, {sorted(now)} now")
     drift: dict[str, dict[str, float | int]] = {}
@@ -46,12 +48,14 @@ def orbit_drift(start: Mapping[str, torch.Tensor],
         if first.shape != current.shape:
             raise ValueError(f"family {name!r} changed from {first.numel()} to "
                              f"{current.numel()} orbit coordinates")
-        delta = current - first
+        defined = torch.isfinite(first) & torch.isfinite(current)
+        delta = (current - first)[defined]
         count = int(delta.numel())
         drift[name] = {
             "max_abs_change": float(delta.abs().max()) if count else 0.0,
             "rms_change": float(delta.pow(2).mean().sqrt()) if count else 0.0,
             "coordinates": count,
+            "undefined": int(defined.numel()) - count,
         }
     return drift
 
