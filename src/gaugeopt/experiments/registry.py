@@ -45,7 +45,8 @@ class Experiment:
 
     def config(self, preset: str, *, seeds: tuple[int, ...] | list[int] | None = None,
                **overrides: Any) -> Any:
-        """The preset's config, with seeds and named fields replaced; unknown names raise."""
+        """The preset's config, with seeds and named fields replaced (each converted to the preset
+        value's type by :func:`coerce_field`, then checked by the config itself); unknown names raise."""
         if preset not in self.presets:
             raise ValueError(f"unknown preset {preset!r} for {self.name}; choose from {list(self.presets)}")
         config = self.presets[preset]
@@ -53,11 +54,9 @@ class Experiment:
         unknown = sorted(set(overrides) - known)
         if unknown:
             raise ValueError(f"{self.name} has no config field(s) {unknown}; fields: {sorted(known)}")
-        overrides = {name: coerce_field(name, getattr(config, name), value) for name, value in overrides.items()}
         if seeds is not None:
-            if not seeds:
-                raise ValueError("seeds must not be empty")
-            overrides["seeds"] = tuple(int(s) for s in seeds)
+            overrides["seeds"] = seeds
+        overrides = {name: coerce_field(name, getattr(config, name), value) for name, value in overrides.items()}
         return replace(config, **overrides)
 
 

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from .checks import check_memory
 from .environment import select_device
 from .registry import Experiment, get_experiment
 from .report import write_report
@@ -73,7 +74,8 @@ def run_experiment(name: str | Experiment, preset: str = "smoke", *, seeds: list
     ``overrides`` (config field names) replace the preset's values; ``device`` is ``"auto"``
     (CUDA when available) or forced; ``out`` defaults to ``runs/<name>-<preset>-<UTC time>`` and
     must be new or empty, or hold a run that ``overwrite`` replaces (:func:`.runfolder.claim_run_dir`).
-    The config is checked (its ``__post_init__``) before anything is written.
+    The config is checked (its ``__post_init__``, and its memory floor against the device:
+    :func:`.checks.check_memory`) before anything is written.
     ``threads`` sets torch's CPU threads for the run (restored afterwards; None leaves it): the
     reference models are small, and one thread avoids the large slowdowns of oversubscribed
     OpenMP pools on shared CPUs.
@@ -84,6 +86,7 @@ def run_experiment(name: str | Experiment, preset: str = "smoke", *, seeds: list
     experiment = name if isinstance(name, Experiment) else get_experiment(name)
     config = experiment.config(preset, seeds=seeds, **overrides)
     chosen = select_device(device)
+    check_memory(config, chosen)
     if threads is not None and threads < 1:
         raise ValueError(f"threads must be a positive integer or None, got {threads}")
     previous_threads = torch.get_num_threads()
