@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -114,3 +115,57 @@ def test_demo_ends_with_its_verdict_table(tmp_path, capsys):
     assert all(claim["claim"] in table for claim in results["claims"])
     reading = table[table.index("\nReading:\n"):]  # the reading ends the output
     assert " ".join(reading.split()[1:]) == " ".join(" ".join(results["reading"]).split())
+
+
+# -- report and results on a malformed results.json: one line, status 2, nothing written ------------
+
+def tree(path):
+    return sorted(str(p.relative_to(path)) for p in path.rglob("*"))
+
+
+@pytest.fixture(scope="module")
+def valid_results(tmp_path_factory):
+    """The results.json of a real (tiny) run."""
+    run_dir = tmp_path_factory.mktemp("valid") / "run"
+    assert main(["run", "cnn", "--preset", "tiny", "--out", str(run_dir), "--set", "arms=adamw", "--set", "steps=2",
+                 "--set", "eval_every=1", "--no-progress"]) == 0
+    return json.loads((run_dir / "results.json").read_text())
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda r: "{", "is not valid JSON: Expecting property name enclosed in double quotes at line 1 column 2"),
+    (lambda r: [1], "results.json: the file must be an object, got list"),
+    (lambda r: {k: v for k, v in r.items() if k != "claims"}, "results.json: the run's record lacks claims"),
+    (lambda r: {**r, "status": "done"}, "results.json: status must be one of ['running', 'complete', "),
+    (lambda r: {**r, "figures": [{"file": "../../outside.png", "series": []}]},
+     "figures[0].file must be a plain file name ending in .png (no folder), got \"../../outside.png\""),
+    (lambda r: {**r, "figures": [{"file": "results.json", "series": []}]}, "figures[0].file must be a plain file"),
+    (lambda r: {**r, "curves": {"adamw": {"0": {"../x": [1.0]}}}}, "series name must be a plain file name"),
+    (lambda r: {**r, "claims": [{"claim": "c", "anchor": "a"}]}, "claims[0].ours must be a string, got null"),
+    (lambda r: {**r, "figures": [{"file": "a.png", "series": [{"label": "s", "x": [1], "y": [{"v": 1}]}]}]},
+     "figures[0].series[0].y must be numbers, names or nulls, got list"),
+    (lambda r: {**r, "metrics": {"adamw": 3}}, "metrics['adamw'] must be an object, got 3"),
+])
+def test_report_on_a_malformed_results_json_is_one_line_and_writes_nothing(change, message, valid_results, tmp_path,
+                                                                           capsys):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    changed = change(valid_results)
+    (run_dir / "results.json").write_text(changed if isinstance(changed, str) else json.dumps(changed))
+    capsys.readouterr()
+    before = tree(tmp_path)
+    assert main(["report", str(run_dir)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"gaugeopt report: error: {run_dir / 'results.json'}") and message in err, err
+    assert err.count("\n") == 1
+    assert tree(tmp_path) == before
+    assert main(["results", str(run_dir)]) == 2 and message in capsys.readouterr().err
+
+
+def test_every_results_json_in_docs_runs_passes_the_check():
+    from pathlib import Path
+
+    runs = sorted((Path(__file__).parents[1] / "docs" / "runs").glob("*/results.json"))
+    assert runs
+    for path in runs:
+        read_results(path.parent)

@@ -1,6 +1,7 @@
 """A run folder whose ``results.json`` is rewritten atomically as the run goes.
 
-Layout of ``results.json`` (everything the report and the plots are rebuilt from)::
+Layout of ``results.json`` (everything the report and the plots are rebuilt from; checked by
+:func:`check_results` whenever a folder is read)::
 
     experiment, preset, status ("running" | "complete" | "interrupted" | "failed"), error,
     started, finished, config, seeds, environment {versions, machine, source},
@@ -20,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -35,6 +37,7 @@ from .statistics import Verdict
 
 RESULTS_FILE = "results.json"
 REPORT_FILE = "report.md"
+STATUSES = ("running", "complete", "interrupted", "failed")
 
 
 def utc_now() -> str:
@@ -81,11 +84,127 @@ def claim_run_dir(path: Path, overwrite: bool = False) -> None:
         file.unlink(missing_ok=True)
 
 
+# -- reading results.json ------------------------------------------------------------------------
+
+class ResultsError(ValueError):
+    """A ``results.json`` that is not JSON or does not have the layout of the module docstring."""
+
+
+_PLAIN_FILE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+=\-]*")  # a file name inside the run folder, no path
+
+
+def _number_or_none(value: Any) -> bool:
+    return value is None or isinstance(value, (int, float))
+
+
+def _scalar(value: Any) -> bool:
+    return value is None or isinstance(value, (int, float, str))
+
+
+def check_results(results: Any, source: str = RESULTS_FILE) -> None:
+    """Raise :class:`ResultsError` naming the first entry of ``results`` that breaks the layout the
+    report and the plots read (``source`` names the file in the message). Entries an experiment adds
+    beyond the layout are not checked."""
+
+    def require(ok: bool, where: str, what: str, value: Any) -> None:
+        if not ok:
+            shown = json.dumps(value)[:60] if _scalar(value) else type(value).__name__
+            raise ResultsError(f"{source}: {where} must be {what}, got {shown}")
+
+    def mapping(value: Any, where: str) -> dict:
+        require(isinstance(value, dict), where, "an object", value)
+        return value
+
+    def sequence(value: Any, where: str) -> list:
+        require(isinstance(value, list), where, "a list", value)
+        return value
+
+    def strings(value: Any, where: str) -> None:
+        for i, item in enumerate(sequence(value, where)):
+            require(isinstance(item, str), f"{where}[{i}]", "a string", item)
+
+    def plot_file(name: Any, where: str, suffix: str = "") -> None:
+        require(isinstance(name, str) and _PLAIN_FILE.fullmatch(name) is not None and name.endswith(suffix),
+                where, f"a plain file name{' ending in ' + suffix if suffix else ''} (no folder)", name)
+
+    def hlines(value: Any, where: str) -> None:
+        for i, line in enumerate(sequence(value, where)):
+            line = mapping(line, f"{where}[{i}]")
+            require(_number_or_none(line.get("y")), f"{where}[{i}].y", "a number or null", line.get("y"))
+
+    mapping(results, "the file")
+    missing = [key for key in ("experiment", "preset", "status", "seeds", "config", "environment", "timings",
+                               "metrics", "curves", "figures", "claims") if key not in results]
+    if missing:
+        raise ResultsError(f"{source}: the run's record lacks {', '.join(missing)}")
+    for key in ("experiment", "preset"):
+        require(isinstance(results[key], str), key, "a string", results[key])
+    require(results["status"] in STATUSES, "status", f"one of {list(STATUSES)}", results["status"])
+    for key in ("error", "started", "finished"):
+        require(results.get(key) is None or isinstance(results[key], str), key, "a string or null", results.get(key))
+    for i, seed in enumerate(sequence(results["seeds"], "seeds")):
+        require(isinstance(seed, int) and not isinstance(seed, bool), f"seeds[{i}]", "an integer", seed)
+    mapping(results["config"], "config")
+    for key, value in mapping(results["environment"], "environment").items():
+        mapping(value, f"environment.{key}")
+    mapping(results["timings"], "timings")
+    for arm, values in mapping(results["metrics"], "metrics").items():
+        mapping(values, f"metrics[{arm!r}]")
+    for arm, seeds in mapping(results["curves"], "curves").items():
+        for seed, series in mapping(seeds, f"curves[{arm!r}]").items():
+            for name, values in mapping(series, f"curves[{arm!r}][{seed!r}]").items():
+                plot_file(name, f"curves[{arm!r}][{seed!r}] series name")  # it names curve_<name>.png
+                for i, value in enumerate(sequence(values, f"curves[{arm!r}][{seed!r}][{name!r}]")):
+                    require(_number_or_none(value), f"curves[{arm!r}][{seed!r}][{name!r}][{i}]", "a number or null",
+                            value)
+    for f, figure in enumerate(sequence(results["figures"], "figures")):
+        where = f"figures[{f}]"
+        figure = mapping(figure, where)
+        plot_file(figure.get("file"), f"{where}.file", ".png")
+        require(figure.get("kind", "line") in ("line", "scatter", "bar"), f"{where}.kind", "line, scatter or bar",
+                figure.get("kind"))
+        for s, series in enumerate(sequence(figure.get("series", []), f"{where}.series")):
+            series = mapping(series, f"{where}.series[{s}]")
+            require(isinstance(series.get("label"), str), f"{where}.series[{s}].label", "a string", series.get("label"))
+            for axis in ("x", "y"):
+                values = sequence(series.get(axis), f"{where}.series[{s}].{axis}")
+                require(all(_scalar(v) for v in values), f"{where}.series[{s}].{axis}", "numbers, names or nulls",
+                        values)
+        hlines(figure.get("hlines", []), f"{where}.hlines")
+    for c, claim in enumerate(sequence(results["claims"], "claims")):
+        claim = mapping(claim, f"claims[{c}]")
+        for key in ("claim", "anchor", "ours"):
+            require(isinstance(claim.get(key), str), f"claims[{c}].{key}", "a string", claim.get(key))
+        require(claim.get("reproduced", "absent") in (True, False, None), f"claims[{c}].reproduced",
+                "true, false or null", claim.get("reproduced"))
+    for key in ("notes", "reading"):
+        if key in results:
+            strings(results[key], key)
+    for t, table in enumerate(sequence(results.get("tables", []), "tables")):
+        table = mapping(table, f"tables[{t}]")
+        require(isinstance(table.get("title"), str), f"tables[{t}].title", "a string", table.get("title"))
+        sequence(table.get("header"), f"tables[{t}].header")
+        for r, row in enumerate(sequence(table.get("rows"), f"tables[{t}].rows")):
+            sequence(row, f"tables[{t}].rows[{r}]")
+    for name, lines in mapping(results.get("curve_lines", {}), "curve_lines").items():
+        hlines(lines, f"curve_lines[{name!r}]")
+
+
 def read_results(run_dir: str | Path) -> dict[str, Any]:
+    """The checked contents of ``run_dir/results.json``: ``FileNotFoundError`` when there is none,
+    :class:`ResultsError` (a ``ValueError``) when it is not JSON or not the layout."""
     path = Path(run_dir) / RESULTS_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: not a gaugeopt run folder")
-    return json.loads(path.read_text())
+    try:
+        results = json.loads(path.read_text())
+    except UnicodeDecodeError as error:
+        raise ResultsError(f"{path} is not text: {error}") from None
+    except json.JSONDecodeError as error:
+        raise ResultsError(f"{path} is not valid JSON: {error.msg} at line {error.lineno} column {error.colno}"
+                           ) from None
+    check_results(results, str(path))
+    return results
 
 
 class RunFolder:
