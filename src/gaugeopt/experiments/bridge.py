@@ -306,8 +306,10 @@ def mean_ratios(ratios: list[dict], name: str) -> dict[int, float | None]:
 
 def run(config: BridgeConfig, context: RunContext) -> None:
     c, folder = config, context.folder
-    by_seed = {}
+    by_seed = context.state.setdefault("by_seed", {})
     for seed in c.seeds:
+        if not context.start_unit("bridge", seed):
+            continue
         with folder.timed(f"constructed seed {seed}"):
             constructed = constructed_bridge(depth=c.constructed_depth, width=c.width, dead_counts=c.dead_counts,
                                              samples=c.constructed_samples, seed=seed, progress=context.progress)

@@ -1,8 +1,9 @@
 """The experiments of docs/experiments.md by name, each with ``tiny``, ``smoke`` and ``full`` presets.
 
 An experiment module defines a frozen config dataclass (with a ``seeds`` field), a
-``run(config, context)`` function and a module-level ``EXPERIMENT``. Modules are imported only when
-their experiment is asked for, so listing experiments stays cheap.
+``run(config, context)`` function that begins each unit of its work with ``context.start_unit``
+(see :mod:`.runner`: what makes a run resumable) and a module-level ``EXPERIMENT``. Modules are
+imported only when their experiment is asked for, so listing experiments stays cheap.
 """
 
 from __future__ import annotations

@@ -225,8 +225,10 @@ def run_seed(c: RRRConfig, seed: int, context: RunContext) -> dict[str, Any]:
 
 def run(config: RRRConfig, context: RunContext) -> None:
     c, folder = config, context.folder
-    by_seed = {}
+    by_seed = context.state.setdefault("by_seed", {})
     for seed in c.seeds:
+        if not context.start_unit("rrr", seed):
+            continue
         with folder.timed(f"seed {seed}"):
             by_seed[seed] = run_seed(c, seed, context)
     summarise(c, folder, by_seed)
