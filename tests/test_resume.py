@@ -320,6 +320,9 @@ def test_resume_refuses_complete_busy_foreign_changed_and_reordered_runs(tmp_pat
         resume_experiment(stopped, experiment=shrunk)
 
     checkpoint = json.loads((stopped / CHECKPOINT_FILE).read_text())
+    (stopped / CHECKPOINT_FILE).write_text(json.dumps({**checkpoint, "preset": "full"}))
+    with pytest.raises(ValueError, match="its resume.json belongs to another run than its results.json"):
+        resume_experiment(stopped, experiment=DRAWING)
     checkpoint["completed"] = [["a", 3], ["a", 5]]  # the second unit differs
     (stopped / CHECKPOINT_FILE).write_text(json.dumps(checkpoint))
     with pytest.raises(ValueError, match=r"cannot resume: unit 2 is \('b', 3\) here but \('a', 5\) in"):
