@@ -129,6 +129,8 @@ def tree(path):
     (["run", "overtrain-lm", "--set", "batch_size=1000000000000000"],
      "OvertrainLMConfig needs at least 78.2 EiB for the activations one training step keeps (batch_size "
      "1000000000000000 x seq_len 64 x 2 layer(s) x width 176 x 4 bytes); cpu has "),
+    (["run", "overtrain-lm", "--set", "batch_size=1e15"], "needs at least 78.2 EiB for the activations one "
+                                                          "training step keeps (batch_size 1000000000000000 x"),
     (["run", "overtrain-lm", "--set", "n_layers=100000000000"], "x 100000000000 layer(s) x"),
     (["run", "grokking", "--set", "modulus=100000000"], "GrokkingConfig needs at least 142 PiB for the "
                                                         "modular-addition pairs (modulus 100000000^2"),

@@ -178,6 +178,7 @@ def test_registry_rejects_unknown_names_presets_and_fields():
         experiment.config("smoke", seeds=[1.5])  # not truncated to 1
     with pytest.raises(ValueError, match="expects int"):
         experiment.config("smoke", steps=1.5)
+    assert experiment.config("smoke", steps=2e2).steps == 200  # a whole float is taken as the int it is
     with pytest.raises(ValueError, match="holds str values"):
         experiment.config("smoke", arms=(1, 2))
 

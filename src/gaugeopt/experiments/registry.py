@@ -63,7 +63,8 @@ class Experiment:
 
 def coerce_field(name: str, default: Any, value: Any) -> Any:
     """``value`` in the type of the preset's ``default``: a scalar given for a tuple field becomes a
-    1-tuple, an int for a float field a float; anything else of another type is an error."""
+    1-tuple, an int for a float field a float, a whole float for an int field an int (``1e15``);
+    anything else of another type is an error."""
     if value is None:  # optional fields (e.g. train_chars=None: the whole split)
         return None
     if isinstance(default, tuple):
@@ -78,6 +79,8 @@ def coerce_field(name: str, default: Any, value: Any) -> Any:
         return value
     if isinstance(default, float) and isinstance(value, int):
         return float(value)
+    if isinstance(default, int) and isinstance(value, float) and value.is_integer():
+        return int(value)
     if default is not None and not isinstance(value, type(default)):
         raise ValueError(f"field {name} expects {type(default).__name__}, got {value!r}")
     return value
