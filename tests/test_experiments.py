@@ -20,7 +20,7 @@ from gaugeopt.experiments import (
     select_device,
     write_report,
 )
-from gaugeopt.experiments.checks import ConfigError
+from gaugeopt.experiments.checks import ConfigError, check_memory, format_bytes, memory_floor
 from gaugeopt.experiments.results_table import results_markdown
 from gaugeopt.experiments.runfolder import to_json
 from gaugeopt.experiments.training import OptimizerSettings, build_optimizer, warmup_cosine
@@ -172,10 +172,13 @@ def test_registry_rejects_unknown_names_presets_and_fields():
         experiment.config("huge")
     with pytest.raises(ValueError, match="no config field"):
         experiment.config("smoke", learning_rate=1.0)
-    with pytest.raises(ValueError, match="seeds must not be empty"):
+    with pytest.raises(ValueError, match="seeds must be a non-empty tuple"):
         experiment.config("smoke", seeds=[])
+    with pytest.raises(ValueError, match="field seeds holds int values"):
+        experiment.config("smoke", seeds=[1.5])  # not truncated to 1
     with pytest.raises(ValueError, match="expects int"):
         experiment.config("smoke", steps=1.5)
+    assert experiment.config("smoke", steps=2e2).steps == 200  # a whole float is taken as the int it is
     with pytest.raises(ValueError, match="holds str values"):
         experiment.config("smoke", arms=(1, 2))
 
@@ -255,6 +258,61 @@ def test_a_folder_that_is_not_a_run_folder_is_never_written_into(tmp_path):
     assert [p.name for p in (tmp_path / "papers").iterdir()] == ["draft.tex"]
     (tmp_path / "empty").mkdir()
     assert read_results(run_experiment(COUNTING, "smoke", out=tmp_path / "empty", progress=False))["status"] == "complete"
+
+
+def test_cross_field_rules_of_bridge_and_rrr():
+    bridge, rrr = get_experiment("bridge"), get_experiment("rrr")
+    with pytest.raises(ConfigError, match=r"BridgeConfig.dead_counts must be below width=4, got \(1, 4\)"):
+        bridge.config("tiny", dead_counts=(1, 4))
+    with pytest.raises(ConfigError, match=r"BridgeConfig.checkpoints must be in \[2, inf\), got 1"):
+        bridge.config("tiny", checkpoints=1)
+    with pytest.raises(ConfigError, match=r"RRRConfig.widths must be at most min\(M, N\) = 3, got \(1, 4\)"):
+        rrr.config("tiny", widths=(1, 4))
+    with pytest.raises(ConfigError, match=r"RRRConfig.calibration_cell must be \(H, r\) with r <= H <= min"):
+        rrr.config("tiny", calibration_cell=(1, 2))
+
+
+def test_seeds_are_converted_like_any_field_and_bounded():
+    vit = get_experiment("vit")
+    assert vit.config("smoke", seeds=7).seeds == (7,) and vit.config("smoke", seeds=[2**31 - 1]).seeds == (2**31 - 1,)
+    for seeds in ([2**31], [True]):
+        with pytest.raises(ConfigError, match=r"seeds must be a non-empty tuple of distinct integers in \[0, 2\^31\)"):
+            vit.config("smoke", seeds=seeds)
+
+
+@pytest.mark.parametrize("name", experiment_names())
+def test_the_memory_floor_refuses_impossible_sizes_and_never_a_preset(name):
+    """Every preset fits (the floor is a lower bound, far below any machine); scaling the size fields
+    that are the product's factors by 10**12 is refused with a one-line message naming them."""
+    experiment = get_experiment(name)
+    for preset in PRESETS:
+        need, _ = memory_floor(experiment.presets[preset])
+        assert need < 2**30, (preset, need)  # under 1 GiB
+        check_memory(experiment.presets[preset], torch.device("cpu"))
+    config = experiment.presets["tiny"]
+    grown = {f: getattr(config, f) * 10**12 for f in ("batch_size", "n_layers", "depth", "d_ff", "modulus", "width")
+             if isinstance(getattr(config, f, None), int)}
+    if not grown:  # rrr: no size it must hold at once is a field
+        assert memory_floor(config)[0] < 2**20
+        return
+    field, value = next(iter(grown.items()))
+    with pytest.raises(ConfigError) as error:
+        check_memory(experiment.config("tiny", **{field: value}), torch.device("cpu"), available=2**40)
+    message = str(error.value)
+    assert message.startswith(f"{type(config).__name__} needs at least ") and "\n" not in message
+    assert str(value) in message and message.endswith("; cpu has 1 TiB")
+
+
+def test_the_memory_floor_is_the_largest_tensor_it_names():
+    lm = get_experiment("overtrain-lm").config("tiny", batch_size=10, seq_len=20, n_layers=3, d_model=16, d_ff=40)
+    assert memory_floor(lm) == (10 * 20 * 3 * 40 * 4, "the activations one training step keeps (batch_size 10 x "
+                                "seq_len 20 x 3 layer(s) x width 40 x 4 bytes)")
+    moe = get_experiment("moe").config("tiny", batch_size=1, seq_len=1, n_layers=2, n_experts=50, d_model=64, d_ff=64)
+    assert memory_floor(moe) == (2 * 50 * 64 * 64 * 4, "the feed-forward weights (2 layer(s) x 50 expert(s) x "
+                                 "d_model 64 x d_ff 64 x 4 bytes)")
+    grokking = get_experiment("grokking").config("tiny", modulus=1000)
+    assert memory_floor(grokking) == (1000**2 * 16, "the modular-addition pairs (modulus 1000^2 x 2 int64 tokens)")
+    assert format_bytes(1536) == "1.5 KiB" and format_bytes(3 * 2**60) == "3 EiB" and format_bytes(7) == "7 bytes"
 
 
 def test_config_overrides_take_the_preset_types():

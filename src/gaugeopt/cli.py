@@ -3,10 +3,15 @@
     gaugeopt list                                  the experiments and their presets
     gaugeopt run EXPERIMENT [--preset smoke|full|tiny] [--seeds 0 1 2] [--device auto|cpu|cuda]
                  [--out DIR [--overwrite]] [--set FIELD=VALUE ...] [--threads N] [--no-progress]
+    gaugeopt run --resume DIR [--device ...] [--threads N] [--no-progress]
+                                                   continue a stopped run from its last completed unit
     gaugeopt report DIR                            rebuild plots and report.md from DIR/results.json
     gaugeopt results DIR... [--output FILE]        the results table (docs/results.md) from run folders
     gaugeopt demo [--out DIR [--overwrite]]        overtrain-lm smoke: AdamW vs DDCAdam on bundled text
     gaugeopt gauges MODEL                          the gauges find_gauges discovers on a reference model
+
+Exit status: 0 done; 2 bad input (one line on stderr, nothing written); 1 a run that failed (its
+traceback, then what it wrote); 130 interrupted (what was written and how to resume).
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import argparse
 import ast
 import sys
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -42,25 +48,68 @@ def _cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_run(args: argparse.Namespace) -> int:
-    from .experiments import run_experiment
+def _execute(run: Any, command: str) -> int:
+    """Execute an :class:`~gaugeopt.experiments.runner.ExperimentRun` and say what it left behind."""
+    from .experiments import RunInterrupted
 
-    overrides = dict(args.set or [])
     try:
-        path = run_experiment(args.experiment, args.preset, seeds=args.seeds, device=args.device,
-                              out=args.out, progress=not args.no_progress, threads=args.threads,
-                              overwrite=args.overwrite, **overrides)
-    except KeyboardInterrupt:
-        print("interrupted: the run folder holds a partial results.json and report.md", file=sys.stderr)
+        path = run.execute()
+    except RunInterrupted as stop:
+        print(f"gaugeopt {command}: {stop}", file=sys.stderr)
         return 130
+    except Exception as error:
+        if not run.written and isinstance(error, (ValueError, ImportError, OSError)):
+            # found while the experiment prepared its data: bad input, and nothing was written
+            print(f"gaugeopt {command}: error: {error}", file=sys.stderr)
+            return 2
+        if not run.written:
+            raise
+        traceback.print_exc()
+        print(f"gaugeopt {command}: failed: {type(error).__name__}: {error}; {run.wrap_up.describe(run.path)}",
+              file=sys.stderr)
+        return 1
     print(f"report: {path / 'report.md'}")
     return 0
 
 
+def _cmd_run(args: argparse.Namespace) -> int:
+    from .experiments import ExperimentRun
+
+    if args.resume is not None:
+        given = [flag for flag, value in (("EXPERIMENT", args.experiment), ("--preset", args.preset),
+                                          ("--seeds", args.seeds), ("--set", args.set), ("--out", args.out),
+                                          ("--overwrite", args.overwrite or None)) if value is not None]
+        if given:
+            raise ValueError(f"--resume continues a run as it was configured; it takes no {', '.join(given)}")
+        run = ExperimentRun.resume(args.resume, device=args.device, progress=not args.no_progress,
+                                   threads=args.threads)
+        done = run.resume_from.completed if run.resume_from else []
+        print(f"resuming {args.resume}: " + (f"{len(done)} completed unit(s) kept, continuing after {done[-1]}"
+                                             if done else "no unit had completed; starting it again"))
+        return _execute(run, "run")
+    if args.experiment is None:
+        raise ValueError("name an experiment to run (gaugeopt list), or continue a run with --resume DIR")
+    overrides = dict(args.set or [])
+    seeds = args.seeds
+    if "seeds" in overrides:
+        if seeds is not None:
+            raise ValueError("seeds given twice: use --seeds or --set seeds=..., not both")
+        seeds = overrides.pop("seeds")  # one number or a tuple: Experiment.config converts and checks it
+    run = ExperimentRun.new(args.experiment, args.preset or "smoke", seeds=seeds, device=args.device, out=args.out,
+                            progress=not args.no_progress, threads=args.threads, overwrite=args.overwrite,
+                            **overrides)
+    return _execute(run, "run")
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
     from .experiments import write_report
+    from .experiments.runfolder import stopped_run_note
 
-    print(f"report: {write_report(args.run_dir)}")
+    path = write_report(args.run_dir)
+    note = stopped_run_note(args.run_dir)
+    if note:
+        print(f"gaugeopt report: note: {note}", file=sys.stderr)
+    print(f"report: {path}")
     return 0
 
 
@@ -77,16 +126,18 @@ def _cmd_results(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from .experiments import read_results, run_experiment
+    from .experiments import ExperimentRun, read_results
     from .experiments.report import terminal_summary
 
+    run = ExperimentRun.new("overtrain-lm", "smoke", device=args.device, out=args.out,
+                            progress=not args.no_progress, threads=args.threads, overwrite=args.overwrite)
     print("gaugeopt demo: overtrain-lm smoke preset, AdamW vs DDCAdam on Hamlet (character level), "
           "3 seeds, trained past the point of fit")
-    path = run_experiment("overtrain-lm", "smoke", device=args.device, out=args.out,
-                          progress=not args.no_progress, threads=args.threads, overwrite=args.overwrite)
-    print(f"report: {path / 'report.md'}\n")
-    print(terminal_summary(read_results(path)))
-    return 0
+    status = _execute(run, "demo")
+    if status == 0:
+        print()
+        print(terminal_summary(read_results(run.path)))
+    return status
 
 
 def _cmd_gauges(args: argparse.Namespace) -> int:
@@ -120,8 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("list", help="list the experiments").set_defaults(handler=_cmd_list)
 
     run = sub.add_parser("run", help="run one experiment into a run folder")
-    run.add_argument("experiment", choices=list(EXPERIMENT_MODULES))
-    run.add_argument("--preset", choices=PRESETS, default="smoke")
+    run.add_argument("experiment", nargs="?", choices=list(EXPERIMENT_MODULES))
+    run.add_argument("--preset", choices=PRESETS, help="tiny, smoke (the default) or full")
     run.add_argument("--seeds", type=int, nargs="+", help="replace the preset's seeds")
     run.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
     run.add_argument("--out", type=Path, help="run folder, new or empty (default runs/<experiment>-<preset>-<time>)")
@@ -130,6 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="override one config field, e.g. --set steps=200 (repeatable)")
     run.add_argument("--threads", type=int, default=1, help="torch CPU threads for the run (default 1)")
     run.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    run.add_argument("--resume", type=Path, metavar="DIR",
+                     help="continue the stopped run in DIR from its last completed unit (same config)")
     run.set_defaults(handler=_cmd_run)
 
     report = sub.add_parser("report", help="rebuild plots and report.md from results.json")
@@ -160,9 +213,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.handler(args)
-    except (ValueError, FileNotFoundError, FileExistsError, ImportError) as error:
+    except (ValueError, OSError, ImportError) as error:  # bad input: raised before anything was written
         print(f"gaugeopt {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"gaugeopt {args.command}: interrupted before anything was written", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from ..dds import SLOPE_OBSERVABLES, DDSReading, dead_direction_signatures, fit_slope, rate_readout
 from ..models import DeepLinear, DeepLinearConfig
-from .checks import check_config
+from .checks import AT_LEAST_TWO, check_config, field_error
 from .common import half_squared_error, mean
 from .registry import Experiment
 from .runner import RunContext
@@ -291,9 +291,11 @@ class BridgeConfig:
     seeds: tuple[int, ...] = (0, 1, 2)
 
     def __post_init__(self) -> None:
-        check_config(self, positive=("depth", "width", "dead_counts", "steps", "lr", "batch_size", "checkpoints",
+        check_config(self, positive=("depth", "width", "dead_counts", "steps", "lr", "batch_size",
                                      "probe_samples", "fit_t_max", "constructed_depth", "constructed_samples"),
-                     non_negative=("noise",))
+                     non_negative=("noise",), within={"checkpoints": AT_LEAST_TWO})
+        if max(self.dead_counts) >= self.width:
+            raise field_error(self, "dead_counts", f"below width={self.width}", self.dead_counts)
 
 
 def mean_ratios(ratios: list[dict], name: str) -> dict[int, float | None]:
@@ -304,8 +306,10 @@ def mean_ratios(ratios: list[dict], name: str) -> dict[int, float | None]:
 
 def run(config: BridgeConfig, context: RunContext) -> None:
     c, folder = config, context.folder
-    by_seed = {}
+    by_seed = context.state.setdefault("by_seed", {})
     for seed in c.seeds:
+        if not context.start_unit("bridge", seed):
+            continue
         with folder.timed(f"constructed seed {seed}"):
             constructed = constructed_bridge(depth=c.constructed_depth, width=c.width, dead_counts=c.dead_counts,
                                              samples=c.constructed_samples, seed=seed, progress=context.progress)

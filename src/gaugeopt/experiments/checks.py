@@ -7,18 +7,30 @@ names the config and the field::
 
     ViTExperimentConfig.steps must be positive, got -5
 
-Every config has ``seeds``: a non-empty tuple of distinct non-negative integers (torch seeds); a
-config with ``arms`` names distinct optimizer arms of :func:`.training.build_optimizer`.
+Every config has ``seeds``: a non-empty tuple of distinct integers in [0, 2^31) (they seed torch,
+NumPy, whose seeds stop at 2^32, and generators at offsets such as ``10_000 + seed``); a config with
+``arms`` names distinct optimizer arms of :func:`.training.build_optimizer`.
+
+Before a run writes anything, :func:`check_memory` also refuses a config whose :func:`memory_floor`
+(a lower bound of what one run must hold at once) exceeds the device's memory::
+
+    OvertrainLMConfig needs at least 3.64 PiB for the activations one training step keeps
+    (batch_size 1000000000000000 x seq_len 16 x 1 layer(s) x width 32 x 4 bytes); cpu has 125.7 GiB
 """
 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from .training import OPTIMIZER_ARMS
+
+SEED_LIMIT = 2**31
 
 
 class ConfigError(ValueError):
@@ -48,6 +60,7 @@ NON_NEGATIVE = Interval(0.0, math.inf, high_closed=False)
 UNIT = Interval(0.0, 1.0)  # [0, 1]: a ratio or a threshold
 OPEN_UNIT = Interval(0.0, 1.0, low_closed=False, high_closed=False)  # (0, 1): a split fraction
 START_FRACTION = Interval(0.0, 1.0, high_closed=False)  # [0, 1): where in a run something starts
+AT_LEAST_TWO = Interval(2.0, math.inf, high_closed=False)  # a count that needs two of its kind (a slope's points)
 
 
 def field_error(config: Any, name: str, rule: str, value: Any) -> ConfigError:
@@ -89,8 +102,8 @@ def check_config(config: Any, *, positive: Sequence[str] = (), non_negative: Seq
     """
     seeds = getattr(config, "seeds")
     if (not isinstance(seeds, tuple) or not seeds or len(set(seeds)) != len(seeds)
-            or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds)):
-        raise field_error(config, "seeds", "a non-empty tuple of distinct non-negative integers", seeds)
+            or not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s < SEED_LIMIT for s in seeds)):
+        raise field_error(config, "seeds", "a non-empty tuple of distinct integers in [0, 2^31)", seeds)
     if hasattr(config, "arms"):
         choices = {"arms": OPTIMIZER_ARMS, **(choices or {})}
     intervals = {**{name: POSITIVE for name in positive}, **{name: NON_NEGATIVE for name in non_negative},
@@ -113,5 +126,87 @@ def check_config(config: Any, *, positive: Sequence[str] = (), non_negative: Seq
             raise field_error(config, name, f"divisible by {divisor_name}={divisor}", getattr(config, name))
 
 
-__all__ = ["ConfigError", "Interval", "POSITIVE", "NON_NEGATIVE", "UNIT", "OPEN_UNIT", "START_FRACTION",
-           "check_config", "field_error"]
+FLOAT_BYTES = 4  # the experiments train in float32
+
+
+def _largest(config: Any, *names: str) -> int:
+    """The largest integer among the named fields of ``config`` (a tuple field: its largest entry); 1
+    when it has none of them."""
+    values = [v for name in names for v in _entries_or_none(config, name)]
+    return max([v for v in values if isinstance(v, int) and not isinstance(v, bool) and v > 0], default=1)
+
+
+def _entries_or_none(config: Any, name: str) -> list[Any]:
+    value = getattr(config, name, None)
+    return list(value) if isinstance(value, tuple) else [value]
+
+
+def memory_floor(config: Any) -> tuple[int, str]:
+    """A lower bound, in bytes, of the memory one run of ``config`` holds at once, and the tensor
+    that sets it (with the field values it is the product of).
+
+    It is read from the field names the experiment configs share (a field a config lacks counts as
+    1, a tuple field as its largest entry) and takes the largest of tensors every such run
+    allocates, in float32 unless said otherwise:
+
+    - the activations one training step keeps for the backward pass, at least one per layer:
+      ``batch_size x seq_len x n_layers (or depth) x width``, width the largest of ``d_model``,
+      ``d_ff``, ``hidden``, ``width`` and ``widths``;
+    - the feed-forward weights: ``n_layers x n_experts x d_model x d_ff``;
+    - the modular-addition pairs, all ``modulus^2`` of them as two int64 tokens;
+    - a generated data set's ``num_samples`` int64 labels.
+
+    Each term is a tensor the run cannot avoid, so the floor stays below its real peak: it refuses
+    sizes that cannot fit (``--set batch_size=1000000000000000``), not runs that are merely large.
+    Fields that only cap a slice of data already in memory (``eval_windows``, ``dds_samples``,
+    ``probe_samples``) are not counted.
+    """
+    batch, tokens = _largest(config, "batch_size"), _largest(config, "seq_len")
+    layers, experts = _largest(config, "n_layers", "depth"), _largest(config, "n_experts")
+    width = _largest(config, "d_model", "d_ff", "hidden", "width", "widths")
+    d_model, d_ff = _largest(config, "d_model"), _largest(config, "d_ff")
+    modulus, samples = _largest(config, "modulus"), _largest(config, "num_samples")
+    terms = [
+        (batch * tokens * layers * width * FLOAT_BYTES,
+         f"the activations one training step keeps (batch_size {batch} x seq_len {tokens} x {layers} layer(s) "
+         f"x width {width} x {FLOAT_BYTES} bytes)"),
+        (layers * experts * d_model * d_ff * FLOAT_BYTES,
+         f"the feed-forward weights ({layers} layer(s) x {experts} expert(s) x d_model {d_model} x d_ff {d_ff} "
+         f"x {FLOAT_BYTES} bytes)"),
+        (modulus * modulus * 2 * 8, f"the modular-addition pairs (modulus {modulus}^2 x 2 int64 tokens)"),
+        (samples * 8, f"the generated data set's labels (num_samples {samples} x 8 bytes)"),
+    ]
+    return max(terms, key=lambda term: term[0])
+
+
+def device_memory(device: torch.device) -> int | None:
+    """The memory of ``device`` in bytes: a CUDA device's own, else the machine's physical memory
+    (None when the platform does not say)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # pragma: no cover - not POSIX
+        return None
+
+
+def format_bytes(count: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB", "ZiB", "YiB"):
+        if count < 1024 or unit == "YiB":
+            return f"{count:.3g} {unit}" if unit != "bytes" else f"{int(count)} bytes"
+        count /= 1024
+    raise AssertionError  # pragma: no cover
+
+
+def check_memory(config: Any, device: torch.device, available: int | None = None) -> None:
+    """Raise :class:`ConfigError` when :func:`memory_floor` of ``config`` exceeds ``available``
+    bytes (default: :func:`device_memory` of ``device``)."""
+    available = device_memory(device) if available is None else available
+    need, what = memory_floor(config)
+    if available is not None and need > available:
+        raise ConfigError(f"{type(config).__name__} needs at least {format_bytes(need)} for {what}; "
+                          f"{device} has {format_bytes(available)}")
+
+
+__all__ = ["ConfigError", "Interval", "POSITIVE", "NON_NEGATIVE", "UNIT", "OPEN_UNIT", "START_FRACTION", "AT_LEAST_TWO",
+           "SEED_LIMIT", "check_config", "check_memory", "device_memory", "field_error", "memory_floor"]

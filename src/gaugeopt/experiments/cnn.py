@@ -55,7 +55,7 @@ def run(config: CNNExperimentConfig, context: RunContext) -> None:
     c, folder, device = config, context.folder, context.device
     settings = OptimizerSettings(lr=c.lr, weight_decay=c.weight_decay, warmup_steps=c.warmup_steps,
                                  min_lr_ratio=c.min_lr_ratio)
-    final: dict[str, dict[str, list[float]]] = {}
+    final: dict[str, dict[str, list[float]]] = context.state.setdefault("final", {})
     for seed in c.seeds:
         data = load_digits_split(c.val_fraction, seed=seed)
         train_x, train_y = data.train_images.to(device), data.train_labels.to(device)
@@ -63,6 +63,8 @@ def run(config: CNNExperimentConfig, context: RunContext) -> None:
         model_config = PlainCNNConfig(in_channels=train_x.shape[1], image_size=train_x.shape[-1],
                                       widths=tuple(c.widths), hidden=c.hidden, num_classes=data.num_classes)
         for arm in c.arms:
+            if not context.start_unit(arm, seed):
+                continue
             model, optimizer = seeded_arm(folder, arm, seed, lambda: PlainCNN(model_config).to(device), settings,
                                           c.steps, example_inputs=train_x[:2])
             batch_loss, evaluate = classifier_closures(model, (train_x, train_y), (val_x, val_y), c.batch_size, seed)

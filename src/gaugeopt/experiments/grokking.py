@@ -56,12 +56,14 @@ def run(config: GrokkingConfig, context: RunContext) -> None:
                                          n_heads=c.n_heads, d_ff=c.d_ff)
     settings = OptimizerSettings(lr=c.adam_lr, muon_lr=c.muon_lr, weight_decay=c.weight_decay,
                                  warmup_steps=c.warmup_steps, min_lr_ratio=c.min_lr_ratio)
-    grok_steps: dict[str, dict[int, int | None]] = {arm: {} for arm in c.arms}
+    grok_steps: dict[str, dict[int, int | None]] = context.state.setdefault("grok_steps", {arm: {} for arm in c.arms})
     for seed in c.seeds:
         data = modular_addition_split(c.modulus, c.train_fraction, seed=seed)
         train_x, train_y = data.train_inputs.to(device), data.train_labels.to(device)
         val_x, val_y = data.val_inputs.to(device), data.val_labels.to(device)
         for arm in c.arms:
+            if not context.start_unit(arm, seed):
+                continue
             model, optimizer = seeded_arm(folder, arm, seed, lambda: ModularAdditionTransformer(model_config).to(device),
                                           settings, c.steps, example_inputs=train_x[:2])
             batches = torch.Generator().manual_seed(10_000 + seed)

@@ -132,10 +132,12 @@ def dds_sites(c: ModAddWidthConfig) -> list[str]:
 
 def run(config: ModAddWidthConfig, context: RunContext) -> None:
     c, folder = config, context.folder
-    per_width: list[dict] = []
+    per_width: list[dict] = context.state.setdefault("per_width", [])
     for seed in c.seeds:
         data = modular_addition_split(c.modulus, c.train_fraction, seed=seed)
         for width in c.widths:
+            if not context.start_unit(f"d_model {width}", seed):
+                continue
             per_width.append(run_width(c, seed, width, data, context))
             folder.results["widths"] = per_width
             folder.flush()

@@ -85,9 +85,11 @@ def run(config: MoEExperimentConfig, context: RunContext) -> None:
                              max_seq_len=c.seq_len)
     settings = OptimizerSettings(lr=c.adam_lr, muon_lr=c.stack_lr, weight_decay=c.weight_decay,
                                  warmup_steps=c.warmup_steps, min_lr_ratio=c.min_lr_ratio)
-    final: dict[str, dict[str, list[float]]] = {}
+    final: dict[str, dict[str, list[float]]] = context.state.setdefault("final", {})
     for arm in c.arms:
         for seed in c.seeds:
+            if not context.start_unit(arm, seed):
+                continue
             model, optimizer = seeded_arm(folder, arm, seed, lambda: MoELM(model_config).to(device), settings, c.steps,
                                           example_inputs=train_eval[0][:2, :GAUGE_PROBE_POSITIONS])
             batches = torch.Generator().manual_seed(10_000 + seed)

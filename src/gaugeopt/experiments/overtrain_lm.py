@@ -125,7 +125,7 @@ def run(config: OvertrainLMConfig, context: RunContext) -> None:
     model_config = TransformerLMConfig(vocab_size=split.vocab.size, d_model=c.d_model, n_layers=c.n_layers,
                                        n_heads=c.n_heads, d_ff=c.d_ff, max_seq_len=c.seq_len)
     example = train_eval[0][:2, :GAUGE_PROBE_POSITIONS]
-    final: dict[str, dict[str, dict[int, Any]]] = {}
+    final: dict[str, dict[str, dict[int, Any]]] = context.state.setdefault("final", {})
     for weight_decay in c.weight_decays:
         settings = OptimizerSettings(lr=c.lr, weight_decay=weight_decay, warmup_steps=c.warmup_steps,
                                      min_lr_ratio=c.min_lr_ratio)
@@ -133,6 +133,8 @@ def run(config: OvertrainLMConfig, context: RunContext) -> None:
         for arm in arms:
             key = arm_key(arm, weight_decay)
             for seed in c.seeds:
+                if not context.start_unit(key, seed):
+                    continue
                 model, optimizer = seeded_arm(folder, arm, seed, lambda: TransformerLM(model_config).to(device),
                                               settings, c.steps, example_inputs=example, label=key)
                 gauges = find_gauges(model, example, output="logits")

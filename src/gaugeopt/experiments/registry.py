@@ -1,8 +1,9 @@
 """The experiments of docs/experiments.md by name, each with ``tiny``, ``smoke`` and ``full`` presets.
 
 An experiment module defines a frozen config dataclass (with a ``seeds`` field), a
-``run(config, context)`` function and a module-level ``EXPERIMENT``. Modules are imported only when
-their experiment is asked for, so listing experiments stays cheap.
+``run(config, context)`` function that begins each unit of its work with ``context.start_unit``
+(see :mod:`.runner`: what makes a run resumable) and a module-level ``EXPERIMENT``. Modules are
+imported only when their experiment is asked for, so listing experiments stays cheap.
 """
 
 from __future__ import annotations
@@ -45,7 +46,8 @@ class Experiment:
 
     def config(self, preset: str, *, seeds: tuple[int, ...] | list[int] | None = None,
                **overrides: Any) -> Any:
-        """The preset's config, with seeds and named fields replaced; unknown names raise."""
+        """The preset's config, with seeds and named fields replaced (each converted to the preset
+        value's type by :func:`coerce_field`, then checked by the config itself); unknown names raise."""
         if preset not in self.presets:
             raise ValueError(f"unknown preset {preset!r} for {self.name}; choose from {list(self.presets)}")
         config = self.presets[preset]
@@ -53,17 +55,16 @@ class Experiment:
         unknown = sorted(set(overrides) - known)
         if unknown:
             raise ValueError(f"{self.name} has no config field(s) {unknown}; fields: {sorted(known)}")
-        overrides = {name: coerce_field(name, getattr(config, name), value) for name, value in overrides.items()}
         if seeds is not None:
-            if not seeds:
-                raise ValueError("seeds must not be empty")
-            overrides["seeds"] = tuple(int(s) for s in seeds)
+            overrides["seeds"] = seeds
+        overrides = {name: coerce_field(name, getattr(config, name), value) for name, value in overrides.items()}
         return replace(config, **overrides)
 
 
 def coerce_field(name: str, default: Any, value: Any) -> Any:
     """``value`` in the type of the preset's ``default``: a scalar given for a tuple field becomes a
-    1-tuple, an int for a float field a float; anything else of another type is an error."""
+    1-tuple, an int for a float field a float, a whole float for an int field an int (``1e15``);
+    anything else of another type is an error."""
     if value is None:  # optional fields (e.g. train_chars=None: the whole split)
         return None
     if isinstance(default, tuple):
@@ -78,6 +79,8 @@ def coerce_field(name: str, default: Any, value: Any) -> Any:
         return value
     if isinstance(default, float) and isinstance(value, int):
         return float(value)
+    if isinstance(default, int) and isinstance(value, float) and value.is_integer():
+        return int(value)
     if default is not None and not isinstance(value, type(default)):
         raise ValueError(f"field {name} expects {type(default).__name__}, got {value!r}")
     return value

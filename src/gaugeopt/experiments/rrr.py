@@ -33,7 +33,7 @@ from torch import nn
 from ..dds import SLOPE_OBSERVABLES, DDSReading, dead_direction_signatures, rate_readout, rrr_grid
 from ..dds import rrr_learning_coefficient
 from ..models import ReducedRankRegression, ReducedRankRegressionConfig
-from .checks import check_config
+from .checks import check_config, field_error
 from .common import half_squared_error, mean
 from .registry import Experiment
 from .runner import RunContext
@@ -171,6 +171,12 @@ class RRRConfig:
         check_config(self, positive=("M", "N", "widths", "samples", "noise", "num_chains", "num_draws",
                                      "calibration_lrs", "calibration_cell", "localization", "dds_repeats", "path_t"),
                      non_negative=("num_burnin_steps",))
+        rank_limit = min(self.M, self.N)  # a width-H cell fits ranks r = 1..H, and a rank is at most min(M, N)
+        if max(self.widths) > rank_limit:
+            raise field_error(self, "widths", f"at most min(M, N) = {rank_limit}", self.widths)
+        if len(self.calibration_cell) != 2 or not self.calibration_cell[1] <= self.calibration_cell[0] <= rank_limit:
+            raise field_error(self, "calibration_cell", f"(H, r) with r <= H <= min(M, N) = {rank_limit}",
+                              self.calibration_cell)
 
 
 def run_seed(c: RRRConfig, seed: int, context: RunContext) -> dict[str, Any]:
@@ -219,8 +225,10 @@ def run_seed(c: RRRConfig, seed: int, context: RunContext) -> dict[str, Any]:
 
 def run(config: RRRConfig, context: RunContext) -> None:
     c, folder = config, context.folder
-    by_seed = {}
+    by_seed = context.state.setdefault("by_seed", {})
     for seed in c.seeds:
+        if not context.start_unit("rrr", seed):
+            continue
         with folder.timed(f"seed {seed}"):
             by_seed[seed] = run_seed(c, seed, context)
     summarise(c, folder, by_seed)

@@ -95,7 +95,7 @@ def run(config: ViTExperimentConfig, context: RunContext) -> None:
     c, folder, device = config, context.folder, context.device
     settings = OptimizerSettings(lr=c.lr, weight_decay=c.weight_decay, warmup_steps=c.warmup_steps,
                                  min_lr_ratio=c.min_lr_ratio)
-    final: dict[str, dict[str, list[float]]] = {}
+    final: dict[str, dict[str, list[float]]] = context.state.setdefault("final", {})
     for seed in c.seeds:
         data = load_split(c, seed)
         train_x, train_y = data.train_images.to(device), data.train_labels.to(device)
@@ -105,6 +105,8 @@ def run(config: ViTExperimentConfig, context: RunContext) -> None:
                                  num_classes=data.num_classes, d_model=c.d_model, n_layers=c.n_layers,
                                  n_heads=c.n_heads, d_ff=c.d_ff)
         for arm in c.arms:
+            if not context.start_unit(arm, seed):
+                continue
             model, optimizer = seeded_arm(folder, arm, seed, lambda: ViT(model_config).to(device), settings, c.steps,
                                           example_inputs=train_x[:2])
             batch_loss, evaluate_classifier = classifier_closures(model, (train_x, train_y), (val_x, val_y),
