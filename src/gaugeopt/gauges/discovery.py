@@ -45,7 +45,9 @@ import copy
 import inspect
 import math
 import operator
+import re
 import warnings
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -78,6 +80,8 @@ _CASTS = {"to", "float", "double", "half", "bfloat16", "type"}
 _REDUCTIONS = {"mean", "sum"}
 # how a skipped reason starts when the candidate could not be analysed for lack of example inputs
 _NEEDS_EXAMPLES = "needs example_inputs"
+# words with a digit ("layers.3.q_proj", "add_3", "2.7e+00"): reasons differing only in them are alike
+_NAMES_AND_NUMBERS = re.compile(r"[\w.+-]*\d[\w.+-]*")
 _IN_PLACE_OPERATORS = {operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv}
 # Discovery computes in float64 (a model in another precision is analysed on a float64 copy).
 # Relative error allowed in a probe measurement (linearity, per-position action, permutations):
@@ -1019,7 +1023,10 @@ def find_gauges(
     The analysis runs in float64 on the model's device: a model in another precision (bfloat16,
     float16, float32) is analysed on a float64 copy (8 bytes per parameter, made tensor by tensor),
     its example inputs are moved there (floating ones converted), and the families are bound back to
-    ``model``, which is left as it was (values, dtypes, train/eval modes).
+    ``model``, which is left as it was (values, dtypes, train/eval modes). When no family is found,
+    or none of a kind at any of the sites the structure offers it (every affine norm, every
+    attention, the output layer when ``output="logits"``), a ``UserWarning`` says so with the most
+    frequent reasons (the sentence is also kept in ``GaugeSet.notes``).
 
     Returns:
         A :class:`GaugeSet` bound to ``model``, with ``skipped`` listing every candidate left out and why.
@@ -1045,11 +1052,13 @@ def find_gauges(
         g = _Graph(analysed, example_inputs, keyword_inputs)
         families, skipped, input_layers, output_layers = _analyse(g, output)
     waiting = [s for s in skipped if _NEEDS_EXAMPLES in s.reason] if example_inputs is None else []
-    if waiting:
-        note = _needs_examples_note(waiting)
-        warnings.warn(f"find_gauges({type(model).__name__}): {note}", stacklevel=2)
-        notes.append(note)
-    gauges = GaugeSet(families, skipped, analysed, notes, input_layers=input_layers, output_layers=output_layers)
+    found_notes = [_needs_examples_note(waiting)] if waiting else []
+    coverage = _coverage_note(families, skipped, output, bool(output_layers))
+    found_notes += [coverage] if coverage else []
+    if found_notes:
+        warnings.warn(f"find_gauges({type(model).__name__}): " + " ".join(found_notes), stacklevel=2)
+    gauges = GaugeSet(families, skipped, analysed, notes + found_notes,
+                      input_layers=input_layers, output_layers=output_layers)
     return gauges if analysed is model else gauges.bind(model)
 
 
@@ -1200,6 +1209,50 @@ def _to_64_bits(t: torch.Tensor) -> torch.Tensor:
 def _analysis_input(x: Any, device: torch.device) -> Any:
     """An example input as the float64 analysis reads it: on the model's device, floats in float64."""
     return _to_64_bits(x.to(device)) if isinstance(x, torch.Tensor) else x
+
+
+# The kinds a model's structure offers at known sites (each affine norm, each attention, the output
+# layer when the output feeds a softmax), with what one site is called.
+_STRUCTURAL_KINDS = {"norm_scale": "norm", "qk_rotation": "attention", "vo_rotation": "attention",
+                     "logit_shift": "output layer"}
+
+
+def _coverage_note(families: list[GaugeFamily], skipped: list[Skipped], output: OutputKind,
+                   has_output_layer: bool) -> str | None:
+    """A sentence when discovery found no family at all, or none of a kind at any of the sites the
+    structure offers it (every affine norm left out, every attention, the output layer when
+    ``output="logits"``), with the most frequent reasons; None when nothing is missing that way.
+    Candidates that only wait for example inputs are left to :func:`_needs_examples_note`."""
+    found = {f.kind for f in families}
+    missing = []
+    for kind, site in _STRUCTURAL_KINDS.items():
+        if kind in found or (kind == "logit_shift" and output != "logits"):
+            continue
+        reasons = [s.reason for s in skipped if kind in s.family.split("/")
+                   and s.family != "neuron_scale/logit_shift" and _NEEDS_EXAMPLES not in s.reason]
+        if not reasons:
+            continue
+        # reasons that differ only in the names and numbers in them ("add_3 adds it ...", "add_6 adds
+        # it ...") are one reason, shown by its first instance
+        groups = Counter(_NAMES_AND_NUMBERS.sub("#", r) for r in reasons)
+        example = {_NAMES_AND_NUMBERS.sub("#", r): r for r in reversed(reasons)}
+        common = "; ".join(example[key] + (f" (and {count - 1} alike)" if count > 1 else "")
+                           for key, count in groups.most_common(2))
+        more = f"; {len(groups) - 2} other reason{'s' * (len(groups) > 3)}" if len(groups) > 2 else ""
+        sites = len(reasons)
+        where = f"any of the {sites} {site}s" if sites > 1 else f"the one {site}"
+        missing.append(f"no {kind} at {where} ({common}{more})")
+    if families and not missing:
+        return None
+    if families:
+        head = "fewer families than the model's structure suggests: "
+    else:
+        head = ("no gauge family found, so an optimizer given these gauges steps this model as its base rule "
+                "(AdamW, Muon) would" + (": " if missing else ""))
+    hint = ("; if the output feeds a softmax or cross-entropy, pass output='logits' (the output layer then carries "
+            "a logit shift)" if not families and output == "values" and has_output_layer else "")
+    return (f"{head}{'; '.join(missing)}{hint}. "
+            "gauges.summary(show_skipped=True) lists every candidate left out and why.")
 
 
 def _needs_examples_note(waiting: list[Skipped], shown: int = 3) -> str:
