@@ -326,3 +326,39 @@ def test_bert_traces_from_input_ids_alone_as_with_token_type_ids():
     with_types = find_gauges(model, {"input_ids": ids, "token_type_ids": torch.zeros_like(ids)}, output="logits")
     assert [f.name for f in with_types] == [f.name for f in gauges]
     assert find_gauges(model, {"input_ids": ids}, output="logits").skipped == gauges.skipped
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_llama_gets_exactly_the_float32_families(dtype):
+    """Discovery reads a float64 copy: the norms keep their gains' action and the query/key rotations
+    their dimension (one plane per RoPE frequency, 4 per kv head), whatever the model's precision."""
+    torch.manual_seed(0)
+    model32 = _jitter(MODELS["llama"][0]().eval())
+    example = {"input_ids": _tokens(1, 0), "use_cache": False}
+
+    def signature(gauges):
+        return [(f.name, f.dim, f.parameters, getattr(f, "blocks", None)) for f in gauges]
+
+    expected = signature(find_gauges(model32, example, output="logits"))
+    assert {name for name, *_ in expected} == MODELS["llama"][1]
+    half = copy.deepcopy(model32).to(dtype)
+    gauges = find_gauges(half, example, output="logits")
+    assert signature(gauges) == expected
+    assert gauges["qk_rotation:model.layers.0.self_attn"].algebra.shape[0] == 4
+    assert gauges.model is half and next(half.parameters()).dtype == dtype
+
+
+def test_gpt2_with_no_family_at_all_warns_once_with_the_reasons():
+    _, model, *_ = _found("gpt2")
+    with pytest.warns(UserWarning, match=r"find_gauges\(GPT2LMHeadModel\): no gauge family found.*"
+                                         r"fused qkv is not analysed.*transformer.wte.weight is tied") as record:
+        gauges = find_gauges(model, {"input_ids": _tokens(1, 0), "use_cache": False}, output="logits")
+    assert len(gauges) == 0 and len(record) == 1 and gauges.notes[-1] in str(record[0].message)
+
+
+def test_qwen3_query_key_norms_leave_no_query_key_rotation_and_a_warning_says_so():
+    _, model, *_ = _found("qwen3")
+    with pytest.warns(UserWarning, match=r"fewer families than the model's structure suggests: no qk_rotation at "
+                                         r"any of the 2 attentions \(.*not linear per position") as record:
+        gauges = find_gauges(model, {"input_ids": _tokens(1, 0), "use_cache": False}, output="logits")
+    assert len(record) == 1 and "vo_rotation" in gauges.kinds
