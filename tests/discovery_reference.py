@@ -79,6 +79,8 @@ def span_invariants(algebra: torch.Tensor) -> list[float]:
     probes = (probes - probes.transpose(1, 2)).reshape(3, -1)
     if algebra.numel() == 0:
         return [0.0, 0.0, 0.0]
+    if len(algebra) == d * (d - 1) // 2:  # independent generators filling so(d): the skew probes lie in it
+        return probes.norm(dim=1).tolist()
     basis, _ = torch.linalg.qr(algebra.reshape(len(algebra), -1).T)
     return (probes @ basis).norm(dim=1).tolist()
 

@@ -47,8 +47,7 @@ def _assert_same_answer(found: dict, expected: dict) -> None:
         assert found[key] == expected[key], key
 
 
-@pytest.mark.parametrize("key", [pytest.param(k, marks=pytest.mark.slow) if k == "lm-head-dim-64" else k
-                                 for k in reference.LM_CONFIGS])
+@pytest.mark.parametrize("key", list(reference.LM_CONFIGS))
 def test_reference_models_get_the_answers_of_the_whole_model_probes(key):
     _assert_same_answer(reference.signature(reference.discover(key)[2]), ANSWERS[key])
 
@@ -298,3 +297,23 @@ def test_a_kind_missing_at_every_site_its_structure_offers_warns():
                                          r"output layer \(parameter embed.weight is tied"):
         gauges = find_gauges(model, _tokens(), output="logits")
     assert "norm_scale" not in gauges.kinds and "qk_rotation" in gauges.kinds
+
+
+# --------------------------------------------------------------------------------------------------
+# The benchmark's code paths (the timings themselves are the benchmark's business)
+# --------------------------------------------------------------------------------------------------
+
+
+def test_the_discovery_benchmark_checks_its_known_answers_and_runs_the_llama_path(tmp_path):
+    pytest.importorskip("transformers")
+    from benchmarks.discovery import expected_lm_families, lm_config, main
+
+    assert sum(expected_lm_families(lm_config(768, 12)).values()) == 351744  # the model: 62 families
+    assert main(["--widths", "64", "--depths", "2", "--width-for-depths", "64", "--layers-for-widths", "2",
+                 "--llama", "tiny", "--llama-dtype", "bfloat16", "--out", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "discovery.json").read_text())
+    assert [(r["width"], r["layers"], r["families"]) for r in results["lm"]] == [(64, 2, 12)]
+    llama = results["llama"]
+    assert llama["tiny_same_on_cpu"] and llama["kinds"] == {"norm_scale": 4, "neuron_scale": 2, "qk_rotation": 2,
+                                                            "vo_rotation": 2}
+    assert f"{llama['wall_s']:.1f} s" in (tmp_path / "discovery.md").read_text()
