@@ -958,7 +958,7 @@ def _output_projection(g: _Graph, attn: fx.Node) -> tuple[tuple[fx.Node, torch.T
         return None, "needs shapes to measure the output projection"
     batch, heads, seq, d = shape
     code = (torch.arange(heads * d, dtype=torch.float64) + 1).reshape(heads, 1, d).expand(batch, heads, seq, d)
-    (got,) = g.probe({attn: code.contiguous()}, [o_in])
+    got = g.probe({attn: code.contiguous()}, [o_in])[0].cpu()
     if tuple(got.shape[-1:]) != (heads * d,) or got.shape[-2] != seq:
         return None, "the output projection input is not (…, seq, heads*d)"
     first = got.reshape(-1, heads * d)[0]
@@ -972,7 +972,7 @@ def _output_projection(g: _Graph, attn: fx.Node) -> tuple[tuple[fx.Node, torch.T
     col_index = col_index.reshape(heads, d)
     # verify with a random probe (positions and batch entries kept apart)
     x = torch.randn(shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    (got,) = g.probe({attn: x}, [o_in])
+    got = g.probe({attn: x}, [o_in])[0].cpu()
     expect = torch.zeros(batch, seq, heads * d, dtype=torch.float64)
     for h in range(heads):
         expect[..., col_index[h]] = x[:, h]
