@@ -82,7 +82,6 @@ _REDUCTIONS = {"mean", "sum"}
 _NEEDS_EXAMPLES = "needs example_inputs"
 # words with a digit ("layers.3.q_proj", "add_3", "2.7e+00"): reasons differing only in them are alike
 _NAMES_AND_NUMBERS = re.compile(r"[\w.+-]*\d[\w.+-]*")
-_IN_PLACE_OPERATORS = {operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv}
 # Discovery computes in float64 (a model in another precision is analysed on a float64 copy).
 # Relative error allowed in a probe measurement (linearity, per-position action, permutations):
 _PROBE_TOL = 1e-9
@@ -128,14 +127,17 @@ class _Graph:
                 "flow on tensor values) or build a GaugeSet by hand."
             ) from err
         self.example_inputs = example_inputs
-        # every node's value on the example inputs (eval mode): the probes start from them
+        # every node's value on the example inputs (eval mode): the probes start from them; and the
+        # nodes whose value an in-place op changed after it was computed (a probe cannot reuse those)
         self.values: dict[fx.Node, Any] = {}
+        self.overwritten: set[fx.Node] = set()
         if example_inputs is not None:
             with torch.no_grad():
-                recorder = ShapeProp(self.gm)
-                recorder.garbage_collect_values = False
+                recorder = _Recorder(self.gm)
                 recorder.propagate(*example_inputs)
             self.values = recorder.env
+            self.overwritten = {n for n, version in recorder.versions.items()
+                                if version is None or self.values[n]._version != version}
         self.modules = dict(self.gm.named_modules())
         self.nodes = list(self.gm.graph.nodes)
         self.output = next(n for n in self.nodes if n.op == "output")
@@ -239,10 +241,11 @@ class _Graph:
 
         Only the nodes between the overrides and the watched nodes run, on the recorded values of
         the rest: a probe costs that sub-graph (a few views and the positional map for an attention
-        projection), not the model. A sub-graph that writes into a tensor from outside it (an in-place
-        op on a recorded value) would corrupt the record, so then the whole graph runs instead.
+        projection), not the model. When the sub-graph reads a recorded value that an in-place op
+        changed (in it, or later in the model), the whole graph runs instead.
         """
-        overrides = {n: v.to(device=self.device, dtype=torch.float64) for n, v in overrides.items()}
+        # copies: the model may write into a view of an overridden value (q.mul_(s)), not into the caller's
+        overrides = {n: v.to(device=self.device, dtype=torch.float64, copy=True) for n, v in overrides.items()}
         nodes = self._sub_graph(tuple(overrides), tuple(watch))
         with torch.no_grad():
             if nodes is None:
@@ -273,8 +276,10 @@ class _Graph:
 
     def _sub_graph(self, sources: tuple[fx.Node, ...], sinks: tuple[fx.Node, ...]) -> list[fx.Node] | None:
         """The nodes that depend on a source's value and feed a sink's, in graph order; None when one
-        of them writes into a tensor computed outside them. Shapes, dtypes and devices read from
-        the sources are those recorded: a probe keeps the recorded shapes."""
+        of them reads a tensor from outside them that an in-place op changed after it was computed
+        (its recorded value is not the one read, and a probe writing into it would change the record;
+        a write into it from inside is such a change too). Shapes, dtypes and devices read from the
+        sources are those recorded: a probe keeps the recorded shapes."""
         key = (sources, sinks)
         if key not in self._sub_graphs:
             downstream, stack = set(), list(sources)
@@ -285,9 +290,8 @@ class _Graph:
                         stack.append(u)
             upstream = set(sinks).union(*(self.ancestors(s) for s in sinks))
             nodes = [n for n in self.nodes if n in downstream and n in upstream]
-            inside = set(nodes) | set(sources)
-            pure = all(not _writes_in_place(self, n) or n.args[0] in inside for n in nodes)
-            self._sub_graphs[key] = nodes if pure else None
+            read = {a for n in nodes for a in n.all_input_nodes} - set(nodes) - set(sources)
+            self._sub_graphs[key] = None if read & self.overwritten else nodes
         return self._sub_graphs[key]
 
     def _run_whole(self, overrides: dict[fx.Node, torch.Tensor], watch: list[fx.Node]) -> list[torch.Tensor]:
@@ -310,16 +314,22 @@ class _Graph:
         return [overrides[w] if w in overrides else seen[w] for w in watch]
 
 
-def _writes_in_place(g: _Graph, n: fx.Node) -> bool:
-    """Whether ``n`` writes into its first argument (``x.add_(y)``, ``x[i] = y``, ``x += y``, an
-    ``inplace=True`` activation)."""
-    if n.op == "call_method":
-        return n.target.endswith("_") and not n.target.startswith("_")
-    if n.op == "call_function":
-        name = getattr(n.target, "__name__", "")
-        return (n.target in _IN_PLACE_OPERATORS or (name.endswith("_") and not name.startswith("_"))
-                or n.kwargs.get("inplace") is True)
-    return n.op == "call_module" and getattr(g.module(n), "inplace", False) is True
+class _Recorder(ShapeProp):
+    """Shape propagation that keeps every node's value (``env``) and the version counter of each
+    tensor value when it was computed (``versions``): an in-place op on the tensor or a view of it
+    later in the run moves the counter. Tensors without one (made under ``torch.inference_mode``)
+    get None: their later values cannot be vouched for."""
+
+    def __init__(self, gm: fx.GraphModule):
+        super().__init__(gm)
+        self.garbage_collect_values = False
+        self.versions: dict[fx.Node, int | None] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        value = super().run_node(n)
+        if isinstance(value, torch.Tensor):
+            self.versions[n] = None if value.is_inference() else value._version
+        return value
 
 
 def _measure_out_axis(mod: nn.Module) -> int | None:
