@@ -25,6 +25,7 @@ import platform
 import sys
 import time
 import warnings
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -136,10 +137,12 @@ def llama_point(size: str, dtype: torch.dtype, device: torch.device) -> dict:
                              f"{sorted(set(on_device.items()) ^ set(on_cpu.items()))[:6]}")
     model = build(size, device, dtype)
     gauges, row = timed_discovery(model, example(device), device)
-    kinds = {}
-    for f in gauges:
-        kinds[f.kind] = kinds.get(f.kind, 0) + 1
+    kinds = dict(Counter(f.kind for f in gauges))
     config = llama_config(size)
+    layers = config.num_hidden_layers  # both norms, the SwiGLU units and both rotations of every layer
+    expected = {"norm_scale": 2 * layers, "neuron_scale": layers, "qk_rotation": layers, "vo_rotation": layers}
+    if kinds != expected:  # (the final norm feeds the tied head: no family, and no logit shift)
+        raise AssertionError(f"Llama {size}: found {kinds}, expected {expected}")
     return {"size": size, "dtype": str(dtype).removeprefix("torch."), "layers": config.num_hidden_layers,
             "width": config.hidden_size, "parameters": sum(p.numel() for p in model.parameters()),
             "kinds": kinds, "tiny_same_on_cpu": True, **row}
