@@ -9,6 +9,7 @@ equivariance over 20 steps (``gaugeopt.testing.check_equivariance``, 1e-8). Skip
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -20,6 +21,8 @@ from gaugeopt import DDCAdam, DDCMuon, SymmetryCompatible, find_gauges, symmetry
 from gaugeopt.testing import check_equivariance  # noqa: E402
 
 VOCAB, SEQ = 64, 8
+# the warning of models built to lack some family (tests/test_discovery.py tests it)
+MISSING_FAMILIES = r"ignore:find_gauges\(\w+\). (no gauge family|fewer families):UserWarning"
 COMMON = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, head_dim=8, max_position_embeddings=32)
 
@@ -124,7 +127,9 @@ def _found(key):
         make, expected, touched, dimension = MODELS[key]
         torch.manual_seed(0)
         model = _jitter(make().double().eval())
-        gauges = find_gauges(model, {"input_ids": _tokens(1, 0), "use_cache": False}, output="logits")
+        with warnings.catch_warnings():  # GPT-2, Qwen3, Gemma3, BERT lack some family by design
+            warnings.filterwarnings("ignore", r"find_gauges\(\w+\). (no gauge family|fewer families)", UserWarning)
+            gauges = find_gauges(model, {"input_ids": _tokens(1, 0), "use_cache": False}, output="logits")
         _FOUND[key] = (key, model, gauges, expected, touched, dimension)
     return _FOUND[key]
 
@@ -235,6 +240,7 @@ def test_mixtral_experts_are_kept_whole_with_a_reason():
     assert not any("experts" in p or "gate" in p for p in gauges.parameters_touched())
 
 
+@pytest.mark.filterwarnings(MISSING_FAMILIES)
 def test_data_dependent_control_flow_at_the_top_keeps_the_model_whole():
     class Branchy(torch.nn.Module):
         def __init__(self):
@@ -251,6 +257,7 @@ def test_data_dependent_control_flow_at_the_top_keeps_the_model_whole():
     assert "tensor values" in gauges.skipped[0].reason
 
 
+@pytest.mark.filterwarnings(MISSING_FAMILIES)
 @pytest.mark.parametrize("training", [False, True])
 def test_discovery_leaves_every_module_in_its_mode(training):
     model = MODELS["gpt2"][0]().double().train(training)  # GPT-2 has dropout: a mode change would show
@@ -279,6 +286,7 @@ def test_granite_keeps_the_logit_shift_through_logits_scaling():
     assert "logit_shift" in gauges.kinds and gauges["logit_shift:lm_head"].dim == model.config.hidden_size
 
 
+@pytest.mark.filterwarnings(MISSING_FAMILIES)
 def test_a_logit_shift_that_does_not_survive_is_listed_with_its_reason():
     """Soft-capped logits (cap * tanh(z / cap), as in Gemma 2) do change under the shift: the head's
     logit_shift is left out, and the skipped list says where the shift is seen."""
@@ -297,9 +305,46 @@ def test_a_logit_shift_that_does_not_survive_is_listed_with_its_reason():
     assert "tanh" in reasons[("logit_shift", "inner.lm_head")]
 
 
+@pytest.mark.filterwarnings(MISSING_FAMILIES)
 def test_bert_traces_from_input_ids_alone_as_with_token_type_ids():
     _, model, gauges, *_ = _found("bert-mlm")
     ids = _tokens(1, 0)
     with_types = find_gauges(model, {"input_ids": ids, "token_type_ids": torch.zeros_like(ids)}, output="logits")
     assert [f.name for f in with_types] == [f.name for f in gauges]
     assert find_gauges(model, {"input_ids": ids}, output="logits").skipped == gauges.skipped
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_llama_gets_exactly_the_float32_families(dtype):
+    """Discovery reads a float64 copy: the norms keep their gains' action and the query/key rotations
+    their dimension (one plane per RoPE frequency, 4 per kv head), whatever the model's precision."""
+    torch.manual_seed(0)
+    model32 = _jitter(MODELS["llama"][0]().eval())
+    example = {"input_ids": _tokens(1, 0), "use_cache": False}
+
+    def signature(gauges):
+        return [(f.name, f.dim, f.parameters, getattr(f, "blocks", None)) for f in gauges]
+
+    expected = signature(find_gauges(model32, example, output="logits"))
+    assert {name for name, *_ in expected} == MODELS["llama"][1]
+    half = copy.deepcopy(model32).to(dtype)
+    gauges = find_gauges(half, example, output="logits")
+    assert signature(gauges) == expected
+    assert gauges["qk_rotation:model.layers.0.self_attn"].algebra.shape[0] == 4
+    assert gauges.model is half and next(half.parameters()).dtype == dtype
+
+
+def test_gpt2_with_no_family_at_all_warns_once_with_the_reasons():
+    _, model, *_ = _found("gpt2")
+    with pytest.warns(UserWarning, match=r"find_gauges\(GPT2LMHeadModel\): no gauge family found.*"
+                                         r"fused qkv is not analysed.*transformer.wte.weight is tied") as record:
+        gauges = find_gauges(model, {"input_ids": _tokens(1, 0), "use_cache": False}, output="logits")
+    assert len(gauges) == 0 and len(record) == 1 and gauges.notes[-1] in str(record[0].message)
+
+
+def test_qwen3_query_key_norms_leave_no_query_key_rotation_and_a_warning_says_so():
+    _, model, *_ = _found("qwen3")
+    with pytest.warns(UserWarning, match=r"fewer families than the model's structure suggests: no qk_rotation at "
+                                         r"any of the 2 attentions \(.*not linear per position") as record:
+        gauges = find_gauges(model, {"input_ids": _tokens(1, 0), "use_cache": False}, output="logits")
+    assert len(record) == 1 and "vo_rotation" in gauges.kinds

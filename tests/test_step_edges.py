@@ -239,8 +239,9 @@ def test_compiled_and_eager_steps_agree_under_clipping_and_a_schedule_compiles_o
     for compiled in (False, True):
         m = copy.deepcopy(model)
         opt = OPTIMIZERS[optimizer](m, gauges.bind(m), compiled=compiled)
-        schedule = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-2, total_steps=10, cycle_momentum=True,
-                                                       base_momentum=0.85, max_momentum=0.95)
+        schedule = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[2 * g["lr"] for g in opt.param_groups],
+                                                       total_steps=10, cycle_momentum=True, base_momentum=0.85,
+                                                       max_momentum=0.95)
         with contextlib.ExitStack() as later_steps:
             for t in range(10):
                 if compiled and t == 1:  # the first step compiled; none after it may

@@ -19,27 +19,37 @@ leaf counts as a norm or a linear layer only when measured to act as one.
 3. **Norm scaling.** The same propagation, started at the output of an affine LayerNorm/RMSNorm.
 4. **Head rotations.** For every ``scaled_dot_product_attention`` call, the query/key/value
    projections are found, and the maps from each projection's output to the attention's inputs are
-   *measured* by probing the traced graph with basis vectors (fx Interpreter overrides). They must
-   be linear and per position; they reveal the head layout, grouped-query sharing, and the
-   positional map P_t (RoPE). The rotation algebra is the commutant {X in so(d): [P_m^T K_n, X] = 0
-   for all positions m, n}: all of so(d) without RoPE, one plane per distinct frequency with it.
-   The value path must be a pure head selection and the attention output must reach exactly one
-   Linear through a pure permutation of channels (the output projection).
+   *measured* by probing the traced graph with basis vectors: only the sub-graph from the
+   projection to the attention input runs, on the values recorded on the example inputs, with the
+   basis vectors vectorised. The maps must be linear and per position; they reveal the head layout,
+   grouped-query sharing, and the positional map P_t (RoPE). The rotation algebra is the commutant
+   {X in so(d): [P_m^T K_n, X] = 0 for all positions m, n}: all of so(d) without RoPE, one plane
+   per distinct frequency with it. A layer whose random probe matches the maps of a layer analysed
+   before (to rounding) reuses that layer's layout and algebra; any other is measured in full. The
+   value path must be a pure head selection and the attention output must reach exactly one Linear
+   through a pure permutation of channels (the output projection).
 
 5. **Channel scaling** (:mod:`.channels`). Conv and affine channel-norm (BatchNorm, GroupNorm)
    channels, followed along axis 1 of ``(N, C, *spatial)`` maps through ReLU, pooling and flatten
    into the convs and Linears that absorb them; residual adds join the producers of every branch.
 
 Anything that cannot be established is left out and recorded in ``GaugeSet.skipped`` with the reason.
+The analysis runs in float64, on a copy when the model is in another precision (half-precision
+rounding would decide what commutes), with the model in eval mode and on its own device.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import inspect
-import warnings
-from collections.abc import Callable, Mapping
+import math
 import operator
-from dataclasses import dataclass
+import re
+import warnings
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -70,6 +80,15 @@ _CASTS = {"to", "float", "double", "half", "bfloat16", "type"}
 _REDUCTIONS = {"mean", "sum"}
 # how a skipped reason starts when the candidate could not be analysed for lack of example inputs
 _NEEDS_EXAMPLES = "needs example_inputs"
+# words with a digit ("layers.3.q_proj", "add_3", "2.7e+00"): reasons differing only in them are alike
+_NAMES_AND_NUMBERS = re.compile(r"[\w.+-]*\d[\w.+-]*")
+# Discovery computes in float64 (a model in another precision is analysed on a float64 copy).
+# Relative error allowed in a probe measurement (linearity, per-position action, permutations):
+_PROBE_TOL = 1e-9
+# Commutation with the positional maps is decided far below it: slow RoPE frequencies (theta 1e6) over
+# a short example leave generators that commute only to ~1e-9. A layer whose maps match an analysed
+# layer's to 10x this tolerance has the same rotation algebra.
+_COMMUTANT_TOL = 1e-12
 
 
 class _StopProbe(Exception):
@@ -87,13 +106,7 @@ class _Graph:
     def __init__(self, model: nn.Module, example_inputs: tuple | None, keyword_inputs: dict[str, Any]):
         self.model = model
         first = next(model.parameters(), None)
-        self.dtype = first.dtype if first is not None else torch.float32
         self.device = first.device if first is not None else torch.device("cpu")
-        # relative tolerance of the probe measurements at the model's precision
-        self.tol = {torch.float64: 1e-9, torch.float32: 1e-5}.get(self.dtype, 1e-2)
-        # commutation with the positional maps is decided far below the probe tolerance: slow RoPE
-        # frequencies (theta 1e6) over a short example leave generators that commute only to ~1e-9
-        self.commutant_tol = {torch.float64: 1e-12}.get(self.dtype, self.tol)
         self.opaque: dict[str, str] = {}
         try:
             if example_inputs is None:
@@ -114,12 +127,17 @@ class _Graph:
                 "flow on tensor values) or build a GaugeSet by hand."
             ) from err
         self.example_inputs = example_inputs
+        # every node's value on the example inputs (eval mode): the probes start from them; and the
+        # nodes whose value an in-place op changed after it was computed (a probe cannot reuse those)
+        self.values: dict[fx.Node, Any] = {}
+        self.overwritten: set[fx.Node] = set()
         if example_inputs is not None:
-            was_training = self.gm.training
-            self.gm.eval()
             with torch.no_grad():
-                ShapeProp(self.gm).propagate(*example_inputs)
-            self.gm.train(was_training)
+                recorder = _Recorder(self.gm)
+                recorder.propagate(*example_inputs)
+            self.values = recorder.env
+            self.overwritten = {n for n, version in recorder.versions.items()
+                                if version is None or self.values[n]._version != version}
         self.modules = dict(self.gm.named_modules())
         self.nodes = list(self.gm.graph.nodes)
         self.output = next(n for n in self.nodes if n.op == "output")
@@ -136,6 +154,8 @@ class _Graph:
         self._ancestors: dict[fx.Node, set[fx.Node]] = {}
         self._out_axis: dict[str, int | None] = {}
         self._gain_reason: dict[str, str | None] = {}
+        self._sub_graphs: dict[tuple, list[fx.Node] | None] = {}
+        self._interpreter = fx.Interpreter(self.gm, garbage_collect_values=False)
 
     # --- node predicates ---------------------------------------------------------------------
     def module(self, n: fx.Node) -> nn.Module | None:
@@ -168,7 +188,7 @@ class _Graph:
         """For a call of a norm-like module (``is_norm_like``): None if scaling its gain (and bias) by
         s > 0 per channel is measured to scale its output by s, else why not."""
         if n.target not in self._gain_reason:
-            self._gain_reason[n.target] = _measure_gain_action(self.module(n), self.shape(n.args[0]), self.dtype)
+            self._gain_reason[n.target] = _measure_gain_action(self.module(n), self.shape(n.args[0]))
         return self._gain_reason[n.target]
 
     @staticmethod
@@ -213,41 +233,103 @@ class _Graph:
         p = getattr(self.modules[module_name], attr, None)
         return None if p is None else self.param_names[id(p)]
 
-    # --- probing -----------------------------------------------------------------------------
-    def probe(self, overrides: dict[fx.Node, torch.Tensor], watch: list[fx.Node],
-              batch: int | None = None) -> list[torch.Tensor]:
-        """Run the graph on the example inputs with some node values replaced; return the watched
-        values as float64 CPU tensors. Override values are moved to the model's device and dtype.
+    # --- probing (the model is in eval mode throughout the analysis, see find_gauges) -------------
+    def probe(self, overrides: dict[fx.Node, torch.Tensor], watch: list[fx.Node]) -> list[torch.Tensor]:
+        """The watched nodes' values (float64, on the model's device) when the nodes in ``overrides``
+        take the given values (of their recorded shapes) and every other node keeps its value on the
+        example inputs.
 
-        With ``batch``, the first example entry is repeated ``batch`` times along dim 0 of every input
-        (so that many probes can travel in one pass).
+        Only the nodes between the overrides and the watched nodes run, on the recorded values of
+        the rest: a probe costs that sub-graph (a few views and the positional map for an attention
+        projection), not the model. When the sub-graph reads a recorded value that an in-place op
+        changed (in it, or later in the model), the whole graph runs instead.
         """
+        # copies: the model may write into a view of an overridden value (q.mul_(s)), not into the caller's
+        overrides = {n: v.to(device=self.device, dtype=torch.float64, copy=True) for n, v in overrides.items()}
+        nodes = self._sub_graph(tuple(overrides), tuple(watch))
+        with torch.no_grad():
+            if nodes is None:
+                return self._run_whole(overrides, watch)
+            env = {**self.values, **overrides}
+            self._interpreter.env = env
+            for n in nodes:
+                env[n] = self._interpreter.run_node(n)
+        return [env[w] for w in watch]
+
+    def basis_responses(self, source: fx.Node, sink: fx.Node) -> torch.Tensor:
+        """``resp[c]``: the value of ``sink`` when ``source`` holds the unit vector on channel ``c`` of
+        its last axis at every other index (shape ``(channels, *sink_shape)``). The channels travel
+        as one vectorised probe (``torch.func.vmap``, in chunks of at most 2^24 elements); a
+        sub-graph that cannot be vectorised is probed one channel at a time."""
+        shape = self.shape(source)
+        channels = shape[-1]
+        units = torch.eye(channels, dtype=torch.float64, device=self.device)
+        units = units.reshape(channels, *[1] * (len(shape) - 1), channels).expand(channels, *shape)
+
+        def respond(x: torch.Tensor) -> torch.Tensor:
+            return self.probe({source: x}, [sink])[0]
+
+        try:
+            return torch.func.vmap(respond, chunk_size=max(1, 2**24 // math.prod(shape)))(units)
+        except Exception:  # noqa: BLE001 - an op without a batching rule, or code that is not batch-agnostic
+            return torch.stack([respond(u) for u in units])
+
+    def _sub_graph(self, sources: tuple[fx.Node, ...], sinks: tuple[fx.Node, ...]) -> list[fx.Node] | None:
+        """The nodes that depend on a source's value and feed a sink's, in graph order; None when one
+        of them reads a tensor from outside them that an in-place op changed after it was computed
+        (its recorded value is not the one read, and a probe writing into it would change the record;
+        a write into it from inside is such a change too). Shapes, dtypes and devices read from the
+        sources are those recorded: a probe keeps the recorded shapes."""
+        key = (sources, sinks)
+        if key not in self._sub_graphs:
+            downstream, stack = set(), list(sources)
+            while stack:
+                for u in self.value_users(stack.pop()):
+                    if u not in downstream:
+                        downstream.add(u)
+                        stack.append(u)
+            upstream = set(sinks).union(*(self.ancestors(s) for s in sinks))
+            nodes = [n for n in self.nodes if n in downstream and n in upstream]
+            read = {a for n in nodes for a in n.all_input_nodes} - set(nodes) - set(sources)
+            self._sub_graphs[key] = None if read & self.overwritten else nodes
+        return self._sub_graphs[key]
+
+    def _run_whole(self, overrides: dict[fx.Node, torch.Tensor], watch: list[fx.Node]) -> list[torch.Tensor]:
+        """Run the whole graph on the example inputs with the overrides, up to the watched nodes."""
         seen: dict[fx.Node, torch.Tensor] = {}
-        overrides = {n: v.to(device=self.device, dtype=self.dtype) for n, v in overrides.items()}
-        inputs = self.example_inputs
-        if batch is not None:
-            inputs = tuple(t[:1].repeat(batch, *[1] * (t.dim() - 1)) if isinstance(t, torch.Tensor) and t.dim() else t
-                           for t in inputs)
 
         class Interp(fx.Interpreter):
             def run_node(self, n):
-                value = overrides[n] if n in overrides else super().run_node(n)
+                value = super().run_node(n)
                 if n in watch:
                     seen[n] = value
                     if len(seen) == len(watch):
                         raise _StopProbe
                 return value
 
-        was_training = self.gm.training
-        self.gm.eval()
         try:
-            with torch.no_grad():
-                Interp(self.gm).run(*inputs)
+            Interp(self.gm).run(*self.example_inputs, initial_env=dict(overrides))
         except _StopProbe:
             pass
-        finally:
-            self.gm.train(was_training)
-        return [seen[w].detach().to(device="cpu", dtype=torch.float64) for w in watch]
+        return [overrides[w] if w in overrides else seen[w] for w in watch]
+
+
+class _Recorder(ShapeProp):
+    """Shape propagation that keeps every node's value (``env``) and the version counter of each
+    tensor value when it was computed (``versions``): an in-place op on the tensor or a view of it
+    later in the run moves the counter. Tensors without one (made under ``torch.inference_mode``)
+    get None: their later values cannot be vouched for."""
+
+    def __init__(self, gm: fx.GraphModule):
+        super().__init__(gm)
+        self.garbage_collect_values = False
+        self.versions: dict[fx.Node, int | None] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        value = super().run_node(n)
+        if isinstance(value, torch.Tensor):
+            self.versions[n] = None if value.is_inference() else value._version
+        return value
 
 
 def _measure_out_axis(mod: nn.Module) -> int | None:
@@ -271,15 +353,15 @@ def _measure_out_axis(mod: nn.Module) -> int | None:
     return None
 
 
-def _measure_gain_action(mod: nn.Module, in_shape: tuple[int, ...] | None, dtype: torch.dtype) -> str | None:
+def _measure_gain_action(mod: nn.Module, in_shape: tuple[int, ...] | None) -> str | None:
     """None if multiplying the module's ``weight`` (and ``bias``) by s > 0 per channel multiplies its
     output by s along the last axis (measured on a random input), else the reason it does not."""
     if in_shape is None:
         return f"{_NEEDS_EXAMPLES} (shapes) to measure how the gain acts"
     params = dict(mod.named_parameters(recurse=False))
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(in_shape, generator=gen, dtype=torch.float64).to(dtype)
-    s = torch.exp(torch.randn(params["weight"].shape, generator=gen, dtype=torch.float64)).to(dtype)
+    x = torch.randn(in_shape, generator=gen, dtype=torch.float64).to(params["weight"])
+    s = torch.exp(torch.randn(params["weight"].shape, generator=gen, dtype=torch.float64)).to(params["weight"])
     with torch.no_grad():
         y = mod(x)
         y_scaled = torch.func.functional_call(mod, {k: v * s for k, v in params.items()}, (x,))
@@ -489,23 +571,77 @@ def _follow_logit_shift(g: _Graph, start: fx.Node, output: OutputKind) -> tuple[
     return site, None
 
 
+@dataclass(eq=False)
+class _HeadLayout:
+    """How a projection's output ``(..., T, C)`` reaches an attention input ``(..., H, T, d)``: head
+    ``h`` reads channels ``heads[h]`` of the projection output, in that order, and maps them at
+    position ``t`` by ``maps[t, h]`` (``d x d``). Compared by identity: the layers that share one
+    share its analysis."""
+
+    heads: list[list[int]]
+    maps: torch.Tensor  # (positions, heads, d, d), float64 on the CPU
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """The attention input for projection output ``x`` (..., T, C): (..., H, T, d)."""
+        gathered = x[..., torch.tensor(self.heads)]  # (..., T, H, d)
+        return torch.einsum("thij,...thj->...hti", self.maps, gathered)
+
+    def repeated(self, n_query: int) -> _HeadLayout:
+        """The layout of a key/value projection measured per kv head, seen per query head as
+        grouped-query SDPA reads it (query head h reads kv head h // (n_query / n_kv))."""
+        n_kv = self.maps.shape[1]
+        if n_query % n_kv:
+            raise ValueError(f"{n_query} query heads cannot share {n_kv} key/value heads evenly")
+        rep = n_query // n_kv
+        return _HeadLayout([self.heads[h // rep] for h in range(n_query)], self.maps.repeat_interleave(rep, dim=1))
+
+
 @dataclass
-class _Projection:
-    node: fx.Node  # the Linear call
-    module: str
-    heads: list[list[int]]  # channel list feeding each attention head (in attention head order)
-    maps: torch.Tensor  # (positions, heads, d, d): per-position map in each head's channel order
+class _AttentionMemo:
+    """What the analysis of one attention site leaves for the next: the head layouts measured so far,
+    by the shapes of projection output and attention input, and the query/key rotation algebra of
+    each (query layout, key layout, query heads) triple. A layer of the same structure as one
+    analysed before is confirmed by one random probe and reuses its layouts and algebra."""
+
+    layouts: dict[tuple, list[_HeadLayout]] = field(default_factory=dict)
+    algebras: dict[tuple, torch.Tensor] = field(default_factory=dict)
+
+    def full_algebra(self, d: int) -> torch.Tensor:
+        """so(d) (:func:`full_rotation_algebra`), one tensor shared by every value/output family."""
+        if ("so", d) not in self.algebras:
+            self.algebras["so", d] = full_rotation_algebra(d)
+        return self.algebras["so", d]
 
 
-def _measure_projection(g: _Graph, linear: fx.Node, target: fx.Node) -> tuple[_Projection | None, str | None]:
-    """Measure the map from a projection's output (..., T, C) to an attention input (B, H, T, d)."""
+def _relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((got - expected).abs().max() / expected.abs().max().clamp_min(1e-30)).item()
+
+
+def _measure_projection(g: _Graph, linear: fx.Node, target: fx.Node, memo: _AttentionMemo
+                        ) -> tuple[_HeadLayout | None, str | None]:
+    """The head layout of the map from a projection's output (..., T, C) to an attention input
+    (B, H, T, d), measured and checked to be linear and per position.
+
+    One random probe is compared with the layouts measured before for the same shapes: a match to
+    ``10 * _COMMUTANT_TOL`` (a layer built like an analysed one) reuses that layout. Otherwise the
+    map is measured with basis probes (one per channel, in one vectorised pass over the sub-graph
+    from the projection to the attention input) and checked against the random probe.
+    """
     in_shape, out_shape = g.shape(linear), g.shape(target)
     if in_shape is None or out_shape is None or len(out_shape) != 4:
         return None, f"{_NEEDS_EXAMPLES} (shapes) to measure the head layout"
-    channels, (batch, heads, seq, d) = in_shape[-1], out_shape
+    _, heads, seq, d = out_shape
     if in_shape[-2] != seq:
         return None, f"{linear.target}: sequence axis not recognised"
-    stack = _basis_responses(g, linear, target, in_shape)  # (H, T, d, C), float64 like every probe
+    x = torch.randn(in_shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    (response,) = g.probe({linear: x}, [target])
+    response = response.cpu()
+    known = memo.layouts.setdefault((in_shape, out_shape), [])
+    for layout in known:
+        if _relative_error(response, layout.predict(x)) <= 10 * _COMMUTANT_TOL:
+            return layout, None
+    # resp[h, t, i, c]: head h, position t, dim i, for the unit vector on channel c (batch entry 0)
+    stack = g.basis_responses(linear, target)[:, 0].permute(1, 2, 3, 0).cpu()
     heads_channels: list[list[int]] = []
     maps = torch.zeros(seq, heads, d, d, dtype=torch.float64)
     for h in range(heads):
@@ -514,49 +650,12 @@ def _measure_projection(g: _Graph, linear: fx.Node, target: fx.Node) -> tuple[_P
             return None, f"{linear.target}: attention head {h} reads {len(support)} channels, not {d}"
         heads_channels.append(support)
         maps[:, h] = stack[h][:, :, support]
-    # Linearity and per-position action, checked on a random probe.
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(in_shape, generator=gen, dtype=torch.float64)
-    (resp,) = g.probe({linear: x}, [target])
-    predicted = torch.stack([
-        torch.einsum("tij,btj->bti", maps[:, h], x[..., heads_channels[h]]) for h in range(heads)
-    ], dim=1)
-    err = (resp - predicted).abs().max() / predicted.abs().max().clamp_min(1e-30)
-    if err > 100 * g.tol:
+    layout = _HeadLayout(heads_channels, maps)
+    err = _relative_error(response, layout.predict(x))
+    if err > 100 * _PROBE_TOL:
         return None, f"{linear.target}: the map to the attention input is not linear per position (err {err:.1e})"
-    return _Projection(linear, linear.target, heads_channels, maps), None
-
-
-def _repeat_heads(proj: _Projection, n_query: int) -> _Projection:
-    """A key/value projection measured per kv head, seen per query head as grouped-query SDPA reads it."""
-    n_kv = proj.maps.shape[1]
-    if n_query % n_kv:
-        raise ValueError(f"{n_query} query heads cannot share {n_kv} key/value heads evenly")
-    rep = n_query // n_kv
-    return _Projection(proj.node, proj.module, [proj.heads[h // rep] for h in range(n_query)],
-                       proj.maps.repeat_interleave(rep, dim=1))
-
-
-def _basis_responses(g: _Graph, linear: fx.Node, target: fx.Node, in_shape: tuple[int, ...]) -> torch.Tensor:
-    """resp[h, t, i, c] = response of the attention input (head h, position t, dim i) to a unit
-    vector on channel c of the projection output at every position."""
-    channels = in_shape[-1]
-    if len(in_shape) == 3:  # one pass: probe c rides in batch entry c
-        probe = torch.zeros(channels, *in_shape[1:], dtype=torch.float64)
-        probe[torch.arange(channels), :, torch.arange(channels)] = 1.0
-        try:
-            (resp,) = g.probe({linear: probe}, [target], batch=channels)
-            if resp.shape[0] == channels:
-                return resp.permute(1, 2, 3, 0)
-        except Exception:  # noqa: BLE001 - a model that is not batch-agnostic: fall back to one pass per channel
-            pass
-    responses = []
-    for c in range(channels):
-        probe = torch.zeros(in_shape, dtype=torch.float64)
-        probe[..., c] = 1.0
-        (resp,) = g.probe({linear: probe}, [target])
-        responses.append(resp[0])
-    return torch.stack(responses, dim=-1)
+    known.append(layout)
+    return layout, None
 
 
 def _source_linear(g: _Graph, arg: Any) -> fx.Node | None:
@@ -668,32 +767,40 @@ def _attention_sites(g: _Graph) -> list[_AttentionSite]:
     return sites
 
 
-def _commutant_algebra(pairs: list[torch.Tensor], d: int, tol: float = 1e-12) -> torch.Tensor:
-    """Orthonormal basis of {X in so(d): A X = X A for all A in pairs}, shape (k, d, d).
+def _commutant_algebra(pairs: torch.Tensor, d: int, tol: float = 1e-12) -> torch.Tensor:
+    """Orthonormal basis of {X in so(d): A X = X A for all A in pairs (n, d, d)}, shape (k, d, d).
 
     The pairs are scaled so that their largest entry is 1, and X is kept when every commutator
     [A, X] is below ``tol`` in that scale: a generator that commutes only approximately (slow RoPE
     frequencies over a short example come within ~1e-9) changes the outputs by about that much,
     so it is left out. The condition is linear in A, so the principal directions of span(pairs),
     each weighted by its singular value, stand in for the pairs (r of them: 1 without RoPE, about d
-    with it). The candidate space starts at so(d) and is cut down by one matrix at a time, a generic
-    combination first so that the later cuts are cheap; each cut keeps the combinations of the
-    current basis whose commutator with A is negligible (left singular vectors of the stacked
-    commutators [A, X_i] with small singular values).
+    with it; identical pairs, such as those of heads with the same positional map, count as one
+    pair of weight sqrt(multiplicity), which leaves the principal directions as they are).
+
+    The candidate space starts from :func:`_symmetric_commutant` (a necessary condition, from one
+    d x d eigendecomposition) and is cut down by one matrix at a time, a generic combination first
+    so that the later cuts are cheap; each cut keeps the combinations of the current basis whose
+    commutator with A is negligible (left singular vectors of the stacked commutators [A, X_i]
+    with small singular values).
     """
-    basis = full_rotation_algebra(d) / 2**0.5  # orthonormal in the Frobenius inner product
-    if not pairs:
-        return basis
-    flat = torch.stack([a.reshape(-1) for a in pairs])
+    if len(pairs) == 0:
+        return full_rotation_algebra(d) / 2**0.5  # orthonormal in the Frobenius inner product
+    flat = pairs.reshape(len(pairs), -1)
     flat = flat / flat.abs().max().clamp_min(1e-30)
+    flat, counts = torch.unique(flat, dim=0, return_counts=True)
+    flat = flat * counts.to(flat.dtype).sqrt()[:, None]
     _, s, vh = torch.linalg.svd(flat, full_matrices=False)
     rank = int((s > 10 * tol * s[0]).sum())
     span = (s[:rank, None] / s[0] * vh[:rank]).reshape(-1, d, d)  # weighted: small directions matter less
-    generic = torch.einsum("j,jab->ab", torch.randn(len(span), generator=torch.Generator().manual_seed(0),
-                                                    dtype=span.dtype), span)
+    coefficients = torch.randn(len(span), generator=torch.Generator().manual_seed(0), dtype=span.dtype)
+    generic = torch.einsum("j,jab->ab", coefficients.to(span.device), span)
+    basis = _symmetric_commutant(generic + generic.T)
     for a in (generic, *span):
         commutators = (a @ basis - basis @ a).reshape(len(basis), -1)  # row i: vec([A, X_i])
-        if commutators.abs().max() <= tol:  # every candidate commutes with A already
+        # every candidate commutes with A already: each entry, or every singular value (at most the
+        # Frobenius norm), is negligible
+        if commutators.abs().max() <= tol or torch.linalg.matrix_norm(commutators) <= 10 * tol:
             continue
         if len(basis) > 64:  # cheap, loose pre-cut through the Gram matrix (it squares the precision)
             eigenvalues, eigenvectors = torch.linalg.eigh(commutators @ commutators.T)
@@ -708,7 +815,41 @@ def _commutant_algebra(pairs: list[torch.Tensor], d: int, tol: float = 1e-12) ->
     return basis
 
 
-def _attention_families(g: _Graph, attn: _AttentionSite) -> tuple[list[GaugeFamily], list[Skipped]]:
+def _symmetric_commutant(h: torch.Tensor, gap: float = 1e-3) -> torch.Tensor:
+    """An orthonormal basis of the X in so(d) that commute with the symmetric matrix ``h``, taking
+    eigenvalues closer than ``gap`` (relative to the largest) as equal, shape (k, d, d).
+
+    With ``h = A + A^T``: a skew X commutes with A^T whenever it commutes with A
+    (``[A^T, X] = [A, X]^T``), so with ``h``; the X commuting with ``h`` are ``V Y V^T`` for ``Y``
+    skew and block diagonal over the clusters of ``h``'s eigenvalues (``h = V diag(mu) V^T``). Used as
+    the candidates for the exact test, this is a necessary condition only: clusters are merged
+    loosely (eigenvalues closer than ``gap`` count as one), so that eigenvectors are accurate to
+    rounding / gap, far below the commutation tolerance, and no generator that commutes is lost.
+    """
+    d = h.shape[-1]
+    mu, v = torch.linalg.eigh(h)
+    cut = (mu.diff() > gap * mu.abs().max().clamp_min(1e-30)).nonzero().flatten() + 1
+    bounds = [0, *cut.tolist(), d]
+    pairs = [(i, j) for lo, hi in zip(bounds, bounds[1:]) for i in range(lo, hi) for j in range(i + 1, hi)]
+    if not pairs:
+        return torch.zeros(0, d, d, dtype=h.dtype, device=h.device)
+    i, j = torch.tensor(pairs, device=h.device).T
+    outer = v[:, i].T[:, :, None] * v[:, j].T[:, None, :]  # u_i u_j^T per pair
+    return (outer - outer.transpose(1, 2)) / 2**0.5
+
+
+def _query_key_algebra(q: _HeadLayout, k: _HeadLayout, device: torch.device) -> torch.Tensor:
+    """The rotations of each head's query and key dimensions that leave every score unchanged: the
+    commutant of the relative positional maps ``Q_m^T K_n`` (all heads, up to 8 positions m, n),
+    computed on ``device`` (the model's) and returned on the CPU."""
+    seq, _, d = q.maps.shape[:3]
+    positions = torch.arange(seq) if seq <= 8 else torch.linspace(0, seq - 1, 8).long()
+    pairs = torch.einsum("mhca,nhcb->hmnab", q.maps[positions], k.maps[positions]).reshape(-1, d, d)
+    return _commutant_algebra(pairs.to(device), d, _COMMUTANT_TOL).cpu()
+
+
+def _attention_families(g: _Graph, attn: _AttentionSite, memo: _AttentionMemo
+                        ) -> tuple[list[GaugeFamily], list[Skipped]]:
     site = attn.name
     if g.example_inputs is None:
         return [], [Skipped(site, "qk_rotation/vo_rotation", f"{_NEEDS_EXAMPLES} to probe the attention maps")]
@@ -735,24 +876,25 @@ def _attention_families(g: _Graph, attn: _AttentionSite) -> tuple[list[GaugeFami
     prefix = _common_prefix([q_lin.target, k_lin.target, v_lin.target])
     measured, reasons = {}, {}
     for key, lin, arg in (("q", q_lin, q_arg), ("k", k_lin, k_arg), ("v", v_lin, v_arg)):
-        measured[key], reasons[key] = _measure_projection(g, lin, arg)
+        measured[key], reasons[key] = _measure_projection(g, lin, arg, memo)
     if measured["v"] is None:
         skipped.append(Skipped(prefix, "vo_rotation", reasons["v"]))
     if measured["q"] is None or measured["k"] is None:
         skipped.append(Skipped(prefix, "qk_rotation", reasons["q"] or reasons["k"]))
     q, k, v = measured["q"], measured["k"], measured["v"]
-    if attn.output.kwargs.get("enable_gqa"):
+    n_query = g.shape(q_arg)[1] if attn.output.kwargs.get("enable_gqa") else None
+    algebra_key = (q, k, n_query)
+    if n_query is not None:
         # grouped-query SDPA: query head h reads key/value head h // (query heads / kv heads)
-        n_query = g.shape(q_arg)[1]
-        k, v = (None if p is None else _repeat_heads(p, n_query) for p in (k, v))
+        k, v = (None if p is None else p.repeated(n_query) for p in (k, v))
     if q is not None and len({tuple(c) for c in q.heads}) != q.maps.shape[1]:
         skipped.append(Skipped(prefix, "qk_rotation", "query heads are not distinct channel blocks"))
         q = None
 
-    def grouping(proj: _Projection) -> tuple[list[list[int]], tuple[int, ...]]:
+    def grouping(layout: _HeadLayout) -> tuple[list[list[int]], tuple[int, ...]]:
         kv_channels: list[list[int]] = []
         group = []
-        for chans in proj.heads:
+        for chans in layout.heads:
             if chans not in kv_channels:
                 kv_channels.append(chans)
             group.append(kv_channels.index(chans))
@@ -767,10 +909,9 @@ def _attention_families(g: _Graph, attn: _AttentionSite) -> tuple[list[GaugeFami
     if q is not None and k is not None and len(set(flat_k)) != len(flat_k):
         skipped.append(Skipped(prefix, "qk_rotation", "key heads overlap"))
     elif q is not None and k is not None:
-        seq, n_heads, d = q.maps.shape[:3]
-        positions = range(seq) if seq <= 8 else torch.linspace(0, seq - 1, 8).long().tolist()
-        pairs = [q.maps[m, h].T @ k.maps[n, h] for h in range(n_heads) for m in positions for n in positions]
-        algebra = _commutant_algebra(pairs, d, g.commutant_tol)
+        if algebra_key not in memo.algebras:
+            memo.algebras[algebra_key] = _query_key_algebra(q, k, g.device)
+        algebra = memo.algebras[algebra_key]
         if algebra.shape[0] == 0:
             skipped.append(Skipped(prefix, "qk_rotation", "no rotation commutes with the positional map"))
         else:
@@ -785,7 +926,7 @@ def _attention_families(g: _Graph, attn: _AttentionSite) -> tuple[list[GaugeFami
     v_channels, v_group = grouping(v)
     d = v.maps.shape[2]
     eye = torch.eye(d, dtype=v.maps.dtype)
-    if (v.maps - eye).abs().max() > 10 * g.tol:
+    if (v.maps - eye).abs().max() > 10 * _PROBE_TOL:
         skipped.append(Skipped(prefix, "vo_rotation", "the value path is not a pure head selection"))
         return families, skipped
     out_proj, reason = _output_projection(g, attn.output)
@@ -797,7 +938,7 @@ def _attention_families(g: _Graph, attn: _AttentionSite) -> tuple[list[GaugeFami
         skipped.append(Skipped(prefix, "vo_rotation", "head rotations are implemented for (out, in) weights only"))
         return families, skipped
     families.append(HeadRotation(
-        name=f"vo_rotation:{prefix}", kind="vo_rotation", algebra=full_rotation_algebra(d), query_group=v_group,
+        name=f"vo_rotation:{prefix}", kind="vo_rotation", algebra=memo.full_algebra(d), query_group=v_group,
         left=((g.param(v_lin.target, "weight"), g.param(v_lin.target, "bias"), rows(v_channels), False),),
         right=((g.param(o_lin.target, "weight"), col_index),),
     ))
@@ -827,7 +968,7 @@ def _output_projection(g: _Graph, attn: fx.Node) -> tuple[tuple[fx.Node, torch.T
         return None, "needs shapes to measure the output projection"
     batch, heads, seq, d = shape
     code = (torch.arange(heads * d, dtype=torch.float64) + 1).reshape(heads, 1, d).expand(batch, heads, seq, d)
-    (got,) = g.probe({attn: code.contiguous()}, [o_in])
+    got = g.probe({attn: code.contiguous()}, [o_in])[0].cpu()
     if tuple(got.shape[-1:]) != (heads * d,) or got.shape[-2] != seq:
         return None, "the output projection input is not (…, seq, heads*d)"
     first = got.reshape(-1, heads * d)[0]
@@ -841,11 +982,11 @@ def _output_projection(g: _Graph, attn: fx.Node) -> tuple[tuple[fx.Node, torch.T
     col_index = col_index.reshape(heads, d)
     # verify with a random probe (positions and batch entries kept apart)
     x = torch.randn(shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    (got,) = g.probe({attn: x}, [o_in])
+    got = g.probe({attn: x}, [o_in])[0].cpu()
     expect = torch.zeros(batch, seq, heads * d, dtype=torch.float64)
     for h in range(heads):
         expect[..., col_index[h]] = x[:, h]
-    if (got.reshape(expect.shape) - expect).abs().max() > 100 * g.tol * expect.abs().max():
+    if (got.reshape(expect.shape) - expect).abs().max() > 100 * _PROBE_TOL * expect.abs().max():
         return None, "the attention output reaches the output projection through a non-permutation"
     return (o_lin, col_index), None
 
@@ -889,6 +1030,14 @@ def find_gauges(
         output: ``"logits"`` when the model output is consumed by a softmax / cross-entropy over its
             last axis (then the output Linear carries a logit shift), ``"values"`` otherwise.
 
+    The analysis runs in float64 on the model's device: a model in another precision (bfloat16,
+    float16, float32) is analysed on a float64 copy (8 bytes per parameter, made tensor by tensor),
+    its example inputs are moved there (floating ones converted), and the families are bound back to
+    ``model``, which is left as it was (values, dtypes, train/eval modes). When no family is found,
+    or none of a kind at any of the sites the structure offers it (every affine norm, every
+    attention, the output layer when ``output="logits"``), a ``UserWarning`` says so with the most
+    frequent reasons (the sentence is also kept in ``GaugeSet.notes``).
+
     Returns:
         A :class:`GaugeSet` bound to ``model``, with ``skipped`` listing every candidate left out and why.
     """
@@ -904,9 +1053,30 @@ def find_gauges(
         model = uncompiled(model)
         notes.append(f"read through torch.compile: traced the compiled {type(model).__name__} (_orig_mod); "
                      "the families name its parameters, which the compiled module shares")
-    g = _Graph(model, example_inputs, keyword_inputs)
+    analysed = _float64_copy(model)
+    device = next((p.device for p in analysed.parameters()), torch.device("cpu"))
+    if example_inputs is not None:
+        example_inputs = tuple(_analysis_input(x, device) for x in example_inputs)
+    keyword_inputs = {k: _analysis_input(x, device) for k, x in keyword_inputs.items()}
+    with _eval_mode(analysed):  # no dropout while probing; every module's own mode is restored after
+        g = _Graph(analysed, example_inputs, keyword_inputs)
+        families, skipped, input_layers, output_layers = _analyse(g, output)
+    waiting = [s for s in skipped if _NEEDS_EXAMPLES in s.reason] if example_inputs is None else []
+    found_notes = [_needs_examples_note(waiting)] if waiting else []
+    coverage = _coverage_note(families, skipped, output, bool(output_layers))
+    found_notes += [coverage] if coverage else []
+    if found_notes:
+        warnings.warn(f"find_gauges({type(model).__name__}): " + " ".join(found_notes), stacklevel=2)
+    gauges = GaugeSet(families, skipped, analysed, notes + found_notes,
+                      input_layers=input_layers, output_layers=output_layers)
+    return gauges if analysed is model else gauges.bind(model)
+
+
+def _analyse(g: _Graph, output: OutputKind) -> tuple[list[GaugeFamily], list[Skipped], list[str], list[str]]:
+    """The families found on the traced model, the candidates left out, and the weights of the layers
+    that read the model's input and write its output directly (see :class:`GaugeSet`)."""
     families: list[GaugeFamily] = []
-    skipped = [Skipped(site or type(model).__name__, "all", f"kept whole, not analysed inside: its code branches on "
+    skipped = [Skipped(site or type(g.model).__name__, "all", f"kept whole, not analysed inside: its code branches on "
                        f"tensor values ({why})") for site, why in g.opaque.items()]
 
     # the Linears and convolutions whose output reaches the model output without passing another layer
@@ -990,20 +1160,109 @@ def find_gauges(
     for fam in found:
         add(fam, fam.producer)
     skipped += missed
+    memo = _AttentionMemo()
     for site in _attention_sites(g):
-        found, missed = _attention_families(g, site)
+        found, missed = _attention_families(g, site, memo)
         for fam in found:
             add(fam, fam.name.split(":", 1)[1])
         skipped += missed
-    waiting = [s for s in skipped if _NEEDS_EXAMPLES in s.reason] if example_inputs is None else []
-    if waiting:
-        note = _needs_examples_note(waiting)
-        warnings.warn(f"find_gauges({type(model).__name__}): {note}", stacklevel=2)
-        notes.append(note)
     layer_weights = {n: g.param(n.target, "weight") for n in (*input_linears, *output_linears)}
-    return GaugeSet(families, skipped, model, notes,
-                    input_layers=sorted({layer_weights[n] for n in input_linears} - {None}),
-                    output_layers=sorted({layer_weights[n] for n in output_linears} - {None}))
+    return (families, skipped, sorted({layer_weights[n] for n in input_linears} - {None}),
+            sorted({layer_weights[n] for n in output_linears} - {None}))
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """``model`` in eval mode (no dropout), every module's own mode restored after."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def _float64_copy(model: nn.Module) -> nn.Module:
+    """``model`` itself when its floating parameters and buffers are all float64; otherwise a deep copy
+    in which they are (complex ones complex128), on their own devices. Half-precision rounding would
+    decide which maps commute (a bfloat16 Llama would claim query/key rotations of twice the true
+    dimension) and hide every norm gain's action; converting is exact, so the copy computes the
+    model's own function. The copy takes 8 bytes per parameter; each tensor is converted once."""
+    tensors = [*model.parameters(), *model.buffers()]
+    if all(t.dtype in (torch.float64, torch.complex128) or not (t.is_floating_point() or t.is_complex())
+           for t in tensors):
+        return model
+    memo: dict[int, Any] = {}  # tied tensors stay tied: each is converted once, by identity
+    for p in model.parameters():
+        if p.is_floating_point() or p.is_complex():
+            memo[id(p)] = nn.Parameter(_to_64_bits(p.detach()), requires_grad=p.requires_grad)
+    for b in model.buffers():
+        if b.is_floating_point() or b.is_complex():
+            memo[id(b)] = _to_64_bits(b)
+    try:
+        return copy.deepcopy(model, memo)
+    except Exception as err:  # noqa: BLE001 - any reason a model cannot be copied
+        raise ValueError(
+            f"find_gauges analyses a float64 copy of a model in another precision, and "
+            f"copy.deepcopy({type(model).__name__}) failed ({type(err).__name__}: {err}); "
+            "pass the model in float64 (e.g. a float64 copy you made) and bind the result to yours "
+            "with GaugeSet.bind") from err
+
+
+def _to_64_bits(t: torch.Tensor) -> torch.Tensor:
+    if t.is_complex():
+        return t.to(torch.complex128)
+    return t.to(torch.float64) if t.is_floating_point() else t
+
+
+def _analysis_input(x: Any, device: torch.device) -> Any:
+    """An example input as the float64 analysis reads it: on the model's device, floats in float64."""
+    return _to_64_bits(x.to(device)) if isinstance(x, torch.Tensor) else x
+
+
+# The kinds a model's structure offers at known sites (each affine norm, each attention, the output
+# layer when the output feeds a softmax), with what one site is called.
+_STRUCTURAL_KINDS = {"norm_scale": "norm", "qk_rotation": "attention", "vo_rotation": "attention",
+                     "logit_shift": "output layer"}
+
+
+def _coverage_note(families: list[GaugeFamily], skipped: list[Skipped], output: OutputKind,
+                   has_output_layer: bool) -> str | None:
+    """A sentence when discovery found no family at all, or none of a kind at any of the sites the
+    structure offers it (every affine norm left out, every attention, the output layer when
+    ``output="logits"``), with the most frequent reasons; None when nothing is missing that way.
+    Candidates that only wait for example inputs are left to :func:`_needs_examples_note`."""
+    found = {f.kind for f in families}
+    missing = []
+    for kind, site in _STRUCTURAL_KINDS.items():
+        if kind in found or (kind == "logit_shift" and output != "logits"):
+            continue
+        reasons = [s.reason for s in skipped if kind in s.family.split("/")
+                   and s.family != "neuron_scale/logit_shift" and _NEEDS_EXAMPLES not in s.reason]
+        if not reasons:
+            continue
+        # reasons that differ only in the names and numbers in them ("add_3 adds it ...", "add_6 adds
+        # it ...") are one reason, shown by its first instance
+        groups = Counter(_NAMES_AND_NUMBERS.sub("#", r) for r in reasons)
+        example = {_NAMES_AND_NUMBERS.sub("#", r): r for r in reversed(reasons)}
+        common = "; ".join(example[key] + (f" (and {count - 1} alike)" if count > 1 else "")
+                           for key, count in groups.most_common(2))
+        more = f"; {len(groups) - 2} other reason{'s' * (len(groups) > 3)}" if len(groups) > 2 else ""
+        sites = len(reasons)
+        where = f"any of the {sites} {site}s" if sites > 1 else f"the one {site}"
+        missing.append(f"no {kind} at {where} ({common}{more})")
+    if families and not missing:
+        return None
+    if families:
+        head = "fewer families than the model's structure suggests: "
+    else:
+        head = ("no gauge family found, so an optimizer given these gauges steps this model as its base rule "
+                "(AdamW, Muon) would" + (": " if missing else ""))
+    hint = ("; if the output feeds a softmax or cross-entropy, pass output='logits' (the output layer then carries "
+            "a logit shift)" if not families and output == "values" and has_output_layer else "")
+    return (f"{head}{'; '.join(missing)}{hint}. "
+            "gauges.summary(show_skipped=True) lists every candidate left out and why.")
 
 
 def _needs_examples_note(waiting: list[Skipped], shown: int = 3) -> str:

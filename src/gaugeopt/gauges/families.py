@@ -374,10 +374,10 @@ def rotation_blocks(algebra: torch.Tensor) -> tuple[tuple[int, ...], ...]:
 
 def full_rotation_algebra(d: int) -> torch.Tensor:
     """Basis E_ij - E_ji (i < j) of so(d), shape (d(d-1)/2, d, d), float64."""
-    pairs = [(i, j) for i in range(d) for j in range(i + 1, d)]
-    basis = torch.zeros(len(pairs), d, d, dtype=torch.float64)
-    for k, (i, j) in enumerate(pairs):
-        basis[k, i, j], basis[k, j, i] = 1.0, -1.0
+    i, j = torch.triu_indices(d, d, offset=1)
+    basis = torch.zeros(len(i), d, d, dtype=torch.float64)
+    k = torch.arange(len(i))
+    basis[k, i, j], basis[k, j, i] = 1.0, -1.0
     return basis
 
 
