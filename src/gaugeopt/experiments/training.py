@@ -155,13 +155,17 @@ def train_loop(
     bar: Any,
     stop_when: Callable[[dict[str, float]], bool] | None = None,
     after_step: Callable[[int], None] | None = None,
+    stop_below: float | None = None,
 ) -> dict[str, Any]:
     """Train for ``steps`` steps; evaluate at step 0, every ``eval_every`` steps and at the end.
 
     ``batch_loss(step)`` returns the training loss of that step's batch (model in train mode).
     ``evaluate()`` runs under ``torch.no_grad`` in eval mode. ``stop_when(metrics)`` ends training
-    early (e.g. when a model has grokked). A non-finite training loss stops the run and is
-    reported as ``diverged_at``. Returns ``{"last": metrics, "steps_done": n, "diverged_at": step|None}``.
+    early (e.g. when a model has grokked). ``stop_below`` ends training *before* the step whose batch
+    loss is at or below it (with full-batch training: as soon as the training loss reaches it), and
+    ``reached_at`` says at which step. A non-finite training loss stops the run and is reported as
+    ``diverged_at``. Returns ``{"last": metrics, "steps_done": n, "diverged_at": step|None,
+    "reached_at": step|None}``.
     """
 
     def run_eval(step: int) -> dict[str, float]:
@@ -175,13 +179,18 @@ def train_loop(
 
     model.train()
     last = run_eval(0)
-    diverged_at = None
+    diverged_at = reached_at = None
     done = 0
     for step in range(steps):
         optimizer.zero_grad()
         loss = batch_loss(step)
         if not torch.isfinite(loss):
             diverged_at = step
+            break
+        if stop_below is not None and loss.item() <= stop_below:
+            reached_at = step
+            if done % eval_every != 0:
+                last = run_eval(done)
             break
         loss.backward()
         optimizer.step(step)
@@ -193,7 +202,7 @@ def train_loop(
             last = run_eval(done)
             if stop_when is not None and stop_when(last):
                 break
-    return {"last": last, "steps_done": done, "diverged_at": diverged_at}
+    return {"last": last, "steps_done": done, "diverged_at": diverged_at, "reached_at": reached_at}
 
 
 def train_arm(folder: Any, context: Any, arm: str, seed: int, *, steps: int,
