@@ -154,7 +154,7 @@ def test_device_selection():
 
 def test_registry_has_every_experiment_with_frozen_presets():
     assert experiment_names() == ["overtrain-lm", "vit", "grokking", "moe", "bridge", "rrr", "modadd-width",
-                                  "cnn"]
+                                  "cnn", "readout-clock"]
     for name in experiment_names():
         experiment = get_experiment(name)
         assert experiment.name == name and set(PRESETS) <= set(experiment.presets)

@@ -36,12 +36,16 @@ from .reading import DDSReading, dead_direction_signatures
 from .router import router_diagnostics, router_statistics
 from .rrr import RRRLearningCoefficient, rrr_grid, rrr_lambda, rrr_learning_coefficient
 from .slopes import (
+    CLOCKS,
+    VALIDATED_CLOCKS,
     CellReading,
     RateReadout,
     SlopeFit,
     TrajectoryRecorder,
     fit_slope,
     flatten_parameters,
+    inverse_step_clock,
+    log_spaced_steps,
     rate_readout,
     read_cell,
     remaining_arc_length,
@@ -58,8 +62,8 @@ __all__ = [
     "PositiveSpectrum", "SiteObservables", "positive_spectrum", "second_moment_eigenvalues",
     "site_observables",
     "DDSReading", "dead_direction_signatures", "HorizontalProjection",
-    "CellReading", "RateReadout", "SlopeFit", "TrajectoryRecorder", "fit_slope",
-    "flatten_parameters", "rate_readout", "read_cell", "remaining_arc_length",
+    "CLOCKS", "VALIDATED_CLOCKS", "CellReading", "RateReadout", "SlopeFit", "TrajectoryRecorder", "fit_slope",
+    "flatten_parameters", "inverse_step_clock", "log_spaced_steps", "rate_readout", "read_cell", "remaining_arc_length",
     "remaining_arc_length_of_checkpoints",
     "RRRLearningCoefficient", "rrr_grid", "rrr_lambda", "rrr_learning_coefficient",
     "OrbitDriftRecorder", "orbit_drift",

@@ -30,11 +30,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..dds import SLOPE_OBSERVABLES, DDSReading, dead_direction_signatures, rate_readout, rrr_grid
+from ..dds import SLOPE_OBSERVABLES, DDSReading, dead_direction_signatures, log_spaced_steps, rate_readout, rrr_grid
 from ..dds import rrr_learning_coefficient
 from ..models import ReducedRankRegression, ReducedRankRegressionConfig
 from .checks import check_config
-from .common import half_squared_error, mean
+from .common import RecordedTrajectory, half_squared_error, mean, record_trajectory, score_against_planted
 from .registry import Experiment
 from .runner import RunContext
 from .statistics import Verdict, band_verdict, interval_verdict, mean_interval, spearman_rho
@@ -129,16 +129,56 @@ def read_rrr_path(M: int, N: int, H: int, r: int, *, t_values: Sequence[float], 
                   noise: float = 1.0, seed: int = 0) -> dict[str, Any]:
     """The readout rule on :func:`rrr_singular_path`, scored against the planted cells."""
     t, readings = rrr_singular_path(M, N, H, r, t_values=t_values, samples=samples, noise=noise, seed=seed)
-    readout = rate_readout(t, readings)
-    planted = rrr_planted_cells(H, r, N)
-    cells = [{**c.as_dict(), "planted_slope": planted.get(f"{c.site}:{c.observable}")} for c in readout.cells]
-    planted_read = [c for c in cells if c["planted_slope"] is not None and c["reads"]]
-    controls = [c for c in cells if c["planted_slope"] is None]
-    return {"H": H, "r": r, "summary": readout.summary(), "cells": cells, "planted": len(planted),
-            "planted_read": len(planted_read), "controls": len(controls),
-            "controls_read": sum(c["reads"] for c in controls),
-            "slope_over_planted": {f"{c['site']}:{c['observable']}": c["fit"]["slope"] / c["planted_slope"]
-                                   for c in planted_read}}
+    return {"H": H, "r": r, **score_against_planted(rate_readout(t, readings), rrr_planted_cells(H, r, N))}
+
+
+def _orthonormal(rows: int, columns: int, generator: torch.Generator) -> torch.Tensor:
+    """A rows x columns matrix with orthonormal rows (rows <= columns), Haar-random."""
+    q, _ = torch.linalg.qr(torch.randn(columns, rows, generator=generator, dtype=DTYPE))
+    return q.T
+
+
+def rrr_gd_trajectory(M: int, N: int, H: int, r: int, *, steps: int, lr: float, noise: float, checkpoints: int,
+                      probe_samples: int = 512, seed: int = 0) -> RecordedTrajectory:
+    """Gradient descent on the population loss of a width-H reduced-rank regression towards a
+    rank-r teacher, read along the way: a noise-free approach to the singular set.
+
+    The teacher ``T = U V^T`` has r unit singular values; with ``x ~ N(0, I_M)`` the population loss is
+    ``||B A - T||_F^2 / 2`` (plus the noise floor), and its exact gradient is followed. The start is
+    balanced, ``A = Q_A``, ``B = Q_B`` with orthonormal rows / columns (``B^T B = A A^T``, which
+    gradient descent keeps up to O(lr^2)), so the H - r excess units die together as
+    ``t ~ (1 + 2 lr s)^(-1/2)``: a power law in the step. The true t is the geometric mean of the
+    H - r smallest singular values of A and of B (NaN when H = r: nothing is planted, a control).
+    DDS is read on a fixed probe of ``probe_samples`` noisy samples (Gaussian negative
+    log-likelihood) at ``checkpoints`` log-spaced steps from step 10, and the remaining arc length in
+    the quotient metric of the unit scalings.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    teacher = _orthonormal(r, N, generator).T @ _orthonormal(r, M, generator)  # N x M, r unit singular values
+    model = ReducedRankRegression(ReducedRankRegressionConfig(inputs=M, outputs=N, width=H)).to(DTYPE)
+    with torch.no_grad():
+        model.A.weight.copy_(_orthonormal(H, M, generator))
+        model.B.weight.copy_(_orthonormal(H, N, generator).T)
+    probe_x = torch.randn(probe_samples, M, generator=generator, dtype=DTYPE)
+    probe_y = probe_x @ teacher.T + noise * torch.randn(probe_samples, N, generator=generator, dtype=DTYPE)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+
+    def train_step(step: int) -> float:
+        optimizer.zero_grad(set_to_none=True)
+        loss = 0.5 * (model.B.weight @ model.A.weight - teacher).pow(2).sum()
+        loss.backward()
+        optimizer.step()
+        return float(loss.detach())
+
+    def excess_scale() -> float:
+        if H == r:
+            return float("nan")
+        values = [torch.linalg.svdvals(w.detach())[r:] for w in (model.A.weight, model.B.weight)]
+        return float(torch.cat(values).log().mean().exp())
+
+    return record_trajectory(model, (probe_x, probe_y), loss=gaussian_nll(noise), sites=list(SITES), steps=steps,
+                             record_at=log_spaced_steps(10, steps, checkpoints), train_step=train_step,
+                             true_t=excess_scale, gauge_example=probe_x[:2])
 
 
 def _timed_dds(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss, repeats: int) -> tuple[DDSReading, float]:
