@@ -322,3 +322,19 @@ def test_run_sets_torch_threads_and_restores_them(tmp_path):
     assert torch.get_num_threads() == before
     with pytest.raises(ValueError, match="threads"):
         run_experiment(COUNTING, "smoke", out=tmp_path / "bad", progress=False, threads=0)
+
+
+def test_terminal_summary_explains_the_verdicts_and_terms_it_uses():
+    from gaugeopt.experiments.report import VERDICT_MEANINGS, terminal_summary
+
+    results = {"experiment": "overtrain-lm", "preset": "smoke", "seeds": [0, 1, 2], "status": "complete",
+               "claims": [{"claim": "final val-train gap: DDCAdam below AdamW", "anchor": "0.67 vs 5.88",
+                           "ours": "gap 4.3 (DDCAdam) vs 4.7 (AdamW)", "reproduced": False,
+                           "verdict": "direction only"},
+                          {"claim": "more readable dead-direction cells with DDCAdam", "anchor": "32/65 vs 7/65",
+                           "ours": "not counted", "reproduced": None, "verdict": "not measurable (instrument)"}]}
+    text = terminal_summary(results, width=200)
+    assert "How to read this:" in text
+    assert f"DIRECTION ONLY: {VERDICT_MEANINGS['direction only']}" in text
+    assert f"NOT MEASURABLE (INSTRUMENT): {VERDICT_MEANINGS['not measurable (instrument)']}" in text
+    assert "a cell is one (site, observable) pair" in text and "REPRODUCED:" not in text

@@ -151,37 +151,39 @@ def lm_probe_artefacts(sites: Sequence[str]) -> dict[str, str]:
 
 
 class DDSCellTracker:
-    """Records DDS readings at ``checkpoints`` evenly spaced steps from ``start_step`` to the end of
-    a run and reads its cells with the readout rule of :mod:`gaugeopt.dds.slopes`.
+    """Records DDS readings at ``checkpoints`` log-spaced steps from ``first_step`` to the end of a run
+    and reads its cells with the readout rule of :mod:`gaugeopt.dds.slopes` against ``clock``.
 
-    ``t`` at a recording is the remaining arc length to the last recording along chords between
-    recordings, each measured in the quotient metric (the Euclidean norm of its horizontal part,
-    :class:`gaugeopt.dds.HorizontalProjection` at the later end of the chord) when ``gauges`` are
-    given, the same for every arm. Probe-artefact cells (:func:`lm_probe_artefacts`) are excluded.
+    The remaining arc length at a recording is measured along chords between recordings, each in the
+    quotient metric (the Euclidean norm of its horizontal part, :class:`gaugeopt.dds.HorizontalProjection`
+    at the later end of the chord) when ``gauges`` are given, the same for every arm. Probe-artefact
+    cells (:func:`lm_probe_artefacts`) are excluded. Every reading's rows, the steps and the arc
+    lengths are kept, so the run can be read again on another clock.
     """
 
     def __init__(self, model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, sites: Sequence[str],
-                 total_steps: int, checkpoints: int, start_step: int = 0, gauges: Any = None):
-        from ..dds import HorizontalProjection, TrajectoryRecorder
+                 total_steps: int, checkpoints: int, first_step: int = 10, gauges: Any = None,
+                 clock: str = "arc-length"):
+        from ..dds import CLOCKS, HorizontalProjection, TrajectoryRecorder, log_spaced_steps
 
-        if not 0 <= start_step < total_steps:
-            raise ValueError(f"start_step must lie in [0, {total_steps}), got {start_step}")
+        if clock not in CLOCKS:
+            raise ValueError(f"unknown clock {clock!r}; choose from {list(CLOCKS)}")
         projection = HorizontalProjection(gauges, model) if gauges is not None else None
         self.metric = "quotient (horizontal part, Euclidean)" if gauges is not None else "Euclidean"
+        self.clock = clock
         self.recorder = TrajectoryRecorder(model, inputs, targets, loss=per_token_cross_entropy, sites=sites,
                                            project_horizontal=projection)
         self.exclude = lm_probe_artefacts(sites)
-        span = total_steps - start_step
-        self.record_at = {start_step + round(i * span / (checkpoints - 1)) for i in range(checkpoints)}
-        if start_step == 0:
-            self.recorder.record(0)
+        self.record_at = set(log_spaced_steps(first_step, total_steps, checkpoints))
 
     def after_step(self, step: int) -> None:
         if step in self.record_at:
             self.recorder.record(step)
 
     def readout(self) -> dict[str, Any]:
-        readout = self.recorder.readout(exclude=self.exclude)
+        from ..dds import VALIDATED_CLOCKS
+
+        readout = self.recorder.readout(clock=self.clock, exclude=self.exclude)
         series: dict[str, dict[str, list[float]]] = {}
         for reading in self.recorder.readings:
             for row in reading.rows:
@@ -189,19 +191,20 @@ class DDSCellTracker:
                     series.setdefault(row.site, {}).setdefault(name, []).append(getattr(row, name))
         return {**readout.as_dict(), "readable": readout.readable_cells, "measurable": readout.measurable_cells,
                 "total": readout.total_cells, "steps": self.recorder.steps, "metric": self.metric,
-                "series": series}
+                "clock": self.clock, "clock_validated": self.clock in VALIDATED_CLOCKS,
+                "arc_length": self.recorder.remaining_arc_length().tolist(),
+                "readings": [reading.as_dict()["rows"] for reading in self.recorder.readings], "series": series}
 
 
 def readable_cells_along_run(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
-                             total_steps: int, checkpoints: int, start_fraction: float = 0.0,
-                             gauges: Any = None) -> DDSCellTracker | None:
-    """A :class:`DDSCellTracker` on the decoder sites from ``start_fraction`` of the run, or None
-    when ``checkpoints`` is 0."""
+                             total_steps: int, checkpoints: int, first_step: int = 10,
+                             gauges: Any = None, clock: str = "arc-length") -> DDSCellTracker | None:
+    """A :class:`DDSCellTracker` on the decoder sites, or None when ``checkpoints`` is 0."""
     if checkpoints <= 0:
         return None
     if checkpoints < 2:
         raise ValueError(f"a DDS readout needs at least 2 checkpoints, got {checkpoints}")
-    if not 0.0 <= start_fraction < 1.0:
-        raise ValueError(f"start_fraction must lie in [0, 1), got {start_fraction}")
+    if not 1 <= first_step < total_steps:
+        raise ValueError(f"first_step must lie in [1, {total_steps}), got {first_step}")
     return DDSCellTracker(model, inputs, targets, lm_dds_sites(model), total_steps, checkpoints,
-                          start_step=int(start_fraction * total_steps), gauges=gauges)
+                          first_step=first_step, gauges=gauges, clock=clock)
