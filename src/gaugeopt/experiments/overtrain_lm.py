@@ -58,7 +58,8 @@ from .statistics import (
 from .training import GAUGE_PROBE_POSITIONS, OptimizerSettings, seeded_arm, train_arm
 
 GAP_ANCHOR = {"ddc-adam": 0.67, "adamw": 5.88}
-# Fixed before any run of the collapse regime (2026-12-03): DDCAdam's gap must be at most half the baseline's.
+# Fixed (2026-12-04) before the collapse-regime runs of this protocol (issue 27 reports one earlier 1-seed
+# probe, AdamW 5.5 vs DDCAdam 5.56): DDCAdam's gap must be at most half the baseline's.
 GAP_RATIO_CRITERION = 0.5
 # Fixed before the run: DDCAdam moves no orbit coordinate beyond float rounding (RMS drift over a run).
 ORBIT_DRIFT_BOUND = 1e-3
