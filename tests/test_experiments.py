@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
 from dataclasses import FrozenInstanceError, dataclass, fields
 
 import pytest
@@ -338,3 +339,20 @@ def test_terminal_summary_explains_the_verdicts_and_terms_it_uses():
     assert f"DIRECTION ONLY: {VERDICT_MEANINGS['direction only']}" in text
     assert f"NOT MEASURABLE (INSTRUMENT): {VERDICT_MEANINGS['not measurable (instrument)']}" in text
     assert "a cell is one (site, observable) pair" in text and "REPRODUCED:" not in text
+
+
+def test_results_rows_say_which_optimizer_core_a_run_used():
+    from gaugeopt.experiments.results_table import OPTIMIZER_CORES, is_ancestor, optimizer_core
+
+    current = OPTIMIZER_CORES[-1][0]
+    if is_ancestor(current, "HEAD") is None:
+        pytest.skip("no git history in this checkout")
+    before = subprocess.run(["git", "rev-parse", f"{current}~1"], capture_output=True, text=True).stdout.strip()
+
+    def results(arms, commit):
+        return {"config": {"arms": arms}, "environment": {"source": {"commit": commit}}}
+
+    assert optimizer_core(results(["adamw"], before)) == "not used"  # bridge, rrr, AdamW-only runs
+    assert optimizer_core(results(["adamw", "ddc-adam"], current)).startswith("current")
+    assert optimizer_core(results(["muon", "ddc-muon"], before)).startswith(f"superseded: before `{current[:7]}`")
+    assert optimizer_core(results(["ddc-adam"], "0" * 40)).startswith("unknown")
