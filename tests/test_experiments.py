@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 import subprocess
-from dataclasses import FrozenInstanceError, dataclass, fields
+from dataclasses import FrozenInstanceError, dataclass, fields, replace
 
 import pytest
 import torch
@@ -356,3 +356,42 @@ def test_results_rows_say_which_optimizer_core_a_run_used():
     assert optimizer_core(results(["adamw", "ddc-adam"], current)).startswith("current")
     assert optimizer_core(results(["muon", "ddc-muon"], before)).startswith(f"superseded: before `{current[:7]}`")
     assert optimizer_core(results(["ddc-adam"], "0" * 40)).startswith("unknown")
+
+
+def test_lr_scale_multiplies_every_rate_of_an_arm_and_lr_scales_are_checked():
+    from gaugeopt.experiments.training import OptimizerSettings, arm_lr_scale, build_optimizer
+    from gaugeopt.experiments.vit import PRESETS as VIT
+    from gaugeopt.models import MoEConfig, MoELM
+
+    torch.manual_seed(0)
+    model = MoELM(MoEConfig(vocab_size=11, d_model=16, n_layers=1, n_heads=2, n_experts=2, top_k=1, d_ff=16,
+                            max_seq_len=8))
+    plain = build_optimizer("symcompat", model, OptimizerSettings(), 10)
+    scaled = build_optimizer("symcompat", model, OptimizerSettings(lr_scale=0.5), 10)
+    rates = [[g["lr"] for g in opt.param_groups] for opt in plain.optimizers]
+    halved = [[g["lr"] for g in opt.param_groups] for opt in scaled.optimizers]
+    assert len(set(rates[0])) > 1 and halved == [[r / 2 for r in row] for row in rates]  # each group's own rate
+    config = VIT["tiny"]
+    assert arm_lr_scale(config, "adamw") == 1.0
+    assert arm_lr_scale(replace(config, lr_scales=(("ddc-adam", 2.0),)), "ddc-adam") == 2.0
+    for bad in ((("sgd", 2.0),), (("adamw", 0.0),), (("adamw", 1.0), ("adamw", 2.0)), ("adamw",)):
+        with pytest.raises(ConfigError, match="lr_scales"):
+            replace(config, lr_scales=bad)
+
+
+def test_a_sweep_runs_each_factor_once_and_takes_the_best(tmp_path):
+    from gaugeopt.experiments.sweep import sweep_arm
+
+    summary = sweep_arm("vit", "tiny", "adamw", out=tmp_path, scales=(0.5, 1.0, 2.0), progress=False)
+    assert sorted(summary["readings"]) == ["0.5", "1", "2"] and summary["seed"] == 100
+    best = min(summary["readings"], key=summary["readings"].get)
+    assert summary["chosen_scale"] == float(best) and summary["at_edge"] == (best in ("0.5", "2"))
+    for factor in ("0.5", "1", "2"):
+        results = read_results(tmp_path / f"adamw-x{factor}")
+        assert results["config"]["arms"] == ["adamw"] and results["config"]["lr_scales"] == [["adamw", float(factor)]]
+        assert results["metrics"]["adamw"]["val_loss"] == pytest.approx(summary["readings"][factor])
+    assert json.loads((tmp_path / "sweep-adamw.json").read_text())["chosen_scale"] == summary["chosen_scale"]
+    with pytest.raises(ValueError, match="no sweep protocol"):
+        sweep_arm("bridge", "tiny", "adamw", out=tmp_path)
+    with pytest.raises(ValueError, match="not an arm"):
+        sweep_arm("vit", "tiny", "muon", out=tmp_path)

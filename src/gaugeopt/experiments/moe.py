@@ -24,6 +24,8 @@ from .statistics import interval_verdict, paired_difference
 from .training import (
     GAUGE_PROBE_POSITIONS,
     OptimizerSettings,
+    arm_lr_scale,
+    check_lr_scales,
     record_final_means,
     seeded_arm,
     train_arm,
@@ -48,23 +50,23 @@ class MoEExperimentConfig:
     steps: int = 400
     eval_every: int = 50
     eval_windows: int = 32
-    adam_lr: float = 3e-3
-    stack_lr: float = 0.02
+    adam_lr: float = 3e-3  # the AdamW arm's rate (the stack's groups carry their own, gaugeopt.optim.symcompat)
     weight_decay: float = 0.1
     warmup_steps: int = 30
     min_lr_ratio: float = 0.1
     arms: tuple[str, ...] = ("adamw", "symcompat")
+    lr_scales: tuple[tuple[str, float], ...] = ()  # per-arm multipliers of every rate, from a pre-registered sweep
     seeds: tuple[int, ...] = (0,)
 
     def __post_init__(self) -> None:
         check_config(self, positive=("train_chars", "d_model", "n_layers", "n_heads", "n_experts", "top_k", "d_ff",
-                                     "seq_len", "batch_size", "steps", "eval_every", "eval_windows", "adam_lr",
-                                     "stack_lr"),
+                                     "seq_len", "batch_size", "steps", "eval_every", "eval_windows", "adam_lr"),
                      non_negative=("weight_decay", "warmup_steps"),
                      within={"val_fraction": OPEN_UNIT, "min_lr_ratio": UNIT},
                      divisible=[("d_model", "n_heads")])
         if self.top_k > self.n_experts:
             raise field_error(self, "top_k", f"at most n_experts={self.n_experts}", self.top_k)
+        check_lr_scales(self)
 
 
 def router_summary(model: MoELM, tokens: torch.Tensor) -> dict[str, float]:
@@ -83,13 +85,14 @@ def run(config: MoEExperimentConfig, context: RunContext) -> None:
     model_config = MoEConfig(vocab_size=split.vocab.size, d_model=c.d_model, n_layers=c.n_layers,
                              n_heads=c.n_heads, n_experts=c.n_experts, top_k=c.top_k, d_ff=c.d_ff,
                              max_seq_len=c.seq_len)
-    settings = OptimizerSettings(lr=c.adam_lr, muon_lr=c.stack_lr, weight_decay=c.weight_decay,
+    settings = OptimizerSettings(lr=c.adam_lr, weight_decay=c.weight_decay,
                                  warmup_steps=c.warmup_steps, min_lr_ratio=c.min_lr_ratio)
     final: dict[str, dict[str, list[float]]] = {}
     for arm in c.arms:
         for seed in c.seeds:
             model, optimizer = seeded_arm(folder, arm, seed, lambda: MoELM(model_config).to(device), settings, c.steps,
-                                          example_inputs=train_eval[0][:2, :GAUGE_PROBE_POSITIONS])
+                                          example_inputs=train_eval[0][:2, :GAUGE_PROBE_POSITIONS],
+                                          lr_scale=arm_lr_scale(c, arm))
             batches = torch.Generator().manual_seed(10_000 + seed)
 
             def batch_loss(step: int) -> torch.Tensor:
@@ -131,6 +134,9 @@ PRESETS = {
                                 seq_len=16, batch_size=4, steps=6, eval_every=3, eval_windows=4,
                                 warmup_steps=2),
     "smoke": MoEExperimentConfig(),
+    # On this CPU in about 40 minutes: the smoke model on four plays, longer, 5 seeds.
+    "cpu": MoEExperimentConfig(works=("hamlet_gut", "macbeth_gut", "othello_gut", "lear_gut"), batch_size=32,
+                               steps=2000, eval_every=100, eval_windows=64, warmup_steps=100, seeds=(0, 1, 2, 3, 4)),
     "full": MoEExperimentConfig(works=("hamlet_gut", "macbeth_gut", "othello_gut", "lear_gut"), d_model=128,
                                 n_layers=4, d_ff=128, seq_len=128, batch_size=32, steps=3000, eval_every=100,
                                 eval_windows=64, warmup_steps=100, seeds=(0, 1, 2)),
