@@ -37,7 +37,14 @@ from .checks import check_config
 from .common import RecordedTrajectory, half_squared_error, mean, record_trajectory, score_against_planted
 from .registry import Experiment
 from .runner import RunContext
-from .statistics import band_verdict, correlation_interval, correlation_verdict, mean_interval, spearman_rho
+from .statistics import (
+    Verdict,
+    band_verdict,
+    correlation_interval,
+    correlation_verdict,
+    mean_interval,
+    spearman_rho,
+)
 
 DTYPE = torch.float64
 OUTPUT_SITE = "B:output"
@@ -410,10 +417,14 @@ def add_active_count_claims(folder, by_seed: dict[int, dict[str, Any]]) -> None:
     ceiling = spearman_rho([row["r"] for row in by_seed[seeds[0]]["cells"]],
                            [row["lambda"] for row in by_seed[seeds[0]]["cells"]])
     interval = correlation_interval(rho, points=cells)
+    validated = all(v == cells for v in exact.values())
+    verdict = correlation_verdict(interval, threshold=0.8) if validated else Verdict(
+        None, "not measurable (instrument)", "the count did not read the true rank in every cell (the row above), "
+                                             "so its correlation with lambda is not evidence about the DDS reading")
     folder.add_claim("the noise-edge active count at the output rank-tracks lambda",
                      "DDS rank-tracks lambda at the predicted sign",
                      f"Spearman rho with lambda {interval.describe(2)}; r0 itself reaches {ceiling:.2f} on this grid",
-                     correlation_verdict(interval, threshold=0.8),
+                     verdict,
                      "criterion (fixed before the run): the 95 % interval over seeds (Fisher z) lies beyond |rho| = "
                      "0.8; a count of the supported directions can track lambda only as far as r0 does",
                      evidence={"rho_by_seed": rho, "r0_rho": ceiling})
