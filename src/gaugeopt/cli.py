@@ -84,7 +84,8 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
                         device=args.device, progress=not args.no_progress, extend=args.extend)
     readings = ", ".join(f"x{factor}: {value:.4g}" for factor, value in summary["readings"].items())
     print(f"{args.experiment} {args.preset}, arm {args.arm} ({summary['selection']}): {readings}")
-    print(f"chosen lr scale: {summary['chosen_scale']:g}" + (" (at the edge of the grid)" if summary["at_edge"] else ""))
+    edge = " (at the edge of the grid)" if summary["at_edge"] else ""
+    print(f"chosen lr scale: {summary['chosen_scale']:g}{edge}")
     return 0
 
 

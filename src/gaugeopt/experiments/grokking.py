@@ -125,8 +125,8 @@ def run(config: GrokkingConfig, context: RunContext) -> None:
                                      for a, m in medians.items()),
                          exact_test_verdict(test),
                          f"criterion: McNemar's exact test, one-sided p <= 0.05 on the seeds where the arms disagree "
-                         f"(DDCMuon groks, Muon does not, or the reverse); a seed groks when validation accuracy reaches "
-                         f"{c.grok_accuracy} within {c.steps} steps (evaluated every {c.eval_every})"
+                         f"(DDCMuon groks, Muon does not, or the reverse); a seed groks when validation "
+                         f"accuracy reaches {c.grok_accuracy} within {c.steps} steps (evaluated every {c.eval_every})"
                          + ("" if c.depth == 24 else f"; paper depth 24, ours {c.depth}"),
                          evidence={"mcnemar": test.as_dict(), "steps_to_grok": grok_steps,
                                    "survival": folder.results["survival"]})

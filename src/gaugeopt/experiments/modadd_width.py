@@ -219,7 +219,8 @@ def summarise(c: ModAddWidthConfig, folder, per_width: list[dict]) -> None:
             rows.append({"reading": f"DDS {site} {name}", "kind": kind,
                          "values": {s: [e["dds"].get(site, {}).get(name) for e in matched[s]] for s in seeds}})
     if c.run_llc:
-        rows.append({"reading": "LLC", "kind": "log", "values": {s: [_llc_value(e) for e in matched[s]] for s in seeds}})
+        rows.append({"reading": "LLC", "kind": "log",
+                     "values": {s: [_llc_value(e) for e in matched[s]] for s in seeds}})
     for row in rows:
         row["widths"] = {s: [e["d_model"] for e in matched[s]] for s in seeds}
         row["rho"] = {s: spearman(v, row["widths"][s]) if None not in v and len(v) >= 3 else None

@@ -266,8 +266,8 @@ def add_regime_claim(c: OvertrainLMConfig, folder, final: dict, settings: list) 
         folder.add_claim(f"the collapse regime: AdamW's final gap is at least {COLLAPSE_GAP_NATS:g} nats "
                          f"({arm_label(key)})", "5.88 (AdamW, the paper's run)", f"AdamW's gap {gap.describe(2)}",
                          interval_verdict(gap, direction="above", threshold=COLLAPSE_GAP_NATS),
-                         f"criterion: the 95 % interval over seeds lies above {COLLAPSE_GAP_NATS:g} nats; a precondition "
-                         f"of the gap claim (below it the run does not test the paper's regime); {c.train_chars} "
+                         f"criterion: the 95 % interval over seeds lies above {COLLAPSE_GAP_NATS:g} nats; a "
+                         f"precondition of the gap claim (below it the run does not test the paper's regime); {c.train_chars} "
                          f"training characters, {c.steps} steps", evidence={"gap": gap.as_dict()})
 
 

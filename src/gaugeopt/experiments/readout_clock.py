@@ -113,9 +113,9 @@ def read_with_clock(c: ReadoutClockConfig, runs: list[dict[str, Any]], clock: st
         t = source["trajectory"].clock(clock)
         window = (float(np.nanmin(t)), c.true_t_max) if clock == REFERENCE_CLOCK else None
         score = score_against_planted(rate_readout(t, run["trajectory"].readings, window=window), run["planted"])
-        scores.append({"trajectory": run["name"], **{k: v for k, v in score.items() if k != "cells"},
-                       "cells": [{k: cell[k] for k in ("site", "observable", "reads", "reason", "planted_slope")}
-                                 | {"slope": cell["fit"]["slope"] if cell["fit"] else None} for cell in score["cells"]]})
+        cells = [{**{k: cell[k] for k in ("site", "observable", "reads", "reason", "planted_slope")},
+                  "slope": cell["fit"]["slope"] if cell["fit"] else None} for cell in score["cells"]]
+        scores.append({"trajectory": run["name"], **{k: v for k, v in score.items() if k != "cells"}, "cells": cells})
     return scores
 
 

@@ -10,8 +10,8 @@ from .registry import experiment_names
 from .report import verdict_label
 from .runfolder import read_results
 
-HEADER = ["experiment", "preset", "seeds", "date (UTC)", "commit", "optimizer core", "machine", "claim", "paper", "ours",
-          "verdict", "run"]
+HEADER = ["experiment", "preset", "seeds", "date (UTC)", "commit", "optimizer core", "machine", "claim", "paper",
+          "ours", "verdict", "run"]
 
 # The commits at which the mathematics of the DDCAdam / DDCMuon step changed, oldest first. A run with a
 # DDCAdam or DDCMuon arm made before the last of them comes from a superseded core, and its rows say so.

@@ -372,7 +372,8 @@ def summarise(c: RRRConfig, folder, by_seed: dict[int, dict[str, Any]]) -> None:
     rho = correlation_interval({s: rho_by_seed[s][key] for s in seeds}, points=len(first))
     folder.add_claim("a DDS observable at the output layer rank-tracks lambda",
                      "DDS rank-tracks lambda at the predicted sign",
-                     f"Spearman rho of {TRACKING_OBSERVABLE} at {OUTPUT_SITE} (fixed before the run): {rho.describe(2)}",
+                     f"Spearman rho of {TRACKING_OBSERVABLE} at {OUTPUT_SITE} (fixed before the run): "
+                     f"{rho.describe(2)}",
                      correlation_verdict(rho, threshold=0.8),
                      "criterion: the 95 % interval over seeds (Fisher z) lies beyond |rho| = 0.8 (the papers' sign "
                      "per observable is not available; every observable's rho is in the metrics)",
