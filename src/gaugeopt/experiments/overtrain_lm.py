@@ -263,9 +263,11 @@ def add_regime_claim(c: OvertrainLMConfig, folder, final: dict, settings: list) 
         if weight_decay != 0 or key not in final:
             continue
         gap = mean_interval(final[key]["gap"])
-        folder.add_claim(f"the collapse regime: AdamW's final gap is at least {COLLAPSE_GAP_NATS:g} nats "
+        side = interval_verdict(gap, direction="above", threshold=COLLAPSE_GAP_NATS)
+        label = {True: "met", False: "not met", None: "not decided"}[side.reproduced]
+        folder.add_claim(f"precondition, the collapse regime: AdamW's final gap is at least {COLLAPSE_GAP_NATS:g} nats "
                          f"({arm_label(key)})", "5.88 (AdamW, the paper's run)", f"AdamW's gap {gap.describe(2)}",
-                         interval_verdict(gap, direction="above", threshold=COLLAPSE_GAP_NATS),
+                         Verdict(side.reproduced, label, side.reason),
                          f"criterion: the 95 % interval over seeds lies above {COLLAPSE_GAP_NATS:g} nats; a "
                          f"precondition of the gap claim (below it the run does not test the paper's regime); {c.train_chars} "
                          f"training characters, {c.steps} steps", evidence={"gap": gap.as_dict()})

@@ -20,6 +20,9 @@ VERDICT_MEANINGS = {
     "not measurable": "the runs never reach the state the claim is about (the reason is given)",
     "not measurable (instrument)": "the instrument that would measure it has not passed its known-answer "
                                    "validation, so no number is reported as a finding",
+    "met": "the run is in the regime the paper's claim is about (a precondition, not a claim)",
+    "not met": "the run is not in the regime the paper's claim is about, so the rows below it test a milder "
+               "setting than the paper's",
     "validated": "the instrument read the known answer (planted cells, and no control)",
     "not validated": "the instrument did not read the known answer",
 }
