@@ -43,7 +43,7 @@ def test_tiny_preset_runs_end_to_end(name, tmp_path):
         # 7 sites of one block x 4 observables, less the A side of block 0's q, k, v (probe artefacts)
         assert dds["total"] == 22 and len(dds["excluded"]) == 6
         assert dds["metric"].startswith("quotient") and dds["clock"] == "arc-length"
-        assert len(dds["readings"]) == len(dds["steps"]) == len(dds["arc_length"])
+        assert len(dds["series"]["head:output"]["logdet_A"]) == len(dds["steps"]) == len(dds["arc_length"])
         from gaugeopt.dds import VALIDATED_CLOCKS
 
         cells = [claim for claim in results["claims"] if "readable dead-direction cells" in claim["claim"]]

@@ -157,8 +157,8 @@ class DDSCellTracker:
     The remaining arc length at a recording is measured along chords between recordings, each in the
     quotient metric (the Euclidean norm of its horizontal part, :class:`gaugeopt.dds.HorizontalProjection`
     at the later end of the chord) when ``gauges`` are given, the same for every arm. Probe-artefact
-    cells (:func:`lm_probe_artefacts`) are excluded. Every reading's rows, the steps and the arc
-    lengths are kept, so the run can be read again on another clock.
+    cells (:func:`lm_probe_artefacts`) are excluded. Every site's observables at every recording
+    (``series``), the steps and the arc lengths are kept, so the run can be read again on another clock.
     """
 
     def __init__(self, model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, sites: Sequence[str],
@@ -181,19 +181,18 @@ class DDSCellTracker:
             self.recorder.record(step)
 
     def readout(self) -> dict[str, Any]:
-        from ..dds import VALIDATED_CLOCKS
+        from ..dds import SLOPE_OBSERVABLES, VALIDATED_CLOCKS
 
         readout = self.recorder.readout(clock=self.clock, exclude=self.exclude)
         series: dict[str, dict[str, list[float]]] = {}
         for reading in self.recorder.readings:
             for row in reading.rows:
-                for name in ("logdet_G", "lambda_min_G"):
+                for name in (*SLOPE_OBSERVABLES, "rank_G", "rank_A"):
                     series.setdefault(row.site, {}).setdefault(name, []).append(getattr(row, name))
         return {**readout.as_dict(), "readable": readout.readable_cells, "measurable": readout.measurable_cells,
                 "total": readout.total_cells, "steps": self.recorder.steps, "metric": self.metric,
                 "clock": self.clock, "clock_validated": self.clock in VALIDATED_CLOCKS,
-                "arc_length": self.recorder.remaining_arc_length().tolist(),
-                "readings": [reading.as_dict()["rows"] for reading in self.recorder.readings], "series": series}
+                "arc_length": self.recorder.remaining_arc_length().tolist(), "series": series}
 
 
 def readable_cells_along_run(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
