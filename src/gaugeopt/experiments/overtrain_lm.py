@@ -242,7 +242,7 @@ def summarise(c: OvertrainLMConfig, folder, final: dict[str, dict[str, dict[int,
     add_regime_claim(c, folder, final, settings)
     for lr, weight_decay in settings:
         ddc, adamw = arm_key("ddc-adam", weight_decay, lr), arm_key("adamw", weight_decay, lr)
-        where = f"wd {weight_decay:g}" + ("" if lr is None else f", lr {lr:g}")
+        where = f"wd {weight_decay:g}, lr {c.lrs[0] if lr is None else lr:g}"
         baselines = [adamw] + ([arm_key("adamw-gains-undecayed", weight_decay, lr)] if weight_decay > 0 else [])
         if ddc not in final:
             continue
@@ -266,7 +266,8 @@ def add_regime_claim(c: OvertrainLMConfig, folder, final: dict, settings: list) 
         side = interval_verdict(gap, direction="above", threshold=COLLAPSE_GAP_NATS)
         label = {True: "met", False: "not met", None: "not decided"}[side.reproduced]
         folder.add_claim(f"precondition, the collapse regime: AdamW's final gap is at least {COLLAPSE_GAP_NATS:g} nats "
-                         f"({arm_label(key)})", "5.88 (AdamW, the paper's run)", f"AdamW's gap {gap.describe(2)}",
+                         f"(AdamW, wd 0, lr {c.lrs[0] if lr is None else lr:g})", "5.88 (AdamW, the paper's run)",
+                         f"AdamW's gap {gap.describe(2)}",
                          Verdict(side.reproduced, label, side.reason),
                          f"criterion: the 95 % interval over seeds lies above {COLLAPSE_GAP_NATS:g} nats; a "
                          f"precondition of the gap claim (below it the run does not test the paper's regime); {c.train_chars} "
