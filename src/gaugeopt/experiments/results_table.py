@@ -18,6 +18,7 @@ HEADER = ["experiment", "preset", "seeds", "date (UTC)", "commit", "optimizer co
 # Append the commit of every later change of the step.
 OPTIMIZER_CORES = (
     ("c45a6bda87", "the unit-scale step for isolated neuron pairs became DDCAdam's default"),
+    ("275351c", "the neuron frames moved to the section of each unit's orbit and the unit-scale step was removed"),
 )
 CORE_ARMS = ("ddc-adam", "ddc-muon")
 REPOSITORY = Path(__file__).resolve().parents[3]
