@@ -19,7 +19,6 @@ which is regular where the unit's outgoing side is zero. So:
 
 from __future__ import annotations
 
-import copy
 import math
 import warnings
 
