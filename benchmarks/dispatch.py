@@ -1,4 +1,5 @@
-"""Operations dispatched per optimizer step, counted with a ``TorchDispatchMode``.
+"""Operations dispatched per optimizer step, counted with a ``TorchDispatchMode``, and the reads of
+tensor values by the host (:class:`HostReads`).
 
 Every tensor operation an eager step runs reaches torch's dispatcher once (a composite op's inner
 calls do not reach a mode again), so the count is device-independent and predicts the step's
@@ -14,14 +15,16 @@ import copy
 from collections import Counter
 from collections.abc import Callable
 
+import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from gaugeopt.gauges import GaugeSet
 
 from .optimizer_steps import model_with_gradients
 
-__all__ = ["DispatchCounter", "dispatched_ops", "count_at_depths"]
+__all__ = ["DispatchCounter", "HostReads", "dispatched_ops", "count_at_depths"]
 
 
 class DispatchCounter(TorchDispatchMode):
@@ -36,6 +39,63 @@ class DispatchCounter(TorchDispatchMode):
         if func.namespace != "profiler":
             self.counts[str(func)] += 1
         return func(*args, **(kwargs or {}))
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+
+class _ScalarReads(TorchDispatchMode):
+    """The dispatched operations that hand a tensor's value to the host."""
+
+    READS = (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.equal.default)
+
+    def __init__(self, counts: Counter[str]):
+        super().__init__()
+        self.counts = counts
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in self.READS:
+            self.counts[str(func)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+class _MemoryReads(TorchFunctionMode):
+    """The tensor methods that copy a tensor's memory to the host without dispatching an operation."""
+
+    READS = (torch.Tensor.tolist, torch.Tensor.numpy)
+
+    def __init__(self, counts: Counter[str]):
+        super().__init__()
+        self.counts = counts
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in self.READS:
+            self.counts[f"Tensor.{func.__name__}"] += 1
+        return func(*args, **(kwargs or {}))
+
+
+class HostReads:
+    """Counts the reads of tensor values by the host while it is active, by kind: every
+    ``aten._local_scalar_dense`` (``item()``, ``bool()``, ``float()``, ``int()`` of a tensor, a
+    tensor in an ``if``), ``aten.equal`` (whose answer is a Python bool), and ``Tensor.tolist`` and
+    ``Tensor.numpy``, which copy memory to the host without dispatching an operation (a dispatch mode
+    alone does not see them). On an accelerator each read waits for the device to finish the work
+    queued before it: a step that reads nothing back can be queued whole, or captured in a CUDA graph.
+    """
+
+    def __init__(self):
+        self.counts: Counter[str] = Counter()
+        self._modes = (_MemoryReads(self.counts), _ScalarReads(self.counts))
+
+    def __enter__(self) -> HostReads:
+        for mode in self._modes:
+            mode.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for mode in reversed(self._modes):
+            mode.__exit__(*exc)
 
     @property
     def total(self) -> int:
