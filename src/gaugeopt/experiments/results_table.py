@@ -13,14 +13,16 @@ from .runfolder import read_results
 HEADER = ["experiment", "preset", "seeds", "date (UTC)", "commit", "optimizer core", "machine", "claim", "paper",
           "ours", "verdict", "run"]
 
-# The commits at which the mathematics of the DDCAdam / DDCMuon step changed, oldest first. A run with a
-# DDCAdam or DDCMuon arm made before the last of them comes from a superseded core, and its rows say so.
-# Append the commit of every later change of the step.
-OPTIMIZER_CORES = (
-    ("c45a6bda87", "the unit-scale step for isolated neuron pairs became DDCAdam's default"),
-    ("275351c", "the neuron frames moved to the section of each unit's orbit and the unit-scale step was removed"),
-)
 CORE_ARMS = ("ddc-adam", "ddc-muon")
+# The commits at which the mathematics of the DDCAdam / DDCMuon step changed, oldest first, each with
+# the arms whose step it changed. A run with one of those arms made before the last change of that arm
+# comes from a superseded core, and its rows say so. Append the commit of every later change of a step.
+OPTIMIZER_CORES = (
+    ("c45a6bda87", "the unit-scale step for isolated neuron pairs became DDCAdam's default", CORE_ARMS),
+    ("275351c", "the neuron frames moved to the section of each unit's orbit and the unit-scale step was removed",
+     CORE_ARMS),
+    ("646afa0", "DDCMuon's Newton-Schulz moved to bfloat16 by default", ("ddc-muon",)),
+)
 REPOSITORY = Path(__file__).resolve().parents[3]
 
 
@@ -38,10 +40,11 @@ def is_ancestor(older: str, newer: str) -> bool | None:
 def optimizer_core(results: dict) -> str:
     """Which DDCAdam / DDCMuon core a run used: "not used", "current (since ...)" or "superseded (...)"."""
     arms = results.get("config", {}).get("arms") or []
-    if not any(arm in CORE_ARMS for arm in arms):
+    changes = [(core, change) for core, change, changed in OPTIMIZER_CORES if set(arms) & set(changed)]
+    if not changes:
         return "not used"
     commit = results.get("environment", {}).get("source", {}).get("commit")
-    current, change = OPTIMIZER_CORES[-1]
+    current, change = changes[-1]
     newer = is_ancestor(current, commit) if commit else None
     if newer is None:
         return "unknown (the run's commit is not in this repository)"
