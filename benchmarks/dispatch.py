@@ -1,58 +1,160 @@
-"""Operations dispatched per optimizer step, counted with a ``TorchDispatchMode``.
+"""Operations, memory traffic and host reads per optimizer step, counted with a ``TorchDispatchMode``.
 
 Every tensor operation an eager step runs reaches torch's dispatcher once (a composite op's inner
-calls do not reach a mode again), so the count is device-independent and predicts the step's
-launch cost on an accelerator, where each operation is at least one kernel launch. A step whose
-count grows with the model's depth is launch-bound on a GPU for small and medium widths. The counts
-here are taken on the reference language model at two depths, after one untimed step (state
-allocation and the step's layout happen there).
+calls do not reach a mode again), so the counts are device-independent:
+
+* **operations**: each is at least one kernel launch on an accelerator; a step whose count grows
+  with the model's depth is launch-bound on a GPU for small and medium widths;
+* **bytes**: what each operation reads and writes, the sum of its tensor arguments' and results'
+  sizes (a tensor passed twice counted once; an argument the operation writes counted as read and
+  written, except where it only writes: ``out=``, ``copy_``, ``zero_``, ``fill_``). View operations
+  move nothing. On a GPU an optimizer step is bound by this traffic: torch's fused AdamW moves 28
+  bytes per float32 parameter (reads ``p, g, m, v``, writes ``p, m, v``), its foreach AdamW 80;
+* **host reads**: operations that bring a tensor's values to the host program (``item``, ``bool``,
+  ``tolist``, ``nonzero``, a copy to the CPU), each a device synchronisation on an accelerator.
+
+The counts here are taken on the reference language model at two depths, after one untimed step
+(state allocation and the step's layout happen there).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
+import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from gaugeopt.gauges import GaugeSet
 
 from .optimizer_steps import model_with_gradients
 
-__all__ = ["DispatchCounter", "dispatched_ops", "count_at_depths"]
+__all__ = ["DispatchCounter", "dispatched_ops", "count_at_depths", "step_traffic"]
+
+#: Operations that write an argument without reading it.
+_WRITE_ONLY = frozenset({"aten.copy_.default", "aten.zero_.default", "aten.fill_.Scalar", "aten.fill_.Tensor",
+                         "aten._foreach_copy_.default", "aten._foreach_zero_.default", "aten.set_.source_Storage",
+                         "aten.set_.source_Storage_storage_offset", "aten.set_.source_Tensor"})
+#: Operations that move no bytes: views not marked as such, and allocations without initial values.
+_NO_TRAFFIC = frozenset({"aten._unsafe_view.default", "aten.lift_fresh.default", "aten._reshape_alias.default",
+                         "aten.empty.memory_format", "aten.empty_like.default", "aten.empty_strided.default",
+                         "aten.new_empty.default", "aten.new_empty_strided.default"})
+#: Arguments that an operation's schema marks as written but that it only reads (torch's fused
+#: optimizers declare the gradients mutable for ``maximize`` and the gradient scaler).
+_READ_ONLY_ARGUMENTS = frozenset({"grads", "state_steps"})
+#: Operations whose result's size depends on tensor values (the host must read them).
+_DATA_DEPENDENT = frozenset({"aten.nonzero.default", "aten._local_scalar_dense.default", "aten.equal.default",
+                             "aten._unique2.default", "aten.unique_dim.default", "aten.masked_select.default"})
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
 
 
 class DispatchCounter(TorchDispatchMode):
-    """Counts the operations dispatched while it is active, by name. The profiler's record-function
-    markers (``torch.optim`` wraps each step in one) are not tensor work and are not counted."""
+    """Counts the operations dispatched while it is active (by name), the bytes they move and the
+    host reads among them (module docstring). The profiler's record-function markers (``torch.optim``
+    wraps each step in one) are not tensor work and are not counted. ``tolist`` reads values without
+    dispatching anything: :func:`counting` counts it too."""
 
     def __init__(self):
         super().__init__()
         self.counts: Counter[str] = Counter()
+        self.bytes: Counter[str] = Counter()
+        self.host_reads = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.namespace != "profiler":
-            self.counts[str(func)] += 1
-        return func(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func.namespace == "profiler":
+            return out
+        name = str(func)
+        self.counts[name] += 1
+        if name in _DATA_DEPENDENT:
+            self.host_reads += 1
+        if name in ("aten._to_copy.default", "aten.copy_.default"):
+            sources = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+            results = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+            if any(s.device.type != "cpu" for s in sources) and any(r.device.type == "cpu" for r in results):
+                self.host_reads += 1
+        if not func.is_view and name not in _NO_TRAFFIC:
+            self.bytes[name] += self._traffic(func, name, args, kwargs, out)
+        return out
+
+    @staticmethod
+    def _traffic(func, name: str, args, kwargs, out) -> int:
+        written: dict[int, torch.Tensor] = {}
+        read: dict[int, torch.Tensor] = {}
+        schema = func._schema
+        for index, argument in enumerate(schema.arguments):
+            value = kwargs.get(argument.name) if argument.kwarg_only or index >= len(args) else args[index]
+            tensors = [t for t in tree_leaves(value) if isinstance(t, torch.Tensor)]
+            writes = argument.alias_info is not None and argument.alias_info.is_write and \
+                not (name.startswith("aten._fused_") and argument.name in _READ_ONLY_ARGUMENTS)
+            for t in tensors:
+                if writes:
+                    written[id(t)] = t
+                if not writes or not (argument.is_out or name in _WRITE_ONLY):
+                    read[id(t)] = t
+        if not schema.is_mutable or not written:  # a functional op: its results are written
+            for t in tree_leaves(out):
+                if isinstance(t, torch.Tensor):
+                    written.setdefault(id(t), t)
+        return sum(_nbytes(t) for t in read.values()) + sum(_nbytes(t) for t in written.values())
 
     @property
     def total(self) -> int:
         return sum(self.counts.values())
 
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.bytes.values())
+
+
+@contextlib.contextmanager
+def counting() -> Iterator[DispatchCounter]:
+    """A :class:`DispatchCounter`, with ``Tensor.tolist`` counted as a host read as well."""
+    original = torch.Tensor.tolist
+    with DispatchCounter() as counter:
+        def tolist(self, *args, **kwargs):
+            counter.host_reads += 1
+            return original(self, *args, **kwargs)
+
+        torch.Tensor.tolist = tolist
+        try:
+            yield counter
+        finally:
+            torch.Tensor.tolist = original
+
 
 def dispatched_ops(make: Callable[[nn.Module, GaugeSet], object], model: nn.Module, gauges: GaugeSet
                    ) -> DispatchCounter:
-    """The operations one ``step()`` dispatches (after an untimed first step), on a copy of ``model``."""
+    """What one ``step()`` dispatches (after an untimed first step), on a copy of ``model``."""
     twin = copy.deepcopy(model)
     for p, q in zip(model.parameters(), twin.parameters()):
         q.grad = p.grad.clone()
     optimizer = make(twin, gauges.bind(twin))
     optimizer.step()
-    with DispatchCounter() as counter:
+    with counting() as counter:
         optimizer.step()
     return counter
+
+
+def step_traffic(factories: dict[str, Callable], *, width: int, layers: int) -> dict:
+    """``{name: {"ops", "bytes_per_parameter", "host_reads", "top_bytes"}}`` of one step of each
+    optimizer on the reference LM at ``width`` x ``layers`` (float32)."""
+    model, gauges = model_with_gradients(width, n_layers=layers)
+    n = sum(p.numel() for p in model.parameters())
+    out = {}
+    for name, make in factories.items():
+        c = dispatched_ops(make, model, gauges)
+        out[name] = {"ops": c.total, "bytes_per_parameter": c.total_bytes / n, "host_reads": c.host_reads,
+                     "top_bytes": [[op, b / n, c.counts[op]] for op, b in c.bytes.most_common()]}
+    return {"width": width, "layers": layers, "parameters": n, "optimizers": out}
 
 
 def count_at_depths(factories: dict[str, Callable], *, width: int, depths: tuple[int, ...]) -> dict:
@@ -63,5 +165,6 @@ def count_at_depths(factories: dict[str, Callable], *, width: int, depths: tuple
         counts = {name: dispatched_ops(make, model, gauges) for name, make in factories.items()}
         rows.append({"layers": layers, "parameters": sum(p.numel() for p in model.parameters()),
                      "ops": {name: c.total for name, c in counts.items()},
+                     "host_reads": {name: c.host_reads for name, c in counts.items()},
                      "top": {name: c.counts.most_common(5) for name, c in counts.items()}})
     return {"width": width, "rows": rows}
