@@ -21,17 +21,9 @@ import gaugeopt
 from gaugeopt.gauges import AxisRef, GaugeSet, HeadRotation, NeuronScaling
 from gaugeopt.models import ReLUMLP, ReLUMLPConfig, SwiGLUMLP, SwiGLUMLPConfig, TransformerLM, TransformerLMConfig
 from gaugeopt.optim.batched_step import build_program, canonical_gradient, read_phase
-from gaugeopt.optim.frames import (
-    FrameConflictError,
-    SharedAxis,
-    block_layout,
-    build_frame_plan,
-    center_rows,
-    group_mean,
-    neuron_frames,
-    unit_square_sums,
-)
+from gaugeopt.optim.frames import FrameConflictError, build_frame_plan, neuron_frames, unit_square_sums
 from gaugeopt.optim.rules import Adam
+from gaugeopt.optim.symmetry import SharedAxis, block_layout, center_rows, group_mean
 
 
 def _canonical_gradients(model, gauges, loss_fn, batch) -> dict[str, torch.Tensor]:

@@ -59,8 +59,9 @@ from .frames import (
     unit_square_sums,
 )
 from .guards import compute_dtype
-from .rules import Adam, Residual, Rule, adam_direction_
+from .rules import Adam, Rule, adam_direction_
 from .shards import LOCAL, Collectives, RowShard, global_units, local_rows, local_tensor, shard_like
+from .symmetry import Residual
 
 __all__ = [
     "TensorBatch",

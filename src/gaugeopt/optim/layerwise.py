@@ -50,7 +50,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from .frames import center_rows
+from .symmetry import center_rows
 from .matrix_functions import MUON_NS_COEFFICIENTS, inverse_sqrt_psd, newton_schulz
 
 __all__ = [

@@ -11,7 +11,7 @@ scheduler may change (betas, momentum, eps) and those that depend on the step co
 corrections) are computed on the host by :meth:`Rule.scalars` and reach :meth:`Rule.direction` as
 one tensor, so a compiled step never recompiles for a new value. Every rule is equivariant under
 coordinate permutations; a frame may leave a residual orthogonal symmetry on blocks of an axis
-(:class:`Residual`), which a rule must respect: :class:`Adam` shares its second moments over each
+(:class:`~gaugeopt.optim.symmetry.Residual`), which a rule must respect: :class:`Adam` shares its second moments over each
 block, :class:`Muon` commutes with it (Newton-Schulz is equivariant under orthogonal maps).
 
 * :class:`Adam`: ``m <- b1 m + (1 - b1) G~``, ``v <- b2 v + (1 - b2) S(G~ * G~)``, with every entry of
@@ -31,29 +31,18 @@ import functools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 
-from .frames import SharedAxis, blocked, group_mean
 from .layerwise import apply_update_rule, muon_update
 from .matrix_functions import MUON_NS_COEFFICIENTS
 from .shards import LOCAL, Collectives, RowShard
+from .symmetry import Residual, SharedAxis, blocked, group_mean
 
-__all__ = ["Residual", "Rule", "Adam", "Muon", "MomentumMap", "adam_bias_terms", "adam_direction_", "shared_row_mean",
+__all__ = ["Rule", "Adam", "Muon", "MomentumMap", "adam_bias_terms", "adam_direction_", "shared_row_mean",
            "square_safe"]
-
-
-class Residual(NamedTuple):
-    """The orthogonal symmetry a frame leaves on a batch's canonical tensors (member axes, without
-    the stacking axis): ``shared`` blocks per axis; ``heads``: ``(axis, index)`` with ``index[h]`` the
-    indices of attention head ``h`` (for head-wise orthogonalisation). ``rows``: the rows (member axis
-    0) of the tensors the rule sees that this rank holds, when they are a row shard."""
-
-    shared: tuple[tuple[int, SharedAxis], ...] = ()
-    heads: tuple[int, tuple[tuple[int, ...], ...]] | None = None
-    rows: RowShard | None = None
 
 
 class Rule(Protocol):
