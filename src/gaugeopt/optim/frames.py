@@ -47,7 +47,7 @@ every parameter the action on each axis, for every scaling family its place in t
 refuses (:class:`FrameConflictError`) only what no frame here makes exact: two families on one axis,
 a tensor on the multiplied (or divided) side of two neuron families, a cycle of neuron families.
 The maps at the bottom are pure functions on stacked tensors (a leading batch axis of same-shape
-tensors), used by :mod:`gaugeopt.optim.batched_step`.
+tensors), used by :mod:`gaugeopt.optim.step`.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 A rule turns a stack of canonical gradients ``G~`` (shape ``(L, *shape)``: ``L`` same-shape tensors
 stepped together) and its state into a canonical *direction* ``D``; the step around it is the same for
-every rule (:mod:`gaugeopt.optim.batched_step`)::
+every rule (:mod:`gaugeopt.optim.step`)::
 
     p~ <- (1 - lr wd) p~ - lr D          (decoupled weight decay, in the frame)
 
@@ -31,7 +31,7 @@ import functools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import torch
 from torch import Tensor
@@ -41,7 +41,7 @@ from .matrix_functions import MUON_NS_COEFFICIENTS
 from .shards import LOCAL, Collectives, RowShard
 from .symmetry import Residual, SharedAxis, blocked, group_mean
 
-__all__ = ["Rule", "Adam", "Muon", "MomentumMap", "adam_bias_terms", "adam_direction_", "shared_row_mean",
+__all__ = ["Rule", "Adam", "AdamScalars", "Muon", "MomentumMap", "adam_scalars", "adam_direction_", "shared_row_mean",
            "square_safe"]
 
 
@@ -52,14 +52,15 @@ class Rule(Protocol):
     #: except ``"step"``: a 0-d count the step increments).
     state_keys: tuple[str, ...]
 
-    def scalars(self, group: Mapping[str, Any], steps: Sequence[int]) -> list[float]:
-        """The host-side numbers of this step for a batch whose members reach step counts ``steps``."""
+    def scalars(self, group: Mapping[str, Any], steps: Sequence[int]) -> Sequence[Any]:
+        """The host-side numbers of this step for a batch whose members reach step counts ``steps``:
+        a sequence (a named tuple, for a reader) of numbers or of per-member lists of numbers."""
 
-    def direction(self, grad: Tensor, state: Mapping[str, Tensor], scalars: Tensor, residual: Residual,
+    def direction(self, grad: Tensor, state: Mapping[str, Tensor], scalars: Sequence[Tensor], residual: Residual,
                   collectives: Collectives = LOCAL) -> Tensor:
         """Advance ``state`` (stacked, in place) on the canonical gradients ``grad`` and return the
-        canonical direction, a new tensor shaped like ``grad``; ``scalars`` is :meth:`scalars` as a
-        tensor. ``grad`` is the step's own stack: the rule may overwrite it. On a row shard
+        canonical direction, a new tensor shaped like ``grad``; ``scalars`` is :meth:`scalars` with
+        every number a 0-d tensor and every list a 1-d one. ``grad`` is the step's own stack: the rule may overwrite it. On a row shard
         (``residual.rows``) ``grad`` and the state are this rank's rows, and what is not elementwise
         goes through ``collectives`` (:mod:`gaugeopt.optim.shards`)."""
 
@@ -77,53 +78,57 @@ def _per_member(values: Tensor, ndim: int) -> Tensor:
     return values.reshape(-1, *([1] * ndim))
 
 
-def adam_bias_terms(beta1: float, beta2: float, eps: float, steps: Sequence[int]) -> list[float]:
-    """Adam's denominator shift ``eps c1`` and scale ``c1 / sqrt(c2)`` at step ``t`` (``c_k = 1 -
-    b_k^t``), so the direction is ``m / (sqrt(v) c1 / sqrt(c2) + eps c1)``: one pair when every member
-    is at the same step (the usual case), else all shifts then all scales, one per member."""
-    distinct = steps[:1] if len(set(steps)) == 1 else steps
-    shift = [eps * (1 - beta1**t) for t in distinct]
-    scale = [(1 - beta1**t) / math.sqrt(1 - beta2**t) for t in distinct]
-    return shift + scale
+class AdamScalars(NamedTuple):
+    """Adam's numbers for one step of a batch (host floats from :meth:`Adam.scalars`, tensors in the
+    step): the moments' weights ``1 - b1`` and ``1 - b2``, and per member the denominator's ``shift``
+    ``eps c1`` and ``scale`` ``c1 / sqrt(c2)`` at the member's step ``t`` (``c_k = 1 - b_k^t``), so
+    that the direction is ``m / (sqrt(v) scale + shift)``."""
+
+    one_minus_beta1: Any
+    one_minus_beta2: Any
+    shift: Any
+    scale: Any
 
 
-def adam_direction_(grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, weights: Tensor, bias_terms: Tensor,
+def adam_scalars(beta1: float, beta2: float, eps: float, steps: Sequence[int]) -> AdamScalars:
+    """:class:`AdamScalars` of members at step counts ``steps``."""
+    return AdamScalars(1 - beta1, 1 - beta2, [eps * (1 - beta1**t) for t in steps],
+                       [(1 - beta1**t) / math.sqrt(1 - beta2**t) for t in steps])
+
+
+def adam_direction_(grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, scalars: AdamScalars,
                     shared: tuple[tuple[int, SharedAxis], ...] = (), rows: RowShard | None = None,
                     collectives: Collectives = LOCAL) -> Tensor:
     """Advance Adam's moments in place and return ``(m / c1) / (sqrt(v / c2) + eps)``.
 
-    All tensors are stacks ``(L, ...)``; ``weights`` holds ``(1 - b1, 1 - b2)`` and ``bias_terms``
-    the values of :func:`adam_bias_terms` (2, or 2 L). With ``shared`` the squared gradient is averaged
-    over each block of those (member) axes before it enters ``v``, so ``v`` is invariant under the
-    blocks' rotations and the direction rotates with them (on a row shard ``rows``, blocks of the row
-    axis cut by a shard boundary are summed over the ranks: :func:`shared_row_mean`). ``grad`` is
-    overwritten (it ends up holding the direction, which is returned): the step allocates nothing
-    the size of ``grad``.
+    All tensors are stacks ``(L, ...)``; ``scalars`` are :class:`AdamScalars` as tensors (``shift``
+    and ``scale`` of length ``L``). With ``shared`` the squared gradient is averaged over each block of
+    those (member) axes before it enters ``v``, so ``v`` is invariant under the blocks' rotations and
+    the direction rotates with them (on a row shard ``rows``, blocks of the row axis cut by a shard
+    boundary are summed over the ranks: :func:`shared_row_mean`). ``grad`` is overwritten (it ends up
+    holding the direction, which is returned): the step allocates nothing the size of ``grad``.
     """
-    members, ndim = grad.shape[0], grad.dim() - 1
+    ndim = grad.dim() - 1
     bound = square_safe(grad.dtype)
     grad = grad.clamp_(-bound, bound)
-    exp_avg.lerp_(grad, weights[0])
+    exp_avg.lerp_(grad, scalars.one_minus_beta1)
     square = grad.square_()
     if rows is not None and any(axis == 0 for axis, _ in shared):
         for axis, blocks in shared:
             square = shared_row_mean(square, blocks, rows, collectives) if axis == 0 else \
                 group_mean(square, blocks, axis + 1)
-        exp_avg_sq.lerp_(square, weights[1])
-    elif len(shared) == 1 and shared[0][1].layout is not None and not torch.compiler.is_compiling():
-        # regular blocks, eager: the block means broadcast into a blocked view of v (nothing the size of v
-        # is allocated; compiled, a write through that view would be copied back, so the general path)
+        exp_avg_sq.lerp_(square, scalars.one_minus_beta2)
+    elif len(shared) == 1 and shared[0][1].layout is not None:
+        # regular blocks: the block means broadcast into a blocked view of v (nothing the size of v is
+        # allocated; compiled, the same loop as the general path)
         axis, blocks = shared[0]
         means = blocked(square, blocks, axis + 1).mean(dim=axis + 2, keepdim=True)
-        blocked(exp_avg_sq, blocks, axis + 1).lerp_(means, weights[1])
+        blocked(exp_avg_sq, blocks, axis + 1).lerp_(means, scalars.one_minus_beta2)
     else:
         for axis, blocks in shared:
             square = group_mean(square, blocks, axis + 1)
-        exp_avg_sq.lerp_(square, weights[1])
-    if bias_terms.numel() == 2:
-        shift, scale = bias_terms.unbind(0)
-    else:
-        shift, scale = (_per_member(t, ndim) for t in bias_terms.view(2, members).unbind(0))
+        exp_avg_sq.lerp_(square, scalars.one_minus_beta2)
+    shift, scale = (_per_member(t, ndim) for t in (scalars.shift, scalars.scale))
     denominator = torch.sqrt(exp_avg_sq, out=grad).mul_(scale).add_(shift)
     return torch.div(exp_avg, denominator, out=denominator)
 
@@ -171,13 +176,13 @@ class Adam:
     eps_key: str = "eps"
     state_keys: tuple[str, ...] = ("step", "exp_avg", "exp_avg_sq")
 
-    def scalars(self, group: Mapping[str, Any], steps: Sequence[int]) -> list[float]:
+    def scalars(self, group: Mapping[str, Any], steps: Sequence[int]) -> AdamScalars:
         beta1, beta2 = (float(b) for b in group[self.betas_key])
-        return [1 - beta1, 1 - beta2, *adam_bias_terms(beta1, beta2, float(group[self.eps_key]), steps)]
+        return adam_scalars(beta1, beta2, float(group[self.eps_key]), steps)
 
-    def direction(self, grad: Tensor, state: Mapping[str, Tensor], scalars: Tensor, residual: Residual,
+    def direction(self, grad: Tensor, state: Mapping[str, Tensor], scalars: AdamScalars, residual: Residual,
                   collectives: Collectives = LOCAL) -> Tensor:
-        return adam_direction_(grad, state["exp_avg"], state["exp_avg_sq"], scalars[:2], scalars[2:], residual.shared,
+        return adam_direction_(grad, state["exp_avg"], state["exp_avg_sq"], scalars, residual.shared,
                                residual.rows, collectives)
 
 
