@@ -8,4 +8,7 @@
   ``SymmetryCompatible`` stack vs AdamW) and step time against parameter count;
 * :mod:`benchmarks.dds_vs_llc`: one DDS reading against one devinterp LLC estimate per checkpoint;
 * :mod:`benchmarks.report`: the markdown report and the plot.
+
+Measurements run on their own: ``python -m benchmarks.muon_equivariance`` (DDCMuon's equivariance by
+Newton-Schulz dtype and coefficients, docs/ddc_muon.md), and the other modules with a ``__main__``.
 """

@@ -33,14 +33,14 @@ from .optimizer_steps import (
     muon_with_adamw_torch,
     symmetry_compatible,
 )
-from .report import fitted_exponent, plot_scaling, render
+from .report import MUON, fitted_exponent, plot_scaling, render
 
 FULL = dict(quick=False, widths=(128, 256, 512), warmup=2, rounds=15, layerwise_rounds=5,
-            muon_widths=(128, 256, 512), muon_rounds=5, bf16_width=128, bf16_rounds=3,
+            muon_widths=(128, 256, 512), muon_rounds=5,
             scaling_widths=(64, 96, 128, 192, 256, 384, 512, 768), scaling_rounds=7,
             llc_cells=((3, 2), (5, 3)), llc_draws=1000, dds_repeats=20, dispatch_width=64, dispatch_depths=(2, 8))
 QUICK = dict(quick=True, widths=(64, 128), warmup=1, rounds=5, layerwise_rounds=3,
-             muon_widths=(64, 128), muon_rounds=2, bf16_width=64, bf16_rounds=2,
+             muon_widths=(64, 128), muon_rounds=2,
              scaling_widths=(64, 96, 128), scaling_rounds=3,
              llc_cells=((3, 2),), llc_draws=100, dds_repeats=5, dispatch_width=32, dispatch_depths=(2, 8))
 PLOT = "benchmarks_step_time.png"
@@ -101,20 +101,17 @@ def main(argv: list[str] | None = None) -> int:
 
     _log("dispatched operations per step")
     ops = _section(lambda: dispatch.count_at_depths({
-        "AdamW (foreach)": adamw, "DDCAdam": ddc_adam, "DDCMuon fp32": ddc_muon(None),
-        "Muon+AdamW fp32": muon_with_adamw_reference(None)}, width=cfg["dispatch_width"],
-        depths=cfg["dispatch_depths"]))
+        "AdamW (foreach)": adamw, "DDCAdam": ddc_adam, "DDCMuon": ddc_muon(), MUON: muon_with_adamw_torch},
+        width=cfg["dispatch_width"], depths=cfg["dispatch_depths"]))
     _log("DDCAdam vs AdamW")
     adam = _section(lambda: rows(cfg["widths"], {"AdamW (foreach)": adamw, "DDCAdam": ddc_adam,
                                                  "DDCAdam compiled": ddc_adam_compiled}, cfg["rounds"]))
+    _log("DDCMuon vs torch.optim.Muon + AdamW (bfloat16 Newton-Schulz, both defaults)")
+    muon = _section(lambda: rows(cfg["muon_widths"], {MUON: muon_with_adamw_torch, "DDCMuon": ddc_muon()},
+                                 cfg["muon_rounds"]))
     _log("DDCMuon vs Muon + AdamW (float32 Newton-Schulz)")
-    muon = _section(lambda: rows(cfg["muon_widths"], {"Muon+AdamW fp32": muon_with_adamw_reference(None),
-                                                     "DDCMuon fp32": ddc_muon(None)}, cfg["muon_rounds"]))
-    _log("DDCMuon vs torch.optim.Muon (bfloat16 Newton-Schulz)")
-    bf16 = _section(lambda: rows((cfg["bf16_width"],), {
-        "torch.optim.Muon + AdamW (bf16)": muon_with_adamw_torch,
-        "DDCMuon bf16": ddc_muon(torch.bfloat16),
-        "DDCMuon fp32": ddc_muon(None)}, cfg["bf16_rounds"]))
+    fp32 = _section(lambda: rows(cfg["muon_widths"], {"Muon+AdamW fp32": muon_with_adamw_reference(torch.float32),
+                                                     "DDCMuon fp32": ddc_muon(torch.float32)}, cfg["muon_rounds"]))
     _log("SymmetryCompatible vs AdamW")
     layer = _section(lambda: rows(cfg["widths"], {"AdamW (foreach)": adamw, "SymmetryCompatible": symmetry_compatible},
                                   cfg["layerwise_rounds"]))
@@ -129,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     dds = _section(lambda: dds_vs_llc.compare_per_checkpoint(list(cfg["llc_cells"]), dds_repeats=cfg["dds_repeats"],
                                                              sgld={"num_draws": cfg["llc_draws"]}))
 
-    largest, largest_muon, bf16_row = adam["rows"][-1], muon["rows"][-1], bf16["rows"][0]["optimizers"]
+    largest, largest_muon, largest_fp32 = adam["rows"][-1], muon["rows"][-1], fp32["rows"][-1]
 
     def ratio(row: dict, ours: str, base: str) -> float:
         return row["optimizers"][ours]["median_s"] / row["optimizers"][base]["median_s"]
@@ -138,12 +135,10 @@ def main(argv: list[str] | None = None) -> int:
 
     summary = {
         "largest_width": largest["width"], "largest_muon_width": largest_muon["width"],
-        "bf16_width": cfg["bf16_width"],
         "ddc_adam_ratio": ratio(largest, "DDCAdam", "AdamW (foreach)"),
         "ddc_adam_compiled_ratio": ratio(largest, "DDCAdam compiled", "AdamW (foreach)"),
-        "ddc_muon_ratio": ratio(largest_muon, "DDCMuon fp32", "Muon+AdamW fp32"),
-        "ddc_muon_bf16_ratio": bf16_row["DDCMuon bf16"]["median_s"]
-        / bf16_row["torch.optim.Muon + AdamW (bf16)"]["median_s"],
+        "ddc_muon_ratio": ratio(largest_muon, "DDCMuon", MUON),
+        "ddc_muon_fp32_ratio": ratio(largest_fp32, "DDCMuon fp32", "Muon+AdamW fp32"),
         "ddc_adam_state_overhead": largest["optimizers"]["DDCAdam"]["state_bytes"]
         / largest["optimizers"]["AdamW (foreach)"]["state_bytes"] - 1,
         "llc_over_dds_min": min(cell["llc_over_dds"] for cell in dds["cells"]),
@@ -151,8 +146,8 @@ def main(argv: list[str] | None = None) -> int:
         "ddc_adam_compiled_exponent": scaling["exponents"]["DDCAdam compiled"],
         "adamw_exponent": scaling["exponents"]["AdamW (foreach)"],
         "ops_depths": [ops["rows"][0]["layers"], ops["rows"][-1]["layers"]],
-        "ops_growth": {name: deep[name] / shallow[name] for name in ("DDCAdam", "DDCMuon fp32")},
-        "ops_over_adamw": {name: deep[name] / deep["AdamW (foreach)"] for name in ("DDCAdam", "DDCMuon fp32")},
+        "ops_growth": {name: deep[name] / shallow[name] for name in ("DDCAdam", "DDCMuon")},
+        "ops_over_adamw": {name: deep[name] / deep["AdamW (foreach)"] for name in ("DDCAdam", "DDCMuon")},
     }
     environment = {
         "command": "python -m benchmarks" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip(),
@@ -164,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     config = {**cfg, "vocab": optimizer_steps.VOCAB, "n_layers": optimizer_steps.reference_config(64).n_layers}
     results = {"environment": environment, "config": config, "summary": summary, "dispatch": ops, "adam": adam, "muon": muon,
-               "muon_bf16": bf16, "layerwise": layer, "scaling": scaling, "dds_vs_llc": dds}
+               "muon_fp32": fp32, "layerwise": layer, "scaling": scaling, "dds_vs_llc": dds}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "benchmarks.json").write_text(json.dumps(results, indent=1))
     _write_report(results, args.out)

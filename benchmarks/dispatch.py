@@ -1,4 +1,5 @@
-"""Operations, memory traffic and host reads per optimizer step, counted with a ``TorchDispatchMode``.
+"""Operations, memory traffic and host reads per optimizer step, counted with a ``TorchDispatchMode``
+(and a ``TorchFunctionMode`` for the reads that dispatch nothing).
 
 Every tensor operation an eager step runs reaches torch's dispatcher once (a composite op's inner
 calls do not reach a mode again), so the counts are device-independent:
@@ -10,8 +11,13 @@ calls do not reach a mode again), so the counts are device-independent:
   written, except where it only writes: ``out=``, ``copy_``, ``zero_``, ``fill_``). View operations
   move nothing. On a GPU an optimizer step is bound by this traffic: torch's fused AdamW moves 28
   bytes per float32 parameter (reads ``p, g, m, v``, writes ``p, m, v``), its foreach AdamW 80;
-* **host reads**: operations that bring a tensor's values to the host program (``item``, ``bool``,
-  ``tolist``, ``nonzero``, a copy to the CPU), each a device synchronisation on an accelerator.
+* **host reads**: operations that bring a tensor's values to the host program, by kind: every
+  ``aten._local_scalar_dense`` (``item()``, ``bool()``, ``float()``, ``int()`` of a tensor, a tensor
+  in an ``if``), ``aten.equal`` (whose answer is a Python bool), operations whose result's size
+  depends on values (``nonzero``, ``unique``, ``masked_select``), a copy from a device to the CPU,
+  and ``Tensor.tolist`` and ``Tensor.numpy``, which copy memory to the host without dispatching an
+  operation. On an accelerator each read waits for the device to finish the work queued before it:
+  a step that reads nothing back can be queued whole, or captured in a CUDA graph.
 
 The counts here are taken on the reference language model at two depths, after one untimed step
 (state allocation and the step's layout happen there).
@@ -19,13 +25,13 @@ The counts here are taken on the reference language model at two depths, after o
 
 from __future__ import annotations
 
-import contextlib
 import copy
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
@@ -33,7 +39,7 @@ from gaugeopt.gauges import GaugeSet
 
 from .optimizer_steps import model_with_gradients
 
-__all__ = ["DispatchCounter", "dispatched_ops", "count_at_depths", "step_traffic"]
+__all__ = ["DispatchCounter", "HostReads", "dispatched_ops", "count_at_depths", "step_traffic"]
 
 #: Operations that write an argument without reading it.
 _WRITE_ONLY = frozenset({"aten.copy_.default", "aten.zero_.default", "aten.fill_.Scalar", "aten.fill_.Tensor",
@@ -46,26 +52,58 @@ _NO_TRAFFIC = frozenset({"aten._unsafe_view.default", "aten.lift_fresh.default",
 #: Arguments that an operation's schema marks as written but that it only reads (torch's fused
 #: optimizers declare the gradients mutable for ``maximize`` and the gradient scaler).
 _READ_ONLY_ARGUMENTS = frozenset({"grads", "state_steps"})
-#: Operations whose result's size depends on tensor values (the host must read them).
-_DATA_DEPENDENT = frozenset({"aten.nonzero.default", "aten._local_scalar_dense.default", "aten.equal.default",
-                             "aten._unique2.default", "aten.unique_dim.default", "aten.masked_select.default"})
+#: Operations whose answer the host reads: a Python number or bool, or a result whose size depends
+#: on tensor values.
+_HOST_READS = frozenset({"aten.nonzero.default", "aten._local_scalar_dense.default", "aten.equal.default",
+                         "aten._unique2.default", "aten.unique_dim.default", "aten.masked_select.default"})
 
 
 def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
+class _HostCopies(TorchFunctionMode):
+    """The tensor methods that copy a tensor's memory to the host without dispatching an operation
+    (a dispatch mode alone does not see them); what they dispatch inside is not counted again."""
+
+    METHODS = (torch.Tensor.tolist, torch.Tensor.numpy)
+
+    def __init__(self, counter: DispatchCounter):
+        super().__init__()
+        self.counter = counter
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func not in self.METHODS:
+            return func(*args, **(kwargs or {}))
+        self.counter.reads[f"Tensor.{func.__name__}"] += 1
+        self.counter._inside_host_copy += 1
+        try:
+            return func(*args, **(kwargs or {}))
+        finally:
+            self.counter._inside_host_copy -= 1
+
+
 class DispatchCounter(TorchDispatchMode):
-    """Counts the operations dispatched while it is active (by name), the bytes they move and the
-    host reads among them (module docstring). The profiler's record-function markers (``torch.optim``
-    wraps each step in one) are not tensor work and are not counted. ``tolist`` reads values without
-    dispatching anything: :func:`counting` counts it too."""
+    """Counts, while it is active, the operations dispatched (``counts``, by name), the bytes they
+    move (``bytes``, by name) and the host reads (``reads``, by kind; module docstring). The
+    profiler's record-function markers (``torch.optim`` wraps each step in one) are not tensor work
+    and are not counted."""
 
     def __init__(self):
         super().__init__()
         self.counts: Counter[str] = Counter()
         self.bytes: Counter[str] = Counter()
-        self.host_reads = 0
+        self.reads: Counter[str] = Counter()
+        self._inside_host_copy = 0
+        self._copies = _HostCopies(self)
+
+    def __enter__(self) -> DispatchCounter:
+        self._copies.__enter__()
+        return super().__enter__()
+
+    def __exit__(self, *exc) -> None:
+        super().__exit__(*exc)
+        self._copies.__exit__(*exc)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -74,13 +112,14 @@ class DispatchCounter(TorchDispatchMode):
             return out
         name = str(func)
         self.counts[name] += 1
-        if name in _DATA_DEPENDENT:
-            self.host_reads += 1
-        if name in ("aten._to_copy.default", "aten.copy_.default"):
-            sources = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
-            results = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
-            if any(s.device.type != "cpu" for s in sources) and any(r.device.type == "cpu" for r in results):
-                self.host_reads += 1
+        if not self._inside_host_copy:
+            if name in _HOST_READS:
+                self.reads[name] += 1
+            elif name in ("aten._to_copy.default", "aten.copy_.default"):
+                sources = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+                results = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+                if any(s.device.type != "cpu" for s in sources) and any(r.device.type == "cpu" for r in results):
+                    self.reads[f"{name} to cpu"] += 1
         if not func.is_view and name not in _NO_TRAFFIC:
             self.bytes[name] += self._traffic(func, name, args, kwargs, out)
         return out
@@ -114,21 +153,31 @@ class DispatchCounter(TorchDispatchMode):
     def total_bytes(self) -> int:
         return sum(self.bytes.values())
 
+    @property
+    def host_reads(self) -> int:
+        return sum(self.reads.values())
 
-@contextlib.contextmanager
-def counting() -> Iterator[DispatchCounter]:
-    """A :class:`DispatchCounter`, with ``Tensor.tolist`` counted as a host read as well."""
-    original = torch.Tensor.tolist
-    with DispatchCounter() as counter:
-        def tolist(self, *args, **kwargs):
-            counter.host_reads += 1
-            return original(self, *args, **kwargs)
 
-        torch.Tensor.tolist = tolist
-        try:
-            yield counter
-        finally:
-            torch.Tensor.tolist = original
+class HostReads:
+    """The host reads alone of a :class:`DispatchCounter`: ``counts`` by kind and their ``total``."""
+
+    def __init__(self):
+        self._counter = DispatchCounter()
+
+    def __enter__(self) -> HostReads:
+        self._counter.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._counter.__exit__(*exc)
+
+    @property
+    def counts(self) -> Counter[str]:
+        return self._counter.reads
+
+    @property
+    def total(self) -> int:
+        return self._counter.host_reads
 
 
 def dispatched_ops(make: Callable[[nn.Module, GaugeSet], object], model: nn.Module, gauges: GaugeSet
@@ -139,7 +188,7 @@ def dispatched_ops(make: Callable[[nn.Module, GaugeSet], object], model: nn.Modu
         q.grad = p.grad.clone()
     optimizer = make(twin, gauges.bind(twin))
     optimizer.step()
-    with counting() as counter:
+    with DispatchCounter() as counter:
         optimizer.step()
     return counter
 

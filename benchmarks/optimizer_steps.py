@@ -140,7 +140,7 @@ def muon_with_adamw_torch(model: nn.Module, gauges: GaugeSet):
 def muon_with_adamw_reference(ns_dtype: torch.dtype | None):
     """Muon + AdamW with the same parameter split, without gauge frames, Newton-Schulz in ``ns_dtype``
     (``None``: the parameters' dtype): torch.optim.Muon's iteration operation for operation (bit for
-    bit torch's with ``ns_dtype=torch.bfloat16``, tests/test_ddc_muon.py), in a chosen dtype."""
+    bit torch's in bfloat16, tests/test_ddc_muon.py), in a dtype torch's Muon does not offer."""
     def make(model: nn.Module, gauges: GaugeSet):
         hidden = muon_parameter_names(model, gauges)
         named = list(model.named_parameters())
@@ -150,7 +150,8 @@ def muon_with_adamw_reference(ns_dtype: torch.dtype | None):
     return make
 
 
-def ddc_muon(ns_dtype: torch.dtype | None):
+def ddc_muon(ns_dtype: torch.dtype | None = torch.bfloat16):
+    """DDCMuon with Newton-Schulz in ``ns_dtype`` (default: bfloat16, DDCMuon's default and torch's)."""
     def make(model: nn.Module, gauges: GaugeSet):
         return DDCMuon(model.parameters(), gauges, lr=LR, weight_decay=WEIGHT_DECAY, adam_lr=ADAM_LR,
                        ns_dtype=ns_dtype)

@@ -36,6 +36,7 @@ def test_run_report_and_results_round_trip(tmp_path, capsys):
 @pytest.mark.parametrize("argv, message", [
     (["run", "vit", "--preset", "tiny", "--set", "learning_rate=1"], "no config field"),
     (["run", "vit", "--preset", "tiny", "--device", "abacus"], "unknown device"),
+    (["run", "vit", "--preset", "huge"], "unknown preset 'huge' for vit"),
     (["report", "/nonexistent/run"], "not a gaugeopt run folder"),
 ])
 def test_bad_input_gives_a_one_line_error_and_status_2(argv, message, capsys, tmp_path):
@@ -113,8 +114,9 @@ def test_demo_ends_with_its_verdict_table(tmp_path, capsys):
     assert results["status"] == "complete" and set(results["metrics"]) == {"adamw wd=0", "ddc-adam wd=0"}
     table = out[out.index("Verdicts: overtrain-lm"):]
     assert all(claim["claim"] in table for claim in results["claims"])
-    reading = table[table.index("\nReading:\n"):]  # the reading ends the output
+    reading = table[table.index("\nReading:\n"):table.index("\nHow to read this:\n")]  # then what the words mean
     assert " ".join(reading.split()[1:]) == " ".join(" ".join(results["reading"]).split())
+    assert "a cell is one (site, observable) pair" in " ".join(table.split())
 
 
 # -- bad input: one line, status 2, nothing written ------------------------------------------------

@@ -28,7 +28,7 @@ from gaugeopt.models import (
 from gaugeopt.optim.baselines import MuonWithAdamW
 from gaugeopt.optim.ddc_muon import MUON_EDGE_SCALE, muon_lr_scale, muon_parameter_names
 from gaugeopt.optim.layerwise import muon_update
-from gaugeopt.optim.matrix_functions import newton_schulz
+from gaugeopt.optim.matrix_functions import MUON_NS_COEFFICIENTS, newton_schulz, polar_express_coefficients
 from gaugeopt.testing import check_equivariance, check_equivariance_per_family, relative_error
 
 KINDS = ("logit_shift", "neuron_scale", "norm_scale", "qk_rotation", "vo_rotation")
@@ -238,8 +238,9 @@ def test_no_gauges_reduces_to_torch_muon_and_adamw(nesterov, adjust_lr):
     model, _, batches, loss_fn = make_lm()
     ours, theirs = copy.deepcopy(model), copy.deepcopy(model)
     settings = dict(lr=MUON_LR, weight_decay=DECAY, nesterov=nesterov, adjust_lr=adjust_lr, adam_lr=ADAM_LR)
-    optimizers = (DDCMuon(ours.parameters(), GaugeSet([], [], ours), ns_dtype=torch.bfloat16, **settings),
+    optimizers = (DDCMuon(ours.parameters(), GaugeSet([], [], ours), **settings),  # bfloat16 by default, as torch
                   MuonWithAdamW(theirs, None, **settings))
+    assert {g["ns_dtype"] for g in optimizers[0].param_groups} == {torch.bfloat16}
     assert set(optimizers[1].muon_names) == {n for n, p in model.named_parameters()
                                             if p.ndim == 2 and n != "embed.weight"}
     for t in range(10):
@@ -280,13 +281,55 @@ def test_the_layerwise_muon_rule_and_ddc_muon_take_the_same_step(nesterov):
     ours, theirs = torch.nn.Parameter(start.clone()), torch.nn.Parameter(start.clone())
     settings = dict(lr=0.02, nesterov=nesterov, weight_decay=0.1)
     layerwise = SymmetryCompatible([ours], rule="muon", momentum=0.9, **settings)
-    ddc = DDCMuon([theirs], None, momentum=0.9, **settings)
+    ddc = DDCMuon([theirs], None, momentum=0.9, ns_dtype=None, **settings)  # the layerwise rule's dtype
     for grad in grads:
         for p, opt in ((ours, layerwise), (theirs, ddc)):
             p.grad = grad.clone()
             opt.step()
     assert not torch.equal(ours, start)
     assert torch.equal(ours, theirs)
+
+
+# --------------------------------------------------------------------------------------------------
+# Polar Express coefficients
+# --------------------------------------------------------------------------------------------------
+
+
+def test_polar_express_is_the_schedule_it_names_and_stays_exactly_equivariant():
+    """``ns_coefficients="polar_express"`` steps as the explicit per-step schedule (bit for bit), moves
+    the parameters differently from Muon's coefficients, is exactly equivariant under the product of
+    every family in float64, and survives a checkpoint as its name."""
+    model, gauges, batches, loss_fn = make_lm()
+    runs = {}
+    for label, coefficients in (("name", "polar_express"), ("schedule", list(polar_express_coefficients(5))),
+                                ("muon", MUON_NS_COEFFICIENTS)):
+        m = copy.deepcopy(model)
+        optimizer = ddc_muon(m, gauges.bind(m), ns_coefficients=coefficients)
+        for t in range(3):
+            optimizer.zero_grad()
+            loss_fn(m, batches[t]).backward()
+            optimizer.step()
+        runs[label] = m
+    assert relative_error(runs["name"], runs["schedule"])[0] == 0.0
+    assert relative_error(runs["name"], runs["muon"])[0] > 1e-3
+    fresh = ddc_muon(model, gauges)
+    fresh.load_state_dict(ddc_muon(model, gauges, ns_coefficients="polar_express").state_dict())
+    assert {g["ns_coefficients"] for g in fresh.param_groups} == {"polar_express"}
+    result = check_equivariance(lambda m, g: ddc_muon(m, g, ns_coefficients="polar_express"), model, gauges,
+                                batches, loss_fn, steps=20)
+    assert result.displacement > 1e-2 and result.error <= 1e-8, (result.error, result.worst_parameter)
+
+
+def test_bad_newton_schulz_settings_are_refused_naming_the_field():
+    model, gauges, _, _ = make_lm()
+    with pytest.raises(ValueError, match="ns_coefficients.*'polar_express'"):
+        ddc_muon(model, gauges, ns_coefficients="polar")
+    with pytest.raises(ValueError, match="ns_coefficients gives 4 per-step quintics for 5"):
+        ddc_muon(model, gauges, ns_coefficients=[MUON_NS_COEFFICIENTS] * 4)
+    optimizer = ddc_muon(model, gauges, ns_coefficients=[MUON_NS_COEFFICIENTS] * 5)
+    optimizer.param_groups[0]["ns_steps"] = 6  # the schedule no longer fits: refused at the next step
+    with pytest.raises(ValueError, match="param group 0.*ns_coefficients gives 5 per-step quintics for 6"):
+        optimizer.step()
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """The devinterp LLC wrapper: one small real run, and the error when devinterp is missing."""
 
+import math
 import sys
 
 import pytest
@@ -67,3 +68,27 @@ def test_step_size_scan_chooses_where_a_4x_range_agrees():
     assert scan.as_dict()["chosen_llc"] == scan.chosen.llc_mean
     with pytest.raises(ValueError, match="twice the previous"):
         scan_step_sizes(model, x, y, loss=half_squared_error, step_sizes=(1e-4, 3e-4, 9e-4), localization=1.0)
+
+
+def test_localization_scan_takes_the_largest_step_then_the_weakest_pull_that_stays_local():
+    from gaugeopt.dds import estimate_llc, scan_localization
+
+    model, x, y = rrr_checkpoint(M=3, N=3, H=2, r=1, samples=64, noise=1.0, seed=0)
+    sampler = dict(num_chains=2, num_draws=20, num_burnin_steps=10, seed=0)
+    near = estimate_llc(model, x, y, loss=half_squared_error, lr=1e-3, localization=1.0, **sampler)
+    assert near.loss_excess == pytest.approx(max(near.llc_per_chain) / near.n_beta)
+    # at lr 0.5 SGLD diverges (excess inf); at 0.02 the chains climb 0.3-0.6 nats; at 1e-3 about 0.1
+    scan = scan_localization(model, x, y, loss=half_squared_error, step_sizes=(0.5, 0.02, 1e-3),
+                             localizations=(1.0, 2.0, 10.0), max_excess=0.3, **sampler)
+    pairs = [(lr, gamma) for lr, gamma, _ in scan.tried]
+    # lr 0.5 x 10 >= 4 is never run (SGLD's pull is unstable there)
+    assert pairs == [(0.5, 1.0), (0.5, 2.0), (0.02, 1.0), (0.02, 2.0), (0.02, 10.0), (1e-3, 1.0)]
+    assert [e for _, _, e in scan.tried[:2]] == [math.inf, math.inf]
+    assert all(e > 0.3 for _, _, e in scan.tried[2:5]) and scan.tried[5][2] == pytest.approx(near.loss_excess)
+    assert scan.chosen == (1e-3, 1.0)
+    none = scan_localization(model, x, y, loss=half_squared_error, step_sizes=(0.02,), localizations=(1.0,),
+                             max_excess=0.3, **sampler)
+    assert none.chosen is None and none.least_excess > 0.3
+    with pytest.raises(ValueError, match="decreasing"):
+        scan_localization(model, x, y, loss=half_squared_error, step_sizes=(1e-3, 0.5), localizations=(1.0,),
+                          max_excess=1.0)

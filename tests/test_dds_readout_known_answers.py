@@ -117,3 +117,21 @@ def test_rrr_checkpoint_is_a_least_squares_minimum():
     grads = torch.autograd.grad(loss, list(model.parameters()))
     assert max(float(g.abs().max()) for g in grads) < 1e-10
     torch.testing.assert_close(model.A.weight @ model.A.weight.T, model.B.weight.T @ model.B.weight)
+
+
+def test_a_gradient_descent_rrr_trajectory_is_a_known_answer_on_its_true_t():
+    # the noise-free approach of readout-clock: H - 1 = 2 excess units die together as (1 + 2 lr s)^(-1/2)
+    from gaugeopt.experiments.common import score_against_planted
+    from gaugeopt.experiments.rrr import rrr_gd_trajectory, rrr_planted_cells
+
+    run = rrr_gd_trajectory(10, 5, 3, 1, steps=3000, lr=0.05, noise=1.0, checkpoints=30, seed=0)
+    s = np.asarray(run.steps, dtype=float)
+    np.testing.assert_allclose(run.t, (1 + 2 * 0.05 * s) ** -0.5, rtol=0.05)
+    score = score_against_planted(rate_readout(run.t, run.readings, window=(run.t.min(), 0.6)),
+                                  rrr_planted_cells(3, 1, 5))
+    assert score["planted_read"] == score["planted"] == 6 and score["controls_read"] == 0
+    assert all(ratio == pytest.approx(1.0, abs=0.05) for ratio in score["slope_over_planted"].values())
+    assert score["proportionality"] < 0.05
+    # the remaining arc length ends at 0 on the last recording, where the true t does not
+    assert run.arc_length[-1] == 0.0 and run.t[-1] > 0.05
+    assert list(run.clock("inverse-step")) == list(s[-1] / s)

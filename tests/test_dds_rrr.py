@@ -68,3 +68,34 @@ def test_bad_dimensions():
         rrr_lambda(M=0, N=3, H=2, r=0)
     with pytest.raises(TypeError, match="int"):
         rrr_lambda(M=3.0, N=3, H=2, r=0)
+
+
+def test_noise_edge_is_the_marchenko_pastur_edge_of_a_fitted_pure_noise_map():
+    import torch
+
+    from gaugeopt.dds import second_moment_eigenvalues
+    from gaugeopt.experiments.rrr import noise_edge
+
+    assert noise_edge(9, 4, 100, 2.0) == pytest.approx(25 * 2.0 / 100)
+    # least squares on pure noise (teacher 0): the fitted outputs' eigenvalues sit at or below the edge
+    generator = torch.Generator().manual_seed(0)
+    M, N, n = 40, 20, 4000
+    x = torch.randn(n, M, generator=generator, dtype=torch.float64)
+    y = torch.randn(n, N, generator=generator, dtype=torch.float64)
+    fitted = x @ torch.linalg.lstsq(x, y).solution
+    top = float(second_moment_eigenvalues(fitted)[-1])
+    assert 0.8 * noise_edge(M, N, n, 1.0) < top < 1.1 * noise_edge(M, N, n, 1.0)
+    with pytest.raises(ValueError, match="positive sizes"):
+        noise_edge(0, 4, 100, 1.0)
+
+
+@pytest.mark.parametrize("H, r", [(2, 1), (4, 2), (4, 4)])
+def test_the_active_count_reads_the_true_rank_of_a_least_squares_checkpoint(H, r):
+    from gaugeopt.dds import dead_direction_signatures
+    from gaugeopt.experiments.rrr import OUTPUT_SITE, gaussian_nll, noise_edge_active_count, rrr_checkpoint
+
+    model, x, y = rrr_checkpoint(10, 5, H, r, samples=1000, noise=1.0, seed=0)
+    reading = dead_direction_signatures(model, x, y, loss=gaussian_nll(1.0), sites=[OUTPUT_SITE])
+    count = noise_edge_active_count(model, x, y, reading.spectra[OUTPUT_SITE]["A"])
+    assert count["active_count"] == r
+    assert count["noise_variance"] == pytest.approx(1.0, abs=0.1)

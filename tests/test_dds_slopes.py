@@ -142,3 +142,35 @@ def test_update_path_follows_the_path_not_the_chord():
         model.layers[0].weight[0, 0] += 0.5
     recorder.record(2)  # no update_path: the chord, 0.5
     np.testing.assert_allclose(recorder.remaining_arc_length(), [2.5, 0.5, 0.0])
+
+
+def test_clocks_inverse_step_and_log_spaced_steps():
+    from gaugeopt.dds import CLOCKS, inverse_step_clock, log_spaced_steps
+
+    assert set(CLOCKS) == {"arc-length", "inverse-step"}
+    np.testing.assert_allclose(inverse_step_clock([10, 100, 1000]), [100.0, 10.0, 1.0])
+    with pytest.raises(ValueError, match="increasing positive"):
+        inverse_step_clock([10, 10, 20])
+    steps = log_spaced_steps(10, 6000, 40)
+    assert steps[0] == 10 and steps[-1] == 6000 and steps == sorted(set(steps))
+    assert len(steps) == len(np.unique(np.geomspace(10, 6000, 40).astype(int)))  # the bridge's checkpoints
+    # a power law in training time, t_true = s^(-1/2), reads on the inverse-step clock at half the rate
+    s = np.asarray(log_spaced_steps(10, 10_000, 30), dtype=float)
+    cell = read_cell(inverse_step_clock(s), (s ** -0.5) ** 4)
+    assert cell.reads and cell.fit.slope == pytest.approx(2.0)
+
+
+def test_recorder_clock_names():
+    torch.manual_seed(0)
+    model = DeepLinear(DeepLinearConfig(width=3, depth=2)).double()
+    x = torch.randn(16, 3, dtype=torch.float64)
+    recorder = TrajectoryRecorder(model, x, x, loss=lambda o, y: 0.5 * (o - y).pow(2).sum(-1), sites=["layers.0"])
+    for step in (1, 4, 16):
+        with torch.no_grad():
+            model.layers[0].weight.mul_(0.5)
+        recorder.record(step)
+    np.testing.assert_allclose(recorder.clock("inverse-step"), [16.0, 4.0, 1.0])
+    np.testing.assert_allclose(recorder.clock("arc-length"), recorder.remaining_arc_length())
+    assert recorder.readout(clock="inverse-step").t == (16.0, 4.0, 1.0)
+    with pytest.raises(ValueError, match="unknown clock"):
+        recorder.clock("wall-time")

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import FrozenInstanceError, dataclass, fields
+import subprocess
+from dataclasses import FrozenInstanceError, dataclass, fields, replace
 
 import pytest
 import torch
@@ -154,7 +155,7 @@ def test_device_selection():
 
 def test_registry_has_every_experiment_with_frozen_presets():
     assert experiment_names() == ["overtrain-lm", "vit", "grokking", "moe", "bridge", "rrr", "modadd-width",
-                                  "cnn"]
+                                  "cnn", "readout-clock"]
     for name in experiment_names():
         experiment = get_experiment(name)
         assert experiment.name == name and set(PRESETS) <= set(experiment.presets)
@@ -380,3 +381,75 @@ def test_run_sets_torch_threads_and_restores_them(tmp_path):
     assert torch.get_num_threads() == before
     with pytest.raises(ValueError, match="threads"):
         run_experiment(COUNTING, "smoke", out=tmp_path / "bad", progress=False, threads=0)
+
+
+def test_terminal_summary_explains_the_verdicts_and_terms_it_uses():
+    from gaugeopt.experiments.report import VERDICT_MEANINGS, terminal_summary
+
+    results = {"experiment": "overtrain-lm", "preset": "smoke", "seeds": [0, 1, 2], "status": "complete",
+               "claims": [{"claim": "final val-train gap: DDCAdam below AdamW", "anchor": "0.67 vs 5.88",
+                           "ours": "gap 4.3 (DDCAdam) vs 4.7 (AdamW)", "reproduced": False,
+                           "verdict": "direction only"},
+                          {"claim": "more readable dead-direction cells with DDCAdam", "anchor": "32/65 vs 7/65",
+                           "ours": "not counted", "reproduced": None, "verdict": "not measurable (instrument)"}]}
+    text = terminal_summary(results, width=200)
+    assert "How to read this:" in text
+    assert f"DIRECTION ONLY: {VERDICT_MEANINGS['direction only']}" in text
+    assert f"NOT MEASURABLE (INSTRUMENT): {VERDICT_MEANINGS['not measurable (instrument)']}" in text
+    assert "a cell is one (site, observable) pair" in text and "REPRODUCED:" not in text
+
+
+def test_results_rows_say_which_optimizer_core_a_run_used():
+    from gaugeopt.experiments.results_table import OPTIMIZER_CORES, is_ancestor, optimizer_core
+
+    current = OPTIMIZER_CORES[-1][0]
+    if is_ancestor(current, "HEAD") is None:
+        pytest.skip("no git history in this checkout")
+    before = subprocess.run(["git", "rev-parse", f"{current}~1"], capture_output=True, text=True).stdout.strip()
+
+    def results(arms, commit):
+        return {"config": {"arms": arms}, "environment": {"source": {"commit": commit}}}
+
+    assert optimizer_core(results(["adamw"], before)) == "not used"  # bridge, rrr, AdamW-only runs
+    assert optimizer_core(results(["adamw", "ddc-adam"], current)).startswith("current")
+    assert optimizer_core(results(["muon", "ddc-muon"], before)).startswith(f"superseded: before `{current[:7]}`")
+    assert optimizer_core(results(["ddc-adam"], "0" * 40)).startswith("unknown")
+
+
+def test_lr_scale_multiplies_every_rate_of_an_arm_and_lr_scales_are_checked():
+    from gaugeopt.experiments.training import OptimizerSettings, arm_lr_scale, build_optimizer
+    from gaugeopt.experiments.vit import PRESETS as VIT
+    from gaugeopt.models import MoEConfig, MoELM
+
+    torch.manual_seed(0)
+    model = MoELM(MoEConfig(vocab_size=11, d_model=16, n_layers=1, n_heads=2, n_experts=2, top_k=1, d_ff=16,
+                            max_seq_len=8))
+    plain = build_optimizer("symcompat", model, OptimizerSettings(), 10)
+    scaled = build_optimizer("symcompat", model, OptimizerSettings(lr_scale=0.5), 10)
+    rates = [[g["lr"] for g in opt.param_groups] for opt in plain.optimizers]
+    halved = [[g["lr"] for g in opt.param_groups] for opt in scaled.optimizers]
+    assert len(set(rates[0])) > 1 and halved == [[r / 2 for r in row] for row in rates]  # each group's own rate
+    config = VIT["tiny"]
+    assert arm_lr_scale(config, "adamw") == 1.0
+    assert arm_lr_scale(replace(config, lr_scales=(("ddc-adam", 2.0),)), "ddc-adam") == 2.0
+    for bad in ((("sgd", 2.0),), (("adamw", 0.0),), (("adamw", 1.0), ("adamw", 2.0)), ("adamw",)):
+        with pytest.raises(ConfigError, match="lr_scales"):
+            replace(config, lr_scales=bad)
+
+
+def test_a_sweep_runs_each_factor_once_and_takes_the_best(tmp_path):
+    from gaugeopt.experiments.sweep import sweep_arm
+
+    summary = sweep_arm("vit", "tiny", "adamw", out=tmp_path, scales=(0.5, 1.0, 2.0), progress=False)
+    assert sorted(summary["readings"]) == ["0.5", "1", "2"] and summary["seed"] == 100
+    best = min(summary["readings"], key=summary["readings"].get)
+    assert summary["chosen_scale"] == float(best) and summary["at_edge"] == (best in ("0.5", "2"))
+    for factor in ("0.5", "1", "2"):
+        results = read_results(tmp_path / f"adamw-x{factor}")
+        assert results["config"]["arms"] == ["adamw"] and results["config"]["lr_scales"] == [["adamw", float(factor)]]
+        assert results["metrics"]["adamw"]["val_loss"] == pytest.approx(summary["readings"][factor])
+    assert json.loads((tmp_path / "sweep-adamw.json").read_text())["chosen_scale"] == summary["chosen_scale"]
+    with pytest.raises(ValueError, match="no sweep protocol"):
+        sweep_arm("bridge", "tiny", "adamw", out=tmp_path)
+    with pytest.raises(ValueError, match="not an arm"):
+        sweep_arm("vit", "tiny", "muon", out=tmp_path)

@@ -20,7 +20,8 @@ def check_run_folder(path, name):
     for claim in results["claims"]:
         assert claim["anchor"] and claim["ours"] and claim["reproduced"] in (True, False, None)
         if claim["reproduced"] is None:  # one seed: the verdict says why it is not decided
-            assert claim["verdict"] in ("not decided", "not measurable") and claim["note"]
+            assert claim["note"]
+            assert claim["verdict"] in ("not decided", "not measurable", "not measurable (instrument)")
     pngs = sorted(p.name for p in path.glob("*.png"))
     assert pngs and all((path / p).stat().st_size > 1000 for p in pngs)
     report = (path / "report.md").read_text()
@@ -41,7 +42,16 @@ def test_tiny_preset_runs_end_to_end(name, tmp_path):
         dds = results["dds"]["adamw wd=0"]["0"]
         # 7 sites of one block x 4 observables, less the A side of block 0's q, k, v (probe artefacts)
         assert dds["total"] == 22 and len(dds["excluded"]) == 6
-        assert dds["metric"].startswith("quotient")
+        assert dds["metric"].startswith("quotient") and dds["clock"] == "arc-length"
+        assert len(dds["series"]["head:output"]["logdet_A"]) == len(dds["steps"]) == len(dds["arc_length"])
+        from gaugeopt.dds import VALIDATED_CLOCKS
+
+        cells = [claim for claim in results["claims"] if "readable dead-direction cells" in claim["claim"]]
+        assert cells and all(claim["claim"].endswith("arc-length clock)") for claim in cells)
+        if "arc-length" not in VALIDATED_CLOCKS:  # a count on an unvalidated clock is not a finding
+            assert all(claim["verdict"] == "not measurable (instrument)" for claim in cells)
+        regime = [claim for claim in results["claims"] if claim["claim"].startswith("precondition, the collapse")]
+        assert regime and regime[0]["verdict"] in ("met", "not met", "not decided")
         assert "gain_mean" in results["curves"]["adamw wd=0.1"]["0"]
         from gaugeopt.experiments.report import terminal_summary
 

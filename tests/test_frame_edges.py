@@ -19,7 +19,6 @@ which is regular where the unit's outgoing side is zero. So:
 
 from __future__ import annotations
 
-import copy
 import math
 import warnings
 
@@ -319,7 +318,8 @@ EQUIVARIANCE_CASES = {
 }
 OPTIMIZERS = {
     "DDCAdam": lambda m, g: DDCAdam(_trainable(m), g, lr=1e-2, weight_decay=0.1),
-    "DDCMuon": lambda m, g: DDCMuon(_trainable(m), g, lr=0.02, adam_lr=1e-2, weight_decay=0.1),
+    # Newton-Schulz in the parameters' dtype: exact equivariance (the bfloat16 default is not exact)
+    "DDCMuon": lambda m, g: DDCMuon(_trainable(m), g, lr=0.02, adam_lr=1e-2, weight_decay=0.1, ns_dtype=None),
     "AdamW": lambda m, g: torch.optim.AdamW(_trainable(m), lr=1e-2, weight_decay=0.1),
 }
 

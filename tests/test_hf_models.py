@@ -187,7 +187,7 @@ def test_adamw_fails_the_same_equivariance_check():
 def test_ddc_muon_is_equivariant_over_20_steps(key):
     _, model, gauges, *_ = _found(key)
     batches = [_tokens(2, seed) for seed in range(4)]
-    result = check_equivariance(lambda m, g: DDCMuon(m.named_parameters(), g, lr=1e-2, adam_lr=1e-2),
+    result = check_equivariance(lambda m, g: DDCMuon(m.named_parameters(), g, lr=1e-2, adam_lr=1e-2, ns_dtype=None),
                                 model, gauges, batches, _next_token_loss, steps=20)
     assert result.displacement > 1e-2, key
     assert result.error <= 1e-8, (key, result.error, result.worst_parameter)

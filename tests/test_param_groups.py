@@ -319,7 +319,8 @@ def test_a_refused_add_param_group_adds_nothing():
 OUTSIDE = {
     "DDCAdam": (lambda params, gauges: DDCAdam(params, gauges, lr=1e-2, weight_decay=0.1),
                 lambda t: torch.optim.AdamW([t], lr=1e-2, weight_decay=0.1)),
-    "DDCMuon": (lambda params, gauges: DDCMuon(params, gauges, lr=MUON_LR, adam_lr=ADAM_LR, weight_decay=0.1),
+    "DDCMuon": (lambda params, gauges: DDCMuon(params, gauges, lr=MUON_LR, adam_lr=ADAM_LR, weight_decay=0.1,
+                                               ns_dtype=None),  # exact equivariance
                 lambda t: torch.optim.AdamW([t], lr=ADAM_LR, weight_decay=0.1)),
 }
 

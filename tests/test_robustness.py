@@ -103,9 +103,7 @@ OPTIMIZERS = (
                           ({"adam_eps": 0.0}, "adam_eps")),
         skips={"gauges": "takes no GaugeSet (it is configured by symmetry_param_groups)",
                "uncovered": "takes no GaugeSet (it is configured by symmetry_param_groups)",
-               "coupled": "has no coupled updates: every tensor is stepped on its own",
-               "sync": "its spectral and hybrid maps iterate inverse square roots to convergence, reading each "
-                       "iteration's residual on the host (its guard reads one flag like the others)"},
+               "coupled": "has no coupled updates: every tensor is stepped on its own"},
     ),
     OptimizerInfo(
         "MuonWithAdamW",

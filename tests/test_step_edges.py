@@ -49,7 +49,9 @@ def lm_loss(model, tokens):
 
 OPTIMIZERS = {
     "DDCAdam": lambda m, g, **kw: DDCAdam(m.parameters(), g, lr=1e-2, weight_decay=0.1, **kw),
-    "DDCMuon": lambda m, g, **kw: DDCMuon(m.parameters(), g, lr=0.02, weight_decay=0.1, adam_lr=1e-2, **kw),
+    # float64 Newton-Schulz: the compiled and the eager step agree to float64 rounding (bfloat16: docs/ddc_muon.md)
+    "DDCMuon": lambda m, g, **kw: DDCMuon(m.parameters(), g, lr=0.02, weight_decay=0.1, adam_lr=1e-2, ns_dtype=None,
+                                          **kw),
 }
 
 

@@ -7,6 +7,7 @@
                                                    continue a stopped run from its last completed unit
     gaugeopt report DIR                            rebuild plots and report.md from DIR/results.json
     gaugeopt results DIR... [--output FILE]        the results table (docs/results.md) from run folders
+    gaugeopt sweep EXP --preset P --arm A --out DIR a per-arm learning-rate sweep (docs/experiments.md)
     gaugeopt demo [--out DIR [--overwrite]]        overtrain-lm smoke: AdamW vs DDCAdam on bundled text
     gaugeopt gauges MODEL                          the gauges find_gauges discovers on a reference model
 
@@ -125,6 +126,18 @@ def _cmd_results(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from .experiments.sweep import SCALES, sweep_arm
+
+    summary = sweep_arm(args.experiment, args.preset, args.arm, out=args.out, scales=args.scales or SCALES,
+                        device=args.device, progress=not args.no_progress, extend=args.extend)
+    readings = ", ".join(f"x{factor}: {value:.4g}" for factor, value in summary["readings"].items())
+    print(f"{args.experiment} {args.preset}, arm {args.arm} ({summary['selection']}): {readings}")
+    edge = " (at the edge of the grid)" if summary["at_edge"] else ""
+    print(f"chosen lr scale: {summary['chosen_scale']:g}{edge}")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .experiments import ExperimentRun, read_results
     from .experiments.report import terminal_summary
@@ -172,7 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run one experiment into a run folder")
     run.add_argument("experiment", nargs="?", choices=list(EXPERIMENT_MODULES))
-    run.add_argument("--preset", choices=PRESETS, help="tiny, smoke (the default) or full")
+    run.add_argument("--preset", help=f"{', '.join(PRESETS)} (smoke is the default), or an experiment's own "
+                                      f"(gaugeopt list names them)")
     run.add_argument("--seeds", type=int, nargs="+", help="replace the preset's seeds")
     run.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
     run.add_argument("--out", type=Path, help="run folder, new or empty (default runs/<experiment>-<preset>-<time>)")
@@ -193,6 +207,17 @@ def build_parser() -> argparse.ArgumentParser:
     results.add_argument("run_dirs", nargs="+")
     results.add_argument("--output", type=Path, help="write the Markdown here instead of printing it")
     results.set_defaults(handler=_cmd_results)
+
+    sweep = sub.add_parser("sweep", help="a per-arm learning-rate sweep by the pre-registered protocol")
+    sweep.add_argument("experiment", choices=list(EXPERIMENT_MODULES))
+    sweep.add_argument("--preset", required=True)
+    sweep.add_argument("--arm", required=True)
+    sweep.add_argument("--out", type=Path, required=True, help="folder for one run folder per factor")
+    sweep.add_argument("--scales", type=float, nargs="+", help="factors of the arm's rates (default 1/4 .. 4)")
+    sweep.add_argument("--extend", action="store_true", help="once, go one factor beyond a winner at the edge")
+    sweep.add_argument("--device", default="auto")
+    sweep.add_argument("--no-progress", action="store_true")
+    sweep.set_defaults(handler=_cmd_sweep)
 
     demo = sub.add_parser("demo", help="the overtrain-lm smoke comparison (a few minutes on 2 CPU cores)")
     demo.add_argument("--device", default="auto")

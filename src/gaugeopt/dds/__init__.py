@@ -8,8 +8,9 @@
 * :class:`HorizontalProjection` -- a parameter change with its gauge-orbit part removed: the
   quotient metric of the remaining arc length.
 * :func:`rrr_lambda` -- the closed-form learning coefficient of reduced-rank regression.
-* :func:`estimate_llc`, :func:`scan_step_sizes` -- the local learning coefficient baseline through
-  ``devinterp`` (``pip install gaugeopt[llc]``), and its step-size calibration.
+* :func:`estimate_llc`, :func:`scan_step_sizes`, :func:`scan_localization` -- the local learning
+  coefficient baseline through ``devinterp`` (``pip install gaugeopt[llc]``), its step-size
+  calibration and the localisation scan with its locality check.
 * :class:`OrbitDriftRecorder` -- how far each gauge family's orbit coordinates move during a run.
 * :func:`router_diagnostics` -- load balance and logit statistics of every MoE router, one row per layer.
 """
@@ -35,12 +36,16 @@ from .reading import DDSReading, dead_direction_signatures
 from .router import router_diagnostics, router_statistics
 from .rrr import RRRLearningCoefficient, rrr_grid, rrr_lambda, rrr_learning_coefficient
 from .slopes import (
+    CLOCKS,
+    VALIDATED_CLOCKS,
     CellReading,
     RateReadout,
     SlopeFit,
     TrajectoryRecorder,
     fit_slope,
     flatten_parameters,
+    inverse_step_clock,
+    log_spaced_steps,
     rate_readout,
     read_cell,
     remaining_arc_length,
@@ -48,7 +53,8 @@ from .slopes import (
 )
 
 _LAZY = {name: "gaugeopt.dds.llc" for name in
-         ("estimate_llc", "LLCEstimate", "scan_step_sizes", "StepSizeScan", "full_data_loss")}
+         ("estimate_llc", "LLCEstimate", "scan_step_sizes", "StepSizeScan", "full_data_loss",
+          "scan_localization", "LocalizationScan")}
 
 __all__ = [
     "DEFAULT_REL_TOL", "SLOPE_OBSERVABLES",
@@ -56,8 +62,8 @@ __all__ = [
     "PositiveSpectrum", "SiteObservables", "positive_spectrum", "second_moment_eigenvalues",
     "site_observables",
     "DDSReading", "dead_direction_signatures", "HorizontalProjection",
-    "CellReading", "RateReadout", "SlopeFit", "TrajectoryRecorder", "fit_slope",
-    "flatten_parameters", "rate_readout", "read_cell", "remaining_arc_length",
+    "CLOCKS", "VALIDATED_CLOCKS", "CellReading", "RateReadout", "SlopeFit", "TrajectoryRecorder", "fit_slope",
+    "flatten_parameters", "inverse_step_clock", "log_spaced_steps", "rate_readout", "read_cell", "remaining_arc_length",
     "remaining_arc_length_of_checkpoints",
     "RRRLearningCoefficient", "rrr_grid", "rrr_lambda", "rrr_learning_coefficient",
     "OrbitDriftRecorder", "orbit_drift",
@@ -73,4 +79,5 @@ def __getattr__(name: str) -> Any:
 
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .llc import LLCEstimate, StepSizeScan, estimate_llc, full_data_loss, scan_step_sizes
+    from .llc import (LLCEstimate, LocalizationScan, StepSizeScan, estimate_llc, full_data_loss,
+                      scan_localization, scan_step_sizes)

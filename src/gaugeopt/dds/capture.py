@@ -96,6 +96,7 @@ def capture_sites(
     targets: Any,
     loss: PerSampleLoss,
     sites: Sequence[str],
+    positions: Sequence[int] | None = None,
 ) -> CapturedSites:
     """Run one forward and one backward of ``loss(model(*inputs), targets).sum()``.
 
@@ -103,8 +104,16 @@ def capture_sites(
     summed loss with respect to them (the per-sample gradients). A site is skipped, with the
     reason recorded, when its module is not called, is called more than once, produces something
     that is not a floating-point tensor, or does not influence the loss.
+
+    ``positions`` keeps only those sequence positions (index 1 of a ``(batch, seq, ..., width)``
+    site; negative values count from the end) as samples, e.g. ``[-1]`` for the one position whose
+    output a classifier reads; a site without a sequence dimension is then skipped with the reason.
     """
     resolved = resolve_sites(model, sites)
+    if positions is not None:
+        positions = [int(p) for p in positions]
+        if not positions or len(set(positions)) != len(positions):
+            raise ValueError(f"positions must be a non-empty list of distinct sequence positions, got {positions}")
     captured: dict[str, torch.Tensor] = {}
     calls: dict[str, int] = {key: 0 for key in resolved}
     problems: dict[str, str] = {}
@@ -178,8 +187,16 @@ def capture_sites(
             result.skipped[key] = problems[key]
         elif gradient_of.get(key) is None:
             result.skipped[key] = "the site does not influence the loss (no gradient reaches it)"
+        elif positions is not None and captured[key].ndim < 3:
+            result.skipped[key] = (f"positions {positions} were asked for, but the site has shape "
+                                   f"{tuple(captured[key].shape)}: no sequence dimension")
+        elif positions is not None and not all(-captured[key].shape[1] <= p < captured[key].shape[1]
+                                               for p in positions):
+            result.skipped[key] = f"positions {positions} lie outside the site's {captured[key].shape[1]} positions"
         else:
             tensor, grad = captured[key], gradient_of[key]
+            if positions is not None:
+                tensor, grad = tensor[:, positions], grad[:, positions]
             width = tensor.shape[-1]
             result.activations[key] = tensor.detach().reshape(-1, width)
             result.gradients[key] = grad.detach().reshape(-1, width)

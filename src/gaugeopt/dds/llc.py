@@ -97,6 +97,14 @@ class LLCEstimate:
     loss_trace: tuple[tuple[float, ...], ...]  # (chain, step) mean loss, burn-in included
 
     @property
+    def loss_excess(self) -> float:
+        """``max over chains of E_draws[L] - L_n(w*)``: how far the chains moved up the loss (nats).
+
+        A chain that leaves the basin of ``w*`` reads the loss of somewhere else; the locality check
+        of :func:`scan_localization` bounds this number."""
+        return max(self.llc_per_chain) / self.n_beta
+
+    @property
     def equilibration_drift(self) -> float:
         """``|second half - first half|`` of the draws, relative to the estimate."""
         return abs(self.llc_second_half - self.llc_first_half) / max(abs(self.llc_mean), 1e-300)
@@ -104,6 +112,7 @@ class LLCEstimate:
     def as_dict(self, include_trace: bool = False) -> dict[str, Any]:
         data = asdict(self)
         data["equilibration_drift"] = self.equilibration_drift
+        data["loss_excess"] = self.loss_excess
         if not include_trace:
             data.pop("loss_trace")
         return data
@@ -287,3 +296,62 @@ def scan_step_sizes(model: nn.Module, inputs: torch.Tensor, targets: torch.Tenso
                         chosen=estimates[chosen], window=(steps[chosen - 1], steps[chosen + 1]),
                         spread=spread(chosen), insensitive=bool(candidates) and spread(chosen) <= tolerance,
                         tolerance=tolerance, rule=rule)
+
+
+@dataclass(frozen=True)
+class LocalizationScan:
+    """The localisation scan before an LLC is read: short SGLD runs over (step size, strength) pairs.
+
+    ``tried`` lists every pair run, in order, with its :attr:`LLCEstimate.loss_excess` (inf when a
+    chain diverged); ``chosen`` is the first pair whose excess is at most ``max_excess``, or None (the
+    LLC is then not read).
+    """
+
+    tried: tuple[tuple[float, float, float], ...]  # (lr, localization, loss excess)
+    max_excess: float
+    chosen: tuple[float, float] | None  # (lr, localization)
+    wall_time_s: float
+    forward_backward_passes: int
+
+    @property
+    def least_excess(self) -> float:
+        return min(excess for _, _, excess in self.tried)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "least_excess": self.least_excess}
+
+
+def scan_localization(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, *, loss: PerSampleLoss,
+                      step_sizes: Sequence[float], localizations: Sequence[float], max_excess: float,
+                      **sampler: Any) -> LocalizationScan:
+    """Find the largest step size, then the weakest localization, at which SGLD stays local.
+
+    For each step size in ``step_sizes`` (decreasing) and each strength in ``localizations``
+    (increasing) with ``lr * localization < 4`` (SGLD's pull is unstable beyond), a short run is made
+    and the first pair whose every chain keeps ``E_draws[L] - L_n(w*) <= max_excess`` is chosen: a
+    larger step mixes faster and a weaker pull biases the estimate less, but a chain that climbs
+    more than ``max_excess`` above the checkpoint's loss is measuring another region (or diverging
+    along a direction sharper than the step allows). ``sampler`` goes to :func:`estimate_llc`
+    (chains, draws, burn-in, seed, ...); the estimates themselves are never looked at.
+    """
+    lrs, gammas = [float(v) for v in step_sizes], [float(g) for g in localizations]
+    if not lrs or any(b >= a for a, b in zip(lrs, lrs[1:])) or lrs[-1] <= 0:
+        raise ValueError(f"step_sizes must be positive and decreasing, got {lrs}")
+    if not gammas or any(b <= a for a, b in zip(gammas, gammas[1:])) or gammas[0] <= 0:
+        raise ValueError(f"localizations must be positive and increasing, got {gammas}")
+    if max_excess <= 0:
+        raise ValueError(f"max_excess must be positive, got {max_excess}")
+    tried, seconds, passes = [], 0.0, 0
+    for lr in lrs:
+        for gamma in (g for g in gammas if lr * g < 4.0):
+            try:
+                estimate = estimate_llc(model, inputs, targets, loss=loss, lr=lr, localization=gamma, **sampler)
+            except RuntimeError:  # a chain diverged: certainly not local
+                tried.append((lr, gamma, math.inf))
+                continue
+            seconds += estimate.wall_time_s
+            passes += estimate.forward_backward_passes
+            tried.append((lr, gamma, estimate.loss_excess))
+            if estimate.loss_excess <= max_excess:
+                return LocalizationScan(tuple(tried), float(max_excess), (lr, gamma), seconds, passes)
+    return LocalizationScan(tuple(tried), float(max_excess), None, seconds, passes)

@@ -5,11 +5,20 @@ decay as ``O ~ t^p``; the least-squares slope of ``log O`` against ``log t`` est
 ``k_hat = 1 + p / 2``. Observables that are already logarithms (``logdet+``) are fitted as ``O``
 itself against ``log t``; their slope adds up the rates of all the eigenvalues that decay.
 
-On a training trajectory ``t`` is the *remaining quotient arc length*: the length of the path
-still to be travelled to the last checkpoint, measured in the optimizer's metric after removing the
-vertical (gauge-orbit) part of each step. A metric is any callable ``metric(delta) -> float`` on a
-flattened parameter change (default: the Euclidean norm); ``project_horizontal(delta) -> delta``
-removes the vertical components (default: identity, i.e. no gauge quotient).
+On a training trajectory the true ``t`` is unknown and a *clock* stands in for it (:data:`CLOCKS`):
+
+* ``"arc-length"``: the *remaining quotient arc length*, the length of the path still to be
+  travelled to the last checkpoint, measured in the optimizer's metric after removing the vertical
+  (gauge-orbit) part of each step. A metric is any callable ``metric(delta) -> float`` on a
+  flattened parameter change (default: the Euclidean norm); ``project_horizontal(delta) -> delta``
+  removes the vertical components (default: identity, i.e. no gauge quotient).
+* ``"inverse-step"``: ``t = s_last / s``, a clock free of any distance. Where the approach is a
+  power law in training time, ``t_true ~ s^(-alpha)``, an observable ``t_true^p`` reads slope
+  ``alpha p``: the rates come out in a common unknown unit, and their ratios (the count
+  ``logdet+ / lambda+_min``) are unchanged.
+
+A clock is trusted for a training run only once it has read trajectories with a known answer
+(:data:`VALIDATED_CLOCKS`); ``gaugeopt run readout-clock`` is that validation.
 
 The readout rule, fixed before any run and validated on trajectories with a known answer
 (``tests/test_dds_readout_known_answers.py``): a (site, observable) cell
@@ -48,6 +57,14 @@ MIN_POINTS = 8
 MIN_R2 = 0.9
 MAX_HALF_DISAGREEMENT = 0.25
 MIN_DECAY_DECADES = 0.5
+
+CLOCKS = {
+    "arc-length": "remaining arc length to the last checkpoint (quotient metric where gauges are given)",
+    "inverse-step": "t = last step / step (no distance: rates in a common unknown unit)",
+}
+# Clocks whose readout has passed the known-answer validation (``gaugeopt run readout-clock``,
+# docs/dds.md), with the run that passed it. A training run's cell counts are reported only on these.
+VALIDATED_CLOCKS: dict[str, str] = {}
 
 
 @dataclass(frozen=True)
@@ -213,6 +230,22 @@ def remaining_arc_length(segment_lengths: Sequence[float]) -> np.ndarray:
     if lengths.ndim != 1 or (lengths < 0).any() or not np.isfinite(lengths).all():
         raise ValueError("segment lengths must be a 1-D sequence of finite non-negative numbers")
     return np.concatenate([np.cumsum(lengths[::-1])[::-1], [0.0]])
+
+
+def inverse_step_clock(steps: Sequence[int] | np.ndarray) -> np.ndarray:
+    """``t_i = steps[-1] / steps[i]`` for increasing positive recording steps: the last one is t = 1."""
+    steps = np.asarray(steps, dtype=np.float64)
+    if steps.ndim != 1 or steps.size < 2 or (steps <= 0).any() or (np.diff(steps) <= 0).any():
+        raise ValueError(f"the inverse-step clock needs increasing positive steps, got {steps.tolist()}")
+    return steps[-1] / steps
+
+
+def log_spaced_steps(first: int, last: int, count: int) -> list[int]:
+    """At most ``count`` distinct integer steps from ``first`` to ``last``, evenly spaced in log step
+    (rounded down, so duplicates early on merge)."""
+    if not 1 <= first < last or count < 2:
+        raise ValueError(f"need 1 <= first < last and count >= 2, got first={first}, last={last}, count={count}")
+    return sorted({int(s) for s in np.geomspace(first, last, count)})
 
 
 def remaining_arc_length_of_checkpoints(checkpoints: Sequence[torch.Tensor], *,
@@ -411,8 +444,17 @@ class TrajectoryRecorder:
             raise ValueError("need at least two recordings")
         return remaining_arc_length(self.segment_lengths)
 
-    def readout(self, *, window: tuple[float, float] | None = None,
+    def clock(self, name: str = "arc-length") -> np.ndarray:
+        """t at each recording on the named clock (:data:`CLOCKS`)."""
+        if name == "arc-length":
+            return self.remaining_arc_length()
+        if name == "inverse-step":
+            return inverse_step_clock(self.steps)
+        raise ValueError(f"unknown clock {name!r}; choose from {list(CLOCKS)}")
+
+    def readout(self, *, clock: str = "arc-length", window: tuple[float, float] | None = None,
                 observables: Sequence[str] = tuple(SLOPE_OBSERVABLES), **rule: Any) -> RateReadout:
-        """Rate readout over the recordings; the last one (t = 0) is the reference point."""
-        return rate_readout(self.remaining_arc_length(), self.readings, observables=observables,
+        """Rate readout over the recordings against ``clock`` (on the arc-length clock the last
+        recording, t = 0, is the reference point)."""
+        return rate_readout(self.clock(clock), self.readings, observables=observables,
                             window=window, rel_tol=self.rel_tol, **rule)

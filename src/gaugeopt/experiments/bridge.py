@@ -17,7 +17,6 @@ dead directions. Paper (noisy SGD bridge): ratios 2.0, 3.1, 4.0.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -26,10 +25,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..dds import SLOPE_OBSERVABLES, DDSReading, dead_direction_signatures, fit_slope, rate_readout
+from ..dds import SLOPE_OBSERVABLES, DDSReading, dead_direction_signatures, fit_slope, log_spaced_steps, rate_readout
 from ..models import DeepLinear, DeepLinearConfig
 from .checks import AT_LEAST_TWO, check_config, field_error
-from .common import half_squared_error, mean
+from .common import RecordedTrajectory, half_squared_error, mean, record_trajectory, score_against_planted
 from .registry import Experiment
 from .runner import RunContext
 from .statistics import Verdict, band_verdict, interval_verdict, mean_interval
@@ -165,72 +164,46 @@ def _dead_weight(model: DeepLinear, dead: int) -> float:
     return float(entries.abs().log().mean().exp())
 
 
-@dataclass
-class BridgeTrajectory:
-    """One SGD run of the bridge: DDS readings at log-spaced steps, with the dead weight t."""
-
-    dead: int
-    steps: list[int]
-    t: np.ndarray  # the dead weight at each recording (NaN when nothing is dead)
-    readings: list[DDSReading]
-    train_loss: list[float]
-    wall_time_s: float
-
-
 def bridge_sgd_trajectory(*, depth: int, width: int, dead: int, steps: int, lr: float, batch_size: int,
                           noise: float, initial_dead_weight: float = 1.0, checkpoints: int = 40,
-                          probe_samples: int = 512, seed: int = 0, progress: bool = False) -> BridgeTrajectory:
+                          probe_samples: int = 512, seed: int = 0, progress: bool = False) -> RecordedTrajectory:
     """Train the bridge with r = ``dead`` dead directions by minibatch SGD and read DDS along the way.
 
     The chain starts canonical-aligned, every layer ``diag(1, ..., 1, w0, ..., w0)`` with
     ``w0 = initial_dead_weight``; each step draws a fresh noisy batch of the teacher. DDS is read on
-    a fixed probe set at ``checkpoints`` log-spaced steps. ``dead = 0`` (nothing planted) is the control.
+    a fixed probe set at ``checkpoints`` log-spaced steps from step 10 to the end; the true t is the
+    dead weight (NaN for ``dead = 0``, the control with nothing planted), and the remaining arc
+    length is measured in the quotient metric of the chain's neuron scalings.
     """
-    record_at = sorted(set(np.unique(np.geomspace(10, steps, checkpoints).astype(int)).tolist()))
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     probe_x, probe_y = bridge_data(width, dead, probe_samples, noise, generator)
     model = DeepLinear(DeepLinearConfig(width=width, depth=depth)).to(DTYPE)
     _set_diagonal(model, dead, initial_dead_weight)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
-    t_values, readings, losses = [], [], []
-    start = time.perf_counter()
-    for step in tqdm(range(1, steps + 1), desc=f"bridge SGD r={dead}", disable=not progress):
+    bar = tqdm(total=steps, desc=f"bridge SGD r={dead}", disable=not progress)
+
+    def train_step(step: int) -> float:
         x, y = bridge_data(width, dead, batch_size, noise, generator)
         optimizer.zero_grad(set_to_none=True)
         loss = half_squared_error(model(x), y).mean()
         loss.backward()
         optimizer.step()
-        if step in record_at:
-            t_values.append(_dead_weight(model, dead) if dead else float("nan"))
-            readings.append(dead_direction_signatures(model, probe_x, probe_y, loss=half_squared_error,
-                                                      sites=layer_sites(depth)))
-            losses.append(float(loss.detach()))
-    return BridgeTrajectory(dead, record_at, np.asarray(t_values), readings, losses, time.perf_counter() - start)
+        bar.update(1)
+        return float(loss.detach())
+
+    with bar:
+        return record_trajectory(model, (probe_x, probe_y), loss=half_squared_error, sites=layer_sites(depth),
+                                 steps=steps, record_at=log_spaced_steps(10, steps, checkpoints),
+                                 train_step=train_step, gauge_example=probe_x[:2],
+                                 true_t=lambda: _dead_weight(model, dead) if dead else float("nan"))
 
 
 def read_planted_cells(t: np.ndarray, readings: list[DDSReading], *, depth: int, dead: int,
-                       window: tuple[float, float]) -> dict[str, Any]:
-    """The readout rule on a bridge trajectory, scored against what was planted.
-
-    Returns every cell's verdict with its planted slope (None for a control), the planted cells
-    that read, the control cells that read, and per planted cell the read slope over the planted one.
-    """
-    readout = rate_readout(t, readings, window=window)
-    planted = planted_cells(depth, dead)
-    cells = []
-    for cell in readout.cells:
-        key = f"{cell.site}:{cell.observable}"
-        cells.append({**cell.as_dict(), "planted_slope": planted.get(key)})
-    planted_read = [c for c in cells if c["planted_slope"] is not None and c["reads"]]
-    controls = [c for c in cells if c["planted_slope"] is None]
-    return {
-        "summary": readout.summary(), "cells": cells,
-        "planted": len(planted), "planted_read": len(planted_read),
-        "controls": len(controls), "controls_read": sum(c["reads"] for c in controls),
-        "slope_over_planted": {f"{c['site']}:{c['observable']}": c["fit"]["slope"] / c["planted_slope"]
-                               for c in planted_read},
-    }
+                       window: tuple[float, float] | None) -> dict[str, Any]:
+    """The readout rule on a bridge trajectory, scored against what was planted
+    (:func:`~gaugeopt.experiments.common.score_against_planted`)."""
+    return score_against_planted(rate_readout(t, readings, window=window), planted_cells(depth, dead))
 
 
 def noisy_bridge_sgd(*, depth: int = 3, width: int = 6, dead_counts: Sequence[int] = (1, 2, 3, 4),

@@ -27,6 +27,7 @@ EXPERIMENT_MODULES = {
     "rrr": "gaugeopt.experiments.rrr",
     "modadd-width": "gaugeopt.experiments.modadd_width",
     "cnn": "gaugeopt.experiments.cnn",
+    "readout-clock": "gaugeopt.experiments.readout_clock",
 }
 
 

@@ -10,6 +10,31 @@ from .runfolder import read_results
 
 VERDICT = {True: "reproduced", False: "not reproduced", None: "not decided"}
 
+# What each verdict means, in the words the terminal summary prints under the table.
+VERDICT_MEANINGS = {
+    "reproduced": "our runs show the paper's effect: the 95 % interval over seeds lies on the paper's side "
+                  "(and where the claim has a size fixed before the run, the size holds too)",
+    "direction only": "our arm is better in the paper's direction, but by less than the size fixed before the run",
+    "not reproduced": "the 95 % interval over seeds contains no difference, or lies on the other side",
+    "not decided": "too few seeds (or runs) to reach a verdict",
+    "not measurable": "the runs never reach the state the claim is about (the reason is given)",
+    "not measurable (instrument)": "the instrument that would measure it has not passed its known-answer "
+                                   "validation, so no number is reported as a finding",
+    "met": "the run is in the regime the paper's claim is about (a precondition, not a claim)",
+    "not met": "the run is not in the regime the paper's claim is about, so the rows below it test a milder "
+               "setting than the paper's",
+    "validated": "the instrument read the known answer (planted cells, and no control)",
+    "not validated": "the instrument did not read the known answer",
+}
+TERMS = {
+    "cell": "a cell is one (site, observable) pair of the dead-direction readout: a site is a layer's output "
+            "(e.g. block 0's query projection, the LM head), an observable one spectral statistic of the "
+            "activations (A) or of the per-token gradients (G) there; a cell 'reads' when that statistic falls "
+            "as a clean power of the distance to a singular point",
+    "seed": "a seed is one pair of runs, one per optimizer, that start from the same weights and see the same "
+            "batches; intervals are over these pairs",
+}
+
 
 def verdict_label(claim: dict[str, Any]) -> str:
     """The verdict words of a claim row: its own label when it has one ("not measurable", ...)."""
@@ -106,6 +131,13 @@ def terminal_summary(results: dict[str, Any], width: int = 100) -> str:
     if results.get("reading"):
         lines += ["", "Reading:"] + [textwrap.fill(text, width, initial_indent="  ", subsequent_indent="  ")
                                      for text in results["reading"]]
+    labels = list(dict.fromkeys(verdict_label(claim) for claim in claims))
+    text = " ".join(claim["claim"] + claim["ours"] for claim in claims)
+    glossary = [f"{label.upper()}: {VERDICT_MEANINGS[label]}" for label in labels if label in VERDICT_MEANINGS]
+    glossary += [meaning for term, meaning in TERMS.items() if term in text]
+    if glossary:
+        lines += ["", "How to read this:"] + [textwrap.fill(entry, width, initial_indent="  - ",
+                                                            subsequent_indent="    ") for entry in glossary]
     return "\n".join(lines)
 
 

@@ -16,14 +16,16 @@ Optimizer arms (``build_optimizer``):
 
 Every arm gets the same schedule: linear warm-up then cosine decay to ``min_lr_ratio`` of the peak
 (``min_lr_ratio = 1``: a constant rate after warm-up), applied as a multiplier to each group's
-initial learning rate.
+initial learning rate. ``OptimizerSettings.lr_scale`` multiplies every rate of an arm (Adam's, the
+orthogonalised step's, each symmetry-compatible group's own): the one knob a per-arm learning-rate
+sweep turns (``gaugeopt.experiments.sweep``), set per arm by an experiment's ``lr_scales`` field.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -54,6 +56,25 @@ class OptimizerSettings:
     momentum: float = 0.95
     warmup_steps: int = 0
     min_lr_ratio: float = 0.1
+    lr_scale: float = 1.0  # multiplies every learning rate of the arm (a per-arm sweep's knob)
+
+
+def arm_lr_scale(config: Any, arm: str) -> float:
+    """The multiplier ``config.lr_scales`` (pairs ``(arm, scale)``) gives ``arm``; 1 when none does."""
+    return dict(getattr(config, "lr_scales", ()) or ()).get(arm, 1.0)
+
+
+def check_lr_scales(config: Any) -> None:
+    """``config.lr_scales`` must pair distinct arms of ``config.arms`` with positive multipliers."""
+    from .checks import field_error
+
+    scales = getattr(config, "lr_scales", ())
+    pairs_ok = all(isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], str) for p in scales)
+    arms = [p[0] for p in scales] if pairs_ok else []
+    if (not pairs_ok or len(set(arms)) != len(arms) or any(a not in config.arms for a in arms)
+            or not all(isinstance(p[1], (int, float)) and not isinstance(p[1], bool) and p[1] > 0 for p in scales)):
+        raise field_error(config, "lr_scales", f"(arm, positive multiplier) pairs for distinct arms among "
+                                               f"{list(config.arms)}", scales)
 
 
 def warmup_cosine(step: int, total_steps: int, warmup_steps: int, min_ratio: float) -> float:
@@ -120,6 +141,11 @@ def build_optimizer(arm: str, model: nn.Module, settings: OptimizerSettings, tot
         opts = [SymmetryCompatible(symmetry_param_groups(model), lr=s.muon_lr, weight_decay=s.weight_decay)]
     else:
         raise ValueError(f"unknown optimizer arm {arm!r}; choose from {OPTIMIZER_ARMS}")
+    if s.lr_scale <= 0:
+        raise ValueError(f"lr_scale must be positive, got {s.lr_scale}")
+    for opt in opts:
+        for group in opt.param_groups:
+            group["lr"] = group["lr"] * s.lr_scale
     return OptimizerBundle(opts, total_steps, s)
 
 
@@ -130,14 +156,17 @@ def norm_gain_names(gauges: Any) -> set[str]:
 
 
 def seeded_arm(folder: Any, arm: str, seed: int, make_model: Callable[[], nn.Module], settings: OptimizerSettings,
-               total_steps: int, example_inputs: Any = None, label: str | None = None
-               ) -> tuple[nn.Module, OptimizerBundle]:
+               total_steps: int, example_inputs: Any = None, label: str | None = None,
+               lr_scale: float | None = None) -> tuple[nn.Module, OptimizerBundle]:
     """The model and optimizer of one (arm, seed) run. The model is built right after seeding torch
     with ``seed``, so every arm starts from the same weights; the optimizer is built under the run
     folder's ``setup`` timer, named by ``label`` (default the arm; gauge discovery, for the gauge-aware
-    arms, is part of it)."""
+    arms, is part of it). ``lr_scale`` replaces the settings' multiplier of every rate (see
+    :func:`arm_lr_scale`)."""
     torch.manual_seed(seed)
     model = make_model()
+    if lr_scale is not None:
+        settings = replace(settings, lr_scale=lr_scale)
     with folder.timed(f"setup {label or arm} seed {seed}"):
         optimizer = build_optimizer(arm, model, settings, total_steps, example_inputs=example_inputs)
     return model, optimizer
@@ -155,13 +184,17 @@ def train_loop(
     bar: Any,
     stop_when: Callable[[dict[str, float]], bool] | None = None,
     after_step: Callable[[int], None] | None = None,
+    stop_below: float | None = None,
 ) -> dict[str, Any]:
     """Train for ``steps`` steps; evaluate at step 0, every ``eval_every`` steps and at the end.
 
     ``batch_loss(step)`` returns the training loss of that step's batch (model in train mode).
     ``evaluate()`` runs under ``torch.no_grad`` in eval mode. ``stop_when(metrics)`` ends training
-    early (e.g. when a model has grokked). A non-finite training loss stops the run and is
-    reported as ``diverged_at``. Returns ``{"last": metrics, "steps_done": n, "diverged_at": step|None}``.
+    early (e.g. when a model has grokked). ``stop_below`` ends training *before* the step whose batch
+    loss is at or below it (with full-batch training: as soon as the training loss reaches it), and
+    ``reached_at`` says at which step. A non-finite training loss stops the run and is reported as
+    ``diverged_at``. Returns ``{"last": metrics, "steps_done": n, "diverged_at": step|None,
+    "reached_at": step|None}``.
     """
 
     def run_eval(step: int) -> dict[str, float]:
@@ -175,13 +208,18 @@ def train_loop(
 
     model.train()
     last = run_eval(0)
-    diverged_at = None
+    diverged_at = reached_at = None
     done = 0
     for step in range(steps):
         optimizer.zero_grad()
         loss = batch_loss(step)
         if not torch.isfinite(loss):
             diverged_at = step
+            break
+        if stop_below is not None and loss.item() <= stop_below:
+            reached_at = step
+            if done % eval_every != 0:
+                last = run_eval(done)
             break
         loss.backward()
         optimizer.step(step)
@@ -193,7 +231,7 @@ def train_loop(
             last = run_eval(done)
             if stop_when is not None and stop_when(last):
                 break
-    return {"last": last, "steps_done": done, "diverged_at": diverged_at}
+    return {"last": last, "steps_done": done, "diverged_at": diverged_at, "reached_at": reached_at}
 
 
 def train_arm(folder: Any, context: Any, arm: str, seed: int, *, steps: int,

@@ -25,6 +25,8 @@ from .runner import RunContext
 from .statistics import interval_verdict, paired_difference
 from .training import (
     OptimizerSettings,
+    arm_lr_scale,
+    check_lr_scales,
     classifier_closures,
     record_final_means,
     seeded_arm,
@@ -52,6 +54,7 @@ class ViTExperimentConfig:
     warmup_steps: int = 30
     min_lr_ratio: float = 0.1
     arms: tuple[str, ...] = ("adamw", "ddc-adam")
+    lr_scales: tuple[tuple[str, float], ...] = ()  # per-arm multipliers of lr, from a pre-registered sweep
     seeds: tuple[int, ...] = (0,)
 
     def __post_init__(self) -> None:
@@ -60,6 +63,7 @@ class ViTExperimentConfig:
                      non_negative=("weight_decay", "warmup_steps"),
                      within={"val_fraction": OPEN_UNIT, "min_lr_ratio": UNIT},
                      choices={"dataset": DATASETS}, divisible=[("d_model", "n_heads")])
+        check_lr_scales(self)
 
 
 def ffn_unit_sizes(model: ViT) -> list[torch.Tensor]:
@@ -108,7 +112,7 @@ def run(config: ViTExperimentConfig, context: RunContext) -> None:
             if not context.start_unit(arm, seed):
                 continue
             model, optimizer = seeded_arm(folder, arm, seed, lambda: ViT(model_config).to(device), settings, c.steps,
-                                          example_inputs=train_x[:2])
+                                          example_inputs=train_x[:2], lr_scale=arm_lr_scale(c, arm))
             batch_loss, evaluate_classifier = classifier_closures(model, (train_x, train_y), (val_x, val_y),
                                                                   c.batch_size, seed)
 
@@ -157,6 +161,11 @@ PRESETS = {
     "tiny": ViTExperimentConfig(d_model=16, n_layers=1, n_heads=2, d_ff=32, batch_size=16, steps=8,
                                 eval_every=4, warmup_steps=2),
     "smoke": ViTExperimentConfig(),
+    # The paper's regime (validation losses 1.71 and 2.12: a model far past its point of fit): little data,
+    # long training. 1600 training signals, 6000 steps of 128 (480 epochs).
+    "regime": ViTExperimentConfig(dataset="mnist1d", num_samples=2000, val_fraction=0.2, patch_size=4, d_model=64,
+                                  n_layers=3, n_heads=4, d_ff=256, batch_size=128, steps=6000, eval_every=200,
+                                  warmup_steps=60, seeds=(0, 1, 2, 3, 4)),
     "full": ViTExperimentConfig(dataset="mnist1d", num_samples=10_000, val_fraction=0.2, patch_size=4, d_model=64,
                                 n_layers=3, n_heads=4, d_ff=256, batch_size=128, steps=2000, eval_every=100,
                                 warmup_steps=60, seeds=(0, 1, 2)),

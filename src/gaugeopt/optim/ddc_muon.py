@@ -9,9 +9,10 @@ writes ``p <- (1 - lr wd) p - lr D gamma``. Muon groups take :class:`~gaugeopt.o
     B <- mu B + (1 - mu) G~,    U = (1 - mu) G~ + mu B (nesterov) or B,    D = s NS(U)
 
 with ``NS`` the quintic Newton-Schulz iteration (:func:`~gaugeopt.optim.matrix_functions.newton_schulz`,
-torch's operation for operation) and ``s`` the shape factor ``sqrt(max(1, rows / cols))``
-(``adjust_lr="original"``) or ``0.2 sqrt(max(rows, cols))`` (``"match_rms_adamw"``). Adam groups take
-DDCAdam's rule. Why this is exact, per family:
+torch's operation for operation, in bfloat16 by default as torch's; Keller Jordan's coefficients, or
+the Polar Express schedule with ``ns_coefficients="polar_express"``) and ``s`` the shape factor
+``sqrt(max(1, rows / cols))`` (``adjust_lr="original"``) or ``0.2 sqrt(max(rows, cols))``
+(``"match_rms_adamw"``). Adam groups take DDCAdam's rule. Why this is exact, per family:
 
 * *Norm scale, neuron scale:* Muon sees the canonical (merged, balanced) matrix; ``NS(D U) != D NS(U)``
   for a diagonal ``D``, which is why the frame is needed.
@@ -21,9 +22,14 @@ DDCAdam's rule. Why this is exact, per family:
   family, is orthogonalised on its own; the shape factor stays the whole matrix's).
 * *Logit or router shift:* the gradient is centred and so is ``D``: the mean row never moves.
 
-With ``ns_dtype=None`` (the default) Newton-Schulz runs in the parameters' dtype and training from
-``g . theta_0`` gives ``g . theta_t`` to rounding; ``ns_dtype=torch.bfloat16`` reproduces
-``torch.optim.Muon`` (which hard-codes bfloat16), whose rounding is not equivariant.
+Each of these maps is exactly equivariant; what the arithmetic keeps depends on ``ns_dtype``. With
+``torch.float32`` or ``None`` (the parameters' dtype) training from ``g . theta_0`` gives
+``g . theta_t`` to that dtype's rounding. The default ``torch.bfloat16`` (``torch.optim.Muon``'s,
+which it reproduces bit for bit) keeps the scalings and shifts exact, since the frames hand
+Newton-Schulz the same canonical matrix in both runs, but not the head rotations: they rotate its
+input, and bfloat16's rounding does not commute with rotations, so the two runs drift apart at
+bfloat16's scale, amplified over training (docs/ddc_muon.md measures it). The orbit coordinates
+(norm gains, balanced units, the mean head row) stay fixed in every dtype.
 
 **Which parameters take Muon.** Each param group takes one rule, recorded as its ``use_muon``. A
 group the user gives may set ``use_muon`` for all its parameters; otherwise :func:`muon_parameter_names`
@@ -58,7 +64,6 @@ model without hidden matrices): then ``lr`` is unused.
 from __future__ import annotations
 
 import inspect
-import math
 import os
 import warnings
 from collections.abc import Mapping
@@ -81,7 +86,12 @@ from .guards import (
     require_unit_interval,
 )
 from .layerwise import muon_lr_scale
-from .matrix_functions import MUON_NS_COEFFICIENTS
+from .matrix_functions import (
+    MUON_NS_COEFFICIENTS,
+    NSCoefficients,
+    coefficients_setting,
+    ns_coefficient_schedule,
+)
 from .rules import Muon, Rule
 
 #: Modules whose weight DDCMuon's Muon rule steps as its matricisation (out channels, the rest).
@@ -137,9 +147,14 @@ class DDCMuon(FramedOptimizer):
         lr, momentum, nesterov, weight_decay: the Muon groups' defaults, as in ``torch.optim.Muon``
             (decay is ``W <- (1 - lr wd) W``). A Muon group keeps its momentum as ``betas[0]``.
         adjust_lr: the shape factor, ``"original"`` or ``"match_rms_adamw"`` (torch's ``adjust_lr_fn``).
-        ns_steps, ns_coefficients, ns_eps: the Newton-Schulz iteration.
-        ns_dtype: its arithmetic dtype: ``None`` (default) uses the parameters' dtype, which keeps the
-            equivariance exact; ``torch.bfloat16`` reproduces ``torch.optim.Muon``.
+        ns_steps, ns_eps: the Newton-Schulz iteration, as in ``torch.optim.Muon``.
+        ns_coefficients: its quintic ``(a, b, c)`` for every step (default: torch's), a sequence of
+            ``ns_steps`` quintics, one per step, or ``"polar_express"`` (the schedule of Amsel et al.,
+            :func:`~gaugeopt.optim.matrix_functions.polar_express_coefficients`, closer to the polar
+            factor in the same number of steps).
+        ns_dtype: its arithmetic dtype: ``torch.bfloat16`` (default), as ``torch.optim.Muon``, which it
+            reproduces; ``torch.float32``, or ``None`` for the parameters' dtype, keeps the equivariance
+            exact to that dtype's rounding (bfloat16's rounding is not equivariant: module docstring).
         head_wise: orthogonalise each attention head's block of the query/key/value rows and output
             columns separately (heads read from the model's rotation families).
         adam_lr, adam_betas, adam_eps: the Adam groups' defaults (embeddings, the head, vectors).
@@ -167,9 +182,9 @@ class DDCMuon(FramedOptimizer):
         adjust_lr: str = "original",
         ns_steps: int = 5,
         *,
-        ns_coefficients: tuple[float, float, float] = MUON_NS_COEFFICIENTS,
+        ns_coefficients: NSCoefficients = MUON_NS_COEFFICIENTS,
         ns_eps: float = 1e-7,
-        ns_dtype: torch.dtype | None = None,
+        ns_dtype: torch.dtype | None = torch.bfloat16,
         head_wise: bool = False,
         adam_lr: float = 1e-3,
         adam_betas: tuple[float, float] = (0.9, 0.999),
@@ -182,12 +197,11 @@ class DDCMuon(FramedOptimizer):
         where = type(self).__name__
         require_unit_interval(where, "momentum", momentum)
         require_betas(where, "adam_betas", adam_betas)
-        require(isinstance(ns_coefficients, (tuple, list)), where,
-                f"ns_coefficients must be three finite numbers (a, b, c), got {ns_coefficients!r}")
         adam_weight_decay = weight_decay if adam_weight_decay is None else adam_weight_decay
         muon = dict(lr=lr, betas=(momentum, adam_betas[1]), eps=adam_eps, weight_decay=weight_decay,
-                    nesterov=nesterov, adjust_lr=adjust_lr, ns_steps=ns_steps, ns_coefficients=tuple(ns_coefficients),
-                    ns_eps=ns_eps, ns_dtype=ns_dtype, head_wise=head_wise)
+                    nesterov=nesterov, adjust_lr=adjust_lr, ns_steps=ns_steps,
+                    ns_coefficients=coefficients_setting(ns_coefficients), ns_eps=ns_eps, ns_dtype=ns_dtype,
+                    head_wise=head_wise)
         adam = dict(muon, lr=adam_lr, betas=tuple(adam_betas), weight_decay=adam_weight_decay)
         _check_muon_settings(muon, where)
         check_adam_settings(adam, where)
@@ -238,8 +252,7 @@ class DDCMuon(FramedOptimizer):
                 settings.update({key: param_group[k] for k, key in _ADAM_ONLY.items() if k in param_group})
             if isinstance(settings["betas"], (tuple, list)):
                 settings["betas"] = tuple(settings["betas"])
-            if isinstance(settings["ns_coefficients"], (tuple, list)):
-                settings["ns_coefficients"] = tuple(settings["ns_coefficients"])
+            settings["ns_coefficients"] = coefficients_setting(settings["ns_coefficients"])
             parts.append({**settings, "params": chosen, "use_muon": flag})
         return parts
 
@@ -264,7 +277,8 @@ class DDCMuon(FramedOptimizer):
         if not group["use_muon"]:
             return ADAM
         return Muon(nesterov=bool(group["nesterov"]), ns_steps=group["ns_steps"],
-                    ns_coefficients=tuple(group["ns_coefficients"]), ns_eps=float(group["ns_eps"]),
+                    ns_coefficients=ns_coefficient_schedule(group["ns_coefficients"], group["ns_steps"]),
+                    ns_eps=float(group["ns_eps"]),
                     ns_dtype=group["ns_dtype"], adjust_lr=group["adjust_lr"],
                     head_blocks="frame" if group["head_wise"] else None, block_scale=False, flatten=True,
                     momentum_key="betas")
@@ -319,10 +333,10 @@ def _check_muon_settings(group: Mapping[str, Any], where: str) -> None:
     steps = group["ns_steps"]
     require(isinstance(steps, int) and not isinstance(steps, bool) and 0 <= steps < 100, where,
             f"ns_steps must be an int in [0, 100), got {steps!r}")
-    coefficients = group["ns_coefficients"]
-    require(isinstance(coefficients, (tuple, list)) and len(coefficients) == 3
-            and all(isinstance(c, (int, float)) and math.isfinite(c) for c in coefficients), where,
-            f"ns_coefficients must be three finite numbers (a, b, c), got {coefficients!r}")
+    try:
+        ns_coefficient_schedule(group["ns_coefficients"], steps, name="ns_coefficients")
+    except ValueError as error:
+        raise ValueError(f"{where}: {error}") from None
     require_nonnegative(where, "ns_eps", group["ns_eps"])
     dtype = group["ns_dtype"]
     require(dtype is None or (isinstance(dtype, torch.dtype) and dtype.is_floating_point), where,

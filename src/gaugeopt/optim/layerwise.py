@@ -50,8 +50,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from .matrix_functions import MUON_NS_COEFFICIENTS, NSCoefficients, inverse_sqrt_psd, newton_schulz
 from .symmetry import center_rows
-from .matrix_functions import MUON_NS_COEFFICIENTS, inverse_sqrt_psd, newton_schulz
 
 __all__ = [
     "Orientation",
@@ -79,12 +79,23 @@ def _damping_floor(dtype: torch.dtype) -> float:
     """Least damping of :func:`damped_polar`, relative to the Frobenius norm of the Gram matrix.
 
     ``100 u`` (``u`` the unit roundoff): rounding the Gram matrix of a rank-deficient momentum must
-    not make it indefinite (``10 u`` still failed in float32 trials). ``1e-12``: the coupled
-    Newton-Schulz iteration of :func:`inverse_sqrt_psd` reaches a residual of about
-    ``u / sqrt(damping)``, which must stay within its stall threshold (``1e6 n u``); in float64,
-    ``100 u`` alone stalled above it on rank-deficient 2 x 2 to 64 x 64 momenta.
+    not make it indefinite (``10 u`` still failed in float32 trials). ``1e-12``: a floor on the
+    relative damping bounds the spectrum of the damped Gram matrix from below, which fixes the
+    length of its inverse square root's schedule in advance (:func:`_inverse_sqrt_floor`).
     """
     return max(100.0 * torch.finfo(dtype).eps, 1e-12)
+
+
+def _inverse_sqrt_floor(dtype: torch.dtype) -> float:
+    """A lower bound on the eigenvalues of ``A / |A|_F`` for :func:`damped_polar`'s damped Gram matrix
+    ``A = G + d I`` with ``d >= f |G|_F`` (``f`` the :func:`_damping_floor`): ``lambda_min(A) >= d / 2``
+    (rounding may make ``G`` indefinite by less than half the floor: the floor's purpose) and
+    ``|A|_F <= |G|_F + d sqrt(n)``, so the ratio is at least ``(f / 2) / (1 + f sqrt(n)) >= f / 4``
+    for any ``n <= 1 / f^2``; with it :func:`inverse_sqrt_psd` runs a fixed schedule (13 quintic
+    steps in float64) and reads nothing back from the device."""
+    return _damping_floor(dtype) / 4
+
+
 ADJUST_LR_CHOICES: tuple[str, ...] = ("original", "match_rms_adamw", "none")
 
 
@@ -136,7 +147,7 @@ def muon_update(
     head_index: tuple[tuple[int, ...], ...] | None = None,
     ns_steps: int = 5,
     ns_eps: float = 1e-7,
-    ns_coefficients: tuple[float, float, float] = MUON_NS_COEFFICIENTS,
+    ns_coefficients: NSCoefficients = MUON_NS_COEFFICIENTS,
     adjust_lr: str = "original",
     dtype: torch.dtype | None = None,
     block_scale: bool = True,
@@ -150,11 +161,11 @@ def muon_update(
     (``head_axis="col"``: the output projection, ``(d, H * head_dim)``); ``head_index[h]`` gives the
     indices of block ``h`` instead (any partition of that axis). Each block is orthogonalised on its
     own, which keeps the map equivariant under independent per-block rotations. ``NS`` is
-    :func:`~gaugeopt.optim.matrix_functions.newton_schulz`, run in ``dtype`` (``None``: ``M``'s); the
-    result is in ``M``'s dtype. The scale ``s`` is ``sqrt(max(1, rows/cols))`` (``adjust_lr="original"``,
-    Keller Jordan's Muon), ``0.2 sqrt(max(rows, cols))`` (``"match_rms_adamw"``, Moonshot) or 1
-    (``"none"``), as in ``torch.optim.Muon``, for the block's shape (``block_scale=True``) or the
-    whole matrix's.
+    :func:`~gaugeopt.optim.matrix_functions.newton_schulz` with ``ns_coefficients`` (one quintic, one
+    per step, or ``"polar_express"``), run in ``dtype`` (``None``: ``M``'s); the result is in ``M``'s
+    dtype. The scale ``s`` is ``sqrt(max(1, rows/cols))`` (``adjust_lr="original"``, Keller Jordan's
+    Muon), ``0.2 sqrt(max(rows, cols))`` (``"match_rms_adamw"``, Moonshot) or 1 (``"none"``), as in
+    ``torch.optim.Muon``, for the block's shape (``block_scale=True``) or the whole matrix's.
     """
     if M.ndim < 2:
         raise ValueError(f"muon needs a matrix or a batch of matrices, got shape {tuple(M.shape)}")
@@ -170,10 +181,11 @@ def muon_update(
             raise ValueError(
                 f"heads={heads} does not divide the {head_axis} axis of size {split} (shape {tuple(M.shape)})")
         head_index = tuple(tuple(range(h * (split // heads), (h + 1) * (split // heads))) for h in range(heads))
+    head_index = tuple(tuple(block) for block in head_index)
+    if not _partitions(head_index, split):
+        raise ValueError(f"head blocks of sizes {[len(block) for block in head_index]} do not partition the "
+                         f"{head_axis} axis of a {tuple(M.shape)} matrix into equal blocks")
     index = torch.tensor(head_index, device=M.device)
-    if not torch.equal(index.flatten().sort().values, torch.arange(split, device=M.device)):
-        raise ValueError(f"head blocks {tuple(index.shape)} do not partition the {head_axis} axis of a "
-                         f"{tuple(M.shape)} matrix")
     if head_axis == "row":
         blocks = M[..., index, :]  # (..., heads, head_dim, cols)
     else:
@@ -186,6 +198,20 @@ def muon_update(
     else:
         out[..., index] = ortho.movedim(-3, -2)
     return out
+
+
+_PARTITIONS: dict[tuple, bool] = {}
+
+
+@torch.compiler.assume_constant_result  # a compiled step takes the answer as a constant
+def _partitions(blocks: tuple[tuple[int, ...], ...], size: int) -> bool:
+    """Whether equal-sized ``blocks`` of indices partition ``range(size)``: checked on the host once per
+    layout (the same check on a device tensor would read its answer back at every step)."""
+    key = (blocks, size)
+    if key not in _PARTITIONS:
+        _PARTITIONS[key] = len({len(block) for block in blocks}) == 1 and \
+            sorted(i for block in blocks for i in block) == list(range(size))
+    return _PARTITIONS[key]
 
 
 def row_norm_update(X: Tensor, *, eps: float = 1e-8) -> Tensor:
@@ -253,7 +279,7 @@ def damped_polar(Y: Tensor, eps: float = 1e-8, *, rows_centered: bool = False) -
     damping = torch.maximum((eps / power.double().square()).clamp(max=unit_roundoff**-2).to(Y.dtype), floor)
     damping = torch.where(damping > 0, damping, torch.ones_like(damping))  # Y = 0 and eps = 0: any value
     identity = torch.eye(gram.shape[-1], dtype=Y.dtype, device=Y.device)
-    inverse_sqrt = inverse_sqrt_psd(gram + damping * identity)
+    inverse_sqrt = inverse_sqrt_psd(gram + damping * identity, lower_bound=_inverse_sqrt_floor(Y.dtype))
     return Y @ inverse_sqrt if rows >= cols else inverse_sqrt @ Y
 
 

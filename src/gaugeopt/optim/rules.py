@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 from .layerwise import apply_update_rule, muon_update
-from .matrix_functions import MUON_NS_COEFFICIENTS
+from .matrix_functions import MUON_NS_COEFFICIENTS, Quintic
 from .shards import LOCAL, Collectives, RowShard
 from .symmetry import Residual, SharedAxis, blocked, group_mean
 
@@ -204,9 +204,12 @@ class Muon:
     ``head_blocks``: ``None`` (whole matrices), ``"frame"`` (the attention heads of the rotation
     families, from the frame's :class:`Residual`) or an int ``H`` (``H`` equal blocks along
     ``head_axis``, ``"row"`` or ``"col"``). ``block_scale``: the shape factor of a head-wise update
-    uses the block's shape (``True``) or the whole matrix's (``False``, as DDCMuon). ``ns_dtype``:
-    the iteration's dtype (``None``: the gradient's). ``momentum_key`` names the group setting: a
-    number, or a pair whose first entry is the momentum (DDCMuon's ``betas``).
+    uses the block's shape (``True``) or the whole matrix's (``False``, as DDCMuon).
+    ``ns_coefficients``: one quintic ``(a, b, c)`` or one per step (the optimizers resolve a group's
+    setting, a name such as ``"polar_express"`` included, with
+    :func:`~gaugeopt.optim.matrix_functions.ns_coefficient_schedule`). ``ns_dtype``: the iteration's
+    dtype (``None``: the gradient's). ``momentum_key`` names the group setting: a number, or a pair
+    whose first entry is the momentum (DDCMuon's ``betas``).
     ``flatten``: a member of more than two dimensions is orthogonalised as its matricisation
     ``(shape[0], prod(shape[1:]))`` (a conv kernel ``(out, in, *kernel)``, as Keller Jordan's Muon
     does) instead of as a batch of matrices over its leading axes (MoE experts ``(E, rows, cols)``).
@@ -214,7 +217,7 @@ class Muon:
 
     nesterov: bool = True
     ns_steps: int = 5
-    ns_coefficients: tuple[float, float, float] = MUON_NS_COEFFICIENTS
+    ns_coefficients: tuple[Quintic, ...] | Quintic = MUON_NS_COEFFICIENTS
     ns_eps: float = 1e-7
     ns_dtype: torch.dtype | None = None
     adjust_lr: str = "original"

@@ -16,7 +16,6 @@ to rules, applies the user's overrides and prints the classification table.
 from __future__ import annotations
 
 import fnmatch
-import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,7 +27,12 @@ from .base import FramedOptimizer
 from .guards import require_betas, require_nonnegative, require_positive, require_rate, require_unit_interval
 from .layerwise import ADJUST_LR_CHOICES, ORIENTATIONS, RULES, get_rule
 from .rules import Adam, MomentumMap, Muon, Rule
-from .matrix_functions import MUON_NS_COEFFICIENTS
+from .matrix_functions import (
+    MUON_NS_COEFFICIENTS,
+    NSCoefficients,
+    coefficients_setting,
+    ns_coefficient_schedule,
+)
 
 __all__ = [
     "SymmetryCompatible",
@@ -72,7 +76,9 @@ class SymmetryCompatible(FramedOptimizer):
         weight_decay: decoupled weight decay ``W <- (1 - lr wd) W``.
         eps: row-norm denominator guard and Gram-matrix damping of the spectral rules.
         alpha: exponent of the nuclear-norm scale of the spectral and hybrid rules.
-        ns_steps, ns_eps, ns_coefficients: Muon's Newton-Schulz iteration.
+        ns_steps, ns_eps, ns_coefficients: Muon's Newton-Schulz iteration (``ns_coefficients``: one
+            quintic ``(a, b, c)``, one per step, or ``"polar_express"``, as in :class:`~gaugeopt.DDCMuon`;
+            it runs in the parameters' dtype).
         adjust_lr: Muon scale, ``"original"`` (sqrt(max(1, rows/cols))), ``"match_rms_adamw"``
             (0.2 sqrt(max(rows, cols))) or ``"none"``.
         adam_betas, adam_eps: the AdamW rule's moment coefficients and denominator guard.
@@ -108,7 +114,7 @@ class SymmetryCompatible(FramedOptimizer):
         alpha: float = 1.0,
         ns_steps: int = 5,
         ns_eps: float = 1e-7,
-        ns_coefficients: tuple[float, float, float] = MUON_NS_COEFFICIENTS,
+        ns_coefficients: NSCoefficients = MUON_NS_COEFFICIENTS,
         adjust_lr: str = "original",
         adam_betas: tuple[float, float] = (0.9, 0.95),
         adam_eps: float = 1e-8,
@@ -118,7 +124,7 @@ class SymmetryCompatible(FramedOptimizer):
         defaults = dict(
             lr=lr, rule=rule, orientation=orientation, heads=heads, momentum=momentum, nesterov=nesterov,
             weight_decay=weight_decay, eps=eps, alpha=alpha, ns_steps=ns_steps, ns_eps=ns_eps,
-            ns_coefficients=tuple(ns_coefficients), adjust_lr=adjust_lr, adam_betas=tuple(adam_betas),
+            ns_coefficients=coefficients_setting(ns_coefficients), adjust_lr=adjust_lr, adam_betas=tuple(adam_betas),
             adam_eps=adam_eps,
         )
         _validate_settings(defaults, type(self).__name__)
@@ -168,7 +174,8 @@ class SymmetryCompatible(FramedOptimizer):
             return Adam(betas_key="adam_betas", eps_key="adam_eps")
         if name == "muon":
             return Muon(nesterov=bool(group["nesterov"]), ns_steps=group["ns_steps"],
-                        ns_coefficients=tuple(group["ns_coefficients"]), ns_eps=float(group["ns_eps"]),
+                        ns_coefficients=ns_coefficient_schedule(group["ns_coefficients"], group["ns_steps"]),
+                        ns_eps=float(group["ns_eps"]),
                         adjust_lr=group["adjust_lr"], head_blocks=group["heads"], head_axis=group["orientation"],
                         block_scale=True, momentum_key="momentum")
         options = tuple((key, group[key]) for key in get_rule(name).options)
@@ -191,10 +198,10 @@ def _validate_settings(settings: dict[str, Any], where: str) -> None:
     steps = settings["ns_steps"]
     require(isinstance(steps, int) and not isinstance(steps, bool) and steps >= 0,
             f"ns_steps must be an int >= 0, got {steps!r}")
-    coefficients = settings["ns_coefficients"]
-    require(isinstance(coefficients, (tuple, list)) and len(coefficients) == 3
-            and all(isinstance(c, (int, float)) and not isinstance(c, bool) and math.isfinite(c) for c in coefficients),
-            f"ns_coefficients must be three finite numbers (a, b, c), got {coefficients!r}")
+    try:
+        ns_coefficient_schedule(settings["ns_coefficients"], steps, name="ns_coefficients")
+    except ValueError as error:
+        require(False, str(error))
     require(settings["adjust_lr"] in ADJUST_LR_CHOICES,
             f"adjust_lr must be one of {ADJUST_LR_CHOICES}, got {settings['adjust_lr']!r}")
     require(settings["orientation"] in ORIENTATIONS,
