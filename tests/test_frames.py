@@ -21,7 +21,7 @@ import gaugeopt
 from gaugeopt.gauges import AxisRef, GaugeSet, HeadRotation, NeuronScaling
 from gaugeopt.models import ReLUMLP, ReLUMLPConfig, SwiGLUMLP, SwiGLUMLPConfig, TransformerLM, TransformerLMConfig
 from gaugeopt.optim.program import build_program
-from gaugeopt.optim.step import canonicalize, read_frames, step_inputs
+from gaugeopt.optim.step import read_frames, step_inputs
 from gaugeopt.optim.frames import FrameConflictError, build_frame_plan, neuron_frames, unit_square_sums
 from gaugeopt.optim.symmetry import SharedAxis, block_layout, center_rows, group_mean
 
@@ -41,15 +41,14 @@ def _read(model, params, names, plan) -> dict[str, torch.Tensor]:
     layout = build_program([{"params": params}], names, dict(model.named_parameters()), plan, [None],
                            channel_step=True, edge_scale=1.0)
     frames = read_frames(layout.program, step_inputs(layout, dict(model.named_parameters())))
-    canonical = canonicalize(layout.program, frames, range(len(layout.program.tensors)))
     out = {}
-    for members, gradients in zip(layout.tensors, canonical):
-        for p, g in zip(members.params, gradients.unbind(0)):
+    for members, gradients in zip(layout.tensors, frames.canonical):
+        for p, g in zip(members.params, gradients):
             out[names[id(p)]] = g
     for members, h in zip(layout.norms, frames.scale_inputs):
         for family, row in zip(members.families, h.unbind(0)):
             out[family.gain] = row
-    assert frames.flags.tolist() == [True, False]
+    assert frames.flags.tolist() == [True, False, False]
     return out
 
 

@@ -340,12 +340,15 @@ class FramedOptimizer(GuardedOptimizer):
         inputs = step_inputs(layout, self._lookup, gains, shards.collectives if shards is not None else LOCAL)
         runner = self._runner if compiled else _EAGER
         frames = runner.read(layout.program, inputs)
-        finite, any_dead = frames.flags.tolist()  # the step's one host synchronisation
+        finite, beyond, any_dead = frames.flags.tolist()  # the step's one host synchronisation
         if not finite:
-            self.apply_nonfinite_policy(self.nonfinite_parameters())
-            return loss
+            bad = self.nonfinite_parameters()
+            if bad:
+                self.apply_nonfinite_policy(bad)
+                return loss
+            beyond = True  # finite gradients whose canonical values overflowed: clipped like the largest
         inputs = with_state(layout, inputs, self.param_groups, self.state, self._stacked)
-        runner.write(layout.program, inputs, frames, masked=bool(any_dead))
+        runner.write(layout.program, inputs, frames, masked=bool(any_dead), clip=bool(beyond))
         self._stacked.settle()
         self._report_frozen(layout, frames if any_dead else None, gains)
         return loss

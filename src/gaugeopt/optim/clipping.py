@@ -30,7 +30,7 @@ from .distributed import sharded_parameters, whole_by_name
 from .frames import FramePlan, build_frame_plan
 from .program import build_program
 from .shards import LOCAL, local_tensor
-from .step import canonicalize, read_frames, step_inputs
+from .step import read_frames, step_inputs
 
 __all__ = ["clip_grad_norm_", "gauge_invariant_grad_norm"]
 
@@ -73,7 +73,7 @@ def gauge_invariant_grad_norm(parameters: Tensor | Iterable[Tensor], gauges: Gau
     layout = build_program([{"params": params}], names, lookup, plan, [None], channel_step=True,
                            edge_scale=EDGE_SCALE, ranks=shards.ranks if shards is not None else None)
     frames = read_frames(layout.program, step_inputs(layout, lookup, whole, collectives))
-    parts = canonicalize(layout.program, frames, range(len(layout.program.tensors)), collectives)
+    parts = [t for canonical in frames.canonical for t in (canonical if isinstance(canonical, list) else [canonical])]
     parts += frames.scale_inputs
     parts += [local_tensor(p.detach()) * local_tensor(p.grad) for ps in layout.checked for p in ps]  # gains of
     # norms whose consumers have no gradient

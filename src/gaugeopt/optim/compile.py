@@ -36,8 +36,8 @@ class StepRunner:
     def read(self, program: StepProgram, inputs: StepTensors) -> Frames:
         return self._read(program, inputs)
 
-    def write(self, program: StepProgram, inputs: StepTensors, frames: Frames, masked: bool) -> None:
-        held, factors = self._write(program, inputs, frames, masked=masked)
+    def write(self, program: StepProgram, inputs: StepTensors, frames: Frames, masked: bool, clip: bool) -> None:
+        held, factors = self._write(program, inputs, frames, masked=masked, clip=clip)
         if held:
             self._rebalance(program, inputs, frames, held, factors, masked=masked)
 

@@ -15,7 +15,7 @@ coordinate permutations; a frame may leave a residual orthogonal symmetry on blo
 block, :class:`Muon` commutes with it (Newton-Schulz is equivariant under orthogonal maps).
 
 * :class:`Adam`: ``m <- b1 m + (1 - b1) G~``, ``v <- b2 v + (1 - b2) S(G~ * G~)``, with every entry of
-  ``G~`` first clipped to :func:`square_safe` (1.8e16 in float32) so that neither moment overflows;
+  ``G~`` clipped to :func:`square_safe` (1.8e16 in float32) by the step so that neither moment overflows;
   ``D = (m / c1) / (sqrt(v / c2) + eps)`` with ``c_k = 1 - b_k^t``; ``S`` averages over the blocks of
   the residual symmetry (the identity without one).
 * :class:`Muon`: ``B <- mu B + (1 - mu) G~``, ``U = (1 - mu) G~ + mu B`` (nesterov) or ``B``,
@@ -101,16 +101,15 @@ def adam_direction_(grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, scalars: 
                     collectives: Collectives = LOCAL) -> Tensor:
     """Advance Adam's moments in place and return ``(m / c1) / (sqrt(v / c2) + eps)``.
 
-    All tensors are stacks ``(L, ...)``; ``scalars`` are :class:`AdamScalars` as tensors (``shift``
-    and ``scale`` of length ``L``). With ``shared`` the squared gradient is averaged over each block of
+    ``grad`` must be bounded by :func:`square_safe` (the step clips canonical gradients that are
+    not), so that neither moment overflows. All tensors are stacks ``(L, ...)``; ``scalars`` are
+    :class:`AdamScalars` as tensors (``shift`` and ``scale`` of length ``L``). With ``shared`` the squared gradient is averaged over each block of
     those (member) axes before it enters ``v``, so ``v`` is invariant under the blocks' rotations and
     the direction rotates with them (on a row shard ``rows``, blocks of the row axis cut by a shard
     boundary are summed over the ranks: :func:`shared_row_mean`). ``grad`` is overwritten (it ends up
     holding the direction, which is returned): the step allocates nothing the size of ``grad``.
     """
     ndim = grad.dim() - 1
-    bound = square_safe(grad.dtype)
-    grad = grad.clamp_(-bound, bound)
     exp_avg.lerp_(grad, scalars.one_minus_beta1)
     square = grad.square_()
     if rows is not None and any(axis == 0 for axis, _ in shared):
@@ -120,16 +119,21 @@ def adam_direction_(grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, scalars: 
         exp_avg_sq.lerp_(square, scalars.one_minus_beta2)
     elif len(shared) == 1 and shared[0][1].layout is not None:
         # regular blocks: the block means broadcast into a blocked view of v (nothing the size of v is
-        # allocated; compiled, the same loop as the general path)
+        # allocated; compiled, the same loop as the general path). v is then constant over each block,
+        # so its denominators are taken once per block and broadcast into the division.
         axis, blocks = shared[0]
         means = blocked(square, blocks, axis + 1).mean(dim=axis + 2, keepdim=True)
-        blocked(exp_avg_sq, blocks, axis + 1).lerp_(means, scalars.one_minus_beta2)
+        second = blocked(exp_avg_sq, blocks, axis + 1).lerp_(means, scalars.one_minus_beta2)
+        shift, scale = (_per_member(t, ndim + 2) for t in (scalars.shift, scalars.scale))
+        denominator = torch.addcmul(shift, second.narrow(axis + 2, 0, 1).sqrt(), scale)
+        direction = torch.div(blocked(exp_avg, blocks, axis + 1), denominator, out=blocked(grad, blocks, axis + 1))
+        return direction.view(grad.shape)
     else:
         for axis, blocks in shared:
             square = group_mean(square, blocks, axis + 1)
         exp_avg_sq.lerp_(square, scalars.one_minus_beta2)
     shift, scale = (_per_member(t, ndim) for t in (scalars.shift, scalars.scale))
-    denominator = torch.sqrt(exp_avg_sq, out=grad).mul_(scale).add_(shift)
+    denominator = torch.addcmul(shift, torch.sqrt(exp_avg_sq, out=grad), scale, out=grad)
     return torch.div(exp_avg, denominator, out=denominator)
 
 

@@ -6,13 +6,17 @@ step's tensors:
 
 1. :func:`read_frames` (reads only): stack the gradients (and the parameters where a frame needs
    them), compute the frames (:mod:`gaugeopt.optim.frames`: norm gains, neuron scales ``s``, frozen
-   channels and units, the gradient factors ``gamma``) and the two flags the caller reads with one
-   host synchronisation: every gradient finite, any channel or unit frozen.
+   channels and units, the gradient factors ``gamma``), the canonical gradients
+   ``G~ = P(G gamma)`` (:func:`canonicalize`; eager only: traced, the write forms them inside its
+   own loop) and the three flags the caller reads with one host synchronisation: every gradient
+   finite, some canonical gradient beyond :func:`~gaugeopt.optim.rules.square_safe`, any channel or
+   unit frozen. The flags come from the tensors the phase forms anyway (:class:`_Probes`).
 2. :func:`write` (only after the flags allow it): per norm family the channel-scale step (a scalar
    Adam on ``h = g dL/dg (+ beta dL/dbeta)``, the gain's AdamW step taken as a factor
    ``e = exp(-min(lr_g, lr_c) r)`` on the consumers' columns, ``lr_g`` the gain's rate and ``lr_c``
-   the consumer's); per batch the canonical gradient ``G~ = P(G gamma)`` (:func:`canonicalize`), the
-   rule's canonical direction ``D``, the lift (:func:`lift`) and the write
+   the consumer's); per batch the Adam batches' canonical gradients clipped to ``square_safe`` if
+   the flag says some are beyond it, the rule's canonical direction ``D`` (eager elementwise Adam in
+   torch's fused AdamW kernel), the lift (:func:`lift`) and the write
 
        p <- (1 - lr wd) p e - lr D gamma e     (horizontal part only for a translated tensor)
 
@@ -47,7 +51,7 @@ from torch import Tensor
 from ..gauges.families import unit_section
 from .frames import frozen_gains, neuron_frames, unit_square_sums
 from .program import GainFactor, GainScale, NeuronRole, PairRole, StepLayout, StepProgram, TensorBatch
-from .rules import Adam, adam_direction_
+from .rules import Adam, adam_direction_, square_safe
 from .shards import LOCAL, Collectives, RowShard, global_units, local_rows, local_tensor
 from .storage import StackedState, as_tensors
 from .symmetry import Side
@@ -82,6 +86,7 @@ class TensorInputs(NamedTuple):
     channel_rows: Tensor | None  # each member's row in the channel-factor table of its width
     state: dict[str, Tensor]  # stacked buffers
     scalars: BatchScalars | None
+    group: Mapping[str, Any] | None = None  # the param group (its numbers on the host, for fused kernels)
 
 
 class NormInputs(NamedTuple):
@@ -112,7 +117,8 @@ class StepTensors(NamedTuple):
 class Frames(NamedTuple):
     """What the read phase hands the write phase."""
 
-    grads: list[Tensor]  # the gradients per tensor batch, stacked (a view of a single member's)
+    grads: list[Tensor | None]  # the gradients per tensor batch, stacked, where the canonical ones are
+    canonical: list[Tensor | list[Tensor] | None]  # eager: G~ per tensor batch (a stack, or per member)
     params: list[Tensor | None]  # stacked parameters (compute dtype) where a batch needs them
     means: list[Tensor | None]  # per translated tensor batch, the mean row of its parameters
     gammas: list[list[Tensor]]  # per tensor batch, per scaled axis, the gradient factor (broadcastable)
@@ -125,7 +131,7 @@ class Frames(NamedTuple):
     norm_dead: list[Tensor]  # per norm batch, the zero gains
     scale_inputs: list[Tensor]  # per norm batch, h
     workspace: dict[torch.dtype, Tensor]  # scratch for the neuron frames' sums of squares, per dtype
-    flags: Tensor  # (every gradient finite, some channel or unit dead)
+    flags: Tensor  # (every canonical gradient finite, some beyond square_safe, some channel or unit dead)
 
 
 def step_inputs(layout: StepLayout, lookup: Mapping[str, Tensor], whole: Mapping[str, Tensor] = {},
@@ -178,7 +184,7 @@ def with_state(layout: StepLayout, inputs: StepTensors, groups: Sequence[Mapping
         lr = float(group["lr"])
         scalars = as_tensors(BatchScalars(lr, 1 - lr * float(group["weight_decay"]), batch.rule.scalars(group, steps)),
                              batch.dtype, t.params[0].device)
-        tensors.append(t._replace(state=buffers, scalars=scalars))
+        tensors.append(t._replace(state=buffers, scalars=scalars, group=group))
     norms = []
     for n, (batch, members, t) in enumerate(zip(layout.program.norms, layout.norms, inputs.norms)):
         buffers = stacked.buffers(state, ("norm", n), members.gains, CHANNEL_STATE)
@@ -263,23 +269,58 @@ def _slice_factors(role: NeuronRole, gains: Sequence[Tensor], vectors: Sequence[
     return factors
 
 
-def _finiteness_probes(stack: Tensor, traced: bool) -> tuple[Tensor, ...]:
-    """Numbers that are all finite exactly when every entry of ``stack`` is: its extremes (eager), or
-    0 or NaN by ``isfinite(stack).all()`` (traced: inductor's CPU code reduces that about 3x faster
-    than a min and a max; a sum of ``0 * x`` would be faster still, but inductor folds ``0 * x`` to 0)."""
-    if traced:
-        return (torch.where(torch.isfinite(stack).all(), 0.0, float("nan")),)
-    return tuple(torch.aminmax(stack))
+class _Probes:
+    """The step's flags, gathered while the read phase forms its tensors: every gradient finite, some
+    canonical gradient beyond :func:`~gaugeopt.optim.rules.square_safe` (so the write clips them),
+    some channel or unit dead. Eager, a tensor's probe is its largest magnitude (one pass; NaN
+    propagates, an infinity is one); traced, ``isfinite(x).all()`` and ``(|x| > bound).any()`` (inductor
+    fuses the two into one loop, and reduces them about 3x faster than a max on CPUs)."""
+
+    def __init__(self, traced: bool):
+        self.traced = traced
+        self.largest: dict[torch.dtype, list[Tensor]] = {}
+        self.finite: list[Tensor] = []
+        self.beyond: list[Tensor] = []
+        self.dead: list[Tensor] = []
+
+    def check(self, values: Tensor | list[Tensor], bounded: bool = False) -> None:
+        """Probe ``values`` (a stack, or a list of member tensors) for finiteness, and for entries
+        beyond ``square_safe`` if ``bounded``."""
+        if isinstance(values, list):
+            values = [v for v in values if v.numel()]
+            if values:
+                self._eager(torch.stack(torch._foreach_norm(values, float("inf"))), bounded)
+        elif values.numel():
+            if not self.traced:
+                self._eager(torch.linalg.vector_norm(values, float("inf")).reshape(1), bounded)
+                return
+            self.finite.append(torch.isfinite(values).all())
+            if bounded:
+                self.beyond.append((values.abs() > square_safe(values.dtype)).any())
+
+    def _eager(self, largest: Tensor, bounded: bool) -> None:
+        if bounded:
+            self.largest.setdefault(largest.dtype, []).append(largest)
+        else:
+            self.finite.append(torch.isfinite(largest).all())
+
+    def flags(self) -> Tensor:
+        for dtype, values in self.largest.items():
+            largest = torch.cat(values)
+            self.finite.append(torch.isfinite(largest).all())
+            self.beyond.append((largest > square_safe(dtype)).any())
+        return torch.stack([torch.stack(self.finite).all() if self.finite else torch.ones((), dtype=torch.bool),
+                            torch.stack(self.beyond).any() if self.beyond else torch.zeros((), dtype=torch.bool),
+                            torch.stack(self.dead).any() if self.dead else torch.zeros((), dtype=torch.bool)])
 
 
 def read_frames(program: StepProgram, inputs: StepTensors, traced: bool = False) -> Frames:
-    """The read-only half of a step (module docstring): stacked gradients, frames and the flags."""
-    probes: list[Tensor] = []  # finite exactly when every checked gradient is
+    """The read-only half of a step (module docstring): frames, canonical gradients and the flags."""
+    probes = _Probes(traced)
     collectives = inputs.collectives
 
     def checked(stack: Tensor) -> Tensor:
-        if stack.numel():
-            probes.extend(_finiteness_probes(stack, traced))
+        probes.check(stack)
         return stack
 
     stacks = [[_stack(ts, batch.dtype) for ts in inputs.neurons[k].params] for k, batch in enumerate(program.neurons)]
@@ -316,7 +357,6 @@ def read_frames(program: StepProgram, inputs: StepTensors, traced: bool = False)
         sizes[batch.dtype] = max([sizes.get(batch.dtype, 0), *(s.numel() for s in role_stacks)])
     workspace = {} if traced else \
         {dtype: torch.empty(size, dtype=dtype, device=stacks[0][0].device) for dtype, size in sizes.items()}
-    grads = [checked(_stack(tensors.grads, batch.dtype)) for batch, tensors in zip(program.tensors, inputs.tensors)]
 
     forward: list[Tensor | None] = [None] * len(program.neurons)
     backward: list[Tensor | None] = [None] * len(program.neurons)
@@ -338,11 +378,12 @@ def read_frames(program: StepProgram, inputs: StepTensors, traced: bool = False)
         neuron_dead.append(frames.frozen)
 
     # Norm families taking the channel-scale step: h = g dL/dg (+ beta dL/dbeta), invariant.
-    norm_dead, scale_inputs, dead_flags = [], [], [d.any() for d in neuron_dead]
+    norm_dead, scale_inputs = [], []
+    probes.dead.extend(d.any() for d in neuron_dead)
     for batch, norm in zip(program.norms, inputs.norms):
         gains, gain_grads = _stack(norm.gains, batch.dtype), checked(_stack(norm.gain_grads, batch.dtype))
         dead = frozen_gains(gains)
-        dead_flags.append(dead.any())
+        probes.dead.append(dead.any())
         gains, dead = local_rows(gains, batch.shard), local_rows(dead, batch.shard)
         h = gains * gain_grads
         if batch.bias:
@@ -362,19 +403,27 @@ def read_frames(program: StepProgram, inputs: StepTensors, traced: bool = False)
                 off = frozen_gains(frame)
             else:
                 frame, off = scales[scale.batch], neuron_dead[scale.batch]
-            dead_flags.append(off.any())
+            probes.dead.append(off.any())
             gamma = torch.where(off, 0.0, frame if scale.side is Side.MULTIPLIED else frame.reciprocal())
             factors.append(_on_axis(gamma, scale.axis, ndim, batch.shard))
             dead.append(_on_axis(off, scale.axis, ndim, batch.shard))
         gammas.append(factors)
         deads.append(dead)
     for ts in inputs.checked:
-        checked(_stack(ts, ts[0].dtype))
-    finite = torch.stack(probes).isfinite().all() if probes else torch.ones((), dtype=torch.bool)
-    some_dead = torch.stack(dead_flags).any() if dead_flags else torch.zeros((), dtype=torch.bool)
+        checked(list(ts))
+
+    # The canonical gradients: formed here (eager) or inside the update (traced: fused into its loop).
+    grads = [_stack(t.grads, batch.dtype) if traced or not _fused(batch, t) else None
+             for batch, t in zip(program.tensors, inputs.tensors)]
+    per_member = [t.grads if grad is None else grad for grad, t in zip(grads, inputs.tensors)]
+    canonical = canonicalize(program, per_member, gammas, collectives)
+    for values in canonical:
+        probes.check(values, bounded=True)
+    if traced:
+        canonical = [None] * len(canonical)
     outgoing_zero = [v == 0 for v in backward]
-    return Frames(grads, params, means, gammas, deads, scales, sections, neuron_dead, outgoing_zero, role_gains,
-                  norm_dead, scale_inputs, workspace, torch.stack([finite, some_dead]))
+    return Frames(grads, canonical, params, means, gammas, deads, scales, sections, neuron_dead, outgoing_zero,
+                  role_gains, norm_dead, scale_inputs, workspace, probes.flags())
 
 
 # --------------------------------------------------------------------------------------------------
@@ -393,26 +442,40 @@ def _canonical_gradient(batch: TensorBatch, grad: Tensor, gammas: list[Tensor]) 
     return canonical if owned else canonical.clone()
 
 
-def canonicalize(program: StepProgram, frames: Frames, batches: Sequence[int],
-                 collectives: Collectives = LOCAL) -> list[Tensor]:
-    """The canonical gradients ``G~ = P(G gamma)`` of tensor batches ``batches``: the gradient times
-    its frame's gradient factor ``gamma``, less its mean row for translated batches (``P``; their row
-    sums are one reduction round on shards). Invariant under every gauge but the rotations, under
-    which they rotate (:mod:`gaugeopt.optim.frames`)."""
-    canonical = [_canonical_gradient(program.tensors[b], frames.grads[b], frames.gammas[b]) for b in batches]
-    centred = [i for i, b in enumerate(batches) if program.tensors[b].centered]
-    means = collectives.sum([_row_mean_part(canonical[i], program.tensors[batches[i]].shard) for i in centred])
-    for i, mean in zip(centred, means):
-        canonical[i] = canonical[i].sub_(mean)
+def canonicalize(program: StepProgram, grads: Sequence[Tensor | list[Tensor]], gammas: Sequence[Sequence[Tensor]],
+                 collectives: Collectives = LOCAL) -> list[Tensor | list[Tensor]]:
+    """The canonical gradients ``G~ = P(G gamma)`` of every tensor batch: the gradient times its frame's
+    gradient factor ``gamma``, less its mean row for translated batches (``P``; their row sums are one
+    reduction round on shards). Invariant under every gauge but the rotations, under which they rotate
+    (:mod:`gaugeopt.optim.frames`). ``grads[b]`` is a batch's stacked gradients (then so is its
+    ``G~``, in memory of the step's own) or the list of its members' (then ``G~`` is a list too:
+    the gradients themselves where no factor acts)."""
+    canonical: list[Tensor | list[Tensor]] = []
+    for batch, grad, factors in zip(program.tensors, grads, gammas):
+        if isinstance(grad, Tensor):
+            canonical.append(_canonical_gradient(batch, grad, factors))
+            continue
+        for factor in factors:
+            grad = torch._foreach_mul(grad, _members(factor, batch.members))
+        canonical.append(list(grad))
+    centred = [b for b, batch in enumerate(program.tensors) if batch.centered]
+    means = collectives.sum([_row_mean_part(canonical[b], program.tensors[b].shard) for b in centred])
+    for b, mean in zip(centred, means):
+        canonical[b] = canonical[b].sub_(mean)
     return canonical
 
 
-def lift(direction: Tensor, factors: Sequence[Tensor], lr: Tensor) -> tuple[Tensor, Tensor]:
-    """The canonical direction ``D`` mapped back by the frame: the step ``lr D f_1 ... f_k`` (``f``
-    the gradient factors ``gamma``, and the channel factor ``e``) as ``(D f_1 ... f_{k-1}, lr f_k)``,
-    the last product left to the write's fused multiply-add. ``direction`` is overwritten."""
+def lift(direction: Tensor | list[Tensor], factors: Sequence[Tensor], lr: Tensor
+         ) -> tuple[Tensor | list[Tensor], Tensor]:
+    """The canonical direction ``D`` (a stack, or its members) mapped back by the frame: the step
+    ``lr D f_1 ... f_k`` (``f`` the gradient factors ``gamma``, and the channel factor ``e``) as
+    ``(D f_1 ... f_{k-1}, lr f_k)``, the last product left to the write's fused multiply-add.
+    ``direction`` is overwritten."""
     for factor in factors[:-1]:
-        direction = direction.mul_(factor)
+        if isinstance(direction, Tensor):
+            direction = direction.mul_(factor)
+        else:
+            torch._foreach_mul_(direction, _members(factor, len(direction)))
     return direction, (factors[-1] * lr if factors else lr)
 
 
@@ -455,8 +518,8 @@ def _channel_tables(program: StepProgram, inputs: StepTensors, frames: Frames) -
     rows: dict[int, list[tuple[Tensor, Tensor]]] = {}
     for n, (batch, norm) in enumerate(zip(program.norms, inputs.norms)):
         norm.state["step"].add_(1)
-        r = adam_direction_(frames.scale_inputs[n], norm.state["scale_exp_avg"], norm.state["scale_exp_avg_sq"],
-                            norm.scalars.rule)
+        h = _clip(frames.scale_inputs[n], batch.dtype, owned=True)
+        r = adam_direction_(h, norm.state["scale_exp_avg"], norm.state["scale_exp_avg_sq"], norm.scalars.rule)
         log_factor = r.mul_(-norm.scalars.lr).masked_fill_(frames.norm_dead[n], 0.0)
         rows.setdefault(batch.units, []).append((global_units(log_factor, 0, batch.shard),
                                                  norm.scalars.lr.expand(batch.members)))
@@ -486,32 +549,76 @@ def _old_values(batch: TensorBatch, tensors: TensorInputs, frames: Frames, b: in
     return frames.params[b] if frames.params[b] is not None else _stack(tensors.params, batch.dtype)
 
 
-def write(program: StepProgram, inputs: StepTensors, frames: Frames, masked: bool, traced: bool = False
-          ) -> tuple[list[_Held], dict[int, dict[Side, Tensor]]]:
+def _fused(batch: TensorBatch, tensors: TensorInputs) -> bool:
+    """Whether an eager step takes the batch's Adam moments in torch's fused kernel: elementwise
+    Adam (no block-shared second moments), no translation, parameters in their compute dtype, and
+    parameters and gradients laid out like the state (contiguous: the kernel walks their memory)."""
+    return isinstance(batch.rule, Adam) and not batch.residual.shared and not batch.centered and \
+        batch.dtype == batch.param_dtype and all(t.is_contiguous() for t in (*tensors.params, *tensors.grads))
+
+
+def _clip(canonical: Tensor | list[Tensor], dtype: torch.dtype, owned: bool) -> Tensor | list[Tensor]:
+    """Every entry of the canonical gradients clipped to ``square_safe(dtype)``, so that no moment
+    overflows (:func:`~gaugeopt.optim.rules.square_safe`); a list that is the user's gradients is
+    clipped into new tensors."""
+    bound = square_safe(dtype)
+    if isinstance(canonical, Tensor):
+        return canonical.clamp_(-bound, bound)
+    if owned:
+        torch._foreach_clamp_max_(canonical, bound)
+    else:
+        canonical = list(torch._foreach_clamp_max(canonical, bound))
+    torch._foreach_clamp_min_(canonical, -bound)
+    return canonical
+
+
+def _fused_adam(batch: TensorBatch, tensors: TensorInputs, canonical: list[Tensor], target: list[Tensor] | None
+                ) -> None:
+    """Adam's moments and direction in torch's fused AdamW kernel, on the members' canonical gradients.
+
+    With ``target`` (the parameters of a batch no frame acts on): AdamW's whole step on them, with the
+    group's rate and decay. Else the kernel steps the canonical gradients themselves (the step's own
+    tensors) with rate 1 and decay 1: each entry is read before it is written, and the decay factor
+    ``1 - 1 * 1`` zeroes it, so ``-D`` is left in ``canonical`` for the lift."""
+    beta1, beta2 = (float(b) for b in tensors.group[batch.rule.betas_key])
+    eps = float(tensors.group[batch.rule.eps_key])
+    state = tensors.state
+    if batch.rule_shape is not None:
+        canonical = [c.view(batch.rule_shape) for c in canonical]
+    moments = [list(state[key].unbind(0)) for key in ("exp_avg", "exp_avg_sq")]
+    steps = list(state["step"].unbind(0))
+    lr, decay = (float(tensors.group["lr"]), float(tensors.group["weight_decay"])) if target is not None else (1.0, 1.0)
+    torch._fused_adamw_(canonical if target is None else target, canonical, *moments, [], steps, lr=lr, beta1=beta1,
+                        beta2=beta2, weight_decay=decay, eps=eps, amsgrad=False, maximize=False)
+
+
+def write(program: StepProgram, inputs: StepTensors, frames: Frames, masked: bool, clip: bool = True,
+          traced: bool = False) -> tuple[list[_Held], dict[int, dict[Side, Tensor]]]:
     """The update of a step (module docstring): channel-scale steps, rule directions and lifts; every
     batch written except the isolated pairs', whose new values are returned with their factors
     (:func:`pair_factors`, from sums taken in the same pass) for :func:`rebalance`. ``masked``: some
-    unit or channel is dead (the read phase's flag), so dead entries are kept exactly as they are."""
+    unit or channel is dead (the read phase's flag), so dead entries are kept exactly as they are;
+    ``clip``: some canonical gradient is beyond ``square_safe`` (the read phase's flag), so the Adam
+    batches' are clipped to it, as Adam's moments need (traced, always: it is fused into the update's
+    loop); other rules take them as they are.
+
+    Eager, a batch of elementwise Adam takes its moments and direction in torch's fused kernel
+    (:func:`_fused_adam`), the rest the rule's own stacked math; both are Adam's formula."""
     collectives = inputs.collectives
     tables = _channel_tables(program, inputs, frames)
-    centred = [b for b, batch in enumerate(program.tensors) if batch.centered]
-    centred_gradients = dict(zip(centred, canonicalize(program, frames, centred, collectives)))
+    canonical = canonicalize(program, frames.grads, frames.gammas, collectives) if traced else frames.canonical
     held: list[_Held] = []
     for b, (batch, tensors) in enumerate(zip(program.tensors, inputs.tensors)):
         ndim, members = len(batch.shape), batch.members
         lr, decay = tensors.scalars.lr, tensors.scalars.decay
         if "step" in tensors.state:
             tensors.state["step"].add_(1)
-        canonical = centred_gradients.pop(b) if batch.centered else \
-            _canonical_gradient(batch, frames.grads[b], frames.gammas[b])
-        if batch.rule_shape is not None:  # the rule steps the parameter as it is (Muon: its own matrix)
-            canonical = canonical.reshape(members, *batch.rule_shape)
-        direction = batch.rule.direction(canonical, tensors.state, tensors.scalars.rule, batch.residual, collectives)
-        if batch.rule_shape is not None:
-            direction = direction.reshape(members, *batch.shape)
-        if batch.centered:  # the horizontal part of the direction (one reduction round on shards)
-            (mean,) = collectives.sum([_row_mean_part(direction, batch.shard)])
-            direction = direction.sub_(mean)
+        gradient = canonical[b]
+        # a list of members' canonical gradients is the user's gradients themselves where no gradient
+        # factor acts; a stack is always the step's own
+        owned = isinstance(gradient, Tensor) or bool(frames.gammas[b])
+        if (clip or traced) and isinstance(batch.rule, Adam):
+            gradient, owned = _clip(gradient, batch.dtype, owned), True
         factors = list(frames.gammas[b])
         if batch.channel is not None:
             e = _on_axis(tables[batch.shape[batch.channel]].factors(tensors.channel_rows, lr), batch.channel, ndim,
@@ -521,10 +628,31 @@ def write(program: StepProgram, inputs: StepTensors, frames: Frames, masked: boo
         dead = functools.reduce(torch.logical_or, frames.dead[b]) if masked and frames.dead[b] else None
         if dead is not None:
             decay = torch.where(dead, 1.0, decay)  # the lift is 0 there: dead entries stay as they are
+        if not isinstance(gradient, Tensor):  # torch's fused Adam; its direction comes negated, per member
+            if not factors and not batch.stacked:  # no frame acts: AdamW on the parameters themselves
+                _fused_adam(batch, tensors, gradient, tensors.params)
+                continue
+            if not owned:  # the kernel writes the direction into them: copies (one operation)
+                gradient = list(torch._foreach_mul(gradient, 1.0))
+            _fused_adam(batch, tensors, gradient, None)
+            direction, sign = gradient, 1
+        else:
+            if batch.rule_shape is not None:  # the rule steps the parameter as it is (Muon: its own matrix)
+                gradient = gradient.reshape(members, *batch.rule_shape)
+            direction = batch.rule.direction(gradient, tensors.state, tensors.scalars.rule, batch.residual,
+                                             collectives)
+            if batch.rule_shape is not None:
+                direction = direction.reshape(members, *batch.shape)
+            if batch.centered:  # the horizontal part of the direction (one reduction round on shards)
+                (mean,) = collectives.sum([_row_mean_part(direction, batch.shard)])
+                direction = direction.sub_(mean)
+            sign = -1
         direction, step = lift(direction, factors, lr)
+        if isinstance(direction, Tensor):
+            direction = list(direction.unbind(0))
         if not batch.stacked:
             torch._foreach_mul_(tensors.params, decay if decay.dim() == 0 else _members(decay, members))
-            torch._foreach_addcmul_(tensors.params, list(direction.unbind(0)), _members(step, members), value=-1)
+            torch._foreach_addcmul_(tensors.params, direction, _members(step, members), value=sign)
             continue
         old = _old_values(batch, tensors, frames, b)
         # a new tensor where the old values are needed again, or when traced (writing through a view
@@ -538,7 +666,7 @@ def write(program: StepProgram, inputs: StepTensors, frames: Frames, masked: boo
             value = (old - mean).mul_(decay)
         else:
             value = old * decay if keep_old else old.mul_(decay)
-        value = value.addcmul_(direction, step, value=-1)
+        torch._foreach_addcmul_(list(value.unbind(0)), direction, _members(step, members), value=sign)
         if batch.rebalance is not None:  # with the sums of squares after the lift, in the same pass
             held.append(_Held(b, value, mean, _role_square_sums(program, frames, batch.rebalance, value)))
         else:
@@ -605,10 +733,5 @@ def rebalance(program: StepProgram, inputs: StepTensors, frames: Frames, held: l
             factor = _on_axis(sides[role.side], role.axis, len(tensor_batch.shape), tensor_batch.shard)
             dead = functools.reduce(torch.logical_or, frames.dead[h.batch]) if masked and frames.dead[h.batch] else None
             old = _old_values(tensor_batch, tensors, frames, h.batch)
-            if h.mean is None and dead is None and not traced and \
-                    old.dtype == tensor_batch.param_dtype and tensor_batch.members > 1:
-                for value, f, p in zip(h.value.unbind(0), factor.unbind(0), tensors.params):
-                    torch.mul(value, f, out=p)  # the rebalanced value written straight into the parameter
-                continue
             value = h.value * factor if traced else h.value.mul_(factor)
             _finish(tensor_batch, tensors, old, value, h.mean, dead)
