@@ -10,7 +10,7 @@ import torch
 
 from benchmarks.__main__ import main
 from benchmarks.dispatch import DispatchCounter, dispatched_ops, step_traffic
-from benchmarks.optimizer_steps import adamw, ddc_adam, model_with_gradients, state_bytes
+from benchmarks.optimizer_steps import adamw, ddc_adam, ddc_muon, model_with_gradients, state_bytes
 from benchmarks.report import fitted_exponent
 
 
@@ -75,6 +75,16 @@ def test_plain_sgd_dispatches_one_update_per_parameter():
     model, gauges = model_with_gradients(32, n_layers=3)
     counter = dispatched_ops(lambda m, g: torch.optim.SGD(m.parameters(), lr=0.1, foreach=False), model, gauges)
     assert counter.total == counter.counts["aten.add_.Tensor"] == len(list(model.parameters()))
+
+
+@pytest.mark.parametrize("name", ["DDCAdam", "DDCMuon"])
+def test_an_eager_step_dispatches_the_same_operations_at_every_depth(name):
+    """Same-shaped components of all layers are stepped as one stack: 2 and 8 layers dispatch the
+    same operations, as many of each, and read one value back."""
+    make = ddc_adam if name == "DDCAdam" else ddc_muon()
+    shallow, deep = (dispatched_ops(make, *model_with_gradients(32, n_layers=n)) for n in (2, 8))
+    assert shallow.counts == deep.counts
+    assert shallow.host_reads == deep.host_reads == 1
 
 
 @pytest.mark.slow
