@@ -60,9 +60,10 @@ class Rule(Protocol):
                   collectives: Collectives = LOCAL) -> Tensor:
         """Advance ``state`` (stacked, in place) on the canonical gradients ``grad`` and return the
         canonical direction, a new tensor shaped like ``grad``; ``scalars`` is :meth:`scalars` with
-        every number a 0-d tensor and every list a 1-d one. ``grad`` is the step's own stack: the rule may overwrite it. On a row shard
-        (``residual.rows``) ``grad`` and the state are this rank's rows, and what is not elementwise
-        goes through ``collectives`` (:mod:`gaugeopt.optim.shards`)."""
+        every number a 0-d tensor and every list a 1-d one. ``grad`` is the step's own stack: the
+        rule may overwrite it. On a row shard (``residual.rows``) ``grad`` and the state are this
+        rank's rows, and what is not elementwise goes through ``collectives``
+        (:mod:`gaugeopt.optim.shards`)."""
 
 
 def square_safe(dtype: torch.dtype) -> float:
@@ -103,11 +104,12 @@ def adam_direction_(grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, scalars: 
 
     ``grad`` must be bounded by :func:`square_safe` (the step clips canonical gradients that are
     not), so that neither moment overflows. All tensors are stacks ``(L, ...)``; ``scalars`` are
-    :class:`AdamScalars` as tensors (``shift`` and ``scale`` of length ``L``). With ``shared`` the squared gradient is averaged over each block of
-    those (member) axes before it enters ``v``, so ``v`` is invariant under the blocks' rotations and
-    the direction rotates with them (on a row shard ``rows``, blocks of the row axis cut by a shard
-    boundary are summed over the ranks: :func:`shared_row_mean`). ``grad`` is overwritten (it ends up
-    holding the direction, which is returned): the step allocates nothing the size of ``grad``.
+    :class:`AdamScalars` as tensors (``shift`` and ``scale`` of length ``L``). With ``shared`` the
+    squared gradient is averaged over each block of those (member) axes before it enters ``v``, so
+    ``v`` is invariant under the blocks' rotations and the direction rotates with them (on a row
+    shard ``rows``, blocks of the row axis cut by a shard boundary are summed over the ranks:
+    :func:`shared_row_mean`). ``grad`` is overwritten (it ends up holding the direction, which is
+    returned): the step allocates nothing the size of ``grad``.
     """
     ndim = grad.dim() - 1
     exp_avg.lerp_(grad, scalars.one_minus_beta1)
