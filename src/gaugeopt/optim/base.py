@@ -346,7 +346,7 @@ class FramedOptimizer(GuardedOptimizer):
             if bad:
                 self.apply_nonfinite_policy(bad)
                 return loss
-            beyond = True  # finite gradients whose canonical values overflowed: clipped like the largest
+            beyond = True  # finite gradients: a canonical value or a probe's sum of squares overflowed; clip
         inputs = with_state(layout, inputs, self.param_groups, self.state, self._stacked)
         runner.write(layout.program, inputs, frames, masked=bool(any_dead), clip=bool(beyond))
         self._stacked.settle()

@@ -272,13 +272,21 @@ def _slice_factors(role: NeuronRole, gains: Sequence[Tensor], vectors: Sequence[
 class _Probes:
     """The step's flags, gathered while the read phase forms its tensors: every gradient finite, some
     canonical gradient beyond :func:`~gaugeopt.optim.rules.square_safe` (so the write clips them),
-    some channel or unit dead. Eager, a tensor's probe is its largest magnitude (one pass; NaN
-    propagates, an infinity is one); traced, ``isfinite(x).all()`` and ``(|x| > bound).any()`` (inductor
-    fuses the two into one loop, and reduces them about 3x faster than a max on CPUs)."""
+    some channel or unit dead.
+
+    Eager, a tensor's probe is its Euclidean norm ``|x|_2`` (one pass, one operation per stack or per
+    list of members; torch's CPU kernels take it about as fast as ``aminmax`` and over 10x faster
+    than the largest magnitude ``|x|_inf``). It bounds the largest magnitude, ``|x|_inf <= |x|_2``,
+    and is finite exactly when every entry is, unless the sum of squares of finite entries
+    overflows. Both errors are on the safe side: a norm beyond ``square_safe`` whose entries are
+    not only clips entries that the clip leaves as they are, and an overflowed norm sends the caller
+    to its per-parameter scan, which finds every gradient finite and clips
+    (:meth:`~gaugeopt.optim.base.FramedOptimizer.step`). Traced, the tests are exact:
+    ``isfinite(x).all()`` and ``(|x| > bound).any()`` (inductor fuses the two into one loop)."""
 
     def __init__(self, traced: bool):
         self.traced = traced
-        self.largest: dict[torch.dtype, list[Tensor]] = {}
+        self.norms: dict[torch.dtype, list[Tensor]] = {}
         self.finite: list[Tensor] = []
         self.beyond: list[Tensor] = []
         self.dead: list[Tensor] = []
@@ -289,26 +297,26 @@ class _Probes:
         if isinstance(values, list):
             values = [v for v in values if v.numel()]
             if values:
-                self._eager(torch.stack(torch._foreach_norm(values, float("inf"))), bounded)
+                self._eager(torch.stack(torch._foreach_norm(values)), bounded)
         elif values.numel():
             if not self.traced:
-                self._eager(torch.linalg.vector_norm(values, float("inf")).reshape(1), bounded)
+                self._eager(torch.linalg.vector_norm(values).reshape(1), bounded)
                 return
             self.finite.append(torch.isfinite(values).all())
             if bounded:
                 self.beyond.append((values.abs() > square_safe(values.dtype)).any())
 
-    def _eager(self, largest: Tensor, bounded: bool) -> None:
+    def _eager(self, norms: Tensor, bounded: bool) -> None:
         if bounded:
-            self.largest.setdefault(largest.dtype, []).append(largest)
+            self.norms.setdefault(norms.dtype, []).append(norms)
         else:
-            self.finite.append(torch.isfinite(largest).all())
+            self.finite.append(torch.isfinite(norms).all())
 
     def flags(self) -> Tensor:
-        for dtype, values in self.largest.items():
-            largest = torch.cat(values)
-            self.finite.append(torch.isfinite(largest).all())
-            self.beyond.append((largest > square_safe(dtype)).any())
+        for dtype, values in self.norms.items():
+            norms = torch.cat(values)
+            self.finite.append(torch.isfinite(norms).all())
+            self.beyond.append((norms > square_safe(dtype)).any())
         return torch.stack([torch.stack(self.finite).all() if self.finite else torch.ones((), dtype=torch.bool),
                             torch.stack(self.beyond).any() if self.beyond else torch.zeros((), dtype=torch.bool),
                             torch.stack(self.dead).any() if self.dead else torch.zeros((), dtype=torch.bool)])
