@@ -1,12 +1,26 @@
-"""Operations dispatched per optimizer step, counted with a ``TorchDispatchMode``, and the reads of
-tensor values by the host (:class:`HostReads`).
+"""Operations, memory traffic and host reads per optimizer step, counted with a ``TorchDispatchMode``
+(and a ``TorchFunctionMode`` for the reads that dispatch nothing).
 
 Every tensor operation an eager step runs reaches torch's dispatcher once (a composite op's inner
-calls do not reach a mode again), so the count is device-independent and predicts the step's
-launch cost on an accelerator, where each operation is at least one kernel launch. A step whose
-count grows with the model's depth is launch-bound on a GPU for small and medium widths. The counts
-here are taken on the reference language model at two depths, after one untimed step (state
-allocation and the step's layout happen there).
+calls do not reach a mode again), so the counts are device-independent:
+
+* **operations**: each is at least one kernel launch on an accelerator; a step whose count grows
+  with the model's depth is launch-bound on a GPU for small and medium widths;
+* **bytes**: what each operation reads and writes, the sum of its tensor arguments' and results'
+  sizes (a tensor passed twice counted once; an argument the operation writes counted as read and
+  written, except where it only writes: ``out=``, ``copy_``, ``zero_``, ``fill_``). View operations
+  move nothing. On a GPU an optimizer step is bound by this traffic: torch's fused AdamW moves 28
+  bytes per float32 parameter (reads ``p, g, m, v``, writes ``p, m, v``), its foreach AdamW 80;
+* **host reads**: operations that bring a tensor's values to the host program, by kind: every
+  ``aten._local_scalar_dense`` (``item()``, ``bool()``, ``float()``, ``int()`` of a tensor, a tensor
+  in an ``if``), ``aten.equal`` (whose answer is a Python bool), operations whose result's size
+  depends on values (``nonzero``, ``unique``, ``masked_select``), a copy from a device to the CPU,
+  and ``Tensor.tolist`` and ``Tensor.numpy``, which copy memory to the host without dispatching an
+  operation. On an accelerator each read waits for the device to finish the work queued before it:
+  a step that reads nothing back can be queued whole, or captured in a CUDA graph.
+
+The counts here are taken on the reference language model at two depths, after one untimed step
+(state allocation and the step's layout happen there).
 """
 
 from __future__ import annotations
@@ -19,92 +33,156 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from gaugeopt.gauges import GaugeSet
 
 from .optimizer_steps import model_with_gradients
 
-__all__ = ["DispatchCounter", "HostReads", "dispatched_ops", "count_at_depths"]
+__all__ = ["DispatchCounter", "HostReads", "dispatched_ops", "count_at_depths", "step_traffic"]
+
+#: Operations that write an argument without reading it.
+_WRITE_ONLY = frozenset({"aten.copy_.default", "aten.zero_.default", "aten.fill_.Scalar", "aten.fill_.Tensor",
+                         "aten._foreach_copy_.default", "aten._foreach_zero_.default", "aten.set_.source_Storage",
+                         "aten.set_.source_Storage_storage_offset", "aten.set_.source_Tensor"})
+#: Operations that move no bytes: views not marked as such, and allocations without initial values.
+_NO_TRAFFIC = frozenset({"aten._unsafe_view.default", "aten.lift_fresh.default", "aten._reshape_alias.default",
+                         "aten.empty.memory_format", "aten.empty_like.default", "aten.empty_strided.default",
+                         "aten.new_empty.default", "aten.new_empty_strided.default"})
+#: Arguments that an operation's schema marks as written but that it only reads (torch's fused
+#: optimizers declare the gradients mutable for ``maximize`` and the gradient scaler).
+_READ_ONLY_ARGUMENTS = frozenset({"grads", "state_steps"})
+#: Operations whose answer the host reads: a Python number or bool, or a result whose size depends
+#: on tensor values.
+_HOST_READS = frozenset({"aten.nonzero.default", "aten._local_scalar_dense.default", "aten.equal.default",
+                         "aten._unique2.default", "aten.unique_dim.default", "aten.masked_select.default"})
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+class _HostCopies(TorchFunctionMode):
+    """The tensor methods that copy a tensor's memory to the host without dispatching an operation
+    (a dispatch mode alone does not see them); what they dispatch inside is not counted again."""
+
+    METHODS = (torch.Tensor.tolist, torch.Tensor.numpy)
+
+    def __init__(self, counter: DispatchCounter):
+        super().__init__()
+        self.counter = counter
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func not in self.METHODS:
+            return func(*args, **(kwargs or {}))
+        self.counter.reads[f"Tensor.{func.__name__}"] += 1
+        self.counter._inside_host_copy += 1
+        try:
+            return func(*args, **(kwargs or {}))
+        finally:
+            self.counter._inside_host_copy -= 1
 
 
 class DispatchCounter(TorchDispatchMode):
-    """Counts the operations dispatched while it is active, by name. The profiler's record-function
-    markers (``torch.optim`` wraps each step in one) are not tensor work and are not counted."""
+    """Counts, while it is active, the operations dispatched (``counts``, by name), the bytes they
+    move (``bytes``, by name) and the host reads (``reads``, by kind; module docstring). The
+    profiler's record-function markers (``torch.optim`` wraps each step in one) are not tensor work
+    and are not counted."""
 
     def __init__(self):
         super().__init__()
         self.counts: Counter[str] = Counter()
+        self.bytes: Counter[str] = Counter()
+        self.reads: Counter[str] = Counter()
+        self._inside_host_copy = 0
+        self._copies = _HostCopies(self)
+
+    def __enter__(self) -> DispatchCounter:
+        self._copies.__enter__()
+        return super().__enter__()
+
+    def __exit__(self, *exc) -> None:
+        super().__exit__(*exc)
+        self._copies.__exit__(*exc)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.namespace != "profiler":
-            self.counts[str(func)] += 1
-        return func(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func.namespace == "profiler":
+            return out
+        name = str(func)
+        self.counts[name] += 1
+        if not self._inside_host_copy:
+            if name in _HOST_READS:
+                self.reads[name] += 1
+            elif name in ("aten._to_copy.default", "aten.copy_.default"):
+                sources = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+                results = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+                if any(s.device.type != "cpu" for s in sources) and any(r.device.type == "cpu" for r in results):
+                    self.reads[f"{name} to cpu"] += 1
+        if not func.is_view and name not in _NO_TRAFFIC:
+            self.bytes[name] += self._traffic(func, name, args, kwargs, out)
+        return out
+
+    @staticmethod
+    def _traffic(func, name: str, args, kwargs, out) -> int:
+        written: dict[int, torch.Tensor] = {}
+        read: dict[int, torch.Tensor] = {}
+        schema = func._schema
+        for index, argument in enumerate(schema.arguments):
+            value = kwargs.get(argument.name) if argument.kwarg_only or index >= len(args) else args[index]
+            tensors = [t for t in tree_leaves(value) if isinstance(t, torch.Tensor)]
+            writes = argument.alias_info is not None and argument.alias_info.is_write and \
+                not (name.startswith("aten._fused_") and argument.name in _READ_ONLY_ARGUMENTS)
+            for t in tensors:
+                if writes:
+                    written[id(t)] = t
+                if not writes or not (argument.is_out or name in _WRITE_ONLY):
+                    read[id(t)] = t
+        if not schema.is_mutable or not written:  # a functional op: its results are written
+            for t in tree_leaves(out):
+                if isinstance(t, torch.Tensor):
+                    written.setdefault(id(t), t)
+        return sum(_nbytes(t) for t in read.values()) + sum(_nbytes(t) for t in written.values())
 
     @property
     def total(self) -> int:
         return sum(self.counts.values())
 
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.bytes.values())
 
-class _ScalarReads(TorchDispatchMode):
-    """The dispatched operations that hand a tensor's value to the host."""
-
-    READS = (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.equal.default)
-
-    def __init__(self, counts: Counter[str]):
-        super().__init__()
-        self.counts = counts
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func in self.READS:
-            self.counts[str(func)] += 1
-        return func(*args, **(kwargs or {}))
-
-
-class _MemoryReads(TorchFunctionMode):
-    """The tensor methods that copy a tensor's memory to the host without dispatching an operation."""
-
-    READS = (torch.Tensor.tolist, torch.Tensor.numpy)
-
-    def __init__(self, counts: Counter[str]):
-        super().__init__()
-        self.counts = counts
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func in self.READS:
-            self.counts[f"Tensor.{func.__name__}"] += 1
-        return func(*args, **(kwargs or {}))
+    @property
+    def host_reads(self) -> int:
+        return sum(self.reads.values())
 
 
 class HostReads:
-    """Counts the reads of tensor values by the host while it is active, by kind: every
-    ``aten._local_scalar_dense`` (``item()``, ``bool()``, ``float()``, ``int()`` of a tensor, a
-    tensor in an ``if``), ``aten.equal`` (whose answer is a Python bool), and ``Tensor.tolist`` and
-    ``Tensor.numpy``, which copy memory to the host without dispatching an operation (a dispatch mode
-    alone does not see them). On an accelerator each read waits for the device to finish the work
-    queued before it: a step that reads nothing back can be queued whole, or captured in a CUDA graph.
-    """
+    """The host reads alone of a :class:`DispatchCounter`: ``counts`` by kind and their ``total``."""
 
     def __init__(self):
-        self.counts: Counter[str] = Counter()
-        self._modes = (_MemoryReads(self.counts), _ScalarReads(self.counts))
+        self._counter = DispatchCounter()
 
     def __enter__(self) -> HostReads:
-        for mode in self._modes:
-            mode.__enter__()
+        self._counter.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
-        for mode in reversed(self._modes):
-            mode.__exit__(*exc)
+        self._counter.__exit__(*exc)
+
+    @property
+    def counts(self) -> Counter[str]:
+        return self._counter.reads
 
     @property
     def total(self) -> int:
-        return sum(self.counts.values())
+        return self._counter.host_reads
 
 
 def dispatched_ops(make: Callable[[nn.Module, GaugeSet], object], model: nn.Module, gauges: GaugeSet
                    ) -> DispatchCounter:
-    """The operations one ``step()`` dispatches (after an untimed first step), on a copy of ``model``."""
+    """What one ``step()`` dispatches (after an untimed first step), on a copy of ``model``."""
     twin = copy.deepcopy(model)
     for p, q in zip(model.parameters(), twin.parameters()):
         q.grad = p.grad.clone()
@@ -115,6 +193,19 @@ def dispatched_ops(make: Callable[[nn.Module, GaugeSet], object], model: nn.Modu
     return counter
 
 
+def step_traffic(factories: dict[str, Callable], *, width: int, layers: int) -> dict:
+    """``{name: {"ops", "bytes_per_parameter", "host_reads", "top_bytes"}}`` of one step of each
+    optimizer on the reference LM at ``width`` x ``layers`` (float32)."""
+    model, gauges = model_with_gradients(width, n_layers=layers)
+    n = sum(p.numel() for p in model.parameters())
+    out = {}
+    for name, make in factories.items():
+        c = dispatched_ops(make, model, gauges)
+        out[name] = {"ops": c.total, "bytes_per_parameter": c.total_bytes / n, "host_reads": c.host_reads,
+                     "top_bytes": [[op, b / n, c.counts[op]] for op, b in c.bytes.most_common()]}
+    return {"width": width, "layers": layers, "parameters": n, "optimizers": out}
+
+
 def count_at_depths(factories: dict[str, Callable], *, width: int, depths: tuple[int, ...]) -> dict:
     """``{"rows": [{"layers": L, "parameters": n, "ops": {name: count}, "top": {name: [[op, count], ...]}}]}``."""
     rows = []
@@ -123,5 +214,6 @@ def count_at_depths(factories: dict[str, Callable], *, width: int, depths: tuple
         counts = {name: dispatched_ops(make, model, gauges) for name, make in factories.items()}
         rows.append({"layers": layers, "parameters": sum(p.numel() for p in model.parameters()),
                      "ops": {name: c.total for name, c in counts.items()},
+                     "host_reads": {name: c.host_reads for name, c in counts.items()},
                      "top": {name: c.counts.most_common(5) for name, c in counts.items()}})
     return {"width": width, "rows": rows}

@@ -182,7 +182,7 @@ def render(results: dict, plot_name: str) -> str:
     lines += ["## DDCAdam vs torch.optim.AdamW(foreach=True)", "",
               "DDCAdam's step reads every gradient into its frame, takes one Adam direction per batch of "
               "same-shaped components across layers and writes the lifted update back "
-              "(`gaugeopt.optim.batched_step`). `DDCAdam(compiled=True)` runs the same step program under "
+              "(`gaugeopt.optim.step`). `DDCAdam(compiled=True)` runs the same step program under "
               "`torch.compile`; lr, betas and weight decay enter as tensors, so a schedule does not recompile. "
               "Its first step compiles, or loads the kernels from torch's on-disk cache: that time is the last "
               "column, outside the medians.", "",

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from benchmarks.__main__ import main
-from benchmarks.dispatch import DispatchCounter, dispatched_ops
-from benchmarks.optimizer_steps import adamw, ddc_adam, model_with_gradients, state_bytes
+from benchmarks.dispatch import DispatchCounter, dispatched_ops, step_traffic
+from benchmarks.optimizer_steps import adamw, ddc_adam, ddc_muon, model_with_gradients, state_bytes
 from benchmarks.report import fitted_exponent
 
 
@@ -40,11 +40,51 @@ def test_dispatch_counter_counts_each_operation_once_by_name():
     assert counter.counts["aten.add.Tensor"] == 1 and counter.counts["aten.mul_.Tensor"] == 1
 
 
+def test_traffic_counts_what_each_operation_reads_and_writes():
+    a, b, out = torch.ones(4), torch.ones(4), torch.empty(4)
+    with DispatchCounter() as counter:
+        c = a * b  # reads a, b; writes c
+        c.add_(a)  # reads c, a; writes c
+        torch.mul(a, a, out=out)  # reads a once; writes out without reading it
+        out.copy_(c)  # reads c; writes out
+        c.view(2, 2)  # a view moves nothing
+    assert counter.total_bytes == 16 * (3 + 3 + 2 + 2)
+    assert counter.host_reads == 0
+    with DispatchCounter() as counter:
+        c.sum().item()
+        c.tolist()
+        bool(c.all())
+    assert counter.reads == {"aten._local_scalar_dense.default": 2, "Tensor.tolist": 1} and counter.host_reads == 3
+
+
+def test_torchs_adamw_moves_its_known_bytes_per_parameter():
+    """The fused kernel reads p, g, m, v and writes p, m, v (28 bytes per float32 entry); the foreach
+    kernels make eight passes (80); the foreach step reads each parameter's step count on the host."""
+    traffic = step_traffic({"fused": lambda m, g: torch.optim.AdamW(m.parameters(), fused=True),
+                            "foreach": lambda m, g: torch.optim.AdamW(m.parameters(), foreach=True)},
+                           width=32, layers=1)
+    fused, foreach = traffic["optimizers"]["fused"], traffic["optimizers"]["foreach"]
+    steps = 4 * len(list(model_with_gradients(32, n_layers=1)[0].parameters())) / traffic["parameters"]
+    assert fused["bytes_per_parameter"] == pytest.approx(28 + 3 * steps)  # and the counts: added to, then read
+    assert foreach["bytes_per_parameter"] == pytest.approx(80, abs=0.5)
+    assert fused["host_reads"] == 0 and foreach["host_reads"] > 0
+
+
 def test_plain_sgd_dispatches_one_update_per_parameter():
     # torch.optim.SGD without momentum or foreach is one ``param.add_(grad, alpha=-lr)`` per parameter.
     model, gauges = model_with_gradients(32, n_layers=3)
     counter = dispatched_ops(lambda m, g: torch.optim.SGD(m.parameters(), lr=0.1, foreach=False), model, gauges)
     assert counter.total == counter.counts["aten.add_.Tensor"] == len(list(model.parameters()))
+
+
+@pytest.mark.parametrize("name", ["DDCAdam", "DDCMuon"])
+def test_an_eager_step_dispatches_the_same_operations_at_every_depth(name):
+    """Same-shaped components of all layers are stepped as one stack: 2 and 8 layers dispatch the
+    same operations, as many of each, and read one value back."""
+    make = ddc_adam if name == "DDCAdam" else ddc_muon()
+    shallow, deep = (dispatched_ops(make, *model_with_gradients(32, n_layers=n)) for n in (2, 8))
+    assert shallow.counts == deep.counts
+    assert shallow.host_reads == deep.host_reads == 1
 
 
 @pytest.mark.slow

@@ -20,18 +20,10 @@ from hypothesis import strategies as st
 import gaugeopt
 from gaugeopt.gauges import AxisRef, GaugeSet, HeadRotation, NeuronScaling
 from gaugeopt.models import ReLUMLP, ReLUMLPConfig, SwiGLUMLP, SwiGLUMLPConfig, TransformerLM, TransformerLMConfig
-from gaugeopt.optim.batched_step import build_program, canonical_gradient, read_phase
-from gaugeopt.optim.frames import (
-    FrameConflictError,
-    SharedAxis,
-    block_layout,
-    build_frame_plan,
-    center_rows,
-    group_mean,
-    neuron_frames,
-    unit_square_sums,
-)
-from gaugeopt.optim.rules import Adam
+from gaugeopt.optim.program import build_program
+from gaugeopt.optim.step import read_frames, step_inputs
+from gaugeopt.optim.frames import FrameConflictError, build_frame_plan, neuron_frames, unit_square_sums
+from gaugeopt.optim.symmetry import SharedAxis, block_layout, center_rows, group_mean
 
 
 def _canonical_gradients(model, gauges, loss_fn, batch) -> dict[str, torch.Tensor]:
@@ -46,17 +38,17 @@ def _canonical_gradients(model, gauges, loss_fn, batch) -> dict[str, torch.Tenso
 
 
 def _read(model, params, names, plan) -> dict[str, torch.Tensor]:
-    layout = build_program([{"params": params}], names, dict(model.named_parameters()), plan, [Adam()],
+    layout = build_program([{"params": params}], names, dict(model.named_parameters()), plan, [None],
                            channel_step=True, edge_scale=1.0)
-    read = read_phase(layout.program, layout.inputs(dict(model.named_parameters())))
+    frames = read_frames(layout.program, step_inputs(layout, dict(model.named_parameters())))
     out = {}
-    for batch, params_, grads, gammas in zip(layout.program.tensors, layout.tensor_params, read.grads, read.gammas):
-        for p, g in zip(params_, canonical_gradient(batch, grads, gammas).unbind(0)):
+    for members, gradients in zip(layout.tensors, frames.canonical):
+        for p, g in zip(members.params, gradients):
             out[names[id(p)]] = g
-    for batch, h in zip(layout.norm_families, read.scale_inputs):
-        for family, row in zip(batch, h.unbind(0)):
+    for members, h in zip(layout.norms, frames.scale_inputs):
+        for family, row in zip(members.families, h.unbind(0)):
             out[family.gain] = row
-    assert read.flags.tolist() == [True, False]
+    assert frames.flags.tolist() == [True, False, False]
     return out
 
 

@@ -12,7 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gaugeopt.optim.frames import SharedAxis, group_mean
+from gaugeopt.optim.symmetry import SharedAxis, group_mean
 from gaugeopt.optim.rules import shared_row_mean
 from gaugeopt.optim.shards import LOCAL, RowShard, global_units, local_rows
 

@@ -12,7 +12,7 @@ import torch
 
 from gaugeopt.optim import SymmetryCompatible
 from gaugeopt.optim.layerwise import RULES, apply_update_rule, get_rule, muon_update
-from gaugeopt.optim.rules import adam_bias_terms, adam_direction_
+from gaugeopt.optim.rules import adam_direction_, adam_scalars
 
 F64 = torch.float64
 TOL = 1e-10
@@ -114,9 +114,9 @@ def test_adamw_fails_the_orthogonal_cases_but_not_permutations():
     def adam_steps(gradients):  # the one Adam direction of gaugeopt.optim.rules, on a stack of one
         m, v = torch.zeros(1, 12, 5, dtype=F64), torch.zeros(1, 12, 5, dtype=F64)
         for t, g in enumerate(gradients, start=1):
-            weights = torch.tensor([0.1, 0.05], dtype=F64)
-            bias_terms = torch.tensor(adam_bias_terms(0.9, 0.95, 1e-8, [t]), dtype=F64)
-            direction = adam_direction_(g.unsqueeze(0).clone(), m, v, weights, bias_terms)
+            scalars = adam_scalars(0.9, 0.95, 1e-8, [t])
+            scalars = type(scalars)(*(torch.tensor(x, dtype=F64) for x in scalars))
+            direction = adam_direction_(g.unsqueeze(0).clone(), m, v, scalars)
         return direction[0]
 
     base = adam_steps(grads)

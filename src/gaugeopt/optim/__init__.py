@@ -2,14 +2,19 @@
 
 The step of every optimizer here is frame -> base rule -> lift, batched across layers:
 
+* ``symmetry``: the vocabulary below the rest (sides of a scaling, blocks of an axis, the residual
+  symmetry a frame leaves for a rule);
 * ``frames``: gauge frames, canonical coordinates in which the rules cannot see the gauges
   (norm and neuron scalings, chains of them, translations, rotations as a residual symmetry);
 * ``rules``: the base rules, written once (Adam, Muon, the momentum maps of the layerwise stack),
   with ``matrix_functions`` (Newton-Schulz, polar, inverse square roots) and ``layerwise`` (the
   symmetry-compatible maps);
-* ``batched_step``: the one step: same-shape tensors stacked, a read phase and a write phase, eager
-  or compiled, on whole tensors or on row shards (``shards``: which rows a rank holds, and the two
-  collective operations a sharded step makes);
+* ``program``: what is stepped with what (batches of same-shape tensors across layers, typed
+  records built once per layout); ``storage``: the rule state as persistent stacked buffers whose
+  slices are the parameters' state; ``step``: read -> canonicalize -> rule -> lift -> write on a
+  program, on whole tensors or on row shards (``shards``: which rows a rank holds, and the two
+  collective operations a sharded step makes); ``compile``: the phases run eagerly or compiled,
+  decided once;
 * the shells: ``base.FramedOptimizer`` and ``ddc_adam`` (DDCAdam), ``ddc_muon`` (DDCMuon),
   ``symcompat`` (SymmetryCompatible and its parameter classifier), ``baselines`` (Muon + AdamW);
 * around them: ``guards`` (settings, gradients, low precision, checkpoints), ``clipping``

@@ -1,7 +1,8 @@
 """The ``torch.optim.Optimizer`` shell shared by DDCAdam, DDCMuon and SymmetryCompatible.
 
 :class:`FramedOptimizer` owns what an optimizer object owns (param groups, state, checks, checkpoints)
-and delegates the step to :mod:`gaugeopt.optim.batched_step`: a subclass only says which base rule
+and delegates the step to :mod:`gaugeopt.optim.step` (its program: :mod:`gaugeopt.optim.program`; its
+state: :mod:`gaugeopt.optim.storage`; eager or compiled: :mod:`gaugeopt.optim.compile`): a subclass only says which base rule
 each param group takes (:meth:`FramedOptimizer.rule_for`) and validates its groups. The layout of
 the step (which tensors are stepped as one batch) is built from the parameters that have gradients
 and cached until that set, a shape or a rule changes; whenever it is built, every parameter's state
@@ -31,22 +32,19 @@ from torch import Tensor
 
 from ..gauges.families import EDGE_SCALE
 from ..gauges.gaugeset import GaugeSet
-from .batched_step import (
-    CHANNEL_STATE,
-    StackedState,
-    StepLayout,
-    build_program,
-    compiled_phase,
-    read_phase,
-    write_phase,
-)
+from .compile import StepRunner
 from .distributed import gradients_finite_on_every_rank, sharded_step, whole_by_name
 from .frames import FramePlan, build_frame_plan, frozen_gains
 from .guards import GuardedOptimizer, check_gauges_cover, require_positive
+from .program import StepLayout, build_program
 from .rules import Rule
 from .shards import LOCAL
+from .step import CHANNEL_STATE, step_inputs, with_state
+from .storage import StackedState
 
 __all__ = ["FramedOptimizer", "FrozenUnits", "SplitRow"]
+
+_EAGER = StepRunner(compiled=False)
 
 FROZEN_GAIN = "zero gain: the channel's merged columns are zero whatever the gauge, so no frame carries a step"
 FROZEN_UNIT_INCOMING = ("zero incoming side: the unit's orbit has no point with the section's incoming norm "
@@ -90,7 +88,7 @@ class FramedOptimizer(GuardedOptimizer):
     """
 
     #: Caches rebuilt on demand: the step's layout and stacked state, parameter ids (new in a copy).
-    _TRANSIENT = frozenset({"_layout", "_layout_key", "_stacked", "_names", "_bound_ids"})
+    _TRANSIENT = frozenset({"_layout", "_layout_key", "_stacked", "_names", "_bound_ids", "_runner"})
 
     def __init__(self, params, defaults: dict[str, Any], gauges: GaugeSet | None, *, channel_step: bool,
                  nonfinite: str, compiled: bool, edge_scale: float = EDGE_SCALE):
@@ -125,6 +123,7 @@ class FramedOptimizer(GuardedOptimizer):
         self._layout: StepLayout | None = None
         self._layout_key: Any = None
         self._stacked = StackedState()
+        self._runner = StepRunner(getattr(self, "compiled", False))
 
     def _check_new_parameters(self, group: dict[str, Any], where: str) -> None:
         """Real floating-point tensors (parameters outside ``gauges.model`` take their rule without a frame)."""
@@ -338,17 +337,22 @@ class FramedOptimizer(GuardedOptimizer):
         rules = [self.rule_for(group) for group in self.param_groups]
         layout = self._current_layout(rules, shards.ranks if shards is not None else None)
         gains = whole_by_name([f.gain for f in self.plan.norms], self._lookup, shards)  # {} in one process
-        inputs = layout.inputs(self._lookup, gains, shards.collectives if shards is not None else LOCAL)
-        read = (compiled_phase(read_phase) if compiled else read_phase)(layout.program, inputs)
-        finite, any_dead = read.flags.tolist()  # the step's one host synchronisation
+        inputs = step_inputs(layout, self._lookup, gains, shards.collectives if shards is not None else LOCAL)
+        runner = self._runner if compiled else _EAGER
+        frames = runner.read(layout.program, inputs)
+        finite, beyond, any_dead = frames.flags.tolist()  # the step's one host synchronisation
         if not finite:
-            self.apply_nonfinite_policy(self.nonfinite_parameters())
-            return loss
-        inputs = layout.for_writing(inputs, self.param_groups, self.state, self._stacked)
-        write_phase(layout.program, inputs, read, masked=bool(any_dead), compiled=compiled)
+            bad = self.nonfinite_parameters()
+            if bad:
+                self.apply_nonfinite_policy(bad)
+                return loss
+            beyond = True  # finite gradients: a canonical value or a probe's sum of squares overflowed; clip
+        inputs = with_state(layout, inputs, self.param_groups, self.state, self._stacked)
+        runner.write(layout.program, inputs, frames, masked=bool(any_dead), clip=bool(beyond))
         self._stacked.settle()
-        self._report_frozen(layout, read if any_dead else None, gains)
+        self._report_frozen(layout, frames if any_dead else None, gains)
         return loss
+
     def _report_frozen(self, layout: StepLayout, read, gains: Mapping[str, Tensor]) -> None:
         """Record the frozen channels and units of this step in :attr:`frozen` and
         :meth:`frozen_report`; warn when one is new."""
@@ -359,8 +363,8 @@ class FramedOptimizer(GuardedOptimizer):
                 dead = frozen_gains(gain.detach()).nonzero().flatten()
                 if len(dead):
                     rows.append(FrozenUnits(family.name, tuple(dead.tolist()), FROZEN_GAIN))
-            for families, dead, zero in zip(layout.neuron_families, read.neuron_dead, read.neuron_outgoing_zero):
-                for name, row, outgoing_zero in zip(families, dead, zero):
+            for members, dead, zero in zip(layout.neurons, read.neuron_dead, read.neuron_outgoing_zero):
+                for name, row, outgoing_zero in zip(members.families, dead, zero):
                     for reason, mask in ((FROZEN_UNIT_BOTH, row & outgoing_zero),
                                          (FROZEN_UNIT_INCOMING, row & ~outgoing_zero)):
                         units = mask.nonzero().flatten()

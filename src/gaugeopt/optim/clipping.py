@@ -26,11 +26,11 @@ from torch import Tensor
 
 from ..gauges.families import EDGE_SCALE
 from ..gauges.gaugeset import GaugeSet
-from .batched_step import build_program, canonical_gradients, read_phase
 from .distributed import sharded_parameters, whole_by_name
 from .frames import FramePlan, build_frame_plan
-from .rules import Adam
+from .program import build_program
 from .shards import LOCAL, local_tensor
+from .step import read_frames, step_inputs
 
 __all__ = ["clip_grad_norm_", "gauge_invariant_grad_norm"]
 
@@ -70,11 +70,11 @@ def gauge_invariant_grad_norm(parameters: Tensor | Iterable[Tensor], gauges: Gau
     shards = sharded_parameters(params)  # FSDP2: each rank measures its rows; the gains are read whole
     whole = whole_by_name([f.gain for f in plan.norms], lookup, shards)
     collectives = shards.collectives if shards is not None else LOCAL
-    layout = build_program([{"params": params}], names, lookup, plan, [Adam()], channel_step=True,
+    layout = build_program([{"params": params}], names, lookup, plan, [None], channel_step=True,
                            edge_scale=EDGE_SCALE, ranks=shards.ranks if shards is not None else None)
-    read = read_phase(layout.program, layout.inputs(lookup, whole, collectives))
-    parts = canonical_gradients(layout.program, read, range(len(layout.program.tensors)), collectives)
-    parts += read.scale_inputs
+    frames = read_frames(layout.program, step_inputs(layout, lookup, whole, collectives))
+    parts = [t for canonical in frames.canonical for t in (canonical if isinstance(canonical, list) else [canonical])]
+    parts += frames.scale_inputs
     parts += [local_tensor(p.detach()) * local_tensor(p.grad) for ps in layout.checked for p in ps]  # gains of
     # norms whose consumers have no gradient
     device = local_tensor(params[0].grad).device

@@ -1,7 +1,7 @@
 """DDCAdam: AdamW made exactly equivariant under a model's gauge groups (docs/ddc.md).
 
 Every parameter with a gradient is stepped as frame -> Adam -> lift (:mod:`gaugeopt.optim.frames`,
-:mod:`gaugeopt.optim.rules`, :mod:`gaugeopt.optim.batched_step`). With the gradient factor ``gamma``
+:mod:`gaugeopt.optim.rules`, :mod:`gaugeopt.optim.step`). With the gradient factor ``gamma``
 of its frame (a product of per-axis scales: ``1 / g`` on a norm consumer's columns, ``g`` on a norm
 bias, ``s^{+-1}`` on the two sides of a neuron scaling; 1 where no scaling acts), the step of a
 parameter ``p`` of a group with ``lr, betas, eps, weight_decay`` is::

@@ -6,7 +6,7 @@ step on the same tensors, so the optimizers need nothing: they run unchanged.
 
 **FSDP2** (``torch.distributed.fsdp.fully_shard``) turns every parameter into a ``DTensor`` sharded on
 dim 0 (``torch.chunk`` sizes, so uneven when dim 0 is not divisible by the world size), and so are
-its gradients. The optimizers then take their ordinary step (:mod:`gaugeopt.optim.batched_step`) on
+its gradients. The optimizers then take their ordinary step (:mod:`gaugeopt.optim.step`) on
 each rank's rows (:class:`~gaugeopt.optim.shards.RowShard`), with the :class:`ProcessGroupCollectives`
 of the mesh's process group for what is not local to the rows:
 

@@ -39,7 +39,7 @@ Per family (``W`` a parameter, ``G`` its gradient, rows = outputs):
   step act on the horizontal part ``W - 1 mean_row(W)``; the mean row is held.
 
 * **Rotation** (per-head query/key and value/output): no canonical map; the tensor keeps a residual
-  orthogonal symmetry on blocks of one axis (:class:`SharedAxis`), which a rule must respect (Adam
+  orthogonal symmetry on blocks of one axis (:class:`~gaugeopt.optim.symmetry.SharedAxis`), which a rule must respect (Adam
   shares its second moments over each block; Newton-Schulz commutes with it).
 
 :func:`build_frame_plan` reads a :class:`~gaugeopt.gauges.GaugeSet` into a :class:`FramePlan`: for
@@ -47,14 +47,14 @@ every parameter the action on each axis, for every scaling family its place in t
 refuses (:class:`FrameConflictError`) only what no frame here makes exact: two families on one axis,
 a tensor on the multiplied (or divided) side of two neuron families, a cycle of neuron families.
 The maps at the bottom are pure functions on stacked tensors (a leading batch axis of same-shape
-tensors), used by :mod:`gaugeopt.optim.batched_step`.
+tensors), used by :mod:`gaugeopt.optim.step`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Literal, NamedTuple
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -69,20 +69,16 @@ from ..gauges.families import (
     unit_section,
 )
 from ..gauges.gaugeset import GaugeSet
+from .symmetry import Scaling, SharedAxis, Side, block_layout
 
 __all__ = [
     "FrameConflictError",
     "ScaledAxis",
-    "SharedAxis",
     "TensorFrame",
     "ScalingFrame",
     "FramePlan",
     "build_frame_plan",
     "compatible_gauges",
-    "block_layout",
-    "blocked",
-    "group_mean",
-    "center_rows",
     "unit_square_sums",
     "unit_inner_products",
     "UnitFrames",
@@ -102,23 +98,12 @@ class FrameConflictError(ValueError):
 
 @dataclass(frozen=True)
 class ScaledAxis:
-    """A positive diagonal scaling family's action on one axis: ``side`` +1 (multiplied by ``a``)
-    or -1 (divided by ``a``); ``kind`` "norm" (the frame is the gain) or "neuron"."""
+    """A positive diagonal scaling family's action on one axis: its ``side`` (multiplied or divided
+    by ``a``) and ``kind`` (a norm, whose frame is the gain, or neuron units)."""
 
     family: str
-    side: int
-    kind: Literal["norm", "neuron"]
-
-
-@dataclass(frozen=True)
-class SharedAxis:
-    """A residual orthogonal symmetry: orthogonal maps mix the indices of each block of one axis
-    (``groups[i]`` = block of index i; indices no rotation touches are their own block).
-    ``layout`` is :func:`block_layout` of the groups when they are regular blocks."""
-
-    family: str
-    groups: tuple[int, ...]
-    layout: tuple[int, int, int] | None
+    side: Side
+    kind: Scaling
 
 
 @dataclass(frozen=True)
@@ -162,7 +147,7 @@ class ScalingFrame:
     """
 
     name: str
-    kind: Literal["norm", "neuron"]
+    kind: Scaling
     units: int
     multiplied: tuple[AxisRef, ...]
     divided: tuple[AxisRef, ...]
@@ -176,7 +161,7 @@ class ScalingFrame:
     def isolated(self) -> bool:
         """A neuron family linked to no other: its canonical point is the orbit's balanced point and
         the step holds its orbit coordinates (docs/ddc.md)."""
-        return self.kind == "neuron" and not self.upstream and not self.downstream
+        return self.kind is Scaling.NEURON and not self.upstream and not self.downstream
 
     @property
     def members(self) -> tuple[str, ...]:
@@ -196,11 +181,11 @@ class FramePlan:
 
     @property
     def norms(self) -> tuple[ScalingFrame, ...]:
-        return tuple(f for f in self.scalings.values() if f.kind == "norm")
+        return tuple(f for f in self.scalings.values() if f.kind is Scaling.NORM)
 
     @property
     def neurons(self) -> tuple[ScalingFrame, ...]:
-        return tuple(f for f in self.scalings.values() if f.kind == "neuron")
+        return tuple(f for f in self.scalings.values() if f.kind is Scaling.NEURON)
 
 
 @dataclass
@@ -255,10 +240,10 @@ def _rotation_actions(family: HeadRotation, shapes: Mapping[str, tuple[int, ...]
 def _actions(family: GaugeFamily, shapes: Mapping[str, tuple[int, ...]]):
     """``(parameter, axis, action, heads)`` for every axis the family acts on."""
     if isinstance(family, (NormScaling, NeuronScaling)):
-        kind = "norm" if isinstance(family, NormScaling) else "neuron"
-        for side, refs in ((1, family.multiplied), (-1, family.divided)):
+        kind = Scaling.NORM if isinstance(family, NormScaling) else Scaling.NEURON
+        for side, refs in ((Side.MULTIPLIED, family.multiplied), (Side.DIVIDED, family.divided)):
             for ref in refs:
-                if kind == "norm" and ref.name == family.gain:
+                if kind is Scaling.NORM and ref.name == family.gain:
                     continue  # the gain is the frame itself
                 yield ref.name, ref.axis, ScaledAxis(family.name, side, kind), None
     elif isinstance(family, LogitShift):
@@ -339,10 +324,10 @@ def build_frame_plan(gauges: GaugeSet) -> FramePlan:
             axis = views.axis(name, axis)
             if axis in frame.actions:
                 raise conflict(name, f"two families act on axis {axis}", frame.actions[axis][0], f.name)
-            if isinstance(action, ScaledAxis) and action.kind == "neuron":
+            if isinstance(action, ScaledAxis) and action.kind is Scaling.NEURON:
                 for other_axis, (other_family, other) in frame.actions.items():
-                    if isinstance(other, ScaledAxis) and other.kind == "neuron" and other.side == action.side:
-                        side = "multiplied" if action.side > 0 else "divided"
+                    if isinstance(other, ScaledAxis) and other.kind is Scaling.NEURON and other.side == action.side:
+                        side = action.side.name.lower()
                         raise conflict(name, f"is on the {side} side of two neuron scalings", other_family, f.name)
             frame.actions[axis] = (f.name, action)
             if heads is not None:
@@ -358,21 +343,22 @@ def _scaling_frames(gauges: GaugeSet, tensors: Mapping[str, TensorFrame], views:
     def on_views(refs: Iterable[AxisRef]) -> tuple[AxisRef, ...]:
         return tuple(views.ref(r) for r in refs)
 
-    norms = {f.name: ScalingFrame(f.name, "norm", f.units, on_views(f.multiplied), on_views(f.divided), f.gain,
+    norms = {f.name: ScalingFrame(f.name, Scaling.NORM, f.units, on_views(f.multiplied), on_views(f.divided), f.gain,
                                   f.bias, f.consumers)
              for f in gauges if isinstance(f, NormScaling)}
     neurons = [f for f in gauges if isinstance(f, NeuronScaling)]
 
-    def linked(refs: Iterable[AxisRef], side: int) -> tuple[str, ...]:
+    def linked(refs: Iterable[AxisRef], side: Side) -> tuple[str, ...]:
         found = []
         for ref in refs:
             for axis, scaled in tensors[ref.name].scaled:
-                if axis != ref.axis and scaled.kind == "neuron" and scaled.side == side:
+                if axis != ref.axis and scaled.kind is Scaling.NEURON and scaled.side == side:
                     found.append(scaled.family)
         return tuple(dict.fromkeys(found))
 
-    frames = {f.name: ScalingFrame(f.name, "neuron", f.units, on_views(f.multiplied), on_views(f.divided),
-                                   upstream=linked(on_views(f.multiplied), -1), downstream=linked(on_views(f.divided), 1))
+    frames = {f.name: ScalingFrame(f.name, Scaling.NEURON, f.units, on_views(f.multiplied), on_views(f.divided),
+                                   upstream=linked(on_views(f.multiplied), Side.DIVIDED),
+                                   downstream=linked(on_views(f.divided), Side.MULTIPLIED))
               for f in neurons}
     ordered: list[str] = []
     remaining = {name: set(frame.upstream) for name, frame in frames.items()}
@@ -411,54 +397,6 @@ def compatible_gauges(gauges: GaugeSet, *, verbose: bool = True) -> tuple[GaugeS
 # --------------------------------------------------------------------------------------------------
 # Pure maps on stacked tensors (leading axis: the members of a batch)
 # --------------------------------------------------------------------------------------------------
-
-
-def block_layout(groups: Tensor) -> tuple[int, int, int] | None:
-    """``(outer, block, inner)`` when the groups are regular blocks of one axis, else ``None``.
-
-    Regular means: with the axis viewed as ``(outer, block, inner)`` (index
-    ``i = (o * block + b) * inner + c``), the group of ``i`` depends on ``(o, c)`` only and differs for
-    every ``(o, c)``; each group is then the ``block`` indices along the middle axis. Contiguous head
-    blocks are ``(heads, head_dim, 1)``; RoPE planes ``(i, i + half)`` in each head are
-    ``(heads, 2, half)``. Found by trying every factorisation (once, when the plan is built).
-    """
-    n = groups.numel()
-    if n == 0:
-        return None
-    n_groups = int(torch.unique(groups).numel())
-    if n % n_groups:
-        return None
-    block = n // n_groups
-    for inner in (d for d in range(1, n // block + 1) if (n // block) % d == 0):
-        view = groups.reshape(n // (block * inner), block, inner)
-        if torch.equal(view, view[:, :1].expand_as(view)) and torch.unique(view[:, 0]).numel() == n_groups:
-            return n // (block * inner), block, inner
-    return None
-
-
-def blocked(t: Tensor, shared: SharedAxis, axis: int) -> Tensor:
-    """``t`` viewed with ``axis`` split into the regular layout ``(outer, block, inner)`` of ``shared``
-    (``shared.layout`` must be set): the indices of one block then run along ``axis + 1``."""
-    return t.view(*t.shape[:axis], *shared.layout, *t.shape[axis + 1:])
-
-
-def group_mean(values: Tensor, shared: SharedAxis, axis: int) -> Tensor:
-    """Every entry replaced by the mean over its block of ``shared`` along ``axis`` (a reshape and a
-    mean for a regular :func:`block_layout`, a scatter otherwise)."""
-    if shared.layout is not None:
-        means = blocked(values.contiguous(), shared, axis).mean(dim=axis + 1, keepdim=True)
-        return means.expand(*values.shape[:axis], *shared.layout, *values.shape[axis + 1:]).reshape(values.shape)
-    groups = torch.tensor(shared.groups, device=values.device)
-    moved = values.movedim(axis, 0)
-    sums = moved.new_zeros(moved.shape).index_add_(0, groups, moved)
-    counts = moved.new_zeros(moved.shape[0]).index_add_(0, groups, torch.ones_like(groups, dtype=moved.dtype))
-    means = sums / counts.clamp_min(1).reshape(-1, *([1] * (moved.dim() - 1)))
-    return means[groups].movedim(0, axis)
-
-
-def center_rows(t: Tensor, axis: int = -2) -> Tensor:
-    """The horizontal part ``t - 1 mean(t)^T`` over ``axis`` (the translated axis)."""
-    return t - t.mean(dim=axis, keepdim=True)
 
 
 def unit_square_sums(t: Tensor, unit_axis: int, factors: Mapping[int, Tensor] = {}, *,

@@ -50,8 +50,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from .frames import center_rows
 from .matrix_functions import MUON_NS_COEFFICIENTS, NSCoefficients, inverse_sqrt_psd, newton_schulz
+from .symmetry import center_rows
 
 __all__ = [
     "Orientation",

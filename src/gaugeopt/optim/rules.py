@@ -2,7 +2,7 @@
 
 A rule turns a stack of canonical gradients ``G~`` (shape ``(L, *shape)``: ``L`` same-shape tensors
 stepped together) and its state into a canonical *direction* ``D``; the step around it is the same for
-every rule (:mod:`gaugeopt.optim.batched_step`)::
+every rule (:mod:`gaugeopt.optim.step`)::
 
     p~ <- (1 - lr wd) p~ - lr D          (decoupled weight decay, in the frame)
 
@@ -11,11 +11,11 @@ scheduler may change (betas, momentum, eps) and those that depend on the step co
 corrections) are computed on the host by :meth:`Rule.scalars` and reach :meth:`Rule.direction` as
 one tensor, so a compiled step never recompiles for a new value. Every rule is equivariant under
 coordinate permutations; a frame may leave a residual orthogonal symmetry on blocks of an axis
-(:class:`Residual`), which a rule must respect: :class:`Adam` shares its second moments over each
+(:class:`~gaugeopt.optim.symmetry.Residual`), which a rule must respect: :class:`Adam` shares its second moments over each
 block, :class:`Muon` commutes with it (Newton-Schulz is equivariant under orthogonal maps).
 
 * :class:`Adam`: ``m <- b1 m + (1 - b1) G~``, ``v <- b2 v + (1 - b2) S(G~ * G~)``, with every entry of
-  ``G~`` first clipped to :func:`square_safe` (1.8e16 in float32) so that neither moment overflows;
+  ``G~`` clipped to :func:`square_safe` (1.8e16 in float32) by the step so that neither moment overflows;
   ``D = (m / c1) / (sqrt(v / c2) + eps)`` with ``c_k = 1 - b_k^t``; ``S`` averages over the blocks of
   the residual symmetry (the identity without one).
 * :class:`Muon`: ``B <- mu B + (1 - mu) G~``, ``U = (1 - mu) G~ + mu B`` (nesterov) or ``B``,
@@ -36,24 +36,13 @@ from typing import Any, NamedTuple, Protocol
 import torch
 from torch import Tensor
 
-from .frames import SharedAxis, blocked, group_mean
 from .layerwise import apply_update_rule, muon_update
 from .matrix_functions import MUON_NS_COEFFICIENTS, Quintic
 from .shards import LOCAL, Collectives, RowShard
+from .symmetry import Residual, SharedAxis, blocked, group_mean
 
-__all__ = ["Residual", "Rule", "Adam", "Muon", "MomentumMap", "adam_bias_terms", "adam_direction_", "shared_row_mean",
+__all__ = ["Rule", "Adam", "AdamScalars", "Muon", "MomentumMap", "adam_scalars", "adam_direction_", "shared_row_mean",
            "square_safe"]
-
-
-class Residual(NamedTuple):
-    """The orthogonal symmetry a frame leaves on a batch's canonical tensors (member axes, without
-    the stacking axis): ``shared`` blocks per axis; ``heads``: ``(axis, index)`` with ``index[h]`` the
-    indices of attention head ``h`` (for head-wise orthogonalisation). ``rows``: the rows (member axis
-    0) of the tensors the rule sees that this rank holds, when they are a row shard."""
-
-    shared: tuple[tuple[int, SharedAxis], ...] = ()
-    heads: tuple[int, tuple[tuple[int, ...], ...]] | None = None
-    rows: RowShard | None = None
 
 
 class Rule(Protocol):
@@ -63,16 +52,18 @@ class Rule(Protocol):
     #: except ``"step"``: a 0-d count the step increments).
     state_keys: tuple[str, ...]
 
-    def scalars(self, group: Mapping[str, Any], steps: Sequence[int]) -> list[float]:
-        """The host-side numbers of this step for a batch whose members reach step counts ``steps``."""
+    def scalars(self, group: Mapping[str, Any], steps: Sequence[int]) -> Sequence[Any]:
+        """The host-side numbers of this step for a batch whose members reach step counts ``steps``:
+        a sequence (a named tuple, for a reader) of numbers or of per-member lists of numbers."""
 
-    def direction(self, grad: Tensor, state: Mapping[str, Tensor], scalars: Tensor, residual: Residual,
+    def direction(self, grad: Tensor, state: Mapping[str, Tensor], scalars: Sequence[Tensor], residual: Residual,
                   collectives: Collectives = LOCAL) -> Tensor:
         """Advance ``state`` (stacked, in place) on the canonical gradients ``grad`` and return the
-        canonical direction, a new tensor shaped like ``grad``; ``scalars`` is :meth:`scalars` as a
-        tensor. ``grad`` is the step's own stack: the rule may overwrite it. On a row shard
-        (``residual.rows``) ``grad`` and the state are this rank's rows, and what is not elementwise
-        goes through ``collectives`` (:mod:`gaugeopt.optim.shards`)."""
+        canonical direction, a new tensor shaped like ``grad``; ``scalars`` is :meth:`scalars` with
+        every number a 0-d tensor and every list a 1-d one. ``grad`` is the step's own stack: the
+        rule may overwrite it. On a row shard (``residual.rows``) ``grad`` and the state are this
+        rank's rows, and what is not elementwise goes through ``collectives``
+        (:mod:`gaugeopt.optim.shards`)."""
 
 
 def square_safe(dtype: torch.dtype) -> float:
@@ -88,54 +79,63 @@ def _per_member(values: Tensor, ndim: int) -> Tensor:
     return values.reshape(-1, *([1] * ndim))
 
 
-def adam_bias_terms(beta1: float, beta2: float, eps: float, steps: Sequence[int]) -> list[float]:
-    """Adam's denominator shift ``eps c1`` and scale ``c1 / sqrt(c2)`` at step ``t`` (``c_k = 1 -
-    b_k^t``), so the direction is ``m / (sqrt(v) c1 / sqrt(c2) + eps c1)``: one pair when every member
-    is at the same step (the usual case), else all shifts then all scales, one per member."""
-    distinct = steps[:1] if len(set(steps)) == 1 else steps
-    shift = [eps * (1 - beta1**t) for t in distinct]
-    scale = [(1 - beta1**t) / math.sqrt(1 - beta2**t) for t in distinct]
-    return shift + scale
+class AdamScalars(NamedTuple):
+    """Adam's numbers for one step of a batch (host floats from :meth:`Adam.scalars`, tensors in the
+    step): the moments' weights ``1 - b1`` and ``1 - b2``, and per member the denominator's ``shift``
+    ``eps c1`` and ``scale`` ``c1 / sqrt(c2)`` at the member's step ``t`` (``c_k = 1 - b_k^t``), so
+    that the direction is ``m / (sqrt(v) scale + shift)``."""
+
+    one_minus_beta1: Any
+    one_minus_beta2: Any
+    shift: Any
+    scale: Any
 
 
-def adam_direction_(grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, weights: Tensor, bias_terms: Tensor,
+def adam_scalars(beta1: float, beta2: float, eps: float, steps: Sequence[int]) -> AdamScalars:
+    """:class:`AdamScalars` of members at step counts ``steps``."""
+    return AdamScalars(1 - beta1, 1 - beta2, [eps * (1 - beta1**t) for t in steps],
+                       [(1 - beta1**t) / math.sqrt(1 - beta2**t) for t in steps])
+
+
+def adam_direction_(grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, scalars: AdamScalars,
                     shared: tuple[tuple[int, SharedAxis], ...] = (), rows: RowShard | None = None,
                     collectives: Collectives = LOCAL) -> Tensor:
     """Advance Adam's moments in place and return ``(m / c1) / (sqrt(v / c2) + eps)``.
 
-    All tensors are stacks ``(L, ...)``; ``weights`` holds ``(1 - b1, 1 - b2)`` and ``bias_terms``
-    the values of :func:`adam_bias_terms` (2, or 2 L). With ``shared`` the squared gradient is averaged
-    over each block of those (member) axes before it enters ``v``, so ``v`` is invariant under the
-    blocks' rotations and the direction rotates with them (on a row shard ``rows``, blocks of the row
-    axis cut by a shard boundary are summed over the ranks: :func:`shared_row_mean`). ``grad`` is
-    overwritten (it ends up holding the direction, which is returned): the step allocates nothing
-    the size of ``grad``.
+    ``grad`` must be bounded by :func:`square_safe` (the step clips canonical gradients that are
+    not), so that neither moment overflows. All tensors are stacks ``(L, ...)``; ``scalars`` are
+    :class:`AdamScalars` as tensors (``shift`` and ``scale`` of length ``L``). With ``shared`` the
+    squared gradient is averaged over each block of those (member) axes before it enters ``v``, so
+    ``v`` is invariant under the blocks' rotations and the direction rotates with them (on a row
+    shard ``rows``, blocks of the row axis cut by a shard boundary are summed over the ranks:
+    :func:`shared_row_mean`). ``grad`` is overwritten (it ends up holding the direction, which is
+    returned): the step allocates nothing the size of ``grad``.
     """
-    members, ndim = grad.shape[0], grad.dim() - 1
-    bound = square_safe(grad.dtype)
-    grad = grad.clamp_(-bound, bound)
-    exp_avg.lerp_(grad, weights[0])
+    ndim = grad.dim() - 1
+    exp_avg.lerp_(grad, scalars.one_minus_beta1)
     square = grad.square_()
     if rows is not None and any(axis == 0 for axis, _ in shared):
         for axis, blocks in shared:
             square = shared_row_mean(square, blocks, rows, collectives) if axis == 0 else \
                 group_mean(square, blocks, axis + 1)
-        exp_avg_sq.lerp_(square, weights[1])
-    elif len(shared) == 1 and shared[0][1].layout is not None and not torch.compiler.is_compiling():
-        # regular blocks, eager: the block means broadcast into a blocked view of v (nothing the size of v
-        # is allocated; compiled, a write through that view would be copied back, so the general path)
+        exp_avg_sq.lerp_(square, scalars.one_minus_beta2)
+    elif len(shared) == 1 and shared[0][1].layout is not None:
+        # regular blocks: the block means broadcast into a blocked view of v (nothing the size of v is
+        # allocated; compiled, the same loop as the general path). v is then constant over each block,
+        # so its denominators are taken once per block and broadcast into the division.
         axis, blocks = shared[0]
         means = blocked(square, blocks, axis + 1).mean(dim=axis + 2, keepdim=True)
-        blocked(exp_avg_sq, blocks, axis + 1).lerp_(means, weights[1])
+        second = blocked(exp_avg_sq, blocks, axis + 1).lerp_(means, scalars.one_minus_beta2)
+        shift, scale = (_per_member(t, ndim + 2) for t in (scalars.shift, scalars.scale))
+        denominator = torch.addcmul(shift, second.narrow(axis + 2, 0, 1).sqrt(), scale)
+        direction = torch.div(blocked(exp_avg, blocks, axis + 1), denominator, out=blocked(grad, blocks, axis + 1))
+        return direction.view(grad.shape)
     else:
         for axis, blocks in shared:
             square = group_mean(square, blocks, axis + 1)
-        exp_avg_sq.lerp_(square, weights[1])
-    if bias_terms.numel() == 2:
-        shift, scale = bias_terms.unbind(0)
-    else:
-        shift, scale = (_per_member(t, ndim) for t in bias_terms.view(2, members).unbind(0))
-    denominator = torch.sqrt(exp_avg_sq, out=grad).mul_(scale).add_(shift)
+        exp_avg_sq.lerp_(square, scalars.one_minus_beta2)
+    shift, scale = (_per_member(t, ndim) for t in (scalars.shift, scalars.scale))
+    denominator = torch.addcmul(shift, torch.sqrt(exp_avg_sq, out=grad), scale, out=grad)
     return torch.div(exp_avg, denominator, out=denominator)
 
 
@@ -182,13 +182,13 @@ class Adam:
     eps_key: str = "eps"
     state_keys: tuple[str, ...] = ("step", "exp_avg", "exp_avg_sq")
 
-    def scalars(self, group: Mapping[str, Any], steps: Sequence[int]) -> list[float]:
+    def scalars(self, group: Mapping[str, Any], steps: Sequence[int]) -> AdamScalars:
         beta1, beta2 = (float(b) for b in group[self.betas_key])
-        return [1 - beta1, 1 - beta2, *adam_bias_terms(beta1, beta2, float(group[self.eps_key]), steps)]
+        return adam_scalars(beta1, beta2, float(group[self.eps_key]), steps)
 
-    def direction(self, grad: Tensor, state: Mapping[str, Tensor], scalars: Tensor, residual: Residual,
+    def direction(self, grad: Tensor, state: Mapping[str, Tensor], scalars: AdamScalars, residual: Residual,
                   collectives: Collectives = LOCAL) -> Tensor:
-        return adam_direction_(grad, state["exp_avg"], state["exp_avg_sq"], scalars[:2], scalars[2:], residual.shared,
+        return adam_direction_(grad, state["exp_avg"], state["exp_avg_sq"], scalars, residual.shared,
                                residual.rows, collectives)
 
 

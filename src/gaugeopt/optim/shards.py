@@ -1,7 +1,7 @@
 """What the step needs to run on row shards: which rows a rank holds, and the two collectives it uses.
 
 Under FSDP2 every parameter, gradient and state tensor is sharded on dim 0: each rank holds rows
-``[start, stop)`` of ``rows`` (:class:`RowShard`). The step (:mod:`gaugeopt.optim.batched_step`) runs
+``[start, stop)`` of ``rows`` (:class:`RowShard`). The step (:mod:`gaugeopt.optim.step`) runs
 on those local rows. Elementwise work is local; what is not local is written against
 :class:`Collectives`, so the same code runs in one process (:data:`LOCAL`) and on shards
 (:class:`gaugeopt.optim.distributed.ProcessGroupCollectives`):

@@ -87,7 +87,7 @@ class SymmetryCompatible(FramedOptimizer):
             step is skipped and counted in :attr:`skipped_steps`. Nothing changes in either case.
         compiled: run the step compiled by ``torch.compile``.
 
-    The step is the batched step of :mod:`gaugeopt.optim.batched_step` without gauge frames: each
+    The step is the batched step of :mod:`gaugeopt.optim.step` without gauge frames: each
     group's rule is a base rule of :mod:`gaugeopt.optim.rules` (``adamw``: :class:`~gaugeopt.optim.rules.Adam`;
     ``muon``: :class:`~gaugeopt.optim.rules.Muon`; the other maps:
     :class:`~gaugeopt.optim.rules.MomentumMap`), and same-shape parameters of a group are stepped as one

@@ -1,0 +1,132 @@
+"""Persistent stacked storage: the rule state of a batch as one buffer, each member's state a view of it.
+
+The step updates a batch's state as one stacked tensor ``(L, ...)``; ``optimizer.state[p][key]`` is
+the member's slice of that buffer (a view), so ``state_dict``, checkpoints and schedulers see
+ordinary per-parameter state, and nothing is stacked or copied back in a step. A buffer is made once
+per layout (from the members' entries: their values survive a new layout) and handed out again
+while every member's entry is still the view it was given.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .guards import compute_dtype
+from .shards import local_tensor, shard_like
+
+__all__ = ["StackedState", "as_tensors"]
+
+
+class StackedState:
+    """A batch's rule state as stacked buffers whose slices are the members' entries in the
+    optimizer's ``state`` (module docstring). The members' step counts are mirrored on the host, so
+    the bias corrections of a step are host numbers, not device work; the mirror is read again
+    whenever the count tensors were written by anyone but the step (their version counter moved:
+    ``load_state_dict``, ``torch.distributed.checkpoint`` loading in place).
+
+    :meth:`buffers` checks that every member's entry is still the view it handed out; an entry
+    replaced since (a load, the first step, a batch that changed) is stacked again (a copy). A single
+    member's entry is used as it is (its buffer is a view of it).
+    """
+
+    def __init__(self):
+        self._slots: dict[Any, tuple[Tensor, list[Tensor], list[Tensor]]] = {}  # buffer, views, members
+        self._steps: dict[Any, tuple[list[int], int]] = {}  # counts and the buffer's version when read
+
+    def buffers(self, state: Mapping, slot: Any, members: Sequence[Tensor], keys: Sequence[str],
+                shape: tuple[int, ...] | None = None) -> dict[str, Tensor]:
+        """The stacked buffers of ``keys`` for ``members`` (``shape``: of each member's entry, if not
+        the member's own)."""
+        out = {}
+        for key in keys:
+            held = self._slots.get((slot, key))
+            current = [state[p].get(key) for p in members]
+            if held is not None and all(a is b for a, b in zip(current, held[1])):
+                out[key] = held[0]
+                continue
+            target = _zeros(members[0], key, shape)
+            like = [_zeros(p, key, shape) if value is None else local_tensor(value)
+                    for p, value in zip(members, current)]
+            if len(members) == 1:
+                value = like[0]
+                if (value.dtype, value.device) != (target.dtype, target.device):
+                    value = value.to(device=target.device, dtype=target.dtype)
+                buffer, views = value.unsqueeze(0), [value]
+            else:
+                buffer = torch.stack([v.to(dtype=target.dtype, device=target.device) for v in like])
+                views = list(buffer.unbind(0))
+            if key != "step" and shape is None:  # shaped like its parameter: a shard of it, if it is one
+                views = [shard_like(view, p) for p, view in zip(members, views)]
+            for p, view in zip(members, views):
+                state[p][key] = view
+            self._slots[(slot, key)] = (buffer, views, list(members))
+            if key == "step":
+                self._steps.pop(slot, None)  # counts read again from the new buffer
+            out[key] = buffer
+        return out
+
+    def advance(self, slot: Any) -> list[int]:
+        """The members' step counts after this step (the write phase adds 1 to the state's counts)."""
+        buffer = self._slots[(slot, "step")][0]
+        counts, version = self._steps.get(slot, (None, None))
+        if counts is None or version != buffer._version:
+            counts = [int(t) for t in buffer.tolist()]
+        counts = [t + 1 for t in counts]
+        self._steps[slot] = (counts, None)
+        return counts
+
+    def settle(self) -> None:
+        """Record the step counts' versions after a step wrote them (an external write moves them)."""
+        for slot, (counts, _) in self._steps.items():
+            self._steps[slot] = (counts, self._slots[(slot, "step")][0]._version)
+
+    def release(self, state: Mapping) -> None:
+        """Give every member a tensor of its own (before the buffers are dropped with their layout)."""
+        for (slot, key), (buffer, views, members) in self._slots.items():
+            if len(members) > 1:
+                for p, view in zip(members, views):
+                    if p in state and state[p].get(key) is view:
+                        state[p][key] = view.clone()
+        self._slots.clear()
+        self._steps.clear()
+
+
+def _zeros(p: Tensor, key: str, shape: tuple[int, ...] | None = None) -> Tensor:
+    """A state entry's initial value: a 0-d float32 step count, else zeros shaped like ``p`` (or
+    ``shape``) in ``p``'s compute dtype."""
+    p = local_tensor(p)
+    if key == "step":
+        return torch.zeros((), dtype=torch.float32, device=p.device)
+    return torch.zeros(p.shape if shape is None else shape, dtype=compute_dtype(p), device=p.device)
+
+
+def as_tensors(values: Any, dtype: torch.dtype, device: torch.device) -> Any:
+    """Host numbers (a step's :class:`~gaugeopt.optim.step.BatchScalars`, a rule's
+    :meth:`~gaugeopt.optim.rules.Rule.scalars`) as slices of one tensor: the same structure with
+    each number a 0-d tensor and each list a 1-d tensor; tuples and named tuples are kept as such."""
+    flat: list[float] = []
+
+    def place(value: Any) -> Any:
+        if isinstance(value, tuple):
+            return [place(v) for v in value]
+        start = len(flat)
+        if isinstance(value, list):
+            flat.extend(float(v) for v in value)
+            return slice(start, len(flat))
+        flat.append(float(value))
+        return start
+
+    spans = place(values)
+    table = torch.tensor(flat, dtype=dtype, device=device)
+
+    def build(value: Any, span: Any) -> Any:
+        if isinstance(value, tuple):
+            fields = [build(v, s) for v, s in zip(value, span)]
+            return type(value)(*fields) if hasattr(value, "_fields") else tuple(fields)
+        return table[span]
+
+    return build(values, spans)
