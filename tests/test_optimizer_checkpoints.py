@@ -476,8 +476,8 @@ def assert_loaded_as_described(opt, mutated: Mapping[str, Any], params: list[Ten
     """The optimizer's state is what ``mutated`` says, as the optimizer keeps it: state tensors in
     the compute dtype, step counts as float32 tensors."""
     loaded = _resolved(opt.state_dict())
-    for (settings, states), (their_settings, their_states) in zip(loaded, _resolved(mutated)):
-        assert same(settings, their_settings)
+    for (our_settings, states), (their_settings, their_states) in zip(loaded, _resolved(mutated)):
+        assert same(our_settings, their_settings)
         for mine, theirs in zip(states, their_states):
             assert mine.keys() == theirs.keys()
             for key, value in theirs.items():

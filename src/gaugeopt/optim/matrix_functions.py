@@ -26,7 +26,7 @@ composition of quintics for the worst singular value in ``[l, u]``.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor

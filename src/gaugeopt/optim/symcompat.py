@@ -192,8 +192,8 @@ def _validate_settings(settings: dict[str, Any], where: str) -> None:
     require_rate(where, settings["lr"])
     require_unit_interval(where, "momentum", settings["momentum"])
     require(isinstance(settings["nesterov"], bool), f"nesterov must be True or False, got {settings['nesterov']!r}")
-    for field in ("weight_decay", "eps", "alpha", "ns_eps"):
-        require_nonnegative(where, field, settings[field])
+    for name in ("weight_decay", "eps", "alpha", "ns_eps"):
+        require_nonnegative(where, name, settings[name])
     require_positive(where, "adam_eps", settings["adam_eps"])  # 0 would divide 0 by 0 on zero gradients
     steps = settings["ns_steps"]
     require(isinstance(steps, int) and not isinstance(steps, bool) and steps >= 0,
