@@ -337,6 +337,20 @@ def test_bad_newton_schulz_settings_are_refused_naming_the_field():
 # --------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("ns_dtype", [torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(3, 16, 8), (3, 8, 16), (3, 8, 8)])
+def test_muon_update_is_the_iterations_result_converted_then_scaled_bit_for_bit(shape, ns_dtype):
+    """``s NS(U)`` in the update's dtype, whatever dtype the iterations ran in and whether ``s`` is 1
+    (square and wide matrices) or not (tall ones): exactly ``NS(U).to(dtype) * s``, the scale
+    applied in float32 to the exactly converted entries (never rounded in bfloat16)."""
+    update = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    expected = newton_schulz(update, dtype=ns_dtype).to(torch.float32) * muon_lr_scale(shape[1:], "original")
+    got = muon_update(update, dtype=ns_dtype)
+    assert got.dtype == torch.float32 and torch.equal(got, expected)
+    assert torch.equal(muon_update(update, dtype=ns_dtype, heads=2, block_scale=True),
+                       torch.cat([muon_update(part, dtype=ns_dtype) for part in update.chunk(2, dim=1)], dim=1))
+
+
 @pytest.mark.parametrize("axis", ["row", "col"])
 def test_head_blocks_commute_with_per_head_rotations(axis):
     heads, head_dim, other = 3, 4, 10

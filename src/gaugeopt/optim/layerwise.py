@@ -139,6 +139,21 @@ def muon_lr_scale(shape: tuple[int, int] | torch.Size, adjust_lr: str) -> float:
 # ----------------------------------------------------------------------------------------------
 
 
+def _scaled(X: Tensor, dtype: torch.dtype, scale: float) -> Tensor:
+    """``X.to(dtype) * scale`` for a Newton-Schulz result ``X`` (a tensor of the step's own), bit for
+    bit, in one pass or none: ``X`` itself where neither changes it, ``X`` scaled in place in its own
+    dtype, and from a narrower dtype (bfloat16 iterations) the product with a one-element ``dtype``
+    tensor of ``X``'s rank, which type promotion computes in ``dtype`` from the exactly converted
+    entries (a 0-d tensor would not promote), so no converted copy is written and read again."""
+    if X.dtype == dtype:
+        return X if scale == 1 else X.mul_(scale)
+    if scale == 1:
+        return X.to(dtype)
+    if torch.promote_types(X.dtype, dtype) != dtype:  # iterations in a wider dtype: convert, then scale
+        return X.to(dtype).mul_(scale)
+    return torch.mul(X, torch.full((1,) * X.dim(), scale, dtype=dtype, device=X.device))
+
+
 def muon_update(
     M: Tensor,
     *,
@@ -175,7 +190,7 @@ def muon_update(
     ns = dict(steps=ns_steps, eps=ns_eps, coefficients=ns_coefficients, dtype=dtype)
     split = rows if head_axis == "row" else cols
     if head_index is None and (heads is None or heads == 1):
-        return newton_schulz(M, **ns).to(M.dtype) * muon_lr_scale((rows, cols), adjust_lr)
+        return _scaled(newton_schulz(M, **ns), M.dtype, muon_lr_scale((rows, cols), adjust_lr))
     if head_index is None:
         if heads < 1 or split % heads:
             raise ValueError(
@@ -191,7 +206,7 @@ def muon_update(
     else:
         blocks = M[..., index].movedim(-2, -3)  # (..., rows, heads, head_dim) -> (..., heads, rows, head_dim)
     shape = blocks.shape[-2:] if block_scale else (rows, cols)
-    ortho = newton_schulz(blocks, **ns).to(M.dtype) * muon_lr_scale(shape, adjust_lr)
+    ortho = _scaled(newton_schulz(blocks, **ns), M.dtype, muon_lr_scale(shape, adjust_lr))
     out = ortho.new_empty(M.shape)
     if head_axis == "row":
         out[..., index, :] = ortho

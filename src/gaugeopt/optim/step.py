@@ -477,8 +477,20 @@ def lift(direction: Tensor | list[Tensor], factors: Sequence[Tensor], lr: Tensor
          ) -> tuple[Tensor | list[Tensor], Tensor]:
     """The canonical direction ``D`` (a stack, or its members) mapped back by the frame: the step
     ``lr D f_1 ... f_k`` (``f`` the gradient factors ``gamma``, and the channel factor ``e``) as
-    ``(D f_1 ... f_{k-1}, lr f_k)``, the last product left to the write's fused multiply-add.
+    ``(D f_1 ... f_{j-1}, lr f_j)``, the last product left to the write's fused multiply-add.
+    Factors that act on the same axes (a gain's ``gamma`` and the channel factor ``e`` of its
+    columns: each broadcasts to the other's shape) are first multiplied together, vectors with
+    vectors, so that ``D`` is multiplied once per scaled axis, not once per factor (``j <= k``).
     ``direction`` is overwritten."""
+    merged: list[Tensor] = []
+    for factor in factors:
+        for i, other in enumerate(merged):
+            if torch.broadcast_shapes(other.shape, factor.shape) in (other.shape, factor.shape):
+                merged[i] = other * factor
+                break
+        else:
+            merged.append(factor)
+    factors = merged
     for factor in factors[:-1]:
         if isinstance(direction, Tensor):
             direction = direction.mul_(factor)
