@@ -160,7 +160,8 @@ PRESETS = {
                                      seeds=(0, 1, 2, 3, 4)),
     # On this CPU in about 40 minutes: the smoke model on four plays, longer, 5 seeds.
     "cpu": MoEExperimentConfig(works=("hamlet_gut", "macbeth_gut", "othello_gut", "lear_gut"), batch_size=32,
-                               steps=2000, eval_every=100, eval_windows=64, warmup_steps=100, seeds=(0, 1, 2, 3, 4)),
+                               steps=2000, eval_every=100, eval_windows=64, warmup_steps=100, seeds=(0, 1, 2, 3, 4),
+                               lr_scales=(("adamw", 2.0), ("symcompat", 1.0))),
     "full": MoEExperimentConfig(works=("hamlet_gut", "macbeth_gut", "othello_gut", "lear_gut"), d_model=128,
                                 n_layers=4, d_ff=128, seq_len=128, batch_size=32, steps=3000, eval_every=100,
                                 eval_windows=64, warmup_steps=100, seeds=(0, 1, 2)),
