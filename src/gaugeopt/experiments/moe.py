@@ -157,7 +157,7 @@ PRESETS = {
     # The dense-decoder comparison (Lau & Su's dense runs) at the size of the 'cpu' preset.
     "dense-cpu": MoEExperimentConfig(model="dense", works=("hamlet_gut", "macbeth_gut", "othello_gut", "lear_gut"),
                                      batch_size=32, steps=2000, eval_every=100, eval_windows=64, warmup_steps=100,
-                                     seeds=(0, 1, 2, 3, 4)),
+                                     seeds=(0, 1, 2, 3, 4), lr_scales=(("adamw", 2.0), ("symcompat", 1.0))),
     # On this CPU in about 40 minutes: the smoke model on four plays, longer, 5 seeds.
     "cpu": MoEExperimentConfig(works=("hamlet_gut", "macbeth_gut", "othello_gut", "lear_gut"), batch_size=32,
                                steps=2000, eval_every=100, eval_windows=64, warmup_steps=100, seeds=(0, 1, 2, 3, 4),
