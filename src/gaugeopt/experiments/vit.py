@@ -168,7 +168,7 @@ PRESETS = {
                                   warmup_steps=60, seeds=(0, 1, 2, 3, 4)),
     "full": ViTExperimentConfig(dataset="mnist1d", num_samples=10_000, val_fraction=0.2, patch_size=4, d_model=64,
                                 n_layers=3, n_heads=4, d_ff=256, batch_size=128, steps=2000, eval_every=100,
-                                warmup_steps=60, seeds=(0, 1, 2)),
+                                warmup_steps=60, seeds=(0, 1, 2), lr_scales=(("adamw", 1.0), ("ddc-adam", 1.0))),
 }
 
 EXPERIMENT = Experiment(
