@@ -23,13 +23,10 @@ memory columns.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import platform
-import statistics
 import sys
 import time
-from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -44,11 +41,8 @@ from gaugeopt.models import TransformerLM
 from gaugeopt.optim.ddc_muon import DDCMuon
 
 from .optimizer_steps import (ADAM_LR, BATCH, LR, SEQ, VOCAB, WEIGHT_DECAY, adamw, adamw_fused, ddc_adam,
-                              ddc_adam_compiled, ddc_muon, muon_with_adamw_torch, parameter_count, reference_config,
-                              state_bytes)
-
-OptimizerFactory = Callable[[nn.Module, GaugeSet], object]
-
+                              ddc_adam_compiled, ddc_muon, muon_with_adamw_torch, OptimizerFactory, parameter_count,
+                              reference_config, time_steps)
 
 class CompiledAdamW:
     """``torch.optim.AdamW(foreach=True)`` whose ``step`` runs under ``torch.compile`` (torch's recipe for
@@ -99,52 +93,12 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(model: nn.Module, gauges: GaugeSet, peers: dict[str, OptimizerFactory], *, warmup: int,
-            rounds: int) -> dict[str, dict]:
-    """Interleaved steps of every optimizer on its own copy of ``model`` (the same gradients): median
-    and first step time, state bytes, and on CUDA the peak transient memory of a step."""
-    device = next(model.parameters()).device
-    runs = {}
-    for name, make in peers.items():
-        twin = copy.deepcopy(model)
-        for p, q in zip(model.parameters(), twin.parameters()):
-            q.grad = p.grad.clone()
-        runs[name] = make(twin, gauges.bind(twin))
-
-    def timed_step(optimizer) -> tuple[float, int | None]:
-        _synchronize(device)
-        if device.type == "cuda":
-            before = torch.cuda.memory_allocated(device)
-            torch.cuda.reset_peak_memory_stats(device)
-        start = time.perf_counter()
-        optimizer.step()
-        _synchronize(device)
-        elapsed = time.perf_counter() - start
-        peak = torch.cuda.max_memory_allocated(device) - before if device.type == "cuda" else None
-        return elapsed, peak
-
-    first: dict[str, float] = {}
-    peaks: dict[str, int | None] = {name: None for name in runs}
-    for _ in range(warmup):
-        for name, optimizer in runs.items():
-            elapsed, _ = timed_step(optimizer)
-            first.setdefault(name, elapsed)
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(rounds):
-        for name, optimizer in runs.items():
-            elapsed, peak = timed_step(optimizer)
-            times[name].append(elapsed)
-            if peak is not None:
-                peaks[name] = max(peak, peaks[name] or 0)
-    return {name: {"median_s": statistics.median(times[name]), "step_s": times[name], "first_step_s": first[name],
-                   "state_bytes": state_bytes(runs[name]),
-                   "peak_step_bytes": peaks[name]} for name in runs}
-
-
 def run_point(width: int, layers: int, dtype: torch.dtype, device: torch.device, *, warmup: int, rounds: int,
               peers: dict[str, OptimizerFactory] = PEERS) -> dict:
     model, gauges, discovery_s = model_on_device(width, layers, dtype, device)
-    results = measure(model, gauges, peers, warmup=warmup, rounds=rounds)
+    timings = time_steps(model, gauges, peers, warmup=warmup, rounds=rounds)
+    results = {name: {"median_s": t.median_s, "step_s": t.step_s, "first_step_s": t.first_step_s,
+                      "state_bytes": t.state_bytes, "peak_step_bytes": t.peak_step_bytes} for name, t in timings.items()}
     return {"width": width, "layers": layers, "dtype": str(dtype).removeprefix("torch."),
             "parameters": parameter_count(model), "families": len(gauges), "discovery_s": discovery_s,
             "optimizers": results}
@@ -176,15 +130,6 @@ def render(results: dict) -> str:
     return "\n".join(lines)
 
 
-def _commit() -> str:
-    import subprocess
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).resolve().parent, timeout=10).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.cuda", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("."), help="directory for the report")
@@ -197,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--peers", nargs="+", choices=list(PEERS), default=list(PEERS))
     args = parser.parse_args(argv)
+    from .__main__ import _commit
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("python -m benchmarks.cuda: no CUDA device is available (pass --device cpu for a CPU run)",

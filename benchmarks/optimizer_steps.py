@@ -71,6 +71,7 @@ class StepTiming:
     step_s: list[float]
     state_bytes: int
     first_step_s: float  # the first (untimed) step: state allocation, and compilation for a compiled step
+    peak_step_bytes: int | None = None  # CUDA: the most a timed step allocated above what it found allocated
 
     @property
     def median_s(self) -> float:
@@ -79,7 +80,8 @@ class StepTiming:
 
 def time_steps(model: nn.Module, gauges: GaugeSet, factories: dict[str, OptimizerFactory], *, warmup: int,
                rounds: int) -> dict[str, StepTiming]:
-    """Interleaved step timings of each optimizer on its own copy of ``model`` (same gradients)."""
+    """Interleaved step timings of each optimizer on its own copy of ``model`` (same gradients); on
+    CUDA also each optimizer's peak transient memory over its timed steps."""
     runs = {}
     for name, make in factories.items():
         twin = copy.deepcopy(model)
@@ -87,24 +89,33 @@ def time_steps(model: nn.Module, gauges: GaugeSet, factories: dict[str, Optimize
             q.grad = p.grad.clone()
         runs[name] = make(twin, gauges.bind(twin))
     device = next(model.parameters()).device
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    cuda = device.type == "cuda"
+    sync = (lambda: torch.cuda.synchronize(device)) if cuda else (lambda: None)
 
-    def timed_step(optimizer) -> float:
+    def timed_step(optimizer) -> tuple[float, int | None]:
         sync()
+        if cuda:
+            before = torch.cuda.memory_allocated(device)
+            torch.cuda.reset_peak_memory_stats(device)
         start = time.perf_counter()
         optimizer.step()
         sync()
-        return time.perf_counter() - start
+        elapsed = time.perf_counter() - start
+        return elapsed, (torch.cuda.max_memory_allocated(device) - before if cuda else None)
 
     first: dict[str, float] = {}
     for _ in range(warmup):
         for name, optimizer in runs.items():
-            first.setdefault(name, timed_step(optimizer))
+            first.setdefault(name, timed_step(optimizer)[0])
     times: dict[str, list[float]] = {name: [] for name in runs}
+    peaks: dict[str, int | None] = {name: None for name in runs}
     for _ in range(rounds):
         for name, optimizer in runs.items():
-            times[name].append(timed_step(optimizer))
-    return {name: StepTiming(name, times[name], state_bytes(runs[name]), first.get(name, float("nan")))
+            elapsed, peak = timed_step(optimizer)
+            times[name].append(elapsed)
+            if peak is not None:
+                peaks[name] = max(peak, peaks[name] or 0)
+    return {name: StepTiming(name, times[name], state_bytes(runs[name]), first.get(name, float("nan")), peaks[name])
             for name in runs}
 
 
