@@ -15,8 +15,11 @@ The step of every optimizer here is frame -> base rule -> lift, batched across l
   program, on whole tensors or on row shards (``shards``: which rows a rank holds, and the two
   collective operations a sharded step makes); ``compile``: the phases run eagerly or compiled,
   decided once;
+* ``roles``: the one structural classifier of a model's parameters (embedding, LM head, attention,
+  SwiGLU, MoE, convolution kernels, input and output layers, ...), read by DDCMuon's Muon/Adam split
+  and by SymmetryCompatible's param groups;
 * the shells: ``base.FramedOptimizer`` and ``ddc_adam`` (DDCAdam), ``ddc_muon`` (DDCMuon),
-  ``symcompat`` (SymmetryCompatible and its parameter classifier), ``baselines`` (Muon + AdamW);
+  ``symcompat`` (SymmetryCompatible and its roles' rules), ``baselines`` (Muon + AdamW);
 * around them: ``guards`` (settings, gradients, low precision, checkpoints), ``clipping``
   (gauge-invariant ``clip_grad_norm_``), ``distributed`` (DDP and FSDP2: the process-group
   collectives).

@@ -35,8 +35,10 @@ class MuonWithAdamW(NonfinitePolicy):
 
     Args:
         model: the model whose trainable parameters are optimized.
-        gauges: its :class:`~gaugeopt.gauges.GaugeSet`, used only to recognise the LM head (the
-            weight of a logit-shift family); ``None`` treats every non-embedding matrix as hidden.
+        gauges: its :class:`~gaugeopt.gauges.GaugeSet`, used only for the split: the LM head (the
+            weight of a logit-shift family) and the input and output layers take AdamW; ``None``
+            leaves the structural roles alone (embeddings and a top-level Linear shaped like an
+            embedding table, the LM head, take AdamW, every other matrix Muon).
         muon_names: the parameter names that take Muon, overriding the automatic split (must be 2-D).
         lr, momentum, nesterov, weight_decay, adjust_lr, ns_steps: ``torch.optim.Muon``'s settings
             (``adjust_lr`` is its ``adjust_lr_fn``).

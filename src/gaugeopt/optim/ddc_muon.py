@@ -33,9 +33,10 @@ bfloat16's scale, amplified over training (docs/ddc_muon.md measures it). The or
 
 **Which parameters take Muon.** Each param group takes one rule, recorded as its ``use_muon``. A
 group the user gives may set ``use_muon`` for all its parameters; otherwise :func:`muon_parameter_names`
-splits it into a Muon group and an Adam group (in this order): the hidden matrices, i.e. every 2-D
-parameter except embedding tables, the LM head and the layers that read the model's input or write
-its output directly, take Muon. Convolution kernels count as hidden matrices: Muon orthogonalises
+(a reading of :func:`gaugeopt.optim.roles.parameter_roles`, the classifier ``symmetry_param_groups``
+reads too) splits it into a Muon group and an Adam group (in this order): the hidden matrices, i.e.
+every 2-D parameter except embedding tables, the LM head and the layers that read the model's input
+or write its output directly, take Muon. Convolution kernels count as hidden matrices: Muon orthogonalises
 each as its ``(out, in * kernel)`` matricisation (``Muon(flatten=True)``). Everything else (vectors,
 embeddings, input and output layers, parameters outside ``gauges.model``) takes Adam. Without a
 ``GaugeSet`` every 2-D parameter takes Muon unless its group says ``use_muon=False``.
@@ -72,7 +73,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..gauges.families import LogitShift
 from ..gauges.gaugeset import GaugeSet
 from .base import FramedOptimizer
 from .ddc_adam import ADAM, check_adam_settings
@@ -92,10 +92,8 @@ from .matrix_functions import (
     coefficients_setting,
     ns_coefficient_schedule,
 )
+from .roles import parameter_roles
 from .rules import Muon, Rule
-
-#: Modules whose weight DDCMuon's Muon rule steps as its matricisation (out channels, the rest).
-_CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 __all__ = ["DDCMuon", "muon_parameter_names", "muon_lr_scale", "ADJUST_LR_CHOICES"]
 
@@ -116,21 +114,19 @@ _ADAM_ONLY = {"adam_lr": "lr", "adam_betas": "betas", "adam_eps": "eps", "adam_w
 
 def muon_parameter_names(model: nn.Module, gauges: GaugeSet | None = None) -> set[str]:
     """Names of the parameters that DDCMuon (and the Muon + AdamW baseline) give the Muon step: the
-    hidden matrices, i.e. every 2-D parameter except ``nn.Embedding`` tables, the weight of a
-    ``logit_shift`` family (the LM head) and, when ``gauges`` come from ``find_gauges``, the layers
-    that read the model's input or write its output directly (``gauges.input_layers`` and
-    ``gauges.output_layers``: an input projection or patch embedding, an output layer), as Muon's
-    recipe leaves those to AdamW. Without ``gauges`` every 2-D non-embedding parameter counts.
-    Convolution kernels (``nn.Conv1d/2d/3d``) count as hidden matrices too: Muon steps each as its
-    ``(out, in * kernel)`` matricisation (the first conv, which reads the input, is an input layer)."""
-    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    excluded: set[str] = set()
-    if gauges is not None:
-        excluded |= {f.weight for f in gauges if isinstance(f, LogitShift) and f.kind == "logit_shift"}
-        excluded |= {*gauges.input_layers, *gauges.output_layers}
-    kernels = {id(m.weight) for m in model.modules() if isinstance(m, _CONVOLUTIONS)}
-    return {n for n, p in model.named_parameters()
-            if (p.ndim == 2 or id(p) in kernels) and id(p) not in embeddings and n not in excluded}
+    hidden matrices, i.e. the parameters whose role (:func:`~gaugeopt.optim.roles.parameter_roles`)
+    is in :data:`~gaugeopt.optim.roles.MUON_HIDDEN_ROLES`: every 2-D parameter and convolution kernel
+    (``nn.Conv1d/2d/3d``, which Muon steps as its ``(out, in * kernel)`` matricisation) except
+    ``nn.Embedding`` tables, the LM head and, when ``gauges`` come from ``find_gauges``, the layers that
+    read the model's input or write its output directly (``gauges.input_layers`` and
+    ``gauges.output_layers``: an input projection, a patch embedding or a first convolution, an output
+    layer), as Muon's recipe leaves those to AdamW. The LM head is the weight of a ``logit_shift``
+    family of ``gauges`` or, with or without ``gauges``, the unique top-level Linear shaped like an
+    embedding table. 3-D expert stacks (``moe_expert_tensor``) are not hidden matrices. Frozen
+    parameters are named too (by role, as the trainable ones); a module whose structure contradicts
+    itself (attention head counts, two router candidates) does not raise here."""
+    return {row.name for row in parameter_roles(model, gauges=gauges, include_frozen=True, strict=False)
+            if row.muon_hidden}
 
 
 class DDCMuon(FramedOptimizer):

@@ -1,4 +1,4 @@
-"""The symmetry-compatible layerwise optimizer and the parameter classifier that configures it.
+"""The symmetry-compatible layerwise optimizer and the role-to-rule mapping that configures it.
 
 :class:`SymmetryCompatible` is one ``torch.optim.Optimizer`` whose param groups each name a
 ``rule`` from :data:`gaugeopt.optim.layerwise.RULES`. For a matrix rule ``Phi`` a step is
@@ -7,10 +7,12 @@
     W <- (1 - lr * weight_decay) W      (decoupled weight decay)
     W <- W - lr * Phi(M)                (or Phi((1 - mu) G + mu M) with nesterov=True)
 
-and ``adamw`` groups take an ordinary AdamW step. :func:`symmetry_param_groups` inspects a model's
-structure, gives every parameter a role (embedding, LM head, tied embedding/head, attention
-Q/K/V and output per head, SwiGLU gate/up and down, MoE router and experts, vectors), maps roles
-to rules, applies the user's overrides and prints the classification table.
+and ``adamw`` groups take an ordinary AdamW step. :func:`symmetry_param_groups` takes every
+parameter's role from the library's one structural classifier, :func:`gaugeopt.optim.roles.parameter_roles`
+(embedding, LM head, tied embedding/head, attention Q/K/V and output per head, SwiGLU gate/up and
+down, MoE router and experts, vectors; the classifier DDCMuon's Muon/Adam split reads too), maps
+roles to rules (:data:`ROLE_DEFAULTS`), applies the user's overrides and prints the classification
+table.
 """
 
 from __future__ import annotations
@@ -26,6 +28,22 @@ from torch import Tensor, nn
 from .base import FramedOptimizer
 from .guards import require_betas, require_nonnegative, require_positive, require_rate, require_unit_interval
 from .layerwise import ADJUST_LR_CHOICES, ORIENTATIONS, RULES, get_rule
+from .roles import (
+    ATTENTION_OUT,
+    ATTENTION_QKV,
+    EMBEDDING,
+    LM_HEAD,
+    MATRIX,
+    MOE_EXPERT_DOWN,
+    MOE_EXPERT_GATE_UP,
+    MOE_EXPERT_TENSOR,
+    MOE_ROUTER,
+    SWIGLU_DOWN,
+    SWIGLU_GATE_UP,
+    TIED_EMBEDDING_HEAD,
+    VECTOR,
+    parameter_roles,
+)
 from .rules import Adam, MomentumMap, Muon, Rule
 from .matrix_functions import (
     MUON_NS_COEFFICIENTS,
@@ -257,19 +275,19 @@ def _validate_group(group: dict[str, Any], where: str) -> None:
 #: rule and is replaced by ``RULE_DEFAULT_LR`` when an override picks another rule. The embedding,
 #: LM head and router choices and learning rates come from the smoke MoE runs in docs/symcompat.md.
 ROLE_DEFAULTS: dict[str, dict[str, Any]] = {
-    "embedding": dict(rule="hybrid", orientation="row", lr=0.01),
-    "lm_head": dict(rule="centered_hybrid", orientation="row", lr=1e-3),
-    "tied_embedding_head": dict(rule="row_norm", orientation="row"),
-    "attention_qkv": dict(rule="muon", orientation="row"),
-    "attention_out": dict(rule="muon", orientation="col"),
-    "swiglu_gate_up": dict(rule="muon", orientation="row"),
-    "swiglu_down": dict(rule="muon", orientation="col"),
-    "moe_router": dict(rule="centered_left_spectral", orientation="row", lr=0.05),
-    "moe_expert_gate_up": dict(rule="muon", orientation="row"),
-    "moe_expert_down": dict(rule="muon", orientation="col"),
-    "moe_expert_tensor": dict(rule="muon", orientation="row"),
-    "matrix": dict(rule="muon", orientation="row"),
-    "vector": dict(rule="adamw", orientation="row"),
+    EMBEDDING: dict(rule="hybrid", orientation="row", lr=0.01),
+    LM_HEAD: dict(rule="centered_hybrid", orientation="row", lr=1e-3),
+    TIED_EMBEDDING_HEAD: dict(rule="row_norm", orientation="row"),
+    ATTENTION_QKV: dict(rule="muon", orientation="row"),
+    ATTENTION_OUT: dict(rule="muon", orientation="col"),
+    SWIGLU_GATE_UP: dict(rule="muon", orientation="row"),
+    SWIGLU_DOWN: dict(rule="muon", orientation="col"),
+    MOE_ROUTER: dict(rule="centered_left_spectral", orientation="row", lr=0.05),
+    MOE_EXPERT_GATE_UP: dict(rule="muon", orientation="row"),
+    MOE_EXPERT_DOWN: dict(rule="muon", orientation="col"),
+    MOE_EXPERT_TENSOR: dict(rule="muon", orientation="row"),
+    MATRIX: dict(rule="muon", orientation="row"),
+    VECTOR: dict(rule="adamw", orientation="row"),
 }
 
 #: Learning rate used for a rule when neither the role nor an override sets one (lightly tuned
@@ -292,14 +310,6 @@ _OVERRIDE_KEYS = frozenset({
     "rule", "orientation", "heads", "lr", "weight_decay", "momentum", "nesterov", "eps", "alpha", "ns_steps",
     "ns_eps", "ns_coefficients", "adjust_lr", "adam_betas", "adam_eps",
 })
-_SWIGLU_NAMES = {
-    "gate": ("gate", "gate_proj", "w1"),
-    "up": ("up", "up_proj", "w3"),
-    "down": ("down", "down_proj", "w2"),
-}
-_HEAD_ATTRS = ("n_heads", "num_heads", "num_attention_heads")
-_KV_HEAD_ATTRS = ("n_kv_heads", "num_key_value_heads", "num_kv_heads")
-_EXPERT_COUNT_ATTRS = ("n_experts", "num_experts", "num_local_experts")
 
 
 @dataclass
@@ -341,188 +351,6 @@ def format_table(rows: Sequence[ParamClassification], *, header: bool = True) ->
     return "\n".join(lines)
 
 
-@dataclass
-class _Auto:
-    role: str | None
-    heads: int | None = None
-    note: str = ""
-    fallback: bool = False  # a documented conservative default, not a confident structural match
-    error: str | None = None
-
-
-def _int_attr(module: nn.Module, names: Sequence[str]) -> int | None:
-    for name in names:
-        value = getattr(module, name, None)
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    return None
-
-
-def _linear_children(module: nn.Module) -> dict[str, nn.Linear]:
-    return {name: child for name, child in module.named_children() if isinstance(child, nn.Linear)}
-
-
-def _swiglu_parts(module: nn.Module) -> dict[str, nn.Linear] | None:
-    """``{"gate": .., "up": .., "down": ..}`` if ``module`` is a gated MLP with consistent shapes."""
-    linears = _linear_children(module)
-    parts: dict[str, nn.Linear] = {}
-    for part, candidates in _SWIGLU_NAMES.items():
-        found = [linears[n] for n in candidates if n in linears]
-        if len(found) != 1:
-            return None
-        parts[part] = found[0]
-    gate, up, down = parts["gate"].weight.shape, parts["up"].weight.shape, parts["down"].weight.shape
-    if gate != up or down != (gate[1], gate[0]):
-        return None
-    return parts
-
-
-def _attention_layout(module: nn.Module) -> dict[str, Any] | None:
-    """Head layout of a module with ``q_proj/k_proj/v_proj/o_proj`` Linears, or ``None``.
-
-    Returns ``{"q": heads, "k": kv_heads, "v": kv_heads, "o": heads}`` (``None`` values when the
-    module has no head-count attribute) and raises if the attributes contradict the shapes.
-    """
-    linears = _linear_children(module)
-    if not all(k in linears for k in ("q_proj", "k_proj", "v_proj", "o_proj")):
-        return None
-    heads = _int_attr(module, _HEAD_ATTRS)
-    kv_heads = _int_attr(module, _KV_HEAD_ATTRS) or heads
-    if heads is None:
-        return {"q": None, "k": None, "v": None, "o": None}
-    q_out = linears["q_proj"].out_features
-    if q_out % heads:
-        raise ValueError(
-            f"attention module {type(module).__name__}: q_proj has {q_out} outputs, not a multiple of {heads} heads"
-        )
-    head_dim = _int_attr(module, ("head_dim",)) or q_out // heads
-    expected = {"q_proj": (heads * head_dim, None), "k_proj": (kv_heads * head_dim, None),
-                "v_proj": (kv_heads * head_dim, None), "o_proj": (None, heads * head_dim)}
-    for name, (out_dim, in_dim) in expected.items():
-        lin = linears[name]
-        wrong_out = out_dim is not None and lin.out_features != out_dim
-        wrong_in = in_dim is not None and lin.in_features != in_dim
-        if wrong_out or wrong_in:
-            raise ValueError(
-                f"attention module {type(module).__name__}: {name} shape {tuple(lin.weight.shape)} is inconsistent "
-                f"with {heads} heads, {kv_heads} kv heads and head_dim {head_dim}"
-            )
-    return {"q": heads, "k": kv_heads, "v": kv_heads, "o": heads}
-
-
-def _moe_layout(module: nn.Module) -> tuple[Tensor, nn.Module] | None:
-    """``(router weight, experts)`` for a module holding an expert container and a router.
-
-    The expert container is a child ``ModuleList`` named ``experts`` (or a child module named
-    ``experts`` holding 3-D parameters); the router weight is the unique ``(experts, d)`` matrix held
-    directly by a child Linear or by another direct child module (a router module with a bare
-    ``weight``, as in Hugging Face's Mixtral).
-    """
-    experts = getattr(module, "experts", None)
-    if not isinstance(experts, nn.Module):
-        return None
-    if isinstance(experts, nn.ModuleList):
-        count = len(experts)
-    else:
-        stacked = [p for p in experts.parameters(recurse=False) if p.ndim == 3]
-        count = stacked[0].shape[0] if stacked else _int_attr(experts, _EXPERT_COUNT_ATTRS)
-    count = _int_attr(module, _EXPERT_COUNT_ATTRS) or count
-    if not count:
-        return None
-    routers = [p for child in module.children() if child is not experts
-               for p in child.parameters(recurse=False) if p.ndim == 2 and p.shape[0] == count]
-    if len(routers) != 1:
-        raise ValueError(
-            f"MoE module {type(module).__name__} with {count} experts has {len(routers)} child matrices with "
-            f"{count} rows; cannot tell which is the router: give the router an override"
-        )
-    return routers[0], experts
-
-
-def _output_linear(model: nn.Module, example_inputs: Sequence[Any] | None) -> nn.Linear | None:
-    """The Linear whose output is the model's output.
-
-    With ``example_inputs`` this is observed: a forward pass with hooks finds the Linear whose
-    output tensor *is* the model output (or its first element / ``logits`` entry). Without, the
-    structural rule is: a direct child Linear of the model whose ``(out, in)`` matches the
-    ``(num_embeddings, embedding_dim)`` of an ``nn.Embedding`` of the model (an LM head).
-    """
-    if example_inputs is not None:
-        produced: list[tuple[Tensor, nn.Linear]] = []  # keeps the outputs alive, so identity is meaningful
-        handles = [
-            m.register_forward_hook(lambda mod, args, out: produced.append((out, mod)))
-            for m in model.modules() if isinstance(m, nn.Linear)
-        ]
-        try:
-            with torch.no_grad():
-                result = model(*example_inputs)
-        finally:
-            for h in handles:
-                h.remove()
-        if isinstance(result, Mapping):
-            result = result.get("logits", next(iter(result.values()), None))
-        if isinstance(result, (tuple, list)):
-            result = result[0] if result else None
-        return next((mod for out, mod in produced if out is result), None)
-    embedding_shapes = {tuple(m.weight.shape) for m in model.modules() if isinstance(m, nn.Embedding)}
-    candidates = [
-        m for m in model.children() if isinstance(m, nn.Linear) and tuple(m.weight.shape) in embedding_shapes
-    ]
-    return candidates[0] if len(candidates) == 1 else None
-
-
-def _classify_structurally(model: nn.Module, example_inputs: Sequence[Any] | None) -> dict[int, _Auto]:
-    """Map ``id(parameter)`` to its automatically determined role."""
-    head = _output_linear(model, example_inputs)
-    roles: dict[int, _Auto] = {}
-    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    if head is not None:
-        if id(head.weight) in embeddings:
-            roles[id(head.weight)] = _Auto(
-                "tied_embedding_head", note="tied: the shared-shift gauge of the head is not a symmetry of the embedding"
-            )
-        else:
-            roles[id(head.weight)] = _Auto("lm_head", note="output Linear")
-    for module in model.modules():
-        if isinstance(module, nn.Embedding):
-            roles.setdefault(id(module.weight), _Auto("embedding"))
-        attention = _attention_layout(module)
-        if attention is not None:
-            for short, heads in attention.items():
-                weight = getattr(module, f"{short}_proj").weight
-                role = "attention_out" if short == "o" else "attention_qkv"
-                if heads is None:
-                    fallback = _Auto(role, note="no head-count attribute: whole-matrix Muon", fallback=True)
-                    roles.setdefault(id(weight), fallback)
-                else:
-                    roles.setdefault(id(weight), _Auto(role, heads=heads))
-        moe = _moe_layout(module)
-        if moe is not None:
-            router, experts = moe
-            roles.setdefault(id(router), _Auto("moe_router"))
-            for sub in experts.modules():
-                parts = _swiglu_parts(sub)
-                if parts is not None:
-                    for part, lin in parts.items():
-                        role = "moe_expert_down" if part == "down" else "moe_expert_gate_up"
-                        roles.setdefault(id(lin.weight), _Auto(role))
-            for p in experts.parameters():
-                if p.ndim == 3:
-                    roles.setdefault(id(p), _Auto("moe_expert_tensor", note="per-expert (batched) matrices"))
-        parts = _swiglu_parts(module)
-        if parts is not None:
-            for part, lin in parts.items():
-                roles.setdefault(id(lin.weight), _Auto("swiglu_down" if part == "down" else "swiglu_gate_up"))
-    return roles
-
-
-def _param_names(model: nn.Module) -> dict[int, list[str]]:
-    names: dict[int, list[str]] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        names.setdefault(id(p), []).append(name)
-    return names
-
-
 def _normalise_override(pattern: str, value: Any) -> dict[str, Any]:
     settings = {"rule": value} if isinstance(value, str) else dict(value)
     unknown = set(settings) - _OVERRIDE_KEYS
@@ -546,40 +374,29 @@ def classify_parameters(
 ) -> list[ParamClassification]:
     """Give every trainable parameter of ``model`` a role and settings; see :func:`symmetry_param_groups`.
 
-    Raises ``ValueError`` naming every parameter that cannot be classified (and has no override),
-    every parameter matched by two override patterns, and every pattern that matches nothing.
+    The roles are :func:`gaugeopt.optim.roles.parameter_roles`' (read without gauges). A role with no
+    default rule in :data:`ROLE_DEFAULTS` (``conv_kernel``) or no role at all needs an override that
+    names a rule; the row keeps the role (``"override"`` when there is none). Raises ``ValueError``
+    naming every parameter that cannot be classified (and has no override), every parameter matched by
+    two override patterns, and every pattern that matches nothing.
     """
     overrides = {pattern: _normalise_override(pattern, value) for pattern, value in (overrides or {}).items()}
-    auto = _classify_structurally(model, example_inputs)
-    names = _param_names(model)
-    seen: set[int] = set()
     pattern_hits = {pattern: 0 for pattern in overrides}
     rows: list[ParamClassification] = []
     problems: list[str] = []
-    for name, param in model.named_parameters(remove_duplicate=False):
-        if id(param) in seen or not param.requires_grad:
-            continue
-        seen.add(id(param))
-        all_names = names[id(param)]
+    for found in parameter_roles(model, example_inputs=example_inputs):
+        name, all_names = found.name, (found.name, *found.aliases)
         matches = [pat for pat in overrides if any(fnmatch.fnmatchcase(n, pat) for n in all_names)]
         for pat in matches:
             pattern_hits[pat] += 1
         if len(matches) > 1:
             problems.append(f"{name} is matched by several override patterns {matches}; make them disjoint")
             continue
-        found = auto.get(id(param))
-        if found is None:
-            if param.ndim <= 1:
-                found = _Auto("vector")
-            elif param.ndim == 2:
-                found = _Auto("matrix", note="unrecognised matrix: whole-matrix Muon (O x O) is the safe default",
-                              fallback=True)
-            else:
-                found = _Auto(None, error=f"{name} {tuple(param.shape)}: a {param.ndim}-D tensor outside an MoE expert "
-                                          "container; add an override, e.g. {'%s': 'adamw'}" % name)
         override = overrides[matches[0]] if matches else {}
-        if found.role is None and "rule" not in override:
-            problems.append(found.error or f"{name}: cannot classify; add an override")
+        if found.role not in ROLE_DEFAULTS and "rule" not in override:
+            # no role, or one no layerwise rule takes (a convolution kernel)
+            problems.append(f"{name} {found.shape}: a {len(found.shape)}-D tensor outside an MoE expert container; "
+                            "add an override, e.g. {'%s': 'adamw'}" % name)
             continue
         role = found.role or "override"
         settings = dict(ROLE_DEFAULTS.get(role, {}))
@@ -591,12 +408,12 @@ def classify_parameters(
         heads = settings.pop("heads", found.heads if rule == "muon" else None)
         lr = settings.pop("lr", RULE_DEFAULT_LR[rule])
         note = found.note
-        if len(all_names) > 1:
-            note = "; ".join(filter(None, [note, "also " + ", ".join(n for n in all_names if n != name)]))
+        if found.aliases:
+            note = "; ".join(filter(None, [note, "also " + ", ".join(found.aliases)]))
         rows.append(ParamClassification(
-            name=name, shape=tuple(param.shape), role=role, rule=rule, orientation=orientation, heads=heads, lr=lr,
+            name=name, shape=found.shape, role=role, rule=rule, orientation=orientation, heads=heads, lr=lr,
             source=f"override {matches[0]}" if matches else ("default" if found.fallback else "auto"),
-            note=note, aliases=tuple(n for n in all_names if n != name), options=settings,
+            note=note, aliases=found.aliases, options=settings,
         ))
     unused = [pat for pat, hits in pattern_hits.items() if hits == 0]
     problems += [f"override pattern {pat!r} matches no trainable parameter" for pat in unused]
@@ -614,7 +431,7 @@ def symmetry_param_groups(
 ) -> list[dict[str, Any]]:
     """Param groups for :class:`SymmetryCompatible`, one per distinct setting, with the table printed.
 
-    Roles are found from the model's structure:
+    Roles are found from the model's structure by :func:`gaugeopt.optim.roles.parameter_roles`:
 
     * ``embedding``: an ``nn.Embedding`` weight. ``lm_head``: the Linear producing the model's
       output (observed with ``example_inputs``; otherwise a top-level Linear shaped like an
@@ -630,7 +447,8 @@ def symmetry_param_groups(
     * ``vector``: every 0-/1-D parameter (gains, biases) -> AdamW.
     * ``matrix`` (conservative default, source ``default``): any other 2-D parameter -> whole
       matrix Muon, which commutes with every orthogonal/permutation gauge of a matrix.
-    * anything else (3-D or more outside an MoE) is an error asking for an override.
+    * anything else (3-D or more outside an MoE, e.g. a ``conv_kernel``) is an error asking for an
+      override.
 
     ``overrides`` maps glob patterns on parameter names (``fnmatch``, e.g. ``"blocks.*.moe.router.weight"``)
     to a rule name or a dict of settings (``rule``, ``orientation``, ``heads``, ``lr``, ``weight_decay``,
