@@ -212,7 +212,7 @@ def render(results: dict, plot_name: str) -> str:
     layer = results["layerwise"]
     lines += ["## The layerwise stack (SymmetryCompatible) vs AdamW", "",
               "`SymmetryCompatible(symmetry_param_groups(model))`: per-head Muon on attention, the SwiGLU "
-              "rules on the MLP, AdamW on the embedding, head and vectors. No target; its matrix rules "
+              "rules on the MLP, AdamW on the embedding, head and vectors. No target; its layerwise maps "
               "run Newton-Schulz and polar iterations, so it is expected to cost more than AdamW.", "",
               *_pair_table(layer["rows"], "AdamW (foreach)", "SymmetryCompatible", "AdamW", "layerwise"), "",
               f"{cfg['layerwise_rounds']} timed rounds. {_load(layer)}.", ""]

@@ -282,7 +282,7 @@ def test_the_layerwise_muon_rule_and_ddc_muon_take_the_same_step(nesterov):
     ours, theirs = torch.nn.Parameter(start.clone()), torch.nn.Parameter(start.clone())
     settings = dict(lr=0.02, nesterov=nesterov, weight_decay=0.1)
     layerwise = SymmetryCompatible([ours], rule="muon", momentum=0.9, **settings)
-    ddc = DDCMuon([theirs], None, momentum=0.9, ns_dtype=None, **settings)  # the layerwise rule's dtype
+    ddc = DDCMuon([theirs], None, momentum=0.9, ns_dtype=None, **settings)  # SymmetryCompatible's NS dtype
     for grad in grads:
         for p, opt in ((ours, layerwise), (theirs, ddc)):
             p.grad = grad.clone()

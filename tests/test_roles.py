@@ -54,7 +54,7 @@ def _moe():
 
 def _cnn():
     model = PlainCNN(PlainCNNConfig())
-    # no layerwise rule takes a 4-D kernel: symmetry_param_groups needs an override for them
+    # a 4-D kernel's role has no default rule: symmetry_param_groups needs an override for them
     return model, (torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0)),), {"conv*.weight": "adamw"}
 
 

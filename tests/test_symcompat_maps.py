@@ -11,15 +11,15 @@ import pytest
 import torch
 
 from gaugeopt.optim import SymmetryCompatible
-from gaugeopt.optim.layerwise import RULES, apply_update_rule, get_rule, muon_update
+from gaugeopt.optim.layerwise import MAPS, apply_map, get_map, muon_update
 from gaugeopt.optim.rules import adam_direction_, adam_scalars
 
 F64 = torch.float64
 TOL = 1e-10
-MATRIX_RULES = [name for name, rule in RULES.items() if rule.update is not None]
-CENTERED_RULES = [name for name in MATRIX_RULES if RULES[name].centered]
-# Rules that are equivariant under the full O(rows) x O(cols), not only row permutations.
-FULL_ORTHOGONAL_RULES = ["muon", "right_spectral", "left_spectral"]
+MAP_NAMES = list(MAPS)
+CENTERED_MAPS = [name for name in MAP_NAMES if MAPS[name].centered]
+# Maps that are equivariant under the full O(rows) x O(cols), not only row permutations.
+FULL_ORTHOGONAL_MAPS = ["muon", "right_spectral", "left_spectral"]
 # (rows, cols): a tall vocabulary-like block and a wide router-like block.
 SHAPES = [(12, 5), (4, 9)]
 
@@ -47,7 +47,7 @@ def act(X: torch.Tensor, orientation: str, left: torch.Tensor, right: torch.Tens
 
 
 def phi(name: str, X: torch.Tensor, orientation: str) -> torch.Tensor:
-    return apply_update_rule(name, X, orientation)
+    return apply_map(name, X, orientation)
 
 
 def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -62,7 +62,7 @@ def stored(shape: tuple[int, int], orientation: str, seed: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("orientation", ["row", "col"])
 @pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("name", MATRIX_RULES)
+@pytest.mark.parametrize("name", MAP_NAMES)
 def test_maps_commute_with_unit_permutations_and_orthogonal_maps(name, shape, orientation):
     rows, cols = shape
     X = stored(shape, orientation, seed=rows)
@@ -72,7 +72,7 @@ def test_maps_commute_with_unit_permutations_and_orthogonal_maps(name, shape, or
 
 @pytest.mark.parametrize("orientation", ["row", "col"])
 @pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("name", FULL_ORTHOGONAL_RULES)
+@pytest.mark.parametrize("name", FULL_ORTHOGONAL_MAPS)
 def test_spectral_maps_commute_with_orthogonal_maps_on_both_sides(name, shape, orientation):
     rows, cols = shape
     X = stored(shape, orientation, seed=3)
@@ -82,7 +82,7 @@ def test_spectral_maps_commute_with_orthogonal_maps_on_both_sides(name, shape, o
 
 @pytest.mark.parametrize("orientation", ["row", "col"])
 @pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("name", CENTERED_RULES)
+@pytest.mark.parametrize("name", CENTERED_MAPS)
 def test_centered_maps_are_shift_invariant_and_horizontal(name, shape, orientation):
     rows, cols = shape
     X = stored(shape, orientation, seed=6)
@@ -99,7 +99,7 @@ def test_centered_maps_are_shift_invariant_and_horizontal(name, shape, orientati
     assert max_err(phi(name, moved, orientation), act(out, orientation, Pi, Q)) <= TOL
 
 
-@pytest.mark.parametrize("name", [n for n in MATRIX_RULES if not RULES[n].centered])
+@pytest.mark.parametrize("name", [n for n in MAP_NAMES if not MAPS[n].centered])
 def test_uncentered_maps_are_not_horizontal(name):
     """Control for the test above: without centring, 1^T Phi is far from zero."""
     X = torch.randn(12, 5, generator=gen(10), dtype=F64) + 1.0
@@ -124,7 +124,7 @@ def test_adamw_fails_the_orthogonal_cases_but_not_permutations():
     rotated_error = max_err(adam_steps([g @ Q for g in grads]), base @ Q)
     assert rotated_error > 0.1  # rotations: AdamW is not equivariant
     # whereas every symmetry-compatible map passes the same rotation
-    for name in MATRIX_RULES:
+    for name in MAP_NAMES:
         assert max_err(phi(name, grads[0] @ Q, "row"), phi(name, grads[0], "row") @ Q) <= TOL
 
 
@@ -133,9 +133,9 @@ def test_headwise_muon_commutes_with_independent_per_head_rotations():
     W = torch.randn(heads * head_dim, d, generator=gen(15), dtype=F64)
     per_head = torch.block_diag(*[random_orthogonal(head_dim, 16 + h) for h in range(heads)])
     Q = random_orthogonal(d, 20)
-    qkv = lambda X: apply_update_rule("muon", X, "row", heads=heads)  # noqa: E731
+    qkv = lambda X: apply_map("muon", X, "row", heads=heads)  # noqa: E731
     assert max_err(qkv(per_head @ W @ Q), per_head @ qkv(W) @ Q) <= TOL
-    out_proj = lambda X: apply_update_rule("muon", X, "col", heads=heads)  # noqa: E731
+    out_proj = lambda X: apply_map("muon", X, "col", heads=heads)  # noqa: E731
     assert max_err(out_proj(Q @ W.mT @ per_head.mT), Q @ out_proj(W.mT) @ per_head.mT) <= TOL
     # each head block is the Muon update of that block alone (with its own shape's scale)
     blocks = qkv(W).reshape(heads, head_dim, d)
@@ -153,16 +153,16 @@ def test_expert_stacks_are_updated_per_expert(name):
     commutes with per-expert orthogonal (Muon: on both sides) elements and expert permutations."""
     E, rows, cols = 3, 6, 4
     stack = torch.randn(E, rows, cols, generator=gen(22), dtype=F64)
-    out = apply_update_rule(name, stack)
+    out = apply_map(name, stack)
     for e in range(E):
-        assert torch.allclose(out[e], apply_update_rule(name, stack[e]), atol=1e-13)
+        assert torch.allclose(out[e], apply_map(name, stack[e]), atol=1e-13)
     Qs = torch.stack([random_orthogonal(cols, 30 + e) for e in range(E)])
     Pis = torch.stack([random_permutation(rows, 40 + e) for e in range(E)])
     if name == "muon":
         Pis = torch.stack([random_orthogonal(rows, 50 + e) for e in range(E)])
     order = torch.tensor([2, 0, 1])
     moved = (Pis @ stack @ Qs)[order]
-    assert max_err(apply_update_rule(name, moved), (Pis @ out @ Qs)[order]) <= TOL
+    assert max_err(apply_map(name, moved), (Pis @ out @ Qs)[order]) <= TOL
 
 
 @pytest.mark.parametrize("name", ["muon", "row_norm", "centered_row_norm", "centered_left_spectral", "centered_hybrid"])
@@ -193,16 +193,16 @@ def test_optimizer_trajectory_is_equivariant(name):
 
 
 def test_registry_and_apply_errors():
-    with pytest.raises(ValueError, match="known rules"):
-        get_rule("rownorm")
+    with pytest.raises(ValueError, match="unknown map 'rownorm'; known maps"):
+        get_map("rownorm")
     X = torch.randn(4, 3, dtype=F64)
     with pytest.raises(ValueError, match="orientation"):
-        apply_update_rule("row_norm", X, "diagonal")
+        apply_map("row_norm", X, "diagonal")
     with pytest.raises(ValueError, match="unexpected"):
-        apply_update_rule("row_norm", X, alpha=1.0)
-    with pytest.raises(ValueError, match="stateful"):
-        apply_update_rule("adamw", X)
+        apply_map("row_norm", X, alpha=1.0)
+    with pytest.raises(ValueError, match="unknown map 'adamw'"):  # a group's rule, not a map
+        apply_map("adamw", X)
     with pytest.raises(ValueError, match="matrix"):
-        apply_update_rule("hybrid", torch.randn(4, dtype=F64))
+        apply_map("hybrid", torch.randn(4, dtype=F64))
     with pytest.raises(ValueError, match="does not divide"):
-        apply_update_rule("muon", X, heads=3)
+        apply_map("muon", X, heads=3)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from gaugeopt.optim import SymmetryCompatible
-from gaugeopt.optim.layerwise import apply_update_rule
+from gaugeopt.optim.layerwise import apply_map
 
 F64 = torch.float64
 
@@ -30,12 +30,12 @@ def test_one_step_is_ema_momentum_decay_then_phi():
     W.grad = G1
     opt.step()
     M1 = (1 - beta) * G1  # EMA from zero, no bias correction
-    W1 = (1 - lr * wd) * W0 - lr * apply_update_rule("hybrid", M1, alpha=1.0)
+    W1 = (1 - lr * wd) * W0 - lr * apply_map("hybrid", M1, alpha=1.0)
     assert torch.allclose(W.detach(), W1, atol=1e-13)
     W.grad = G2
     opt.step()
     M2 = beta * M1 + (1 - beta) * G2
-    W2 = (1 - lr * wd) * W1 - lr * apply_update_rule("hybrid", M2, alpha=1.0)
+    W2 = (1 - lr * wd) * W1 - lr * apply_map("hybrid", M2, alpha=1.0)
     assert torch.allclose(W.detach(), W2, atol=1e-13)
     assert torch.allclose(opt.state[W]["momentum_buffer"], M2, atol=1e-15)
 
@@ -63,7 +63,7 @@ def test_groups_use_their_own_rules_and_hyperparameters():
     W.grad, v.grad = torch.ones(8, 4, dtype=F64), torch.ones(4, dtype=F64)
     before = W.detach().clone()
     opt.step()
-    expected = before - 0.02 * apply_update_rule("muon", 0.05 * torch.ones(8, 4, dtype=F64), heads=2)
+    expected = before - 0.02 * apply_map("muon", 0.05 * torch.ones(8, 4, dtype=F64), heads=2)
     assert torch.allclose(W.detach(), expected, atol=1e-13)
     assert set(opt.state[v]) == {"step", "exp_avg", "exp_avg_sq"}
 

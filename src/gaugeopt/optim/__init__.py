@@ -6,9 +6,9 @@ The step of every optimizer here is frame -> base rule -> lift, batched across l
   symmetry a frame leaves for a rule);
 * ``frames``: gauge frames, canonical coordinates in which the rules cannot see the gauges
   (norm and neuron scalings, chains of them, translations, rotations as a residual symmetry);
-* ``rules``: the base rules, written once (Adam, Muon, the momentum maps of the layerwise stack),
+* ``rules``: the base rules, written once (Adam, Muon, MomentumMap: a layerwise map on the momentum),
   with ``matrix_functions`` (Newton-Schulz, polar, inverse square roots) and ``layerwise`` (the
-  symmetry-compatible maps);
+  symmetry-compatible matrix maps ``Phi``, which MomentumMap applies);
 * ``program``: what is stepped with what (batches of same-shape tensors across layers, typed
   records built once per layout); ``storage``: the rule state as persistent stacked buffers whose
   slices are the parameters' state; ``step``: read -> canonicalize -> rule -> lift -> write on a

@@ -1,4 +1,10 @@
-"""Symmetry-compatible update maps ``Phi``, as pure functions on tensors, and a registry of rules.
+"""Symmetry-compatible maps ``Phi``: pure functions on tensors, and their registry :data:`MAPS`.
+
+Vocabulary. A *rule* (:mod:`gaugeopt.optim.rules`) turns a gradient and its state into a canonical
+direction; a *map* (this module) is a stateless matrix function ``Phi`` that the rule
+:class:`~gaugeopt.optim.rules.MomentumMap` applies to the momentum (:class:`~gaugeopt.optim.rules.Muon`
+applies the ``muon`` map). The ``rule`` of a :class:`~gaugeopt.optim.symcompat.SymmetryCompatible`
+param group is a map's name or ``"adamw"`` (elementwise Adam, no map).
 
 A block whose parameter symmetry group is ``G`` is updated with a map that commutes with ``G``:
 ``Phi(g . M) = g . Phi(M)`` (Lau & Su, "Symmetry-Compatible Principle for Optimizer Design").
@@ -14,7 +20,7 @@ whose neurons are columns. Every map accepts one matrix ``(r, c)`` or a batch ``
 the rows (removing the mean row), the projection that kills a shared row shift ``M + 1 v^T``.
 
 =========================  ========================================================  ==========================
-rule                       Phi(X)                                                    equivariant under
+map                        Phi(X)                                                    equivariant under
 =========================  ========================================================  ==========================
 muon                       s * NS5(X) per (head) block, s = sqrt(max(1, rows/cols))  O x O (per head block)
 row_norm                   each row / (|row| + eps)                                  row perm. x O(cols)
@@ -25,7 +31,6 @@ left_spectral              nu^a (X X^T + eps)^(-1/2) X  (the same matrix)       
 centered_left_spectral     P left_spectral(P X)                                      row perm. x O(cols) + shift
 hybrid                     nu(Y)^a Y (Y^T Y + eps)^(-1/2),  Y = row_norm(X)          row perm. x O(cols)
 centered_hybrid            P hybrid with Y = P row_norm(P X)                         row perm. x O(cols) + shift
-adamw                      elementwise Adam direction (stateful: rules.Adam)         coordinate permutations
 =========================  ========================================================  ==========================
 
 "+ shift": also invariant under a shared row shift ``X + 1 v^T`` and horizontal (``1^T Phi = 0``).
@@ -56,8 +61,8 @@ from .symmetry import center_rows
 __all__ = [
     "Orientation",
     "AdjustLR",
-    "UpdateRule",
-    "RULES",
+    "LayerwiseMap",
+    "MAPS",
     "center_rows",
     "row_normalize",
     "muon_update",
@@ -67,7 +72,8 @@ __all__ = [
     "damped_polar",
     "spectral_update",
     "hybrid_update",
-    "apply_update_rule",
+    "get_map",
+    "apply_map",
 ]
 
 Orientation = Literal["row", "col"]
@@ -337,24 +343,22 @@ def hybrid_update(X: Tensor, *, eps: float = 1e-8, alpha: float = 1.0, centered:
 
 
 @dataclass(frozen=True)
-class UpdateRule:
-    """One entry of the rule registry.
+class LayerwiseMap:
+    """One entry of the map registry :data:`MAPS`.
 
     Attributes:
-        name: registry key, the ``rule`` of a param group.
-        update: the map on a work tensor (rows = units); ``None`` for the stateful ``adamw``.
+        name: registry key, which a param group's ``rule`` names to take this map on its momentum.
+        function: the map on a work tensor (rows = units), a matrix ``(r, c)`` or a batch ``(..., r, c)``.
         options: keyword options the map accepts (group hyperparameters of the same name).
         centered: whether the map is horizontal for the shared row shift (``1^T Phi = 0``).
         symmetry: the group the map is equivariant under, in words.
-        matrix_only: whether parameters must be matrices / matrix batches.
     """
 
     name: str
-    update: Callable[..., Tensor] | None
+    function: Callable[..., Tensor]
     options: tuple[str, ...]
     centered: bool
     symmetry: str
-    matrix_only: bool = True
 
 
 def _with(fn: Callable[..., Tensor], **fixed: object) -> Callable[..., Tensor]:
@@ -368,59 +372,56 @@ def _with(fn: Callable[..., Tensor], **fixed: object) -> Callable[..., Tensor]:
 
 _SPECTRAL_OPTIONS = ("eps", "alpha")
 
-RULES: dict[str, UpdateRule] = {
-    rule.name: rule
-    for rule in (
-        UpdateRule("muon", muon_update, ("heads", "ns_steps", "ns_eps", "ns_coefficients", "adjust_lr"),
-                   False, "O(rows) x O(cols), per head block"),
-        UpdateRule("row_norm", row_norm_update, ("eps",), False, "row permutation x O(cols)"),
-        UpdateRule("centered_row_norm", centered_row_norm_update, ("eps",), True,
-                   "row permutation x O(cols) x shared row shift"),
-        UpdateRule("right_spectral", _with(spectral_update, centered=False), _SPECTRAL_OPTIONS, False,
-                   "O(rows) x O(cols)"),
-        UpdateRule("centered_right_spectral", _with(spectral_update, centered=True), _SPECTRAL_OPTIONS, True,
-                   "row permutation x O(cols) x shared row shift"),
-        UpdateRule("left_spectral", _with(spectral_update, centered=False), _SPECTRAL_OPTIONS, False,
-                   "O(rows) x O(cols)"),
-        UpdateRule("centered_left_spectral", _with(spectral_update, centered=True), _SPECTRAL_OPTIONS, True,
-                   "row permutation x O(cols) x shared row shift"),
-        UpdateRule("hybrid", _with(hybrid_update, centered=False), _SPECTRAL_OPTIONS, False,
-                   "row permutation x O(cols)"),
-        UpdateRule("centered_hybrid", _with(hybrid_update, centered=True), _SPECTRAL_OPTIONS, True,
-                   "row permutation x O(cols) x shared row shift"),
-        UpdateRule("adamw", None, ("adam_betas", "adam_eps"), False, "coordinate permutations", matrix_only=False),
+MAPS: dict[str, LayerwiseMap] = {
+    entry.name: entry
+    for entry in (
+        LayerwiseMap("muon", muon_update, ("heads", "ns_steps", "ns_eps", "ns_coefficients", "adjust_lr"),
+                     False, "O(rows) x O(cols), per head block"),
+        LayerwiseMap("row_norm", row_norm_update, ("eps",), False, "row permutation x O(cols)"),
+        LayerwiseMap("centered_row_norm", centered_row_norm_update, ("eps",), True,
+                     "row permutation x O(cols) x shared row shift"),
+        LayerwiseMap("right_spectral", _with(spectral_update, centered=False), _SPECTRAL_OPTIONS, False,
+                     "O(rows) x O(cols)"),
+        LayerwiseMap("centered_right_spectral", _with(spectral_update, centered=True), _SPECTRAL_OPTIONS, True,
+                     "row permutation x O(cols) x shared row shift"),
+        LayerwiseMap("left_spectral", _with(spectral_update, centered=False), _SPECTRAL_OPTIONS, False,
+                     "O(rows) x O(cols)"),
+        LayerwiseMap("centered_left_spectral", _with(spectral_update, centered=True), _SPECTRAL_OPTIONS, True,
+                     "row permutation x O(cols) x shared row shift"),
+        LayerwiseMap("hybrid", _with(hybrid_update, centered=False), _SPECTRAL_OPTIONS, False,
+                     "row permutation x O(cols)"),
+        LayerwiseMap("centered_hybrid", _with(hybrid_update, centered=True), _SPECTRAL_OPTIONS, True,
+                     "row permutation x O(cols) x shared row shift"),
     )
 }
 
 
-def get_rule(name: str) -> UpdateRule:
-    """The registry entry for ``name``; a ``ValueError`` lists the known rules otherwise."""
+def get_map(name: str) -> LayerwiseMap:
+    """The registry entry for ``name``; a ``ValueError`` lists the known maps otherwise."""
     try:
-        return RULES[name]
+        return MAPS[name]
     except (KeyError, TypeError):
-        raise ValueError(f"unknown update rule {name!r}; known rules: {', '.join(RULES)}") from None
+        raise ValueError(f"unknown map {name!r}; known maps: {', '.join(MAPS)}") from None
 
 
-def apply_update_rule(name: str, M: Tensor, orientation: Orientation = "row", **options: object) -> Tensor:
-    """``Phi(M)`` for the registered rule ``name`` on a matrix ``(r, c)`` or batch ``(..., r, c)``.
+def apply_map(name: str, M: Tensor, orientation: Orientation = "row", **options: object) -> Tensor:
+    """``Phi(M)`` for the registered map ``name`` on a matrix ``(r, c)`` or batch ``(..., r, c)``.
 
     ``orientation="col"`` applies the row map to ``M^T`` and transposes back (for ``muon`` it only
     selects the axis that ``heads`` splits, since Newton-Schulz commutes with transposition).
-    ``options`` must be among the rule's ``options``; ``None`` values are ignored.
+    ``options`` must be among the map's ``options``; ``None`` values are ignored.
     """
-    rule = get_rule(name)
-    if rule.update is None:
-        raise ValueError(f"rule {name!r} is stateful; use SymmetryCompatible (or gaugeopt.optim.rules.Adam) for it")
+    phi = get_map(name)
     if orientation not in ORIENTATIONS:
         raise ValueError(f"orientation must be one of {ORIENTATIONS}, got {orientation!r}")
     if M.ndim < 2:
-        raise ValueError(f"rule {name!r} needs a matrix or a batch of matrices, got shape {tuple(M.shape)}")
-    unknown = set(options) - set(rule.options)
+        raise ValueError(f"map {name!r} needs a matrix or a batch of matrices, got shape {tuple(M.shape)}")
+    unknown = set(options) - set(phi.options)
     if unknown:
-        raise ValueError(f"rule {name!r} takes options {rule.options}, got unexpected {sorted(unknown)}")
+        raise ValueError(f"map {name!r} takes options {phi.options}, got unexpected {sorted(unknown)}")
     options = {k: v for k, v in options.items() if v is not None}
     if name == "muon":
         return muon_update(M, head_axis=orientation, **options)  # type: ignore[arg-type]
     if orientation == "col":
-        return rule.update(M.mT, **options).mT
-    return rule.update(M, **options)
+        return phi.function(M.mT, **options).mT
+    return phi.function(M, **options)

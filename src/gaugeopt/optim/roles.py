@@ -8,7 +8,7 @@ share it:
 * :func:`gaugeopt.optim.ddc_muon.muon_parameter_names` (DDCMuon's Muon/Adam split, the Muon + AdamW
   baseline, the benchmarks): the parameters whose role is in :data:`MUON_HIDDEN_ROLES` take Muon;
 * :func:`gaugeopt.optim.symcompat.classify_parameters` (``symmetry_param_groups``): each role maps
-  to a layerwise rule (``symcompat.ROLE_DEFAULTS``), under the user's overrides.
+  to a SymmetryCompatible rule (``symcompat.ROLE_DEFAULTS``), under the user's overrides.
 
 The roles, and the evidence for each:
 

@@ -1,10 +1,13 @@
-"""Base rules: optimizer maps on canonical tensors, written once and shared by every path.
+"""Base rules: the optimizers' updates on canonical tensors, written once and shared by every path.
 
-A rule turns a stack of canonical gradients ``G~`` (shape ``(L, *shape)``: ``L`` same-shape tensors
+A *rule* turns a stack of canonical gradients ``G~`` (shape ``(L, *shape)``: ``L`` same-shape tensors
 stepped together) and its state into a canonical *direction* ``D``; the step around it is the same for
 every rule (:mod:`gaugeopt.optim.step`)::
 
     p~ <- (1 - lr wd) p~ - lr D          (decoupled weight decay, in the frame)
+
+A *map* (:mod:`gaugeopt.optim.layerwise`) is not a rule: it is a stateless matrix function ``Phi`` that
+the rule :class:`MomentumMap` applies to the momentum (and :class:`Muon` its own, the ``muon`` map).
 
 Rules are small frozen objects whose settings are static structure. The numbers a step needs that a
 scheduler may change (betas, momentum, eps) and those that depend on the step count (Adam's bias
@@ -22,7 +25,7 @@ block, :class:`Muon` commutes with it (Newton-Schulz is equivariant under orthog
   ``D = s NS(U)`` (:func:`~gaugeopt.optim.layerwise.muon_update`: Newton-Schulz per matrix or per
   head block, times the shape factor ``s``).
 * :class:`MomentumMap`: ``B <- beta B + (1 - beta) G~``, ``D = Phi(B)`` (or of the nesterov mix) for a
-  symmetry-compatible map ``Phi`` of :mod:`gaugeopt.optim.layerwise`.
+  symmetry-compatible map ``Phi`` of :data:`gaugeopt.optim.layerwise.MAPS`.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from typing import Any, NamedTuple, Protocol
 import torch
 from torch import Tensor
 
-from .layerwise import apply_update_rule, muon_update
+from .layerwise import apply_map, muon_update
 from .matrix_functions import MUON_NS_COEFFICIENTS, Quintic
 from .shards import LOCAL, Collectives, RowShard
 from .symmetry import Residual, SharedAxis, blocked, group_mean
@@ -264,10 +267,10 @@ class Muon:
 
 @dataclass(frozen=True)
 class MomentumMap:
-    """EMA momentum, then a symmetry-compatible map ``Phi`` of :mod:`gaugeopt.optim.layerwise`
-    (``rule`` names it; ``orientation`` and ``options`` are its settings)."""
+    """EMA momentum, then a symmetry-compatible map ``Phi`` of :data:`gaugeopt.optim.layerwise.MAPS`
+    (``map`` names it; ``orientation`` and ``options`` are its settings)."""
 
-    rule: str
+    map: str
     orientation: str = "row"
     options: tuple[tuple[str, Any], ...] = ()
     nesterov: bool = False
@@ -282,4 +285,4 @@ class MomentumMap:
         """The momentum is elementwise; the map is applied to whole matrices (``collectives.whole``)."""
         update = _momentum_input(grad, state["momentum_buffer"], scalars, self.nesterov)
         return collectives.whole(update, residual.rows,
-                                 lambda whole: apply_update_rule(self.rule, whole, self.orientation, **dict(self.options)))
+                                 lambda whole: apply_map(self.map, whole, self.orientation, **dict(self.options)))

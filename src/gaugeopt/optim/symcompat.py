@@ -1,7 +1,8 @@
 """The symmetry-compatible layerwise optimizer and the role-to-rule mapping that configures it.
 
 :class:`SymmetryCompatible` is one ``torch.optim.Optimizer`` whose param groups each name a
-``rule`` from :data:`gaugeopt.optim.layerwise.RULES`. For a matrix rule ``Phi`` a step is
+``rule``: ``adamw``, or a map ``Phi`` of :data:`gaugeopt.optim.layerwise.MAPS` (which the group's
+rule applies to the momentum). For a map ``Phi`` a step is
 
     M <- mu M + (1 - mu) G              (EMA momentum, no bias correction; mu = ``momentum``)
     W <- (1 - lr * weight_decay) W      (decoupled weight decay)
@@ -27,7 +28,7 @@ from torch import Tensor, nn
 
 from .base import FramedOptimizer
 from .guards import require_betas, require_nonnegative, require_positive, require_rate, require_unit_interval
-from .layerwise import ADJUST_LR_CHOICES, ORIENTATIONS, RULES, get_rule
+from .layerwise import ADJUST_LR_CHOICES, MAPS, ORIENTATIONS, get_map
 from .roles import (
     ATTENTION_OUT,
     ATTENTION_QKV,
@@ -72,9 +73,20 @@ __all__ = [
 #: :func:`symmetry_param_groups` (a learnable temperature, a loss's own parameter); they take ``adamw``.
 UNCLASSIFIED = "unclassified"
 
+#: What the ``rule`` of a group may name: a map of :data:`~gaugeopt.optim.layerwise.MAPS` (``muon``
+#: takes the base rule :class:`~gaugeopt.optim.rules.Muon`, the others
+#: :class:`~gaugeopt.optim.rules.MomentumMap`) or ``adamw`` (:class:`~gaugeopt.optim.rules.Adam`).
+_RULE_NAMES: tuple[str, ...] = (*MAPS, "adamw")
+
+
+def _require_known_rule(name: Any) -> None:
+    """A ``ValueError`` listing the known rules unless ``name`` is one."""
+    if not isinstance(name, str) or name not in _RULE_NAMES:
+        raise ValueError(f"unknown rule {name!r}; known rules: {', '.join(_RULE_NAMES)}")
+
 
 class SymmetryCompatible(FramedOptimizer):
-    """Symmetry-compatible layerwise optimizer: a per-group update rule applied to EMA momentum.
+    """Symmetry-compatible layerwise optimizer: per group a layerwise map on EMA momentum, or AdamW.
 
     Args:
         params: parameters or param-group dicts, typically ``symmetry_param_groups(model)``. A
@@ -83,8 +95,8 @@ class SymmetryCompatible(FramedOptimizer):
             ``adamw`` with the role ``"unclassified"``, and one warning lists them; at least one
             group must name a rule.
         lr: learning rate (groups from :func:`symmetry_param_groups` carry their own).
-        rule: default rule name, one of ``gaugeopt.optim.layerwise.RULES``; ``None`` forces every
-            group to name its rule.
+        rule: default rule name, ``"adamw"`` or a map of ``gaugeopt.optim.layerwise.MAPS``; ``None``
+            forces every group to name its rule.
         orientation: ``"row"`` (rows of the stored matrix are the block's units) or ``"col"``
             (columns are; for ``muon`` it selects the axis that ``heads`` splits).
         heads: Muon only: orthogonalise ``heads`` equal row (or column) blocks separately.
@@ -92,8 +104,8 @@ class SymmetryCompatible(FramedOptimizer):
             like torch's, so ``OneCycleLR`` and ``CyclicLR`` cycle it.
         nesterov: use ``(1 - mu) G + mu M`` instead of ``M`` as the input of ``Phi``.
         weight_decay: decoupled weight decay ``W <- (1 - lr wd) W``.
-        eps: row-norm denominator guard and Gram-matrix damping of the spectral rules.
-        alpha: exponent of the nuclear-norm scale of the spectral and hybrid rules.
+        eps: row-norm denominator guard and Gram-matrix damping of the spectral maps.
+        alpha: exponent of the nuclear-norm scale of the spectral and hybrid maps.
         ns_steps, ns_eps, ns_coefficients: Muon's Newton-Schulz iteration (``ns_coefficients``: one
             quintic ``(a, b, c)``, one per step, or ``"polar_express"``, as in :class:`~gaugeopt.DDCMuon`;
             it runs in the parameters' dtype).
@@ -109,7 +121,7 @@ class SymmetryCompatible(FramedOptimizer):
     group's rule is a base rule of :mod:`gaugeopt.optim.rules` (``adamw``: :class:`~gaugeopt.optim.rules.Adam`;
     ``muon``: :class:`~gaugeopt.optim.rules.Muon`; the other maps:
     :class:`~gaugeopt.optim.rules.MomentumMap`), and same-shape parameters of a group are stepped as one
-    stack. Matrix rules accept 2-D parameters and 3-D stacks ``(E, rows, cols)`` (one matrix per expert;
+    stack. The maps accept 2-D parameters and 3-D stacks ``(E, rows, cols)`` (one matrix per expert;
     ``muon`` also any ``(..., rows, cols)``). Invalid settings raise ``ValueError`` at construction (and
     when a step or ``load_state_dict`` meets them), naming the group and parameter. Float16/bfloat16
     parameters keep float32 state and are updated in float32 (``docs/robustness.md``).
@@ -160,7 +172,7 @@ class SymmetryCompatible(FramedOptimizer):
         if all(g.get("role") == UNCLASSIFIED for g in self.param_groups if g["params"]) and \
                 any(g["params"] for g in self.param_groups):
             raise ValueError(f"the param groups have no 'rule' and no rule= was given; build the groups with "
-                             f"symmetry_param_groups(model) or pass rule=... (known rules: {', '.join(RULES)})")
+                             f"symmetry_param_groups(model) or pass rule=... (known rules: {', '.join(_RULE_NAMES)})")
 
     def _is_outside(self, group_index: int, param_index: int) -> bool:
         return self.param_groups[group_index].get("role") == UNCLASSIFIED
@@ -196,7 +208,7 @@ class SymmetryCompatible(FramedOptimizer):
                         ns_eps=float(group["ns_eps"]),
                         adjust_lr=group["adjust_lr"], head_blocks=group["heads"], head_axis=group["orientation"],
                         block_scale=True, momentum_key="momentum")
-        options = tuple((key, group[key]) for key in get_rule(name).options)
+        options = tuple((key, group[key]) for key in get_map(name).options)
         return MomentumMap(name, group["orientation"], options, bool(group["nesterov"]), momentum_key="momentum")
 
 
@@ -239,10 +251,11 @@ def _validate_group(group: dict[str, Any], where: str) -> None:
     if group["rule"] is None:
         raise ValueError(
             f"{where} has no 'rule'; build the groups with symmetry_param_groups(model) or pass rule=... "
-            f"(known rules: {', '.join(RULES)})"
+            f"(known rules: {', '.join(_RULE_NAMES)})"
         )
+    rule = group["rule"]
     try:
-        rule = get_rule(group["rule"])
+        _require_known_rule(rule)
     except ValueError as error:
         raise ValueError(f"{where}: {error}") from None
 
@@ -252,12 +265,12 @@ def _validate_group(group: dict[str, Any], where: str) -> None:
 
     _validate_settings(group, where)
     heads = group["heads"]
-    require(heads is None or rule.name == "muon",
-            f"heads={heads} is only meaningful for rule 'muon', not {rule.name!r}")
+    require(heads is None or rule == "muon",
+            f"heads={heads} is only meaningful for rule 'muon', not {rule!r}")
     for name, param in zip(names, group["params"]):
-        if rule.matrix_only:
-            ok_ndim = param.ndim >= 2 if rule.name == "muon" else param.ndim in (2, 3)
-            require(ok_ndim, f"rule {rule.name!r} needs a matrix (or a (E, rows, cols) stack) but {name} "
+        if rule != "adamw":  # a map: matrices only
+            ok_ndim = param.ndim >= 2 if rule == "muon" else param.ndim in (2, 3)
+            require(ok_ndim, f"rule {rule!r} needs a matrix (or a (E, rows, cols) stack) but {name} "
                              f"has shape {tuple(param.shape)}; use rule 'adamw' for vectors")
         if heads is not None:
             axis = -2 if group["orientation"] == "row" else -1
@@ -291,7 +304,7 @@ ROLE_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 #: Learning rate used for a rule when neither the role nor an override sets one (lightly tuned
-#: on the smoke MoE language model, see docs/symcompat.md). Spectral/hybrid rules scale with the
+#: on the smoke MoE language model, see docs/symcompat.md). The spectral/hybrid maps scale with the
 #: nuclear norm of the momentum (alpha = 1), hence their very different values.
 RULE_DEFAULT_LR: dict[str, float] = {
     "muon": 0.02,
@@ -360,7 +373,7 @@ def _normalise_override(pattern: str, value: Any) -> dict[str, Any]:
         )
     if "rule" in settings:
         try:
-            get_rule(settings["rule"])
+            _require_known_rule(settings["rule"])
         except ValueError as error:
             raise ValueError(f"override {pattern!r}: {error}") from None
     return settings
@@ -394,7 +407,7 @@ def classify_parameters(
             continue
         override = overrides[matches[0]] if matches else {}
         if found.role not in ROLE_DEFAULTS and "rule" not in override:
-            # no role, or one no layerwise rule takes (a convolution kernel)
+            # no role, or one without a default rule (a convolution kernel)
             problems.append(f"{name} {found.shape}: a {len(found.shape)}-D tensor outside an MoE expert container; "
                             "add an override, e.g. {'%s': 'adamw'}" % name)
             continue
