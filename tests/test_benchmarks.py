@@ -125,3 +125,22 @@ def test_monitor_overhead_reports_what_it_measured():
         "date_utc": "now", "commit": "abc", "command": "test", "torch_threads": 1, "load_start": (0.0,) * 3,
         "load_end": (0.0,) * 3}})
     assert f"{row['probes'][-1]['overhead']:.2%}" in report and f"{check['overhead']:+.2%}" in report
+
+
+@pytest.mark.slow
+def test_compiled_benchmark_reads_inductors_kernels_and_bytes_from_a_cold_cache():
+    """Each measurement is a fresh process with an empty inductor cache, so the kernels are generated
+    (a warm cache would report none); compiled AdamW's are per tensor on a CPU, so two layers make more
+    kernels than one, at the same estimated bytes per parameter."""
+    from benchmarks.compiled import measure, render
+
+    one, two = (measure("AdamW compiled", 16, layers) for layers in (1, 2))
+    assert 0 < one["kernels"] < two["kernels"]
+    assert one["bytes_per_parameter"] == pytest.approx(two["bytes_per_parameter"], rel=0.05)
+    assert 28 <= one["bytes_per_parameter"] <= 60  # reads p, g, m, v and writes p, m, v, at least
+    assert one["first_step_s"] > 0
+    text = render({"environment": {"date_utc": "now", "commit": "abc", "command": "c", "torch": "t",
+                                   "load_start": [0.0], "load_end": [0.0]},
+                   "width": 16, "cold_width": 16, "cold_depth": 1, "optimizers": ["AdamW compiled"],
+                   "rows": [one, two]})
+    assert f"| AdamW compiled | {one['kernels']} / {two['kernels']} |" in text
