@@ -10,5 +10,7 @@
 * :mod:`benchmarks.report`: the markdown report and the plot.
 
 Measurements run on their own: ``python -m benchmarks.muon_equivariance`` (DDCMuon's equivariance by
-Newton-Schulz dtype and coefficients, docs/ddc_muon.md), and the other modules with a ``__main__``.
+Newton-Schulz dtype and coefficients, docs/ddc_muon.md), ``python -m benchmarks.compiled`` (the
+compiled steps as inductor builds them from a cold cache, docs/ddc.md), and the other modules with a
+``__main__``.
 """
