@@ -236,7 +236,7 @@ def test_compiled_and_eager_steps_agree_under_clipping_and_a_schedule_compiles_o
     """Ten steps with both clippings alternating and a OneCycleLR schedule of lr and betas (momentum
     for Muon): the compiled run equals the eager one to 1e-12, and no graph is compiled after the
     first step."""
-    model, gauges, batches = _lm(layers=1)
+    model, gauges, batches = _lm(layers=2)  # two layers: the compiled step stacks Muon's batches
     runs = {}
     for compiled in (False, True):
         m = copy.deepcopy(model)
@@ -257,6 +257,32 @@ def test_compiled_and_eager_steps_agree_under_clipping_and_a_schedule_compiles_o
     error, where = relative_error(runs[True], runs[False])
     assert error <= 1e-12, (error, where)
     assert relative_error(runs[False], model)[0] > 1e-2
+
+
+def test_a_compiled_program_stacks_matrix_product_rules_across_layers_and_no_other():
+    """Compiled (``build_program(stack=False)``), every tensor is a batch of its own, which inductor
+    fuses per tensor, except the batches of a rule made of matrix products (Muon): those are stacked
+    across layers as in the eager step, so Newton-Schulz runs once per shape, not once per layer. (The
+    MLP's neuron pairs, whose frames are one batch per family when compiled, stay per layer.)"""
+    from gaugeopt.optim.frames import build_frame_plan
+    from gaugeopt.optim.program import build_program
+    from gaugeopt.optim.rules import Adam, Muon
+
+    model, gauges, batches = _lm(layers=2)
+    model = copy.deepcopy(model)
+    lm_loss(model, batches[0]).backward()
+    named = dict(model.named_parameters())
+    hidden = {n for n, p in named.items() if p.ndim == 2 and "embed" not in n and "head" not in n}
+    groups = [{"params": [named[n] for n in sorted(hidden)]}, {"params": [p for n, p in named.items() if n not in hidden]}]
+    names = {id(p): n for n, p in named.items()}
+    members = {}
+    for stack in (True, False):
+        layout = build_program(groups, names, named, build_frame_plan(gauges.bind(model)), [Muon(), Adam()],
+                               channel_step=True, edge_scale=1.0, stack=stack)
+        members[stack] = {g: sorted(len(m.params) for b, m in zip(layout.program.tensors, layout.tensors)
+                                    if m.group == g and b.rebalance is None) for g in (0, 1)}
+    assert members[False][0] == members[True][0] == [2, 2, 4]  # Muon: q and k, v, o across layers either way
+    assert set(members[False][1]) == {1} and max(members[True][1]) > 1  # Adam: per tensor when compiled
 
 
 def test_every_step_program_has_a_graph_cache_of_its_own():

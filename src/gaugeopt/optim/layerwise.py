@@ -352,6 +352,8 @@ class LayerwiseMap:
         options: keyword options the map accepts (group hyperparameters of the same name).
         centered: whether the map is horizontal for the shared row shift (``1^T Phi = 0``).
         symmetry: the group the map is equivariant under, in words.
+        matrix_products: whether the map multiplies matrices (Newton-Schulz, polar factors), as
+            opposed to scaling rows by their norms.
     """
 
     name: str
@@ -359,6 +361,7 @@ class LayerwiseMap:
     options: tuple[str, ...]
     centered: bool
     symmetry: str
+    matrix_products: bool = True
 
 
 def _with(fn: Callable[..., Tensor], **fixed: object) -> Callable[..., Tensor]:
@@ -377,9 +380,9 @@ MAPS: dict[str, LayerwiseMap] = {
     for entry in (
         LayerwiseMap("muon", muon_update, ("heads", "ns_steps", "ns_eps", "ns_coefficients", "adjust_lr"),
                      False, "O(rows) x O(cols), per head block"),
-        LayerwiseMap("row_norm", row_norm_update, ("eps",), False, "row permutation x O(cols)"),
+        LayerwiseMap("row_norm", row_norm_update, ("eps",), False, "row permutation x O(cols)", matrix_products=False),
         LayerwiseMap("centered_row_norm", centered_row_norm_update, ("eps",), True,
-                     "row permutation x O(cols) x shared row shift"),
+                     "row permutation x O(cols) x shared row shift", matrix_products=False),
         LayerwiseMap("right_spectral", _with(spectral_update, centered=False), _SPECTRAL_OPTIONS, False,
                      "O(rows) x O(cols)"),
         LayerwiseMap("centered_right_spectral", _with(spectral_update, centered=True), _SPECTRAL_OPTIONS, True,

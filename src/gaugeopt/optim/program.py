@@ -284,7 +284,8 @@ def build_program(groups: Sequence[Mapping[str, Any]], names: Mapping[int, str],
     ``rules[g]`` is group ``g``'s base rule (None: a program that only reads frames, e.g. for
     gradient clipping); ``channel_step`` enables the norm channel-scale step; ``edge_scale`` is the
     section constant ``c`` of the neuron frames. ``stack=False`` makes every batch a single tensor (a
-    single family). ``ranks``: ``(rank, world)`` when every tensor is sharded on dim 0 over ``world``
+    single family), except the batches of a rule made of matrix products (``rule.matrix_products``:
+    Muon), which are stacked across layers whatever ``stack`` says (one batched product per shape). ``ranks``: ``(rank, world)`` when every tensor is sharded on dim 0 over ``world``
     ranks (FSDP2): the program then steps this rank's rows (:class:`~gaugeopt.optim.shards.RowShard`).
     """
     group_of, active = {}, {}
@@ -461,7 +462,7 @@ def _sort_tensors(groups: Sequence[Mapping[str, Any]], names: Mapping[int, str],
                 key = ("single", name)
             else:
                 key = ("batch", g, frame.signature() if frame is not None else (), tuple(p.shape), p.dtype, p.device,
-                       None if stack else id(p))
+                       None if stack or (rules[g] is not None and rules[g].matrix_products) else id(p))
             sorted_.setdefault(key, []).append((name, p, g))
     out = _Tensors([], list(checked.values()))
     for key, members in sorted_.items():

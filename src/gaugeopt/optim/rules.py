@@ -39,7 +39,7 @@ from typing import Any, NamedTuple, Protocol
 import torch
 from torch import Tensor
 
-from .layerwise import apply_map, muon_update
+from .layerwise import apply_map, get_map, muon_update
 from .matrix_functions import MUON_NS_COEFFICIENTS, Quintic
 from .shards import LOCAL, Collectives, RowShard
 from .symmetry import Residual, SharedAxis, blocked, group_mean
@@ -54,6 +54,10 @@ class Rule(Protocol):
     #: Names of the per-parameter state tensors the rule keeps (each shaped like the parameter,
     #: except ``"step"``: a 0-d count the step increments).
     state_keys: tuple[str, ...]
+    #: Whether the direction is made of matrix products (Newton-Schulz): a compiled step stacks such
+    #: a batch across layers too, one batched product per shape, where it leaves an elementwise
+    #: rule's tensors to inductor one by one (their chains fuse into one loop each).
+    matrix_products: bool
 
     def scalars(self, group: Mapping[str, Any], steps: Sequence[int]) -> Sequence[Any]:
         """The host-side numbers of this step for a batch whose members reach step counts ``steps``:
@@ -184,6 +188,7 @@ class Adam:
     betas_key: str = "betas"
     eps_key: str = "eps"
     state_keys: tuple[str, ...] = ("step", "exp_avg", "exp_avg_sq")
+    matrix_products: bool = False
 
     def scalars(self, group: Mapping[str, Any], steps: Sequence[int]) -> AdamScalars:
         beta1, beta2 = (float(b) for b in group[self.betas_key])
@@ -236,6 +241,7 @@ class Muon:
     momentum_key: str = "momentum"
     flatten: bool = False
     state_keys: tuple[str, ...] = ("momentum_buffer",)
+    matrix_products: bool = True
 
     def scalars(self, group: Mapping[str, Any], steps: Sequence[int]) -> list[float]:
         momentum = group[self.momentum_key]
@@ -276,6 +282,10 @@ class MomentumMap:
     nesterov: bool = False
     momentum_key: str = "beta"
     state_keys: tuple[str, ...] = ("momentum_buffer",)
+
+    @property
+    def matrix_products(self) -> bool:
+        return get_map(self.map).matrix_products
 
     def scalars(self, group: Mapping[str, Any], steps: Sequence[int]) -> list[float]:
         return _momentum_scalars(float(group[self.momentum_key]))
