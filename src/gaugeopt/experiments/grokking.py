@@ -139,7 +139,8 @@ PRESETS = {
                            batch_size=32, steps=6, eval_every=3, warmup_steps=2, seeds=(0,)),
     "smoke": GrokkingConfig(),
     # Depth 24 on this CPU in about an hour: 5 seeds (fewer cannot decide an exact test), d_model 64.
-    "cpu": GrokkingConfig(depth=24, d_model=64, d_ff=256, steps=800, eval_every=50, seeds=(0, 1, 2, 3, 4)),
+    "cpu": GrokkingConfig(depth=24, d_model=64, d_ff=256, steps=800, eval_every=50, seeds=(0, 1, 2, 3, 4),
+                          lr_scales=(("muon", 4.0), ("ddc-muon", 4.0))),
     "full": GrokkingConfig(depth=24, d_model=128, d_ff=512, steps=3000, eval_every=100, seeds=tuple(range(11))),
 }
 
