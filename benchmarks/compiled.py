@@ -14,12 +14,12 @@ on the reference language model (:func:`~benchmarks.optimizer_steps.model_with_g
 * **first step**: wall time of that first ``step()`` with the cold cache (tracing, lowering, C++ or Triton
   compilation and the step itself).
 
-The peers: DDCAdam and DDCMuon with ``compiled=True``, and ``torch.optim.AdamW(foreach=False)`` whose
-``step`` is wrapped in ``torch.compile`` (inductor's own fused AdamW, the usual way to compile torch's
-optimizers). Each process runs one thread. ``--write`` puts the table into ``docs/ddc.md`` between
-``<!-- compiled -->`` and ``<!-- /compiled -->``. Options: ``--width`` and ``--depths`` (kernels and
-bytes; default 256 and 2, 8), ``--cold-width`` and ``--cold-depth`` (the cold first step; default
-512 x 2), ``--optimizers``.
+The peers: DDCAdam and DDCMuon with ``compiled=True``, and ``torch.optim.AdamW(foreach=True)`` whose
+``step`` is wrapped in ``torch.compile`` (:class:`~benchmarks.optimizer_steps.CompiledAdamW`, the
+peer of ``benchmarks.cuda`` too: the usual way to compile torch's optimizers). Each process runs one
+thread. ``--write`` puts the table into ``docs/ddc.md`` between ``<!-- compiled -->`` and
+``<!-- /compiled -->``. Options: ``--width`` and ``--depths`` (kernels and bytes; default 256 and 2, 8),
+``--cold-width`` and ``--cold-depth`` (the cold first step; default 512 x 2), ``--optimizers``.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -37,39 +38,25 @@ from pathlib import Path
 import torch
 
 from .__main__ import _commit
+from .optimizer_steps import (CompiledAdamW, ddc_adam_compiled, ddc_muon_compiled, model_with_gradients,
+                              parameter_count)
 
-OPTIMIZERS = ("AdamW compiled", "DDCAdam compiled", "DDCMuon compiled")
+#: The compiled steps measured, by name.
+COMPILED = {"AdamW compiled": CompiledAdamW, "DDCAdam compiled": ddc_adam_compiled,
+            "DDCMuon compiled": ddc_muon_compiled}
+OPTIMIZERS = tuple(COMPILED)
 MARKERS = ("<!-- compiled -->", "<!-- /compiled -->")
-
-
-def _optimizer(name: str, model, gauges):
-    from .optimizer_steps import ADAM_LR, LR, WEIGHT_DECAY
-    from gaugeopt.optim import DDCAdam, DDCMuon
-
-    if name == "AdamW compiled":
-        optimizer = torch.optim.AdamW(model.parameters(), lr=ADAM_LR, weight_decay=WEIGHT_DECAY, foreach=False)
-        optimizer.step = torch.compile(optimizer.step)
-        return optimizer
-    if name == "DDCAdam compiled":
-        return DDCAdam(model.parameters(), gauges, lr=ADAM_LR, weight_decay=WEIGHT_DECAY, compiled=True)
-    if name == "DDCMuon compiled":
-        return DDCMuon(model.parameters(), gauges, lr=LR, weight_decay=WEIGHT_DECAY, adam_lr=ADAM_LR, compiled=True)
-    raise ValueError(f"unknown optimizer {name!r}; choose from {OPTIMIZERS}")
 
 
 def measure_here(name: str, width: int, layers: int) -> dict:
     """One cold compiled step of ``name`` in this process (whose inductor cache the caller made empty)."""
-    import logging
-
     from torch._inductor import metrics
-
-    from .optimizer_steps import model_with_gradients, parameter_count
 
     torch.set_num_threads(1)
     torch._logging.set_logs(inductor_metrics=True)  # makes inductor estimate each graph's bytes
     logging.getLogger("torch._inductor.compile_fx").setLevel(logging.WARNING)  # ...without printing them
     model, gauges = model_with_gradients(width, n_layers=layers)
-    optimizer = _optimizer(name, model, gauges)
+    optimizer = COMPILED[name](model, gauges)
     metrics.reset()
     start = time.perf_counter()
     optimizer.step()

@@ -38,25 +38,9 @@ import gaugeopt
 from gaugeopt.gauges import GaugeSet
 from gaugeopt.models import TransformerLM
 
-from gaugeopt.optim.ddc_muon import DDCMuon
-
-from .optimizer_steps import (ADAM_LR, BATCH, LR, SEQ, VOCAB, WEIGHT_DECAY, adamw, adamw_fused, ddc_adam,
-                              ddc_adam_compiled, ddc_muon, muon_with_adamw_torch, OptimizerFactory, parameter_count,
+from .optimizer_steps import (BATCH, SEQ, VOCAB, CompiledAdamW, adamw, adamw_fused, ddc_adam, ddc_adam_compiled,
+                              ddc_muon, ddc_muon_compiled, muon_with_adamw_torch, OptimizerFactory, parameter_count,
                               reference_config, time_steps)
-
-class CompiledAdamW:
-    """``torch.optim.AdamW(foreach=True)`` whose ``step`` runs under ``torch.compile`` (torch's recipe for
-    a compiled optimizer step: the step called inside a compiled function)."""
-
-    def __init__(self, model: nn.Module, gauges: GaugeSet):
-        self.optimizer = adamw(model, gauges)
-        self.state = self.optimizer.state
-        self.step = torch.compile(self.optimizer.step, fullgraph=False)
-
-
-def ddc_muon_compiled(model: nn.Module, gauges: GaugeSet):
-    """DDCMuon at its defaults (Newton-Schulz in bfloat16) with ``compiled=True``."""
-    return DDCMuon(model.parameters(), gauges, lr=LR, weight_decay=WEIGHT_DECAY, adam_lr=ADAM_LR, compiled=True)
 
 
 PEERS: dict[str, OptimizerFactory] = {

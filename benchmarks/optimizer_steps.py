@@ -143,6 +143,16 @@ def ddc_adam_compiled(model: nn.Module, gauges: GaugeSet):
     return DDCAdam(model.parameters(), gauges, lr=ADAM_LR, weight_decay=WEIGHT_DECAY, compiled=True)
 
 
+class CompiledAdamW:
+    """``torch.optim.AdamW(foreach=True)`` whose ``step`` runs under ``torch.compile`` (torch's recipe for
+    a compiled optimizer step: the step called inside a compiled function)."""
+
+    def __init__(self, model: nn.Module, gauges: GaugeSet):
+        self.optimizer = adamw(model, gauges)
+        self.state = self.optimizer.state
+        self.step = torch.compile(self.optimizer.step, fullgraph=False)
+
+
 def muon_with_adamw_torch(model: nn.Module, gauges: GaugeSet):
     """``torch.optim.Muon`` (Newton-Schulz in bfloat16, hard-coded by torch) + ``AdamW``."""
     return MuonWithAdamW(model, gauges, lr=LR, weight_decay=WEIGHT_DECAY, adam_lr=ADAM_LR)
@@ -167,6 +177,11 @@ def ddc_muon(ns_dtype: torch.dtype | None = torch.bfloat16):
         return DDCMuon(model.parameters(), gauges, lr=LR, weight_decay=WEIGHT_DECAY, adam_lr=ADAM_LR,
                        ns_dtype=ns_dtype)
     return make
+
+
+def ddc_muon_compiled(model: nn.Module, gauges: GaugeSet):
+    """DDCMuon at its defaults (Newton-Schulz in bfloat16) with ``compiled=True``."""
+    return DDCMuon(model.parameters(), gauges, lr=LR, weight_decay=WEIGHT_DECAY, adam_lr=ADAM_LR, compiled=True)
 
 
 def symmetry_compatible(model: nn.Module, gauges: GaugeSet):
