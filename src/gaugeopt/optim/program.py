@@ -285,8 +285,9 @@ def build_program(groups: Sequence[Mapping[str, Any]], names: Mapping[int, str],
     gradient clipping); ``channel_step`` enables the norm channel-scale step; ``edge_scale`` is the
     section constant ``c`` of the neuron frames. ``stack=False`` makes every batch a single tensor (a
     single family), except the batches of a rule made of matrix products (``rule.matrix_products``:
-    Muon), which are stacked across layers whatever ``stack`` says (one batched product per shape). ``ranks``: ``(rank, world)`` when every tensor is sharded on dim 0 over ``world``
-    ranks (FSDP2): the program then steps this rank's rows (:class:`~gaugeopt.optim.shards.RowShard`).
+    Muon), which are stacked across layers whatever ``stack`` says (one batched product per shape).
+    ``ranks``: ``(rank, world)`` when every tensor is sharded on dim 0 over ``world`` ranks (FSDP2): the
+    program then steps this rank's rows (:class:`~gaugeopt.optim.shards.RowShard`).
     """
     group_of, active = {}, {}
     for g, group in enumerate(groups):
@@ -444,6 +445,7 @@ def _sort_tensors(groups: Sequence[Mapping[str, Any]], names: Mapping[int, str],
     order), chain members one by one, the rest by group, frame and shape. Gains are frames, never
     stepped: their gradients are only checked, or read by the channel-scale step."""
     stepped_gains = {f.gain for _, families in norm.batches for f in families}
+    stacked_groups = [stack or (rule is not None and rule.matrix_products) for rule in rules]
     sorted_: dict[Any, list[tuple[str | None, Tensor, int]]] = {}
     checked: dict[Any, list[Tensor]] = {}
     for g, group in enumerate(groups):
@@ -462,7 +464,7 @@ def _sort_tensors(groups: Sequence[Mapping[str, Any]], names: Mapping[int, str],
                 key = ("single", name)
             else:
                 key = ("batch", g, frame.signature() if frame is not None else (), tuple(p.shape), p.dtype, p.device,
-                       None if stack or (rules[g] is not None and rules[g].matrix_products) else id(p))
+                       None if stacked_groups[g] else id(p))
             sorted_.setdefault(key, []).append((name, p, g))
     out = _Tensors([], list(checked.values()))
     for key, members in sorted_.items():
