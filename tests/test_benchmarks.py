@@ -10,7 +10,7 @@ import torch
 
 from benchmarks.__main__ import main
 from benchmarks.dispatch import DispatchCounter, dispatched_ops, step_traffic
-from benchmarks.optimizer_steps import adamw, ddc_adam, ddc_muon, model_with_gradients, state_bytes
+from benchmarks.optimizer_steps import adamw, ddc_adam, ddc_muon, model_with_gradients, muon_with_adamw_torch, state_bytes
 from benchmarks.report import fitted_exponent
 
 
@@ -97,6 +97,18 @@ def test_an_eager_ddc_adam_step_moves_at_most_1_2_times_adamws_bytes():
     traffic = step_traffic({"AdamW (foreach)": adamw, "DDCAdam": ddc_adam}, width=64, layers=2)["optimizers"]
     ours, reference = (traffic[name]["bytes_per_parameter"] for name in ("DDCAdam", "AdamW (foreach)"))
     assert ours <= 1.2 * reference
+
+
+def test_an_eager_ddc_muon_step_reads_its_muon_gradients_once_before_newton_schulz():
+    """DDCMuon's Muon batches take their canonical gradients per member into the momentum and stack
+    the nesterov input straight into bfloat16, so no float32 stack of gradients is written and read
+    again: at d_model 64 x 2 one step moves at most 1.35x the bytes of torch's Muon + AdamW (1.34x;
+    1.40x when the gradients were stacked in float32 first; issue 31's target, 1.2x, is not met: the
+    isolated pairs' frames and rebalance are the rest, docs/ddc_muon.md)."""
+    traffic = step_traffic({"torch": muon_with_adamw_torch, "DDCMuon": ddc_muon()}, width=64, layers=2)["optimizers"]
+    counts = dispatched_ops(ddc_muon(), *model_with_gradients(64, n_layers=2)).counts
+    assert traffic["DDCMuon"]["bytes_per_parameter"] <= 1.35 * traffic["torch"]["bytes_per_parameter"]
+    assert counts["aten.stack.out"] >= 1 and counts["aten._foreach_lerp_.Scalar"] >= 1
 
 
 @pytest.mark.slow

@@ -206,9 +206,11 @@ class ProcessGroupCollectives:
                 offset += n
         return out
 
-    def whole(self, stack: Tensor, shard: RowShard | None, fn: Callable[[Tensor], Tensor]) -> Tensor:
+    def whole(self, stack: Tensor, shard: RowShard | None, fn: Callable[[Tensor], Tensor],
+              out_dtype: torch.dtype | None = None) -> Tensor:
         """Each member of ``stack`` (this rank's rows on axis 1) to one rank, ``fn`` there on the
-        whole members it received, this rank's rows of every result back (module docstring)."""
+        whole members it received, this rank's rows of every result (in ``out_dtype``, ``None``:
+        ``stack``'s) back (module docstring)."""
         if shard is None:
             return fn(stack)
         members, rest = stack.shape[0], tuple(stack.shape[2:])
@@ -229,7 +231,7 @@ class ProcessGroupCollectives:
             wholes.append(torch.cat(pieces))
         results = fn(torch.stack(wholes)) if wholes else None
         result_of = {m: results[i] for i, m in enumerate(mine)}
-        messages = [_Message(owner, dst, (sizes[dst], *rest), stack.dtype,
+        messages = [_Message(owner, dst, (sizes[dst], *rest), out_dtype or stack.dtype,
                              result_of[m][shard.bounds[dst]:shard.bounds[dst + 1]] if owner == self.rank else None)
                     for m, owner in enumerate(owners) for dst in range(self.world) if dst != owner]
         received = iter(_route(messages, self.group, self.device))

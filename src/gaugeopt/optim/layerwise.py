@@ -172,6 +172,8 @@ def muon_update(
     adjust_lr: str = "original",
     dtype: torch.dtype | None = None,
     block_scale: bool = True,
+    out_dtype: torch.dtype | None = None,
+    overwrite: bool = False,
 ) -> Tensor:
     """Muon: ``s * NS(B)`` for every block ``B`` of ``M`` (shape ``(..., rows, cols)``).
 
@@ -183,8 +185,9 @@ def muon_update(
     indices of block ``h`` instead (any partition of that axis). Each block is orthogonalised on its
     own, which keeps the map equivariant under independent per-block rotations. ``NS`` is
     :func:`~gaugeopt.optim.matrix_functions.newton_schulz` with ``ns_coefficients`` (one quintic, one
-    per step, or ``"polar_express"``), run in ``dtype`` (``None``: ``M``'s); the result is in ``M``'s
-    dtype. The scale ``s`` is ``sqrt(max(1, rows/cols))`` (``adjust_lr="original"``, Keller Jordan's
+    per step, or ``"polar_express"``), run in ``dtype`` (``None``: ``M``'s); the result is in
+    ``out_dtype`` (``None``: ``M``'s). ``overwrite``: ``M`` is the caller's scratch, which the
+    iteration may start in (:func:`~gaugeopt.optim.matrix_functions.newton_schulz`). The scale ``s`` is ``sqrt(max(1, rows/cols))`` (``adjust_lr="original"``, Keller Jordan's
     Muon), ``0.2 sqrt(max(rows, cols))`` (``"match_rms_adamw"``, Moonshot) or 1 (``"none"``), as in
     ``torch.optim.Muon``, for the block's shape (``block_scale=True``) or the whole matrix's.
     """
@@ -194,9 +197,10 @@ def muon_update(
         raise ValueError(f"head_axis must be 'row' or 'col', got {head_axis!r}")
     rows, cols = M.shape[-2], M.shape[-1]
     ns = dict(steps=ns_steps, eps=ns_eps, coefficients=ns_coefficients, dtype=dtype)
+    out_dtype = out_dtype or M.dtype
     split = rows if head_axis == "row" else cols
     if head_index is None and (heads is None or heads == 1):
-        return _scaled(newton_schulz(M, **ns), M.dtype, muon_lr_scale((rows, cols), adjust_lr))
+        return _scaled(newton_schulz(M, **ns, overwrite=overwrite), out_dtype, muon_lr_scale((rows, cols), adjust_lr))
     if head_index is None:
         if heads < 1 or split % heads:
             raise ValueError(
@@ -212,7 +216,7 @@ def muon_update(
     else:
         blocks = M[..., index].movedim(-2, -3)  # (..., rows, heads, head_dim) -> (..., heads, rows, head_dim)
     shape = blocks.shape[-2:] if block_scale else (rows, cols)
-    ortho = _scaled(newton_schulz(blocks, **ns), M.dtype, muon_lr_scale(shape, adjust_lr))
+    ortho = _scaled(newton_schulz(blocks, **ns, overwrite=True), out_dtype, muon_lr_scale(shape, adjust_lr))
     out = ortho.new_empty(M.shape)
     if head_axis == "row":
         out[..., index, :] = ortho

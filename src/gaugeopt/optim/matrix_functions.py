@@ -250,6 +250,8 @@ def newton_schulz(
     eps: float = 1e-7,
     coefficients: NSCoefficients = MUON_NS_COEFFICIENTS,
     dtype: torch.dtype | None = None,
+    *,
+    overwrite: bool = False,
 ) -> Tensor:
     """Muon's quintic Newton-Schulz orthogonalisation of ``G`` (shape ``(..., m, n)``).
 
@@ -277,12 +279,14 @@ def newton_schulz(
         eps: floor of the Frobenius norm before dividing, so a zero matrix maps to zero.
         coefficients: ``(a, b, c)``, a sequence of ``steps`` of them, or ``"polar_express"``.
         dtype: the arithmetic dtype.
+        overwrite: ``G`` is the caller's scratch: when it is already in ``dtype`` the iteration
+            starts in its memory instead of a copy.
     """
     _check_matrix_batch(G, "G")
     if steps < 0:
         raise ValueError(f"steps must be >= 0, got {steps}")
     schedule = ns_coefficient_schedule(coefficients, steps)
-    X = G.to(dtype or G.dtype, copy=True)
+    X = G if overwrite and G.dtype == (dtype or G.dtype) else G.to(dtype or G.dtype, copy=True)
     if X.numel() == 0:  # a matrix with no rows or columns (or an empty batch) is its own factor
         return X
     transposed = X.size(-2) > X.size(-1)

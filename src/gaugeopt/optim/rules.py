@@ -63,14 +63,20 @@ class Rule(Protocol):
         """The host-side numbers of this step for a batch whose members reach step counts ``steps``:
         a sequence (a named tuple, for a reader) of numbers or of per-member lists of numbers."""
 
-    def direction(self, grad: Tensor, state: Mapping[str, Tensor], scalars: Sequence[Tensor], residual: Residual,
-                  collectives: Collectives = LOCAL) -> Tensor:
+    #: Whether an eager step may hand :meth:`direction` the members' canonical gradients as a list
+    #: (its passes over them are elementwise until it stacks them itself, into the dtype its matrix
+    #: products run in) instead of a stack in the step's compute dtype.
+    member_gradients: bool
+
+    def direction(self, grad: Tensor | list[Tensor], state: Mapping[str, Tensor], scalars: Sequence[Any],
+                  residual: Residual, collectives: Collectives = LOCAL) -> Tensor:
         """Advance ``state`` (stacked, in place) on the canonical gradients ``grad`` and return the
-        canonical direction, a new tensor shaped like ``grad``; ``scalars`` is :meth:`scalars` with
-        every number a 0-d tensor and every list a 1-d one. ``grad`` is the step's own stack: the
-        rule may overwrite it. On a row shard (``residual.rows``) ``grad`` and the state are this
-        rank's rows, and what is not elementwise goes through ``collectives``
-        (:mod:`gaugeopt.optim.shards`)."""
+        canonical direction, a new stack shaped like ``grad``. ``grad`` is the step's own stack, which
+        the rule may overwrite, and ``scalars`` is :meth:`scalars` with every number a 0-d tensor and
+        every list a 1-d one; or, for a rule with :attr:`member_gradients`, the members' list, which
+        the rule only reads, and ``scalars`` is :meth:`scalars` itself (host numbers). On a row shard
+        (``residual.rows``) ``grad`` and the state are this rank's rows, and what is not elementwise
+        goes through ``collectives`` (:mod:`gaugeopt.optim.shards`)."""
 
 
 def square_safe(dtype: torch.dtype) -> float:
@@ -189,6 +195,7 @@ class Adam:
     eps_key: str = "eps"
     state_keys: tuple[str, ...] = ("step", "exp_avg", "exp_avg_sq")
     matrix_products: bool = False
+    member_gradients: bool = False  # eager, the fused kernel takes the members (gaugeopt.optim.step)
 
     def scalars(self, group: Mapping[str, Any], steps: Sequence[int]) -> AdamScalars:
         beta1, beta2 = (float(b) for b in group[self.betas_key])
@@ -200,11 +207,22 @@ class Adam:
                                residual.rows, collectives)
 
 
-def _momentum_input(grad: Tensor, buffer: Tensor, scalars: Tensor, nesterov: bool) -> Tensor:
-    """``B <- mu B + (1 - mu) G`` in place; the map's input ``(1 - mu) G + mu B`` (nesterov, formed in
-    ``grad``'s memory) or ``B``. ``scalars`` holds ``(1 - mu, mu)``."""
-    buffer.lerp_(grad, scalars[0])
-    return grad.lerp_(buffer, scalars[1]) if nesterov else buffer
+def _momentum_input(grad: Tensor | list[Tensor], buffer: Tensor, scalars: Sequence[Any], nesterov: bool,
+                    dtype: torch.dtype | None = None) -> Tensor:
+    """``B <- mu B + (1 - mu) G`` in place; the map's input ``(1 - mu) G + mu B`` (nesterov) or ``B``,
+    stacked. ``scalars`` holds ``(1 - mu, mu)``. ``grad`` is a stack (the nesterov input is formed in
+    its memory) or the members' list, which is only read: then the nesterov input is stacked into a
+    new tensor of ``dtype`` (``None``: ``B``'s), the dtype the map works in, so the conversion is the
+    stacking pass itself."""
+    if isinstance(grad, Tensor):
+        buffer.lerp_(grad, scalars[0])
+        return grad.lerp_(buffer, scalars[1]) if nesterov else buffer
+    members = list(buffer.unbind(0))
+    torch._foreach_lerp_(members, grad, scalars[0])
+    if not nesterov:
+        return buffer
+    return torch.stack(torch._foreach_lerp(grad, members, scalars[1]),
+                       out=buffer.new_empty(buffer.shape, dtype=dtype or buffer.dtype))
 
 
 def _momentum_scalars(momentum: float) -> list[float]:
@@ -242,27 +260,35 @@ class Muon:
     flatten: bool = False
     state_keys: tuple[str, ...] = ("momentum_buffer",)
     matrix_products: bool = True
+    member_gradients: bool = True
 
     def scalars(self, group: Mapping[str, Any], steps: Sequence[int]) -> list[float]:
         momentum = group[self.momentum_key]
         return _momentum_scalars(float(momentum[0] if isinstance(momentum, (tuple, list)) else momentum))
 
-    def direction(self, grad: Tensor, state: Mapping[str, Tensor], scalars: Tensor, residual: Residual,
-                  collectives: Collectives = LOCAL) -> Tensor:
+    def direction(self, grad: Tensor | list[Tensor], state: Mapping[str, Tensor], scalars: Sequence[Any],
+                  residual: Residual, collectives: Collectives = LOCAL) -> Tensor:
         """The momentum is elementwise (this rank's rows on a shard); Newton-Schulz needs whole
-        matrices (``collectives.whole``: each gathered to one rank)."""
-        update = _momentum_input(grad, state["momentum_buffer"], scalars, self.nesterov)
-        shape = update.shape
+        matrices (``collectives.whole``: each gathered to one rank). Given the members' list, the
+        nesterov input is stacked straight into the Newton-Schulz dtype."""
+        buffer = state["momentum_buffer"]
+        update = _momentum_input(grad, buffer, scalars, self.nesterov, self.ns_dtype)
+        scratch, shape = update is not buffer, update.shape
         if self.flatten and update.dim() > 3:  # (L, rows, *rest): each member as its (rows, prod(rest)) matrix
             matrices = update.reshape(shape[0], shape[1], -1)
-            return collectives.whole(matrices, residual.rows,
-                                     lambda whole: self.direction_of_matrices(whole, residual)).reshape(shape)
-        return collectives.whole(update, residual.rows, lambda whole: self.direction_of_matrices(whole, residual))
+            return collectives.whole(matrices, residual.rows, lambda whole: self.direction_of_matrices(
+                whole, residual, buffer.dtype, scratch), buffer.dtype).reshape(shape)
+        return collectives.whole(update, residual.rows, lambda whole: self.direction_of_matrices(
+            whole, residual, buffer.dtype, scratch), buffer.dtype)
 
-    def direction_of_matrices(self, update: Tensor, residual: Residual) -> Tensor:
-        """``s NS(update)`` per matrix (or per head block) of a stack ``(..., rows, cols)``."""
+    def direction_of_matrices(self, update: Tensor, residual: Residual, out_dtype: torch.dtype | None = None,
+                              overwrite: bool = False) -> Tensor:
+        """``s NS(update)`` per matrix (or per head block) of a stack ``(..., rows, cols)``, in
+        ``out_dtype`` (``None``: ``update``'s); ``overwrite``: ``update`` is scratch the iteration may
+        start in."""
         options = dict(ns_steps=self.ns_steps, ns_eps=self.ns_eps, ns_coefficients=self.ns_coefficients,
-                       adjust_lr=self.adjust_lr, dtype=self.ns_dtype, block_scale=self.block_scale)
+                       adjust_lr=self.adjust_lr, dtype=self.ns_dtype, block_scale=self.block_scale,
+                       out_dtype=out_dtype, overwrite=overwrite)
         if self.head_blocks == "frame" and residual.heads is not None:
             axis, index = residual.heads
             return muon_update(update, head_axis="row" if axis == 0 else "col", head_index=index, **options)
@@ -282,6 +308,7 @@ class MomentumMap:
     nesterov: bool = False
     momentum_key: str = "beta"
     state_keys: tuple[str, ...] = ("momentum_buffer",)
+    member_gradients: bool = False
 
     @property
     def matrix_products(self) -> bool:

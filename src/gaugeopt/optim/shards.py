@@ -96,10 +96,11 @@ class Collectives(Protocol):
     def sum(self, partials: Sequence[Tensor]) -> list[Tensor]:
         """Each tensor summed over the ranks (one round for the whole list)."""
 
-    def whole(self, stack: Tensor, shard: RowShard | None, fn: Callable[[Tensor], Tensor]) -> Tensor:
+    def whole(self, stack: Tensor, shard: RowShard | None, fn: Callable[[Tensor], Tensor],
+              out_dtype: torch.dtype | None = None) -> Tensor:
         """``fn`` applied to whole members: ``stack`` holds this rank's rows (axis 1) of ``L`` members;
-        ``fn`` maps a stack of whole members to a same-shaped stack; returned: this rank's rows of
-        the result."""
+        ``fn`` maps a stack of whole members to a same-shaped stack in ``out_dtype`` (``None``:
+        ``stack``'s); returned: this rank's rows of the result."""
 
 
 class _Local:
@@ -108,7 +109,8 @@ class _Local:
     def sum(self, partials: Sequence[Tensor]) -> list[Tensor]:
         return list(partials)
 
-    def whole(self, stack: Tensor, shard: RowShard | None, fn: Callable[[Tensor], Tensor]) -> Tensor:
+    def whole(self, stack: Tensor, shard: RowShard | None, fn: Callable[[Tensor], Tensor],
+              out_dtype: torch.dtype | None = None) -> Tensor:
         return fn(stack)
 
     def __repr__(self) -> str:

@@ -4,8 +4,9 @@ A step runs a :class:`~gaugeopt.optim.program.StepProgram` on the tensors of its
 :class:`~gaugeopt.optim.program.StepLayout` in two phases, pure functions of the program and the
 step's tensors:
 
-1. :func:`read_frames` (reads only): stack the gradients (and the parameters where a frame needs
-   them), compute the frames (:mod:`gaugeopt.optim.frames`: norm gains, neuron scales ``s``, frozen
+1. :func:`read_frames` (reads only): stack the gradients where the rule works on stacks (eager,
+   torch's fused Adam and Muon's momentum take them per member) and the parameters where a frame
+   needs them, compute the frames (:mod:`gaugeopt.optim.frames`: norm gains, neuron scales ``s``, frozen
    channels and units, the gradient factors ``gamma``), the canonical gradients
    ``G~ = P(G gamma)`` (:func:`canonicalize`; eager only: traced, the write forms them inside its
    own loop) and the three flags the caller reads with one host synchronisation: every gradient
@@ -72,7 +73,8 @@ CHANNEL_STATE = ("step", "scale_exp_avg", "scale_exp_avg_sq")
 
 class BatchScalars(NamedTuple):
     """A batch's numbers for this step, as tensors in its compute dtype: the learning rate, the decay
-    factor ``1 - lr wd`` (norm batches: unused, 1) and the rule's scalars (:meth:`Rule.scalars`)."""
+    factor ``1 - lr wd`` (norm batches: unused, 1) and the rule's scalars (:meth:`Rule.scalars`; also
+    kept as host numbers in :attr:`TensorInputs.numbers` for a rule given its members' gradients)."""
 
     lr: Tensor
     decay: Tensor
@@ -87,6 +89,7 @@ class TensorInputs(NamedTuple):
     state: dict[str, Tensor]  # stacked buffers
     scalars: BatchScalars | None
     group: Mapping[str, Any] | None = None  # the param group (its numbers on the host, for fused kernels)
+    numbers: Sequence[Any] | None = None  # the rule's scalars as host numbers (for its foreach kernels)
 
 
 class NormInputs(NamedTuple):
@@ -182,9 +185,10 @@ def with_state(layout: StepLayout, inputs: StepTensors, groups: Sequence[Mapping
         steps = stacked.advance(("tensor", b)) if "step" in buffers else []
         group = groups[members.group]
         lr = float(group["lr"])
-        scalars = as_tensors(BatchScalars(lr, 1 - lr * float(group["weight_decay"]), batch.rule.scalars(group, steps)),
-                             batch.dtype, t.params[0].device)
-        tensors.append(t._replace(state=buffers, scalars=scalars, group=group))
+        numbers = batch.rule.scalars(group, steps)
+        scalars = as_tensors(BatchScalars(lr, 1 - lr * float(group["weight_decay"]), numbers), batch.dtype,
+                             t.params[0].device)
+        tensors.append(t._replace(state=buffers, scalars=scalars, group=group, numbers=numbers))
     norms = []
     for n, (batch, members, t) in enumerate(zip(layout.program.norms, layout.norms, inputs.norms)):
         buffers = stacked.buffers(state, ("norm", n), members.gains, CHANNEL_STATE)
@@ -420,8 +424,10 @@ def read_frames(program: StepProgram, inputs: StepTensors, traced: bool = False)
     for ts in inputs.checked:
         checked(list(ts))
 
-    # The canonical gradients: formed here (eager) or inside the update (traced: fused into its loop).
-    grads = [_stack(t.grads, batch.dtype) if traced or not _fused(batch, t) else None
+    # The canonical gradients: formed here (eager) or inside the update (traced: fused into its loop);
+    # eager, per member where the rule's first passes are elementwise (torch's fused Adam, Muon's
+    # momentum), so no stack of them is written and read again.
+    grads = [_stack(t.grads, batch.dtype) if traced or not (_fused(batch, t) or _member_wise(batch)) else None
              for batch, t in zip(program.tensors, inputs.tensors)]
     per_member = [t.grads if grad is None else grad for grad, t in zip(grads, inputs.tensors)]
     canonical = canonicalize(program, per_member, gammas, collectives)
@@ -577,6 +583,14 @@ def _fused(batch: TensorBatch, tensors: TensorInputs) -> bool:
         batch.dtype == batch.param_dtype and all(t.is_contiguous() for t in (*tensors.params, *tensors.grads))
 
 
+def _member_wise(batch: TensorBatch) -> bool:
+    """Whether an eager step hands the batch's rule its members' canonical gradients as a list
+    (:attr:`~gaugeopt.optim.rules.Rule.member_gradients`): not translated (the mean row is a stacked
+    reduction) and parameters in their compute dtype."""
+    return batch.rule is not None and batch.rule.member_gradients and not batch.centered and \
+        batch.dtype == batch.param_dtype
+
+
 def _clip(canonical: Tensor | list[Tensor], dtype: torch.dtype, owned: bool) -> Tensor | list[Tensor]:
     """Every entry of the canonical gradients clipped to ``square_safe(dtype)``, so that no moment
     overflows (:func:`~gaugeopt.optim.rules.square_safe`); a list that is the user's gradients is
@@ -648,7 +662,8 @@ def write(program: StepProgram, inputs: StepTensors, frames: Frames, masked: boo
         dead = functools.reduce(torch.logical_or, frames.dead[b]) if masked and frames.dead[b] else None
         if dead is not None:
             decay = torch.where(dead, 1.0, decay)  # the lift is 0 there: dead entries stay as they are
-        if not isinstance(gradient, Tensor):  # torch's fused Adam; its direction comes negated, per member
+        if not isinstance(gradient, Tensor) and not batch.rule.member_gradients:
+            # torch's fused Adam; its direction comes negated, per member
             if not factors and not batch.stacked:  # no frame acts: AdamW on the parameters themselves
                 _fused_adam(batch, tensors, gradient, tensors.params)
                 continue
@@ -658,9 +673,10 @@ def write(program: StepProgram, inputs: StepTensors, frames: Frames, masked: boo
             direction, sign = gradient, 1
         else:
             if batch.rule_shape is not None:  # the rule steps the parameter as it is (Muon: its own matrix)
-                gradient = gradient.reshape(members, *batch.rule_shape)
-            direction = batch.rule.direction(gradient, tensors.state, tensors.scalars.rule, batch.residual,
-                                             collectives)
+                gradient = gradient.reshape(members, *batch.rule_shape) if isinstance(gradient, Tensor) else \
+                    [g.view(batch.rule_shape) for g in gradient]
+            scalars = tensors.scalars.rule if isinstance(gradient, Tensor) else tensors.numbers
+            direction = batch.rule.direction(gradient, tensors.state, scalars, batch.residual, collectives)
             if batch.rule_shape is not None:
                 direction = direction.reshape(members, *batch.shape)
             if batch.centered:  # the horizontal part of the direction (one reduction round on shards)
