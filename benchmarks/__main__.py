@@ -25,24 +25,28 @@ import torch
 from . import dds_vs_llc, dispatch, optimizer_steps
 from .optimizer_steps import (
     adamw,
+    adamw_fused,
     compare,
     ddc_adam,
     ddc_adam_compiled,
+    ddc_adam_stacked,
     ddc_muon,
     muon_with_adamw_reference,
     muon_with_adamw_torch,
     symmetry_compatible,
 )
-from .report import MUON, fitted_exponent, plot_scaling, render
+from .report import MUON, STACKED, STACKED_MUON, fitted_exponent, plot_scaling, render
 
 FULL = dict(quick=False, widths=(128, 256, 512), warmup=2, rounds=15, layerwise_rounds=5,
             muon_widths=(128, 256, 512), muon_rounds=5,
             scaling_widths=(64, 96, 128, 192, 256, 384, 512, 768), scaling_rounds=7,
-            llc_cells=((3, 2), (5, 3)), llc_draws=1000, dds_repeats=20, dispatch_width=64, dispatch_depths=(2, 8))
+            llc_cells=((3, 2), (5, 3)), llc_draws=1000, dds_repeats=20, dispatch_width=64, dispatch_depths=(2, 8),
+            traffic_width=256, traffic_layers=4)
 QUICK = dict(quick=True, widths=(64, 128), warmup=1, rounds=5, layerwise_rounds=3,
              muon_widths=(64, 128), muon_rounds=2,
              scaling_widths=(64, 96, 128), scaling_rounds=3,
-             llc_cells=((3, 2),), llc_draws=100, dds_repeats=5, dispatch_width=32, dispatch_depths=(2, 8))
+             llc_cells=((3, 2),), llc_draws=100, dds_repeats=5, dispatch_width=32, dispatch_depths=(2, 8),
+             traffic_width=32, traffic_layers=2)
 PLOT = "benchmarks_step_time.png"
 
 
@@ -103,8 +107,13 @@ def main(argv: list[str] | None = None) -> int:
     ops = _section(lambda: dispatch.count_at_depths({
         "AdamW (foreach)": adamw, "DDCAdam": ddc_adam, "DDCMuon": ddc_muon(), MUON: muon_with_adamw_torch},
         width=cfg["dispatch_width"], depths=cfg["dispatch_depths"]))
+    _log("memory traffic per step")
+    traffic = _section(lambda: dispatch.step_traffic({
+        "AdamW (fused)": adamw_fused, "AdamW (foreach)": adamw, "DDCAdam": ddc_adam, STACKED: ddc_adam_stacked,
+        MUON: muon_with_adamw_torch, "DDCMuon": ddc_muon(), STACKED_MUON: ddc_muon(stack_parameters=True)},
+        width=cfg["traffic_width"], layers=cfg["traffic_layers"]))
     _log("DDCAdam vs AdamW")
-    adam = _section(lambda: rows(cfg["widths"], {"AdamW (foreach)": adamw, "DDCAdam": ddc_adam,
+    adam = _section(lambda: rows(cfg["widths"], {"AdamW (foreach)": adamw, "DDCAdam": ddc_adam, STACKED: ddc_adam_stacked,
                                                  "DDCAdam compiled": ddc_adam_compiled}, cfg["rounds"]))
     _log("DDCMuon vs torch.optim.Muon + AdamW (bfloat16 Newton-Schulz, both defaults)")
     muon = _section(lambda: rows(cfg["muon_widths"], {MUON: muon_with_adamw_torch, "DDCMuon": ddc_muon()},
@@ -137,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         "largest_width": largest["width"], "largest_muon_width": largest_muon["width"],
         "ddc_adam_ratio": ratio(largest, "DDCAdam", "AdamW (foreach)"),
         "ddc_adam_compiled_ratio": ratio(largest, "DDCAdam compiled", "AdamW (foreach)"),
+        "ddc_adam_stacked_ratio": ratio(largest, STACKED, "AdamW (foreach)"),
         "ddc_muon_ratio": ratio(largest_muon, "DDCMuon", MUON),
         "ddc_muon_fp32_ratio": ratio(largest_fp32, "DDCMuon fp32", "Muon+AdamW fp32"),
         "ddc_adam_state_overhead": largest["optimizers"]["DDCAdam"]["state_bytes"]
@@ -158,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
         "cpu_s": time.process_time(),
     }
     config = {**cfg, "vocab": optimizer_steps.VOCAB, "n_layers": optimizer_steps.reference_config(64).n_layers}
-    results = {"environment": environment, "config": config, "summary": summary, "dispatch": ops, "adam": adam, "muon": muon,
+    results = {"environment": environment, "config": config, "summary": summary, "dispatch": ops, "traffic": traffic,
+               "adam": adam, "muon": muon,
                "muon_fp32": fp32, "layerwise": layer, "scaling": scaling, "dds_vs_llc": dds}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "benchmarks.json").write_text(json.dumps(results, indent=1))

@@ -137,6 +137,11 @@ def ddc_adam(model: nn.Module, gauges: GaugeSet):
     return DDCAdam(model.parameters(), gauges, lr=ADAM_LR, weight_decay=WEIGHT_DECAY)
 
 
+def ddc_adam_stacked(model: nn.Module, gauges: GaugeSet):
+    """DDCAdam with ``stack_parameters=True`` (the isolated pairs' parameters held in one buffer per batch)."""
+    return DDCAdam(model.parameters(), gauges, lr=ADAM_LR, weight_decay=WEIGHT_DECAY, stack_parameters=True)
+
+
 def ddc_adam_compiled(model: nn.Module, gauges: GaugeSet):
     """DDCAdam with its step compiled by ``torch.compile`` (``compiled=True``): the same step program,
     traced once; the first step pays the compilation."""
@@ -171,11 +176,11 @@ def muon_with_adamw_reference(ns_dtype: torch.dtype | None):
     return make
 
 
-def ddc_muon(ns_dtype: torch.dtype | None = torch.bfloat16):
+def ddc_muon(ns_dtype: torch.dtype | None = torch.bfloat16, stack_parameters: bool = False):
     """DDCMuon with Newton-Schulz in ``ns_dtype`` (default: bfloat16, DDCMuon's default and torch's)."""
     def make(model: nn.Module, gauges: GaugeSet):
         return DDCMuon(model.parameters(), gauges, lr=LR, weight_decay=WEIGHT_DECAY, adam_lr=ADAM_LR,
-                       ns_dtype=ns_dtype)
+                       ns_dtype=ns_dtype, stack_parameters=stack_parameters)
     return make
 
 

@@ -9,9 +9,12 @@ import numpy as np
 
 LARGE = 1_000_000  # parameters: the large-width regime of the scaling fit
 MUON = "torch.optim.Muon + AdamW"  # the peer of DDCMuon: gaugeopt.optim.baselines.MuonWithAdamW
+STACKED, STACKED_MUON = "DDCAdam (stack_parameters)", "DDCMuon (stack_parameters)"
 
 TARGETS = {"ddc_adam_ratio": 2.0, "ddc_adam_compiled_ratio": 1.0, "ddc_muon_ratio": 1.15, "state_overhead": 0.02,
-           "ops_growth": 1.3, "ops_over_adamw": 4.0, "llc_over_dds": 100.0}
+           "ops_growth": 1.3, "ops_over_adamw": 4.0, "llc_over_dds": 100.0, "bytes_over_peer": 1.2}
+#: Each optimizer of the memory-traffic table and the peer its bytes are held against.
+TRAFFIC_PEERS = {"DDCAdam": "AdamW (foreach)", STACKED: "AdamW (foreach)", "DDCMuon": MUON, STACKED_MUON: MUON}
 
 
 def fitted_exponent(parameters: list[int], seconds: list[float]) -> float:
@@ -64,6 +67,16 @@ def _compiled_table(rows: list[dict]) -> list[str]:
                      f"{d['median_s'] / a['median_s']:.2f} | {_ms(f['median_s'])} | "
                      f"{f['median_s'] / a['median_s']:.2f} | {f['first_step_s']:.1f} |")
     return lines
+
+
+def _stacked_rows(rows: list[dict]) -> list[str]:
+    """A line on the eager step with ``stack_parameters=True``, where the run measured it."""
+    if STACKED not in rows[0]["optimizers"]:
+        return []
+    ratios = ", ".join(f"{r['optimizers'][STACKED]['median_s'] / r['optimizers']['AdamW (foreach)']['median_s']:.2f}x "
+                       f"at d_model {r['width']}" for r in rows)
+    return [f"With `stack_parameters=True` (the same eager step, the isolated pairs' parameters held in one buffer "
+            f"per batch) the eager step takes {ratios} AdamW (foreach)'s time in the same rounds.", ""]
 
 
 def _state_table(rows: list[dict], base: str, ours: str) -> list[str]:
@@ -137,6 +150,16 @@ def render(results: dict, plot_name: str) -> str:
               f"| DDCAdam step compiled (`compiled=True`) <= {TARGETS['ddc_adam_compiled_ratio']}x AdamW (foreach) | "
               f"{summary['ddc_adam_compiled_ratio']:.2f}x at d_model {summary['largest_width']} | "
               f"{_verdict(summary['ddc_adam_compiled_ratio'] <= TARGETS['ddc_adam_compiled_ratio'])} |"]
+    if "ddc_adam_stacked_ratio" in summary:
+        lines.append(f"| DDCAdam step with `stack_parameters=True` <= {TARGETS['ddc_adam_ratio']}x AdamW (foreach) | "
+                     f"{summary['ddc_adam_stacked_ratio']:.2f}x at d_model {summary['largest_width']} | "
+                     f"{_verdict(summary['ddc_adam_stacked_ratio'] <= TARGETS['ddc_adam_ratio'])} |")
+    traffic = results.get("traffic")
+    for name, peer in (TRAFFIC_PEERS.items() if traffic else ()):
+        over = traffic["optimizers"][name]["bytes_per_parameter"] / traffic["optimizers"][peer]["bytes_per_parameter"]
+        lines.append(f"| {name}: bytes per parameter of an eager step <= {TARGETS['bytes_over_peer']}x {peer}'s "
+                     f"(d_model {traffic['width']} x {traffic['layers']}) | {over:.2f}x | "
+                     f"{_verdict(over <= TARGETS['bytes_over_peer'])} |")
     for name in ("DDCAdam", "DDCMuon"):
         growth, over = summary["ops_growth"][name], summary["ops_over_adamw"][name]
         lines += [f"| {name}: dispatched ops per step at {ops_deep} layers <= {TARGETS['ops_growth']}x those at "
@@ -178,6 +201,20 @@ def render(results: dict, plot_name: str) -> str:
         lines.append(f"- {name}: " + ", ".join(f"`{op}` {count}" for op, count in deep["top"][name]))
     lines += ["", f"{_load(ops)}.", ""]
 
+    if traffic:
+        lines += ["## Memory traffic per step", "",
+                  "What one eager step's operations read and write (the same `TorchDispatchMode`, "
+                  "`benchmarks/dispatch.py`: each operation's tensor arguments and results, views moving "
+                  "nothing), per parameter, on the reference LM at d_model "
+                  f"{traffic['width']} x {traffic['layers']} layers ({traffic['parameters']:,} parameters, "
+                  "float32). On a GPU an optimizer step is bound by this traffic; torch's fused AdamW moves 28 "
+                  "bytes per parameter. `stack_parameters=True` holds the isolated neuron pairs' parameters in "
+                  "one buffer per batch (docs/ddc.md).", "",
+                  "| optimizer | bytes per parameter | operations | host reads |", "|---|---:|---:|---:|"]
+        for name, row in traffic["optimizers"].items():
+            lines.append(f"| {name} | {row['bytes_per_parameter']:.1f} | {row['ops']} | {row['host_reads']} |")
+        lines += ["", f"{_load(traffic)}.", ""]
+
     adam = results["adam"]
     lines += ["## DDCAdam vs torch.optim.AdamW(foreach=True)", "",
               "DDCAdam's step reads every gradient into its frame, takes one Adam direction per batch of "
@@ -187,6 +224,7 @@ def render(results: dict, plot_name: str) -> str:
               "Its first step compiles, or loads the kernels from torch's on-disk cache: that time is the last "
               "column, outside the medians.", "",
               *_compiled_table(adam["rows"]), "",
+              *_stacked_rows(adam["rows"]),
               "Optimizer state (the eager and the compiled step keep the same state):", "",
               *_state_table(adam["rows"], "AdamW (foreach)", "DDCAdam"),
               "", f"{cfg['rounds']} timed rounds. {_load(adam)}.", ""]

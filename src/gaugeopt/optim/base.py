@@ -40,7 +40,7 @@ from .program import StepLayout, build_program
 from .rules import Rule
 from .shards import LOCAL
 from .step import CHANNEL_STATE, step_inputs, with_state
-from .storage import StackedState
+from .storage import StackedState, move_into_stack, stacked_view
 
 __all__ = ["FramedOptimizer", "FrozenUnits", "SplitRow"]
 
@@ -85,13 +85,16 @@ class FramedOptimizer(GuardedOptimizer):
         nonfinite: ``"raise"`` or ``"skip"`` (:mod:`gaugeopt.optim.guards`).
         compiled: run the step's two phases compiled by ``torch.compile`` (the same functions as the
             eager step; equal up to rounding).
+        stack_parameters: hold the parameters of each batch the step computes on a stack (isolated
+            neuron pairs, translated tensors) as slices of one buffer (:mod:`gaugeopt.optim.storage`),
+            so the eager step updates them in place instead of stacking a copy and copying back.
     """
 
     #: Caches rebuilt on demand: the step's layout and stacked state, parameter ids (new in a copy).
     _TRANSIENT = frozenset({"_layout", "_layout_key", "_stacked", "_names", "_bound_ids", "_runner"})
 
     def __init__(self, params, defaults: dict[str, Any], gauges: GaugeSet | None, *, channel_step: bool,
-                 nonfinite: str, compiled: bool, edge_scale: float = EDGE_SCALE):
+                 nonfinite: str, compiled: bool, edge_scale: float = EDGE_SCALE, stack_parameters: bool = False):
         self._init_guards(nonfinite)
         require_positive(type(self).__name__, "edge_scale", edge_scale)
         if gauges is not None and not isinstance(gauges, GaugeSet):
@@ -108,6 +111,7 @@ class FramedOptimizer(GuardedOptimizer):
         self._building = False
         self._check_configured()
         self.compiled = bool(compiled)
+        self.stack_parameters = bool(stack_parameters)
         self._warned_eager = False
         self._lookup: dict[str, Tensor] = {}  # name -> the model's tensor, resolved at the first step
         #: Frozen norm channels and neuron units of the last step: family name -> indices
@@ -312,6 +316,8 @@ class FramedOptimizer(GuardedOptimizer):
                                          edge_scale=self.edge_scale,
                                          stack=not self.compiled or ranks is not None, ranks=ranks)
             self._layout_key = key
+            if self.stack_parameters and ranks is None:
+                _hold_stacked(self._layout)
         return self._layout
 
     @torch.no_grad()
@@ -385,6 +391,16 @@ class FramedOptimizer(GuardedOptimizer):
     def frozen_report(self) -> list[FrozenUnits]:
         """The norm channels and neuron units the last step froze, one row per family and reason."""
         return list(self._frozen_rows)
+
+
+def _hold_stacked(layout: StepLayout) -> None:
+    """Give the members of every batch the step computes on a stack one buffer
+    (:func:`~gaugeopt.optim.storage.move_into_stack`), unless they already lie in one."""
+    for batch, members in zip(layout.program.tensors, layout.tensors):
+        params = members.params
+        if batch.stacked and batch.members > 1 and batch.dtype == batch.param_dtype and \
+                len({(tuple(p.shape), p.device) for p in params}) == 1 and stacked_view(params) is None:
+            move_into_stack(params)
 
 
 def _kind(keys: tuple[str, ...], shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:

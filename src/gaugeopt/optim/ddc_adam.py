@@ -89,6 +89,11 @@ class DDCAdam(FramedOptimizer):
         compiled: run the step compiled by ``torch.compile`` (the same functions, equal to the eager
             step up to rounding; the first step compiles). Learning rates, betas and weight decay
             are graph inputs: schedulers do not recompile.
+        stack_parameters: hold the parameters the step computes on as a stack (each isolated neuron
+            pair's two sides, translated tensors such as a logit-shift head) as slices of one buffer
+            per batch, their ``.data`` re-pointed at the first step, so the eager step updates them
+            in place instead of stacking a copy and copying the new values back (docs/ddc.md: what
+            that changes for saving them).
 
     Settings are checked at construction, on every step and on ``load_state_dict`` (``ValueError``
     naming the field); float16/bfloat16 parameters keep float32 state and are updated in float32;
@@ -110,12 +115,14 @@ class DDCAdam(FramedOptimizer):
         edge_scale: float = EDGE_SCALE,
         nonfinite: str = "raise",
         compiled: bool = False,
+        stack_parameters: bool = False,
     ):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
         check_adam_settings(defaults, type(self).__name__)
         defaults["betas"] = tuple(betas)
         super().__init__(params, defaults, gauges, channel_step=norm_scale_step,
-                         edge_scale=edge_scale, nonfinite=nonfinite, compiled=compiled)
+                         edge_scale=edge_scale, nonfinite=nonfinite, compiled=compiled,
+                         stack_parameters=stack_parameters)
 
     @property
     def norm_scale_step(self) -> bool:

@@ -158,7 +158,7 @@ class DDCMuon(FramedOptimizer):
         edge_scale: the section constant ``c`` of the neuron frames, as in :class:`~gaugeopt.optim.DDCAdam`;
             0.5 by default (DDCAdam's 1 made Muon's fixed-size orthogonal steps unstable on a deep
             gated stack without norms: docs/ddc_muon.md).
-        nonfinite, compiled: as in :class:`~gaugeopt.optim.DDCAdam`.
+        nonfinite, compiled, stack_parameters: as in :class:`~gaugeopt.optim.DDCAdam`.
 
     Every param group takes one rule (``use_muon``) and its own ``lr``, ``betas``, ``weight_decay``:
     schedulers act on both rules (module docstring); ``add_param_group`` splits a group as the
@@ -189,6 +189,7 @@ class DDCMuon(FramedOptimizer):
         edge_scale: float = MUON_EDGE_SCALE,
         nonfinite: str = "raise",
         compiled: bool = False,
+        stack_parameters: bool = False,
     ):
         where = type(self).__name__
         require_unit_interval(where, "momentum", momentum)
@@ -208,7 +209,8 @@ class DDCMuon(FramedOptimizer):
         self._hidden = muon_parameter_names(gauges.model, gauges) if gauges is not None else None
         self._warned_one_peak = False
         super().__init__(params, {**muon, "use_muon": True}, gauges, channel_step=False,
-                         edge_scale=edge_scale, nonfinite=nonfinite, compiled=compiled)
+                         edge_scale=edge_scale, nonfinite=nonfinite, compiled=compiled,
+                         stack_parameters=stack_parameters)
         if not any(g["use_muon"] and g["params"] for g in self.param_groups):
             warnings.warn(f"DDCMuon: no parameter takes the Muon step (no hidden matrix among them), so lr={lr} "
                           f"is unused and every parameter takes the Adam rule with adam_lr={adam_lr}; "

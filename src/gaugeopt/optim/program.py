@@ -117,11 +117,6 @@ class TensorBatch:
     def gain_scales(self) -> tuple[GainScale, ...]:
         return tuple(s for s in self.scales if isinstance(s, GainScale))
 
-    @property
-    def writes_in_place(self) -> bool:
-        """Whether the stacked parameters are a view of the single member (writing them writes it)."""
-        return self.members == 1 and self.dtype == self.param_dtype
-
 
 @dataclass(frozen=True)
 class NormBatch:

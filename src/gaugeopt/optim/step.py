@@ -54,7 +54,7 @@ from .frames import frozen_gains, neuron_frames, unit_square_sums
 from .program import GainFactor, GainScale, NeuronRole, PairRole, StepLayout, StepProgram, TensorBatch
 from .rules import Adam, adam_direction_, square_safe
 from .shards import LOCAL, Collectives, RowShard, global_units, local_rows, local_tensor
-from .storage import StackedState, as_tensors
+from .storage import StackedState, as_tensors, stacked_view
 from .symmetry import Side
 
 __all__ = ["CHANNEL_ADAM", "CHANNEL_STATE", "BatchScalars", "TensorInputs", "NormInputs", "NeuronInputs",
@@ -211,6 +211,18 @@ def _stack(tensors: Sequence[Tensor], dtype: torch.dtype) -> Tensor:
     return stacked if stacked.dtype == dtype else stacked.to(dtype)
 
 
+def _stack_params(tensors: Sequence[Tensor], dtype: torch.dtype, traced: bool) -> Tensor:
+    """Parameters stacked: eager, where they lie one after another in one buffer in their compute
+    dtype (``stack_parameters=True``: :func:`~gaugeopt.optim.storage.move_into_stack`), a view of
+    it, through which the write updates them in place; else :func:`_stack`, a copy (a single member:
+    a view)."""
+    if not traced and len(tensors) > 1 and tensors[0].dtype == dtype:
+        view = stacked_view(tensors)
+        if view is not None:
+            return view
+    return _stack(tensors, dtype)
+
+
 def _along(vector: Tensor, axis: int, ndim: int) -> Tensor:
     """An ``(L, size)`` vector shaped to broadcast along member ``axis`` of an ``(L, ...)`` stack with
     ``ndim`` member dimensions."""
@@ -335,7 +347,8 @@ def read_frames(program: StepProgram, inputs: StepTensors, traced: bool = False)
         probes.check(stack)
         return stack
 
-    stacks = [[_stack(ts, batch.dtype) for ts in inputs.neurons[k].params] for k, batch in enumerate(program.neurons)]
+    stacks = [[_stack_params(ts, batch.dtype, traced) for ts in inputs.neurons[k].params]
+              for k, batch in enumerate(program.neurons)]
     role_gains = [[[_stack(gs, batch.dtype) for gs in role] for role in inputs.neurons[k].gains]
                   for k, batch in enumerate(program.neurons)]
     params: list[Tensor | None] = []
@@ -343,7 +356,7 @@ def read_frames(program: StepProgram, inputs: StepTensors, traced: bool = False)
         if batch.params_from is not None:
             params.append(stacks[batch.params_from.batch][batch.params_from.role])
         else:
-            params.append(_stack(tensors.params, batch.dtype) if batch.stacked else None)
+            params.append(_stack_params(tensors.params, batch.dtype, traced) if batch.stacked else None)
 
     # The mean rows of translated parameters (one round): centred roles, then centred batches.
     centred_roles = [(k, r) for k, batch in enumerate(program.neurons) for r, role in enumerate(batch.roles)
@@ -559,20 +572,25 @@ def _channel_tables(program: StepProgram, inputs: StepTensors, frames: Frames) -
     return tables
 
 
-def _finish(batch: TensorBatch, tensors: TensorInputs, old: Tensor, value: Tensor, mean: Tensor | None,
-            restore: Tensor | None) -> None:
-    """Add the held mean row back, restore ``restore`` (dead) entries from ``old``, and write."""
+def _finish(tensors: TensorInputs, old: Tensor, value: Tensor, mean: Tensor | None, restore: Tensor | None) -> None:
+    """Add the held mean row back, restore ``restore`` (dead) entries from ``old``, and write, unless
+    the new values were formed in ``old`` and ``old`` is a view of the parameters (then they are
+    written already, and each parameter is marked modified for autograd as a copy would have marked
+    it): a stack of parameters is a view exactly when it is their memory (a single member, or
+    :func:`_stack_params` of parameters held in one buffer), a new tensor otherwise."""
     if mean is not None:
         value = value.add_(mean)
     if restore is not None:
         value = torch.where(restore, old, value)
-    if not (value is old and batch.writes_in_place):
+    if not (value is old and old._is_view()):
         torch._foreach_copy_(tensors.params, list(value.unbind(0)))
+    elif len(tensors.params) > 1:
+        torch.autograd.graph.increment_version(tensors.params)
 
 
-def _old_values(batch: TensorBatch, tensors: TensorInputs, frames: Frames, b: int) -> Tensor:
+def _old_values(batch: TensorBatch, tensors: TensorInputs, frames: Frames, b: int, traced: bool) -> Tensor:
     """A stacked batch's parameters before the step (compute dtype)."""
-    return frames.params[b] if frames.params[b] is not None else _stack(tensors.params, batch.dtype)
+    return frames.params[b] if frames.params[b] is not None else _stack_params(tensors.params, batch.dtype, traced)
 
 
 def _fused(batch: TensorBatch, tensors: TensorInputs) -> bool:
@@ -690,7 +708,7 @@ def write(program: StepProgram, inputs: StepTensors, frames: Frames, masked: boo
             torch._foreach_mul_(tensors.params, decay if decay.dim() == 0 else _members(decay, members))
             torch._foreach_addcmul_(tensors.params, direction, _members(step, members), value=sign)
             continue
-        old = _old_values(batch, tensors, frames, b)
+        old = _old_values(batch, tensors, frames, b, traced)
         # a new tensor where the old values are needed again, or when traced (writing through a view
         # of an input is copied back whole there; the new values are copied into the parameters anyway)
         keep_old = (dead is not None and (batch.centered or batch.rebalance is not None)) or traced
@@ -706,7 +724,7 @@ def write(program: StepProgram, inputs: StepTensors, frames: Frames, masked: boo
         if batch.rebalance is not None:  # with the sums of squares after the lift, in the same pass
             held.append(_Held(b, value, mean, _role_square_sums(program, frames, batch.rebalance, value)))
         else:
-            _finish(batch, tensors, old, value, None, dead if keep_old else None)
+            _finish(tensors, old, value, None, dead if keep_old else None)
     return held, (pair_factors(program, frames, held, collectives) if held else {})
 
 
@@ -768,6 +786,6 @@ def rebalance(program: StepProgram, inputs: StepTensors, frames: Frames, held: l
             tensor_batch, tensors = program.tensors[h.batch], inputs.tensors[h.batch]
             factor = _on_axis(sides[role.side], role.axis, len(tensor_batch.shape), tensor_batch.shard)
             dead = functools.reduce(torch.logical_or, frames.dead[h.batch]) if masked and frames.dead[h.batch] else None
-            old = _old_values(tensor_batch, tensors, frames, h.batch)
+            old = _old_values(tensor_batch, tensors, frames, h.batch, traced)
             value = h.value * factor if traced else h.value.mul_(factor)
-            _finish(tensor_batch, tensors, old, value, h.mean, dead)
+            _finish(tensors, old, value, h.mean, dead)

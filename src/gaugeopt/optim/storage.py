@@ -5,6 +5,13 @@ the member's slice of that buffer (a view), so ``state_dict``, checkpoints and s
 ordinary per-parameter state, and nothing is stacked or copied back in a step. A buffer is made once
 per layout (from the members' entries: their values survive a new layout) and handed out again
 while every member's entry is still the view it was given.
+
+Parameters may be held the same way (the optimizers' ``stack_parameters=True``):
+:func:`move_into_stack` gives a batch's parameters one buffer, each parameter's ``.data`` its slice,
+and :func:`stacked_view` finds such members again at every step, so the step reads and writes them
+where they are instead of stacking a copy and copying the new values back. It is checked, not
+assumed: members that no longer lie one after another in one buffer (``model.to(...)`` moved them,
+a load replaced them) are stacked as copies.
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ from torch import Tensor
 from .guards import compute_dtype
 from .shards import local_tensor, shard_like
 
-__all__ = ["StackedState", "as_tensors"]
+__all__ = ["StackedState", "as_tensors", "move_into_stack", "stacked_view"]
 
 
 class StackedState:
@@ -130,3 +137,31 @@ def as_tensors(values: Any, dtype: torch.dtype, device: torch.device) -> Any:
         return table[span]
 
     return build(values, spans)
+
+
+def stacked_view(tensors: Sequence[Tensor]) -> Tensor | None:
+    """The members as one ``(L, *shape)`` tensor without a copy, a view of the memory they share, when
+    they lie one after another in it in order (each contiguous, of one shape and dtype); else None.
+    Writing the view writes the members."""
+    first = tensors[0]
+    if not first.is_contiguous():
+        return None
+    size, start, storage = first.numel(), first.storage_offset(), first.untyped_storage().data_ptr()
+    for i, t in enumerate(tensors[1:], 1):
+        if t.shape != first.shape or t.dtype != first.dtype or not t.is_contiguous() or \
+                t.storage_offset() != start + i * size or t.untyped_storage().data_ptr() != storage:
+            return None
+    strides = [1] * first.dim()
+    for axis in range(first.dim() - 2, -1, -1):
+        strides[axis] = strides[axis + 1] * first.shape[axis + 1]
+    return first.as_strided((len(tensors), *first.shape), (size, *strides), start)
+
+
+def move_into_stack(params: Sequence[Tensor]) -> Tensor:
+    """Give same-shape, same-dtype parameters one new ``(L, *shape)`` buffer holding their values, each
+    parameter's ``.data`` becoming its slice (the parameter objects, their gradients and hooks stay
+    as they are); returns the buffer. Afterwards :func:`stacked_view` of them is a view of it."""
+    buffer = torch.stack([p.detach() for p in params])
+    for p, row in zip(params, buffer.unbind(0)):
+        p.data = row
+    return buffer

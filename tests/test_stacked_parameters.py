@@ -1,0 +1,126 @@
+"""``stack_parameters=True``: the parameters a step computes on as a stack live in one buffer per batch.
+
+* The step is the same, bit for bit: parameters, optimizer state and the frozen-unit report equal
+  those of the default optimizer over several steps, with a dead unit (zero incoming side) and a zero
+  outgoing side in the model, for DDCAdam and DDCMuon; and the isolated pairs' members then lie one
+  after another in one buffer.
+* It is checked, not assumed: a member whose memory was replaced after the first step (``p.data =``)
+  is stacked as a copy again, and the steps still equal the default optimizer's.
+* A model whose parameters share buffers saves and loads as any other (``torch.save`` of its
+  ``state_dict``).
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+
+from gaugeopt.optim.storage import move_into_stack, stacked_view
+
+from test_step_edges import OPTIMIZERS, _lm, _train
+
+
+def _with_edges(model):
+    """Unit 0 of the first block's MLP with a zero incoming side (weights and bias), unit 1 of the
+    second block's with a zero outgoing side."""
+    model = copy.deepcopy(model)
+    with torch.no_grad():
+        model.blocks[0].ffn.up.weight[0].zero_()
+        model.blocks[0].ffn.up.bias[0].zero_()
+        model.blocks[1].ffn.down.weight[:, 1].zero_()
+    return model
+
+
+def _pair_sides(model):
+    return [[m.ffn.up.weight for m in model.blocks], [m.ffn.down.weight for m in model.blocks]]
+
+
+def _assert_same(a, b, opt_a, opt_b):
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        assert torch.equal(p, q), name
+    for p, q in zip(a.parameters(), b.parameters()):
+        for key, value in opt_a.state[p].items():
+            assert torch.equal(value, opt_b.state[q][key]), key
+
+
+@pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
+def test_parameters_held_in_one_buffer_step_exactly_as_copies_do(optimizer):
+    model, gauges, batches = _lm(layers=3)
+    model = _with_edges(model)
+    runs = []
+    for stacked in (False, True):
+        m = copy.deepcopy(model)
+        opt = OPTIMIZERS[optimizer](m, gauges.bind(m), stack_parameters=stacked)
+        with pytest.warns(RuntimeWarning, match="froze"):
+            _train(m, opt, batches, steps=5)
+        runs.append((m, opt))
+    (plain, plain_opt), (held, held_opt) = runs
+    _assert_same(plain, held, plain_opt, held_opt)
+    assert held_opt.frozen_report() == plain_opt.frozen_report() and held_opt.frozen_report()
+    assert all(stacked_view(side) is not None for side in _pair_sides(held))
+    assert all(stacked_view(side) is None for side in _pair_sides(plain))
+    assert not torch.equal(plain.blocks[1].ffn.up.weight, model.blocks[1].ffn.up.weight)
+
+
+def test_a_step_through_the_buffer_marks_every_member_modified_for_autograd():
+    """As a copy into each parameter would: a graph that saved a parameter before the step refuses
+    to run backward after it, whichever member it saved."""
+    model, gauges, batches = _lm(layers=3)
+    m = copy.deepcopy(model)
+    opt = OPTIMIZERS["DDCAdam"](m, gauges.bind(m), stack_parameters=True)
+    _train(m, opt, batches, steps=1)
+    saved = m.blocks[2].ffn.up.weight.square().sum()  # saves the last member of its buffer
+    _train(m, opt, batches, steps=1)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        saved.backward()
+
+
+@pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
+def test_a_member_moved_out_of_its_buffer_is_stacked_as_a_copy_again(optimizer):
+    model, gauges, batches = _lm(layers=3)
+    runs = []
+    for stacked in (False, True):
+        m = copy.deepcopy(model)
+        opt = OPTIMIZERS[optimizer](m, gauges.bind(m), stack_parameters=stacked)
+        _train(m, opt, batches, steps=2)
+        weight = m.blocks[1].ffn.up.weight
+        weight.data = weight.data.clone()  # the same values in memory of its own
+        _train(m, opt, batches, steps=3)
+        runs.append((m, opt))
+    (plain, plain_opt), (held, held_opt) = runs
+    assert stacked_view(_pair_sides(held)[0]) is None and stacked_view(_pair_sides(held)[1]) is not None
+    _assert_same(plain, held, plain_opt, held_opt)
+
+
+def test_a_model_with_stacked_parameters_saves_and_loads_as_any_other():
+    model, gauges, batches = _lm(layers=3)
+    m = copy.deepcopy(model)
+    opt = OPTIMIZERS["DDCAdam"](m, gauges.bind(m), stack_parameters=True)
+    _train(m, opt, batches, steps=2)
+    saved = io.BytesIO()
+    torch.save(m.state_dict(), saved)
+    saved.seek(0)
+    fresh = copy.deepcopy(model)
+    fresh.load_state_dict(torch.load(saved))
+    for p, q in zip(m.parameters(), fresh.parameters()):
+        assert torch.equal(p, q)
+    # loading into the stacked model writes through its views: the buffer stays whole
+    m.load_state_dict(model.state_dict())
+    assert stacked_view(_pair_sides(m)[0]) is not None
+    assert torch.equal(m.blocks[2].ffn.up.weight, model.blocks[2].ffn.up.weight)
+
+
+def test_stacked_view_is_a_view_only_of_members_laid_out_in_order():
+    params = [torch.nn.Parameter(torch.randn(3, 4)) for _ in range(3)]
+    assert stacked_view(params) is None
+    buffer = move_into_stack(params)
+    view = stacked_view(params)
+    assert view is not None and view.shape == (3, 3, 4) and torch.equal(view, buffer)
+    with torch.no_grad():
+        view[1].mul_(2)  # writes the member
+    assert torch.equal(params[1], buffer[1]) and params[1].data_ptr() == buffer[1].data_ptr()
+    assert stacked_view(params[::-1]) is None and stacked_view([params[0], params[2]]) is None
+    assert all(p.grad is None and p.requires_grad and isinstance(p, torch.nn.Parameter) for p in params)
