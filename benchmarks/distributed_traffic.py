@@ -31,7 +31,7 @@ from .report import write_between_markers
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "distributed.md"
 WIDTH = 128
-OPTIMIZERS = ("adamw", "torch_muon", "ddc_adam", "ddc_muon", "symmetry_compatible")
+OPTIMIZERS = ("adamw", "torch_muon", "ddc_adam", "ddc_muon", "ddc_muon_fp32", "symmetry_compatible")
 
 
 class _TorchMuon:
@@ -69,7 +69,8 @@ def _worker(out: Path, layers: list[int]) -> None:
 
     from .optimizer_steps import BATCH, SEQ, VOCAB, adamw, ddc_adam, ddc_muon, reference_config, symmetry_compatible
 
-    factories = {"adamw": adamw, "torch_muon": lambda model, gauges: _TorchMuon(model), "ddc_adam": ddc_adam, "ddc_muon": ddc_muon(None),
+    factories = {"adamw": adamw, "torch_muon": lambda model, gauges: _TorchMuon(model), "ddc_adam": ddc_adam, "ddc_muon": ddc_muon(),
+                 "ddc_muon_fp32": ddc_muon(None),
                  "symmetry_compatible": symmetry_compatible}
     torch.set_num_threads(1)
     dist.init_process_group("gloo", timeout=timedelta(seconds=300))
@@ -110,7 +111,8 @@ def _worker(out: Path, layers: list[int]) -> None:
     dist.destroy_process_group()
 
 
-NAMES = {"adamw": "AdamW (torch, sharded)", "torch_muon": "torch.optim.Muon + AdamW (torch, sharded)", "ddc_adam": "DDCAdam", "ddc_muon": "DDCMuon",
+NAMES = {"adamw": "AdamW (torch, sharded)", "torch_muon": "torch.optim.Muon + AdamW (torch, sharded)", "ddc_adam": "DDCAdam",
+         "ddc_muon": "DDCMuon (bfloat16 Newton-Schulz, the default)", "ddc_muon_fp32": "DDCMuon (ns_dtype=None: float32)",
          "symmetry_compatible": "SymmetryCompatible"}
 
 
