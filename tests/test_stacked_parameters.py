@@ -96,6 +96,29 @@ def test_a_member_moved_out_of_its_buffer_is_stacked_as_a_copy_again(optimizer):
     _assert_same(plain, held, plain_opt, held_opt)
 
 
+def test_parameters_that_are_views_of_memory_held_elsewhere_are_not_moved():
+    """A parameter whose memory is a slice of someone else's buffer (FSDP1's flat parameters, a
+    user's own) keeps it: moving it would detach it from that buffer. Its batch is stacked as a copy,
+    and the steps are the default optimizer's."""
+    model, gauges, batches = _lm(layers=3)
+    runs = []
+    for stacked in (False, True):
+        m = copy.deepcopy(model)
+        ups = _pair_sides(m)[0]
+        flat = torch.cat([p.detach().reshape(-1) for p in reversed(ups)])
+        offset = 0
+        for p in reversed(ups):  # the user's own flat buffer, the layers in reverse order
+            p.data = flat[offset:offset + p.numel()].view(p.shape)
+            offset += p.numel()
+        opt = OPTIMIZERS["DDCAdam"](m, gauges.bind(m), stack_parameters=stacked)
+        _train(m, opt, batches, steps=3)
+        assert all(p.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr() for p in ups)
+        runs.append((m, opt))
+    (plain, plain_opt), (held, held_opt) = runs
+    assert stacked_view(_pair_sides(held)[1]) is not None  # the down projections own theirs: moved
+    _assert_same(plain, held, plain_opt, held_opt)
+
+
 def test_a_model_with_stacked_parameters_saves_and_loads_as_any_other():
     model, gauges, batches = _lm(layers=3)
     m = copy.deepcopy(model)

@@ -40,7 +40,7 @@ from .program import StepLayout, build_program
 from .rules import Rule
 from .shards import LOCAL
 from .step import CHANNEL_STATE, step_inputs, with_state
-from .storage import StackedState, move_into_stack, stacked_view
+from .storage import StackedState, move_into_stack, owns_its_memory, stacked_view
 
 __all__ = ["FramedOptimizer", "FrozenUnits", "SplitRow"]
 
@@ -395,11 +395,14 @@ class FramedOptimizer(GuardedOptimizer):
 
 def _hold_stacked(layout: StepLayout) -> None:
     """Give the members of every batch the step computes on a stack one buffer
-    (:func:`~gaugeopt.optim.storage.move_into_stack`), unless they already lie in one."""
+    (:func:`~gaugeopt.optim.storage.move_into_stack`), unless they already lie in one. Only
+    parameters that own their memory whole are moved: one that is a view of memory someone else
+    holds (FSDP1's flat parameters, a user's own buffer) keeps it, and its batch is stacked as a copy."""
     for batch, members in zip(layout.program.tensors, layout.tensors):
         params = members.params
         if batch.stacked and batch.members > 1 and batch.dtype == batch.param_dtype and \
-                len({(tuple(p.shape), p.device) for p in params}) == 1 and stacked_view(params) is None:
+                len({(tuple(p.shape), p.device) for p in params}) == 1 and stacked_view(params) is None and \
+                all(owns_its_memory(p) for p in params):
             move_into_stack(params)
 
 

@@ -25,7 +25,7 @@ from torch import Tensor
 from .guards import compute_dtype
 from .shards import local_tensor, shard_like
 
-__all__ = ["StackedState", "as_tensors", "move_into_stack", "stacked_view"]
+__all__ = ["StackedState", "as_tensors", "move_into_stack", "owns_its_memory", "stacked_view"]
 
 
 class StackedState:
@@ -155,6 +155,11 @@ def stacked_view(tensors: Sequence[Tensor]) -> Tensor | None:
     for axis in range(first.dim() - 2, -1, -1):
         strides[axis] = strides[axis + 1] * first.shape[axis + 1]
     return first.as_strided((len(tensors), *first.shape), (size, *strides), start)
+
+
+def owns_its_memory(t: Tensor) -> bool:
+    """Whether ``t``'s storage is ``t`` itself: not a view into memory that something else holds too."""
+    return t.storage_offset() == 0 and t.untyped_storage().nbytes() == t.numel() * t.element_size()
 
 
 def move_into_stack(params: Sequence[Tensor]) -> Tensor:
