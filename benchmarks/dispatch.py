@@ -15,7 +15,9 @@ calls do not reach a mode again), so the counts are device-independent:
   ``aten._local_scalar_dense`` (``item()``, ``bool()``, ``float()``, ``int()`` of a tensor, a tensor
   in an ``if``), ``aten.equal`` (whose answer is a Python bool), operations whose result's size
   depends on values (``nonzero``, ``unique``, ``masked_select``), a copy from a device to the CPU,
-  and ``Tensor.tolist`` and ``Tensor.numpy``, which copy memory to the host without dispatching an
+  a blocking copy from the CPU to a device (a ``copy_`` or ``to`` without ``non_blocking``, and
+  ``torch.tensor(numbers, device=...)``: each waits for the device's queue before it copies), and
+  ``Tensor.tolist`` and ``Tensor.numpy``, which copy memory to the host without dispatching an
   operation. On an accelerator each read waits for the device to finish the work queued before it:
   a step that reads nothing back can be queued whole, or captured in a CUDA graph.
 
@@ -64,7 +66,8 @@ def _nbytes(t: torch.Tensor) -> int:
 
 class _HostCopies(TorchFunctionMode):
     """The tensor methods that copy a tensor's memory to the host without dispatching an operation
-    (a dispatch mode alone does not see them); what they dispatch inside is not counted again."""
+    (a dispatch mode alone does not see them; what they dispatch inside is not counted again), and
+    the factories that copy host data to a device, which wait for its queue."""
 
     METHODS = (torch.Tensor.tolist, torch.Tensor.numpy)
 
@@ -72,7 +75,15 @@ class _HostCopies(TorchFunctionMode):
         super().__init__()
         self.counter = counter
 
+    #: Factories that copy host data to the tensor's device, blocking when that is not the CPU.
+    FACTORIES = (torch.tensor, torch.as_tensor)
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in self.FACTORIES:
+            device = (kwargs or {}).get("device")
+            if device is not None and torch.device(device).type != "cpu" and not self.counter._inside_host_copy:
+                self.counter.reads[f"torch.{func.__name__} to {torch.device(device).type}, blocking"] += 1
+            return func(*args, **(kwargs or {}))
         if func not in self.METHODS:
             return func(*args, **(kwargs or {}))
         self.counter.reads[f"Tensor.{func.__name__}"] += 1
@@ -120,6 +131,11 @@ class DispatchCounter(TorchDispatchMode):
                 results = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
                 if any(s.device.type != "cpu" for s in sources) and any(r.device.type == "cpu" for r in results):
                     self.reads[f"{name} to cpu"] += 1
+                source = args[1] if name == "aten.copy_.default" else args[0]
+                blocking = not (kwargs.get("non_blocking") or (name == "aten.copy_.default" and len(args) > 2
+                                                                and args[2]))
+                if blocking and source.device.type == "cpu" and any(r.device.type != "cpu" for r in results):
+                    self.reads[f"{name} from cpu, blocking"] += 1
         if not func.is_view and name not in _NO_TRAFFIC:
             self.bytes[name] += self._traffic(func, name, args, kwargs, out)
         return out

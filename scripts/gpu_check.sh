@@ -19,6 +19,7 @@ check() {  # check NAME COMMAND...: run, log to $OUT/NAME.log, remember a failur
 }
 nvidia-smi >"$OUT/nvidia-smi.txt" 2>&1
 check conformance "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_optimizer_conformance.py -k cuda
+check host_syncs "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_host_reads.py -k cuda
 check discovery "$PYTHON" -m benchmarks.discovery --device cuda --llama 1b --widths 768 --depths 12 --out "$OUT/discovery"
 check step "$PYTHON" -m benchmarks.cuda --out "$OUT/cuda"
 exit $failed

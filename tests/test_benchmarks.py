@@ -57,6 +57,24 @@ def test_traffic_counts_what_each_operation_reads_and_writes():
     assert counter.reads == {"aten._local_scalar_dense.default": 2, "Tensor.tolist": 1} and counter.host_reads == 3
 
 
+def test_a_blocking_upload_counts_as_a_host_read_and_the_steps_scalars_are_not_one():
+    """A copy from the CPU to a device that is not ``non_blocking`` waits for the device's queue (the
+    meta device stands in for an accelerator); the step's table of numbers is uploaded without it."""
+    from gaugeopt.optim.step import BatchScalars
+    from gaugeopt.optim.storage import as_tensors
+
+    with DispatchCounter() as counter:
+        torch.ones(3).to("meta")
+        torch.ones(3).to("meta", non_blocking=True)
+        torch.empty(3, device="meta").copy_(torch.ones(3))
+        torch.tensor([1.0, 2.0], device="meta")
+    assert counter.reads == {"aten._to_copy.default from cpu, blocking": 1, "aten.copy_.default from cpu, blocking": 1,
+                             "torch.tensor to meta, blocking": 1}
+    with DispatchCounter() as counter:
+        scalars = as_tensors(BatchScalars(0.1, 0.99, (0.05, [1.0, 2.0])), torch.float32, torch.device("meta"))
+    assert counter.host_reads == 0 and scalars.lr.device.type == "meta" and scalars.rule[1].shape == (2,)
+
+
 def test_torchs_adamw_moves_its_known_bytes_per_parameter():
     """The fused kernel reads p, g, m, v and writes p, m, v (28 bytes per float32 entry); the foreach
     kernels make eight passes (80); the foreach step reads each parameter's step count on the host."""

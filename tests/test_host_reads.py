@@ -75,3 +75,30 @@ def test_an_eager_step_reads_at_most_one_value_from_the_device(name, kind):
             optimizer.step()
     assert reads.total <= 1, reads.counts
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_a_cuda_step_waits_for_the_device_at_most_once(name):
+    """What the count above stands for, on a GPU: with torch's sync debug mode on, a step (after the
+    first) makes at most one synchronising call, the read of its flags (no blocking upload of its
+    numbers either)."""
+    import warnings
+
+    template, gauges, tokens = _model("lm")
+    model = copy.deepcopy(template).cuda()
+    tokens = tokens.cuda()
+    optimizer = OPTIMIZERS[name](model, gauges.bind(model))
+    for step in range(3):
+        optimizer.zero_grad()
+        F.cross_entropy(model(tokens[:, :-1]).reshape(-1, VOCAB), tokens[:, 1:].reshape(-1)).backward()
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                optimizer.step()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    assert len(syncs) <= 1, [str(w.message) for w in syncs]

@@ -210,7 +210,7 @@ def muon_update(
     if not _partitions(head_index, split):
         raise ValueError(f"head blocks of sizes {[len(block) for block in head_index]} do not partition the "
                          f"{head_axis} axis of a {tuple(M.shape)} matrix into equal blocks")
-    index = torch.tensor(head_index, device=M.device)
+    index = torch.tensor(head_index).to(M.device, non_blocking=True)  # an upload that waits for nothing
     if head_axis == "row":
         blocks = M[..., index, :]  # (..., heads, head_dim, cols)
     else:

@@ -156,7 +156,7 @@ def shared_row_mean(values: Tensor, blocks: SharedAxis, rows: RowShard, collecti
     """:func:`~gaugeopt.optim.frames.group_mean` over the row axis (stacked axis 1) of a row shard:
     each block's sum over this rank's rows, the blocks that a shard boundary cuts summed over the
     ranks (one round, only those blocks' sums), divided by the block's size."""
-    groups = torch.tensor(blocks.groups, device=values.device)
+    groups = torch.tensor(blocks.groups).to(values.device, non_blocking=True)
     here = groups[rows.start:rows.stop]
     ids, local = torch.unique(here, return_inverse=True)
     sums = values.new_zeros(values.shape[0], len(ids), *values.shape[2:]).index_add_(1, local, values)

@@ -114,7 +114,9 @@ def _zeros(p: Tensor, key: str, shape: tuple[int, ...] | None = None) -> Tensor:
 def as_tensors(values: Any, dtype: torch.dtype, device: torch.device) -> Any:
     """Host numbers (a step's :class:`~gaugeopt.optim.step.BatchScalars`, a rule's
     :meth:`~gaugeopt.optim.rules.Rule.scalars`) as slices of one tensor: the same structure with
-    each number a 0-d tensor and each list a 1-d tensor; tuples and named tuples are kept as such."""
+    each number a 0-d tensor and each list a 1-d tensor; tuples and named tuples are kept as such.
+    On an accelerator the table is uploaded asynchronously: ``torch.tensor(numbers, device=...)``
+    would wait for every operation queued on the device before it (a synchronous copy)."""
     flat: list[float] = []
 
     def place(value: Any) -> Any:
@@ -128,7 +130,9 @@ def as_tensors(values: Any, dtype: torch.dtype, device: torch.device) -> Any:
         return start
 
     spans = place(values)
-    table = torch.tensor(flat, dtype=dtype, device=device)
+    table = torch.tensor(flat, dtype=dtype)
+    if torch.device(device).type != "cpu":
+        table = table.to(device, non_blocking=True)
 
     def build(value: Any, span: Any) -> Any:
         if isinstance(value, tuple):
