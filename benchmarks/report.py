@@ -208,7 +208,7 @@ def render(results: dict, plot_name: str) -> str:
                   "nothing), per parameter, on the reference LM at d_model "
                   f"{traffic['width']} x {traffic['layers']} layers ({traffic['parameters']:,} parameters, "
                   "float32). On a GPU an optimizer step is bound by this traffic; torch's fused AdamW moves 28 "
-                  "bytes per parameter. `stack_parameters=True` holds the isolated neuron pairs' parameters in "
+                  "bytes per parameter. `stack_parameters=True` holds the isolated neuron pairs' parameters (and DDCMuon's Muon matrices) in "
                   "one buffer per batch (docs/ddc.md).", "",
                   "| optimizer | bytes per parameter | operations | host reads |", "|---|---:|---:|---:|"]
         for name, row in traffic["optimizers"].items():

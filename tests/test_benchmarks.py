@@ -71,7 +71,7 @@ def test_a_blocking_upload_counts_as_a_host_read_and_the_steps_scalars_are_not_o
     assert counter.reads == {"aten._to_copy.default from cpu, blocking": 1, "aten.copy_.default from cpu, blocking": 1,
                              "torch.tensor to meta, blocking": 1}
     with DispatchCounter() as counter:
-        scalars = as_tensors(BatchScalars(0.1, 0.99, (0.05, [1.0, 2.0])), torch.float32, torch.device("meta"))
+        scalars = as_tensors(BatchScalars(0.1, 0.99, (0.05, [1.0, 2.0]), 0.2), torch.float32, torch.device("meta"))
     assert counter.host_reads == 0 and scalars.lr.device.type == "meta" and scalars.rule[1].shape == (2,)
 
 
@@ -120,12 +120,16 @@ def test_an_eager_ddc_adam_step_moves_at_most_1_2_times_adamws_bytes():
 def test_an_eager_ddc_muon_step_reads_its_muon_gradients_once_before_newton_schulz():
     """DDCMuon's Muon batches take their canonical gradients per member into the momentum and stack
     the nesterov input straight into bfloat16, so no float32 stack of gradients is written and read
-    again: at d_model 64 x 2 one step moves at most 1.35x the bytes of torch's Muon + AdamW (1.34x;
-    1.40x when the gradients were stacked in float32 first; issue 31's target, 1.2x, is not met: the
-    isolated pairs' frames and rebalance are the rest, docs/ddc_muon.md)."""
-    traffic = step_traffic({"torch": muon_with_adamw_torch, "DDCMuon": ddc_muon()}, width=64, layers=2)["optimizers"]
+    again, and the isolated pairs' stacked write reads the bfloat16 direction as it is: at d_model 64
+    x 2 one step moves at most 1.32x the bytes of torch's Muon + AdamW (1.31x; 1.40x before both;
+    1.22x with ``stack_parameters=True``; issue 31's target, 1.2x, is not met: the pairs' frames and
+    rebalance are most of the rest, docs/ddc_muon.md)."""
+    traffic = step_traffic({"torch": muon_with_adamw_torch, "DDCMuon": ddc_muon(),
+                            "held": ddc_muon(stack_parameters=True)}, width=64, layers=2)["optimizers"]
     counts = dispatched_ops(ddc_muon(), *model_with_gradients(64, n_layers=2)).counts
-    assert traffic["DDCMuon"]["bytes_per_parameter"] <= 1.35 * traffic["torch"]["bytes_per_parameter"]
+    torch_bytes = traffic["torch"]["bytes_per_parameter"]
+    assert traffic["DDCMuon"]["bytes_per_parameter"] <= 1.32 * torch_bytes
+    assert traffic["held"]["bytes_per_parameter"] <= 1.23 * torch_bytes
     assert counts["aten.stack.out"] >= 1 and counts["aten._foreach_lerp_.Scalar"] >= 1
 
 

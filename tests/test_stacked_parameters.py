@@ -19,9 +19,17 @@ import io
 import pytest
 import torch
 
+from gaugeopt import DDCMuon
 from gaugeopt.optim.storage import move_into_stack, stacked_view
 
-from test_step_edges import OPTIMIZERS, _lm, _train
+from test_step_edges import OPTIMIZERS as _EDGE_OPTIMIZERS
+from test_step_edges import _lm, _train
+
+#: DDCAdam, DDCMuon in float64 and DDCMuon at its bfloat16 default (its direction then reaches the
+#: write in bfloat16: read where it is from a held buffer, converted for a write member by member).
+OPTIMIZERS = {**_EDGE_OPTIMIZERS,
+              "DDCMuon bfloat16": lambda m, g, **kw: DDCMuon(m.parameters(), g, lr=0.02, weight_decay=0.1,
+                                                             adam_lr=1e-2, **kw)}
 
 
 def _with_edges(model):
@@ -63,6 +71,8 @@ def test_parameters_held_in_one_buffer_step_exactly_as_copies_do(optimizer):
     assert held_opt.frozen_report() == plain_opt.frozen_report() and held_opt.frozen_report()
     assert all(stacked_view(side) is not None for side in _pair_sides(held))
     assert all(stacked_view(side) is None for side in _pair_sides(plain))
+    buffers = {block.attn.q_proj.weight.untyped_storage().data_ptr() for block in held.blocks}
+    assert (len(buffers) == 1) == optimizer.startswith("DDCMuon")  # Muon's matrices are held too
     assert not torch.equal(plain.blocks[1].ffn.up.weight, model.blocks[1].ffn.up.weight)
 
 

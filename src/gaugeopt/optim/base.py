@@ -86,8 +86,9 @@ class FramedOptimizer(GuardedOptimizer):
         compiled: run the step's two phases compiled by ``torch.compile`` (the same functions as the
             eager step; equal up to rounding).
         stack_parameters: hold the parameters of each batch the step computes on a stack (isolated
-            neuron pairs, translated tensors) as slices of one buffer (:mod:`gaugeopt.optim.storage`),
-            so the eager step updates them in place instead of stacking a copy and copying back.
+            neuron pairs, translated tensors) or whose direction is a stack (Muon's) as slices of one
+            buffer (:mod:`gaugeopt.optim.storage`), so the eager step updates them in place, in
+            stacked operations, instead of stacking a copy and copying back.
     """
 
     #: Caches rebuilt on demand: the step's layout and stacked state, parameter ids (new in a copy).
@@ -394,13 +395,14 @@ class FramedOptimizer(GuardedOptimizer):
 
 
 def _hold_stacked(layout: StepLayout) -> None:
-    """Give the members of every batch the step computes on a stack one buffer
-    (:func:`~gaugeopt.optim.storage.move_into_stack`), unless they already lie in one. Only
+    """Give the members of every batch the step computes on a stack, or whose rule's direction is a
+    stack (Muon's), one buffer (:func:`~gaugeopt.optim.storage.move_into_stack`), unless they
+    already lie in one. Only
     parameters that own their memory whole are moved: one that is a view of memory someone else
     holds (FSDP1's flat parameters, a user's own buffer) keeps it, and its batch is stacked as a copy."""
     for batch, members in zip(layout.program.tensors, layout.tensors):
         params = members.params
-        if batch.stacked and batch.members > 1 and batch.dtype == batch.param_dtype and \
+        if (batch.stacked or batch.rule.matrix_products) and batch.members > 1 and batch.dtype == batch.param_dtype and \
                 len({(tuple(p.shape), p.device) for p in params}) == 1 and stacked_view(params) is None and \
                 all(owns_its_memory(p) for p in params):
             move_into_stack(params)

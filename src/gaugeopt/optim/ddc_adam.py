@@ -90,10 +90,10 @@ class DDCAdam(FramedOptimizer):
             step up to rounding; the first step compiles). Learning rates, betas and weight decay
             are graph inputs: schedulers do not recompile.
         stack_parameters: hold the parameters the step computes on as a stack (each isolated neuron
-            pair's two sides, translated tensors such as a logit-shift head) as slices of one buffer
-            per batch, their ``.data`` re-pointed at the first step, so the eager step updates them
-            in place instead of stacking a copy and copying the new values back (docs/ddc.md: what
-            that changes for saving them).
+            pair's two sides, translated tensors such as a logit-shift head; DDCMuon: also Muon's
+            matrices) as slices of one buffer per batch, their ``.data`` re-pointed at the first
+            step, so the eager step updates them in place instead of stacking a copy and copying
+            the new values back (docs/ddc.md: what that changes for saving them).
 
     Settings are checked at construction, on every step and on ``load_state_dict`` (``ValueError``
     naming the field); float16/bfloat16 parameters keep float32 state and are updated in float32;

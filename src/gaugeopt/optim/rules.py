@@ -23,7 +23,8 @@ block, :class:`Muon` commutes with it (Newton-Schulz is equivariant under orthog
   the residual symmetry (the identity without one).
 * :class:`Muon`: ``B <- mu B + (1 - mu) G~``, ``U = (1 - mu) G~ + mu B`` (nesterov) or ``B``,
   ``D = s NS(U)`` (:func:`~gaugeopt.optim.layerwise.muon_update`: Newton-Schulz per matrix or per
-  head block, times the shape factor ``s``).
+  head block, times the shape factor ``s``, which the step applies with the learning rate:
+  :meth:`Rule.rate_factor`).
 * :class:`MomentumMap`: ``B <- beta B + (1 - beta) G~``, ``D = Phi(B)`` (or of the nesterov mix) for a
   symmetry-compatible map ``Phi`` of :data:`gaugeopt.optim.layerwise.MAPS`.
 """
@@ -39,7 +40,7 @@ from typing import Any, NamedTuple, Protocol
 import torch
 from torch import Tensor
 
-from .layerwise import apply_map, get_map, muon_update
+from .layerwise import apply_map, get_map, muon_lr_scale, muon_update
 from .matrix_functions import MUON_NS_COEFFICIENTS, Quintic
 from .shards import LOCAL, Collectives, RowShard
 from .symmetry import Residual, SharedAxis, blocked, group_mean
@@ -68,10 +69,15 @@ class Rule(Protocol):
     #: products run in) instead of a stack in the step's compute dtype.
     member_gradients: bool
 
+    def rate_factor(self, shape: tuple[int, ...], residual: Residual) -> float:
+        """The factor the step applies to :meth:`direction` with the learning rate, for members of
+        ``shape`` (as the rule sees them): Muon's shape factor, 1 for the others."""
+
     def direction(self, grad: Tensor | list[Tensor], state: Mapping[str, Tensor], scalars: Sequence[Any],
                   residual: Residual, collectives: Collectives = LOCAL) -> Tensor:
         """Advance ``state`` (stacked, in place) on the canonical gradients ``grad`` and return the
-        canonical direction, a new stack shaped like ``grad``. ``grad`` is the step's own stack, which
+        canonical direction, a new stack shaped like ``grad``, in the state's compute dtype or a
+        narrower one (:class:`Muon`'s iteration dtype). ``grad`` is the step's own stack, which
         the rule may overwrite, and ``scalars`` is :meth:`scalars` with every number a 0-d tensor and
         every list a 1-d one; or, for a rule with :attr:`member_gradients`, the members' list, which
         the rule only reads, and ``scalars`` is :meth:`scalars` itself (host numbers). On a row shard
@@ -197,6 +203,9 @@ class Adam:
     matrix_products: bool = False
     member_gradients: bool = False  # eager, the fused kernel takes the members (gaugeopt.optim.step)
 
+    def rate_factor(self, shape: tuple[int, ...], residual: Residual) -> float:
+        return 1.0
+
     def scalars(self, group: Mapping[str, Any], steps: Sequence[int]) -> AdamScalars:
         beta1, beta2 = (float(b) for b in group[self.betas_key])
         return adam_scalars(beta1, beta2, float(group[self.eps_key]), steps)
@@ -266,29 +275,48 @@ class Muon:
         momentum = group[self.momentum_key]
         return _momentum_scalars(float(momentum[0] if isinstance(momentum, (tuple, list)) else momentum))
 
+    def rate_factor(self, shape: tuple[int, ...], residual: Residual) -> float:
+        """The shape factor ``s`` of the members' matrices (or head blocks, with ``block_scale``),
+        which the step applies with the learning rate; on a row shard 1: there :meth:`direction`
+        applies it to the whole matrices itself."""
+        if residual.rows is not None:
+            return 1.0
+        rows, cols = (shape[0], math.prod(shape[1:])) if self.flatten and len(shape) > 2 else tuple(shape[-2:])
+        if self.block_scale and self.head_blocks == "frame" and residual.heads is not None:
+            on_rows, count = residual.heads[0] == 0, len(residual.heads[1])
+        elif self.block_scale and isinstance(self.head_blocks, int):
+            on_rows, count = self.head_axis == "row", self.head_blocks
+        else:
+            on_rows, count = True, 1
+        return muon_lr_scale((rows // count, cols) if on_rows else (rows, cols // count), self.adjust_lr)
+
     def direction(self, grad: Tensor | list[Tensor], state: Mapping[str, Tensor], scalars: Sequence[Any],
                   residual: Residual, collectives: Collectives = LOCAL) -> Tensor:
-        """The momentum is elementwise (this rank's rows on a shard); Newton-Schulz needs whole
-        matrices (``collectives.whole``: each gathered to one rank). Given the members' list, the
-        nesterov input is stacked straight into the Newton-Schulz dtype."""
+        """``NS(U)`` in the iteration dtype, the shape factor left to the step (:meth:`rate_factor`),
+        so nothing converts or scales the result before the step reads it. The momentum is
+        elementwise (this rank's rows on a shard); Newton-Schulz needs whole matrices
+        (``collectives.whole``: each gathered to one rank; there the result is scaled and in the
+        compute dtype, as each rank reads its rows back). Given the members' list, the nesterov input
+        is stacked straight into the iteration dtype."""
         buffer = state["momentum_buffer"]
         update = _momentum_input(grad, buffer, scalars, self.nesterov, self.ns_dtype)
         scratch, shape = update is not buffer, update.shape
-        if self.flatten and update.dim() > 3:  # (L, rows, *rest): each member as its (rows, prod(rest)) matrix
-            matrices = update.reshape(shape[0], shape[1], -1)
-            return collectives.whole(matrices, residual.rows, lambda whole: self.direction_of_matrices(
-                whole, residual, buffer.dtype, scratch), buffer.dtype).reshape(shape)
-        return collectives.whole(update, residual.rows, lambda whole: self.direction_of_matrices(
-            whole, residual, buffer.dtype, scratch), buffer.dtype)
+        sharded = residual.rows is not None
+        out_dtype = buffer.dtype if sharded else (self.ns_dtype or buffer.dtype)
+        flat = self.flatten and update.dim() > 3  # (L, rows, *rest): each member as its (rows, prod(rest)) matrix
+        matrices = update.reshape(shape[0], shape[1], -1) if flat else update
+        direction = collectives.whole(matrices, residual.rows, lambda whole: self.direction_of_matrices(
+            whole, residual, out_dtype, scratch, scaled=sharded), out_dtype)
+        return direction.reshape(shape) if flat else direction
 
     def direction_of_matrices(self, update: Tensor, residual: Residual, out_dtype: torch.dtype | None = None,
-                              overwrite: bool = False) -> Tensor:
-        """``s NS(update)`` per matrix (or per head block) of a stack ``(..., rows, cols)``, in
-        ``out_dtype`` (``None``: ``update``'s); ``overwrite``: ``update`` is scratch the iteration may
-        start in."""
+                              overwrite: bool = False, scaled: bool = True) -> Tensor:
+        """``s NS(update)`` (``NS(update)`` unless ``scaled``) per matrix (or per head block) of a
+        stack ``(..., rows, cols)``, in ``out_dtype`` (``None``: ``update``'s); ``overwrite``:
+        ``update`` is scratch the iteration may start in."""
         options = dict(ns_steps=self.ns_steps, ns_eps=self.ns_eps, ns_coefficients=self.ns_coefficients,
-                       adjust_lr=self.adjust_lr, dtype=self.ns_dtype, block_scale=self.block_scale,
-                       out_dtype=out_dtype, overwrite=overwrite)
+                       adjust_lr=self.adjust_lr if scaled else "none", dtype=self.ns_dtype,
+                       block_scale=self.block_scale, out_dtype=out_dtype, overwrite=overwrite)
         if self.head_blocks == "frame" and residual.heads is not None:
             axis, index = residual.heads
             return muon_update(update, head_axis="row" if axis == 0 else "col", head_index=index, **options)
@@ -309,6 +337,9 @@ class MomentumMap:
     momentum_key: str = "beta"
     state_keys: tuple[str, ...] = ("momentum_buffer",)
     member_gradients: bool = False
+
+    def rate_factor(self, shape: tuple[int, ...], residual: Residual) -> float:
+        return 1.0  # a map's own scale is part of its value
 
     @property
     def matrix_products(self) -> bool:

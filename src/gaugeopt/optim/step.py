@@ -73,12 +73,14 @@ CHANNEL_STATE = ("step", "scale_exp_avg", "scale_exp_avg_sq")
 
 class BatchScalars(NamedTuple):
     """A batch's numbers for this step, as tensors in its compute dtype: the learning rate, the decay
-    factor ``1 - lr wd`` (norm batches: unused, 1) and the rule's scalars (:meth:`Rule.scalars`; also
-    kept as host numbers in :attr:`TensorInputs.numbers` for a rule given its members' gradients)."""
+    factor ``1 - lr wd`` (norm batches: unused, 1), the rule's scalars (:meth:`Rule.scalars`; also
+    kept as host numbers in :attr:`TensorInputs.numbers` for a rule given its members' gradients) and
+    the rate of the lifted direction, ``lr`` times the rule's :meth:`~gaugeopt.optim.rules.Rule.rate_factor`."""
 
     lr: Tensor
     decay: Tensor
     rule: Sequence[Tensor]
+    rate: Tensor
 
 
 class TensorInputs(NamedTuple):
@@ -186,7 +188,8 @@ def with_state(layout: StepLayout, inputs: StepTensors, groups: Sequence[Mapping
         group = groups[members.group]
         lr = float(group["lr"])
         numbers = batch.rule.scalars(group, steps)
-        scalars = as_tensors(BatchScalars(lr, 1 - lr * float(group["weight_decay"]), numbers), batch.dtype,
+        rate = lr * batch.rule.rate_factor(batch.rule_shape or batch.shape, batch.residual)
+        scalars = as_tensors(BatchScalars(lr, 1 - lr * float(group["weight_decay"]), numbers, rate), batch.dtype,
                              t.params[0].device)
         tensors.append(t._replace(state=buffers, scalars=scalars, group=group, numbers=numbers))
     norms = []
@@ -194,7 +197,8 @@ def with_state(layout: StepLayout, inputs: StepTensors, groups: Sequence[Mapping
         buffers = stacked.buffers(state, ("norm", n), members.gains, CHANNEL_STATE)
         group = groups[members.group]
         steps = stacked.advance(("norm", n))
-        scalars = as_tensors(BatchScalars(float(group["lr"]), 1.0, CHANNEL_ADAM.scalars(group, steps)), batch.dtype,
+        lr = float(group["lr"])
+        scalars = as_tensors(BatchScalars(lr, 1.0, CHANNEL_ADAM.scalars(group, steps), lr), batch.dtype,
                              t.gains[0].device)
         norms.append(t._replace(state=buffers, scalars=scalars))
     return inputs._replace(tensors=tensors, norms=norms)
@@ -500,7 +504,8 @@ def lift(direction: Tensor | list[Tensor], factors: Sequence[Tensor], lr: Tensor
     Factors that act on the same axes (a gain's ``gamma`` and the channel factor ``e`` of its
     columns: each broadcasts to the other's shape) are first multiplied together, vectors with
     vectors, so that ``D`` is multiplied once per scaled axis, not once per factor (``j <= k``).
-    ``direction`` is overwritten."""
+    ``direction`` is overwritten; one in a narrower dtype than the factors (Muon's bfloat16) is
+    multiplied into a new tensor of theirs, the product taken in their dtype."""
     merged: list[Tensor] = []
     for factor in factors:
         for i, other in enumerate(merged):
@@ -511,7 +516,9 @@ def lift(direction: Tensor | list[Tensor], factors: Sequence[Tensor], lr: Tensor
             merged.append(factor)
     factors = merged
     for factor in factors[:-1]:
-        if isinstance(direction, Tensor):
+        if isinstance(direction, Tensor) and direction.dtype != factor.dtype:
+            direction = torch.mul(direction, factor if factor.dim() else factor.reshape(1))  # promotes
+        elif isinstance(direction, Tensor):
             direction = direction.mul_(factor)
         else:
             torch._foreach_mul_(direction, _members(factor, len(direction)))
@@ -698,13 +705,21 @@ def write(program: StepProgram, inputs: StepTensors, frames: Frames, masked: boo
             if batch.rule_shape is not None:
                 direction = direction.reshape(members, *batch.shape)
             if batch.centered:  # the horizontal part of the direction (one reduction round on shards)
+                direction = direction.to(batch.dtype)
                 (mean,) = collectives.sum([_row_mean_part(direction, batch.shard)])
                 direction = direction.sub_(mean)
             sign = -1
-        direction, step = lift(direction, factors, lr)
-        if isinstance(direction, Tensor):
-            direction = list(direction.unbind(0))
-        if not batch.stacked:
+        direction, step = lift(direction, factors, tensors.scalars.rate)
+        held_view = stacked_view(tensors.params) if not (traced or batch.stacked) and members > 1 and \
+            isinstance(direction, Tensor) else None
+        if held_view is not None:  # parameters held in one buffer: two operations, the direction read as it is
+            held_view.mul_(decay)
+            held_view.addcmul_(direction, step, value=sign)
+            torch.autograd.graph.increment_version(tensors.params)
+            continue
+        if not batch.stacked:  # written member by member: foreach kernels take one dtype
+            if isinstance(direction, Tensor):
+                direction = list(direction.to(batch.dtype).unbind(0))
             torch._foreach_mul_(tensors.params, decay if decay.dim() == 0 else _members(decay, members))
             torch._foreach_addcmul_(tensors.params, direction, _members(step, members), value=sign)
             continue
@@ -720,7 +735,10 @@ def write(program: StepProgram, inputs: StepTensors, frames: Frames, masked: boo
             value = (old - mean).mul_(decay)
         else:
             value = old * decay if keep_old else old.mul_(decay)
-        torch._foreach_addcmul_(list(value.unbind(0)), direction, _members(step, members), value=sign)
+        if isinstance(direction, Tensor):  # one operation, which reads a narrower direction where it is
+            value.addcmul_(direction, step, value=sign)
+        else:
+            torch._foreach_addcmul_(list(value.unbind(0)), direction, _members(step, members), value=sign)
         if batch.rebalance is not None:  # with the sums of squares after the lift, in the same pass
             held.append(_Held(b, value, mean, _role_square_sums(program, frames, batch.rebalance, value)))
         else:
