@@ -532,12 +532,14 @@ def lift(direction: Tensor | list[Tensor], factors: Sequence[Tensor], lr: Tensor
 
 class _Held(NamedTuple):
     """An isolated pair's batch waiting for its side's factor: the new values (horizontal part), mean
-    row and per-unit sums of squares (this rank's part on a shard)."""
+    row and per-unit sums of squares (this rank's part on a shard), both of ``value / pending``
+    where the decay was left to the rebalance (:func:`write`; ``pending`` is then the decay)."""
 
     batch: int
     value: Tensor
     mean: Tensor | None
     after: Tensor
+    pending: Tensor | None = None
 
 
 class _ChannelTable(NamedTuple):
@@ -728,7 +730,15 @@ def write(program: StepProgram, inputs: StepTensors, frames: Frames, masked: boo
         # of an input is copied back whole there; the new values are copied into the parameters anyway)
         keep_old = (dead is not None and (batch.centered or batch.rebalance is not None)) or traced
         mean = frames.means[b]
-        if mean is not None and batch.rebalance is None:
+        # A rebalanced pair's decay is one number (no dead entry, no channel factor) that the pair
+        # factor can carry: p' = f (decay p + step D) is formed as (f decay)(p + (step / decay) D),
+        # one pass over the values fewer (decay > 0: lr wd < 1, read from the group on the host; eager
+        # only: traced, inductor fuses the decay into the update's loop anyway).
+        pending = decay if not traced and batch.rebalance is not None and mean is None and dead is None and \
+            decay.dim() == 0 and float(tensors.group["lr"]) * float(tensors.group["weight_decay"]) < 1 else None
+        if pending is not None:
+            step, value = step / pending, old
+        elif mean is not None and batch.rebalance is None:
             # old - (1 - decay)(old - mean) - lr D gamma: the mean row held, and exactly old at lr 0
             value = torch.addcmul(old, old - mean, 1 - decay, value=-1)
         elif mean is not None:  # a pair's centred role: its horizontal part, which the pair factor scales
@@ -740,7 +750,7 @@ def write(program: StepProgram, inputs: StepTensors, frames: Frames, masked: boo
         else:
             torch._foreach_addcmul_(list(value.unbind(0)), direction, _members(step, members), value=sign)
         if batch.rebalance is not None:  # with the sums of squares after the lift, in the same pass
-            held.append(_Held(b, value, mean, _role_square_sums(program, frames, batch.rebalance, value)))
+            held.append(_Held(b, value, mean, _role_square_sums(program, frames, batch.rebalance, value), pending))
         else:
             _finish(tensors, old, value, None, dead if keep_old else None)
     return held, (pair_factors(program, frames, held, collectives) if held else {})
@@ -776,7 +786,7 @@ def pair_factors(program: StepProgram, frames: Frames, held: list[_Held], collec
     Frozen units get 1. On shards the sums of squares are one reduction round."""
     by_role = {program.tensors[h.batch].rebalance: h for h in held}
     rebalanced = [n for n, batch in enumerate(program.neurons) if batch.rebalance]
-    totals = iter(collectives.sum([by_role[PairRole(n, r)].after for n in rebalanced
+    totals = iter(collectives.sum([_unpended(by_role[PairRole(n, r)]) for n in rebalanced
                                    for r in range(len(program.neurons[n].roles))]))
     out: dict[int, dict[Side, Tensor]] = {}
     for n in rebalanced:
@@ -793,6 +803,11 @@ def pair_factors(program: StepProgram, frames: Frames, held: list[_Held], collec
     return out
 
 
+def _unpended(held: _Held) -> Tensor:
+    """The held values' sums of squares, with their pending decay (:class:`_Held`)."""
+    return held.after if held.pending is None else held.after * held.pending.square()
+
+
 def rebalance(program: StepProgram, inputs: StepTensors, frames: Frames, held: list[_Held],
               factors_by_batch: dict[int, dict[Side, Tensor]], masked: bool, traced: bool = False) -> None:
     """Write the isolated pairs' held values, each unit put back on its section by its factors
@@ -802,7 +817,8 @@ def rebalance(program: StepProgram, inputs: StepTensors, frames: Frames, held: l
         for r, role in enumerate(program.neurons[n].roles):
             h = by_role[PairRole(n, r)]
             tensor_batch, tensors = program.tensors[h.batch], inputs.tensors[h.batch]
-            factor = _on_axis(sides[role.side], role.axis, len(tensor_batch.shape), tensor_batch.shard)
+            side = sides[role.side] if h.pending is None else sides[role.side] * h.pending
+            factor = _on_axis(side, role.axis, len(tensor_batch.shape), tensor_batch.shard)
             dead = functools.reduce(torch.logical_or, frames.dead[h.batch]) if masked and frames.dead[h.batch] else None
             old = _old_values(tensor_batch, tensors, frames, h.batch, traced)
             value = h.value * factor if traced else h.value.mul_(factor)
