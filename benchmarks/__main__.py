@@ -41,12 +41,12 @@ FULL = dict(quick=False, widths=(128, 256, 512), warmup=2, rounds=15, layerwise_
             muon_widths=(128, 256, 512), muon_rounds=5,
             scaling_widths=(64, 96, 128, 192, 256, 384, 512, 768), scaling_rounds=7,
             llc_cells=((3, 2), (5, 3)), llc_draws=1000, dds_repeats=20, dispatch_width=64, dispatch_depths=(2, 8),
-            traffic_width=256, traffic_layers=4)
+            traffic_width=256, traffic_layers=4, traffic_vocab=8192)
 QUICK = dict(quick=True, widths=(64, 128), warmup=1, rounds=5, layerwise_rounds=3,
              muon_widths=(64, 128), muon_rounds=2,
              scaling_widths=(64, 96, 128), scaling_rounds=3,
              llc_cells=((3, 2),), llc_draws=100, dds_repeats=5, dispatch_width=32, dispatch_depths=(2, 8),
-             traffic_width=32, traffic_layers=2)
+             traffic_width=32, traffic_layers=2, traffic_vocab=2048)
 PLOT = "benchmarks_step_time.png"
 
 
@@ -108,10 +108,13 @@ def main(argv: list[str] | None = None) -> int:
         "AdamW (foreach)": adamw, "DDCAdam": ddc_adam, "DDCMuon": ddc_muon(), MUON: muon_with_adamw_torch},
         width=cfg["dispatch_width"], depths=cfg["dispatch_depths"]))
     _log("memory traffic per step")
-    traffic = _section(lambda: dispatch.step_traffic({
+    traffic_factories = {
         "AdamW (fused)": adamw_fused, "AdamW (foreach)": adamw, "DDCAdam": ddc_adam, STACKED: ddc_adam_stacked,
-        MUON: muon_with_adamw_torch, "DDCMuon": ddc_muon(), STACKED_MUON: ddc_muon(stack_parameters=True)},
-        width=cfg["traffic_width"], layers=cfg["traffic_layers"]))
+        MUON: muon_with_adamw_torch, "DDCMuon": ddc_muon(), STACKED_MUON: ddc_muon(stack_parameters=True)}
+    traffic = _section(lambda: dispatch.step_traffic(traffic_factories, width=cfg["traffic_width"],
+                                                     layers=cfg["traffic_layers"]))
+    traffic_vocab = _section(lambda: dispatch.step_traffic(traffic_factories, width=cfg["traffic_width"],
+                                                           layers=cfg["traffic_layers"], vocab=cfg["traffic_vocab"]))
     _log("DDCAdam vs AdamW")
     adam = _section(lambda: rows(cfg["widths"], {"AdamW (foreach)": adamw, "DDCAdam": ddc_adam, STACKED: ddc_adam_stacked,
                                                  "DDCAdam compiled": ddc_adam_compiled}, cfg["rounds"]))
@@ -169,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     config = {**cfg, "vocab": optimizer_steps.VOCAB, "n_layers": optimizer_steps.reference_config(64).n_layers}
     results = {"environment": environment, "config": config, "summary": summary, "dispatch": ops, "traffic": traffic,
-               "adam": adam, "muon": muon,
+               "traffic_vocab": traffic_vocab, "adam": adam, "muon": muon,
                "muon_fp32": fp32, "layerwise": layer, "scaling": scaling, "dds_vs_llc": dds}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "benchmarks.json").write_text(json.dumps(results, indent=1))

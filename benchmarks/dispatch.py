@@ -209,17 +209,19 @@ def dispatched_ops(make: Callable[[nn.Module, GaugeSet], object], model: nn.Modu
     return counter
 
 
-def step_traffic(factories: dict[str, Callable], *, width: int, layers: int) -> dict:
+def step_traffic(factories: dict[str, Callable], *, width: int, layers: int, vocab: int | None = None) -> dict:
     """``{name: {"ops", "bytes_per_parameter", "host_reads", "top_bytes"}}`` of one step of each
-    optimizer on the reference LM at ``width`` x ``layers`` (float32)."""
-    model, gauges = model_with_gradients(width, n_layers=layers)
+    optimizer on the reference LM at ``width`` x ``layers`` (float32; ``vocab``: its vocabulary, if
+    not the reference's)."""
+    model, gauges = model_with_gradients(width, n_layers=layers, **({} if vocab is None else {"vocab": vocab}))
     n = sum(p.numel() for p in model.parameters())
     out = {}
     for name, make in factories.items():
         c = dispatched_ops(make, model, gauges)
         out[name] = {"ops": c.total, "bytes_per_parameter": c.total_bytes / n, "host_reads": c.host_reads,
                      "top_bytes": [[op, b / n, c.counts[op]] for op, b in c.bytes.most_common()]}
-    return {"width": width, "layers": layers, "parameters": n, "optimizers": out}
+    vocab = model.embed.weight.shape[0]
+    return {"width": width, "layers": layers, "vocab": vocab, "parameters": n, "optimizers": out}
 
 
 def count_at_depths(factories: dict[str, Callable], *, width: int, depths: tuple[int, ...]) -> dict:

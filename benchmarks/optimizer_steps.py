@@ -33,19 +33,19 @@ LR, ADAM_LR, WEIGHT_DECAY = 0.02, 1e-3, 0.1
 OptimizerFactory = Callable[[nn.Module, GaugeSet], object]
 
 
-def reference_config(width: int, n_layers: int = 2) -> TransformerLMConfig:
+def reference_config(width: int, n_layers: int = 2, vocab: int = VOCAB) -> TransformerLMConfig:
     """The reference LM at ``d_model = width``: heads of 32 dims, ``d_ff = 4 width``, RoPE, RMSNorm,
-    SwiGLU (the defaults of :class:`TransformerLMConfig`)."""
-    return TransformerLMConfig(vocab_size=VOCAB, d_model=width, n_layers=n_layers, n_heads=max(1, width // 32),
+    SwiGLU (the defaults of :class:`TransformerLMConfig`), a vocabulary of ``vocab`` tokens."""
+    return TransformerLMConfig(vocab_size=vocab, d_model=width, n_layers=n_layers, n_heads=max(1, width // 32),
                                d_ff=4 * width, max_seq_len=SEQ)
 
 
-def model_with_gradients(width: int, seed: int = 0, device: str | torch.device = "cpu", n_layers: int = 2
-                         ) -> tuple[nn.Module, GaugeSet]:
+def model_with_gradients(width: int, seed: int = 0, device: str | torch.device = "cpu", n_layers: int = 2,
+                         vocab: int = VOCAB) -> tuple[nn.Module, GaugeSet]:
     """The reference LM (float32, on ``device``) with the gradients of one next-token loss, and its gauges."""
     torch.manual_seed(seed)
-    model = TransformerLM(reference_config(width, n_layers=n_layers))
-    tokens = torch.randint(0, VOCAB, (BATCH, SEQ + 1), generator=torch.Generator().manual_seed(seed))
+    model = TransformerLM(reference_config(width, n_layers=n_layers, vocab=vocab))
+    tokens = torch.randint(0, vocab, (BATCH, SEQ + 1), generator=torch.Generator().manual_seed(seed))
     gauges = gaugeopt.find_gauges(model, tokens[:1, :16], output="logits")
     model.to(device)  # in place: the gauges stay bound to it
     tokens = tokens.to(device)

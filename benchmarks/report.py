@@ -202,17 +202,26 @@ def render(results: dict, plot_name: str) -> str:
     lines += ["", f"{_load(ops)}.", ""]
 
     if traffic:
+        large = results.get("traffic_vocab")
         lines += ["## Memory traffic per step", "",
                   "What one eager step's operations read and write (the same `TorchDispatchMode`, "
                   "`benchmarks/dispatch.py`: each operation's tensor arguments and results, views moving "
                   "nothing), per parameter, on the reference LM at d_model "
                   f"{traffic['width']} x {traffic['layers']} layers ({traffic['parameters']:,} parameters, "
-                  "float32). On a GPU an optimizer step is bound by this traffic; torch's fused AdamW moves 28 "
-                  "bytes per parameter. `stack_parameters=True` holds the isolated neuron pairs' parameters (and DDCMuon's Muon matrices) in "
-                  "one buffer per batch (docs/ddc.md).", "",
-                  "| optimizer | bytes per parameter | operations | host reads |", "|---|---:|---:|---:|"]
+                  f"float32, its vocabulary of {traffic.get('vocab', cfg['vocab'])} tokens)"
+                  + (f" and with a vocabulary of {large['vocab']:,} ({large['parameters']:,} parameters, of which "
+                     f"the embedding and the LM head, which a logit shift translates, are "
+                     f"{2 * large['vocab'] * large['width'] / large['parameters']:.0%}; in GPT-2 small with an untied head 48 %)"
+                     if large else "")
+                  + ". On a GPU an optimizer step is bound by this traffic; torch's fused AdamW moves 28 bytes per "
+                  "parameter. `stack_parameters=True` holds the isolated neuron pairs' parameters (and DDCMuon's "
+                  "Muon matrices) in one buffer per batch (docs/ddc.md).", "",
+                  "| optimizer | bytes per parameter | operations | host reads |"
+                  + (f" bytes per parameter, vocabulary {large['vocab']:,} |" if large else ""),
+                  "|---|---:|---:|---:|" + ("---:|" if large else "")]
         for name, row in traffic["optimizers"].items():
-            lines.append(f"| {name} | {row['bytes_per_parameter']:.1f} | {row['ops']} | {row['host_reads']} |")
+            lines.append(f"| {name} | {row['bytes_per_parameter']:.1f} | {row['ops']} | {row['host_reads']} |"
+                         + (f" {large['optimizers'][name]['bytes_per_parameter']:.1f} |" if large else ""))
         lines += ["", f"{_load(traffic)}.", ""]
 
     adam = results["adam"]

@@ -603,11 +603,20 @@ def _old_values(batch: TensorBatch, tensors: TensorInputs, frames: Frames, b: in
 
 
 def _fused(batch: TensorBatch, tensors: TensorInputs) -> bool:
-    """Whether an eager step takes the batch's Adam moments in torch's fused kernel: elementwise
-    Adam (no block-shared second moments), no translation, parameters in their compute dtype, and
-    parameters and gradients laid out like the state (contiguous: the kernel walks their memory)."""
+    """Whether an eager step takes the batch's Adam moments in torch's fused kernel, on its members'
+    canonical gradients: elementwise Adam (no block-shared second moments), no translation (a
+    translated batch's canonical gradients are a stack: :func:`_fused_on_stack`), parameters in
+    their compute dtype, and parameters and gradients laid out like the state (contiguous: the
+    kernel walks their memory)."""
     return isinstance(batch.rule, Adam) and not batch.residual.shared and not batch.centered and \
         batch.dtype == batch.param_dtype and all(t.is_contiguous() for t in (*tensors.params, *tensors.grads))
+
+
+def _fused_on_stack(batch: TensorBatch) -> bool:
+    """Whether an eager step takes a translated batch's Adam moments in torch's fused kernel, on the
+    slices of its stack of canonical gradients (the step's own, contiguous); its direction's mean
+    row is then taken off as the rule path's is."""
+    return isinstance(batch.rule, Adam) and not batch.residual.shared and batch.centered
 
 
 def _member_wise(batch: TensorBatch) -> bool:
@@ -689,7 +698,11 @@ def write(program: StepProgram, inputs: StepTensors, frames: Frames, masked: boo
         dead = functools.reduce(torch.logical_or, frames.dead[b]) if masked and frames.dead[b] else None
         if dead is not None:
             decay = torch.where(dead, 1.0, decay)  # the lift is 0 there: dead entries stay as they are
-        if not isinstance(gradient, Tensor) and not batch.rule.member_gradients:
+        if isinstance(gradient, Tensor) and not traced and _fused_on_stack(batch):
+            _fused_adam(batch, tensors, list(gradient.unbind(0)), None)  # -D, in the stack's memory
+            (mean,) = collectives.sum([_row_mean_part(gradient, batch.shard)])
+            direction, sign = gradient.sub_(mean), 1
+        elif not isinstance(gradient, Tensor) and not batch.rule.member_gradients:
             # torch's fused Adam; its direction comes negated, per member
             if not factors and not batch.stacked:  # no frame acts: AdamW on the parameters themselves
                 _fused_adam(batch, tensors, gradient, tensors.params)
@@ -739,8 +752,9 @@ def write(program: StepProgram, inputs: StepTensors, frames: Frames, masked: boo
         if pending is not None:
             step, value = step / pending, old
         elif mean is not None and batch.rebalance is None:
-            # old - (1 - decay)(old - mean) - lr D gamma: the mean row held, and exactly old at lr 0
-            value = torch.addcmul(old, old - mean, 1 - decay, value=-1)
+            # decay old + (1 - decay) mean - lr D gamma, one pass over old: the mean row held, and
+            # exactly old at lr 0
+            value = torch.addcmul((1 - decay) * mean, old, decay, out=None if keep_old else old)
         elif mean is not None:  # a pair's centred role: its horizontal part, which the pair factor scales
             value = (old - mean).mul_(decay)
         else:
