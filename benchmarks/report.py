@@ -158,7 +158,7 @@ def render(results: dict, plot_name: str) -> str:
     for name, peer in (TRAFFIC_PEERS.items() if traffic else ()):
         over = traffic["optimizers"][name]["bytes_per_parameter"] / traffic["optimizers"][peer]["bytes_per_parameter"]
         lines.append(f"| {name}: bytes per parameter of an eager step <= {TARGETS['bytes_over_peer']}x {peer}'s "
-                     f"(d_model {traffic['width']} x {traffic['layers']}) | {over:.2f}x | "
+                     f"(d_model {traffic['width']} x {traffic['layers']}) | {over:.3f}x | "
                      f"{_verdict(over <= TARGETS['bytes_over_peer'])} |")
     for name in ("DDCAdam", "DDCMuon"):
         growth, over = summary["ops_growth"][name], summary["ops_over_adamw"][name]
