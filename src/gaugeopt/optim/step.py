@@ -19,10 +19,12 @@ step's tensors:
    the flag says some are beyond it, the rule's canonical direction ``D`` (eager elementwise Adam in
    torch's fused AdamW kernel), the lift (:func:`lift`) and the write
 
-       p <- (1 - lr wd) p e - lr D gamma e     (horizontal part only for a translated tensor)
+       p <- (1 - lr wd) p e - r D gamma e     (horizontal part only for a translated tensor)
 
-   and, for isolated neuron pairs, the gauge element that puts every unit back on the section of its
-   orbit before the write (:func:`pair_factors`), so their orbit coordinates do not move.
+   with ``r = lr s`` the rate, ``s`` the rule's :meth:`~gaugeopt.optim.rules.Rule.rate_factor`
+   (Muon's shape factor; 1 for Adam), and, for isolated neuron pairs, the gauge element that puts
+   every unit back on the section of its orbit before the write (:func:`pair_factors`), so their
+   orbit coordinates do not move.
 
 Frozen channels and units (a zero gain, a unit whose incoming side is zero: no frame exists there) get
 ``gamma = 0`` and are written back exactly as they were. Both phases run eagerly or traced by
