@@ -272,6 +272,33 @@ def test_muon_lr_scale_matches_torch():
             assert muon_lr_scale(shape, adjust) * 0.3 == pytest.approx(_adjust_lr(0.3, adjust, torch.Size(shape)))
 
 
+@pytest.mark.parametrize("shape,adjust_lr", [((12, 5), "original"), ((5, 12), "match_rms_adamw"),
+                                              ((12, 5), "match_rms_adamw"), ((18, 2, 1, 3), "original")])
+def test_a_muon_step_is_its_formula_with_the_shape_factor_in_the_rate(shape, adjust_lr):
+    """Known answer, two steps on one tensor (float64 Newton-Schulz): ``B <- mu B + (1 - mu) G``,
+    ``U = (1 - mu) G + mu B``, ``p <- (1 - lr wd) p - lr s NS(U)`` with ``s`` the shape factor of the
+    tensor's matrix (a conv kernel's ``(out, in * kh * kw)``), which the step applies with the rate
+    (``Rule.rate_factor``) while the rule returns ``NS(U)``; shapes whose ``s`` is not a power of two."""
+    generator = torch.Generator().manual_seed(0)
+    start = torch.randn(shape, dtype=torch.float64, generator=generator)
+    grads = [torch.randn(shape, dtype=torch.float64, generator=generator) for _ in range(2)]
+    lr, wd, mu = 0.02, 0.1, 0.9
+    p = torch.nn.Parameter(start.clone())
+    optimizer = DDCMuon([{"params": [p], "use_muon": True}], None, lr=lr, momentum=mu, weight_decay=wd,
+                        adjust_lr=adjust_lr, ns_dtype=None)
+    expected, buffer = start.clone(), torch.zeros_like(start)
+    matrix = (shape[0], start[0].numel())
+    scale = muon_lr_scale(matrix, adjust_lr)
+    assert scale not in (0.5, 1.0, 2.0)
+    for grad in grads:
+        p.grad = grad.clone()
+        optimizer.step()
+        buffer = mu * buffer + (1 - mu) * grad
+        update = newton_schulz(((1 - mu) * grad + mu * buffer).reshape(matrix)).reshape(shape)
+        expected = (1 - lr * wd) * expected - lr * scale * update
+    torch.testing.assert_close(p.detach(), expected, rtol=1e-12, atol=1e-14)
+
+
 @pytest.mark.parametrize("nesterov", [True, False])
 def test_the_layerwise_muon_rule_and_ddc_muon_take_the_same_step(nesterov):
     """One Muon rule serves both: on a matrix no gauge touches, SymmetryCompatible's ``muon`` rule and
