@@ -8,7 +8,7 @@ steps, medians), with the device synchronised around each step. Per point (width
 - discovery on the device (``find_gauges`` on the model as it will train), timed;
 - peers: AdamW with torch's multi-tensor kernels (``foreach=True``), its single fused kernel
   (``fused=True``) and its step under ``torch.compile``; ``torch.optim.Muon`` + AdamW; DDCAdam and
-  DDCMuon, eager and ``compiled=True``;
+  DDCMuon, eager, eager with ``stack_parameters=True`` and ``compiled=True``;
 - per optimizer: median step time, the first step (state allocation; compilation for the compiled
   ones, cold or warm as the machine's inductor cache is), the state's bytes, and the step's peak
   transient memory (``max_memory_allocated`` during a step above what was allocated before it).
@@ -39,8 +39,8 @@ from gaugeopt.gauges import GaugeSet
 from gaugeopt.models import TransformerLM
 
 from .optimizer_steps import (BATCH, SEQ, VOCAB, CompiledAdamW, adamw, adamw_fused, ddc_adam, ddc_adam_compiled,
-                              ddc_muon, ddc_muon_compiled, muon_with_adamw_torch, OptimizerFactory, parameter_count,
-                              reference_config, time_steps)
+                              ddc_adam_stacked, ddc_muon, ddc_muon_compiled, muon_with_adamw_torch, OptimizerFactory,
+                              parameter_count, reference_config, time_steps)
 
 
 PEERS: dict[str, OptimizerFactory] = {
@@ -50,8 +50,10 @@ PEERS: dict[str, OptimizerFactory] = {
     "Muon+AdamW (torch)": muon_with_adamw_torch,
     "DDCAdam": ddc_adam,
     "DDCAdam compiled": ddc_adam_compiled,
+    "DDCAdam (stack_parameters)": ddc_adam_stacked,
     "DDCMuon": ddc_muon(),
     "DDCMuon compiled": ddc_muon_compiled,
+    "DDCMuon (stack_parameters)": ddc_muon(stack_parameters=True),
 }
 
 
