@@ -23,7 +23,7 @@ from gaugeopt import DDCMuon
 from gaugeopt.optim.storage import move_into_stack, stacked_view
 
 from test_step_edges import OPTIMIZERS as _EDGE_OPTIMIZERS
-from test_step_edges import _lm, _train
+from test_step_edges import _lm, _train, lm_loss
 
 #: DDCAdam, DDCMuon in float64 and DDCMuon at its bfloat16 default (its direction then reaches the
 #: write in bfloat16: read where it is from a held buffer, converted for a write member by member).
@@ -174,3 +174,31 @@ def test_a_compiled_model_trains_on_parameters_held_in_one_buffer():
     (plain, plain_opt), (held, held_opt) = runs
     assert stacked_view(_pair_sides(held)[0]) is not None
     _assert_same(plain, held, plain_opt, held_opt)
+
+
+@pytest.mark.parametrize("optimizer", ["DDCAdam", "DDCMuon bfloat16"])
+def test_resuming_with_stacked_parameters_is_exact(optimizer):
+    """Interrupted after 2 steps (the model's and the optimizer's state dicts through ``torch.save``),
+    loaded into a fresh model and optimizer (which hold the parameters in buffers again at their first
+    step) and continued for 3: bit for bit the uninterrupted 5 steps."""
+    model, gauges, batches = _lm(layers=3)
+    straight = copy.deepcopy(model)
+    straight_opt = OPTIMIZERS[optimizer](straight, gauges.bind(straight), stack_parameters=True)
+    _train(straight, straight_opt, batches, steps=5)
+
+    first = copy.deepcopy(model)
+    first_opt = OPTIMIZERS[optimizer](first, gauges.bind(first), stack_parameters=True)
+    _train(first, first_opt, batches, steps=2)
+    saved = io.BytesIO()
+    torch.save({"model": first.state_dict(), "optimizer": first_opt.state_dict()}, saved)
+    saved.seek(0)
+    checkpoint = torch.load(saved)
+    resumed = copy.deepcopy(model)
+    resumed.load_state_dict(checkpoint["model"])
+    resumed_opt = OPTIMIZERS[optimizer](resumed, gauges.bind(resumed), stack_parameters=True)
+    resumed_opt.load_state_dict(checkpoint["optimizer"])
+    for t in range(2, 5):  # the same batches as steps 2-4 of the straight run
+        resumed_opt.zero_grad()
+        lm_loss(resumed, batches[t % len(batches)]).backward()
+        resumed_opt.step()
+    _assert_same(straight, resumed, straight_opt, resumed_opt)
