@@ -4,8 +4,10 @@
 Every tensor operation an eager step runs reaches torch's dispatcher once (a composite op's inner
 calls do not reach a mode again), so the counts are device-independent:
 
-* **operations**: each is at least one kernel launch on an accelerator; a step whose count grows
+* **operations**: every one dispatched, views and host reads included; a step whose count grows
   with the model's depth is launch-bound on a GPU for small and medium widths;
+* **launches**: the operations that run a kernel on an accelerator, at least one each: all but
+  views (metadata only), allocations without initial values and host reads;
 * **bytes**: what each operation reads and writes, the sum of its tensor arguments' and results'
   sizes (a tensor passed twice counted once; an argument the operation writes counted as read and
   written, except where it only writes: ``out=``, ``copy_``, ``zero_``, ``fill_``). View operations
@@ -95,14 +97,16 @@ class _HostCopies(TorchFunctionMode):
 
 
 class DispatchCounter(TorchDispatchMode):
-    """Counts, while it is active, the operations dispatched (``counts``, by name), the bytes they
-    move (``bytes``, by name) and the host reads (``reads``, by kind; module docstring). The
+    """Counts, while it is active, the operations dispatched (``counts``, by name), those that launch
+    a kernel (``launches``, by name), the bytes they move (``bytes``, by name) and the host reads
+    (``reads``, by kind; module docstring). The
     profiler's record-function markers (``torch.optim`` wraps each step in one) are not tensor work
     and are not counted."""
 
     def __init__(self):
         super().__init__()
         self.counts: Counter[str] = Counter()
+        self.launches: Counter[str] = Counter()
         self.bytes: Counter[str] = Counter()
         self.reads: Counter[str] = Counter()
         self._inside_host_copy = 0
@@ -123,6 +127,8 @@ class DispatchCounter(TorchDispatchMode):
             return out
         name = str(func)
         self.counts[name] += 1
+        if not func.is_view and name not in _NO_TRAFFIC and name not in _HOST_READS:
+            self.launches[name] += 1
         if not self._inside_host_copy:
             if name in _HOST_READS:
                 self.reads[name] += 1
@@ -164,6 +170,10 @@ class DispatchCounter(TorchDispatchMode):
     @property
     def total(self) -> int:
         return sum(self.counts.values())
+
+    @property
+    def total_launches(self) -> int:
+        return sum(self.launches.values())
 
     @property
     def total_bytes(self) -> int:
@@ -232,6 +242,7 @@ def count_at_depths(factories: dict[str, Callable], *, width: int, depths: tuple
         counts = {name: dispatched_ops(make, model, gauges) for name, make in factories.items()}
         rows.append({"layers": layers, "parameters": sum(p.numel() for p in model.parameters()),
                      "ops": {name: c.total for name, c in counts.items()},
+                     "launches": {name: c.total_launches for name, c in counts.items()},
                      "host_reads": {name: c.host_reads for name, c in counts.items()},
                      "top": {name: c.counts.most_common(5) for name, c in counts.items()}})
     return {"width": width, "rows": rows}

@@ -195,6 +195,12 @@ def render(results: dict, plot_name: str) -> str:
     for row in ops["rows"]:
         lines.append(f"| {row['layers']} | {row['parameters']:,} | "
                      + " | ".join(str(row["ops"][n]) for n in names) + " |")
+    if "launches" in ops["rows"][0]:
+        lines += ["", "Of these, the operations that launch a kernel on an accelerator (views, allocations without "
+                  "initial values and host reads left out):", "",
+                  "| layers | " + " | ".join(names) + " |", "|---:|" + "---:|" * len(names)]
+        for row in ops["rows"]:
+            lines.append(f"| {row['layers']} | " + " | ".join(str(row["launches"][n]) for n in names) + " |")
     deep = ops["rows"][-1]
     lines += ["", f"The most frequent operations at {deep['layers']} layers:", ""]
     for name in names:

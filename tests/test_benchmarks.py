@@ -40,6 +40,18 @@ def test_dispatch_counter_counts_each_operation_once_by_name():
     assert counter.counts["aten.add.Tensor"] == 1 and counter.counts["aten.mul_.Tensor"] == 1
 
 
+def test_views_allocations_and_host_reads_launch_no_kernel():
+    a = torch.ones(4, 3)
+    with DispatchCounter() as counter:
+        a.t().unsqueeze(0)
+        b = a.view(12)[2:]  # views
+        torch.empty(3)  # an allocation without values
+        c = b * 2  # a kernel
+        c.sum().item()  # a kernel (the sum) and a host read
+    assert counter.total > counter.total_launches
+    assert counter.launches == {"aten.mul.Tensor": 1, "aten.sum.default": 1}
+
+
 def test_traffic_counts_what_each_operation_reads_and_writes():
     a, b, out = torch.ones(4), torch.ones(4), torch.empty(4)
     with DispatchCounter() as counter:
