@@ -181,8 +181,9 @@ def step_inputs(layout: StepLayout, lookup: Mapping[str, Tensor], whole: Mapping
 def with_state(layout: StepLayout, inputs: StepTensors, groups: Sequence[Mapping[str, Any]], state: Mapping,
                stacked: StackedState) -> StepTensors:
     """``inputs`` with every batch's state buffers (made, or stacked again, where needed) and this
-    step's numbers (:class:`BatchScalars`) as tensors in the batch's compute dtype on its device."""
-    tensors = []
+    step's numbers (:class:`BatchScalars`) as tensors in the batch's compute dtype on its device: the
+    numbers of all batches of one dtype and device are slices of one table, uploaded once."""
+    tensors, numbers_of = [], []
     for b, (batch, members, t) in enumerate(zip(layout.program.tensors, layout.tensors, inputs.tensors)):
         # state is kept per parameter (the layout's own tensors, not the frame views) in its own shape
         buffers = stacked.buffers(state, ("tensor", b), members.params, batch.rule.state_keys)
@@ -191,19 +192,33 @@ def with_state(layout: StepLayout, inputs: StepTensors, groups: Sequence[Mapping
         lr = float(group["lr"])
         numbers = batch.rule.scalars(group, steps)
         rate = lr * batch.rule.rate_factor(batch.rule_shape or batch.shape, batch.residual)
-        scalars = as_tensors(BatchScalars(lr, 1 - lr * float(group["weight_decay"]), numbers, rate), batch.dtype,
-                             t.params[0].device)
-        tensors.append(t._replace(state=buffers, scalars=scalars, group=group, numbers=numbers))
+        numbers_of.append(((batch.dtype, t.params[0].device),
+                           BatchScalars(lr, 1 - lr * float(group["weight_decay"]), numbers, rate)))
+        tensors.append(t._replace(state=buffers, group=group, numbers=numbers))
     norms = []
     for n, (batch, members, t) in enumerate(zip(layout.program.norms, layout.norms, inputs.norms)):
         buffers = stacked.buffers(state, ("norm", n), members.gains, CHANNEL_STATE)
         group = groups[members.group]
         steps = stacked.advance(("norm", n))
         lr = float(group["lr"])
-        scalars = as_tensors(BatchScalars(lr, 1.0, CHANNEL_ADAM.scalars(group, steps), lr), batch.dtype,
-                             t.gains[0].device)
-        norms.append(t._replace(state=buffers, scalars=scalars))
+        numbers_of.append(((batch.dtype, t.gains[0].device), BatchScalars(lr, 1.0, CHANNEL_ADAM.scalars(group, steps), lr)))
+        norms.append(t._replace(state=buffers))
+    scalars = _uploaded(numbers_of)
+    tensors = [t._replace(scalars=x) for t, x in zip(tensors, scalars)]
+    norms = [t._replace(scalars=x) for t, x in zip(norms, scalars[len(tensors):])]
     return inputs._replace(tensors=tensors, norms=norms)
+
+
+def _uploaded(numbers_of: Sequence[tuple[tuple[torch.dtype, torch.device], BatchScalars]]) -> list[BatchScalars]:
+    """Each batch's host numbers as tensors, one table (:func:`~gaugeopt.optim.storage.as_tensors`)
+    per dtype and device, in the order given."""
+    keys = list(dict.fromkeys(key for key, _ in numbers_of))
+    out: list[BatchScalars | None] = [None] * len(numbers_of)
+    for dtype, device in keys:
+        index = [i for i, (key, _) in enumerate(numbers_of) if key == (dtype, device)]
+        for i, scalars in zip(index, as_tensors(tuple(numbers_of[i][1] for i in index), dtype, device)):
+            out[i] = scalars
+    return out
 
 
 # --------------------------------------------------------------------------------------------------
