@@ -717,8 +717,7 @@ def write(program: StepProgram, inputs: StepTensors, frames: Frames, masked: boo
             decay = torch.where(dead, 1.0, decay)  # the lift is 0 there: dead entries stay as they are
         if isinstance(gradient, Tensor) and not traced and _fused_on_stack(batch):
             _fused_adam(batch, tensors, list(gradient.unbind(0)), None)  # -D, in the stack's memory
-            (mean,) = collectives.sum([_row_mean_part(gradient, batch.shard)])
-            direction, sign = gradient.sub_(mean), 1
+            direction, sign = gradient, 1
         elif not isinstance(gradient, Tensor) and not batch.rule.member_gradients:
             # torch's fused Adam; its direction comes negated, per member
             if not factors and not batch.stacked:  # no frame acts: AdamW on the parameters themselves
@@ -736,11 +735,11 @@ def write(program: StepProgram, inputs: StepTensors, frames: Frames, masked: boo
             direction = batch.rule.direction(gradient, tensors.state, scalars, batch.residual, collectives)
             if batch.rule_shape is not None:
                 direction = direction.reshape(members, *batch.shape)
-            if batch.centered:  # the horizontal part of the direction (one reduction round on shards)
-                direction = direction.to(batch.dtype)
-                (mean,) = collectives.sum([_row_mean_part(direction, batch.shard)])
-                direction = direction.sub_(mean)
             sign = -1
+        if batch.centered:  # the horizontal part of the direction (one reduction round on shards)
+            direction = direction.to(batch.dtype)
+            (mean,) = collectives.sum([_row_mean_part(direction, batch.shard)])
+            direction = direction.sub_(mean)
         direction, step = lift(direction, factors, tensors.scalars.rate)
         held_view = stacked_view(tensors.params) if not (traced or batch.stacked) and members > 1 and \
             isinstance(direction, Tensor) else None
