@@ -22,6 +22,7 @@ import torch
 from gaugeopt import DDCMuon
 from gaugeopt.optim.storage import move_into_stack, stacked_view
 
+from optimizer_cases import same, snapshot
 from test_step_edges import OPTIMIZERS as _EDGE_OPTIMIZERS
 from test_step_edges import _lm, _train, lm_loss
 
@@ -48,11 +49,8 @@ def _pair_sides(model):
 
 
 def _assert_same(a, b, opt_a, opt_b):
-    for (name, p), q in zip(a.named_parameters(), b.parameters()):
-        assert torch.equal(p, q), name
-    for p, q in zip(a.parameters(), b.parameters()):
-        for key, value in opt_a.state[p].items():
-            assert torch.equal(value, opt_b.state[q][key]), key
+    """Parameters and optimizer state dicts equal, bit for bit."""
+    assert same(snapshot(a, opt_a), snapshot(b, opt_b))
 
 
 @pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
