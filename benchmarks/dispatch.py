@@ -41,7 +41,7 @@ from torch.utils._pytree import tree_leaves
 
 from gaugeopt.gauges import GaugeSet
 
-from .optimizer_steps import model_with_gradients
+from .optimizer_steps import VOCAB, model_with_gradients
 
 __all__ = ["DispatchCounter", "HostReads", "dispatched_ops", "count_at_depths", "step_traffic"]
 
@@ -72,13 +72,12 @@ class _HostCopies(TorchFunctionMode):
     the factories that copy host data to a device, which wait for its queue."""
 
     METHODS = (torch.Tensor.tolist, torch.Tensor.numpy)
+    #: Factories that copy host data to the tensor's device, blocking when that is not the CPU.
+    FACTORIES = (torch.tensor, torch.as_tensor)
 
     def __init__(self, counter: DispatchCounter):
         super().__init__()
         self.counter = counter
-
-    #: Factories that copy host data to the tensor's device, blocking when that is not the CPU.
-    FACTORIES = (torch.tensor, torch.as_tensor)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         if func in self.FACTORIES:
@@ -219,18 +218,16 @@ def dispatched_ops(make: Callable[[nn.Module, GaugeSet], object], model: nn.Modu
     return counter
 
 
-def step_traffic(factories: dict[str, Callable], *, width: int, layers: int, vocab: int | None = None) -> dict:
+def step_traffic(factories: dict[str, Callable], *, width: int, layers: int, vocab: int = VOCAB) -> dict:
     """``{name: {"ops", "bytes_per_parameter", "host_reads", "top_bytes"}}`` of one step of each
-    optimizer on the reference LM at ``width`` x ``layers`` (float32; ``vocab``: its vocabulary, if
-    not the reference's)."""
-    model, gauges = model_with_gradients(width, n_layers=layers, **({} if vocab is None else {"vocab": vocab}))
+    optimizer on the reference LM at ``width`` x ``layers`` with a vocabulary of ``vocab`` (float32)."""
+    model, gauges = model_with_gradients(width, n_layers=layers, vocab=vocab)
     n = sum(p.numel() for p in model.parameters())
     out = {}
     for name, make in factories.items():
         c = dispatched_ops(make, model, gauges)
         out[name] = {"ops": c.total, "bytes_per_parameter": c.total_bytes / n, "host_reads": c.host_reads,
                      "top_bytes": [[op, b / n, c.counts[op]] for op, b in c.bytes.most_common()]}
-    vocab = model.embed.weight.shape[0]
     return {"width": width, "layers": layers, "vocab": vocab, "parameters": n, "optimizers": out}
 
 
