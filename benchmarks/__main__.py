@@ -2,10 +2,12 @@
 
 Options: ``--quick`` (small widths, few rounds: a smoke run for development, marked as such in the
 report), ``--out DIR`` (where the report, plot and raw ``benchmarks.json`` go; default ``docs``),
-``--threads N`` (torch CPU threads, default 1), ``--render-only`` (rewrite the report and plot from
-``DIR/benchmarks.json`` without measuring). The full run took 3.9 minutes of wall clock (3.4 of CPU
-time) on the shared 2-core machine, with torch's compile cache warm; a fresh machine adds a few
-minutes of compilation. ``--quick`` takes two to three minutes.
+``--threads N`` (torch CPU threads, default 1), ``--adaptive-malloc`` (leave glibc's ``malloc`` at
+its history-dependent defaults instead of :func:`~benchmarks.optimizer_steps.keep_freed_memory`),
+``--render-only`` (rewrite the report and plot from ``DIR/benchmarks.json`` without measuring). The
+full run took 3.9 minutes of wall clock (3.4 of CPU time) on the shared 2-core machine, with torch's
+compile cache warm; a fresh machine adds a few minutes of compilation. ``--quick`` takes two to
+three minutes.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from .optimizer_steps import (
     ddc_muon,
     muon_with_adamw_reference,
     muon_with_adamw_torch,
+    keep_freed_memory,
     symmetry_compatible,
 )
 from .report import MUON, STACKED, STACKED_MUON, fitted_exponent, plot_scaling, render
@@ -88,6 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="small and short: a development smoke run")
     parser.add_argument("--out", type=Path, default=Path("docs"), help="directory for the report and plot")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--adaptive-malloc", action="store_true",
+                        help="leave glibc's malloc at its defaults, which return freed memory to the kernel "
+                             "depending on the process's history (timings then depend on what ran before)")
     parser.add_argument("--render-only", action="store_true",
                         help="measure nothing: rewrite the report and plot from DIR/benchmarks.json")
     args = parser.parse_args(argv)
@@ -97,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     cfg = dict(QUICK if args.quick else FULL)
     torch.set_num_threads(args.threads)
+    allocator = None if args.adaptive_malloc else keep_freed_memory()
     started, load_start, commit = time.perf_counter(), os.getloadavg(), _commit()  # the code measured
     warmup = cfg["warmup"]
 
@@ -167,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         "date_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "commit": commit,
         "cpu": _cpu_model(), "logical_cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
+        "allocator": allocator or "the C library's malloc at its defaults",
         "load_start": load_start, "load_end": os.getloadavg(), "total_wall_s": time.perf_counter() - started,
         "cpu_s": time.process_time(),
     }

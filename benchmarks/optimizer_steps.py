@@ -5,11 +5,20 @@ gradients, and gives each optimizer its own copy of the model holding those grad
 timed *interleaved* (one step of each optimizer per round, ``rounds`` rounds after ``warmup`` untimed
 ones), so a change in machine load hits every optimizer alike; the report gives medians over rounds and
 the ratio of the medians. The gradients stay fixed: the step's cost does not depend on their values.
+
+On the CPU a step's temporaries come from glibc's ``malloc``, whose defaults adapt to the process's
+history: after some pattern of frees it returns memory to the kernel at every step, and the next step
+page-faults it back in (the kernel zeroes each page), so one optimizer's timings depend on which
+others ran in the same process. :func:`keep_freed_memory` fixes the two thresholds involved, so
+freed memory is reused as a caching allocator would (torch's CUDA allocator does on a GPU); every
+timed step also records its minor page faults, which show whether the allocator took part.
 """
 
 from __future__ import annotations
 
 import copy
+import ctypes
+import ctypes.util
 import statistics
 import time
 from collections.abc import Callable
@@ -26,6 +35,11 @@ from gaugeopt.optim.baselines import MuonWithAdamW
 from gaugeopt.optim.ddc_adam import DDCAdam
 from gaugeopt.optim.ddc_muon import DDCMuon, muon_parameter_names
 from gaugeopt.optim.symcompat import SymmetryCompatible, symmetry_param_groups
+
+try:
+    import resource
+except ImportError:  # not on Unix: no page-fault counts
+    resource = None
 
 VOCAB, SEQ, BATCH = 256, 64, 4
 LR, ADAM_LR, WEIGHT_DECAY = 0.02, 1e-3, 0.1
@@ -72,10 +86,36 @@ class StepTiming:
     state_bytes: int
     first_step_s: float  # the first (untimed) step: state allocation, and compilation for a compiled step
     peak_step_bytes: int | None = None  # CUDA: the most a timed step allocated above what it found allocated
+    page_faults: list[int] | None = None  # minor page faults of the process during each timed step (Unix)
 
     @property
     def median_s(self) -> float:
         return statistics.median(self.step_s)
+
+
+#: glibc's ``mallopt`` parameters (malloc.h) and the values :func:`keep_freed_memory` gives them.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+TRIM_THRESHOLD, MMAP_THRESHOLD = 2**30, 2**25  # 1 GiB of free heap kept; 32 MiB: glibc's largest mmap threshold
+
+
+def keep_freed_memory() -> str | None:
+    """Make glibc's ``malloc`` keep freed memory for reuse in this process: a fixed mmap threshold
+    (blocks below 32 MiB come from the heap; glibc's default moves it with each large free) and a trim
+    threshold of 1 GiB (glibc's default gives the heap's free top back to the kernel past twice the
+    mmap threshold). Returns what was set, or None where the C library is not glibc."""
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError, TypeError):
+        return None
+    if not (mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD) and mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)):
+        return None
+    return f"glibc mallopt: M_TRIM_THRESHOLD {TRIM_THRESHOLD >> 20} MiB, M_MMAP_THRESHOLD {MMAP_THRESHOLD >> 20} MiB"
+
+
+def _minor_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt if resource is not None else 0
 
 
 def time_steps(model: nn.Module, gauges: GaugeSet, factories: dict[str, OptimizerFactory], *, warmup: int,
@@ -92,30 +132,35 @@ def time_steps(model: nn.Module, gauges: GaugeSet, factories: dict[str, Optimize
     cuda = device.type == "cuda"
     sync = (lambda: torch.cuda.synchronize(device)) if cuda else (lambda: None)
 
-    def timed_step(optimizer) -> tuple[float, int | None]:
+    def timed_step(optimizer) -> tuple[float, int | None, int]:
         sync()
         if cuda:
             before = torch.cuda.memory_allocated(device)
             torch.cuda.reset_peak_memory_stats(device)
+        faults = _minor_faults()
         start = time.perf_counter()
         optimizer.step()
         sync()
         elapsed = time.perf_counter() - start
-        return elapsed, (torch.cuda.max_memory_allocated(device) - before if cuda else None)
+        faults = _minor_faults() - faults
+        return elapsed, (torch.cuda.max_memory_allocated(device) - before if cuda else None), faults
 
     first: dict[str, float] = {}
     for _ in range(warmup):
         for name, optimizer in runs.items():
             first.setdefault(name, timed_step(optimizer)[0])
     times: dict[str, list[float]] = {name: [] for name in runs}
+    faults: dict[str, list[int]] = {name: [] for name in runs}
     peaks: dict[str, int | None] = {name: None for name in runs}
     for _ in range(rounds):
         for name, optimizer in runs.items():
-            elapsed, peak = timed_step(optimizer)
+            elapsed, peak, step_faults = timed_step(optimizer)
             times[name].append(elapsed)
+            faults[name].append(step_faults)
             if peak is not None:
                 peaks[name] = max(peak, peaks[name] or 0)
-    return {name: StepTiming(name, times[name], state_bytes(runs[name]), first.get(name, float("nan")), peaks[name])
+    return {name: StepTiming(name, times[name], state_bytes(runs[name]), first.get(name, float("nan")), peaks[name],
+                             faults[name] if resource is not None else None)
             for name in runs}
 
 
@@ -205,4 +250,5 @@ def compare(width: int, factories: dict[str, OptimizerFactory], *, warmup: int, 
     timings = time_steps(model, gauges, factories, warmup=warmup, rounds=rounds)
     return {"width": width, "layers": n_layers, "parameters": parameter_count(model),
             "optimizers": {name: {"median_s": t.median_s, "step_s": t.step_s, "state_bytes": t.state_bytes,
-                                  "first_step_s": t.first_step_s} for name, t in timings.items()}}
+                                  "first_step_s": t.first_step_s, "page_faults": t.page_faults}
+                           for name, t in timings.items()}}

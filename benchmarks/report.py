@@ -93,6 +93,24 @@ def _load(section: dict) -> str:
             f"after: {', '.join(f'{x:.2f}' for x in end)}; wall time {section['wall_s']:.0f} s")
 
 
+def _fault_line(results: dict) -> str:
+    """The largest median of minor page faults per timed step, over the step-time sections' rows, per
+    optimizer (runs that recorded them)."""
+    worst: dict[str, tuple[float, int]] = {}
+    for section in ("adam", "muon", "muon_fp32", "layerwise", "scaling"):
+        for row in results.get(section, {}).get("rows", []):
+            for name, timing in row["optimizers"].items():
+                if timing.get("page_faults"):
+                    median = float(np.median(timing["page_faults"]))
+                    if median >= worst.get(name, (-1.0, 0))[0]:
+                        worst[name] = (median, row["width"])
+    if not worst:
+        return ""
+    return ("; minor page faults per timed step (median; the largest over widths): "
+            + ", ".join(f"{name} {median:.0f} (d_model {width})" for name, (median, width) in worst.items())
+            + ". A step that page-faults its temporaries back in pays the kernel's zeroing of each page.")
+
+
 def plot_scaling(scaling: dict, path: Path) -> None:
     import matplotlib
 
@@ -134,6 +152,7 @@ def render(results: dict, plot_name: str) -> str:
              f"at end: {', '.join(f'{x:.2f}' for x in env['load_end'])}. The load counts other processes "
              "sharing the machine; a load above the CPU count slows every optimizer alike (steps are "
              "interleaved), which leaves ratios less disturbed than absolute times.",
+             f"- allocator: {env.get('allocator', 'not recorded')}" + _fault_line(results),
              f"- model: the reference `TransformerLM` (float32, {cfg['n_layers']} layers, RoPE, RMSNorm, SwiGLU, "
              f"heads of 32 dims, d_ff = 4 d_model, vocabulary {cfg['vocab']}); one set of gradients per width; "
              "each optimizer steps its own copy; steps interleaved (one of each per round) after "
