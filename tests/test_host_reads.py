@@ -102,3 +102,34 @@ def test_a_cuda_step_waits_for_the_device_at_most_once(name):
                 torch.cuda.set_sync_debug_mode("default")
     syncs = [w for w in caught if "synchroniz" in str(w.message)]
     assert len(syncs) <= 1, [str(w.message) for w in syncs]
+
+
+@pytest.mark.parametrize("name", ["DDCAdam", "DDCMuon"])
+def test_a_steps_numbers_are_written_in_place_where_the_last_step_read_them(name, monkeypatch):
+    """The learning rates, decays and rule numbers of a step are slices of persistent tables written
+    at every step (static addresses, as a CUDA graph's inputs must be), and they are this step's: a
+    scheduler's new rate is what the step reads."""
+    import gaugeopt.optim.base as base
+
+    template, gauges, tokens = _model("lm")
+    model = copy.deepcopy(template)
+    optimizer = OPTIMIZERS[name](model, gauges.bind(model))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: 1.0 / (1 + t))
+    seen, with_state = [], base.with_state
+
+    def recorded(*args, **kwargs):
+        inputs = with_state(*args, **kwargs)
+        seen.append([(t.scalars.lr.data_ptr(), float(t.scalars.lr), float(t.group["lr"])) for t in inputs.tensors])
+        return inputs
+
+    monkeypatch.setattr(base, "with_state", recorded)
+    for _ in range(3):
+        optimizer.zero_grad()
+        F.cross_entropy(model(tokens[:, :-1]).reshape(-1, VOCAB), tokens[:, 1:].reshape(-1)).backward()
+        optimizer.step()
+        scheduler.step()
+    assert len(seen) == 3 and all(len(step) == len(seen[0]) > 0 for step in seen)
+    assert all([ptr for ptr, _, _ in step] == [ptr for ptr, _, _ in seen[0]] for step in seen)
+    rates = [[lr for _, lr, _ in step] for step in seen]
+    assert all(lr == pytest.approx(group_lr, rel=1e-6) for step in seen for _, lr, group_lr in step)
+    assert rates[0] != rates[1] != rates[2]

@@ -40,7 +40,7 @@ from .program import StepLayout, build_program
 from .rules import Rule
 from .shards import LOCAL
 from .step import CHANNEL_STATE, step_inputs, with_state
-from .storage import StackedState, move_into_stack, owns_its_memory, stacked_view
+from .storage import ScalarTables, StackedState, move_into_stack, owns_its_memory, stacked_view
 
 __all__ = ["FramedOptimizer", "FrozenUnits", "SplitRow"]
 
@@ -92,7 +92,7 @@ class FramedOptimizer(GuardedOptimizer):
     """
 
     #: Caches rebuilt on demand: the step's layout and stacked state, parameter ids (new in a copy).
-    _TRANSIENT = frozenset({"_layout", "_layout_key", "_stacked", "_names", "_bound_ids", "_runner"})
+    _TRANSIENT = frozenset({"_layout", "_layout_key", "_stacked", "_scalars", "_names", "_bound_ids", "_runner"})
 
     def __init__(self, params, defaults: dict[str, Any], gauges: GaugeSet | None, *, channel_step: bool,
                  nonfinite: str, compiled: bool, edge_scale: float = EDGE_SCALE, stack_parameters: bool = False):
@@ -128,6 +128,7 @@ class FramedOptimizer(GuardedOptimizer):
         self._layout: StepLayout | None = None
         self._layout_key: Any = None
         self._stacked = StackedState()
+        self._scalars = ScalarTables()
         self._runner = StepRunner(getattr(self, "compiled", False))
 
     def _check_new_parameters(self, group: dict[str, Any], where: str) -> None:
@@ -354,7 +355,7 @@ class FramedOptimizer(GuardedOptimizer):
                 self.apply_nonfinite_policy(bad)
                 return loss
             beyond = True  # finite gradients: a canonical value or a probe's sum of squares overflowed; clip
-        inputs = with_state(layout, inputs, self.param_groups, self.state, self._stacked)
+        inputs = with_state(layout, inputs, self.param_groups, self.state, self._stacked, self._scalars)
         runner.write(layout.program, inputs, frames, masked=bool(any_dead), clip=bool(beyond))
         self._stacked.settle()
         self._report_frozen(layout, frames if any_dead else None, gains)

@@ -56,7 +56,7 @@ from .frames import frozen_gains, neuron_frames, unit_square_sums
 from .program import GainFactor, GainScale, NeuronRole, PairRole, StepLayout, StepProgram, TensorBatch
 from .rules import Adam, adam_direction_, square_safe
 from .shards import LOCAL, Collectives, RowShard, global_units, local_rows, local_tensor
-from .storage import StackedState, as_tensors, stacked_view
+from .storage import ScalarTables, StackedState, stacked_view
 from .symmetry import Side
 
 __all__ = ["CHANNEL_ADAM", "CHANNEL_STATE", "BatchScalars", "TensorInputs", "NormInputs", "NeuronInputs",
@@ -179,10 +179,10 @@ def step_inputs(layout: StepLayout, lookup: Mapping[str, Tensor], whole: Mapping
 
 
 def with_state(layout: StepLayout, inputs: StepTensors, groups: Sequence[Mapping[str, Any]], state: Mapping,
-               stacked: StackedState) -> StepTensors:
+               stacked: StackedState, tables: ScalarTables) -> StepTensors:
     """``inputs`` with every batch's state buffers (made, or stacked again, where needed) and this
     step's numbers (:class:`BatchScalars`) as tensors in the batch's compute dtype on its device: the
-    numbers of all batches of one dtype and device are slices of one table, uploaded once."""
+    numbers of all batches of one dtype and device are slices of one of ``tables``, written once."""
     tensors, numbers_of = [], []
     for b, (batch, members, t) in enumerate(zip(layout.program.tensors, layout.tensors, inputs.tensors)):
         # state is kept per parameter (the layout's own tensors, not the frame views) in its own shape
@@ -203,20 +203,20 @@ def with_state(layout: StepLayout, inputs: StepTensors, groups: Sequence[Mapping
         lr = float(group["lr"])
         numbers_of.append(((batch.dtype, t.gains[0].device), BatchScalars(lr, 1.0, CHANNEL_ADAM.scalars(group, steps), lr)))
         norms.append(t._replace(state=buffers))
-    scalars = _uploaded(numbers_of)
+    scalars = _uploaded(numbers_of, tables)
     tensors = [t._replace(scalars=x) for t, x in zip(tensors, scalars)]
     norms = [t._replace(scalars=x) for t, x in zip(norms, scalars[len(tensors):])]
     return inputs._replace(tensors=tensors, norms=norms)
 
 
-def _uploaded(numbers_of: Sequence[tuple[tuple[torch.dtype, torch.device], BatchScalars]]) -> list[BatchScalars]:
-    """Each batch's host numbers as tensors, one table (:func:`~gaugeopt.optim.storage.as_tensors`)
-    per dtype and device, in the order given."""
+def _uploaded(numbers_of: Sequence[tuple[tuple[torch.dtype, torch.device], BatchScalars]], tables: ScalarTables
+              ) -> list[BatchScalars]:
+    """Each batch's host numbers as tensors, one of ``tables`` per dtype and device, in the order given."""
     keys = list(dict.fromkeys(key for key, _ in numbers_of))
     out: list[BatchScalars | None] = [None] * len(numbers_of)
     for dtype, device in keys:
         index = [i for i, (key, _) in enumerate(numbers_of) if key == (dtype, device)]
-        for i, scalars in zip(index, as_tensors(tuple(numbers_of[i][1] for i in index), dtype, device)):
+        for i, scalars in zip(index, tables.upload(tuple(numbers_of[i][1] for i in index), dtype, device)):
             out[i] = scalars
     return out
 

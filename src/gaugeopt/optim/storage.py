@@ -25,7 +25,7 @@ from torch import Tensor
 from .guards import compute_dtype
 from .shards import local_tensor, shard_like
 
-__all__ = ["StackedState", "as_tensors", "move_into_stack", "owns_its_memory", "stacked_view"]
+__all__ = ["ScalarTables", "StackedState", "as_tensors", "move_into_stack", "owns_its_memory", "stacked_view"]
 
 
 class StackedState:
@@ -111,12 +111,37 @@ def _zeros(p: Tensor, key: str, shape: tuple[int, ...] | None = None) -> Tensor:
     return torch.zeros(p.shape if shape is None else shape, dtype=compute_dtype(p), device=p.device)
 
 
+class ScalarTables:
+    """A step's host numbers (its :class:`~gaugeopt.optim.step.BatchScalars`, a rule's
+    :meth:`~gaugeopt.optim.rules.Rule.scalars`) as slices of one persistent tensor per dtype and
+    device, written in place at every step: the step's programs read their numbers at the same
+    addresses each time (static inputs, as a CUDA graph needs), and no step allocates a table. The
+    write is a copy from a host tensor queued on the device's stream (``non_blocking``): it waits for
+    no queued work, and the work queued before it has read the previous step's numbers already."""
+
+    def __init__(self):
+        self._tables: dict[tuple[torch.dtype, torch.device], Tensor] = {}
+
+    def upload(self, values: Any, dtype: torch.dtype, device: torch.device) -> Any:
+        """``values`` with each number a 0-d tensor and each list a 1-d tensor (tuples and named tuples
+        kept as such), slices of this dtype's and device's table."""
+        flat, spans = _flattened(values)
+        host = torch.tensor(flat, dtype=dtype)
+        key = (dtype, torch.device(device))
+        table = self._tables.get(key)
+        if table is None or table.numel() != host.numel():
+            table = self._tables[key] = torch.empty(host.numel(), dtype=dtype, device=device)
+        table.copy_(host, non_blocking=True)
+        return _sliced(values, spans, table)
+
+
 def as_tensors(values: Any, dtype: torch.dtype, device: torch.device) -> Any:
-    """Host numbers (a step's :class:`~gaugeopt.optim.step.BatchScalars`, a rule's
-    :meth:`~gaugeopt.optim.rules.Rule.scalars`) as slices of one tensor: the same structure with
-    each number a 0-d tensor and each list a 1-d tensor; tuples and named tuples are kept as such.
-    On an accelerator the table is uploaded asynchronously: ``torch.tensor(numbers, device=...)``
-    would wait for every operation queued on the device before it (a synchronous copy)."""
+    """:meth:`ScalarTables.upload` into a table of its own."""
+    return ScalarTables().upload(values, dtype, device)
+
+
+def _flattened(values: Any) -> tuple[list[float], Any]:
+    """The numbers of ``values`` in order, and where each number or list lies among them."""
     flat: list[float] = []
 
     def place(value: Any) -> Any:
@@ -129,18 +154,15 @@ def as_tensors(values: Any, dtype: torch.dtype, device: torch.device) -> Any:
         flat.append(float(value))
         return start
 
-    spans = place(values)
-    table = torch.tensor(flat, dtype=dtype)
-    if torch.device(device).type != "cpu":
-        table = table.to(device, non_blocking=True)
+    return flat, place(values)
 
-    def build(value: Any, span: Any) -> Any:
-        if isinstance(value, tuple):
-            fields = [build(v, s) for v, s in zip(value, span)]
-            return type(value)(*fields) if hasattr(value, "_fields") else tuple(fields)
-        return table[span]
 
-    return build(values, spans)
+def _sliced(values: Any, span: Any, table: Tensor) -> Any:
+    """``values``' structure with each number or list the slice ``span`` of ``table`` gives it."""
+    if isinstance(values, tuple):
+        fields = [_sliced(v, s, table) for v, s in zip(values, span)]
+        return type(values)(*fields) if hasattr(values, "_fields") else tuple(fields)
+    return table[span]
 
 
 def stacked_view(tensors: Sequence[Tensor]) -> Tensor | None:
