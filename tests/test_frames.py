@@ -22,7 +22,8 @@ from gaugeopt.gauges import AxisRef, GaugeSet, HeadRotation, NeuronScaling
 from gaugeopt.models import ReLUMLP, ReLUMLPConfig, SwiGLUMLP, SwiGLUMLPConfig, TransformerLM, TransformerLMConfig
 from gaugeopt.optim.program import build_program
 from gaugeopt.optim.step import read_frames, step_inputs
-from gaugeopt.optim.frames import FrameConflictError, build_frame_plan, neuron_frames, unit_square_sums
+from gaugeopt.optim.frames import (FrameConflictError, build_frame_plan, finite_nonnegative, frozen_gains,
+                                   neuron_frames, unit_square_sums)
 from gaugeopt.optim.symmetry import SharedAxis, block_layout, center_rows, group_mean
 
 
@@ -206,6 +207,27 @@ def test_unit_square_sums_known_answer():
     assert torch.allclose(unit_square_sums(t, 2), torch.tensor([[10.0, 21.0]], dtype=torch.float64))  # columns
     weights = torch.tensor([[2.0, 0.5]], dtype=torch.float64)
     assert torch.allclose(unit_square_sums(t, 1, {2: weights}), torch.tensor([[5.0, 40.0, 0.25]], dtype=torch.float64))
+
+
+_EDGES = [0.0, -0.0, 1.0, -1.0, float("inf"), float("-inf"), float("nan")]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@given(values=st.lists(st.floats(allow_nan=True, allow_infinity=True, width=32), max_size=20))
+@settings(max_examples=50, deadline=None)
+def test_the_frames_masks_are_isfinite_and_the_normal_range(dtype, values):
+    """frozen_gains: zero, subnormal or not finite; finite_nonnegative: isfinite on values >= 0 or
+    nan (what it is given); neuron_frames' frozen units: u^2 below the smallest normal, or either
+    side not finite. Each as torch.isfinite states it, at the edges of every floating dtype."""
+    info = torch.finfo(dtype)
+    edges = _EDGES + [info.tiny, info.tiny / 2, -info.tiny, info.max, -info.max, info.smallest_normal / 4]
+    x = torch.tensor(values + edges, dtype=torch.float64).to(dtype)
+    assert torch.equal(frozen_gains(x), (x.abs() < info.tiny) | ~torch.isfinite(x))
+    squares = x.abs()
+    assert torch.equal(finite_nonnegative(squares), torch.isfinite(squares))
+    u2, v2 = squares, squares.flip(0)
+    expected = (u2 < info.tiny) | ~torch.isfinite(u2) | ~torch.isfinite(v2)
+    assert torch.equal(neuron_frames(u2.reshape(1, -1), v2.reshape(1, -1), edge_scale=0.5).frozen[0], expected)
 
 
 def test_neuron_frames_are_the_section_point_and_only_a_zero_incoming_side_is_frozen():

@@ -83,6 +83,7 @@ __all__ = [
     "unit_inner_products",
     "UnitFrames",
     "neuron_frames",
+    "finite_nonnegative",
     "frozen_gains",
 ]
 
@@ -463,7 +464,7 @@ def neuron_frames(forward_squares: Tensor, backward_squares: Tensor, edge_scale:
     non-finite side) is frozen, with ``s = 0``.
     """
     tiny = torch.finfo(forward_squares.dtype).tiny
-    frozen = (forward_squares < tiny) | ~torch.isfinite(forward_squares) | ~torch.isfinite(backward_squares)
+    frozen = ~((forward_squares >= tiny) & finite_nonnegative(forward_squares) & finite_nonnegative(backward_squares))
     u2 = torch.where(frozen, 1.0, forward_squares)
     v2 = torch.where(frozen, 0.0, backward_squares)
     size = torch.sqrt(u2) * torch.sqrt(v2)  # l^2 = u v, without squaring u^2 v^2
@@ -476,4 +477,13 @@ def frozen_gains(gains: Tensor) -> Tensor:
     """Norm channels whose gain cannot be a frame: zero (or below the smallest normal float, whose
     reciprocal overflows) or not finite. Zero is a property of the channel, not of where it lies on
     its orbit; any other gain, however small, is a valid frame."""
-    return (gains.abs() < torch.finfo(gains.dtype).tiny) | ~torch.isfinite(gains)
+    magnitudes = gains.abs()
+    return ~((magnitudes >= torch.finfo(gains.dtype).tiny) & finite_nonnegative(magnitudes))
+
+
+def finite_nonnegative(values: Tensor) -> Tensor:
+    """Where ``values`` that are ``>= 0`` or nan (norms, sums of squares, square roots) are finite:
+    ``values <= the dtype's largest value``, false for inf and nan. One comparison where
+    ``torch.isfinite`` dispatches four (``x == x``, ``|x|``, ``!= inf`` and their product), each a
+    kernel launch on an accelerator."""
+    return values <= torch.finfo(values.dtype).max

@@ -52,7 +52,7 @@ import torch
 from torch import Tensor
 
 from ..gauges.families import unit_section
-from .frames import frozen_gains, neuron_frames, unit_square_sums
+from .frames import finite_nonnegative, frozen_gains, neuron_frames, unit_square_sums
 from .program import GainFactor, GainScale, NeuronRole, PairRole, StepLayout, StepProgram, TensorBatch
 from .rules import Adam, adam_direction_, square_safe
 from .shards import LOCAL, Collectives, RowShard, global_units, local_rows, local_tensor
@@ -347,12 +347,12 @@ class _Probes:
         if bounded:
             self.norms.setdefault(norms.dtype, []).append(norms)
         else:
-            self.finite.append(torch.isfinite(norms).all())
+            self.finite.append(finite_nonnegative(norms).all())
 
     def flags(self) -> Tensor:
         for dtype, values in self.norms.items():
             norms = torch.cat(values)
-            self.finite.append(torch.isfinite(norms).all())
+            self.finite.append(finite_nonnegative(norms).all())
             self.beyond.append((norms > square_safe(dtype)).any())
         return torch.stack([torch.stack(self.finite).all() if self.finite else torch.ones((), dtype=torch.bool),
                             torch.stack(self.beyond).any() if self.beyond else torch.zeros((), dtype=torch.bool),
@@ -828,7 +828,7 @@ def pair_factors(program: StepProgram, frames: Frames, held: list[_Held], collec
         incoming, _ = unit_section(torch.sqrt(after[Side.MULTIPLIED]) * torch.sqrt(after[Side.DIVIDED]),
                                    program.edge_scale)
         f = torch.sqrt((incoming * u2) / (after[Side.MULTIPLIED] * incoming_before))
-        f = torch.where(dead | ~torch.isfinite(f), 1.0, f)
+        f = torch.where(dead | ~finite_nonnegative(f), 1.0, f)
         out[n] = {Side.MULTIPLIED: f, Side.DIVIDED: f.reciprocal()}
     return out
 
