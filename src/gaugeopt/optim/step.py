@@ -326,7 +326,7 @@ class _Probes:
         self.norms: dict[torch.dtype, list[Tensor]] = {}
         self.finite: list[Tensor] = []
         self.beyond: list[Tensor] = []
-        self.dead: list[Tensor] = []
+        self.dead: list[Tensor] = []  # frozen-unit and frozen-channel masks (eager: each once)
 
     def check(self, values: Tensor | list[Tensor], bounded: bool = False) -> None:
         """Probe ``values`` (a stack, or a list of member tensors) for finiteness, and for entries
@@ -343,6 +343,12 @@ class _Probes:
             if bounded:
                 self.beyond.append((values.abs() > square_safe(values.dtype)).any())
 
+    def frozen(self, mask: Tensor) -> Tensor:
+        """Count ``mask``'s frozen channels or units in the step's flag; returns it."""
+        if self.traced or all(m is not mask for m in self.dead):
+            self.dead.append(mask)
+        return mask
+
     def _eager(self, norms: Tensor, bounded: bool) -> None:
         if bounded:
             self.norms.setdefault(norms.dtype, []).append(norms)
@@ -356,7 +362,8 @@ class _Probes:
             self.beyond.append((norms > square_safe(dtype)).any())
         return torch.stack([torch.stack(self.finite).all() if self.finite else torch.ones((), dtype=torch.bool),
                             torch.stack(self.beyond).any() if self.beyond else torch.zeros((), dtype=torch.bool),
-                            torch.stack(self.dead).any() if self.dead else torch.zeros((), dtype=torch.bool)])
+                            torch.cat([m.reshape(-1) for m in self.dead]).any() if self.dead
+                            else torch.zeros((), dtype=torch.bool)])
 
 
 def read_frames(program: StepProgram, inputs: StepTensors, traced: bool = False) -> Frames:
@@ -425,11 +432,26 @@ def read_frames(program: StepProgram, inputs: StepTensors, traced: bool = False)
 
     # Norm families taking the channel-scale step: h = g dL/dg (+ beta dL/dbeta), invariant.
     norm_dead, scale_inputs = [], []
-    probes.dead.extend(d.any() for d in neuron_dead)
+    for dead in neuron_dead:
+        probes.frozen(dead)
+    # A norm's gains frame its own channel step and every batch they scale: eager, stacked, tested and
+    # inverted once per step, keyed by the gain tensors (traced, no key: inductor reads them in place).
+    gain_frames: dict[Any, tuple[Any, Tensor, Tensor]] = {}
+    gamma_of: dict[tuple[Any, Side], Tensor] = {}
+
+    def gain_frame(gains: list[Tensor], dtype: torch.dtype) -> tuple[Any, Tensor, Tensor]:
+        key = None if traced else (tuple(map(id, gains)), dtype)
+        frame = gain_frames.get(key)
+        if frame is None:
+            stack = _stack(gains, dtype)
+            frame = (key, stack, probes.frozen(frozen_gains(stack)))
+            if key is not None:
+                gain_frames[key] = frame
+        return frame
+
     for batch, norm in zip(program.norms, inputs.norms):
-        gains, gain_grads = _stack(norm.gains, batch.dtype), checked(_stack(norm.gain_grads, batch.dtype))
-        dead = frozen_gains(gains)
-        probes.dead.append(dead.any())
+        _, gains, dead = gain_frame(norm.gains, batch.dtype)
+        gain_grads = checked(_stack(norm.gain_grads, batch.dtype))
         gains, dead = local_rows(gains, batch.shard), local_rows(dead, batch.shard)
         h = gains * gain_grads
         if batch.bias:
@@ -444,13 +466,15 @@ def read_frames(program: StepProgram, inputs: StepTensors, traced: bool = False)
         factors, dead, gain_count = [], [], 0
         for scale in batch.scales:
             if isinstance(scale, GainScale):
-                frame = _stack(tensors.gains[gain_count], batch.dtype)
+                key, frame, off = gain_frame(tensors.gains[gain_count], batch.dtype)
                 gain_count += 1
-                off = frozen_gains(frame)
             else:
-                frame, off = scales[scale.batch], neuron_dead[scale.batch]
-            probes.dead.append(off.any())
-            gamma = torch.where(off, 0.0, frame if scale.side is Side.MULTIPLIED else frame.reciprocal())
+                key, frame, off = ("neuron", scale.batch), scales[scale.batch], neuron_dead[scale.batch]
+            gamma = gamma_of.get((key, scale.side)) if key is not None else None
+            if gamma is None:
+                gamma = torch.where(off, 0.0, frame if scale.side is Side.MULTIPLIED else frame.reciprocal())
+                if key is not None:
+                    gamma_of[(key, scale.side)] = gamma
             factors.append(_on_axis(gamma, scale.axis, ndim, batch.shard))
             dead.append(_on_axis(off, scale.axis, ndim, batch.shard))
         gammas.append(factors)
@@ -572,7 +596,7 @@ class _ChannelTable(NamedTuple):
         stepped at rate ``lr_c = rate``: the channel step moves no consumer faster than its own group's
         rate, nor at more than the gain's (a group with lr 0 stays where it is on either side)."""
         gain_rate = self.rate.index_select(0, rows)
-        ratio = torch.where(gain_rate > 0, torch.clamp(rate / gain_rate, max=1.0), 0.0)
+        ratio = torch.minimum(rate, gain_rate).div_(gain_rate).nan_to_num_(nan=0.0)  # 0 / 0 where lr_g = 0
         return torch.exp(self.log_factor.index_select(0, rows) * ratio[:, None])
 
 
@@ -582,7 +606,6 @@ def _channel_tables(program: StepProgram, inputs: StepTensors, frames: Frames) -
     channels of its rows of the gains)."""
     rows: dict[int, list[tuple[Tensor, Tensor]]] = {}
     for n, (batch, norm) in enumerate(zip(program.norms, inputs.norms)):
-        norm.state["step"].add_(1)
         h = _clip(frames.scale_inputs[n], batch.dtype, owned=True)
         r = adam_direction_(h, norm.state["scale_exp_avg"], norm.state["scale_exp_avg_sq"], norm.scalars.rule)
         log_factor = r.mul_(-norm.scalars.lr).masked_fill_(frames.norm_dead[n], 0.0)
@@ -692,14 +715,16 @@ def write(program: StepProgram, inputs: StepTensors, frames: Frames, masked: boo
     Eager, a batch of elementwise Adam takes its moments and direction in torch's fused kernel
     (:func:`_fused_adam`), the rest the rule's own stacked math; both are Adam's formula."""
     collectives = inputs.collectives
+    # every batch's step counts, one operation (torch's fused kernel reads them for its bias corrections)
+    counts = [t.state["step"] for t in (*inputs.norms, *inputs.tensors) if "step" in t.state]
+    if counts:
+        torch._foreach_add_(counts, 1)
     tables = _channel_tables(program, inputs, frames)
     canonical = canonicalize(program, frames.grads, frames.gammas, collectives) if traced else frames.canonical
     held: list[_Held] = []
     for b, (batch, tensors) in enumerate(zip(program.tensors, inputs.tensors)):
         ndim, members = len(batch.shape), batch.members
         lr, decay = tensors.scalars.lr, tensors.scalars.decay
-        if "step" in tensors.state:
-            tensors.state["step"].add_(1)
         gradient = canonical[b]
         # a list of members' canonical gradients is the user's gradients themselves where no gradient
         # factor acts; a stack is always the step's own
