@@ -311,37 +311,36 @@ class _Probes:
     canonical gradient beyond :func:`~gaugeopt.optim.rules.square_safe` (so the write clips them),
     some channel or unit dead.
 
-    Eager, a tensor's probe is its Euclidean norm ``|x|_2`` (one pass, one operation per stack or per
-    list of members; torch's CPU kernels take it about as fast as ``aminmax`` and over 10x faster
-    than the largest magnitude ``|x|_inf``). It bounds the largest magnitude, ``|x|_inf <= |x|_2``,
-    and is finite exactly when every entry is, unless the sum of squares of finite entries
-    overflows. Both errors are on the safe side: a norm beyond ``square_safe`` whose entries are
-    not only clips entries that the clip leaves as they are, and an overflowed norm sends the caller
-    to its per-parameter scan, which finds every gradient finite and clips
-    (:meth:`~gaugeopt.optim.base.FramedOptimizer.step`). Traced, the tests are exact:
+    Eager, a tensor's probe is its Euclidean norm ``|x|_2``, taken for every tensor probed in one
+    multi-tensor operation per dtype (torch's CPU kernels take a norm about as fast as ``aminmax``
+    and over 10x faster than the largest magnitude ``|x|_inf``). It bounds the largest magnitude,
+    ``|x|_inf <= |x|_2``, and is finite exactly when every entry is, unless the sum of squares of
+    finite entries overflows. Both errors are on the safe side: a norm beyond ``square_safe`` whose
+    entries are not only clips entries that the clip leaves as they are, and an overflowed norm sends
+    the caller to its per-parameter scan, which finds every gradient finite and clips
+    (:meth:`~gaugeopt.optim.base.FramedOptimizer.step`). Traced, the tests of a stack are exact:
     ``isfinite(x).all()`` and ``(|x| > bound).any()`` (inductor fuses the two into one loop)."""
 
     def __init__(self, traced: bool):
         self.traced = traced
-        self.norms: dict[torch.dtype, list[Tensor]] = {}
+        self.probed: dict[tuple[torch.dtype, bool], list[Tensor]] = {}  # by dtype and bounded, for their norms
         self.finite: list[Tensor] = []
         self.beyond: list[Tensor] = []
         self.dead: list[Tensor] = []  # frozen-unit and frozen-channel masks (eager: each once)
 
     def check(self, values: Tensor | list[Tensor], bounded: bool = False) -> None:
         """Probe ``values`` (a stack, or a list of member tensors) for finiteness, and for entries
-        beyond ``square_safe`` if ``bounded``."""
-        if isinstance(values, list):
-            values = [v for v in values if v.numel()]
-            if values:
-                self._eager(torch.stack(torch._foreach_norm(values)), bounded)
-        elif values.numel():
-            if not self.traced:
-                self._eager(torch.linalg.vector_norm(values).reshape(1), bounded)
-                return
-            self.finite.append(torch.isfinite(values).all())
-            if bounded:
-                self.beyond.append((values.abs() > square_safe(values.dtype)).any())
+        beyond ``square_safe`` if ``bounded``. The tensors are read when :meth:`flags` is taken: not
+        written before."""
+        if isinstance(values, Tensor) and self.traced:
+            if values.numel():
+                self.finite.append(torch.isfinite(values).all())
+                if bounded:
+                    self.beyond.append((values.abs() > square_safe(values.dtype)).any())
+            return
+        for value in (values if isinstance(values, list) else [values]):
+            if value.numel():
+                self.probed.setdefault((value.dtype, bounded), []).append(value)
 
     def frozen(self, mask: Tensor) -> Tensor:
         """Count ``mask``'s frozen channels or units in the step's flag; returns it."""
@@ -349,17 +348,12 @@ class _Probes:
             self.dead.append(mask)
         return mask
 
-    def _eager(self, norms: Tensor, bounded: bool) -> None:
-        if bounded:
-            self.norms.setdefault(norms.dtype, []).append(norms)
-        else:
-            self.finite.append(finite_nonnegative(norms).all())
-
     def flags(self) -> Tensor:
-        for dtype, values in self.norms.items():
-            norms = torch.cat(values)
+        for (dtype, bounded), values in self.probed.items():
+            norms = torch.stack(torch._foreach_norm(values))
             self.finite.append(finite_nonnegative(norms).all())
-            self.beyond.append((norms > square_safe(dtype)).any())
+            if bounded:
+                self.beyond.append((norms > square_safe(dtype)).any())
         return torch.stack([torch.stack(self.finite).all() if self.finite else torch.ones((), dtype=torch.bool),
                             torch.stack(self.beyond).any() if self.beyond else torch.zeros((), dtype=torch.bool),
                             torch.cat([m.reshape(-1) for m in self.dead]).any() if self.dead
