@@ -389,3 +389,39 @@ def test_symmetry_compatible_steps_a_group_without_a_rule_by_adamw_and_says_so()
     assert temperature.item() == pytest.approx(twin.item(), rel=1e-12)
     with pytest.raises(ValueError, match="no 'rule'"):
         SymmetryCompatible([{"params": [temperature]}])
+
+
+def test_a_consumer_takes_at_most_its_own_groups_share_of_a_channel_step():
+    """The share of a gain's channel step ``exp(-lr_g r)`` that a consumer stepped at ``lr_c`` takes:
+    ``min(lr_c, lr_g) / lr_g``; none where the gain's group or the consumer's has lr 0."""
+    from gaugeopt.optim.step import channel_shares
+
+    assert channel_shares(0.01, [0.02, 0.01, 0.005, 0.0, None]) == [0.5, 1.0, 1.0, 0.0, 0.0]
+    assert channel_shares(0.0, [0.02, 0.0]) == [0.0, 0.0]
+
+
+def test_the_channel_step_moves_no_consumer_at_lr_0_and_none_through_gains_at_lr_0():
+    """The channel step acts on the columns of a norm's consumers: a consumer group at lr 0 stays
+    exactly where it is while the rest trains; with the gains' group at lr 0 the channel step is
+    no step at all (the trajectory without it, to rounding: the write then orders its products
+    differently)."""
+    model, gauges, batches = lm()
+    frozen = {n for n, _ in model.named_parameters() if ".attn.q_proj." in n or ".attn.k_proj." in n}
+    groups = [{"params": [p for n, p in model.named_parameters() if n in frozen], "lr": 0.0},
+              {"params": [p for n, p in model.named_parameters() if n not in frozen], "lr": 1e-2}]
+    before = copy.deepcopy(dict(model.named_parameters()))
+    train(model, DDCAdam(groups, gauges, weight_decay=0.1), batches, steps=2)
+    after = dict(model.named_parameters())
+    assert all(torch.equal(before[n], after[n]) for n in frozen)
+    assert not torch.equal(before["blocks.0.attn.v_proj.weight"], after["blocks.0.attn.v_proj.weight"])
+
+    runs = []
+    for channel_step in (True, False):
+        model, gauges, batches = lm()
+        gains = {n for n, _ in model.named_parameters() if "norm" in n}
+        groups = [{"params": [p for n, p in model.named_parameters() if n in gains], "lr": 0.0},
+                  {"params": [p for n, p in model.named_parameters() if n not in gains], "lr": 1e-2}]
+        train(model, DDCAdam(groups, gauges, weight_decay=0.1, norm_scale_step=channel_step), batches, steps=2)
+        runs.append(dict(model.named_parameters()))
+    for name in runs[0]:
+        torch.testing.assert_close(runs[0][name], runs[1][name], rtol=1e-12, atol=1e-15)

@@ -197,12 +197,14 @@ class StepProgram:
 @dataclass
 class TensorMembers:
     """The parameters of a tensor batch, their param group, per :class:`GainScale` the members' gain
-    names, and each member's row in the channel-factor table of its width (None: no channel step)."""
+    names, and each member's row in the channel-factor table of its width (None: no channel step)
+    and the param group of the gain whose channel step that row is (None: the row of ones)."""
 
     params: list[Tensor]
     group: int
     gains: list[list[str]]
     channel_rows: Tensor | None
+    channel_groups: tuple[int | None, ...] = ()
 
 
 @dataclass
@@ -403,6 +405,7 @@ class _Norms:
     groups: list[int]
     row: dict[str, int]  # norm family -> its row in the channel-factor table of its width
     rows: dict[int, int]  # width -> rows of that table before its row of ones
+    group: dict[str, int]  # norm family -> the param group of its gain (which sets the channel step's rate)
 
 
 def _sort_norms(plan: FramePlan, lookup: Mapping[str, Tensor], group_of: Mapping[str, int],
@@ -415,13 +418,14 @@ def _sort_norms(plan: FramePlan, lookup: Mapping[str, Tensor], group_of: Mapping
             bias = f.bias is not None and active.get(f.bias, False)
             key = (f.units, gain.dtype, gain.device, group_of[f.gain], bias, None if stack else f.name)
             sorted_.setdefault(key, []).append(f)
-    out = _Norms([], [], {}, {})
+    out = _Norms([], [], {}, {}, {})
     for (units, dtype, _, group, bias, _), families in sorted_.items():
         shard = RowShard.of(units, *ranks) if ranks is not None else None
         out.batches.append((NormBatch(len(families), units, compute_dtype(lookup[families[0].gain]), bias, shard),
                             families))
         out.groups.append(group)
         for f in families:
+            out.group[f.name] = group
             out.row[f.name] = out.rows.get(units, 0)
             out.rows[units] = out.row[f.name] + 1
     return out
@@ -473,7 +477,7 @@ def _sort_tensors(groups: Sequence[Mapping[str, Any]], names: Mapping[int, str],
         frame = plan.frame(member_names[0]) if member_names[0] is not None else None
         scales: list[AxisScale] = []
         gains: list[list[str]] = []
-        channel, channel_rows = None, None
+        channel, channel_rows, channel_groups = None, None, ()
         for axis, action in (frame.scaled if frame is not None else ()):
             if action.kind is Scaling.NEURON:
                 scales.append(NeuronScale(axis, action.side, neuron.batch_of[action.family]))
@@ -484,6 +488,7 @@ def _sort_tensors(groups: Sequence[Mapping[str, Any]], names: Mapping[int, str],
             if action.side is Side.DIVIDED and any(f in norm.row for f in families):
                 rows = [norm.row.get(f, norm.rows[first.shape[axis]]) for f in families]
                 channel, channel_rows = axis, torch.tensor(rows, device=first.device)
+                channel_groups = tuple(norm.group.get(f) for f in families)
         rebalance = role if role is not None and neuron.batches[role.batch].rebalance else None
         centered = frame is not None and frame.centered
         dtype = compute_dtype(first)
@@ -494,5 +499,5 @@ def _sort_tensors(groups: Sequence[Mapping[str, Any]], names: Mapping[int, str],
         batch = TensorBatch(len(params), shapes.frame, dtype, first.dtype, rules[group], tuple(scales),
                             channel, centered, residual, stacked, rebalance, role if stacked else None,
                             shapes.own if shapes.frame != shapes.own else None, shapes.shard)
-        out.batches.append((batch, TensorMembers(params, group, gains, channel_rows)))
+        out.batches.append((batch, TensorMembers(params, group, gains, channel_rows, channel_groups)))
     return out

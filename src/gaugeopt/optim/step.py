@@ -77,12 +77,15 @@ class BatchScalars(NamedTuple):
     """A batch's numbers for this step, as tensors in its compute dtype: the learning rate, the decay
     factor ``1 - lr wd`` (norm batches: unused, 1), the rule's scalars (:meth:`Rule.scalars`; also
     kept as host numbers in :attr:`TensorInputs.numbers` for a rule given its members' gradients) and
-    the rate of the lifted direction, ``lr`` times the rule's :meth:`~gaugeopt.optim.rules.Rule.rate_factor`."""
+    the rate of the lifted direction, ``lr`` times the rule's :meth:`~gaugeopt.optim.rules.Rule.rate_factor`;
+    for a batch that a channel step scales, per member the share of its gain's channel step it takes
+    (:func:`channel_shares`; empty otherwise)."""
 
     lr: Tensor
     decay: Tensor
     rule: Sequence[Tensor]
     rate: Tensor
+    channel_share: Tensor | Sequence[float] = ()
 
 
 class TensorInputs(NamedTuple):
@@ -192,8 +195,10 @@ def with_state(layout: StepLayout, inputs: StepTensors, groups: Sequence[Mapping
         lr = float(group["lr"])
         numbers = batch.rule.scalars(group, steps)
         rate = lr * batch.rule.rate_factor(batch.rule_shape or batch.shape, batch.residual)
+        share = channel_shares(lr, [None if g is None else float(groups[g]["lr"]) for g in members.channel_groups]) \
+            if members.channel_groups else ()
         numbers_of.append(((batch.dtype, t.params[0].device),
-                           BatchScalars(lr, 1 - lr * float(group["weight_decay"]), numbers, rate)))
+                           BatchScalars(lr, 1 - lr * float(group["weight_decay"]), numbers, rate, share)))
         tensors.append(t._replace(state=buffers, group=group, numbers=numbers))
     norms = []
     for n, (batch, members, t) in enumerate(zip(layout.program.norms, layout.norms, inputs.norms)):
@@ -207,6 +212,15 @@ def with_state(layout: StepLayout, inputs: StepTensors, groups: Sequence[Mapping
     tensors = [t._replace(scalars=x) for t, x in zip(tensors, scalars)]
     norms = [t._replace(scalars=x) for t, x in zip(norms, scalars[len(tensors):])]
     return inputs._replace(tensors=tensors, norms=norms)
+
+
+def channel_shares(lr: float, gain_lrs: Sequence[float | None]) -> list[float]:
+    """Per member of a batch stepped at rate ``lr_c = lr``, the share ``min(lr_c, lr_g) / lr_g`` of
+    its gain's channel step ``exp(-lr_g r)`` that it takes (``lr_g``: the gain's group rate; 0 where
+    that is 0 or the member's norm takes no step, ``None``): the channel step moves no consumer faster
+    than its own group's rate, nor at more than the gain's, and a group with lr 0 stays where it is
+    on either side."""
+    return [min(lr, g) / g if g else 0.0 for g in gain_lrs]
 
 
 def _uploaded(numbers_of: Sequence[tuple[tuple[torch.dtype, torch.device], BatchScalars]], tables: ScalarTables
@@ -579,39 +593,33 @@ class _Held(NamedTuple):
 
 class _ChannelTable(NamedTuple):
     """The channel-scale steps of the norm batches of one width, stacked in program order, then a row
-    for consumers whose norm takes no step: ``log_factor = -lr_g r`` per channel (0 in that row) and
-    the rate ``lr_g`` of each row's gain (0 in that row)."""
+    for consumers whose norm takes no step: ``log_factor = -lr_g r`` per channel (0 in that row)."""
 
     log_factor: Tensor
-    rate: Tensor
 
-    def factors(self, rows: Tensor, rate: Tensor) -> Tensor:
-        """The factors ``exp(-min(lr_g, lr_c) r)`` of the channels of table ``rows`` for a consumer
-        stepped at rate ``lr_c = rate``: the channel step moves no consumer faster than its own group's
-        rate, nor at more than the gain's (a group with lr 0 stays where it is on either side)."""
-        gain_rate = self.rate.index_select(0, rows)
-        ratio = torch.minimum(rate, gain_rate).div_(gain_rate).nan_to_num_(nan=0.0)  # 0 / 0 where lr_g = 0
-        return torch.exp(self.log_factor.index_select(0, rows) * ratio[:, None])
+    def factors(self, rows: Tensor, share: Tensor) -> Tensor:
+        """The factors ``exp(-min(lr_g, lr_c) r)`` of the channels of table ``rows`` for the members of
+        a consumer, which take the ``share`` ``min(lr_g, lr_c) / lr_g`` of their rows' steps
+        (:func:`channel_shares`)."""
+        return torch.exp(self.log_factor.index_select(0, rows) * share[:, None])
 
 
 def _channel_tables(program: StepProgram, inputs: StepTensors, frames: Frames) -> dict[int, _ChannelTable]:
     """Per channel width, the :class:`_ChannelTable` of the norm batches of that width: ``r`` is
     Adam's direction for the invariant ``h``, with the gains' group settings (each rank steps the
     channels of its rows of the gains)."""
-    rows: dict[int, list[tuple[Tensor, Tensor]]] = {}
+    rows: dict[int, list[Tensor]] = {}
     for n, (batch, norm) in enumerate(zip(program.norms, inputs.norms)):
         h = _clip(frames.scale_inputs[n], batch.dtype, owned=True)
         r = adam_direction_(h, norm.state["scale_exp_avg"], norm.state["scale_exp_avg_sq"], norm.scalars.rule)
         log_factor = r.mul_(-norm.scalars.lr).masked_fill_(frames.norm_dead[n], 0.0)
-        rows.setdefault(batch.units, []).append((global_units(log_factor, 0, batch.shard),
-                                                 norm.scalars.lr.expand(batch.members)))
+        rows.setdefault(batch.units, []).append(global_units(log_factor, 0, batch.shard))
     # on shards each rank has its channels' log-factors at their places, zeros elsewhere: one round
-    summed = iter(inputs.collectives.sum([log_factor for parts in rows.values() for log_factor, _ in parts]))
+    summed = iter(inputs.collectives.sum([log_factor for parts in rows.values() for log_factor in parts]))
     tables = {}
     for width, parts in rows.items():
         logs = [next(summed) for _ in parts]
-        tables[width] = _ChannelTable(torch.cat([*logs, torch.zeros_like(logs[0][:1])]),
-                                      torch.cat([*(rate for _, rate in parts), torch.zeros_like(parts[0][1][:1])]))
+        tables[width] = _ChannelTable(torch.cat([*logs, torch.zeros_like(logs[0][:1])]))
     return tables
 
 
@@ -727,7 +735,8 @@ def write(program: StepProgram, inputs: StepTensors, frames: Frames, masked: boo
             gradient, owned = _clip(gradient, batch.dtype, owned), True
         factors = list(frames.gammas[b])
         if batch.channel is not None:
-            e = _on_axis(tables[batch.shape[batch.channel]].factors(tensors.channel_rows, lr), batch.channel, ndim,
+            table = tables[batch.shape[batch.channel]]
+            e = _on_axis(table.factors(tensors.channel_rows, tensors.scalars.channel_share), batch.channel, ndim,
                          batch.shard)
             factors.append(e)
             decay = decay * e
