@@ -480,7 +480,8 @@ def read_frames(program: StepProgram, inputs: StepTensors, traced: bool = False)
                 key, frame, off = ("neuron", scale.batch), scales[scale.batch], neuron_dead[scale.batch]
             gamma = gamma_of.get((key, scale.side)) if key is not None else None
             if gamma is None:
-                gamma = torch.where(off, 0.0, frame if scale.side is Side.MULTIPLIED else frame.reciprocal())
+                gamma = frame.masked_fill(off, 0.0) if scale.side is Side.MULTIPLIED else \
+                    frame.reciprocal().masked_fill_(off, 0.0)
                 if key is not None:
                     gamma_of[(key, scale.side)] = gamma
             factors.append(_on_axis(gamma, scale.axis, ndim, batch.shard))
