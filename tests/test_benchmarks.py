@@ -159,6 +159,27 @@ def test_a_translated_lm_head_costs_no_more_than_adamws_step():
     assert bytes_of["DDCAdam"] < bytes_of["AdamW"] and bytes_of["DDCMuon"] < bytes_of["torch"]
 
 
+def test_step_timings_record_each_steps_page_faults_with_malloc_keeping_freed_memory():
+    """The timing harness fixes glibc's malloc thresholds (where the C library is glibc) and records
+    the minor page faults of every timed step, per optimizer."""
+    import importlib.util
+    import platform
+
+    from benchmarks.optimizer_steps import adamw, compare, ddc_adam, keep_freed_memory
+
+    setting = keep_freed_memory()
+    if platform.libc_ver()[0] == "glibc":
+        assert setting is not None and "M_TRIM_THRESHOLD" in setting and "M_MMAP_THRESHOLD" in setting
+    row = compare(32, {"AdamW (foreach)": adamw, "DDCAdam": ddc_adam}, warmup=1, rounds=3)
+    unix = importlib.util.find_spec("resource") is not None
+    for timing in row["optimizers"].values():
+        assert len(timing["step_s"]) == 3
+        if unix:
+            assert len(timing["page_faults"]) == 3 and all(f >= 0 for f in timing["page_faults"])
+        else:
+            assert timing["page_faults"] is None
+
+
 @pytest.mark.slow
 def test_quick_run_writes_a_report_from_its_measurements(tmp_path):
     torch.set_num_threads(1)
