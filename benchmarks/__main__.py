@@ -33,9 +33,9 @@ from .optimizer_steps import (
     ddc_adam_compiled,
     ddc_adam_stacked,
     ddc_muon,
+    keep_freed_memory,
     muon_with_adamw_reference,
     muon_with_adamw_torch,
-    keep_freed_memory,
     symmetry_compatible,
 )
 from .report import MUON, STACKED, STACKED_MUON, fitted_exponent, plot_scaling, render

@@ -73,7 +73,7 @@ def test_a_blocking_upload_counts_as_a_host_read_and_the_steps_scalars_are_not_o
     """A copy from the CPU to a device that is not ``non_blocking`` waits for the device's queue (the
     meta device stands in for an accelerator); the step's table of numbers is uploaded without it."""
     from gaugeopt.optim.step import BatchScalars
-    from gaugeopt.optim.storage import as_tensors
+    from gaugeopt.optim.storage import ScalarTables
 
     with DispatchCounter() as counter:
         torch.ones(3).to("meta")
@@ -83,7 +83,8 @@ def test_a_blocking_upload_counts_as_a_host_read_and_the_steps_scalars_are_not_o
     assert counter.reads == {"aten._to_copy.default from cpu, blocking": 1, "aten.copy_.default from cpu, blocking": 1,
                              "torch.tensor to meta, blocking": 1}
     with DispatchCounter() as counter:
-        scalars = as_tensors(BatchScalars(0.1, 0.99, (0.05, [1.0, 2.0]), 0.2), torch.float32, torch.device("meta"))
+        scalars = ScalarTables().upload(BatchScalars(0.1, 0.99, (0.05, [1.0, 2.0]), 0.2), torch.float32,
+                                        torch.device("meta"))
     assert counter.host_reads == 0 and scalars.lr.device.type == "meta" and scalars.rule[1].shape == (2,)
 
 

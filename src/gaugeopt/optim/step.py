@@ -727,7 +727,7 @@ def write(program: StepProgram, inputs: StepTensors, frames: Frames, masked: boo
     held: list[_Held] = []
     for b, (batch, tensors) in enumerate(zip(program.tensors, inputs.tensors)):
         ndim, members = len(batch.shape), batch.members
-        lr, decay = tensors.scalars.lr, tensors.scalars.decay
+        decay = tensors.scalars.decay
         gradient = canonical[b]
         # a list of members' canonical gradients is the user's gradients themselves where no gradient
         # factor acts; a stack is always the step's own

@@ -25,7 +25,7 @@ from torch import Tensor
 from .guards import compute_dtype
 from .shards import local_tensor, shard_like
 
-__all__ = ["ScalarTables", "StackedState", "as_tensors", "move_into_stack", "owns_its_memory", "stacked_view"]
+__all__ = ["ScalarTables", "StackedState", "move_into_stack", "owns_its_memory", "stacked_view"]
 
 
 class StackedState:
@@ -133,11 +133,6 @@ class ScalarTables:
             table = self._tables[key] = torch.empty(host.numel(), dtype=dtype, device=device)
         table.copy_(host, non_blocking=True)
         return _sliced(values, spans, table)
-
-
-def as_tensors(values: Any, dtype: torch.dtype, device: torch.device) -> Any:
-    """:meth:`ScalarTables.upload` into a table of its own."""
-    return ScalarTables().upload(values, dtype, device)
 
 
 def _flattened(values: Any) -> tuple[list[float], Any]:
