@@ -231,16 +231,17 @@ def _value_clip(model):
     torch.nn.utils.clip_grad_value_(model.parameters(), 0.02)
 
 
+@pytest.mark.parametrize("held", [False, True], ids=["", "stack_parameters"])
 @pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
-def test_compiled_and_eager_steps_agree_under_clipping_and_a_schedule_compiles_once(optimizer):
+def test_compiled_and_eager_steps_agree_under_clipping_and_a_schedule_compiles_once(optimizer, held):
     """Ten steps with both clippings alternating and a OneCycleLR schedule of lr and betas (momentum
-    for Muon): the compiled run equals the eager one to 1e-12, and no graph is compiled after the
-    first step."""
+    for Muon): the compiled run (parameters and gradients held in stacked buffers or not) equals the
+    default eager one to 1e-12, and no graph is compiled after the first step."""
     model, gauges, batches = _lm(layers=2)  # two layers: the compiled step stacks Muon's batches
     runs = {}
     for compiled in (False, True):
         m = copy.deepcopy(model)
-        opt = OPTIMIZERS[optimizer](m, gauges.bind(m), compiled=compiled)
+        opt = OPTIMIZERS[optimizer](m, gauges.bind(m), compiled=compiled, stack_parameters=held and compiled)
         schedule = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[2 * g["lr"] for g in opt.param_groups],
                                                        total_steps=10, cycle_momentum=True, base_momentum=0.85,
                                                        max_momentum=0.95)

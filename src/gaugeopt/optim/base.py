@@ -40,7 +40,7 @@ from .program import StepLayout, build_program
 from .rules import Rule
 from .shards import LOCAL
 from .step import CHANNEL_STATE, step_inputs, with_state
-from .storage import ScalarTables, StackedState, move_into_stack, owns_its_memory, stacked_view
+from .storage import ScalarTables, StackedState, hold_gradients, move_into_stack, owns_its_memory, stacked_view
 
 __all__ = ["FramedOptimizer", "FrozenUnits", "SplitRow"]
 
@@ -85,10 +85,11 @@ class FramedOptimizer(GuardedOptimizer):
         nonfinite: ``"raise"`` or ``"skip"`` (:mod:`gaugeopt.optim.guards`).
         compiled: run the step's two phases compiled by ``torch.compile`` (the same functions as the
             eager step; equal up to rounding).
-        stack_parameters: hold the parameters of each batch the step computes on a stack (isolated
-            neuron pairs, translated tensors) or whose direction is a stack (Muon's) as slices of one
-            buffer (:mod:`gaugeopt.optim.storage`), so the eager step updates them in place, in
-            stacked operations, instead of stacking a copy and copying back.
+        stack_parameters: hold the parameters of each batch, and their gradients, as slices of one
+            buffer per batch (:mod:`gaugeopt.optim.storage`), so the step reads them where they are
+            and updates them in place, in stacked operations, instead of stacking copies and copying
+            back; compiled, the step is then one program per shape, whatever the depth.
+            :meth:`zero_grad` zeroes held gradients in place.
     """
 
     #: Caches rebuilt on demand: the step's layout and stacked state, parameter ids (new in a copy).
@@ -316,11 +317,42 @@ class FramedOptimizer(GuardedOptimizer):
             self._layout = build_program(self.param_groups, self._names, self._lookup, self.plan, rules,
                                          channel_step=self.channel_step,
                                          edge_scale=self.edge_scale,
-                                         stack=not self.compiled or ranks is not None, ranks=ranks)
+                                         stack=not self.compiled or self.stack_parameters or ranks is not None,
+                                         ranks=ranks)
             self._layout_key = key
             if self.stack_parameters and ranks is None:
-                _hold_stacked(self._layout)
+                _hold_stacked(self._layout, self._lookup)
         return self._layout
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """As ``torch.optim.Optimizer.zero_grad``, but with ``stack_parameters=True`` the gradients held
+        in one buffer per batch are zeroed in place, one operation per buffer, and stay its slices (as
+        ``set_to_none=False`` keeps them): the next backward accumulates into the buffer, where the step
+        reads them without stacking a copy. (A parameter that then gets no gradient is stepped on a
+        zero one, as after torch's ``zero_grad(set_to_none=False)``.)"""
+        zeroed: set[int] = set()
+        if self.stack_parameters and self._layout is not None:
+            for params in _held_lists(self._layout, self._lookup):
+                grads = [p.grad for p in params]
+                view = stacked_view(grads) if all(g is not None for g in grads) else None
+                if view is not None:
+                    view.zero_()
+                    zeroed.update(id(p) for p in params)
+        if not zeroed:
+            super().zero_grad(set_to_none)
+            return
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None or id(p) in zeroed:
+                    continue
+                if set_to_none:
+                    p.grad = None
+                else:
+                    if p.grad.grad_fn is not None:
+                        p.grad.detach_()
+                    else:
+                        p.grad.requires_grad_(False)
+                    p.grad.zero_()
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None):
@@ -345,6 +377,8 @@ class FramedOptimizer(GuardedOptimizer):
         rules = [self.rule_for(group) for group in self.param_groups]
         layout = self._current_layout(rules, shards.ranks if shards is not None else None)
         gains = whole_by_name([f.gain for f in self.plan.norms], self._lookup, shards)  # {} in one process
+        if self.stack_parameters and shards is None:
+            _hold_gradients(layout, self._lookup)
         inputs = step_inputs(layout, self._lookup, gains, shards.collectives if shards is not None else LOCAL)
         runner = self._runner if compiled else _EAGER
         frames = runner.read(layout.program, inputs)
@@ -357,6 +391,9 @@ class FramedOptimizer(GuardedOptimizer):
             beyond = True  # finite gradients: a canonical value or a probe's sum of squares overflowed; clip
         inputs = with_state(layout, inputs, self.param_groups, self.state, self._stacked, self._scalars)
         runner.write(layout.program, inputs, frames, masked=bool(any_dead), clip=bool(beyond))
+        for members, tensors in zip(layout.tensors, inputs.tensors):
+            if isinstance(tensors.params, Tensor):  # written through their buffer: each marked, as a copy marks it
+                torch.autograd.graph.increment_version(members.params)
         self._stacked.settle()
         self._report_frozen(layout, frames if any_dead else None, gains)
         return loss
@@ -395,18 +432,38 @@ class FramedOptimizer(GuardedOptimizer):
         return list(self._frozen_rows)
 
 
-def _hold_stacked(layout: StepLayout) -> None:
-    """Give the members of every batch the step computes on a stack, or whose rule's direction is a
-    stack (Muon's), one buffer (:func:`~gaugeopt.optim.storage.move_into_stack`), unless they
-    already lie in one. Only
-    parameters that own their memory whole are moved: one that is a view of memory someone else
-    holds (FSDP1's flat parameters, a user's own buffer) keeps it, and its batch is stacked as a copy."""
-    for batch, members in zip(layout.program.tensors, layout.tensors):
-        params = members.params
-        if (batch.stacked or batch.rule.matrix_products) and batch.members > 1 and batch.dtype == batch.param_dtype and \
-                len({(tuple(p.shape), p.device) for p in params}) == 1 and stacked_view(params) is None and \
+def _held_lists(layout: StepLayout, lookup: Mapping[str, Tensor]) -> list[list[Tensor]]:
+    """The parameter lists ``stack_parameters=True`` holds in one buffer each: every tensor batch of
+    more than one member in its parameters' dtype, the gains and biases of every norm batch, and the
+    gains only read as frames (no channel step)."""
+    lists = [members.params for batch, members in zip(layout.program.tensors, layout.tensors)
+             if batch.members > 1 and batch.dtype == batch.param_dtype]
+    for batch, members in zip(layout.program.norms, layout.norms):
+        if batch.members > 1:
+            lists.append(members.gains)
+            if batch.bias:
+                lists.append([lookup[f.bias] for f in members.families])
+    return lists + [params for params in layout.checked if len(params) > 1]
+
+
+def _hold_stacked(layout: StepLayout, lookup: Mapping[str, Tensor]) -> None:
+    """Give each list of :func:`_held_lists` one buffer (:func:`~gaugeopt.optim.storage.move_into_stack`),
+    unless it lies in one already. Only parameters that own their memory whole are moved: one that
+    is a view of memory someone else holds (FSDP1's flat parameters, a user's own buffer) keeps it,
+    and its batch is stacked as a copy."""
+    for params in _held_lists(layout, lookup):
+        if len({(tuple(p.shape), p.dtype, p.device) for p in params}) == 1 and stacked_view(params) is None and \
                 all(owns_its_memory(p) for p in params):
             move_into_stack(params)
+
+
+def _hold_gradients(layout: StepLayout, lookup: Mapping[str, Tensor]) -> None:
+    """The gradients of every held list as slices of one buffer (:func:`~gaugeopt.optim.storage.hold_gradients`):
+    a copy where backward made new ones (after ``zero_grad(set_to_none=True)`` elsewhere), nothing
+    where it accumulated into the held ones."""
+    for params in _held_lists(layout, lookup):
+        if stacked_view(params) is not None:
+            hold_gradients(params)
 
 
 def _kind(keys: tuple[str, ...], shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:

@@ -56,7 +56,7 @@ from .frames import finite_nonnegative, frozen_gains, neuron_frames, unit_square
 from .program import GainFactor, GainScale, NeuronRole, PairRole, StepLayout, StepProgram, TensorBatch
 from .rules import Adam, adam_direction_, square_safe
 from .shards import LOCAL, Collectives, RowShard, global_units, local_rows, local_tensor
-from .storage import ScalarTables, StackedState, stacked_view
+from .storage import ScalarTables, StackedState, stacked_rows, stacked_view
 from .symmetry import Side
 
 __all__ = ["CHANNEL_ADAM", "CHANNEL_STATE", "BatchScalars", "TensorInputs", "NormInputs", "NeuronInputs",
@@ -88,10 +88,16 @@ class BatchScalars(NamedTuple):
     channel_share: Tensor | Sequence[float] = ()
 
 
+#: A batch's members: their list, or the ``(L, ...)`` stack of them where they lie in one buffer
+#: (:func:`~gaugeopt.optim.storage.stacked_view`, no copy; writing it writes them; read-only gains:
+#: gathered from it, a copy).
+Members = Tensor | list[Tensor]
+
+
 class TensorInputs(NamedTuple):
-    params: list[Tensor]
-    grads: list[Tensor]
-    gains: list[list[Tensor]]  # per GainScale of the batch, the members' gains
+    params: Members
+    grads: Members
+    gains: list[Members]  # per GainScale of the batch, the members' gains
     channel_rows: Tensor | None  # each member's row in the channel-factor table of its width
     state: dict[str, Tensor]  # stacked buffers
     scalars: BatchScalars | None
@@ -100,17 +106,17 @@ class TensorInputs(NamedTuple):
 
 
 class NormInputs(NamedTuple):
-    gains: list[Tensor]
-    gain_grads: list[Tensor]
-    biases: list[Tensor]
-    bias_grads: list[Tensor]
+    gains: Members
+    gain_grads: Members
+    biases: Members
+    bias_grads: Members
     state: dict[str, Tensor]
     scalars: BatchScalars | None
 
 
 class NeuronInputs(NamedTuple):
-    params: list[list[Tensor]]  # per role, the members' tensors
-    gains: list[list[list[Tensor]]]  # per role, per GainFactor, the members' gains
+    params: list[Members]  # per role, the members' tensors
+    gains: list[list[Members]]  # per role, per GainFactor, the members' gains
 
 
 class StepTensors(NamedTuple):
@@ -120,7 +126,7 @@ class StepTensors(NamedTuple):
     tensors: list[TensorInputs]
     norms: list[NormInputs]
     neurons: list[NeuronInputs]
-    checked: list[list[Tensor]]  # gradients only checked for finiteness (gains without a channel step)
+    checked: list[Members]  # gradients only checked for finiteness (gains without a channel step)
     collectives: Collectives = LOCAL  # how a step on row shards sums over the ranks (gaugeopt.optim.shards)
 
 
@@ -147,38 +153,62 @@ class Frames(NamedTuple):
 def step_inputs(layout: StepLayout, lookup: Mapping[str, Tensor], whole: Mapping[str, Tensor] = {},
                 collectives: Collectives = LOCAL) -> StepTensors:
     """This step's parameters, gradients and gains (``lookup``: name -> tensor to read), each
-    parameter and gradient in its batch's frame shape (a view where that is not its own). On row
-    shards every tensor is this rank's rows, but the norm gains read as frames, which are
-    ``whole[name]``, and ``collectives`` sums over the ranks."""
+    parameter and gradient in its batch's frame shape (a view where that is not its own); members
+    that lie one after another in one buffer as its view (:data:`Members`), gains that lie in one
+    buffer in another order gathered from it. On row shards every tensor is this rank's rows, but
+    the norm gains read as frames, which are ``whole[name]``, and ``collectives`` sums over the ranks."""
     program = layout.program
 
-    def framed(ts: list[Tensor], shape: tuple[int, ...]) -> list[Tensor]:
+    def framed(ts: list[Tensor], shape: tuple[int, ...]) -> Members:
         ts = [local_tensor(t) for t in ts]
-        return [t if t.shape == shape else t.view(shape) for t in ts]
+        return _members_or_stack([t if t.shape == shape else t.view(shape) for t in ts])
 
     def read(name: str) -> Tensor:
         t = local_tensor(lookup[name])
         return t if name not in layout.views else t.view(layout.views[name])
 
-    def gain(name: str) -> Tensor:
-        return whole[name] if name in whole else lookup[name]
+    gathered: dict[tuple[str, ...], Members] = {}  # one stack per list of gains (eager: framed once)
 
-    def grads(ts: list[Tensor]) -> list[Tensor]:
-        return [local_tensor(t.grad) for t in ts]
+    def gains(names: Sequence[str]) -> Members:
+        key = tuple(names)
+        if key not in gathered:
+            gathered[key] = _members_or_stack([whole[n] if n in whole else lookup[n] for n in names], gather=True)
+        return gathered[key]
+
+    def grads(ts: list[Tensor]) -> Members:
+        return _members_or_stack([local_tensor(t.grad) for t in ts])
 
     tensors = [TensorInputs(framed(members.params, batch.shape), framed([p.grad for p in members.params], batch.shape),
-                            [[gain(n) for n in names] for names in members.gains], members.channel_rows, {}, None)
+                            [gains(names) for names in members.gains], members.channel_rows, {}, None)
                for batch, members in zip(program.tensors, layout.tensors)]
     norms = []
     for batch, members in zip(program.norms, layout.norms):
-        gains = [lookup[f.gain] for f in members.families]
+        own = [lookup[f.gain] for f in members.families]
         biases = [lookup[f.bias] for f in members.families] if batch.bias else []
-        norms.append(NormInputs([gain(f.gain) for f in members.families], grads(gains),
-                                [local_tensor(b) for b in biases], grads(biases), {}, None))
-    neurons = [NeuronInputs([[read(n) for n in names] for names in members.roles],
-                            [[[gain(n) for n in gains] for gains in role] for role in members.gains])
+        norms.append(NormInputs(gains([f.gain for f in members.families]), grads(own),
+                                _members_or_stack([local_tensor(b) for b in biases]), grads(biases), {}, None))
+    neurons = [NeuronInputs([_members_or_stack([read(n) for n in names]) for names in members.roles],
+                            [[gains(names) for names in role] for role in members.gains])
                for members in layout.neurons]
     return StepTensors(tensors, norms, neurons, [grads(ps) for ps in layout.checked], collectives)
+
+
+def _members_or_stack(tensors: list[Tensor], gather: bool = False) -> Members:
+    """``tensors`` as their stacked view where they lie one after another in one buffer, else as they
+    are; with ``gather``, members that lie in one buffer in another order (a norm's gains for
+    consumers that repeat or skip some) as a stack gathered from it in one operation."""
+    if len(tensors) < 2:
+        return tensors
+    if not gather:
+        view = stacked_view(tensors)
+        return tensors if view is None else view
+    found = stacked_rows(tensors)
+    if found is None:
+        return tensors
+    rows, index = found
+    if index == list(range(len(tensors))) and rows.shape[0] == len(tensors):
+        return rows
+    return rows.index_select(0, torch.tensor(index, device=rows.device))
 
 
 def with_state(layout: StepLayout, inputs: StepTensors, groups: Sequence[Mapping[str, Any]], state: Mapping,
@@ -240,22 +270,25 @@ def _uploaded(numbers_of: Sequence[tuple[tuple[torch.dtype, torch.device], Batch
 # --------------------------------------------------------------------------------------------------
 
 
-def _stack(tensors: Sequence[Tensor], dtype: torch.dtype) -> Tensor:
-    """The members stacked along a new axis 0, in ``dtype``; a single member is a view."""
-    stacked = tensors[0].unsqueeze(0) if len(tensors) == 1 else torch.stack(list(tensors))
+def _stack(members: Members, dtype: torch.dtype) -> Tensor:
+    """The members stacked along a new axis 0, in ``dtype``: a stack as it is, a single member as a
+    view, else a copy (:func:`_made` says which)."""
+    if isinstance(members, Tensor):
+        stacked = members
+    else:
+        stacked = members[0].unsqueeze(0) if len(members) == 1 else torch.stack(list(members))
     return stacked if stacked.dtype == dtype else stacked.to(dtype)
 
 
-def _stack_params(tensors: Sequence[Tensor], dtype: torch.dtype, traced: bool) -> Tensor:
-    """Parameters stacked: eager, where they lie one after another in one buffer in their compute
-    dtype (``stack_parameters=True``: :func:`~gaugeopt.optim.storage.move_into_stack`), a view of
-    it, through which the write updates them in place; else :func:`_stack`, a copy (a single member:
-    a view)."""
-    if not traced and len(tensors) > 1 and tensors[0].dtype == dtype:
-        view = stacked_view(tensors)
-        if view is not None:
-            return view
-    return _stack(tensors, dtype)
+def _made(members: Members, dtype: torch.dtype) -> bool:
+    """Whether :func:`_stack` of ``members`` is a new tensor (the step's own memory), not a view of them."""
+    first = members if isinstance(members, Tensor) else members[0]
+    return first.dtype != dtype or (isinstance(members, list) and len(members) > 1)
+
+
+def _listed(members: Members) -> list[Tensor]:
+    """The members one by one (for foreach kernels): the slices of a stack."""
+    return list(members.unbind(0)) if isinstance(members, Tensor) else members
 
 
 def _along(vector: Tensor, axis: int, ndim: int) -> Tensor:
@@ -383,7 +416,7 @@ def read_frames(program: StepProgram, inputs: StepTensors, traced: bool = False)
         probes.check(stack)
         return stack
 
-    stacks = [[_stack_params(ts, batch.dtype, traced) for ts in inputs.neurons[k].params]
+    stacks = [[_stack(ts, batch.dtype) for ts in inputs.neurons[k].params]
               for k, batch in enumerate(program.neurons)]
     role_gains = [[[_stack(gs, batch.dtype) for gs in role] for role in inputs.neurons[k].gains]
                   for k, batch in enumerate(program.neurons)]
@@ -392,7 +425,7 @@ def read_frames(program: StepProgram, inputs: StepTensors, traced: bool = False)
         if batch.params_from is not None:
             params.append(stacks[batch.params_from.batch][batch.params_from.role])
         else:
-            params.append(_stack_params(tensors.params, batch.dtype, traced) if batch.stacked else None)
+            params.append(_stack(tensors.params, batch.dtype) if batch.stacked else None)
 
     # The mean rows of translated parameters (one round): centred roles, then centred batches.
     centred_roles = [(k, r) for k, batch in enumerate(program.neurons) for r, role in enumerate(batch.roles)
@@ -447,8 +480,8 @@ def read_frames(program: StepProgram, inputs: StepTensors, traced: bool = False)
     gain_frames: dict[Any, tuple[Any, Tensor, Tensor]] = {}
     gamma_of: dict[tuple[Any, Side], Tensor] = {}
 
-    def gain_frame(gains: list[Tensor], dtype: torch.dtype) -> tuple[Any, Tensor, Tensor]:
-        key = None if traced else (tuple(map(id, gains)), dtype)
+    def gain_frame(gains: Members, dtype: torch.dtype) -> tuple[Any, Tensor, Tensor]:
+        key = None if traced else (id(gains) if isinstance(gains, Tensor) else tuple(map(id, gains)), dtype)
         frame = gain_frames.get(key)
         if frame is None:
             stack = _stack(gains, dtype)
@@ -489,15 +522,18 @@ def read_frames(program: StepProgram, inputs: StepTensors, traced: bool = False)
         gammas.append(factors)
         deads.append(dead)
     for ts in inputs.checked:
-        checked(list(ts))
+        checked(ts)
 
     # The canonical gradients: formed here (eager) or inside the update (traced: fused into its loop);
     # eager, per member where the rule's first passes are elementwise (torch's fused Adam, Muon's
     # momentum), so no stack of them is written and read again.
     grads = [_stack(t.grads, batch.dtype) if traced or not (_fused(batch, t) or _member_wise(batch)) else None
              for batch, t in zip(program.tensors, inputs.tensors)]
-    per_member = [t.grads if grad is None else grad for grad, t in zip(grads, inputs.tensors)]
-    canonical = canonicalize(program, per_member, gammas, collectives)
+    per_member = [_listed(t.grads) if grad is None else grad for grad, t in zip(grads, inputs.tensors)]
+    # traced, these are only probed: the stacks go to the write phase as they are
+    owned = [] if traced else [grad is not None and _made(t.grads, batch.dtype)
+                               for grad, batch, t in zip(grads, program.tensors, inputs.tensors)]
+    canonical = canonicalize(program, per_member, gammas, collectives, owned)
     for values in canonical:
         probes.check(values, bounded=True)
     if traced:
@@ -512,10 +548,9 @@ def read_frames(program: StepProgram, inputs: StepTensors, traced: bool = False)
 # --------------------------------------------------------------------------------------------------
 
 
-def _canonical_gradient(batch: TensorBatch, grad: Tensor, gammas: list[Tensor]) -> Tensor:
-    """``G gamma``, in the step's own memory (the rule may overwrite it): ``grad`` itself when it is a
-    stacked copy, a new tensor when it is a view of the user's gradient."""
-    owned = batch.members > 1 or batch.dtype != batch.param_dtype
+def _canonical_gradient(grad: Tensor, gammas: list[Tensor], owned: bool) -> Tensor:
+    """``G gamma``, in the step's own memory (the rule may overwrite it): ``grad`` itself when it is
+    (``owned``: a stacked copy), a new tensor when it is a view of the user's gradients."""
     canonical = grad
     for gamma in gammas:
         canonical = canonical.mul_(gamma) if owned else canonical * gamma
@@ -524,17 +559,18 @@ def _canonical_gradient(batch: TensorBatch, grad: Tensor, gammas: list[Tensor]) 
 
 
 def canonicalize(program: StepProgram, grads: Sequence[Tensor | list[Tensor]], gammas: Sequence[Sequence[Tensor]],
-                 collectives: Collectives = LOCAL) -> list[Tensor | list[Tensor]]:
+                 collectives: Collectives = LOCAL, owned: Sequence[bool] = ()) -> list[Tensor | list[Tensor]]:
     """The canonical gradients ``G~ = P(G gamma)`` of every tensor batch: the gradient times its frame's
     gradient factor ``gamma``, less its mean row for translated batches (``P``; their row sums are one
     reduction round on shards). Invariant under every gauge but the rotations, under which they rotate
     (:mod:`gaugeopt.optim.frames`). ``grads[b]`` is a batch's stacked gradients (then so is its
-    ``G~``, in memory of the step's own) or the list of its members' (then ``G~`` is a list too:
-    the gradients themselves where no factor acts)."""
+    ``G~``, in memory of the step's own: ``grads[b]`` itself where ``owned[b]`` says the step made
+    that stack, else new) or the list of its members' (then ``G~`` is a list too: the gradients
+    themselves where no factor acts)."""
     canonical: list[Tensor | list[Tensor]] = []
-    for batch, grad, factors in zip(program.tensors, grads, gammas):
+    for b, (batch, grad, factors) in enumerate(zip(program.tensors, grads, gammas)):
         if isinstance(grad, Tensor):
-            canonical.append(_canonical_gradient(batch, grad, factors))
+            canonical.append(_canonical_gradient(grad, factors, b < len(owned) and owned[b]))
             continue
         for factor in factors:
             grad = torch._foreach_mul(grad, _members(factor, batch.members))
@@ -626,23 +662,24 @@ def _channel_tables(program: StepProgram, inputs: StepTensors, frames: Frames) -
 
 def _finish(tensors: TensorInputs, old: Tensor, value: Tensor, mean: Tensor | None, restore: Tensor | None) -> None:
     """Add the held mean row back, restore ``restore`` (dead) entries from ``old``, and write, unless
-    the new values were formed in ``old`` and ``old`` is a view of the parameters (then they are
-    written already, and each parameter is marked modified for autograd as a copy would have marked
-    it): a stack of parameters is a view exactly when it is their memory (a single member, or
-    :func:`_stack_params` of parameters held in one buffer), a new tensor otherwise."""
+    the new values were formed in ``old`` and ``old`` is the parameters' memory (a single member's
+    view, or the stack of parameters held in one buffer: :func:`_made`), a new tensor otherwise.
+    (Members written through their buffer are marked modified for autograd by the optimizer's step.)"""
     if mean is not None:
         value = value.add_(mean)
     if restore is not None:
         value = torch.where(restore, old, value)
-    if not (value is old and old._is_view()):
+    if value is old and old._is_view() and not _made(tensors.params, old.dtype):
+        return
+    if isinstance(tensors.params, Tensor):
+        tensors.params.copy_(value)
+    else:
         torch._foreach_copy_(tensors.params, list(value.unbind(0)))
-    elif len(tensors.params) > 1:
-        torch.autograd.graph.increment_version(tensors.params)
 
 
 def _old_values(batch: TensorBatch, tensors: TensorInputs, frames: Frames, b: int, traced: bool) -> Tensor:
     """A stacked batch's parameters before the step (compute dtype)."""
-    return frames.params[b] if frames.params[b] is not None else _stack_params(tensors.params, batch.dtype, traced)
+    return frames.params[b] if frames.params[b] is not None else _stack(tensors.params, batch.dtype)
 
 
 def _fused(batch: TensorBatch, tensors: TensorInputs) -> bool:
@@ -652,7 +689,8 @@ def _fused(batch: TensorBatch, tensors: TensorInputs) -> bool:
     their compute dtype, and parameters and gradients laid out like the state (contiguous: the
     kernel walks their memory)."""
     return isinstance(batch.rule, Adam) and not batch.residual.shared and not batch.centered and \
-        batch.dtype == batch.param_dtype and all(t.is_contiguous() for t in (*tensors.params, *tensors.grads))
+        batch.dtype == batch.param_dtype and \
+        all(t.is_contiguous() for t in (*_listed(tensors.params), *_listed(tensors.grads)))
 
 
 def _fused_on_stack(batch: TensorBatch) -> bool:
@@ -723,7 +761,9 @@ def write(program: StepProgram, inputs: StepTensors, frames: Frames, masked: boo
     if counts:
         torch._foreach_add_(counts, 1)
     tables = _channel_tables(program, inputs, frames)
-    canonical = canonicalize(program, frames.grads, frames.gammas, collectives) if traced else frames.canonical
+    canonical = canonicalize(program, frames.grads, frames.gammas, collectives,
+                             [_made(t.grads, batch.dtype) for batch, t in zip(program.tensors, inputs.tensors)]) \
+        if traced else frames.canonical
     held: list[_Held] = []
     for b, (batch, tensors) in enumerate(zip(program.tensors, inputs.tensors)):
         ndim, members = len(batch.shape), batch.members
@@ -750,7 +790,7 @@ def write(program: StepProgram, inputs: StepTensors, frames: Frames, masked: boo
         elif not isinstance(gradient, Tensor) and not batch.rule.member_gradients:
             # torch's fused Adam; its direction comes negated, per member
             if not factors and not batch.stacked:  # no frame acts: AdamW on the parameters themselves
-                _fused_adam(batch, tensors, gradient, tensors.params)
+                _fused_adam(batch, tensors, gradient, _listed(tensors.params))
                 continue
             if not owned:  # the kernel writes the direction into them: copies (one operation)
                 gradient = list(torch._foreach_mul(gradient, 1.0))
@@ -770,18 +810,16 @@ def write(program: StepProgram, inputs: StepTensors, frames: Frames, masked: boo
             (mean,) = collectives.sum([_row_mean_part(direction, batch.shard)])
             direction = direction.sub_(mean)
         direction, step = lift(direction, factors, tensors.scalars.rate)
-        held_view = stacked_view(tensors.params) if not (traced or batch.stacked) and members > 1 and \
-            isinstance(direction, Tensor) else None
-        if held_view is not None:  # parameters held in one buffer: two operations, the direction read as it is
-            held_view.mul_(decay)
-            held_view.addcmul_(direction, step, value=sign)
-            torch.autograd.graph.increment_version(tensors.params)
+        if not batch.stacked and isinstance(tensors.params, Tensor) and isinstance(direction, Tensor):
+            # parameters held in one buffer: two operations, the direction read as it is
+            tensors.params.mul_(decay).addcmul_(direction, step, value=sign)
             continue
         if not batch.stacked:  # written member by member: foreach kernels take one dtype
             if isinstance(direction, Tensor):
                 direction = list(direction.to(batch.dtype).unbind(0))
-            torch._foreach_mul_(tensors.params, decay if decay.dim() == 0 else _members(decay, members))
-            torch._foreach_addcmul_(tensors.params, direction, _members(step, members), value=sign)
+            params = _listed(tensors.params)
+            torch._foreach_mul_(params, decay if decay.dim() == 0 else _members(decay, members))
+            torch._foreach_addcmul_(params, direction, _members(step, members), value=sign)
             continue
         old = _old_values(batch, tensors, frames, b, traced)
         # a new tensor where the old values are needed again, or when traced (writing through a view

@@ -25,7 +25,8 @@ from torch import Tensor
 from .guards import compute_dtype
 from .shards import local_tensor, shard_like
 
-__all__ = ["ScalarTables", "StackedState", "move_into_stack", "owns_its_memory", "stacked_view"]
+__all__ = ["ScalarTables", "StackedState", "hold_gradients", "move_into_stack", "owns_its_memory", "stacked_rows",
+           "stacked_view"]
 
 
 class StackedState:
@@ -164,18 +165,36 @@ def stacked_view(tensors: Sequence[Tensor]) -> Tensor | None:
     """The members as one ``(L, *shape)`` tensor without a copy, a view of the memory they share, when
     they lie one after another in it in order (each contiguous, of one shape and dtype); else None.
     Writing the view writes the members."""
+    found = stacked_rows(tensors)
+    if found is None:
+        return None
+    rows, index = found
+    return rows if index == list(range(len(tensors))) and rows.shape[0] == len(tensors) else None
+
+
+def stacked_rows(tensors: Sequence[Tensor]) -> tuple[Tensor, list[int]] | None:
+    """Where members of one shape and dtype all lie, each contiguous, in one memory at places a
+    whole member apart (a buffer of :func:`move_into_stack`, read in any order, a member repeated):
+    the ``(R, *shape)`` view of that memory from the first of them to the last, and each member's row
+    of it (so ``rows[index]`` is their stack); else None."""
     first = tensors[0]
     if not first.is_contiguous():
         return None
-    size, start, storage = first.numel(), first.storage_offset(), first.untyped_storage().data_ptr()
-    for i, t in enumerate(tensors[1:], 1):
+    size, storage = first.numel(), first.untyped_storage().data_ptr()
+    offsets = []
+    for t in tensors:
         if t.shape != first.shape or t.dtype != first.dtype or not t.is_contiguous() or \
-                t.storage_offset() != start + i * size or t.untyped_storage().data_ptr() != storage:
+                t.untyped_storage().data_ptr() != storage:
             return None
+        offsets.append(t.storage_offset())
+    start = min(offsets)
+    if size == 0 or any((o - start) % size for o in offsets):
+        return None
+    index = [(o - start) // size for o in offsets]
     strides = [1] * first.dim()
     for axis in range(first.dim() - 2, -1, -1):
         strides[axis] = strides[axis + 1] * first.shape[axis + 1]
-    return first.as_strided((len(tensors), *first.shape), (size, *strides), start)
+    return first.as_strided((max(index) + 1, *first.shape), (size, *strides), start), index
 
 
 def owns_its_memory(t: Tensor) -> bool:
@@ -190,4 +209,23 @@ def move_into_stack(params: Sequence[Tensor]) -> Tensor:
     buffer = torch.stack([p.detach() for p in params])
     for p, row in zip(params, buffer.unbind(0)):
         p.data = row
+    return buffer
+
+
+def hold_gradients(params: Sequence[Tensor]) -> Tensor | None:
+    """The parameters' gradients as one ``(L, *shape)`` tensor whose slices they are: their stacked
+    view where they are that already, else a new buffer holding their values, each parameter's
+    ``.grad`` becoming its slice (so a backward that accumulates into the gradients, after
+    ``zero_grad`` zeroed them in place, writes the buffer). None where a parameter has no gradient or
+    one unlike it (shape, dtype, device)."""
+    grads = [p.grad for p in params]
+    if any(g is None or g.shape != p.shape or g.dtype != p.dtype or g.device != p.device
+           for g, p in zip(grads, params)):
+        return None
+    view = stacked_view(grads)
+    if view is not None:
+        return view
+    buffer = torch.stack(grads)
+    for p, row in zip(params, buffer.unbind(0)):
+        p.grad = row
     return buffer
