@@ -31,6 +31,7 @@ from .optimizer_steps import (
     compare,
     ddc_adam,
     ddc_adam_compiled,
+    ddc_adam_compiled_stacked,
     ddc_adam_stacked,
     ddc_muon,
     keep_freed_memory,
@@ -38,7 +39,7 @@ from .optimizer_steps import (
     muon_with_adamw_torch,
     symmetry_compatible,
 )
-from .report import MUON, STACKED, STACKED_MUON, fitted_exponent, plot_scaling, render
+from .report import MUON, STACKED, STACKED_COMPILED, STACKED_MUON, fitted_exponent, plot_scaling, render
 
 FULL = dict(quick=False, widths=(128, 256, 512), warmup=2, rounds=15, layerwise_rounds=5,
             muon_widths=(128, 256, 512), muon_rounds=5,
@@ -124,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
                                                            layers=cfg["traffic_layers"], vocab=cfg["traffic_vocab"]))
     _log("DDCAdam vs AdamW")
     adam = _section(lambda: rows(cfg["widths"], {"AdamW (foreach)": adamw, "DDCAdam": ddc_adam, STACKED: ddc_adam_stacked,
-                                                 "DDCAdam compiled": ddc_adam_compiled}, cfg["rounds"]))
+                                                 "DDCAdam compiled": ddc_adam_compiled,
+                                                 STACKED_COMPILED: ddc_adam_compiled_stacked}, cfg["rounds"]))
     _log("DDCMuon vs torch.optim.Muon + AdamW (bfloat16 Newton-Schulz, both defaults)")
     muon = _section(lambda: rows(cfg["muon_widths"], {MUON: muon_with_adamw_torch, "DDCMuon": ddc_muon()},
                                  cfg["muon_rounds"]))
@@ -157,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         "ddc_adam_ratio": ratio(largest, "DDCAdam", "AdamW (foreach)"),
         "ddc_adam_compiled_ratio": ratio(largest, "DDCAdam compiled", "AdamW (foreach)"),
         "ddc_adam_stacked_ratio": ratio(largest, STACKED, "AdamW (foreach)"),
+        "ddc_adam_compiled_stacked_ratio": ratio(largest, STACKED_COMPILED, "AdamW (foreach)"),
         "ddc_muon_ratio": ratio(largest_muon, "DDCMuon", MUON),
         "ddc_muon_fp32_ratio": ratio(largest_fp32, "DDCMuon fp32", "Muon+AdamW fp32"),
         "ddc_adam_state_overhead": largest["optimizers"]["DDCAdam"]["state_bytes"]

@@ -14,7 +14,8 @@ on the reference language model (:func:`~benchmarks.optimizer_steps.model_with_g
 * **first step**: wall time of that first ``step()`` with the cold cache (tracing, lowering, C++ or Triton
   compilation and the step itself).
 
-The peers: DDCAdam and DDCMuon with ``compiled=True``, and ``torch.optim.AdamW(foreach=True)`` whose
+The peers: DDCAdam and DDCMuon with ``compiled=True`` (and with ``stack_parameters=True`` too: every batch
+one graph input, its parameters and gradients held in one buffer), and ``torch.optim.AdamW(foreach=True)`` whose
 ``step`` is wrapped in ``torch.compile`` (:class:`~benchmarks.optimizer_steps.CompiledAdamW`, the
 peer of ``benchmarks.cuda`` too: the usual way to compile torch's optimizers). Each process runs one
 thread. ``--write`` puts the table into ``docs/ddc.md`` between ``<!-- compiled -->`` and
@@ -38,12 +39,13 @@ from pathlib import Path
 import torch
 
 from .__main__ import _commit
-from .optimizer_steps import (CompiledAdamW, ddc_adam_compiled, ddc_muon_compiled, model_with_gradients,
-                              parameter_count)
+from .optimizer_steps import (CompiledAdamW, ddc_adam_compiled, ddc_adam_compiled_stacked, ddc_muon_compiled,
+                              ddc_muon_compiled_stacked, model_with_gradients, parameter_count)
 
 #: The compiled steps measured, by name.
 COMPILED = {"AdamW compiled": CompiledAdamW, "DDCAdam compiled": ddc_adam_compiled,
-            "DDCMuon compiled": ddc_muon_compiled}
+            "DDCAdam compiled, stack_parameters": ddc_adam_compiled_stacked,
+            "DDCMuon compiled": ddc_muon_compiled, "DDCMuon compiled, stack_parameters": ddc_muon_compiled_stacked}
 OPTIMIZERS = tuple(COMPILED)
 MARKERS = ("<!-- compiled -->", "<!-- /compiled -->")
 

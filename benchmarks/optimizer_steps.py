@@ -183,7 +183,7 @@ def ddc_adam(model: nn.Module, gauges: GaugeSet):
 
 
 def ddc_adam_stacked(model: nn.Module, gauges: GaugeSet):
-    """DDCAdam with ``stack_parameters=True`` (the isolated pairs' parameters held in one buffer per batch)."""
+    """DDCAdam with ``stack_parameters=True`` (every batch's parameters and gradients held in one buffer)."""
     return DDCAdam(model.parameters(), gauges, lr=ADAM_LR, weight_decay=WEIGHT_DECAY, stack_parameters=True)
 
 
@@ -191,6 +191,12 @@ def ddc_adam_compiled(model: nn.Module, gauges: GaugeSet):
     """DDCAdam with its step compiled by ``torch.compile`` (``compiled=True``): the same step program,
     traced once; the first step pays the compilation."""
     return DDCAdam(model.parameters(), gauges, lr=ADAM_LR, weight_decay=WEIGHT_DECAY, compiled=True)
+
+
+def ddc_adam_compiled_stacked(model: nn.Module, gauges: GaugeSet):
+    """DDCAdam with ``compiled=True`` and ``stack_parameters=True``: one graph input per batch."""
+    return DDCAdam(model.parameters(), gauges, lr=ADAM_LR, weight_decay=WEIGHT_DECAY, compiled=True,
+                   stack_parameters=True)
 
 
 class CompiledAdamW:
@@ -232,6 +238,12 @@ def ddc_muon(ns_dtype: torch.dtype | None = torch.bfloat16, stack_parameters: bo
 def ddc_muon_compiled(model: nn.Module, gauges: GaugeSet):
     """DDCMuon at its defaults (Newton-Schulz in bfloat16) with ``compiled=True``."""
     return DDCMuon(model.parameters(), gauges, lr=LR, weight_decay=WEIGHT_DECAY, adam_lr=ADAM_LR, compiled=True)
+
+
+def ddc_muon_compiled_stacked(model: nn.Module, gauges: GaugeSet):
+    """DDCMuon with ``compiled=True`` and ``stack_parameters=True``."""
+    return DDCMuon(model.parameters(), gauges, lr=LR, weight_decay=WEIGHT_DECAY, adam_lr=ADAM_LR, compiled=True,
+                   stack_parameters=True)
 
 
 def symmetry_compatible(model: nn.Module, gauges: GaugeSet):
