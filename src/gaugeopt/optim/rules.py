@@ -140,12 +140,15 @@ def adam_direction_(grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, scalars: 
         exp_avg_sq.lerp_(square, scalars.one_minus_beta2)
     elif len(shared) == 1 and shared[0][1].layout is not None:
         # regular blocks: the block means broadcast into a blocked view of v (nothing the size of v is
-        # allocated). v is then constant over each block; its denominator is still taken entry by
-        # entry, so that compiled, v's new value is read where it is computed (one loop with the
-        # direction and the write) rather than from its blocks' first entries (a scratch copy of v).
+        # allocated; compiled, the same loop as the general path). v is then constant over each block,
+        # so its denominators are taken once per block and broadcast into the division.
         axis, blocks = shared[0]
         means = blocked(square, blocks, axis + 1).mean(dim=axis + 2, keepdim=True)
-        blocked(exp_avg_sq, blocks, axis + 1).lerp_(means, scalars.one_minus_beta2)
+        second = blocked(exp_avg_sq, blocks, axis + 1).lerp_(means, scalars.one_minus_beta2)
+        shift, scale = (_per_member(t, ndim + 2) for t in (scalars.shift, scalars.scale))
+        denominator = torch.addcmul(shift, second.narrow(axis + 2, 0, 1).sqrt(), scale)
+        direction = torch.div(blocked(exp_avg, blocks, axis + 1), denominator, out=blocked(grad, blocks, axis + 1))
+        return direction.view(grad.shape)
     else:
         for axis, blocks in shared:
             square = group_mean(square, blocks, axis + 1)
