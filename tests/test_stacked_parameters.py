@@ -27,7 +27,7 @@ import gaugeopt
 
 from gaugeopt import DDCMuon
 from gaugeopt.models import TransformerLM, TransformerLMConfig
-from gaugeopt.optim.storage import move_into_stack, stacked_view
+from gaugeopt.optim.storage import move_into_stack, owns_its_memory, stacked_view
 
 from gaugeopt.testing import relative_error
 from optimizer_cases import same, snapshot
@@ -278,3 +278,19 @@ def test_the_compiled_step_on_held_buffers_generates_as_many_kernels_for_any_dep
             _train(model, opt, batches, steps=1)
             kernels[layers] = metrics.generated_kernel_count
     assert kernels[2] == kernels[3] > 0, kernels
+
+
+def test_low_precision_parameters_stay_where_they_are():
+    """bfloat16 parameters are stepped on float32 stacks (copies) anyway: none is moved into a buffer,
+    and the steps are the default's, bit for bit."""
+    model, gauges, batches = _lm(layers=3)
+    model = copy.deepcopy(model).to(torch.bfloat16)
+    runs = []
+    for stacked in (False, True):
+        m = copy.deepcopy(model)
+        opt = OPTIMIZERS["DDCAdam"](m, gauges.bind(m), stack_parameters=stacked)
+        _train(m, opt, batches, steps=3)
+        runs.append((m, opt))
+    (plain, plain_opt), (held, held_opt) = runs
+    assert all(owns_its_memory(p) for p in held.parameters())
+    _assert_same(plain, held, plain_opt, held_opt)

@@ -35,7 +35,7 @@ from ..gauges.gaugeset import GaugeSet
 from .compile import StepRunner
 from .distributed import gradients_finite_on_every_rank, sharded_step, whole_by_name
 from .frames import FramePlan, build_frame_plan, frozen_gains
-from .guards import GuardedOptimizer, check_gauges_cover, require_positive
+from .guards import GuardedOptimizer, check_gauges_cover, compute_dtype, require_positive
 from .program import StepLayout, build_program
 from .rules import Rule
 from .shards import LOCAL
@@ -434,8 +434,9 @@ class FramedOptimizer(GuardedOptimizer):
 
 def _held_lists(layout: StepLayout, lookup: Mapping[str, Tensor]) -> list[list[Tensor]]:
     """The parameter lists ``stack_parameters=True`` holds in one buffer each: every tensor batch of
-    more than one member in its parameters' dtype, the gains and biases of every norm batch, and the
-    gains only read as frames (no channel step)."""
+    more than one member, the gains and biases of every norm batch and the gains only read as frames
+    (no channel step); each in the dtype the step computes in (a float16 or bfloat16 batch is
+    stepped on a float32 stack, a copy, anyway)."""
     lists = [members.params for batch, members in zip(layout.program.tensors, layout.tensors)
              if batch.members > 1 and batch.dtype == batch.param_dtype]
     for batch, members in zip(layout.program.norms, layout.norms):
@@ -443,7 +444,8 @@ def _held_lists(layout: StepLayout, lookup: Mapping[str, Tensor]) -> list[list[T
             lists.append(members.gains)
             if batch.bias:
                 lists.append([lookup[f.bias] for f in members.families])
-    return lists + [params for params in layout.checked if len(params) > 1]
+    lists += [params for params in layout.checked if len(params) > 1]
+    return [params for params in lists if all(compute_dtype(p) == p.dtype for p in params)]
 
 
 def _hold_stacked(layout: StepLayout, lookup: Mapping[str, Tensor]) -> None:
