@@ -260,6 +260,27 @@ def test_compiled_and_eager_steps_agree_under_clipping_and_a_schedule_compiles_o
     assert relative_error(runs[False], model)[0] > 1e-2
 
 
+@pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
+def test_compiled_and_eager_steps_agree_on_gains_that_are_not_one(optimizer):
+    """Norm gains away from 1 (a trained or loaded model's; DDCMuon never steps them, so at their
+    initial 1 a factor applied twice would not show): four steps compiled equal the eager ones to
+    1e-12. (Before 0776061 the compiled read phase formed a Muon stack's canonical gradient in place
+    and the write phase multiplied it by the gains again: 6e-3 apart here.)"""
+    model, gauges, batches = _lm(layers=2)
+    model = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name and name.endswith("weight"):
+                p.copy_(torch.rand(p.shape, generator=torch.Generator().manual_seed(len(name)), dtype=p.dtype) + 0.5)
+    runs = {}
+    for compiled in (False, True):
+        m = copy.deepcopy(model)
+        _train(m, OPTIMIZERS[optimizer](m, gauges.bind(m), compiled=compiled), batches, steps=4)
+        runs[compiled] = m
+    error, where = relative_error(runs[True], runs[False])
+    assert error <= 1e-12, (error, where)
+
+
 def test_a_compiled_program_stacks_matrix_product_rules_across_layers_and_no_other():
     """Compiled (``build_program(stack=False)``), every tensor is a batch of its own, which inductor
     fuses per tensor, except the batches of a rule made of matrix products (Muon): those are stacked
