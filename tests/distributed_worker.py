@@ -3,7 +3,7 @@
 Usage: ``torchrun --nproc-per-node 2 tests/distributed_worker.py OUT_DIR``. For each optimizer (DDCAdam,
 DDCMuon, SymmetryCompatible) it trains the tiny language model below for ``STEPS`` steps under DDP and
 under FSDP2 (``fully_shard``), each rank on its half of every batch, and writes the final parameters
-to ``OUT_DIR`` (rank 0). The FSDP2 run also saves a ``torch.distributed.checkpoint`` after
+to ``OUT_DIR`` (rank 0); DDCAdam also with ``stack_parameters=True`` under DDP. The FSDP2 run also saves a ``torch.distributed.checkpoint`` after
 ``CHECKPOINT_STEP`` steps, records the placement of every optimizer state tensor, and resumes a fresh
 2-rank run from that checkpoint. It puts a NaN into one rank's shard of a gradient that the other rank
 steps, under ``nonfinite="skip"`` and ``"raise"``. Finally it runs
@@ -44,6 +44,7 @@ from gaugeopt.optim import (
     symmetry_param_groups,
 )
 from gaugeopt.optim.distributed import collective_traffic, full_tensor
+from gaugeopt.optim.storage import stacked_view
 from gaugeopt.testing import check_equivariance
 
 VOCAB = 11  # the embedding and LM head have 11 rows: uneven shards over 2 ranks
@@ -187,6 +188,20 @@ def main(out: Path) -> None:
         parameters = full_parameters(model)
         if rank == 0:
             torch.save(parameters, out / f"fsdp_resumed_{label}.pt")
+
+    # DDCAdam with stack_parameters=True under DDP: parameters and gradients held in buffers of its
+    # own, while DDP's reducer copies gradients into its buckets and back (or, with
+    # gradient_as_bucket_view, makes them views of its buckets).
+    for bucket_view in (False, True):
+        model = make_model()
+        ddp = DistributedDataParallel(model, gradient_as_bucket_view=bucket_view)
+        optimizer = DDCAdam(model.parameters(), gauges.bind(model), lr=1e-2, weight_decay=0.1, stack_parameters=True)
+        train(ddp, optimizer, data, rank, world)
+        ups = [block.ffn.up.weight for block in model.blocks]
+        results.setdefault("ddp_held", {})[str(bucket_view)] = [stacked_view(ups) is not None,
+                                                                stacked_view([p.grad for p in ups]) is not None]
+        if rank == 0:
+            torch.save(full_parameters(model), out / f"ddp_ddc_adam_held{'_bucket_view' * bucket_view}.pt")
 
     # compiled=True under FSDP2: the sharded step runs eagerly, with one warning.
     model = make_model()

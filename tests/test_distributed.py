@@ -77,6 +77,17 @@ def test_ddp_equals_single_process(launched, reference, label):
     assert _error(torch.load(out / f"ddp_{label}.pt"), reference[label]) < 1e-10
 
 
+@pytest.mark.parametrize("bucket_view", [False, True], ids=["", "gradient_as_bucket_view"])
+def test_ddp_with_parameters_and_gradients_held_in_buffers_equals_single_process(launched, reference, bucket_view):
+    """DDCAdam(stack_parameters=True) under DDP, whose reducer reads and writes the gradients (with
+    ``gradient_as_bucket_view`` it puts views of its own buckets in their place): the steps of one
+    process, and after the last one parameters and gradients lie in the optimizer's buffers."""
+    out, results = launched
+    found = torch.load(out / f"ddp_ddc_adam_held{'_bucket_view' * bucket_view}.pt")
+    assert _error(found, reference["ddc_adam"]) < 1e-10
+    assert results["ddp_held"][str(bucket_view)] == [True, True]
+
+
 @pytest.mark.parametrize("label", list(worker.OPTIMIZERS))
 def test_fsdp2_equals_single_process(launched, reference, label):
     out, results = launched
