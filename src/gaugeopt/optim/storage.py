@@ -6,12 +6,14 @@ ordinary per-parameter state, and nothing is stacked or copied back in a step. A
 per layout (from the members' entries: their values survive a new layout) and handed out again
 while every member's entry is still the view it was given.
 
-Parameters may be held the same way (the optimizers' ``stack_parameters=True``):
+Parameters and their gradients may be held the same way (the optimizers' ``stack_parameters=True``):
 :func:`move_into_stack` gives a batch's parameters one buffer, each parameter's ``.data`` its slice,
-and :func:`stacked_view` finds such members again at every step, so the step reads and writes them
-where they are instead of stacking a copy and copying the new values back. It is checked, not
-assumed: members that no longer lie one after another in one buffer (``model.to(...)`` moved them,
-a load replaced them) are stacked as copies.
+:func:`hold_gradients` does the same for their ``.grad`` (backward then accumulates into it), and
+:func:`stacked_view` finds such members again at every step (:func:`stacked_rows`: also members
+read in another order), so the step reads and writes them where they are instead of stacking a copy
+and copying the new values back. It is checked, not assumed: members that no longer lie one after
+another in one buffer (``model.to(...)`` moved them, a load replaced them, backward made new
+gradients) are stacked as copies.
 """
 
 from __future__ import annotations
