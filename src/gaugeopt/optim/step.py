@@ -208,7 +208,13 @@ def _members_or_stack(tensors: list[Tensor], gather: bool = False) -> Members:
     rows, index = found
     if index == list(range(len(tensors))) and rows.shape[0] == len(tensors):
         return rows
-    return rows.index_select(0, torch.tensor(index, device=rows.device))
+    return rows.index_select(0, _row_index(tuple(index), rows.device))
+
+
+@functools.lru_cache(maxsize=256)
+def _row_index(index: tuple[int, ...], device: torch.device) -> Tensor:
+    """``index`` as a tensor on ``device``, made once (no host-to-device copy in later steps)."""
+    return torch.tensor(index, device=device)
 
 
 def with_state(layout: StepLayout, inputs: StepTensors, groups: Sequence[Mapping[str, Any]], state: Mapping,
