@@ -245,8 +245,8 @@ def render(results: dict, plot_name: str) -> str:
                      f"{2 * large['vocab'] * large['width'] / large['parameters']:.0%}; in GPT-2 small with an untied head 48 %)"
                      if large else "")
                   + ". On a GPU an optimizer step is bound by this traffic; torch's fused AdamW moves 28 bytes per "
-                  "parameter. `stack_parameters=True` holds the isolated neuron pairs' parameters (and DDCMuon's "
-                  "Muon matrices) in one buffer per batch (docs/ddc.md).", "",
+                  "parameter. `stack_parameters=True` holds every batch's parameters and gradients in one buffer "
+                  "per batch (docs/ddc.md).", "",
                   "| optimizer | bytes per parameter | operations | host reads |"
                   + (f" bytes per parameter, vocabulary {large['vocab']:,} |" if large else ""),
                   "|---|---:|---:|---:|" + ("---:|" if large else "")]
