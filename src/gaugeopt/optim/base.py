@@ -324,6 +324,7 @@ class FramedOptimizer(GuardedOptimizer):
                 _hold_stacked(self._layout, self._lookup)
         return self._layout
 
+    @torch.compiler.disable  # as torch's own: a compiled training step calls it eagerly
     def zero_grad(self, set_to_none: bool = True) -> None:
         """As ``torch.optim.Optimizer.zero_grad``, but with ``stack_parameters=True`` the gradients held
         in one buffer per batch are zeroed in place, one operation per buffer, and stay its slices (as
