@@ -8,12 +8,13 @@ steps, medians), with the device synchronised around each step. Per point (width
 - discovery on the device (``find_gauges`` on the model as it will train), timed;
 - peers: AdamW with torch's multi-tensor kernels (``foreach=True``), its single fused kernel
   (``fused=True``) and its step under ``torch.compile``; ``torch.optim.Muon`` + AdamW; DDCAdam and
-  DDCMuon, eager, eager with ``stack_parameters=True`` and ``compiled=True``;
+  DDCMuon, eager and compiled (``compiled=True``), each also with ``stack_parameters=True`` (the
+  compiled step then one program per shape, whatever the depth);
 - per optimizer: median step time, the first step (state allocation; compilation for the compiled
   ones, cold or warm as the machine's inductor cache is), the state's bytes, and the step's peak
   transient memory (``max_memory_allocated`` during a step above what was allocated before it).
 
-Default: d_model 1024 with 12 layers (issue 31's target shape), float32 and bfloat16 parameters: six
+Default: d_model 1024 with 12 layers (issue 31's target shape), float32 and bfloat16 parameters: ten
 compilations, each new shape and dtype compiles afresh (``--widths`` adds widths, ``--peers`` picks
 optimizers). Writes ``benchmarks_cuda.json`` and ``benchmarks_cuda.md`` to ``--out``.
 ``--device cpu`` runs the same script on the CPU (the test suite does, at toy size), without the
@@ -39,8 +40,9 @@ from gaugeopt.gauges import GaugeSet
 from gaugeopt.models import TransformerLM
 
 from .optimizer_steps import (BATCH, SEQ, VOCAB, CompiledAdamW, adamw, adamw_fused, ddc_adam, ddc_adam_compiled,
-                              ddc_adam_stacked, ddc_muon, ddc_muon_compiled, muon_with_adamw_torch, OptimizerFactory,
-                              parameter_count, reference_config, time_steps)
+                              ddc_adam_compiled_stacked, ddc_adam_stacked, ddc_muon, ddc_muon_compiled,
+                              ddc_muon_compiled_stacked, muon_with_adamw_torch, OptimizerFactory, parameter_count,
+                              reference_config, time_steps)
 
 
 PEERS: dict[str, OptimizerFactory] = {
@@ -54,6 +56,8 @@ PEERS: dict[str, OptimizerFactory] = {
     "DDCMuon": ddc_muon(),
     "DDCMuon compiled": ddc_muon_compiled,
     "DDCMuon (stack_parameters)": ddc_muon(stack_parameters=True),
+    "DDCAdam compiled (stack_parameters)": ddc_adam_compiled_stacked,
+    "DDCMuon compiled (stack_parameters)": ddc_muon_compiled_stacked,
 }
 
 
