@@ -294,3 +294,28 @@ def test_low_precision_parameters_stay_where_they_are():
     (plain, plain_opt), (held, held_opt) = runs
     assert all(owns_its_memory(p) for p in held.parameters())
     _assert_same(plain, held, plain_opt, held_opt)
+
+
+@pytest.mark.parametrize("optimizer", ["DDCAdam", "DDCMuon"])
+def test_a_layer_that_comes_and_goes_without_gradients_steps_as_the_default(optimizer):
+    """The middle block gets no gradients on every other step (its batch members change, so the
+    step is laid out again and the others are held in a new buffer): the same steps as the default
+    optimizer's, bit for bit, and the block does not move on the steps it has no gradient."""
+    model, gauges, batches = _lm(layers=3)
+    runs = []
+    for stacked in (False, True):
+        m = copy.deepcopy(model)
+        opt = OPTIMIZERS[optimizer](m, gauges.bind(m), stack_parameters=stacked)
+        for t in range(6):
+            opt.zero_grad(set_to_none=True)
+            lm_loss(m, batches[t % len(batches)]).backward()
+            if t % 2:
+                for p in m.blocks[1].parameters():
+                    p.grad = None
+                before = [p.detach().clone() for p in m.blocks[1].parameters()]
+            opt.step()
+            if t % 2:
+                assert all(torch.equal(a, p) for a, p in zip(before, m.blocks[1].parameters()))
+        runs.append((m, opt))
+    (plain, plain_opt), (held, held_opt) = runs
+    _assert_same(plain, held, plain_opt, held_opt)
