@@ -331,29 +331,17 @@ class FramedOptimizer(GuardedOptimizer):
         ``set_to_none=False`` keeps them): the next backward accumulates into the buffer, where the step
         reads them without stacking a copy. (A parameter that then gets no gradient is stepped on a
         zero one, as after torch's ``zero_grad(set_to_none=False)``.)"""
-        zeroed: set[int] = set()
-        if self.stack_parameters and self._layout is not None:
+        held: dict[Tensor, Tensor] = {}  # parameter -> its zeroed gradient, a slice of its buffer
+        if set_to_none and self.stack_parameters and self._layout is not None:  # (else torch's zeroes in place)
             for params in _held_lists(self._layout, self._lookup):
                 grads = [p.grad for p in params]
                 view = stacked_view(grads) if all(g is not None for g in grads) else None
                 if view is not None:
                     view.zero_()
-                    zeroed.update(id(p) for p in params)
-        if not zeroed:
-            super().zero_grad(set_to_none)
-            return
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None or id(p) in zeroed:
-                    continue
-                if set_to_none:
-                    p.grad = None
-                else:
-                    if p.grad.grad_fn is not None:
-                        p.grad.detach_()
-                    else:
-                        p.grad.requires_grad_(False)
-                    p.grad.zero_()
+                    held.update(zip(params, grads))
+        super().zero_grad(set_to_none)  # torch's own, for the gradients not held
+        for p, grad in held.items():
+            p.grad = grad
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None):
