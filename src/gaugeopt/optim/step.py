@@ -292,6 +292,11 @@ def _made(members: Members, dtype: torch.dtype) -> bool:
     return first.dtype != dtype or (isinstance(members, list) and len(members) > 1)
 
 
+def _contiguous(members: Members) -> bool:
+    """Whether every member is contiguous (a stack: itself, so each of its slices)."""
+    return members.is_contiguous() if isinstance(members, Tensor) else all(t.is_contiguous() for t in members)
+
+
 def _listed(members: Members) -> list[Tensor]:
     """The members one by one (for foreach kernels): the slices of a stack."""
     return list(members.unbind(0)) if isinstance(members, Tensor) else members
@@ -695,8 +700,7 @@ def _fused(batch: TensorBatch, tensors: TensorInputs) -> bool:
     their compute dtype, and parameters and gradients laid out like the state (contiguous: the
     kernel walks their memory)."""
     return isinstance(batch.rule, Adam) and not batch.residual.shared and not batch.centered and \
-        batch.dtype == batch.param_dtype and \
-        all(t.is_contiguous() for t in (*_listed(tensors.params), *_listed(tensors.grads)))
+        batch.dtype == batch.param_dtype and _contiguous(tensors.params) and _contiguous(tensors.grads)
 
 
 def _fused_on_stack(batch: TensorBatch) -> bool:
