@@ -56,6 +56,18 @@ def _pair_sides(model):
     return [[m.ffn.up.weight for m in model.blocks], [m.ffn.down.weight for m in model.blocks]]
 
 
+def _default_and_held(model, gauges, batches, steps: int, optimizer: str = "DDCAdam"):
+    """``[(model, optimizer)]`` after ``steps`` training steps on copies of ``model``, without and with
+    ``stack_parameters=True``."""
+    runs = []
+    for stacked in (False, True):
+        m = copy.deepcopy(model)
+        opt = OPTIMIZERS[optimizer](m, gauges.bind(m), stack_parameters=stacked)
+        _train(m, opt, batches, steps=steps)
+        runs.append((m, opt))
+    return runs
+
+
 def _assert_same(a, b, opt_a, opt_b):
     """Parameters and optimizer state dicts equal, bit for bit."""
     assert same(snapshot(a, opt_a), snapshot(b, opt_b))
@@ -215,12 +227,7 @@ def test_resuming_with_stacked_parameters_is_exact(optimizer):
 
 def test_gradients_are_held_and_accumulated_in_their_buffer():
     model, gauges, batches = _lm(layers=3)
-    runs = []
-    for stacked in (False, True):
-        m = copy.deepcopy(model)
-        opt = OPTIMIZERS["DDCAdam"](m, gauges.bind(m), stack_parameters=stacked)
-        _train(m, opt, batches, steps=2)
-        runs.append((m, opt))
+    runs = _default_and_held(model, gauges, batches, steps=2)
     (plain, plain_opt), (held, held_opt) = runs
     ups = _pair_sides(held)[0]
     buffer = stacked_view([p.grad for p in ups])
@@ -284,14 +291,8 @@ def test_low_precision_parameters_stay_where_they_are():
     """bfloat16 parameters are stepped on float32 stacks (copies) anyway: none is moved into a buffer,
     and the steps are the default's, bit for bit."""
     model, gauges, batches = _lm(layers=3)
-    model = copy.deepcopy(model).to(torch.bfloat16)
-    runs = []
-    for stacked in (False, True):
-        m = copy.deepcopy(model)
-        opt = OPTIMIZERS["DDCAdam"](m, gauges.bind(m), stack_parameters=stacked)
-        _train(m, opt, batches, steps=3)
-        runs.append((m, opt))
-    (plain, plain_opt), (held, held_opt) = runs
+    (plain, plain_opt), (held, held_opt) = _default_and_held(copy.deepcopy(model).to(torch.bfloat16), gauges,
+                                                             batches, steps=3)
     assert all(owns_its_memory(p) for p in held.parameters())
     _assert_same(plain, held, plain_opt, held_opt)
 
