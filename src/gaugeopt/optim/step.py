@@ -652,13 +652,16 @@ class _ChannelTable(NamedTuple):
         return torch.exp(self.log_factor.index_select(0, rows) * share[:, None])
 
 
-def _channel_tables(program: StepProgram, inputs: StepTensors, frames: Frames) -> dict[int, _ChannelTable]:
+def _channel_tables(program: StepProgram, inputs: StepTensors, frames: Frames, traced: bool
+                    ) -> dict[int, _ChannelTable]:
     """Per channel width, the :class:`_ChannelTable` of the norm batches of that width: ``r`` is
     Adam's direction for the invariant ``h``, with the gains' group settings (each rank steps the
-    channels of its rows of the gains)."""
+    channels of its rows of the gains). Eager, formed in the memory of the read phase's ``h``; traced,
+    not (an input a graph writes must be a static one to be captured in a CUDA graph)."""
     rows: dict[int, list[Tensor]] = {}
     for n, (batch, norm) in enumerate(zip(program.norms, inputs.norms)):
-        h = _clip(frames.scale_inputs[n], batch.dtype, owned=True)
+        h = frames.scale_inputs[n]
+        h = _clip(h.clone() if traced else h, batch.dtype, owned=True)
         r = adam_direction_(h, norm.state["scale_exp_avg"], norm.state["scale_exp_avg_sq"], norm.scalars.rule)
         log_factor = r.mul_(-norm.scalars.lr).masked_fill_(frames.norm_dead[n], 0.0)
         rows.setdefault(batch.units, []).append(global_units(log_factor, 0, batch.shard))
@@ -770,10 +773,10 @@ def write(program: StepProgram, inputs: StepTensors, frames: Frames, masked: boo
     counts = [t.state["step"] for t in (*inputs.norms, *inputs.tensors) if "step" in t.state]
     if counts:
         torch._foreach_add_(counts, 1)
-    tables = _channel_tables(program, inputs, frames)
-    canonical = canonicalize(program, frames.grads, frames.gammas, collectives,
-                             [_made(t.grads, batch.dtype) for batch, t in zip(program.tensors, inputs.tensors)]) \
-        if traced else frames.canonical
+    tables = _channel_tables(program, inputs, frames, traced)
+    # traced, the stacks of gradients are the read graph's outputs: formed out of place, as a graph
+    # that writes an input copies it back (and is captured in no CUDA graph unless that input is static)
+    canonical = canonicalize(program, frames.grads, frames.gammas, collectives) if traced else frames.canonical
     held: list[_Held] = []
     for b, (batch, tensors) in enumerate(zip(program.tensors, inputs.tensors)):
         ndim, members = len(batch.shape), batch.members
