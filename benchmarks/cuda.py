@@ -8,15 +8,18 @@ steps, medians), with the device synchronised around each step. Per point (width
 - discovery on the device (``find_gauges`` on the model as it will train), timed;
 - peers: AdamW with torch's multi-tensor kernels (``foreach=True``), its single fused kernel
   (``fused=True``) and its step under ``torch.compile``; ``torch.optim.Muon`` + AdamW; DDCAdam and
-  DDCMuon, eager and compiled (``compiled=True``), each also with ``stack_parameters=True`` (the
-  compiled step then one program per shape, whatever the depth);
+  DDCMuon eager, each also with ``stack_parameters=True``, and with ``stack_parameters=True``
+  compiled (``compiled=True``: one program per shape, whatever the depth) and compiled to replay
+  CUDA graphs (``compiled="reduce-overhead"``). The compiled steps in the default layout (whose
+  kernels grow with the depth) are offered too (``--peers``), not run by default;
 - per optimizer: median step time, the first step (state allocation; compilation for the compiled
   ones, cold or warm as the machine's inductor cache is), the state's bytes, and the step's peak
   transient memory (``max_memory_allocated`` during a step above what was allocated before it).
 
 Default: d_model 1024 with 12 layers (issue 31's target shape), float32 and bfloat16 parameters: ten
 compilations, each new shape and dtype compiles afresh (``--widths`` adds widths, ``--peers`` picks
-optimizers). Writes ``benchmarks_cuda.json`` and ``benchmarks_cuda.md`` to ``--out``.
+optimizers from :data:`PEERS`; the default, :data:`DEFAULT_PEERS`). Writes ``benchmarks_cuda.json``
+and ``benchmarks_cuda.md`` to ``--out``.
 ``--device cpu`` runs the same script on the CPU (the test suite does, at toy size), without the
 memory columns.
 """
@@ -40,9 +43,9 @@ from gaugeopt.gauges import GaugeSet
 from gaugeopt.models import TransformerLM
 
 from .optimizer_steps import (BATCH, SEQ, VOCAB, CompiledAdamW, adamw, adamw_fused, ddc_adam, ddc_adam_compiled,
-                              ddc_adam_compiled_stacked, ddc_adam_stacked, ddc_muon, ddc_muon_compiled,
-                              ddc_muon_compiled_stacked, muon_with_adamw_torch, OptimizerFactory, parameter_count,
-                              reference_config, time_steps)
+                              ddc_adam_compiled_stacked, ddc_adam_cuda_graphs, ddc_adam_stacked, ddc_muon,
+                              ddc_muon_compiled, ddc_muon_compiled_stacked, ddc_muon_cuda_graphs,
+                              muon_with_adamw_torch, OptimizerFactory, parameter_count, reference_config, time_steps)
 
 
 PEERS: dict[str, OptimizerFactory] = {
@@ -58,7 +61,11 @@ PEERS: dict[str, OptimizerFactory] = {
     "DDCMuon (stack_parameters)": ddc_muon(stack_parameters=True),
     "DDCAdam compiled (stack_parameters)": ddc_adam_compiled_stacked,
     "DDCMuon compiled (stack_parameters)": ddc_muon_compiled_stacked,
+    "DDCAdam reduce-overhead (stack_parameters)": ddc_adam_cuda_graphs,
+    "DDCMuon reduce-overhead (stack_parameters)": ddc_muon_cuda_graphs,
 }
+#: What a plain run measures: every peer but the compiled steps in the default layout.
+DEFAULT_PEERS = tuple(name for name in PEERS if name not in ("DDCAdam compiled", "DDCMuon compiled"))
 
 
 def model_on_device(width: int, layers: int, dtype: torch.dtype, device: torch.device
@@ -130,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="parameter dtypes")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=20)
-    parser.add_argument("--peers", nargs="+", choices=list(PEERS), default=list(PEERS))
+    parser.add_argument("--peers", nargs="+", choices=list(PEERS), default=list(DEFAULT_PEERS))
     args = parser.parse_args(argv)
     from .__main__ import _commit
     device = torch.device(args.device)

@@ -199,6 +199,13 @@ def ddc_adam_compiled_stacked(model: nn.Module, gauges: GaugeSet):
                    stack_parameters=True)
 
 
+def ddc_adam_cuda_graphs(model: nn.Module, gauges: GaugeSet):
+    """DDCAdam with ``compiled="reduce-overhead"`` and ``stack_parameters=True``: on a CUDA device each
+    phase of the step is replayed as a CUDA graph."""
+    return DDCAdam(model.parameters(), gauges, lr=ADAM_LR, weight_decay=WEIGHT_DECAY, compiled="reduce-overhead",
+                   stack_parameters=True)
+
+
 class CompiledAdamW:
     """``torch.optim.AdamW(foreach=True)`` whose ``step`` runs under ``torch.compile`` (torch's recipe for
     a compiled optimizer step: the step called inside a compiled function)."""
@@ -244,6 +251,12 @@ def ddc_muon_compiled_stacked(model: nn.Module, gauges: GaugeSet):
     """DDCMuon with ``compiled=True`` and ``stack_parameters=True``."""
     return DDCMuon(model.parameters(), gauges, lr=LR, weight_decay=WEIGHT_DECAY, adam_lr=ADAM_LR, compiled=True,
                    stack_parameters=True)
+
+
+def ddc_muon_cuda_graphs(model: nn.Module, gauges: GaugeSet):
+    """DDCMuon with ``compiled="reduce-overhead"`` and ``stack_parameters=True`` (CUDA graphs on a GPU)."""
+    return DDCMuon(model.parameters(), gauges, lr=LR, weight_decay=WEIGHT_DECAY, adam_lr=ADAM_LR,
+                   compiled="reduce-overhead", stack_parameters=True)
 
 
 def symmetry_compatible(model: nn.Module, gauges: GaugeSet):

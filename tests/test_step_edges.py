@@ -281,6 +281,74 @@ def test_compiled_and_eager_steps_agree_on_gains_that_are_not_one(optimizer):
     assert error <= 1e-12, (error, where)
 
 
+@pytest.mark.parametrize("held", [False, True], ids=["", "stack_parameters"])
+@pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
+def test_the_step_compiled_for_cuda_graphs_writes_only_static_inputs_and_equals_the_eager_one(optimizer, held,
+                                                                                              monkeypatch):
+    """``compiled="reduce-overhead"``: a CUDA graph is replayed at the addresses it was recorded with,
+    and inductor refuses to capture a graph that writes an input it does not know to be static (its
+    "mutated inputs" check, the condition read here from each graph inductor builds: on a CPU the
+    graphs are compiled as for CUDA but not captured). Every input each phase writes (parameters,
+    held buffers, state, step counts) is static, with parameters held in one buffer or not; and four
+    steps equal the eager ones to 1e-12."""
+    from torch._inductor import output_code
+
+    graphs = []
+    build = output_code.CompiledFxGraph.__init__
+    signature = inspect.signature(build)
+
+    def recorded(self, *args, **kwargs):
+        build(self, *args, **kwargs)
+        static = signature.bind(self, *args, **kwargs).arguments["static_input_idxs"]
+        graphs.append((set(self.mutated_input_idxs), set(static)))
+
+    monkeypatch.setattr(output_code.CompiledFxGraph, "__init__", recorded)
+    model, gauges, batches = _lm(layers=2)
+    runs = {}
+    with torch._inductor.config.patch(fx_graph_cache=False):
+        for compiled in (False, "reduce-overhead"):
+            m = copy.deepcopy(model)
+            _train(m, OPTIMIZERS[optimizer](m, gauges.bind(m), compiled=compiled, stack_parameters=held), batches,
+                   steps=4)
+            runs[compiled] = m
+    assert len(graphs) >= 2 and all(mutated for mutated, _ in graphs[1:])  # the write phases write inputs
+    for mutated, static in graphs:
+        assert mutated <= static, sorted(mutated - static)
+    error, where = relative_error(runs["reduce-overhead"], runs[False])
+    assert error <= 1e-12, (error, where)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
+def test_the_step_compiled_with_reduce_overhead_replays_cuda_graphs_on_a_gpu(optimizer):
+    """On a GPU, ``compiled="reduce-overhead"`` with ``stack_parameters=True`` captures every phase of
+    the step in a CUDA graph (inductor skips none) and six steps equal the eager ones to 1e-10. (The
+    single-member batches' gradients, which backward allocates anew, are copied in before a replay.)"""
+    from torch._dynamo.utils import counters
+
+    model, gauges, batches = _lm(layers=2)
+    batches = [b.cuda() for b in batches]
+    runs = {}
+    for compiled in (False, "reduce-overhead"):
+        m = copy.deepcopy(model).cuda()
+        counters.clear()
+        _train(m, OPTIMIZERS[optimizer](m, gauges.bind(m), compiled=compiled, stack_parameters=True), batches,
+               steps=6)
+        runs[compiled] = m
+    assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
+    error, where = relative_error(runs["reduce-overhead"], runs[False])
+    assert error <= 1e-10, (error, where)
+
+
+def test_compiled_takes_a_bool_or_one_of_torchs_modes():
+    model, gauges, _ = _lm()
+    with pytest.raises(ValueError, match="reduce-overhead"):
+        DDCAdam(model.parameters(), gauges, compiled="reduce_overhead")
+    with pytest.raises(ValueError, match="compiled must be"):
+        DDCMuon(model.parameters(), gauges, compiled=1)
+    assert DDCAdam(model.parameters(), gauges, compiled="max-autotune-no-cudagraphs").compiled
+
+
 def test_a_compiled_program_stacks_matrix_product_rules_across_layers_and_no_other():
     """Compiled (``build_program(stack=False)``), every tensor is a batch of its own, which inductor
     fuses per tensor, except the batches of a rule made of matrix products (Muon): those are stacked

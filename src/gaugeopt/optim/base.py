@@ -32,7 +32,7 @@ from torch import Tensor
 
 from ..gauges.families import EDGE_SCALE
 from ..gauges.gaugeset import GaugeSet
-from .compile import StepRunner
+from .compile import StepRunner, compile_mode
 from .distributed import gradients_finite_on_every_rank, sharded_step, whole_by_name
 from .frames import FramePlan, build_frame_plan, frozen_gains
 from .guards import GuardedOptimizer, check_gauges_cover, compute_dtype, require_positive
@@ -44,7 +44,7 @@ from .storage import ScalarTables, StackedState, hold_gradients, move_into_stack
 
 __all__ = ["FramedOptimizer", "FrozenUnits", "SplitRow"]
 
-_EAGER = StepRunner(compiled=False)
+_EAGER = StepRunner(None)
 
 FROZEN_GAIN = "zero gain: the channel's merged columns are zero whatever the gauge, so no frame carries a step"
 FROZEN_UNIT_INCOMING = ("zero incoming side: the unit's orbit has no point with the section's incoming norm "
@@ -83,8 +83,10 @@ class FramedOptimizer(GuardedOptimizer):
         edge_scale: the section constant ``c`` of the neuron frames (docs/ddc.md): a unit's canonical
             incoming side has norm ``c`` where its outgoing side is zero.
         nonfinite: ``"raise"`` or ``"skip"`` (:mod:`gaugeopt.optim.guards`).
-        compiled: run the step's two phases compiled by ``torch.compile`` (the same functions as the
-            eager step; equal up to rounding).
+        compiled: run the step's phases compiled by ``torch.compile`` (the same functions as the
+            eager step; equal up to rounding): ``True`` in its default mode, or the name of a mode
+            (:data:`~gaugeopt.optim.compile.COMPILE_MODES`; ``"reduce-overhead"`` captures CUDA
+            graphs on CUDA devices, with every tensor that lives across steps marked static).
         stack_parameters: hold the parameters of each batch, and their gradients, as slices of one
             buffer per batch (:mod:`gaugeopt.optim.storage`), so the step reads them where they are
             and updates them in place, in stacked operations, instead of stacking copies and copying
@@ -96,8 +98,10 @@ class FramedOptimizer(GuardedOptimizer):
     _TRANSIENT = frozenset({"_layout", "_layout_key", "_stacked", "_scalars", "_names", "_bound_ids", "_runner"})
 
     def __init__(self, params, defaults: dict[str, Any], gauges: GaugeSet | None, *, channel_step: bool,
-                 nonfinite: str, compiled: bool, edge_scale: float = EDGE_SCALE, stack_parameters: bool = False):
+                 nonfinite: str, compiled: bool | str, edge_scale: float = EDGE_SCALE,
+                 stack_parameters: bool = False):
         self._init_guards(nonfinite)
+        mode = compile_mode(compiled)
         require_positive(type(self).__name__, "edge_scale", edge_scale)
         if gauges is not None and not isinstance(gauges, GaugeSet):
             raise TypeError("gauges must be a GaugeSet (from gaugeopt.find_gauges) or None, "
@@ -112,7 +116,8 @@ class FramedOptimizer(GuardedOptimizer):
         super().__init__(params, defaults)  # adds the groups through add_param_group
         self._building = False
         self._check_configured()
-        self.compiled = bool(compiled)
+        self.compile_mode = mode  # torch.compile's mode, None: eager
+        self.compiled = mode is not None
         self.stack_parameters = bool(stack_parameters)
         self._warned_eager = False
         self._lookup: dict[str, Tensor] = {}  # name -> the model's tensor, resolved at the first step
@@ -130,7 +135,8 @@ class FramedOptimizer(GuardedOptimizer):
         self._layout_key: Any = None
         self._stacked = StackedState()
         self._scalars = ScalarTables()
-        self._runner = StepRunner(getattr(self, "compiled", False))
+        compiled = getattr(self, "compiled", False)  # all that one pickled before compile_mode existed says
+        self._runner = StepRunner(getattr(self, "compile_mode", "default" if compiled else None))
 
     def _check_new_parameters(self, group: dict[str, Any], where: str) -> None:
         """Real floating-point tensors (parameters outside ``gauges.model`` take their rule without a frame)."""

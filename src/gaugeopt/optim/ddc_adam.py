@@ -88,7 +88,11 @@ class DDCAdam(FramedOptimizer):
             step is skipped and counted in :attr:`skipped_steps`. Nothing changes in either case.
         compiled: run the step compiled by ``torch.compile`` (the same functions, equal to the eager
             step up to rounding; the first step compiles). Learning rates, betas and weight decay
-            are graph inputs: schedulers do not recompile.
+            are graph inputs: schedulers do not recompile. ``True`` compiles in torch's default
+            mode; a mode's name (``"reduce-overhead"``, ``"max-autotune"``, ...) in that mode: on a
+            CUDA device ``"reduce-overhead"`` replays each of the step's graphs as a CUDA graph,
+            every tensor that lives across steps marked static (best with ``stack_parameters=True``,
+            whose gradients keep their addresses: gradients backward allocates anew are copied in).
         stack_parameters: hold the parameters the step computes on as a stack (each isolated neuron
             pair's two sides, translated tensors such as a logit-shift head; DDCMuon: also Muon's
             matrices) as slices of one buffer per batch, their ``.data`` re-pointed at the first
@@ -114,7 +118,7 @@ class DDCAdam(FramedOptimizer):
         norm_scale_step: bool = True,
         edge_scale: float = EDGE_SCALE,
         nonfinite: str = "raise",
-        compiled: bool = False,
+        compiled: bool | str = False,
         stack_parameters: bool = False,
     ):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)

@@ -188,7 +188,7 @@ class DDCMuon(FramedOptimizer):
         adam_weight_decay: float | None = None,
         edge_scale: float = MUON_EDGE_SCALE,
         nonfinite: str = "raise",
-        compiled: bool = False,
+        compiled: bool | str = False,
         stack_parameters: bool = False,
     ):
         where = type(self).__name__

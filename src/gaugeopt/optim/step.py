@@ -59,7 +59,7 @@ from .shards import LOCAL, Collectives, RowShard, global_units, local_rows, loca
 from .storage import ScalarTables, StackedState, stacked_rows, stacked_view
 from .symmetry import Side
 
-__all__ = ["CHANNEL_ADAM", "CHANNEL_STATE", "BatchScalars", "TensorInputs", "NormInputs", "NeuronInputs",
+__all__ = ["CHANNEL_ADAM", "CHANNEL_STATE", "BatchScalars", "Members", "TensorInputs", "NormInputs", "NeuronInputs",
            "StepTensors", "Frames", "step_inputs", "with_state", "read_frames", "canonicalize", "lift", "write",
            "pair_factors", "rebalance"]
 

@@ -115,7 +115,8 @@ class SymmetryCompatible(FramedOptimizer):
         nonfinite: ``"raise"`` (default): a NaN or Inf gradient raises
             :class:`~gaugeopt.optim.NonFiniteGradientError` naming the parameter; ``"skip"``: the
             step is skipped and counted in :attr:`skipped_steps`. Nothing changes in either case.
-        compiled: run the step compiled by ``torch.compile``.
+        compiled: run the step compiled by ``torch.compile``: ``True`` or the name of a mode, as
+            for :class:`~gaugeopt.optim.DDCAdam`.
 
     The step is the batched step of :mod:`gaugeopt.optim.step` without gauge frames: each
     group's rule is a base rule of :mod:`gaugeopt.optim.rules` (``adamw``: :class:`~gaugeopt.optim.rules.Adam`;
@@ -149,7 +150,7 @@ class SymmetryCompatible(FramedOptimizer):
         adam_betas: tuple[float, float] = (0.9, 0.95),
         adam_eps: float = 1e-8,
         nonfinite: str = "raise",
-        compiled: bool = False,
+        compiled: bool | str = False,
     ) -> None:
         defaults = dict(
             lr=lr, rule=rule, orientation=orientation, heads=heads, momentum=momentum, nesterov=nesterov,
