@@ -113,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
 
     _log("dispatched operations per step")
     ops = _section(lambda: dispatch.count_at_depths({
-        "AdamW (foreach)": adamw, "DDCAdam": ddc_adam, "DDCMuon": ddc_muon(), MUON: muon_with_adamw_torch},
+        "AdamW (foreach)": adamw, "DDCAdam": ddc_adam, STACKED: ddc_adam_stacked, "DDCMuon": ddc_muon(),
+        STACKED_MUON: ddc_muon(stack_parameters=True), MUON: muon_with_adamw_torch},
         width=cfg["dispatch_width"], depths=cfg["dispatch_depths"]))
     _log("memory traffic per step")
     traffic_factories = {

@@ -6,8 +6,13 @@ calls do not reach a mode again), so the counts are device-independent:
 
 * **operations**: every one dispatched, views and host reads included; a step whose count grows
   with the model's depth is launch-bound on a GPU for small and medium widths;
-* **launches**: the operations that run a kernel on an accelerator, at least one each: all but
-  views (metadata only), allocations without initial values and host reads;
+* **launches**: the kernels the operations run on a CUDA device: none for views (metadata only),
+  allocations without initial values and host reads, one for every other operation, but one per
+  member for a multi-tensor (``_foreach_``) operation whose lists torch's multi-tensor kernels
+  cannot take together: corresponding tensors of other sizes or strides (a factor broadcast to each
+  member, a 0-d tensor per member), of another dtype or device, or not contiguous send the CUDA
+  operation down its per-tensor fallback (torch's ``check_fast_path_restrictions``; on a CPU every
+  ``_foreach_`` operation loops over its members);
 * **bytes**: what each operation reads and writes, the sum of its tensor arguments' and results'
   sizes (a tensor passed twice counted once; an argument the operation writes counted as read and
   written, except where it only writes: ``out=``, ``copy_``, ``zero_``, ``fill_``). View operations
@@ -127,7 +132,7 @@ class DispatchCounter(TorchDispatchMode):
         name = str(func)
         self.counts[name] += 1
         if not func.is_view and name not in _NO_TRAFFIC and name not in _HOST_READS:
-            self.launches[name] += 1
+            self.launches[name] += _kernels(name, args, kwargs)
         if not self._inside_host_copy:
             if name in _HOST_READS:
                 self.reads[name] += 1
@@ -181,6 +186,21 @@ class DispatchCounter(TorchDispatchMode):
     @property
     def host_reads(self) -> int:
         return sum(self.reads.values())
+
+
+def _kernels(name: str, args, kwargs) -> int:
+    """The kernels one launching operation runs on a CUDA device (module docstring: launches)."""
+    if not name.startswith("aten._foreach_"):
+        return 1
+    lists = [a for a in (*args, *kwargs.values()) if isinstance(a, (list, tuple)) and a
+             and all(isinstance(t, torch.Tensor) for t in a)]
+    first = lists[0]
+    for tensors in lists:
+        for t, like in zip(tensors, first):
+            if t.shape != like.shape or t.stride() != like.stride() or t.dtype != first[0].dtype \
+                    or t.device != first[0].device or not t.is_contiguous():
+                return len(first)
+    return 1
 
 
 class HostReads:

@@ -212,17 +212,20 @@ def render(results: dict, plot_name: str) -> str:
     names = list(ops["rows"][0]["ops"])
     lines += ["## Dispatched operations per step", "",
               "Every tensor operation of an eager step reaches torch's dispatcher once; a `TorchDispatchMode` "
-              "counts them (`benchmarks/dispatch.py`). The count does not depend on the device or the width "
-              "and predicts the step's launch cost on a GPU, where each operation is at least one kernel "
-              "launch. The optimizers step the reference LM at d_model "
+              "counts them (`benchmarks/dispatch.py`). The count does not depend on the device or the width; "
+              "on a GPU each operation but a view costs at least one kernel launch. The optimizers step "
+              "the reference LM at d_model "
               f"{ops['width']} after one untimed step.", "",
               "| layers | parameters | " + " | ".join(names) + " |", "|---:|---:|" + "---:|" * len(names)]
     for row in ops["rows"]:
         lines.append(f"| {row['layers']} | {row['parameters']:,} | "
                      + " | ".join(str(row["ops"][n]) for n in names) + " |")
     if "launches" in ops["rows"][0]:
-        lines += ["", "Of these, the operations that launch a kernel on an accelerator (views, allocations without "
-                  "initial values and host reads left out):", "",
+        lines += ["", "The kernels these operations launch on a CUDA device: none for views, allocations without "
+                  "initial values and host reads, one for every other operation, but one per member for a "
+                  "multi-tensor (`_foreach_`) operation whose lists torch's multi-tensor kernels cannot take "
+                  "together (a factor broadcast to each member, a 0-d tensor per member, other strides or "
+                  "dtypes: its CUDA fallback loops over the members; `benchmarks/dispatch.py`):", "",
                   "| layers | " + " | ".join(names) + " |", "|---:|" + "---:|" * len(names)]
         for row in ops["rows"]:
             lines.append(f"| {row['layers']} | " + " | ".join(str(row["launches"][n]) for n in names) + " |")

@@ -10,7 +10,8 @@ import torch
 
 from benchmarks.__main__ import main
 from benchmarks.dispatch import DispatchCounter, dispatched_ops, step_traffic
-from benchmarks.optimizer_steps import adamw, ddc_adam, ddc_muon, model_with_gradients, muon_with_adamw_torch, state_bytes
+from benchmarks.optimizer_steps import (adamw, ddc_adam, ddc_adam_stacked, ddc_muon, model_with_gradients,
+                                       muon_with_adamw_torch, state_bytes)
 from benchmarks.report import fitted_exponent
 
 
@@ -50,6 +51,22 @@ def test_views_allocations_and_host_reads_launch_no_kernel():
         c.sum().item()  # a kernel (the sum) and a host read
     assert counter.total > counter.total_launches
     assert counter.launches == {"aten.mul.Tensor": 1, "aten.sum.default": 1}
+
+
+def test_a_multi_tensor_operation_whose_lists_do_not_match_launches_a_kernel_per_member():
+    """CUDA's multi-tensor kernels take lists whose corresponding tensors match in size, strides and
+    dtype: a factor broadcast to each member or a 0-d tensor per member takes the per-tensor path."""
+    members = [torch.ones(3, 4) for _ in range(5)]
+    with DispatchCounter() as counter:
+        torch._foreach_mul_(members, 2.0)  # one kernel
+        torch._foreach_mul_(members, torch.tensor(2.0))  # one 0-d tensor for all: one kernel
+        torch._foreach_add_(members, [torch.ones(3, 4) for _ in range(5)])  # matching lists: one kernel
+        torch._foreach_mul_(members, [torch.ones(4)] * 5)  # broadcast rows: five
+        torch._foreach_mul_(members, [torch.tensor(2.0)] * 5)  # a 0-d tensor per member: five
+        torch._foreach_add_(members, [torch.ones(4, 3).t() for _ in range(5)])  # other strides: five
+    assert counter.launches["aten._foreach_mul_.Scalar"] == counter.launches["aten._foreach_mul_.Tensor"] == 1
+    assert counter.launches["aten._foreach_mul_.List"] == 10
+    assert counter.launches["aten._foreach_add_.List"] == 1 + 5
 
 
 def test_traffic_counts_what_each_operation_reads_and_writes():
