@@ -135,6 +135,19 @@ def test_an_eager_step_dispatches_the_same_operations_at_every_depth(name):
     assert shallow.host_reads == deep.host_reads == 1
 
 
+@pytest.mark.parametrize("name", ["DDCAdam", "DDCMuon"])
+def test_with_stack_parameters_an_eager_step_launches_as_many_kernels_at_any_depth(name):
+    """Counted as on a CUDA device (a multi-tensor operation whose lists do not match runs a kernel per
+    member): with parameters and gradients held in one buffer per batch, 2 and 8 layers launch the
+    same kernels. (By default the frames' factors are broadcast to each member of a list of
+    gradients, so the count grows with depth.)"""
+    make = ddc_adam_stacked if name == "DDCAdam" else ddc_muon(stack_parameters=True)
+    shallow, deep = (dispatched_ops(make, *model_with_gradients(32, n_layers=n)) for n in (2, 8))
+    assert shallow.launches == deep.launches
+    default = ddc_adam if name == "DDCAdam" else ddc_muon()
+    assert dispatched_ops(default, *model_with_gradients(32, n_layers=8)).total_launches > deep.total_launches
+
+
 def test_an_eager_ddc_adam_step_moves_at_most_1_2_times_adamws_bytes():
     """Bytes read and written per parameter by one eager step (the dispatch count of
     ``benchmarks.dispatch``), DDCAdam at most 1.2x AdamW(foreach)'s, on the reference LM at d_model 64

@@ -537,9 +537,12 @@ def read_frames(program: StepProgram, inputs: StepTensors, traced: bool = False)
 
     # The canonical gradients: formed here (eager) or inside the update (traced: fused into its loop);
     # eager, per member where the rule's first passes are elementwise (torch's fused Adam, Muon's
-    # momentum), so no stack of them is written and read again.
-    grads = [_stack(t.grads, batch.dtype) if traced or not (_fused(batch, t) or _member_wise(batch)) else None
-             for batch, t in zip(program.tensors, inputs.tensors)]
+    # momentum), so no stack of them is written and read again, unless the gradients lie in one
+    # buffer (stack_parameters) and a factor acts: then one stacked operation forms them (a factor
+    # broadcast to each member of a list sends a CUDA multi-tensor operation down its per-tensor path).
+    grads = [_stack(t.grads, batch.dtype) if traced or not (_fused(batch, t) or _member_wise(batch))
+             or (isinstance(t.grads, Tensor) and bool(factors)) else None
+             for batch, t, factors in zip(program.tensors, inputs.tensors, gammas)]
     per_member = [_listed(t.grads) if grad is None else grad for grad, t in zip(grads, inputs.tensors)]
     # traced, these are only probed: the stacks go to the write phase as they are
     owned = [] if traced else [grad is not None and _made(t.grads, batch.dtype)
@@ -797,7 +800,8 @@ def write(program: StepProgram, inputs: StepTensors, frames: Frames, masked: boo
         dead = functools.reduce(torch.logical_or, frames.dead[b]) if masked and frames.dead[b] else None
         if dead is not None:
             decay = torch.where(dead, 1.0, decay)  # the lift is 0 there: dead entries stay as they are
-        if isinstance(gradient, Tensor) and not traced and _fused_on_stack(batch):
+        # a stack of canonical gradients: a translated batch's, or held gradients a factor acts on
+        if isinstance(gradient, Tensor) and not traced and (_fused_on_stack(batch) or _fused(batch, tensors)):
             _fused_adam(batch, tensors, list(gradient.unbind(0)), None)  # -D, in the stack's memory
             direction, sign = gradient, 1
         elif not isinstance(gradient, Tensor) and not batch.rule.member_gradients:
