@@ -318,6 +318,27 @@ def test_the_step_compiled_for_cuda_graphs_writes_only_static_inputs_and_equals_
     assert error <= 1e-12, (error, where)
 
 
+def test_the_step_compiled_for_cuda_graphs_follows_gradients_that_come_and_go():
+    """``compiled="reduce-overhead"`` with ``stack_parameters=True``: a block whose gradients are
+    dropped for two steps (a new layout, new held buffers), then gradients a ``model.zero_grad()``
+    left to backward to allocate (copied into a new buffer): six steps equal the eager ones to 1e-12."""
+    model, gauges, batches = _lm(layers=2)
+    runs = {}
+    for compiled in (False, "reduce-overhead"):
+        m = copy.deepcopy(model)
+        opt = OPTIMIZERS["DDCAdam"](m, gauges.bind(m), compiled=compiled, stack_parameters=True)
+        for t in range(6):
+            (m if t == 4 else opt).zero_grad()
+            lm_loss(m, batches[t % len(batches)]).backward()
+            for name, p in m.named_parameters():
+                if t in (2, 3) and name.startswith("blocks.0.ffn."):
+                    p.grad = None
+            opt.step()
+        runs[compiled] = m
+    error, where = relative_error(runs["reduce-overhead"], runs[False])
+    assert error <= 1e-12, (error, where)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
 def test_the_step_compiled_with_reduce_overhead_replays_cuda_graphs_on_a_gpu(optimizer):
