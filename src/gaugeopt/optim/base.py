@@ -95,7 +95,8 @@ class FramedOptimizer(GuardedOptimizer):
     """
 
     #: Caches rebuilt on demand: the step's layout and stacked state, parameter ids (new in a copy).
-    _TRANSIENT = frozenset({"_layout", "_layout_key", "_stacked", "_scalars", "_names", "_bound_ids", "_runner"})
+    _TRANSIENT = frozenset({"_layout", "_layout_key", "_held", "_stacked", "_scalars", "_names", "_bound_ids",
+                            "_runner"})
 
     def __init__(self, params, defaults: dict[str, Any], gauges: GaugeSet | None, *, channel_step: bool,
                  nonfinite: str, compiled: bool | str, edge_scale: float = EDGE_SCALE,
@@ -133,6 +134,7 @@ class FramedOptimizer(GuardedOptimizer):
         self._bound_ids: tuple[int, ...] | None = None  # the tensors the names were resolved for (rebind)
         self._layout: StepLayout | None = None
         self._layout_key: Any = None
+        self._held: list[list[Tensor]] = []  # the layout's lists held in one buffer each (stack_parameters)
         self._stacked = StackedState()
         self._scalars = ScalarTables()
         compiled = getattr(self, "compiled", False)  # all that one pickled before compile_mode existed says
@@ -297,7 +299,7 @@ class FramedOptimizer(GuardedOptimizer):
         self._names = {id(p): name for group, names in zip(self.param_groups, bound)
                        for p, name in zip(group["params"], names) if name is not None}
         self._bound_ids = self._held_ids()
-        self._layout, self._layout_key = None, None
+        self._layout, self._layout_key, self._held = None, None, []
 
     def _held_ids(self) -> tuple[int, ...]:
         return tuple(id(p) for group in self.param_groups for p in group["params"])
@@ -326,8 +328,8 @@ class FramedOptimizer(GuardedOptimizer):
                                          stack=not self.compiled or self.stack_parameters or ranks is not None,
                                          ranks=ranks)
             self._layout_key = key
-            if self.stack_parameters and ranks is None:
-                _hold_stacked(self._layout, self._lookup)
+            self._held = _held_lists(self._layout, self._lookup) if self.stack_parameters and ranks is None else []
+            _hold_stacked(self._held)
         return self._layout
 
     @torch.compiler.disable  # as torch's own: a compiled training step calls it eagerly
@@ -338,8 +340,8 @@ class FramedOptimizer(GuardedOptimizer):
         reads them without stacking a copy. (A parameter that then gets no gradient is stepped on a
         zero one, as after torch's ``zero_grad(set_to_none=False)``.)"""
         held: dict[Tensor, Tensor] = {}  # parameter -> its zeroed gradient, a slice of its buffer
-        if set_to_none and self.stack_parameters and self._layout is not None:  # (else torch's zeroes in place)
-            for params in _held_lists(self._layout, self._lookup):
+        if set_to_none:  # (else torch's zeroes in place)
+            for params in self._held:
                 grads = [p.grad for p in params]
                 view = stacked_view(grads) if all(g is not None for g in grads) else None
                 if view is not None:
@@ -372,8 +374,7 @@ class FramedOptimizer(GuardedOptimizer):
         rules = [self.rule_for(group) for group in self.param_groups]
         layout = self._current_layout(rules, shards.ranks if shards is not None else None)
         gains = whole_by_name([f.gain for f in self.plan.norms], self._lookup, shards)  # {} in one process
-        if self.stack_parameters and shards is None:
-            _hold_gradients(layout, self._lookup)
+        _hold_gradients(self._held)
         inputs = step_inputs(layout, self._lookup, gains, shards.collectives if shards is not None else LOCAL)
         runner = self._runner if compiled else _EAGER
         frames = runner.read(layout.program, inputs)
@@ -443,22 +444,22 @@ def _held_lists(layout: StepLayout, lookup: Mapping[str, Tensor]) -> list[list[T
     return [params for params in lists if all(compute_dtype(p) == p.dtype for p in params)]
 
 
-def _hold_stacked(layout: StepLayout, lookup: Mapping[str, Tensor]) -> None:
+def _hold_stacked(held: list[list[Tensor]]) -> None:
     """Give each list of :func:`_held_lists` one buffer (:func:`~gaugeopt.optim.storage.move_into_stack`),
     unless it lies in one already. Only parameters that own their memory whole are moved: one that
     is a view of memory someone else holds (FSDP1's flat parameters, a user's own buffer) keeps it,
     and its batch is stacked as a copy."""
-    for params in _held_lists(layout, lookup):
+    for params in held:
         if len({(tuple(p.shape), p.dtype, p.device) for p in params}) == 1 and stacked_view(params) is None and \
                 all(owns_its_memory(p) for p in params):
             move_into_stack(params)
 
 
-def _hold_gradients(layout: StepLayout, lookup: Mapping[str, Tensor]) -> None:
+def _hold_gradients(held: list[list[Tensor]]) -> None:
     """The gradients of every held list as slices of one buffer (:func:`~gaugeopt.optim.storage.hold_gradients`):
     a copy where backward made new ones (after ``zero_grad(set_to_none=True)`` elsewhere), nothing
     where it accumulated into the held ones."""
-    for params in _held_lists(layout, lookup):
+    for params in held:
         if stacked_view(params) is not None:
             hold_gradients(params)
 
