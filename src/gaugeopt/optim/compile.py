@@ -54,9 +54,8 @@ class StepRunner:
 
     def __init__(self, mode: str | None):
         self.mode = mode
-        self.compiled = mode is not None
         self._static = mode in CUDA_GRAPH_MODES
-        if self.compiled:
+        if mode is not None:
             self._read, self._write, self._rebalance = (_compiled(phase, mode) for phase in _PHASES)
         else:
             self._read, self._write, self._rebalance = read_frames, write, rebalance
@@ -67,18 +66,20 @@ class StepRunner:
         return self._read(program, inputs)
 
     def write(self, program: StepProgram, inputs: StepTensors, frames: Frames, masked: bool, clip: bool) -> None:
-        if self._static:
-            _mark_persistent(inputs)
+        if self._static:  # the rest of the inputs are the tensors the read marked
+            _mark_static([t for batch in (*inputs.tensors, *inputs.norms)
+                          for t in (*batch.state.values(), *_leaves(batch.scalars))])
         held, factors = self._write(program, inputs, frames, masked=masked, clip=clip)
         if held:
             self._rebalance(program, inputs, frames, held, factors, masked=masked)
 
 
 def _mark_persistent(inputs: StepTensors) -> None:
-    """Mark static (module docstring) every tensor of ``inputs`` that lives across steps: parameters
-    and gains in any form (a parameter, a view of one, the stacked view of a held buffer), gradients
-    held in one buffer (their stacked view; a list is what backward made this step), state buffers,
-    scalar-table slices and channel rows; not gains gathered in another order (this step's copies)."""
+    """Mark static (module docstring) every tensor of the read phase's ``inputs`` that lives across
+    steps: parameters and gains in any form (a parameter, a view of one, the stacked view of a held
+    buffer), gradients held in one buffer (their stacked view; a list is what backward made this
+    step) and channel rows; not gains gathered in another order (this step's copies). (The write
+    phase's state buffers and scalar-table slices are marked when it is given them.)"""
     kept: list[Tensor] = []
 
     def always(values: Members) -> None:
@@ -99,13 +100,11 @@ def _mark_persistent(inputs: StepTensors) -> None:
             gains(g)
         if t.channel_rows is not None:
             kept.append(t.channel_rows)
-        kept.extend([*t.state.values(), *_leaves(t.scalars)])
     for n in inputs.norms:
         gains(n.gains)
         always(n.biases)
         held(n.gain_grads)
         held(n.bias_grads)
-        kept.extend([*n.state.values(), *_leaves(n.scalars)])
     for n in inputs.neurons:
         for role_params, role_gains in zip(n.params, n.gains):
             always(role_params)
@@ -113,7 +112,11 @@ def _mark_persistent(inputs: StepTensors) -> None:
                 gains(g)
     for grads in inputs.checked:
         held(grads)
-    for t in kept:
+    _mark_static(kept)
+
+
+def _mark_static(tensors: list[Tensor]) -> None:
+    for t in tensors:
         torch._dynamo.mark_static_address(t, guard=False)
 
 
