@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
 
@@ -56,14 +57,16 @@ def _pair_sides(model):
     return [[m.ffn.up.weight for m in model.blocks], [m.ffn.down.weight for m in model.blocks]]
 
 
-def _default_and_held(model, gauges, batches, steps: int, optimizer: str = "DDCAdam"):
-    """``[(model, optimizer)]`` after ``steps`` training steps on copies of ``model``, without and with
-    ``stack_parameters=True``."""
+def _default_and_held(model, gauges, batches, steps: int, optimizer: str = "DDCAdam", compiled: bool = False,
+                      warns: str | None = None):
+    """``[(model, optimizer)]`` after ``steps`` training steps on copies of ``model``: by default, and
+    with ``stack_parameters=True`` (and ``compiled``). ``warns``: a RuntimeWarning each run must give."""
     runs = []
-    for stacked in (False, True):
+    for held in (False, True):
         m = copy.deepcopy(model)
-        opt = OPTIMIZERS[optimizer](m, gauges.bind(m), stack_parameters=stacked)
-        _train(m, opt, batches, steps=steps)
+        opt = OPTIMIZERS[optimizer](m, gauges.bind(m), stack_parameters=held, compiled=held and compiled)
+        with pytest.warns(RuntimeWarning, match=warns) if warns else contextlib.nullcontext():
+            _train(m, opt, batches, steps=steps)
         runs.append((m, opt))
     return runs
 
@@ -76,15 +79,8 @@ def _assert_same(a, b, opt_a, opt_b):
 @pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
 def test_parameters_held_in_one_buffer_step_exactly_as_copies_do(optimizer):
     model, gauges, batches = _lm(layers=3)
-    model = _with_edges(model)
-    runs = []
-    for stacked in (False, True):
-        m = copy.deepcopy(model)
-        opt = OPTIMIZERS[optimizer](m, gauges.bind(m), stack_parameters=stacked)
-        with pytest.warns(RuntimeWarning, match="froze"):
-            _train(m, opt, batches, steps=5)
-        runs.append((m, opt))
-    (plain, plain_opt), (held, held_opt) = runs
+    (plain, plain_opt), (held, held_opt) = _default_and_held(_with_edges(model), gauges, batches, steps=5,
+                                                             optimizer=optimizer, warns="froze")
     _assert_same(plain, held, plain_opt, held_opt)
     assert held_opt.frozen_report() == plain_opt.frozen_report() and held_opt.frozen_report()
     assert all(stacked_view(side) is not None for side in _pair_sides(held))
@@ -253,14 +249,8 @@ def test_gradients_are_held_and_accumulated_in_their_buffer():
 def test_the_compiled_step_on_held_buffers_equals_the_eager_default(optimizer):
     model, gauges, batches = _lm(layers=3)
     model = _with_edges(model)
-    runs = []
-    for compiled in (False, True):
-        m = copy.deepcopy(model)
-        opt = OPTIMIZERS[optimizer](m, gauges.bind(m), stack_parameters=compiled, compiled=compiled)
-        with pytest.warns(RuntimeWarning, match="froze"):
-            _train(m, opt, batches, steps=5)
-        runs.append((m, opt))
-    (eager, eager_opt), (compiled, compiled_opt) = runs
+    (eager, eager_opt), (compiled, compiled_opt) = _default_and_held(model, gauges, batches, steps=5,
+                                                                     optimizer=optimizer, compiled=True, warns="froze")
     error, where = relative_error(compiled, eager)
     assert error <= 1e-12, (error, where)
     assert compiled_opt.frozen_report() == eager_opt.frozen_report()
