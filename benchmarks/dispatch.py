@@ -28,8 +28,10 @@ calls do not reach a mode again), so the counts are device-independent:
   operation. On an accelerator each read waits for the device to finish the work queued before it:
   a step that reads nothing back can be queued whole, or captured in a CUDA graph.
 
-The counts here are taken on the reference language model at two depths, after one untimed step
-(state allocation and the step's layout happen there).
+The counts here are taken on the reference language model at two depths, after two untimed steps
+(state allocation and the step's layout happen there), each step on new gradient tensors as
+backward leaves them after torch's ``zero_grad()`` (or, asked, on gradients kept from step to step);
+:func:`iteration_traffic` counts a whole training iteration, phase by phase.
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ from gaugeopt.gauges import GaugeSet
 
 from .optimizer_steps import VOCAB, model_with_gradients
 
-__all__ = ["DispatchCounter", "HostReads", "dispatched_ops", "count_at_depths", "step_traffic"]
+__all__ = ["DispatchCounter", "HostReads", "dispatched_ops", "count_at_depths", "iteration_traffic", "step_traffic"]
 
 #: Operations that write an argument without reading it.
 _WRITE_ONLY = frozenset({"aten.copy_.default", "aten.zero_.default", "aten.fill_.Scalar", "aten.fill_.Tensor",
@@ -225,17 +227,56 @@ class HostReads:
         return self._counter.host_reads
 
 
-def dispatched_ops(make: Callable[[nn.Module, GaugeSet], object], model: nn.Module, gauges: GaugeSet
-                   ) -> DispatchCounter:
-    """What one ``step()`` dispatches (after an untimed first step), on a copy of ``model``."""
+def dispatched_ops(make: Callable[[nn.Module, GaugeSet], object], model: nn.Module, gauges: GaugeSet,
+                   gradients: str = "new") -> DispatchCounter:
+    """What one ``step()`` dispatches (after two untimed steps), on a copy of ``model`` holding its
+    gradients. ``gradients="new"``: every step finds new gradient tensors, as backward leaves them
+    after torch's ``zero_grad()``; ``"kept"``: the same tensors every step, as after
+    ``zero_grad(set_to_none=False)`` (backward accumulates into them)."""
+    if gradients not in ("new", "kept"):
+        raise ValueError(f'gradients must be "new" or "kept", got {gradients!r}')
     twin = copy.deepcopy(model)
-    for p, q in zip(model.parameters(), twin.parameters()):
-        q.grad = p.grad.clone()
+    pairs = list(zip(model.parameters(), twin.parameters()))
     optimizer = make(twin, gauges.bind(twin))
-    optimizer.step()
+
+    def hand_gradients() -> None:
+        for p, q in pairs:
+            if gradients == "new" or q.grad is None:
+                q.grad = p.grad.clone()
+
+    for _ in range(2):  # state and layout (kept gradients persist: the step moves them into their buffers)
+        hand_gradients()
+        optimizer.step()
+    hand_gradients()
     with DispatchCounter() as counter:
         optimizer.step()
     return counter
+
+
+def iteration_traffic(make: Callable[[nn.Module, GaugeSet], object], model: nn.Module, gauges: GaugeSet,
+                      loss: Callable[[nn.Module], torch.Tensor], set_to_none: bool = True) -> dict[str, float]:
+    """Bytes per parameter of each phase of one training iteration, ``zero_grad``, forward and
+    backward (``loss(model).backward()``), ``step``, on a copy of ``model``, after two untimed
+    iterations: what the optimizer costs outside its step too (backward adds each gradient into one
+    that ``zero_grad(set_to_none=False)`` kept, where it otherwise hands over a new tensor)."""
+    twin = copy.deepcopy(model)
+    optimizer = make(twin, gauges.bind(twin))
+    n = sum(p.numel() for p in twin.parameters())
+    for _ in range(2):
+        optimizer.zero_grad(set_to_none=set_to_none)
+        loss(twin).backward()
+        optimizer.step()
+    out = {}
+    with DispatchCounter() as counter:
+        optimizer.zero_grad(set_to_none=set_to_none)
+    out["zero_grad"] = counter.total_bytes / n
+    with DispatchCounter() as counter:
+        loss(twin).backward()
+    out["forward_backward"] = counter.total_bytes / n
+    with DispatchCounter() as counter:
+        optimizer.step()
+    out["step"] = counter.total_bytes / n
+    return out
 
 
 def step_traffic(factories: dict[str, Callable], *, width: int, layers: int, vocab: int = VOCAB) -> dict:

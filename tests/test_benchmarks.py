@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from benchmarks.__main__ import main
-from benchmarks.dispatch import DispatchCounter, dispatched_ops, step_traffic
+from benchmarks.dispatch import DispatchCounter, dispatched_ops, iteration_traffic, step_traffic
 from benchmarks.optimizer_steps import (adamw, ddc_adam, ddc_adam_stacked, ddc_muon, model_with_gradients,
                                        muon_with_adamw_torch, state_bytes)
 from benchmarks.report import fitted_exponent
@@ -136,16 +136,36 @@ def test_an_eager_step_dispatches_the_same_operations_at_every_depth(name):
 
 
 @pytest.mark.parametrize("name", ["DDCAdam", "DDCMuon"])
-def test_with_stack_parameters_an_eager_step_launches_as_many_kernels_at_any_depth(name):
+def test_with_stack_parameters_and_kept_gradients_an_eager_step_launches_as_many_kernels_at_any_depth(name):
     """Counted as on a CUDA device (a multi-tensor operation whose lists do not match runs a kernel per
-    member): with parameters and gradients held in one buffer per batch, 2 and 8 layers launch the
-    same kernels. (By default the frames' factors are broadcast to each member of a list of
-    gradients, so the count grows with depth.)"""
+    member): with parameters held in one buffer per batch and gradients kept from step to step
+    (``zero_grad(set_to_none=False)``: the step moves them into a buffer too), 2 and 8 layers launch
+    the same kernels. (With new gradients at every step, as by default, the frames' factors are
+    broadcast to each member of a list of gradients, so the count grows with depth.)"""
     make = ddc_adam_stacked if name == "DDCAdam" else ddc_muon(stack_parameters=True)
-    shallow, deep = (dispatched_ops(make, *model_with_gradients(32, n_layers=n)) for n in (2, 8))
+    shallow, deep = (dispatched_ops(make, *model_with_gradients(32, n_layers=n), gradients="kept") for n in (2, 8))
     assert shallow.launches == deep.launches
-    default = ddc_adam if name == "DDCAdam" else ddc_muon()
-    assert dispatched_ops(default, *model_with_gradients(32, n_layers=8)).total_launches > deep.total_launches
+    assert dispatched_ops(make, *model_with_gradients(32, n_layers=8)).total_launches > deep.total_launches
+
+
+@pytest.mark.parametrize("name", ["DDCAdam", "DDCMuon"])
+def test_stack_parameters_costs_backward_nothing_with_torchs_zero_grad(name):
+    """A training iteration phase by phase (``benchmarks.dispatch.iteration_traffic``): with torch's
+    ``zero_grad()`` the gradients of an optimizer with ``stack_parameters=True`` are ``None`` after it,
+    and ``zero_grad`` and backward move exactly the bytes they move for the default optimizer (backward
+    hands over new gradients instead of adding them into held ones), while the step moves fewer."""
+    default, held = (ddc_adam, ddc_adam_stacked) if name == "DDCAdam" else (ddc_muon(), ddc_muon(stack_parameters=True))
+    model, gauges = model_with_gradients(32, n_layers=2)
+    tokens = torch.randint(0, model.config.vocab_size, (2, 17), generator=torch.Generator().manual_seed(0))
+
+    def loss(m):
+        logits = m(tokens[:, :-1])
+        return torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
+
+    plain, stacked = (iteration_traffic(make, model, gauges, loss) for make in (default, held))
+    assert stacked["zero_grad"] == plain["zero_grad"] == 0
+    assert stacked["forward_backward"] == plain["forward_backward"]
+    assert stacked["step"] < plain["step"]
 
 
 def test_an_eager_ddc_adam_step_moves_at_most_1_2_times_adamws_bytes():

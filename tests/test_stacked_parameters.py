@@ -9,8 +9,10 @@
 * A model whose parameters share buffers saves and loads as any other (``torch.save`` of its
   ``state_dict``), and trains as before under ``torch.compile``; a step through the buffer marks
   every member modified for autograd, compiled or not.
-* The gradients are held too: ``zero_grad`` zeroes their buffer in place and backward accumulates
-  into it; gradients that a ``model.zero_grad()`` made new again are copied in, with the same steps.
+* Gradients are held where that costs nothing: after torch's ``zero_grad()`` they are ``None`` and
+  the eager step reads the new ones where backward put them; gradients kept from step to step
+  (``zero_grad(set_to_none=False)``) are moved into one buffer, where backward then accumulates;
+  the steps are the default's, bit for bit, either way.
 * Compiled (``compiled=True``), the step on held buffers equals the default eager one to 1e-12 with
   frozen units, and inductor generates as many kernels for 3 layers as for 2.
 """
@@ -28,7 +30,7 @@ import gaugeopt
 
 from gaugeopt import DDCMuon
 from gaugeopt.models import TransformerLM, TransformerLMConfig
-from gaugeopt.optim.storage import move_into_stack, owns_its_memory, stacked_view
+from gaugeopt.optim.storage import HeldGradients, move_into_stack, owns_its_memory, stacked_view
 
 from gaugeopt.testing import relative_error
 from optimizer_cases import same, snapshot
@@ -86,9 +88,9 @@ def test_parameters_held_in_one_buffer_step_exactly_as_copies_do(optimizer):
     assert all(stacked_view(side) is not None for side in _pair_sides(held))
     assert all(stacked_view(side) is None for side in _pair_sides(plain))
     gains = [block.get_parameter(f"norm{i}.weight") for block in held.blocks for i in (1, 2)] + [held.norm.weight]
-    for members in [[block.get_parameter(name) for block in held.blocks]  # every batch is held, and its gradients
+    for members in [[block.get_parameter(name) for block in held.blocks]  # every batch is held (new gradients are not)
                     for name in ("attn.v_proj.weight", "attn.o_proj.weight", "ffn.up.bias")] + [gains]:
-        assert stacked_view(members) is not None and stacked_view([p.grad for p in members]) is not None
+        assert stacked_view(members) is not None and stacked_view([p.grad for p in members]) is None
     assert not torch.equal(plain.blocks[1].ffn.up.weight, model.blocks[1].ffn.up.weight)
 
 
@@ -221,28 +223,93 @@ def test_resuming_with_stacked_parameters_is_exact(optimizer):
     _assert_same(straight, resumed, straight_opt, resumed_opt)
 
 
-def test_gradients_are_held_and_accumulated_in_their_buffer():
+def test_after_torchs_zero_grad_the_eager_step_reads_gradients_where_backward_put_them():
     model, gauges, batches = _lm(layers=3)
-    runs = _default_and_held(model, gauges, batches, steps=2)
-    (plain, plain_opt), (held, held_opt) = runs
+    (plain, plain_opt), (held, held_opt) = _default_and_held(model, gauges, batches, steps=2)
     ups = _pair_sides(held)[0]
-    buffer = stacked_view([p.grad for p in ups])
-    assert buffer is not None
     held_opt.zero_grad()
-    assert torch.count_nonzero(buffer) == 0 and all(p.grad is not None for p in ups)
-    lm_loss(held, batches[0]).backward()  # accumulates into the buffer
-    assert stacked_view([p.grad for p in ups]).data_ptr() == buffer.data_ptr() and torch.count_nonzero(buffer) > 0
+    assert all(p.grad is None for p in held.parameters())
+    lm_loss(held, batches[0]).backward()
+    new = [p.grad for p in ups]
     held_opt.step()
+    assert all(p.grad is g for p, g in zip(ups, new)) and stacked_view(new) is None
     plain_opt.zero_grad()
     lm_loss(plain, batches[0]).backward()
     plain_opt.step()
     _assert_same(plain, held, plain_opt, held_opt)
-    for m, opt in runs:  # new gradients (the model's own zero_grad sets them to None): copied in again
-        m.zero_grad()
-        lm_loss(m, batches[1]).backward()
-        opt.step()
-    assert stacked_view([p.grad for p in ups]) is not None
+
+
+@pytest.mark.parametrize("optimizer", ["DDCAdam", "DDCMuon"])
+def test_gradients_kept_from_step_to_step_are_moved_into_one_buffer_and_accumulated_there(optimizer):
+    """With ``zero_grad(set_to_none=False)`` the second step finds the gradients it saw at the first
+    and moves them into one buffer per batch; backward then adds into it (two backward passes per
+    step here, so the buffer holds their sum), and the steps equal the default optimizer's."""
+    model, gauges, batches = _lm(layers=3)
+    runs = []
+    for stacked in (False, True):
+        m = copy.deepcopy(model)
+        opt = OPTIMIZERS[optimizer](m, gauges.bind(m), stack_parameters=stacked)
+        buffers = []
+        for t in range(4):
+            opt.zero_grad(set_to_none=False)
+            for batch in (batches[t % len(batches)], batches[(t + 1) % len(batches)]):
+                lm_loss(m, batch).backward()
+            opt.step()
+            buffers.append(stacked_view([p.grad for p in _pair_sides(m)[0]]))
+        runs.append((m, opt))
+    assert buffers[0] is None and all(b is not None for b in buffers[1:])  # (the held run's)
+    assert len({b.data_ptr() for b in buffers[1:]}) == 1
+    (plain, plain_opt), (held, held_opt) = runs
     _assert_same(plain, held, plain_opt, held_opt)
+
+
+@pytest.mark.parametrize("optimizer", ["DDCAdam", "DDCMuon"])
+def test_gradients_that_come_new_are_copied_in_for_the_compiled_step(optimizer):
+    """Compiled, every batch is one input of the step's graphs: new gradients (torch's ``zero_grad()``,
+    then backward) are copied into one buffer at each step, and the steps equal the eager default's."""
+    model, gauges, batches = _lm(layers=3)
+    (eager, eager_opt), (compiled, compiled_opt) = _default_and_held(model, gauges, batches, steps=3,
+                                                                     optimizer=optimizer, compiled=True)
+    assert stacked_view([p.grad for p in _pair_sides(compiled)[0]]) is not None
+    error, where = relative_error(compiled, eager)
+    assert error <= 1e-12, (error, where)
+
+
+def test_held_gradients_are_copied_only_when_asked_and_kept_at_one_address_when_asked():
+    """:class:`HeldGradients` on three parameters held in one buffer: new gradients stay where they
+    are unless ``copy``; ``keep`` copies each step's new gradients into the same buffer; gradients
+    that persist are moved once, then left in place."""
+    params = [torch.nn.Parameter(torch.randn(2, 3)) for _ in range(3)]
+    move_into_stack(params)
+
+    def new_gradients():
+        for p in params:
+            p.grad = torch.randn(2, 3)
+        return [p.grad.clone() for p in params]
+
+    held = HeldGradients([params])
+    new_gradients()
+    held.hold(copy=False)
+    assert stacked_view([p.grad for p in params]) is None
+    addresses = []
+    for _ in range(3):
+        values = new_gradients()
+        held.hold(copy=True, keep=True)
+        view = stacked_view([p.grad for p in params])
+        assert view is not None and all(torch.equal(p.grad, v) for p, v in zip(params, values))
+        addresses.append(view.data_ptr())
+    assert len(set(addresses)) == 1
+    persisting = HeldGradients([params])
+    new_gradients()
+    persisting.hold(copy=False)
+    assert stacked_view([p.grad for p in params]) is None
+    for p in params:  # zero_grad(set_to_none=False), then backward adds into the same tensors
+        p.grad.zero_().add_(1.0)
+    persisting.hold(copy=False)
+    view = stacked_view([p.grad for p in params])
+    assert view is not None and torch.equal(view, torch.ones(3, 2, 3))
+    persisting.hold(copy=False)
+    assert stacked_view([p.grad for p in params]).data_ptr() == view.data_ptr()
 
 
 @pytest.mark.parametrize("optimizer", ["DDCAdam", "DDCMuon"])

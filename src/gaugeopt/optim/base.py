@@ -32,7 +32,7 @@ from torch import Tensor
 
 from ..gauges.families import EDGE_SCALE
 from ..gauges.gaugeset import GaugeSet
-from .compile import StepRunner, compile_mode
+from .compile import CUDA_GRAPH_MODES, StepRunner, compile_mode
 from .distributed import gradients_finite_on_every_rank, sharded_step, whole_by_name
 from .frames import FramePlan, build_frame_plan, frozen_gains
 from .guards import GuardedOptimizer, check_gauges_cover, compute_dtype, require_positive
@@ -40,7 +40,7 @@ from .program import StepLayout, build_program
 from .rules import Rule
 from .shards import LOCAL
 from .step import CHANNEL_STATE, step_inputs, with_state
-from .storage import ScalarTables, StackedState, hold_gradients, move_into_stack, owns_its_memory, stacked_view
+from .storage import HeldGradients, ScalarTables, StackedState, move_into_stack, owns_its_memory, stacked_view
 
 __all__ = ["FramedOptimizer", "FrozenUnits", "SplitRow"]
 
@@ -87,15 +87,17 @@ class FramedOptimizer(GuardedOptimizer):
             eager step; equal up to rounding): ``True`` in its default mode, or the name of a mode
             (:data:`~gaugeopt.optim.compile.COMPILE_MODES`; ``"reduce-overhead"`` captures CUDA
             graphs on CUDA devices, with every tensor that lives across steps marked static).
-        stack_parameters: hold the parameters of each batch, and their gradients, as slices of one
-            buffer per batch (:mod:`gaugeopt.optim.storage`), so the step reads them where they are
-            and updates them in place, in stacked operations, instead of stacking copies and copying
-            back; compiled, the step is then one program per shape, whatever the depth.
-            :meth:`zero_grad` zeroes held gradients in place.
+        stack_parameters: hold the parameters of each batch as slices of one buffer per batch
+            (:mod:`gaugeopt.optim.storage`), so the step reads them where they are and updates them
+            in place, in stacked operations, instead of stacking copies and copying back. Their
+            gradients are held the same way where that costs nothing (gradients that persist from
+            step to step: ``zero_grad(set_to_none=False)``, then backward accumulates into the
+            buffer) and, compiled, copied in otherwise, so the compiled step is one program per
+            shape, whatever the depth. ``zero_grad`` is torch's.
     """
 
     #: Caches rebuilt on demand: the step's layout and stacked state, parameter ids (new in a copy).
-    _TRANSIENT = frozenset({"_layout", "_layout_key", "_held", "_stacked", "_scalars", "_names", "_bound_ids",
+    _TRANSIENT = frozenset({"_layout", "_layout_key", "_held", "_held_grads", "_stacked", "_scalars", "_names", "_bound_ids",
                             "_runner"})
 
     def __init__(self, params, defaults: dict[str, Any], gauges: GaugeSet | None, *, channel_step: bool,
@@ -135,6 +137,7 @@ class FramedOptimizer(GuardedOptimizer):
         self._layout: StepLayout | None = None
         self._layout_key: Any = None
         self._held: list[list[Tensor]] = []  # the layout's lists held in one buffer each (stack_parameters)
+        self._held_grads = HeldGradients([])  # their gradients
         self._stacked = StackedState()
         self._scalars = ScalarTables()
         compiled = getattr(self, "compiled", False)  # all that one pickled before compile_mode existed says
@@ -299,7 +302,7 @@ class FramedOptimizer(GuardedOptimizer):
         self._names = {id(p): name for group, names in zip(self.param_groups, bound)
                        for p, name in zip(group["params"], names) if name is not None}
         self._bound_ids = self._held_ids()
-        self._layout, self._layout_key, self._held = None, None, []
+        self._layout, self._layout_key, self._held, self._held_grads = None, None, [], HeldGradients([])
 
     def _held_ids(self) -> tuple[int, ...]:
         return tuple(id(p) for group in self.param_groups for p in group["params"])
@@ -329,27 +332,9 @@ class FramedOptimizer(GuardedOptimizer):
                                          ranks=ranks)
             self._layout_key = key
             self._held = _held_lists(self._layout, self._lookup) if self.stack_parameters and ranks is None else []
+            self._held_grads = HeldGradients(self._held)
             _hold_stacked(self._held)
         return self._layout
-
-    @torch.compiler.disable  # as torch's own: a compiled training step calls it eagerly
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        """As ``torch.optim.Optimizer.zero_grad``, but with ``stack_parameters=True`` the gradients held
-        in one buffer per batch are zeroed in place, one operation per buffer, and stay its slices (as
-        ``set_to_none=False`` keeps them): the next backward accumulates into the buffer, where the step
-        reads them without stacking a copy. (A parameter that then gets no gradient is stepped on a
-        zero one, as after torch's ``zero_grad(set_to_none=False)``.)"""
-        held: dict[Tensor, Tensor] = {}  # parameter -> its zeroed gradient, a slice of its buffer
-        if set_to_none:  # (else torch's zeroes in place)
-            for params in self._held:
-                grads = [p.grad for p in params]
-                view = stacked_view(grads) if all(g is not None for g in grads) else None
-                if view is not None:
-                    view.zero_()
-                    held.update(zip(params, grads))
-        super().zero_grad(set_to_none)  # torch's own, for the gradients not held
-        for p, grad in held.items():
-            p.grad = grad
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None):
@@ -374,7 +359,8 @@ class FramedOptimizer(GuardedOptimizer):
         rules = [self.rule_for(group) for group in self.param_groups]
         layout = self._current_layout(rules, shards.ranks if shards is not None else None)
         gains = whole_by_name([f.gain for f in self.plan.norms], self._lookup, shards)  # {} in one process
-        _hold_gradients(self._held)
+        # compiled, every batch is one input of the graphs; a CUDA graph reads its buffers at one address
+        self._held_grads.hold(copy=compiled, keep=compiled and self.compile_mode in CUDA_GRAPH_MODES)
         inputs = step_inputs(layout, self._lookup, gains, shards.collectives if shards is not None else LOCAL)
         runner = self._runner if compiled else _EAGER
         frames = runner.read(layout.program, inputs)
@@ -453,15 +439,6 @@ def _hold_stacked(held: list[list[Tensor]]) -> None:
         if len({(tuple(p.shape), p.dtype, p.device) for p in params}) == 1 and stacked_view(params) is None and \
                 all(owns_its_memory(p) for p in params):
             move_into_stack(params)
-
-
-def _hold_gradients(held: list[list[Tensor]]) -> None:
-    """The gradients of every held list as slices of one buffer (:func:`~gaugeopt.optim.storage.hold_gradients`):
-    a copy where backward made new ones (after ``zero_grad(set_to_none=True)`` elsewhere), nothing
-    where it accumulated into the held ones."""
-    for params in held:
-        if stacked_view(params) is not None:
-            hold_gradients(params)
 
 
 def _kind(keys: tuple[str, ...], shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:

@@ -8,7 +8,8 @@ while every member's entry is still the view it was given.
 
 Parameters and their gradients may be held the same way (the optimizers' ``stack_parameters=True``):
 :func:`move_into_stack` gives a batch's parameters one buffer, each parameter's ``.data`` its slice,
-:func:`hold_gradients` does the same for their ``.grad`` (backward then accumulates into it), and
+:func:`hold_gradients` does the same for their ``.grad`` (backward then accumulates into it;
+:class:`HeldGradients` says when), and
 :func:`stacked_view` finds such members again at every step (:func:`stacked_rows`: also members
 read in another order), so the step reads and writes them where they are instead of stacking a copy
 and copying the new values back. It is checked, not assumed: members that no longer lie one after
@@ -18,6 +19,7 @@ gradients) are stacked as copies.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -27,7 +29,7 @@ from torch import Tensor
 from .guards import compute_dtype
 from .shards import local_tensor, shard_like
 
-__all__ = ["ScalarTables", "StackedState", "hold_gradients", "move_into_stack", "owns_its_memory", "stacked_rows",
+__all__ = ["HeldGradients", "ScalarTables", "StackedState", "hold_gradients", "move_into_stack", "owns_its_memory", "stacked_rows",
            "stacked_view"]
 
 
@@ -214,12 +216,12 @@ def move_into_stack(params: Sequence[Tensor]) -> Tensor:
     return buffer
 
 
-def hold_gradients(params: Sequence[Tensor]) -> Tensor | None:
+def hold_gradients(params: Sequence[Tensor], buffer: Tensor | None = None) -> Tensor | None:
     """The parameters' gradients as one ``(L, *shape)`` tensor whose slices they are: their stacked
-    view where they are that already, else a new buffer holding their values, each parameter's
-    ``.grad`` becoming its slice (so a backward that accumulates into the gradients, after
-    ``zero_grad`` zeroed them in place, writes the buffer). None where a parameter has no gradient or
-    one unlike it (shape, dtype, device)."""
+    view where they are that already, else ``buffer`` (when given, of their stacked shape, dtype and
+    device) or a new buffer, holding their values (one copy), each parameter's ``.grad`` becoming its
+    slice (so a backward that accumulates into the gradients writes the buffer). None where a
+    parameter has no gradient or one unlike it (shape, dtype, device)."""
     grads = [p.grad for p in params]
     if any(g is None or g.shape != p.shape or g.dtype != p.dtype or g.device != p.device
            for g, p in zip(grads, params)):
@@ -227,7 +229,47 @@ def hold_gradients(params: Sequence[Tensor]) -> Tensor | None:
     view = stacked_view(grads)
     if view is not None:
         return view
-    buffer = torch.stack(grads)
+    shape = (len(grads), *grads[0].shape)
+    if buffer is not None and buffer.shape == shape and buffer.dtype == grads[0].dtype and \
+            buffer.device == grads[0].device:
+        torch._foreach_copy_(list(buffer.unbind(0)), grads)
+    else:
+        buffer = torch.stack(grads)
     for p, row in zip(params, buffer.unbind(0)):
         p.grad = row
     return buffer
+
+
+class HeldGradients:
+    """The gradients of the parameter lists held in one buffer each (:func:`move_into_stack`), held
+    the same way (:func:`hold_gradients`) where that costs nothing, or copied in where the step
+    needs every batch as one tensor:
+
+    * gradients that lie in one buffer already are left there;
+    * gradients that are the tensors the last step saw (``zero_grad(set_to_none=False)``, so
+      backward accumulates into them) are moved into a buffer once; backward adds into it from then on;
+    * new gradients (backward made them after torch's ``zero_grad()``) are copied in only when
+      :meth:`hold` is asked to ``copy`` (one copy, what stacking them costs); with ``keep``, into the
+      buffer the list had before, so that it keeps its address from step to step (as a CUDA graph's
+      static input must), at the cost of that buffer's memory between steps.
+
+    (They are not held by zeroing them in place instead of setting them to ``None``: backward would
+    then add every gradient into its buffer, reading and writing it, which costs more than the copy,
+    and a parameter without a gradient would be stepped on zeros.)"""
+
+    def __init__(self, lists: Sequence[Sequence[Tensor]]):
+        self.lists = [list(params) for params in lists]
+        self._seen: list[tuple[weakref.ref, ...] | None] = [None] * len(self.lists)  # last step's gradients
+        self._buffers: list[Tensor | None] = [None] * len(self.lists)
+
+    def hold(self, copy: bool, keep: bool = False) -> None:
+        for i, params in enumerate(self.lists):
+            grads = [p.grad for p in params]
+            seen = self._seen[i]
+            persisted = seen is not None and all(g is not None and ref() is g for ref, g in zip(seen, grads))
+            if (copy or persisted) and stacked_view(params) is not None:
+                buffer = hold_gradients(params, self._buffers[i])
+                if keep:
+                    self._buffers[i] = buffer
+            self._seen[i] = None if any(p.grad is None for p in params) else \
+                tuple(weakref.ref(p.grad) for p in params)
