@@ -184,17 +184,20 @@ def test_an_eager_ddc_adam_step_moves_at_most_1_2_times_adamws_bytes():
 def test_an_eager_ddc_muon_step_reads_its_muon_gradients_once_before_newton_schulz():
     """DDCMuon's Muon batches take their canonical gradients per member into the momentum and stack
     the nesterov input straight into bfloat16, so no float32 stack of gradients is written and read
-    again, and the isolated pairs' stacked write reads the bfloat16 direction as it is: at d_model 64
-    x 2 one step moves at most 1.32x the bytes of torch's Muon + AdamW (1.31x; 1.40x before both;
-    1.22x with ``stack_parameters=True``; issue 31's target, 1.2x, is not met: the pairs' frames and
-    rebalance are most of the rest, docs/ddc_muon.md)."""
+    again, and every write reads the bfloat16 direction as it is: at d_model 64 x 2 one step moves
+    at most 1.22x the bytes of torch's Muon + AdamW (1.197x; 1.31x while a write member by member
+    converted the direction to float32, 1.40x before the momentum change; 1.14x with
+    ``stack_parameters=True``. At d_model 256 x 4 it is 1.26x, 1.196x with the option, against issue
+    31's 1.2x: the pairs' frames and rebalance are most of the rest, docs/ddc_muon.md)."""
     traffic = step_traffic({"torch": muon_with_adamw_torch, "DDCMuon": ddc_muon(),
                             "held": ddc_muon(stack_parameters=True)}, width=64, layers=2)["optimizers"]
     counts = dispatched_ops(ddc_muon(), *model_with_gradients(64, n_layers=2)).counts
     torch_bytes = traffic["torch"]["bytes_per_parameter"]
-    assert traffic["DDCMuon"]["bytes_per_parameter"] <= 1.32 * torch_bytes
-    assert traffic["held"]["bytes_per_parameter"] <= 1.23 * torch_bytes
+    assert traffic["DDCMuon"]["bytes_per_parameter"] <= 1.22 * torch_bytes
+    assert traffic["held"]["bytes_per_parameter"] <= 1.16 * torch_bytes
     assert counts["aten.stack.out"] >= 1 and counts["aten._foreach_lerp_.Scalar"] >= 1
+    assert counts["aten._to_copy.default"] == dispatched_ops(ddc_muon(stack_parameters=True),
+                                                             *model_with_gradients(64, n_layers=2)).counts["aten._to_copy.default"]
 
 
 def test_a_translated_lm_head_costs_no_more_than_adamws_step():

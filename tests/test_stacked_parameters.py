@@ -38,7 +38,7 @@ from test_step_edges import OPTIMIZERS as _EDGE_OPTIMIZERS
 from test_step_edges import VOCAB, _lm, _train, lm_loss
 
 #: DDCAdam, DDCMuon in float64 and DDCMuon at its bfloat16 default (its direction then reaches the
-#: write in bfloat16: read where it is from a held buffer, converted for a write member by member).
+#: write in bfloat16, read as it is both from a held buffer and member by member).
 OPTIMIZERS = {**_EDGE_OPTIMIZERS,
               "DDCMuon bfloat16": lambda m, g, **kw: DDCMuon(m.parameters(), g, lr=0.02, weight_decay=0.1,
                                                              adam_lr=1e-2, **kw)}

@@ -831,9 +831,9 @@ def write(program: StepProgram, inputs: StepTensors, frames: Frames, masked: boo
             # parameters held in one buffer: two operations, the direction read as it is
             tensors.params.mul_(decay).addcmul_(direction, step, value=sign)
             continue
-        if not batch.stacked:  # written member by member: foreach kernels take one dtype
-            if isinstance(direction, Tensor):
-                direction = list(direction.to(batch.dtype).unbind(0))
+        if not batch.stacked:  # written member by member
+            if isinstance(direction, Tensor):  # a narrower direction (Muon's bfloat16) read as it is:
+                direction = list(direction.unbind(0))  # the multiply-add promotes it, as a copy would
             params = _listed(tensors.params)
             torch._foreach_mul_(params, decay if decay.dim() == 0 else _members(decay, members))
             torch._foreach_addcmul_(params, direction, _members(step, members), value=sign)
