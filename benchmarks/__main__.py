@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     ops = _section(lambda: dispatch.count_at_depths({
         "AdamW (foreach)": adamw, "DDCAdam": ddc_adam, STACKED: ddc_adam_stacked, "DDCMuon": ddc_muon(),
         STACKED_MUON: ddc_muon(stack_parameters=True), MUON: muon_with_adamw_torch},
-        width=cfg["dispatch_width"], depths=cfg["dispatch_depths"]))
+        width=cfg["dispatch_width"], depths=cfg["dispatch_depths"], kept=frozenset({STACKED, STACKED_MUON})))
     _log("memory traffic per step")
     traffic_factories = {
         "AdamW (fused)": adamw_fused, "AdamW (foreach)": adamw, "DDCAdam": ddc_adam, STACKED: ddc_adam_stacked,

@@ -292,15 +292,19 @@ def step_traffic(factories: dict[str, Callable], *, width: int, layers: int, voc
     return {"width": width, "layers": layers, "vocab": vocab, "parameters": n, "optimizers": out}
 
 
-def count_at_depths(factories: dict[str, Callable], *, width: int, depths: tuple[int, ...]) -> dict:
-    """``{"rows": [{"layers": L, "parameters": n, "ops": {name: count}, "top": {name: [[op, count], ...]}}]}``."""
+def count_at_depths(factories: dict[str, Callable], *, width: int, depths: tuple[int, ...],
+                    kept: frozenset[str] = frozenset()) -> dict:
+    """``{"rows": [{"layers": L, "parameters": n, "ops": {name: count}, "top": {name: [[op, count], ...]}}],
+    "kept": [name, ...]}``: each optimizer's step on new gradients, those named in ``kept`` on
+    gradients kept from step to step (:func:`dispatched_ops`)."""
     rows = []
     for layers in depths:
         model, gauges = model_with_gradients(width, n_layers=layers)
-        counts = {name: dispatched_ops(make, model, gauges) for name, make in factories.items()}
+        counts = {name: dispatched_ops(make, model, gauges, gradients="kept" if name in kept else "new")
+                  for name, make in factories.items()}
         rows.append({"layers": layers, "parameters": sum(p.numel() for p in model.parameters()),
                      "ops": {name: c.total for name, c in counts.items()},
                      "launches": {name: c.total_launches for name, c in counts.items()},
                      "host_reads": {name: c.host_reads for name, c in counts.items()},
                      "top": {name: c.counts.most_common(5) for name, c in counts.items()}})
-    return {"width": width, "rows": rows}
+    return {"width": width, "rows": rows, "kept": sorted(kept & set(factories))}

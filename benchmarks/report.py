@@ -78,8 +78,9 @@ def _stacked_rows(rows: list[dict]) -> list[str]:
         return ", ".join(f"{r['optimizers'][name]['median_s'] / r['optimizers']['AdamW (foreach)']['median_s']:.2f}x "
                          f"at d_model {r['width']}" for r in rows)
 
-    line = (f"With `stack_parameters=True` (the same step, every batch's parameters and gradients held in one buffer "
-            f"per batch) the eager step takes {ratios(STACKED)} AdamW (foreach)'s time in the same rounds")
+    line = (f"With `stack_parameters=True` (the same step, every batch's parameters held in one buffer per batch; "
+            f"the timed steps keep their gradients, which the step then holds too) the eager step takes "
+            f"{ratios(STACKED)} AdamW (foreach)'s time in the same rounds")
     if STACKED_COMPILED in rows[0]["optimizers"]:
         line += f", the compiled step {ratios(STACKED_COMPILED)}"
     return [line + ".", ""]
@@ -215,7 +216,11 @@ def render(results: dict, plot_name: str) -> str:
               "counts them (`benchmarks/dispatch.py`). The count does not depend on the device or the width; "
               "on a GPU each operation but a view costs at least one kernel launch. The optimizers step "
               "the reference LM at d_model "
-              f"{ops['width']} after one untimed step.", "",
+              f"{ops['width']} after two untimed steps, each step on new gradients, as backward leaves them "
+              "after torch's `zero_grad()`"
+              + (f" ({', '.join(ops['kept'])}: on gradients kept from step to step, as after "
+                 "`zero_grad(set_to_none=False)`, which the step then holds in one buffer per batch too)"
+                 if ops.get("kept") else "") + ".", "",
               "| layers | parameters | " + " | ".join(names) + " |", "|---:|---:|" + "---:|" * len(names)]
     for row in ops["rows"]:
         lines.append(f"| {row['layers']} | {row['parameters']:,} | "
@@ -248,8 +253,9 @@ def render(results: dict, plot_name: str) -> str:
                      f"{2 * large['vocab'] * large['width'] / large['parameters']:.0%}; in GPT-2 small with an untied head 48 %)"
                      if large else "")
                   + ". On a GPU an optimizer step is bound by this traffic; torch's fused AdamW moves 28 bytes per "
-                  "parameter. `stack_parameters=True` holds every batch's parameters and gradients in one buffer "
-                  "per batch (docs/ddc.md).", "",
+                  "parameter. Each step is taken on new gradients, as backward leaves them after torch's "
+                  "`zero_grad()`. `stack_parameters=True` holds every batch's parameters in one buffer per batch "
+                  "(docs/ddc.md).", "",
                   "| optimizer | bytes per parameter | operations | host reads |"
                   + (f" bytes per parameter, vocabulary {large['vocab']:,} |" if large else ""),
                   "|---|---:|---:|---:|" + ("---:|" if large else "")]
