@@ -97,8 +97,8 @@ class FramedOptimizer(GuardedOptimizer):
     """
 
     #: Caches rebuilt on demand: the step's layout and stacked state, parameter ids (new in a copy).
-    _TRANSIENT = frozenset({"_layout", "_layout_key", "_held", "_held_grads", "_stacked", "_scalars", "_names", "_bound_ids",
-                            "_runner"})
+    _TRANSIENT = frozenset({"_layout", "_layout_key", "_held", "_held_grads", "_stacked", "_scalars", "_names",
+                            "_bound_ids", "_runner"})
 
     def __init__(self, params, defaults: dict[str, Any], gauges: GaugeSet | None, *, channel_step: bool,
                  nonfinite: str, compiled: bool | str, edge_scale: float = EDGE_SCALE,

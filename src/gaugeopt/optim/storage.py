@@ -29,8 +29,8 @@ from torch import Tensor
 from .guards import compute_dtype
 from .shards import local_tensor, shard_like
 
-__all__ = ["HeldGradients", "ScalarTables", "StackedState", "hold_gradients", "move_into_stack", "owns_its_memory", "stacked_rows",
-           "stacked_view"]
+__all__ = ["HeldGradients", "ScalarTables", "StackedState", "hold_gradients", "move_into_stack", "owns_its_memory",
+           "stacked_rows", "stacked_view"]
 
 
 class StackedState:
