@@ -320,8 +320,9 @@ def test_the_step_compiled_for_cuda_graphs_writes_only_static_inputs_and_equals_
 
 def test_the_step_compiled_for_cuda_graphs_follows_gradients_that_come_and_go():
     """``compiled="reduce-overhead"`` with ``stack_parameters=True``: a block whose gradients are
-    dropped for two steps (a new layout, new held buffers), then gradients a ``model.zero_grad()``
-    left to backward to allocate (copied into a new buffer): six steps equal the eager ones to 1e-12."""
+    dropped for two steps (a new layout, new held buffers), and new gradients at every step (torch's
+    ``zero_grad()``, the model's at step 4), copied into the held buffers: six steps equal the eager
+    ones to 1e-12."""
     model, gauges, batches = _lm(layers=2)
     runs = {}
     for compiled in (False, "reduce-overhead"):
@@ -344,7 +345,8 @@ def test_the_step_compiled_for_cuda_graphs_follows_gradients_that_come_and_go():
 def test_the_step_compiled_with_reduce_overhead_replays_cuda_graphs_on_a_gpu(optimizer):
     """On a GPU, ``compiled="reduce-overhead"`` with ``stack_parameters=True`` captures every phase of
     the step in a CUDA graph (inductor skips none) and six steps equal the eager ones to 1e-10. (The
-    single-member batches' gradients, which backward allocates anew, are copied in before a replay.)"""
+    gradients backward makes anew at every step are copied into the held buffers, one address each,
+    before the graphs; the single-member batches' are copied in by the graph before a replay.)"""
     from torch._dynamo.utils import counters
 
     model, gauges, batches = _lm(layers=2)
