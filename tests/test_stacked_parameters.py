@@ -312,6 +312,23 @@ def test_held_gradients_are_copied_only_when_asked_and_kept_at_one_address_when_
     assert stacked_view([p.grad for p in params]).data_ptr() == view.data_ptr()
 
 
+def test_gradients_that_something_else_puts_back_at_every_step_are_moved_once():
+    """As DDP's ``gradient_as_bucket_view`` does, the same tensors of someone else's buffer are put
+    back as the gradients before every step: they persist, so the eager step moves them into a buffer
+    once, and then leaves them where they are put (not a copy every other step)."""
+    params = [torch.nn.Parameter(torch.randn(2, 3)) for _ in range(3)]
+    move_into_stack(params)
+    rows = list(torch.randn(3, 2, 3).unbind(0))[::-1]  # in another order: not a stack of these members
+    held = HeldGradients([params])
+    moved = []
+    for _ in range(5):
+        for p, row in zip(params, rows):
+            p.grad = row
+        held.hold(copy=False)
+        moved.append(not all(p.grad is row for p, row in zip(params, rows)))
+    assert moved == [False, True, False, False, False]
+
+
 @pytest.mark.parametrize("optimizer", ["DDCAdam", "DDCMuon"])
 def test_the_compiled_step_on_held_buffers_equals_the_eager_default(optimizer):
     model, gauges, batches = _lm(layers=3)

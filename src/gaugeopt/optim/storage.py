@@ -247,7 +247,9 @@ class HeldGradients:
 
     * gradients that lie in one buffer already are left there;
     * gradients that are the tensors the last step saw (``zero_grad(set_to_none=False)``, so
-      backward accumulates into them) are moved into a buffer once; backward adds into it from then on;
+      backward accumulates into them) are moved into a buffer, once: backward adds into it from then
+      on. (Where something puts its own tensors back in their place at every step, as DDP's
+      ``gradient_as_bucket_view`` does, they are not moved again.)
     * new gradients (backward made them after torch's ``zero_grad()``) are copied in only when
       :meth:`hold` is asked to ``copy`` (one copy, what stacking them costs); with ``keep``, into the
       buffer the list had before, so that it keeps its address from step to step (as a CUDA graph's
@@ -260,6 +262,7 @@ class HeldGradients:
     def __init__(self, lists: Sequence[Sequence[Tensor]]):
         self.lists = [list(params) for params in lists]
         self._seen: list[tuple[weakref.ref, ...] | None] = [None] * len(self.lists)  # last step's gradients
+        self._moved = [False] * len(self.lists)  # persisting gradients moved into a buffer once
         self._buffers: list[Tensor | None] = [None] * len(self.lists)
 
     def hold(self, copy: bool, keep: bool = False) -> None:
@@ -267,8 +270,10 @@ class HeldGradients:
             grads = [p.grad for p in params]
             seen = self._seen[i]
             persisted = seen is not None and all(g is not None and ref() is g for ref, g in zip(seen, grads))
-            if (copy or persisted) and stacked_view(params) is not None:
+            move = persisted and not self._moved[i]
+            if (copy or move) and stacked_view(params) is not None and stacked_view(grads) is None:
                 buffer = hold_gradients(params, self._buffers[i])
+                self._moved[i] = self._moved[i] or move
                 if keep:
                     self._buffers[i] = buffer
             self._seen[i] = None if any(p.grad is None for p in params) else \
