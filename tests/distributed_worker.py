@@ -189,13 +189,15 @@ def main(out: Path) -> None:
         if rank == 0:
             torch.save(parameters, out / f"fsdp_resumed_{label}.pt")
 
-    # DDCAdam with stack_parameters=True under DDP: parameters and gradients held in buffers of its
-    # own, while DDP's reducer copies gradients into its buckets and back (or, with
-    # gradient_as_bucket_view, makes them views of its buckets).
+    # DDCAdam with stack_parameters=True under DDP, on the two-layer model (batches of two members):
+    # parameters held in buffers of its own, while DDP's reducer copies gradients into its buckets
+    # and back (or, with gradient_as_bucket_view, puts views of its buckets in their place at every
+    # step, which the step leaves there).
     for bucket_view in (False, True):
-        model = make_model()
+        model = make_odd_model()
         ddp = DistributedDataParallel(model, gradient_as_bucket_view=bucket_view)
-        optimizer = DDCAdam(model.parameters(), gauges.bind(model), lr=1e-2, weight_decay=0.1, stack_parameters=True)
+        optimizer = DDCAdam(model.parameters(), find_gauges(make_odd_model()).bind(model), lr=1e-2, weight_decay=0.1,
+                            stack_parameters=True)
         train(ddp, optimizer, data, rank, world)
         ups = [block.ffn.up.weight for block in model.blocks]
         results.setdefault("ddp_held", {})[str(bucket_view)] = [stacked_view(ups) is not None,
