@@ -22,6 +22,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -164,6 +166,34 @@ def test_a_model_with_stacked_parameters_saves_and_loads_as_any_other():
     m.load_state_dict(model.state_dict())
     assert stacked_view(_pair_sides(m)[0]) is not None
     assert torch.equal(m.blocks[2].ffn.up.weight, model.blocks[2].ffn.up.weight)
+
+
+def test_released_parameters_save_whole_with_accelerate_and_are_held_again_at_the_next_step():
+    """Accelerate's ``save_model`` keeps one tensor per shared memory (it would drop all but one member
+    of every buffer): after ``release_parameters()`` every parameter has memory of its own and the file
+    holds them all; the next step holds them in buffers again, and the steps are the default's."""
+    accelerate = pytest.importorskip("accelerate")
+    from safetensors.torch import load_file
+
+    model, gauges, batches = _lm(layers=3)
+    (plain, plain_opt), (held, held_opt) = _default_and_held(model, gauges, batches, steps=2)
+    held_opt.release_parameters()
+    assert all(stacked_view(side) is None for side in _pair_sides(held))
+    try:
+        with tempfile.TemporaryDirectory() as folder:
+            accelerate.Accelerator(cpu=True).save_model(held, folder)
+            saved = load_file(Path(folder) / "model.safetensors")
+    finally:
+        accelerate.state.AcceleratorState._reset_state(reset_partial_state=True)
+    expected = held.state_dict()
+    assert saved.keys() == expected.keys() and all(torch.equal(saved[k], v) for k, v in expected.items())
+    for m, opt in ((plain, plain_opt), (held, held_opt)):
+        for t in range(2, 4):
+            opt.zero_grad()
+            lm_loss(m, batches[t % len(batches)]).backward()
+            opt.step()
+    assert all(stacked_view(side) is not None for side in _pair_sides(held))
+    _assert_same(plain, held, plain_opt, held_opt)
 
 
 def test_stacked_view_is_a_view_only_of_members_laid_out_in_order():

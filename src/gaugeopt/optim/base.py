@@ -97,8 +97,8 @@ class FramedOptimizer(GuardedOptimizer):
     """
 
     #: Caches rebuilt on demand: the step's layout and stacked state, parameter ids (new in a copy).
-    _TRANSIENT = frozenset({"_layout", "_layout_key", "_held", "_held_grads", "_stacked", "_scalars", "_names",
-                            "_bound_ids", "_runner"})
+    _TRANSIENT = frozenset({"_layout", "_layout_key", "_held", "_held_grads", "_released", "_stacked", "_scalars",
+                            "_names", "_bound_ids", "_runner"})
 
     def __init__(self, params, defaults: dict[str, Any], gauges: GaugeSet | None, *, channel_step: bool,
                  nonfinite: str, compiled: bool | str, edge_scale: float = EDGE_SCALE,
@@ -138,6 +138,7 @@ class FramedOptimizer(GuardedOptimizer):
         self._layout_key: Any = None
         self._held: list[list[Tensor]] = []  # the layout's lists held in one buffer each (stack_parameters)
         self._held_grads = HeldGradients([])  # their gradients
+        self._released = False  # release_parameters() gave them memory of their own: hold them again
         self._stacked = StackedState()
         self._scalars = ScalarTables()
         compiled = getattr(self, "compiled", False)  # all that one pickled before compile_mode existed says
@@ -359,6 +360,9 @@ class FramedOptimizer(GuardedOptimizer):
         rules = [self.rule_for(group) for group in self.param_groups]
         layout = self._current_layout(rules, shards.ranks if shards is not None else None)
         gains = whole_by_name([f.gain for f in self.plan.norms], self._lookup, shards)  # {} in one process
+        if self._released:
+            _hold_stacked(self._held)
+            self._released = False
         # compiled, every batch is one input of the graphs; a CUDA graph reads its buffers at one address
         self._held_grads.hold(copy=compiled, keep=compiled and self.compile_mode in CUDA_GRAPH_MODES)
         inputs = step_inputs(layout, self._lookup, gains, shards.collectives if shards is not None else LOCAL)
@@ -412,6 +416,20 @@ class FramedOptimizer(GuardedOptimizer):
     def frozen_report(self) -> list[FrozenUnits]:
         """The norm channels and neuron units the last step froze, one row per family and reason."""
         return list(self._frozen_rows)
+
+    @torch.no_grad()
+    def release_parameters(self) -> None:
+        """Give every parameter that ``stack_parameters=True`` holds in a buffer memory of its own
+        again (a copy of its values; the next step holds them in a buffer again). Call it before a
+        save that takes tensors sharing memory for copies of one tensor: Accelerate's ``save_model``
+        keeps one tensor per buffer and drops the others from the file (with a warning), and
+        ``safetensors.torch.save_model`` refuses them. (``torch.save`` of the state dict, Hugging
+        Face's ``save_pretrained`` and ``safetensors.torch.save_file`` need no call.)"""
+        for params in self._held:
+            if stacked_view(params) is not None:
+                for p in params:
+                    p.data = p.detach().clone()
+                self._released = True
 
 
 def _held_lists(layout: StepLayout, lookup: Mapping[str, Tensor]) -> list[list[Tensor]]:
