@@ -124,6 +124,9 @@ def main(argv: list[str] | None = None) -> int:
                                                      layers=cfg["traffic_layers"]))
     traffic_vocab = _section(lambda: dispatch.step_traffic(traffic_factories, width=cfg["traffic_width"],
                                                            layers=cfg["traffic_layers"], vocab=cfg["traffic_vocab"]))
+    _log("memory traffic per training iteration")
+    iteration = _section(lambda: dispatch.iterations_traffic(traffic_factories, width=cfg["traffic_width"],
+                                                             layers=cfg["traffic_layers"]))
     _log("DDCAdam vs AdamW")
     adam = _section(lambda: rows(cfg["widths"], {"AdamW (foreach)": adamw, "DDCAdam": ddc_adam, STACKED: ddc_adam_stacked,
                                                  "DDCAdam compiled": ddc_adam_compiled,
@@ -184,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     config = {**cfg, "vocab": optimizer_steps.VOCAB, "n_layers": optimizer_steps.reference_config(64).n_layers}
     results = {"environment": environment, "config": config, "summary": summary, "dispatch": ops, "traffic": traffic,
-               "traffic_vocab": traffic_vocab, "adam": adam, "muon": muon,
+               "traffic_vocab": traffic_vocab, "iteration": iteration, "adam": adam, "muon": muon,
                "muon_fp32": fp32, "layerwise": layer, "scaling": scaling, "dds_vs_llc": dds}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "benchmarks.json").write_text(json.dumps(results, indent=1))

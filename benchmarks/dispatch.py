@@ -48,9 +48,10 @@ from torch.utils._pytree import tree_leaves
 
 from gaugeopt.gauges import GaugeSet
 
-from .optimizer_steps import VOCAB, model_with_gradients
+from .optimizer_steps import VOCAB, model_with_gradients, next_token_loss, reference_tokens
 
-__all__ = ["DispatchCounter", "HostReads", "dispatched_ops", "count_at_depths", "iteration_traffic", "step_traffic"]
+__all__ = ["DispatchCounter", "HostReads", "dispatched_ops", "count_at_depths", "iteration_traffic",
+           "iterations_traffic", "step_traffic"]
 
 #: Operations that write an argument without reading it.
 _WRITE_ONLY = frozenset({"aten.copy_.default", "aten.zero_.default", "aten.fill_.Scalar", "aten.fill_.Tensor",
@@ -290,6 +291,17 @@ def step_traffic(factories: dict[str, Callable], *, width: int, layers: int, voc
         out[name] = {"ops": c.total, "bytes_per_parameter": c.total_bytes / n, "host_reads": c.host_reads,
                      "top_bytes": [[op, b / n, c.counts[op]] for op, b in c.bytes.most_common()]}
     return {"width": width, "layers": layers, "vocab": vocab, "parameters": n, "optimizers": out}
+
+
+def iterations_traffic(factories: dict[str, Callable], *, width: int, layers: int) -> dict:
+    """``{name: {"zero_grad", "forward_backward", "step"}}``: :func:`iteration_traffic` of each
+    optimizer on the reference LM at ``width`` x ``layers`` (float32) with its reference loss."""
+    model, gauges = model_with_gradients(width, n_layers=layers)
+    tokens = reference_tokens()
+    out = {name: iteration_traffic(make, model, gauges, lambda m: next_token_loss(m, tokens))
+           for name, make in factories.items()}
+    return {"width": width, "layers": layers, "parameters": sum(p.numel() for p in model.parameters()),
+            "optimizers": out}
 
 
 def count_at_depths(factories: dict[str, Callable], *, width: int, depths: tuple[int, ...],

@@ -54,17 +54,27 @@ def reference_config(width: int, n_layers: int = 2, vocab: int = VOCAB) -> Trans
                                d_ff=4 * width, max_seq_len=SEQ)
 
 
+def reference_tokens(vocab: int = VOCAB, seed: int = 0) -> torch.Tensor:
+    """The batch of the reference loss: ``BATCH`` sequences of ``SEQ + 1`` tokens."""
+    return torch.randint(0, vocab, (BATCH, SEQ + 1), generator=torch.Generator().manual_seed(seed))
+
+
+def next_token_loss(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """The mean cross-entropy of ``model``'s next-token logits on ``tokens``."""
+    logits = model(tokens[:, :-1])
+    return F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
+
+
 def model_with_gradients(width: int, seed: int = 0, device: str | torch.device = "cpu", n_layers: int = 2,
                          vocab: int = VOCAB) -> tuple[nn.Module, GaugeSet]:
-    """The reference LM (float32, on ``device``) with the gradients of one next-token loss, and its gauges."""
+    """The reference LM (float32, on ``device``) with the gradients of one next-token loss on
+    :func:`reference_tokens`, and its gauges."""
     torch.manual_seed(seed)
     model = TransformerLM(reference_config(width, n_layers=n_layers, vocab=vocab))
-    tokens = torch.randint(0, vocab, (BATCH, SEQ + 1), generator=torch.Generator().manual_seed(seed))
+    tokens = reference_tokens(vocab, seed)
     gauges = gaugeopt.find_gauges(model, tokens[:1, :16], output="logits")
     model.to(device)  # in place: the gauges stay bound to it
-    tokens = tokens.to(device)
-    logits = model(tokens[:, :-1])
-    F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()).backward()
+    next_token_loss(model, tokens.to(device)).backward()
     return model, gauges
 
 

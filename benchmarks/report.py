@@ -70,6 +70,23 @@ def _compiled_table(rows: list[dict]) -> list[str]:
     return lines
 
 
+def _iteration_table(iteration: dict | None) -> list[str]:
+    """Bytes per parameter of a whole training iteration, phase by phase, where the run measured it."""
+    if not iteration:
+        return []
+    lines = ["What a whole training iteration moves, per parameter, phase by phase (the same count, "
+             "`benchmarks.dispatch.iteration_traffic`: torch's `zero_grad()`, forward and backward of the "
+             f"reference loss, the step; d_model {iteration['width']} x {iteration['layers']} layers). An "
+             "optimizer's cost outside its step shows here: backward adds each gradient into one that "
+             "`zero_grad` kept, where it otherwise hands over a new tensor.", "",
+             "| optimizer | zero_grad | forward and backward | step | iteration |", "|---|---:|---:|---:|---:|"]
+    for name, row in iteration["optimizers"].items():
+        total = row["zero_grad"] + row["forward_backward"] + row["step"]
+        lines.append(f"| {name} | {row['zero_grad']:.1f} | {row['forward_backward']:.1f} | {row['step']:.1f} "
+                     f"| {total:.1f} |")
+    return lines + ["", f"{_load(iteration)}.", ""]
+
+
 def _stacked_rows(rows: list[dict]) -> list[str]:
     """A line on the eager step with ``stack_parameters=True``, where the run measured it."""
     if STACKED not in rows[0]["optimizers"]:
@@ -263,6 +280,7 @@ def render(results: dict, plot_name: str) -> str:
             lines.append(f"| {name} | {row['bytes_per_parameter']:.1f} | {row['ops']} | {row['host_reads']} |"
                          + (f" {large['optimizers'][name]['bytes_per_parameter']:.1f} |" if large else ""))
         lines += ["", f"{_load(traffic)}.", ""]
+        lines += _iteration_table(results.get("iteration"))
 
     adam = results["adam"]
     lines += ["## DDCAdam vs torch.optim.AdamW(foreach=True)", "",

@@ -265,6 +265,8 @@ def test_quick_run_writes_a_report_from_its_measurements(tmp_path):
     assert f"{results['summary']['ddc_adam_exponent']:.2f}" in report
     assert "## Dispatched operations per step" in report
     assert results["dispatch"]["rows"][0]["ops"]["DDCAdam"] > 0
+    assert "| optimizer | zero_grad | forward and backward | step | iteration |" in report
+    assert results["iteration"]["optimizers"]["DDCAdam"]["forward_backward"] > 0
 
 
 def test_monitor_overhead_reports_what_it_measured():
