@@ -196,6 +196,31 @@ def test_released_parameters_save_whole_with_accelerate_and_are_held_again_at_th
     _assert_same(plain, held, plain_opt, held_opt)
 
 
+def test_with_accelerate_loaded_the_first_move_says_what_to_call_before_its_save_model(monkeypatch):
+    """Once per optimizer, when it first moves parameters into buffers and Accelerate is loaded (whose
+    ``save_model`` would drop them): a RuntimeWarning naming ``release_parameters``; none without it."""
+    import sys
+    import types
+    import warnings
+
+    model, gauges, batches = _lm(layers=3)
+    monkeypatch.delitem(sys.modules, "accelerate", raising=False)
+    quiet = copy.deepcopy(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _train(quiet, OPTIMIZERS["DDCAdam"](quiet, gauges.bind(quiet), stack_parameters=True), batches, steps=2)
+    monkeypatch.setitem(sys.modules, "accelerate", types.ModuleType("accelerate"))
+    loud = copy.deepcopy(model)
+    opt = OPTIMIZERS["DDCAdam"](loud, gauges.bind(loud), stack_parameters=True)
+    with pytest.warns(RuntimeWarning, match="release_parameters") as caught:
+        _train(loud, opt, batches, steps=1)
+    assert len([w for w in caught if "release_parameters" in str(w.message)]) == 1
+    opt.release_parameters()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _train(loud, opt, batches, steps=2)  # held again, without a second warning
+
+
 def test_stacked_view_is_a_view_only_of_members_laid_out_in_order():
     params = [torch.nn.Parameter(torch.randn(3, 4)) for _ in range(3)]
     assert stacked_view(params) is None

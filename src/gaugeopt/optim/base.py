@@ -23,6 +23,7 @@ every parameter's rule.
 
 from __future__ import annotations
 
+import sys
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
@@ -123,6 +124,7 @@ class FramedOptimizer(GuardedOptimizer):
         self.compiled = mode is not None
         self.stack_parameters = bool(stack_parameters)
         self._warned_eager = False
+        self._warned_savers = False
         self._lookup: dict[str, Tensor] = {}  # name -> the model's tensor, resolved at the first step
         #: Frozen norm channels and neuron units of the last step: family name -> indices
         #: (:meth:`frozen_report` says why).
@@ -334,7 +336,8 @@ class FramedOptimizer(GuardedOptimizer):
             self._layout_key = key
             self._held = _held_lists(self._layout, self._lookup) if self.stack_parameters and ranks is None else []
             self._held_grads = HeldGradients(self._held)
-            _hold_stacked(self._held)
+            if _hold_stacked(self._held):
+                self._warn_savers_of_shared_memory()
         return self._layout
 
     @torch.no_grad()
@@ -417,6 +420,16 @@ class FramedOptimizer(GuardedOptimizer):
         """The norm channels and neuron units the last step froze, one row per family and reason."""
         return list(self._frozen_rows)
 
+    def _warn_savers_of_shared_memory(self) -> None:
+        """Once: where Accelerate is loaded, say that its ``save_model`` drops tensors that share
+        memory, and what to call before it (:meth:`release_parameters`)."""
+        if "accelerate" in sys.modules and not getattr(self, "_warned_savers", False):
+            self._warned_savers = True
+            warnings.warn(f"{type(self).__name__}(stack_parameters=True) now holds each batch's parameters in one "
+                          "buffer: Accelerate's save_model keeps one tensor per shared memory and drops the others "
+                          "from the file. Call optimizer.release_parameters() before saving with it (torch.save of "
+                          "the state dict and save_pretrained need no call)", RuntimeWarning, stacklevel=4)
+
     @torch.no_grad()
     def release_parameters(self) -> None:
         """Give every parameter that ``stack_parameters=True`` holds in a buffer memory of its own
@@ -448,15 +461,18 @@ def _held_lists(layout: StepLayout, lookup: Mapping[str, Tensor]) -> list[list[T
     return [params for params in lists if all(compute_dtype(p) == p.dtype for p in params)]
 
 
-def _hold_stacked(held: list[list[Tensor]]) -> None:
+def _hold_stacked(held: list[list[Tensor]]) -> bool:
     """Give each list of :func:`_held_lists` one buffer (:func:`~gaugeopt.optim.storage.move_into_stack`),
     unless it lies in one already. Only parameters that own their memory whole are moved: one that
     is a view of memory someone else holds (FSDP1's flat parameters, a user's own buffer) keeps it,
-    and its batch is stacked as a copy."""
+    and its batch is stacked as a copy. Returns whether any list was moved."""
+    moved = False
     for params in held:
         if len({(tuple(p.shape), p.dtype, p.device) for p in params}) == 1 and stacked_view(params) is None and \
                 all(owns_its_memory(p) for p in params):
             move_into_stack(params)
+            moved = True
+    return moved
 
 
 def _kind(keys: tuple[str, ...], shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
