@@ -36,7 +36,8 @@ from ..gauges.gaugeset import GaugeSet
 from .compile import CUDA_GRAPH_MODES, StepRunner, compile_mode
 from .distributed import gradients_finite_on_every_rank, sharded_step, whole_by_name
 from .frames import FramePlan, build_frame_plan, frozen_gains
-from .guards import GuardedOptimizer, check_gauges_cover, compute_dtype, require_positive
+from .guards import (GuardedOptimizer, check_gauges_cover, compute_dtype, require_positive,
+                     user_stacklevel)
 from .program import StepLayout, build_program
 from .rules import Rule
 from .shards import LOCAL
@@ -359,7 +360,8 @@ class FramedOptimizer(GuardedOptimizer):
         if self.compiled and shards is not None and not self._warned_eager:
             self._warned_eager = True
             warnings.warn(f"{type(self).__name__}(compiled=True) takes its steps on FSDP2 shards eagerly: the "
-                          "compiled step covers single-process and DDP training", RuntimeWarning, stacklevel=3)
+                          "compiled step covers single-process and DDP training", RuntimeWarning,
+                          stacklevel=user_stacklevel())
         rules = [self.rule_for(group) for group in self.param_groups]
         layout = self._current_layout(rules, shards.ranks if shards is not None else None)
         gains = whole_by_name([f.gain for f in self.plan.norms], self._lookup, shards)  # {} in one process
@@ -412,7 +414,8 @@ class FramedOptimizer(GuardedOptimizer):
         if new:
             listing = "; ".join(f"{row.family} {idx} ({row.reason})" for row, idx in new)
             warnings.warn(f"{type(self).__name__} froze norm channels / neuron units where no frame can carry a "
-                          f"step (left unchanged): {listing}", RuntimeWarning, stacklevel=3)
+                          f"step (left unchanged): {listing}", RuntimeWarning,
+                          stacklevel=user_stacklevel())
         self.frozen = frozen
         self._frozen_rows = rows
 
@@ -428,7 +431,8 @@ class FramedOptimizer(GuardedOptimizer):
             warnings.warn(f"{type(self).__name__}(stack_parameters=True) now holds each batch's parameters in one "
                           "buffer: Accelerate's save_model keeps one tensor per shared memory and drops the others "
                           "from the file. Call optimizer.release_parameters() before saving with it (torch.save of "
-                          "the state dict and save_pretrained need no call)", RuntimeWarning, stacklevel=4)
+                          "the state dict and save_pretrained need no call)", RuntimeWarning,
+                          stacklevel=user_stacklevel())
 
     @torch.no_grad()
     def release_parameters(self) -> None:

@@ -64,8 +64,6 @@ model without hidden matrices): then ``lr`` is unused.
 
 from __future__ import annotations
 
-import inspect
-import os
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -84,6 +82,7 @@ from .guards import (
     require_nonnegative,
     require_rate,
     require_unit_interval,
+    user_stacklevel,
 )
 from .layerwise import muon_lr_scale
 from .matrix_functions import (
@@ -303,17 +302,7 @@ class DDCMuon(FramedOptimizer):
                           f"groups, whose rates were lr={self.rule_defaults['muon']['lr']:g} and "
                           f"adam_lr={self.rule_defaults['adam']['lr']:g}; to keep their ratio pass one max_lr per "
                           f"group: OneCycleLR(optimizer, max_lr=[g['lr'] for g in optimizer.param_groups], ...)",
-                          UserWarning, stacklevel=_user_stacklevel())
-
-
-def _user_stacklevel() -> int:
-    """The ``stacklevel`` of the innermost caller outside torch and gaugeopt, for a warning raised inside
-    ``step`` (whose wrappers, ``no_grad``, the step hooks and a scheduler's counter, vary in number)."""
-    inside = (os.path.dirname(torch.__file__), os.path.dirname(os.path.dirname(__file__)))
-    frame, level = inspect.currentframe().f_back, 1
-    while frame is not None and frame.f_code.co_filename.startswith(inside):
-        frame, level = frame.f_back, level + 1
-    return level
+                          UserWarning, stacklevel=user_stacklevel())
 
 
 # --------------------------------------------------------------------------------------------------

@@ -35,8 +35,10 @@ from __future__ import annotations
 
 import copy
 import difflib
+import inspect
 import math
 import numbers
+import os
 from collections import OrderedDict, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -65,6 +67,7 @@ __all__ = [
     "require_known_keys",
     "SCHEDULER_KEYS",
     "SECOND_MOMENTS",
+    "user_stacklevel",
 ]
 
 #: What a step does when some gradient holds NaN or Inf.
@@ -185,6 +188,16 @@ def require_known_keys(where: str, group: Mapping[str, Any], known: Iterable[str
         hints = {k: difflib.get_close_matches(str(k), sorted(known), n=1) for k in unknown}
         detail = ", ".join(f"{k!r}" + (f" (did you mean {h[0]!r}?)" if h else "") for k, h in hints.items())
         raise ValueError(f"{where} has unknown option(s) {detail}")
+
+
+def user_stacklevel() -> int:
+    """The ``stacklevel`` of the innermost caller outside torch and gaugeopt, for a warning raised inside
+    ``step`` (whose wrappers, ``no_grad``, the step hooks and a scheduler's counter, vary in number)."""
+    inside = (os.path.dirname(torch.__file__), os.path.dirname(os.path.dirname(__file__)))
+    frame, level = inspect.currentframe().f_back, 1
+    while frame is not None and frame.f_code.co_filename.startswith(inside):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 # --------------------------------------------------------------------------------------------------
