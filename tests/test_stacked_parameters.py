@@ -366,6 +366,9 @@ def test_held_gradients_are_copied_only_when_asked_and_kept_at_one_address_when_
     assert view is not None and torch.equal(view, torch.ones(3, 2, 3))
     persisting.hold(copy=False)
     assert stacked_view([p.grad for p in params]).data_ptr() == view.data_ptr()
+    params[1].grad = None  # a member without a gradient: nothing is held, nothing fails
+    persisting.hold(copy=True, keep=True)
+    assert params[1].grad is None
 
 
 def test_gradients_that_something_else_puts_back_at_every_step_are_moved_once():

@@ -268,13 +268,14 @@ class HeldGradients:
     def hold(self, copy: bool, keep: bool = False) -> None:
         for i, params in enumerate(self.lists):
             grads = [p.grad for p in params]
+            if any(g is None for g in grads):  # (a member without a gradient: nothing to hold)
+                self._seen[i] = None
+                continue
             seen = self._seen[i]
-            persisted = seen is not None and all(g is not None and ref() is g for ref, g in zip(seen, grads))
-            move = persisted and not self._moved[i]
+            move = seen is not None and not self._moved[i] and all(ref() is g for ref, g in zip(seen, grads))
             if (copy or move) and stacked_view(params) is not None and stacked_view(grads) is None:
                 buffer = hold_gradients(params, self._buffers[i])
                 self._moved[i] = self._moved[i] or move
                 if keep:
                     self._buffers[i] = buffer
-            self._seen[i] = None if any(p.grad is None for p in params) else \
-                tuple(weakref.ref(p.grad) for p in params)
+            self._seen[i] = tuple(weakref.ref(p.grad) for p in params)
