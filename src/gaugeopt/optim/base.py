@@ -99,8 +99,8 @@ class FramedOptimizer(GuardedOptimizer):
     """
 
     #: Caches rebuilt on demand: the step's layout and stacked state, parameter ids (new in a copy).
-    _TRANSIENT = frozenset({"_layout", "_layout_key", "_held", "_held_grads", "_released", "_stacked", "_scalars",
-                            "_names", "_bound_ids", "_runner"})
+    _TRANSIENT = frozenset({"_layout", "_layout_key", "_held_grads", "_released", "_stacked", "_scalars", "_names",
+                            "_bound_ids", "_runner"})
 
     def __init__(self, params, defaults: dict[str, Any], gauges: GaugeSet | None, *, channel_step: bool,
                  nonfinite: str, compiled: bool | str, edge_scale: float = EDGE_SCALE,
@@ -139,8 +139,7 @@ class FramedOptimizer(GuardedOptimizer):
         self._bound_ids: tuple[int, ...] | None = None  # the tensors the names were resolved for (rebind)
         self._layout: StepLayout | None = None
         self._layout_key: Any = None
-        self._held: list[list[Tensor]] = []  # the layout's lists held in one buffer each (stack_parameters)
-        self._held_grads = HeldGradients([])  # their gradients
+        self._held_grads = HeldGradients([])  # the layout's lists held in one buffer each, and their gradients
         self._released = False  # release_parameters() gave them memory of their own: hold them again
         self._stacked = StackedState()
         self._scalars = ScalarTables()
@@ -306,7 +305,12 @@ class FramedOptimizer(GuardedOptimizer):
         self._names = {id(p): name for group, names in zip(self.param_groups, bound)
                        for p, name in zip(group["params"], names) if name is not None}
         self._bound_ids = self._held_ids()
-        self._layout, self._layout_key, self._held, self._held_grads = None, None, [], HeldGradients([])
+        self._layout, self._layout_key, self._held_grads = None, None, HeldGradients([])
+
+    @property
+    def _held(self) -> list[list[Tensor]]:
+        """The parameter lists ``stack_parameters=True`` holds in one buffer each (:func:`_held_lists`)."""
+        return self._held_grads.lists
 
     def _held_ids(self) -> tuple[int, ...]:
         return tuple(id(p) for group in self.param_groups for p in group["params"])
@@ -335,8 +339,8 @@ class FramedOptimizer(GuardedOptimizer):
                                          stack=not self.compiled or self.stack_parameters or ranks is not None,
                                          ranks=ranks)
             self._layout_key = key
-            self._held = _held_lists(self._layout, self._lookup) if self.stack_parameters and ranks is None else []
-            self._held_grads = HeldGradients(self._held)
+            self._held_grads = HeldGradients(_held_lists(self._layout, self._lookup)
+                                             if self.stack_parameters and ranks is None else [])
             if _hold_stacked(self._held):
                 self._warn_savers_of_shared_memory()
         return self._layout
