@@ -255,21 +255,22 @@ def dispatched_ops(make: Callable[[nn.Module, GaugeSet], object], model: nn.Modu
 
 
 def iteration_traffic(make: Callable[[nn.Module, GaugeSet], object], model: nn.Module, gauges: GaugeSet,
-                      loss: Callable[[nn.Module], torch.Tensor], set_to_none: bool = True) -> dict[str, float]:
-    """Bytes per parameter of each phase of one training iteration, ``zero_grad``, forward and
-    backward (``loss(model).backward()``), ``step``, on a copy of ``model``, after two untimed
-    iterations: what the optimizer costs outside its step too (backward adds each gradient into one
-    that ``zero_grad(set_to_none=False)`` kept, where it otherwise hands over a new tensor)."""
+                      loss: Callable[[nn.Module], torch.Tensor]) -> dict[str, float]:
+    """Bytes per parameter of each phase of one training iteration, the optimizer's ``zero_grad()``,
+    forward and backward (``loss(model).backward()``), ``step``, on a copy of ``model``, after two
+    untimed iterations: what the optimizer costs outside its step too (a ``zero_grad`` that kept the
+    gradients would make backward add each one into its predecessor instead of handing over a new
+    tensor)."""
     twin = copy.deepcopy(model)
     optimizer = make(twin, gauges.bind(twin))
     n = sum(p.numel() for p in twin.parameters())
     for _ in range(2):
-        optimizer.zero_grad(set_to_none=set_to_none)
+        optimizer.zero_grad()
         loss(twin).backward()
         optimizer.step()
     out = {}
     with DispatchCounter() as counter:
-        optimizer.zero_grad(set_to_none=set_to_none)
+        optimizer.zero_grad()
     out["zero_grad"] = counter.total_bytes / n
     with DispatchCounter() as counter:
         loss(twin).backward()

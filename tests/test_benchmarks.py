@@ -11,7 +11,7 @@ import torch
 from benchmarks.__main__ import main
 from benchmarks.dispatch import DispatchCounter, dispatched_ops, iteration_traffic, step_traffic
 from benchmarks.optimizer_steps import (adamw, ddc_adam, ddc_adam_stacked, ddc_muon, model_with_gradients,
-                                       muon_with_adamw_torch, state_bytes)
+                                       muon_with_adamw_torch, next_token_loss, reference_tokens, state_bytes)
 from benchmarks.report import fitted_exponent
 from gaugeopt.optim.storage import HeldGradients, move_into_stack
 
@@ -157,13 +157,9 @@ def test_stack_parameters_costs_backward_nothing_with_torchs_zero_grad(name):
     hands over new gradients instead of adding them into held ones), while the step moves fewer."""
     default, held = (ddc_adam, ddc_adam_stacked) if name == "DDCAdam" else (ddc_muon(), ddc_muon(stack_parameters=True))
     model, gauges = model_with_gradients(32, n_layers=2)
-    tokens = torch.randint(0, model.config.vocab_size, (2, 17), generator=torch.Generator().manual_seed(0))
-
-    def loss(m):
-        logits = m(tokens[:, :-1])
-        return torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
-
-    plain, stacked = (iteration_traffic(make, model, gauges, loss) for make in (default, held))
+    tokens = reference_tokens()
+    plain, stacked = (iteration_traffic(make, model, gauges, lambda m: next_token_loss(m, tokens))
+                      for make in (default, held))
     assert stacked["zero_grad"] == plain["zero_grad"] == 0
     assert stacked["forward_backward"] == plain["forward_backward"]
     assert stacked["step"] < plain["step"]
